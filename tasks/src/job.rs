@@ -1,0 +1,470 @@
+//! The job file (TOML) and the manifests it becomes.
+//!
+//! A [`JobSpec`] is what a scientist writes (paths relative to the job file). Loading it reads
+//! the module and inputs, so it can be turned into a [`JobManifest`] that references every
+//! blob by id; the coordinator expands the manifest into one [`TaskManifest`] per task.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::blob::{BlobId, BlobRef};
+
+/// A job's id, assigned by the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct JobId(pub u64);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::str::FromStr for JobId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.trim().parse::<u64>().map(JobId).map_err(|_| format!("not a job id: {s:?} (job ids are numbers, as printed by `coordinator submit`)"))
+    }
+}
+
+/// A task: one index within a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TaskId {
+    pub job: JobId,
+    pub index: u32,
+}
+
+impl TaskId {
+    /// The seed of the task's deterministic `random_get` stream: every replica of this task
+    /// sees the same bytes, different tasks different ones.
+    pub fn random_seed(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("peergrid 2026 task random seed v1");
+        h.update(&self.job.0.to_le_bytes());
+        h.update(&self.index.to_le_bytes());
+        *h.finalize().as_bytes()
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.job, self.index)
+    }
+}
+
+/// Defaults for keys a job file may leave out.
+pub mod defaults {
+    pub const QUORUM: u32 = 2;
+    pub const MAX_REPLICAS: u32 = 6;
+    pub const FUEL: u64 = 20_000_000_000;
+    pub const MEMORY_MB: u32 = 256;
+    pub const MAX_OUTPUT: u64 = 1 << 20;
+    pub const DEADLINE_SECS: u64 = 600;
+}
+
+/// Hard limits on what a job may ask for.
+pub mod limits {
+    pub const MAX_TASKS: u64 = 10_000_000;
+    pub const MAX_MEMORY_MB: u32 = 4096;
+    pub const MAX_OUTPUT: u64 = 256 << 20;
+    pub const MAX_REPLICAS: u32 = 64;
+    pub const MAX_ARGS: usize = 256;
+    pub const MAX_ARG_LEN: usize = 4096;
+}
+
+/// The job file as written (see DESIGN.md "Job file").
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFile {
+    pub name: String,
+    pub module: PathBuf,
+    #[serde(default = "d_quorum")]
+    pub quorum: u32,
+    #[serde(default = "d_max_replicas")]
+    pub max_replicas: u32,
+    #[serde(default = "d_fuel")]
+    pub fuel: u64,
+    #[serde(default = "d_memory_mb")]
+    pub memory_mb: u32,
+    #[serde(default = "d_max_output")]
+    pub max_output: u64,
+    #[serde(default = "d_deadline")]
+    pub deadline_secs: u64,
+    /// Generated tasks, `i = 0..count`; `{i}` in args and input is replaced by `i`.
+    #[serde(default)]
+    pub tasks: Option<TaskGenerator>,
+    /// Explicit tasks, after the generated ones.
+    #[serde(default)]
+    pub task: Vec<ExplicitTask>,
+}
+
+fn d_quorum() -> u32 { defaults::QUORUM }
+fn d_max_replicas() -> u32 { defaults::MAX_REPLICAS }
+fn d_fuel() -> u64 { defaults::FUEL }
+fn d_memory_mb() -> u32 { defaults::MEMORY_MB }
+fn d_max_output() -> u64 { defaults::MAX_OUTPUT }
+fn d_deadline() -> u64 { defaults::DEADLINE_SECS }
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskGenerator {
+    pub count: u64,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Optional input path template, e.g. `inputs/{i}.bin`.
+    #[serde(default)]
+    pub input: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplicitTask {
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub input: Option<PathBuf>,
+}
+
+/// Why a job file was rejected. Each message names the problem and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("cannot read job file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("job file {path} is not valid: {message}")]
+    Syntax { path: String, message: String },
+    #[error("job file {path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("job file {path}: cannot read {what} {file}: {source}")]
+    File { path: String, what: &'static str, file: String, source: std::io::Error },
+}
+
+/// A parsed, validated job file with its paths resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    /// The job file itself (for messages).
+    pub path: PathBuf,
+    pub name: String,
+    pub module: PathBuf,
+    pub limits: JobLimits,
+    pub tasks: Vec<TaskSpec>,
+}
+
+/// Per-job policy and limits, shared by all its tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobLimits {
+    pub quorum: u32,
+    pub max_replicas: u32,
+    pub fuel: u64,
+    pub memory_mb: u32,
+    pub max_output: u64,
+    pub deadline_secs: u64,
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        JobLimits {
+            quorum: defaults::QUORUM,
+            max_replicas: defaults::MAX_REPLICAS,
+            fuel: defaults::FUEL,
+            memory_mb: defaults::MEMORY_MB,
+            max_output: defaults::MAX_OUTPUT,
+            deadline_secs: defaults::DEADLINE_SECS,
+        }
+    }
+}
+
+/// One task of a spec: its argv tail and optional input file (resolved path).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskSpec {
+    pub args: Vec<String>,
+    pub input: Option<PathBuf>,
+}
+
+impl JobSpec {
+    /// Read, parse and validate a job file. Does not read the module or inputs; see
+    /// [`JobSpec::load_blobs`].
+    pub fn from_file(path: &Path) -> Result<JobSpec, JobError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| JobError::Read { path: shown.clone(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        JobSpec::parse(&text, base, path)
+    }
+
+    /// Parse and validate job file text; relative paths resolve against `base`.
+    pub fn parse(text: &str, base: &Path, path: &Path) -> Result<JobSpec, JobError> {
+        let shown = path.display().to_string();
+        let file: JobFile = toml::from_str(text).map_err(|e| JobError::Syntax {
+            path: shown.clone(),
+            message: e.message().trim().replace('\n', ": ") + &span_hint(text, e.span()),
+        })?;
+        let invalid = |message: String| JobError::Invalid { path: shown.clone(), message };
+        if file.name.trim().is_empty() {
+            return Err(invalid("`name` is empty; give the job a name".into()));
+        }
+        if file.quorum == 0 {
+            return Err(invalid("`quorum` must be at least 1".into()));
+        }
+        if file.max_replicas < file.quorum {
+            return Err(invalid(format!(
+                "`quorum` ({}) is larger than `max_replicas` ({}): no task could ever be accepted; raise max_replicas or lower quorum",
+                file.quorum, file.max_replicas
+            )));
+        }
+        if file.max_replicas > limits::MAX_REPLICAS {
+            return Err(invalid(format!("`max_replicas` ({}) is above the limit of {}", file.max_replicas, limits::MAX_REPLICAS)));
+        }
+        if file.fuel == 0 {
+            return Err(invalid("`fuel` is 0: every task would run out of fuel at once; give it an instruction budget such as 20_000_000_000".into()));
+        }
+        if file.memory_mb == 0 || file.memory_mb > limits::MAX_MEMORY_MB {
+            return Err(invalid(format!("`memory_mb` must be between 1 and {}", limits::MAX_MEMORY_MB)));
+        }
+        if file.max_output > limits::MAX_OUTPUT {
+            return Err(invalid(format!("`max_output` must be at most {} bytes", limits::MAX_OUTPUT)));
+        }
+        if file.deadline_secs == 0 {
+            return Err(invalid("`deadline_secs` must be at least 1".into()));
+        }
+        let module = base.join(&file.module);
+        if !module.is_file() {
+            return Err(invalid(format!("module {} does not exist (paths are relative to the job file)", module.display())));
+        }
+        let mut tasks = Vec::new();
+        if let Some(g) = &file.tasks {
+            if g.count > limits::MAX_TASKS {
+                return Err(invalid(format!("[tasks] count {} is above the limit of {}", g.count, limits::MAX_TASKS)));
+            }
+            for i in 0..g.count {
+                let sub = |s: &str| s.replace("{i}", &i.to_string());
+                tasks.push(TaskSpec {
+                    args: g.args.iter().map(|a| sub(a)).collect(),
+                    input: g.input.as_deref().map(|p| base.join(sub(p))),
+                });
+            }
+        }
+        for t in &file.task {
+            tasks.push(TaskSpec { args: t.args.clone(), input: t.input.as_ref().map(|p| base.join(p)) });
+        }
+        if tasks.is_empty() {
+            return Err(invalid("no tasks: add a [tasks] section with `count` or one or more [[task]] entries".into()));
+        }
+        if tasks.len() as u64 > limits::MAX_TASKS {
+            return Err(invalid(format!("{} tasks is above the limit of {}", tasks.len(), limits::MAX_TASKS)));
+        }
+        for (i, t) in tasks.iter().enumerate() {
+            if t.args.len() > limits::MAX_ARGS || t.args.iter().any(|a| a.len() > limits::MAX_ARG_LEN) {
+                return Err(invalid(format!("task {i}: too many or too long args (at most {} args of {} bytes)", limits::MAX_ARGS, limits::MAX_ARG_LEN)));
+            }
+            if let Some(p) = &t.input {
+                if !p.is_file() {
+                    return Err(invalid(format!("task {i}: input {} does not exist (paths are relative to the job file)", p.display())));
+                }
+            }
+        }
+        Ok(JobSpec {
+            path: path.to_path_buf(),
+            name: file.name,
+            module,
+            limits: JobLimits {
+                quorum: file.quorum,
+                max_replicas: file.max_replicas,
+                fuel: file.fuel,
+                memory_mb: file.memory_mb,
+                max_output: file.max_output,
+                deadline_secs: file.deadline_secs,
+            },
+            tasks,
+        })
+    }
+
+    /// Read the module and inputs, hash them, and build the manifest plus the blobs it
+    /// references (each distinct blob once).
+    pub fn load_blobs(&self) -> Result<(JobManifest, BTreeMap<BlobId, Vec<u8>>), JobError> {
+        let shown = self.path.display().to_string();
+        let mut blobs = BTreeMap::new();
+        let mut read = |what: &'static str, p: &Path| -> Result<BlobRef, JobError> {
+            let bytes = std::fs::read(p).map_err(|source| JobError::File {
+                path: shown.clone(),
+                what,
+                file: p.display().to_string(),
+                source,
+            })?;
+            let r = BlobRef::of(&bytes);
+            blobs.entry(r.id).or_insert(bytes);
+            Ok(r)
+        };
+        let module = read("module", &self.module)?;
+        let mut inputs: BTreeMap<PathBuf, BlobRef> = BTreeMap::new();
+        let mut tasks = Vec::with_capacity(self.tasks.len());
+        for t in &self.tasks {
+            let input = match &t.input {
+                None => None,
+                Some(p) => Some(match inputs.get(p) {
+                    Some(r) => *r,
+                    None => {
+                        let r = read("input", p)?;
+                        inputs.insert(p.clone(), r);
+                        r
+                    }
+                }),
+            };
+            tasks.push(TaskEntry { args: t.args.clone(), input });
+        }
+        Ok((JobManifest { name: self.name.clone(), module, limits: self.limits, tasks }, blobs))
+    }
+}
+
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(r) => {
+            let line = text[..r.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+/// What a submitter uploads: the job with every file replaced by its blob id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobManifest {
+    pub name: String,
+    pub module: BlobRef,
+    pub limits: JobLimits,
+    pub tasks: Vec<TaskEntry>,
+}
+
+impl JobManifest {
+    /// Every blob the job references, each once.
+    pub fn blobs(&self) -> Vec<BlobRef> {
+        let mut v = vec![self.module];
+        for t in &self.tasks {
+            if let Some(i) = t.input {
+                if !v.contains(&i) {
+                    v.push(i);
+                }
+            }
+        }
+        v
+    }
+
+    /// The manifest of task `index` of job `job`.
+    pub fn task(&self, job: JobId, index: u32) -> Option<TaskManifest> {
+        let t = self.tasks.get(index as usize)?;
+        Some(TaskManifest {
+            id: TaskId { job, index },
+            name: self.name.clone(),
+            module: self.module,
+            input: t.input,
+            args: t.args.clone(),
+            fuel: self.limits.fuel,
+            memory_mb: self.limits.memory_mb,
+            max_output: self.limits.max_output,
+        })
+    }
+}
+
+/// One task of a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskEntry {
+    pub args: Vec<String>,
+    pub input: Option<BlobRef>,
+}
+
+/// Everything a worker needs to run one task: the unit of assignment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskManifest {
+    pub id: TaskId,
+    /// The job's name: argv[0] of the guest.
+    pub name: String,
+    pub module: BlobRef,
+    pub input: Option<BlobRef>,
+    pub args: Vec<String>,
+    pub fuel: u64,
+    pub memory_mb: u32,
+    pub max_output: u64,
+}
+
+impl TaskManifest {
+    /// The guest's argv: `[name, args...]`.
+    pub fn argv(&self) -> Vec<String> {
+        std::iter::once(self.name.clone()).chain(self.args.iter().cloned()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir_with_module() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("m.wasm"), b"\0asm\x01\0\0\0").unwrap();
+        std::fs::create_dir(d.path().join("inputs")).unwrap();
+        for i in 0..3 {
+            std::fs::write(d.path().join(format!("inputs/{i}.bin")), [i as u8; 10]).unwrap();
+        }
+        d
+    }
+
+    fn parse(d: &tempfile::TempDir, text: &str) -> Result<JobSpec, JobError> {
+        JobSpec::parse(text, d.path(), &d.path().join("job.toml"))
+    }
+
+    #[test]
+    fn generated_and_explicit_tasks_expand_in_order() {
+        let d = dir_with_module();
+        let spec = parse(&d, r#"
+            name = "primes"
+            module = "m.wasm"
+            quorum = 2
+            max_replicas = 6
+            fuel = 20_000_000_000
+            [tasks]
+            count = 3
+            args = ["{i}", "100"]
+            input = "inputs/{i}.bin"
+            [[task]]
+            args = ["x"]
+            input = "inputs/0.bin"
+        "#).unwrap();
+        assert_eq!(spec.tasks.len(), 4);
+        assert_eq!(spec.tasks[2].args, vec!["2", "100"]);
+        assert_eq!(spec.tasks[3].args, vec!["x"]);
+        assert_eq!(spec.tasks[1].input.as_deref(), Some(d.path().join("inputs/1.bin").as_path()));
+        let (m, blobs) = spec.load_blobs().unwrap();
+        // module + 3 distinct inputs; task 3 reuses input 0.
+        assert_eq!(blobs.len(), 4);
+        assert_eq!(m.tasks[3].input, m.tasks[0].input);
+        let t = m.task(JobId(7), 2).unwrap();
+        assert_eq!(t.argv(), vec!["primes", "2", "100"]);
+        assert_eq!(t.fuel, 20_000_000_000);
+    }
+
+    #[test]
+    fn bad_job_files_get_one_line_errors_naming_the_problem() {
+        let d = dir_with_module();
+        let cases = [
+            ("name = \"x\"\nmodule = \"nope.wasm\"\n[tasks]\ncount = 1", "does not exist"),
+            ("name = \"x\"\nmodule = \"m.wasm\"\nquorum = 5\nmax_replicas = 3\n[tasks]\ncount = 1", "larger than `max_replicas`"),
+            ("name = \"x\"\nmodule = \"m.wasm\"\nfuel = 0\n[tasks]\ncount = 1", "`fuel` is 0"),
+            ("name = \"x\"\nmodule = \"m.wasm\"\ncolour = 1\n[tasks]\ncount = 1", "unknown field"),
+            ("name = \"x\"\nmodule = \"m.wasm\"", "no tasks"),
+            ("name = \"x\"\nmodule = \"m.wasm\"\n[[task]]\ninput = \"inputs/9.bin\"", "input"),
+            ("name = [1", "line 1"),
+        ];
+        for (text, want) in cases {
+            let err = parse(&d, text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+            assert!(!err.contains('\n'), "error should be one line: {err:?}");
+        }
+    }
+
+    #[test]
+    fn task_seeds_differ_per_task() {
+        let a = TaskId { job: JobId(1), index: 0 }.random_seed();
+        let b = TaskId { job: JobId(1), index: 1 }.random_seed();
+        assert_ne!(a, b);
+        assert_eq!(a, TaskId { job: JobId(1), index: 0 }.random_seed());
+    }
+}

@@ -1,0 +1,22 @@
+//! Peergrid's shared vocabulary. No async runtime, no sockets, no clock: everything here is
+//! plain data and pure functions, so every other part (and every test) can rely on it.
+//!
+//! # Layout
+//! - [`blob`]: [`BlobId`] (plain blake3 root) and the chunked verification scheme.
+//! - [`job`]: the TOML job file ([`JobSpec`]), its validation, and the [`JobManifest`] it becomes.
+//! - [`outcome`]: what running a task produced ([`RunResult`]), the result digest, the engine fingerprint.
+//! - [`identity`]: ed25519 node keys, [`NodeId`], tickets, and the pinned-key TLS configs.
+//! - [`wire`]: the protocol spec: messages, framing, ALPNs, close codes.
+
+pub mod blob;
+pub mod identity;
+pub mod job;
+pub mod outcome;
+pub mod wire;
+
+pub use blob::{BlobId, BlobRef};
+pub use identity::{NodeId, NodeKey, Ticket};
+pub use job::{JobId, JobManifest, JobSpec, TaskId, TaskManifest};
+pub use outcome::{EngineFingerprint, ResultDigest, RunResult, Status};
+#[cfg(feature = "net")]
+pub mod net;

@@ -1,0 +1,1 @@
+//! Async QUIC helpers shared by the coordinator and the worker (feature `net`).
