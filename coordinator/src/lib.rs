@@ -1,1 +1,1 @@
-
+//! The Peergrid coordinator.

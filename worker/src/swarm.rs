@@ -1,0 +1,1 @@
+//! Blob protocol: serve chunks, verified multi-source download.
