@@ -1,1 +1,19 @@
-//! The Peergrid coordinator.
+//! The Peergrid coordinator: publishes task manifests, hands out replicas, compares result
+//! digests, keeps accepted outputs and credit. It never runs tasks.
+//!
+//! # Layout
+//! - [`core`]: the deterministic scheduling core (no I/O, `now` passed in): jobs, tasks,
+//!   replicas, workers; [`core::scheduler`], [`core::validator`], [`core::trust`].
+//! - [`store`]: durable state behind the [`store::Store`] trait; SQLite implementation
+//!   ([`store::SqliteStore`]) with schema migrations.
+//! - [`server`]: the QUIC service: [`server::Coordinator::start`] / [`server::serve`]; the
+//!   [`server::engine`] thread (core + store, group commit), worker [`server::session`]s,
+//!   [`server::submit`] requests, blob seeding.
+//! - [`client`]: the submitter library ([`client::Client`]).
+//! - [`cli`]: `submit`, `status`, `results`, `demo` subcommands.
+
+pub mod cli;
+pub mod client;
+pub mod core;
+pub mod server;
+pub mod store;

@@ -1,1 +1,103 @@
-fn main() {}
+//! `coordinator`: serve workers and submitters, or talk to a coordinator.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use coordinator::cli;
+use coordinator::server::{self, ServeConfig};
+
+/// Peergrid coordinator: publishes tasks, hands out replicas, accepts results by quorum.
+#[derive(Debug, Parser)]
+#[command(name = "coordinator", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a coordinator: writes DIR/ticket and DIR/submit-token on first start and prints
+    /// both; restarts from the same DIR with all its state. Ctrl-C stops it gracefully.
+    Serve(ServeArgs),
+    /// Submit a job file; prints the job id.
+    Submit(cli::SubmitArgs),
+    /// Show jobs and workers.
+    Status(cli::StatusArgs),
+    /// Download a job's accepted outputs and results.json.
+    Results(cli::ResultsArgs),
+    /// Run a coordinator and N workers in this process on loopback and a sample job end to end.
+    Demo(cli::DemoArgs),
+}
+
+/// `coordinator serve`.
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Where the coordinator keeps its key, database, blobs, ticket and submit token.
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    /// UDP address for QUIC (workers, submitters and blob transfers).
+    #[arg(long, value_name = "ADDR", default_value = server::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// Host name or IP to put in the ticket (default: the listen IP, or 127.0.0.1 when
+    /// listening on all interfaces).
+    #[arg(long, value_name = "HOST")]
+    advertise: Option<String>,
+    /// HTTP status page address (not implemented yet: accepted and ignored with a warning).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Serve(a) => serve(a).await.map(|()| 0),
+            Cmd::Submit(a) => cli::submit(a).await,
+            Cmd::Status(a) => cli::status(a).await,
+            Cmd::Results(a) => cli::results(a).await,
+            Cmd::Demo(a) => cli::demo(a).await,
+        }
+    });
+    match result {
+        Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    if let Some(http) = a.http {
+        // TODO(http): axum status page mirroring `coordinator status --json`.
+        tracing::warn!(%http, "--http is not implemented yet; ignoring it");
+    }
+    let mut cfg = ServeConfig::new(a.data_dir, a.listen);
+    cfg.advertise = a.advertise;
+    let running = server::Coordinator::start(cfg).await?;
+    println!("ticket: {}", running.ticket);
+    println!("submit token: {}", running.token);
+    println!("(also in {} and {})", running.data_dir.join(server::TICKET_FILE).display(), running.data_dir.join(server::TOKEN_FILE).display());
+    if running.ticket_host_guessed {
+        println!(
+            "note: listening on all interfaces ({}); the ticket names 127.0.0.1. For workers on other machines restart with --advertise <this host's name or IP>.",
+            running.addr
+        );
+    }
+    tokio::signal::ctrl_c().await?;
+    tracing::info!("Ctrl-C: shutting down (committing, closing connections)");
+    running.shutdown().await
+}

@@ -278,3 +278,165 @@ mod tests {
         }
     }
 }
+
+/// The verified transfer scheme against a lying or broken peer: every way of serving wrong
+/// bytes or a wrong outboard is caught before the data is used.
+#[cfg(test)]
+mod transfer_tests {
+    use super::*;
+
+    /// Six chunks, the last one partial; no two chunks alike.
+    fn blob() -> Vec<u8> {
+        (0..5 * CHUNK_SIZE + 1234).map(|i| (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes()[0]).collect()
+    }
+
+    fn chunk(data: &[u8], r: &BlobRef, i: u64) -> Vec<u8> {
+        let range = r.chunk_range(i);
+        data[range.start as usize..range.end as usize].to_vec()
+    }
+
+    /// What a receiver does: verify the outboard against the trusted ref, then each chunk.
+    fn receive(trusted: BlobRef, cvs: Vec<[u8; 32]>, chunks: &[(u64, Vec<u8>)]) -> Result<(), VerifyError> {
+        let ob = Outboard::verify(trusted, cvs)?;
+        chunks.iter().try_for_each(|(i, c)| ob.verify_chunk(*i, c))
+    }
+
+    fn all_chunks(data: &[u8], r: &BlobRef) -> Vec<(u64, Vec<u8>)> {
+        (0..r.chunk_count()).map(|i| (i, chunk(data, r, i))).collect()
+    }
+
+    #[test]
+    fn honest_transfer_verifies_in_any_order() {
+        let data = blob();
+        let ob = Outboard::compute(&data);
+        let r = ob.blob();
+        assert_eq!(r.chunk_count(), 6);
+        let mut chunks = all_chunks(&data, &r);
+        chunks.reverse();
+        receive(r, ob.cvs().to_vec(), &chunks).unwrap();
+    }
+
+    #[test]
+    fn corrupting_any_byte_fails_its_chunk() {
+        let data = blob();
+        let ob = Outboard::compute(&data);
+        let r = ob.blob();
+        let mut positions: Vec<usize> = vec![0, 1, data.len() - 1, data.len() - 1234, CHUNK_SIZE - 1, CHUNK_SIZE];
+        let mut x: u64 = 7;
+        for _ in 0..64 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            positions.push((x >> 33) as usize % data.len());
+        }
+        for pos in positions {
+            let index = (pos / CHUNK_SIZE) as u64;
+            let mut bad = chunk(&data, &r, index);
+            bad[pos % CHUNK_SIZE] ^= 1 << (pos % 8);
+            assert_eq!(ob.verify_chunk(index, &bad), Err(VerifyError::ChunkMismatch { index, root: r.id }), "byte {pos}");
+        }
+    }
+
+    #[test]
+    fn corrupting_a_single_chunk_blob_fails_against_the_root() {
+        let data = &blob()[..1000];
+        let ob = Outboard::compute(data);
+        assert!(ob.cvs().is_empty());
+        for pos in [0, 500, 999] {
+            let mut bad = data.to_vec();
+            bad[pos] ^= 0x80;
+            assert!(matches!(ob.verify_chunk(0, &bad), Err(VerifyError::ChunkMismatch { .. })));
+        }
+        assert!(matches!(ob.verify_chunk(0, &data[..999]), Err(VerifyError::ChunkLength { .. })));
+    }
+
+    #[test]
+    fn truncated_or_extended_chunks_are_refused() {
+        let data = blob();
+        let ob = Outboard::compute(&data);
+        let r = ob.blob();
+        for i in 0..r.chunk_count() {
+            let good = chunk(&data, &r, i);
+            let want = good.len();
+            for got in [0, 1, want - 1] {
+                assert_eq!(ob.verify_chunk(i, &good[..got]), Err(VerifyError::ChunkLength { index: i, got, want }));
+            }
+            let mut longer = good.clone();
+            longer.push(0);
+            assert_eq!(ob.verify_chunk(i, &longer), Err(VerifyError::ChunkLength { index: i, got: want + 1, want }));
+        }
+        assert_eq!(ob.verify_chunk(6, &[]), Err(VerifyError::ChunkOutOfRange { index: 6, count: 6 }));
+    }
+
+    #[test]
+    fn chunk_presented_at_another_index_is_refused() {
+        let data = blob();
+        let ob = Outboard::compute(&data);
+        let r = ob.blob();
+        // Full chunks have equal lengths, so only the chaining value (which covers the chunk's
+        // position in the blob) can tell them apart.
+        for i in 0..5 {
+            for j in 0..5 {
+                if i != j {
+                    let c = chunk(&data, &r, i);
+                    assert_eq!(ob.verify_chunk(j, &c), Err(VerifyError::ChunkMismatch { index: j, root: r.id }), "{i} as {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn outboard_for_a_wrong_root_or_size_is_refused() {
+        let data = blob();
+        let ob = Outboard::compute(&data);
+        let r = ob.blob();
+        let cvs = ob.cvs().to_vec();
+        let other_root = BlobRef { id: BlobId::of(b"something else"), size: r.size };
+        assert_eq!(Outboard::verify(other_root, cvs.clone()), Err(VerifyError::OutboardMismatch { root: other_root.id }));
+        // A size with another chunk count: the outboard has the wrong number of CVs.
+        for size in [r.size + CHUNK_SIZE as u64, r.size - 1234, CHUNK_SIZE as u64, 0] {
+            let wrong = BlobRef { id: r.id, size };
+            assert!(matches!(Outboard::verify(wrong, cvs.clone()), Err(VerifyError::OutboardLength { .. })), "size {size}");
+        }
+        // A size with the same chunk count passes the outboard check (the CVs fold to the
+        // root), but then no last chunk can verify: neither the real bytes nor bytes cut or
+        // padded to the claimed length.
+        for size in [r.size - 1, r.size + 1] {
+            let wrong = Outboard::verify(BlobRef { id: r.id, size }, cvs.clone()).unwrap();
+            let last = chunk(&data, &r, 5);
+            assert!(matches!(wrong.verify_chunk(5, &last), Err(VerifyError::ChunkLength { .. })));
+            let mut resized = last.clone();
+            resized.resize((last.len() as u64 + size - r.size) as usize, 0);
+            assert!(wrong.verify_chunk(5, &resized).is_err());
+        }
+        // A single-chunk blob's only check is the root.
+        let small = &data[..100];
+        let wrong = Outboard::verify(BlobRef { id: BlobId::of(small), size: 99 }, vec![]).unwrap();
+        assert!(wrong.verify_chunk(0, &small[..99]).is_err());
+    }
+
+    #[test]
+    fn tampered_outboard_is_refused_before_any_data() {
+        let data = blob();
+        let ob = Outboard::compute(&data);
+        let r = ob.blob();
+        for k in 0..ob.cvs().len() {
+            for byte in [0, 17, 31] {
+                let mut cvs = ob.cvs().to_vec();
+                cvs[k][byte] ^= 0x01;
+                assert_eq!(Outboard::verify(r, cvs), Err(VerifyError::OutboardMismatch { root: r.id }), "cv {k} byte {byte}");
+            }
+        }
+        let mut swapped = ob.cvs().to_vec();
+        swapped.swap(1, 2);
+        assert_eq!(Outboard::verify(r, swapped), Err(VerifyError::OutboardMismatch { root: r.id }));
+        let mut short = ob.cvs().to_vec();
+        short.pop();
+        assert!(matches!(Outboard::verify(r, short), Err(VerifyError::OutboardLength { .. })));
+        let mut long = ob.cvs().to_vec();
+        long.push([0; 32]);
+        assert!(matches!(Outboard::verify(r, long), Err(VerifyError::OutboardLength { .. })));
+        // A CV list for a different blob of the same size does not fold to this root.
+        let mut other = data.clone();
+        other[0] ^= 1;
+        assert!(Outboard::verify(r, Outboard::compute(&other).cvs().to_vec()).is_err());
+    }
+}

@@ -1,1 +1,310 @@
 //! Async QUIC helpers shared by the coordinator and the worker (feature `net`).
+//!
+//! - [`endpoint`]: one quinn endpoint per node, accepting the given ALPNs and connecting out;
+//!   both directions use the node's key ([`crate::identity::tls`]).
+//! - [`connect`]: a pinned connection: the peer must present the expected node id.
+//! - [`remote_node_id`], [`alpn`]: who is on the other end, and which protocol it speaks.
+//! - [`write_frame`], [`read_frame`], [`request`], [`request_with_body`]: the framing of
+//!   [`crate::wire`]; a peer's bad frame is a [`FrameError`] whose [`FrameError::close_code`]
+//!   says how to close *that* connection ([`close`]).
+//!
+//! Outgoing connections choose their pinned id and ALPN per call, while quinn's endpoint
+//! holds one default client config. So that config is [`PinningClient`]: it carries the
+//! node's TLS identity and builds the TLS session for each connection from the pin and ALPN
+//! that [`connect`] encodes into quinn's `server_name` argument. The name is never sent
+//! (SNI is off); it is only the way to hand per-connection data to the crypto layer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{HandshakeData, QuicClientConfig, QuicServerConfig};
+use quinn::{ConnectionError, IdleTimeout, TransportConfig, VarInt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::identity::tls::{self, Identity, TlsError};
+use crate::identity::{NodeId, NodeKey};
+use crate::wire::{self, CloseCode, DecodeError, MAX_FRAME};
+
+/// How long [`connect`] waits for the handshake before calling the peer unreachable.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alive interval: keeps NAT bindings open and notices dead peers.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// A connection with no traffic (keep-alives included) for this long is dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bi-streams a peer may have open at once on one connection.
+pub const MAX_BIDI_STREAMS: u32 = 256;
+
+/// Why an endpoint could not be made or a connection could not be established.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("node at {addr} did not answer within {}s: is it running, and is UDP to it allowed?", after.as_secs_f32())]
+    Unreachable { addr: SocketAddr, after: Duration },
+    #[error("node at {addr} is not the one we expected: we pinned node {expected} but it presented node {presented} (stale ticket or peer list?)")]
+    WrongKey { addr: SocketAddr, expected: NodeId, presented: NodeId },
+    #[error("cannot start a connection to {addr}: {source}")]
+    Start { addr: SocketAddr, source: quinn::ConnectError },
+    #[error("connection to {addr} failed: {source}")]
+    Connection { addr: SocketAddr, source: ConnectionError },
+}
+
+/// The transport settings every peergrid connection uses.
+pub fn transport_config() -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(Some(IdleTimeout::try_from(IDLE_TIMEOUT).expect("30s fits a QUIC varint")));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_BIDI_STREAMS));
+    Arc::new(t)
+}
+
+/// The node's QUIC endpoint, bound to `bind`. It accepts connections for `server_alpns`
+/// (none: a client-only endpoint) and connects out with [`connect`].
+///
+/// Must be called inside a tokio runtime.
+pub fn endpoint(key: &NodeKey, bind: SocketAddr, server_alpns: &[&[u8]]) -> Result<quinn::Endpoint, NetError> {
+    let identity = Identity::new(key)?;
+    let bind_err = |source| NetError::Bind { addr: bind, source };
+    let mut ep = if server_alpns.is_empty() {
+        quinn::Endpoint::client(bind).map_err(bind_err)?
+    } else {
+        let tls = identity.server_config(server_alpns)?;
+        let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport_config());
+        quinn::Endpoint::server(server, bind).map_err(bind_err)?
+    };
+    let mut client = quinn::ClientConfig::new(Arc::new(PinningClient::new(identity)?));
+    client.transport_config(transport_config());
+    ep.set_default_client_config(client);
+    Ok(ep)
+}
+
+/// Connect to the node `expected` at `addr` speaking `alpn`, waiting at most
+/// [`CONNECT_TIMEOUT`].
+pub async fn connect(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    expected: NodeId,
+    alpn: &[u8],
+) -> Result<quinn::Connection, NetError> {
+    connect_timeout(ep, addr, expected, alpn, CONNECT_TIMEOUT).await
+}
+
+/// [`connect`] with a chosen handshake timeout.
+pub async fn connect_timeout(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    expected: NodeId,
+    alpn: &[u8],
+    timeout: Duration,
+) -> Result<quinn::Connection, NetError> {
+    let connecting =
+        ep.connect(addr, &pin_name(expected, alpn)).map_err(|source| NetError::Start { addr, source })?;
+    let result = match tokio::time::timeout(timeout, connecting).await {
+        Err(_elapsed) => Err(NetError::Unreachable { addr, after: timeout }),
+        Ok(Ok(conn)) => match remote_node_id(&conn) {
+            Some(id) if id == expected => Ok(conn),
+            // The verifier already pinned the key; this only guards against a misconfigured
+            // endpoint (e.g. someone replaced its default client config).
+            Some(presented) => {
+                close(&conn, CloseCode::Rejected, "wrong key");
+                Err(NetError::WrongKey { addr, expected, presented })
+            }
+            None => {
+                close(&conn, CloseCode::Rejected, "no certificate");
+                Err(TlsError::BadCertificate("the server presented no usable certificate".into()).into())
+            }
+        },
+        Ok(Err(ConnectionError::TimedOut)) => Err(NetError::Unreachable { addr, after: timeout }),
+        Ok(Err(source)) => Err(match &source {
+            ConnectionError::TransportError(e) => match TlsError::wrong_key_from_reason(&e.reason) {
+                Some(TlsError::WrongKey { expected, presented }) => NetError::WrongKey { addr, expected, presented },
+                _ => NetError::Connection { addr, source },
+            },
+            _ => NetError::Connection { addr, source },
+        }),
+    };
+    if let Err(e) = &result {
+        tracing::debug!(%addr, node = %expected.short(), error = %e, "connect failed");
+    }
+    result
+}
+
+/// The node id the peer proved with its certificate (both sides present one).
+pub fn remote_node_id(conn: &quinn::Connection) -> Option<NodeId> {
+    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    tls::node_id_from_cert(certs.first()?).ok()
+}
+
+/// The ALPN the connection negotiated.
+pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?.downcast::<HandshakeData>().ok()?.protocol
+}
+
+/// Close a connection with a wire close code and a short reason for the peer's logs.
+pub fn close(conn: &quinn::Connection, code: CloseCode, reason: &str) {
+    conn.close(VarInt::from_u32(code.code()), reason.as_bytes());
+}
+
+/// The close code of a connection the peer closed, if it used one of ours.
+pub fn close_code_of(err: &ConnectionError) -> Option<CloseCode> {
+    match err {
+        ConnectionError::ApplicationClosed(close) => CloseCode::from_code(close.error_code.into_inner()),
+        _ => None,
+    }
+}
+
+/// Why a frame could not be sent or received.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer sent a bad frame: close the connection with [`FrameError::close_code`].
+    #[error("bad frame from peer: {0}")]
+    Decode(#[from] DecodeError),
+    /// Our own message is over [`MAX_FRAME`]: a bug or a limit to respect, not the peer's fault.
+    #[error("message of {len} bytes is too large to send (maximum {max})")]
+    TooLargeToSend { len: usize, max: usize },
+    #[error("peer ended the stream without answering")]
+    NoResponse,
+    #[error("cannot read from stream: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("cannot write to stream: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream already closed: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+    #[error("cannot open a stream: {0}")]
+    Connection(#[from] ConnectionError),
+}
+
+impl FrameError {
+    /// How to close the connection when this error came from the peer's bytes
+    /// ([`CloseCode::Protocol`] or [`CloseCode::FrameTooLarge`]); `None` for I/O and local
+    /// errors, which are not the peer's protocol violations.
+    pub fn close_code(&self) -> Option<CloseCode> {
+        match self {
+            FrameError::Decode(e) => Some(e.close_code()),
+            _ => None,
+        }
+    }
+}
+
+/// Write one frame (length prefix + postcard body).
+pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), FrameError> {
+    let frame = wire::encode_frame(msg).map_err(|e| match e {
+        DecodeError::FrameTooLarge { len, max } => FrameError::TooLargeToSend { len, max },
+        other => FrameError::Decode(other),
+    })?;
+    send.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Read one frame. `Ok(None)` when the stream ended cleanly before a new frame began.
+///
+/// The length is checked against [`MAX_FRAME`] before anything is allocated, and the body
+/// buffer grows only as bytes actually arrive, so a peer cannot make us reserve
+/// `MAX_FRAME` bytes per stream by sending a bare length prefix.
+pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<Option<T>, FrameError> {
+    let mut prefix = [0u8; 4];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(have)) => {
+            return Err(DecodeError::Truncated { have, need: 4 }.into())
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    let len = wire::check_frame_len(prefix)?;
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await? {
+            Some(chunk) => body.extend_from_slice(&chunk.bytes),
+            None => return Err(DecodeError::Truncated { have: 4 + body.len(), need: 4 + len }.into()),
+        }
+    }
+    debug_assert!(len <= MAX_FRAME);
+    Ok(Some(wire::decode(&body)?))
+}
+
+/// One request/response exchange on a new bi-stream: send `req`, finish our side, read one
+/// response frame. Returns the response and the stream, from which raw bytes that follow
+/// the response (e.g. [`wire::BlobResponse::Chunks`]) can be read.
+pub async fn request<Req: Serialize, Resp: DeserializeOwned>(
+    conn: &quinn::Connection,
+    req: &Req,
+) -> Result<(Resp, quinn::RecvStream), FrameError> {
+    request_with_body(conn, req, &[]).await
+}
+
+/// [`request`], with raw `body` bytes written after the request frame (e.g.
+/// [`wire::SubmitBody::PutBlob`]).
+pub async fn request_with_body<Req: Serialize, Resp: DeserializeOwned>(
+    conn: &quinn::Connection,
+    req: &Req,
+    body: &[u8],
+) -> Result<(Resp, quinn::RecvStream), FrameError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    write_frame(&mut send, req).await?;
+    if !body.is_empty() {
+        send.write_all(body).await?;
+    }
+    send.finish()?;
+    let resp = read_frame(&mut recv).await?.ok_or(FrameError::NoResponse)?;
+    Ok((resp, recv))
+}
+
+/// quinn's `server_name` for a pinned connection: `<node id hex>.<alpn hex>`.
+fn pin_name(expected: NodeId, alpn: &[u8]) -> String {
+    format!("{expected}.{}", hex::encode(alpn))
+}
+
+fn parse_pin_name(name: &str) -> Option<(NodeId, Vec<u8>)> {
+    let (id, alpn) = name.split_once('.')?;
+    Some((id.parse().ok()?, hex::decode(alpn).ok()?))
+}
+
+/// The endpoint's default client crypto: makes each outgoing TLS session pin the node id
+/// and offer the ALPN that [`connect`] put in the server name.
+struct PinningClient {
+    identity: Identity,
+}
+
+impl PinningClient {
+    fn new(identity: Identity) -> Result<PinningClient, TlsError> {
+        // Fail now, not on the first connection, if quinn cannot use these settings.
+        let probe = identity.client_config(identity.node_id(), &[])?;
+        QuicClientConfig::try_from(probe).map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(PinningClient { identity })
+    }
+}
+
+impl quinn::crypto::ClientConfig for PinningClient {
+    fn start_session(
+        self: Arc<Self>,
+        version: u32,
+        server_name: &str,
+        params: &quinn_proto::transport_parameters::TransportParameters,
+    ) -> Result<Box<dyn quinn::crypto::Session>, quinn::ConnectError> {
+        let invalid = || quinn::ConnectError::InvalidServerName(format!("{server_name} (use tasks::net::connect)"));
+        let (expected, alpn) = parse_pin_name(server_name).ok_or_else(invalid)?;
+        let tls = self.identity.client_config(expected, &[&alpn]).map_err(|_| invalid())?;
+        let crypto = QuicClientConfig::try_from(tls).map_err(|_| invalid())?;
+        Arc::new(crypto).start_session(version, tls::CERT_NAME, params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_name_round_trips() {
+        let id = NodeKey::generate().node_id();
+        let name = pin_name(id, wire::ALPN_BLOB);
+        assert_eq!(parse_pin_name(&name), Some((id, wire::ALPN_BLOB.to_vec())));
+        assert_eq!(parse_pin_name("localhost"), None);
+    }
+}

@@ -317,7 +317,8 @@ pub struct TaskResult {
     /// Why a task failed.
     pub reason: Option<String>,
     /// The accepted output inline when small; otherwise fetch `output_hash` as a blob.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    /// (Never `skip_serializing_if`: postcard is positional, so a skipped field breaks decoding.)
+    #[serde(default)]
     pub output: Option<Vec<u8>>,
 }
 
@@ -426,4 +427,537 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<(T, usize), Decod
         return Err(DecodeError::Truncated { have: buf.len(), need: 4 + len });
     }
     Ok((decode(&buf[4..4 + len])?, 4 + len))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::job::{JobLimits, TaskEntry, TaskId};
+
+    // ---- strategies for every message and everything inside them ----
+
+    fn text() -> impl Strategy<Value = String> {
+        "\\PC{0,12}"
+    }
+
+    fn bytes() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(any::<u8>(), 0..40)
+    }
+
+    fn blob_id() -> impl Strategy<Value = BlobId> {
+        any::<[u8; 32]>().prop_map(BlobId)
+    }
+
+    fn node_id() -> impl Strategy<Value = NodeId> {
+        any::<[u8; 32]>().prop_map(NodeId)
+    }
+
+    fn blob_ref() -> impl Strategy<Value = BlobRef> {
+        (blob_id(), any::<u64>()).prop_map(|(id, size)| BlobRef { id, size })
+    }
+
+    /// serde encodes a v6 address as ip + port only (flow info and scope id are dropped).
+    fn socket_addr() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddrV4::new(Ipv4Addr::from(ip), port).into()),
+            (any::<[u8; 16]>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddrV6::new(Ipv6Addr::from(ip), port, 0, 0).into()),
+        ]
+    }
+
+    fn list<T: std::fmt::Debug>(s: impl Strategy<Value = T>) -> impl Strategy<Value = Vec<T>> {
+        prop::collection::vec(s, 0..4)
+    }
+
+    fn status() -> impl Strategy<Value = Status> {
+        prop::sample::select(vec![
+            Status::Ok,
+            Status::Exit,
+            Status::Trap,
+            Status::OutOfFuel,
+            Status::MemoryLimit,
+            Status::OutputLimit,
+            Status::InvalidModule,
+        ])
+    }
+
+    fn fingerprint() -> impl Strategy<Value = EngineFingerprint> {
+        (text(), text(), text()).prop_map(|(engine, arch, settings)| EngineFingerprint { engine, arch, settings })
+    }
+
+    fn run_result() -> impl Strategy<Value = RunResult> {
+        (status(), any::<i32>(), text(), any::<u64>(), blob_id(), any::<u64>()).prop_map(
+            |(status, exit_code, trap, fuel_used, output_hash, output_len)| RunResult {
+                status,
+                exit_code,
+                trap,
+                fuel_used,
+                output_hash,
+                output_len,
+            },
+        )
+    }
+
+    fn report() -> impl Strategy<Value = Report> {
+        (any::<u64>(), run_result(), prop::option::of(bytes()), any::<u64>())
+            .prop_map(|(replica, result, output, wall_ms)| Report { replica, result, output, wall_ms })
+    }
+
+    fn worker_msg() -> impl Strategy<Value = WorkerMsg> {
+        prop_oneof![
+            (text(), fingerprint(), any::<u32>(), prop::option::of(socket_addr()), list(blob_id())).prop_map(
+                |(agent, fingerprint, slots, peer_addr, blobs)| WorkerMsg::Hello {
+                    agent,
+                    fingerprint,
+                    slots,
+                    peer_addr,
+                    blobs
+                }
+            ),
+            any::<u32>().prop_map(|max| WorkerMsg::RequestWork { max }),
+            report().prop_map(WorkerMsg::Report),
+            list(blob_id()).prop_map(|blobs| WorkerMsg::HaveBlobs { blobs }),
+            list(any::<u64>()).prop_map(|replicas| WorkerMsg::Abandon { replicas }),
+            (node_id(), blob_id()).prop_map(|(peer, blob)| WorkerMsg::BadPeer { peer, blob }),
+            list(report()).prop_map(WorkerMsg::Reports),
+        ]
+    }
+
+    fn task_manifest() -> impl Strategy<Value = TaskManifest> {
+        (
+            (any::<u64>(), any::<u32>()),
+            text(),
+            blob_ref(),
+            prop::option::of(blob_ref()),
+            list(text()),
+            (any::<u64>(), any::<u32>(), any::<u64>()),
+        )
+            .prop_map(|((job, index), name, module, input, args, (fuel, memory_mb, max_output))| TaskManifest {
+                id: TaskId { job: JobId(job), index },
+                name,
+                module,
+                input,
+                args,
+                fuel,
+                memory_mb,
+                max_output,
+            })
+    }
+
+    fn assignment() -> impl Strategy<Value = Assignment> {
+        (any::<u64>(), task_manifest(), any::<u64>(), list((node_id(), socket_addr())))
+            .prop_map(|(replica, task, deadline_secs, peers)| Assignment {
+                replica,
+                task,
+                deadline_secs,
+                peers: peers.into_iter().map(|(node_id, addr)| PeerAddr { node_id, addr }).collect(),
+            })
+    }
+
+    fn coord_msg() -> impl Strategy<Value = CoordMsg> {
+        prop_oneof![
+            (text(), socket_addr()).prop_map(|(agent, observed_addr)| CoordMsg::Welcome { agent, observed_addr }),
+            (list(assignment()), any::<u64>())
+                .prop_map(|(assignments, retry_after_ms)| CoordMsg::Assign { assignments, retry_after_ms }),
+            list(any::<u64>()).prop_map(|replicas| CoordMsg::Ack { replicas }),
+            (prop::option::of(any::<u64>()), text()).prop_map(|(replica, reason)| CoordMsg::Rejected { replica, reason }),
+            list(any::<u64>()).prop_map(|replicas| CoordMsg::Cancel { replicas }),
+        ]
+    }
+
+    fn job_manifest() -> impl Strategy<Value = JobManifest> {
+        let limits = (any::<u32>(), any::<u32>(), any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>()).prop_map(
+            |(quorum, max_replicas, fuel, memory_mb, max_output, deadline_secs)| JobLimits {
+                quorum,
+                max_replicas,
+                fuel,
+                memory_mb,
+                max_output,
+                deadline_secs,
+            },
+        );
+        let entry = (list(text()), prop::option::of(blob_ref())).prop_map(|(args, input)| TaskEntry { args, input });
+        (text(), blob_ref(), limits, list(entry)).prop_map(|(name, module, limits, tasks)| JobManifest {
+            name,
+            module,
+            limits,
+            tasks,
+        })
+    }
+
+    fn job_id() -> impl Strategy<Value = JobId> {
+        any::<u64>().prop_map(JobId)
+    }
+
+    fn submit_request() -> impl Strategy<Value = SubmitRequest> {
+        let body = prop_oneof![
+            list(blob_ref()).prop_map(|blobs| SubmitBody::MissingBlobs { blobs }),
+            blob_ref().prop_map(|blob| SubmitBody::PutBlob { blob }),
+            job_manifest().prop_map(|manifest| SubmitBody::CreateJob { manifest }),
+            prop::option::of(job_id()).prop_map(|job| SubmitBody::Status { job }),
+            job_id().prop_map(|job| SubmitBody::Results { job }),
+            job_id().prop_map(|job| SubmitBody::Cancel { job }),
+        ];
+        (text(), body).prop_map(|(token, body)| SubmitRequest { token, body })
+    }
+
+    fn job_state() -> impl Strategy<Value = JobState> {
+        prop::sample::select(vec![JobState::Running, JobState::Done, JobState::Failed, JobState::Cancelled])
+    }
+
+    fn status_report() -> impl Strategy<Value = StatusReport> {
+        let job = (job_id(), text(), job_state(), any::<[u32; 5]>()).prop_map(|(id, name, state, n)| JobStatus {
+            id,
+            name,
+            state,
+            tasks_total: n[0],
+            tasks_done: n[1],
+            tasks_failed: n[2],
+            replicas_in_flight: n[3],
+            replicas_reported: n[4],
+        });
+        // Any finite credit (NaN would not compare equal to itself).
+        let worker = (node_id(), any::<bool>(), -1e18f64..1e18, any::<u64>(), any::<u64>()).prop_map(
+            |(node_id, connected, credit, valid, invalid)| WorkerStatus { node_id, connected, credit, valid, invalid },
+        );
+        (list(job), list(worker), any::<u64>()).prop_map(|(jobs, workers, coordinator_bytes_sent)| StatusReport {
+            jobs,
+            workers,
+            coordinator_bytes_sent,
+        })
+    }
+
+    fn task_result() -> impl Strategy<Value = TaskResult> {
+        (
+            any::<u32>(),
+            prop::sample::select(vec![TaskState::Pending, TaskState::Accepted, TaskState::Failed]),
+            prop::option::of(status()),
+            prop::option::of(blob_id()),
+            (prop::option::of(any::<u64>()), prop::option::of(any::<u64>())),
+            list(node_id()),
+            prop::option::of(text()),
+            prop::option::of(bytes()),
+        )
+            .prop_map(
+                |(index, status, outcome, output_hash, (output_len, fuel_used), agreeing_workers, reason, output)| {
+                    TaskResult {
+                        index,
+                        status,
+                        outcome,
+                        output_hash,
+                        output_len,
+                        fuel_used,
+                        agreeing_workers,
+                        reason,
+                        output,
+                    }
+                },
+            )
+    }
+
+    fn submit_response() -> impl Strategy<Value = SubmitResponse> {
+        let code = prop::sample::select(vec![
+            ErrorCode::Unauthorized,
+            ErrorCode::NotFound,
+            ErrorCode::BadRequest,
+            ErrorCode::MissingBlob,
+            ErrorCode::Internal,
+            ErrorCode::Overloaded,
+        ]);
+        let results = (job_id(), text(), job_state(), list(task_result()))
+            .prop_map(|(job, name, state, tasks)| JobResults { job, name, state, tasks });
+        prop_oneof![
+            Just(SubmitResponse::Ok),
+            list(blob_ref()).prop_map(|blobs| SubmitResponse::Missing { blobs }),
+            (job_id(), any::<u32>()).prop_map(|(job, tasks)| SubmitResponse::JobCreated { job, tasks }),
+            status_report().prop_map(SubmitResponse::Status),
+            results.prop_map(SubmitResponse::Results),
+            (code, text()).prop_map(|(code, message)| SubmitResponse::Error { code, message }),
+        ]
+    }
+
+    fn blob_request() -> impl Strategy<Value = BlobRequest> {
+        prop_oneof![
+            blob_id().prop_map(|id| BlobRequest::Outboard { id }),
+            (blob_id(), any::<u64>(), any::<u32>()).prop_map(|(id, start, count)| BlobRequest::Chunks { id, start, count }),
+            blob_id().prop_map(|id| BlobRequest::Have { id }),
+        ]
+    }
+
+    fn blob_response() -> impl Strategy<Value = BlobResponse> {
+        prop_oneof![
+            (any::<u64>(), list(any::<[u8; 32]>())).prop_map(|(size, cvs)| BlobResponse::Outboard { size, cvs }),
+            (any::<u64>(), any::<u32>(), any::<u64>())
+                .prop_map(|(start, count, len)| BlobResponse::Chunks { start, count, len }),
+            (any::<u64>(), list(any::<bool>())).prop_map(|(size, chunks)| BlobResponse::Have { size, chunks }),
+            Just(BlobResponse::NotFound),
+            any::<u64>().prop_map(|retry_after_ms| BlobResponse::Busy { retry_after_ms }),
+            text().prop_map(|reason| BlobResponse::BadRequest { reason }),
+        ]
+    }
+
+    /// encode_frame → decode_frame gives back the message and consumes the whole frame;
+    /// every proper prefix of the frame is refused as truncated.
+    fn assert_round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: &T) {
+        let frame = encode_frame(msg).unwrap();
+        assert_eq!(decode_frame::<T>(&frame).unwrap(), (msg_clone(msg), frame.len()));
+        assert_eq!(&decode::<T>(&frame[4..]).unwrap(), msg);
+        for cut in [0, 1, 3, 4, frame.len() / 2, frame.len() - 1] {
+            if cut < frame.len() {
+                assert!(matches!(decode_frame::<T>(&frame[..cut]), Err(DecodeError::Truncated { .. })), "cut at {cut}");
+            }
+        }
+        let mut longer = frame[4..].to_vec();
+        longer.push(0);
+        assert_eq!(decode::<T>(&longer), Err(DecodeError::TrailingBytes { extra: 1 }));
+    }
+
+    fn msg_clone<T: Serialize + DeserializeOwned>(msg: &T) -> T {
+        postcard::from_bytes(&postcard::to_stdvec(msg).unwrap()).unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn worker_msg_round_trips(msg in worker_msg()) { assert_round_trip(&msg); }
+
+        #[test]
+        fn coord_msg_round_trips(msg in coord_msg()) { assert_round_trip(&msg); }
+
+        #[test]
+        fn submit_request_round_trips(msg in submit_request()) { assert_round_trip(&msg); }
+
+        #[test]
+        fn submit_response_round_trips(msg in submit_response()) { assert_round_trip(&msg); }
+
+        #[test]
+        fn blob_request_round_trips(msg in blob_request()) { assert_round_trip(&msg); }
+
+        #[test]
+        fn blob_response_round_trips(msg in blob_response()) { assert_round_trip(&msg); }
+
+        /// Random bytes never panic any decoder: each returns a message or an error.
+        #[test]
+        fn random_bytes_never_panic_any_decoder(buf in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode::<WorkerMsg>(&buf);
+            let _ = decode::<CoordMsg>(&buf);
+            let _ = decode::<SubmitRequest>(&buf);
+            let _ = decode::<SubmitResponse>(&buf);
+            let _ = decode::<BlobRequest>(&buf);
+            let _ = decode::<BlobResponse>(&buf);
+            let _ = decode_frame::<WorkerMsg>(&buf);
+            let _ = decode_frame::<CoordMsg>(&buf);
+            let _ = decode_frame::<SubmitRequest>(&buf);
+            let _ = decode_frame::<SubmitResponse>(&buf);
+            let _ = decode_frame::<BlobRequest>(&buf);
+            let _ = decode_frame::<BlobResponse>(&buf);
+        }
+
+        /// A valid frame with random bytes flipped decodes to something or fails; it never
+        /// panics, and whatever it decodes to re-encodes within the frame limit.
+        #[test]
+        fn corrupted_frames_never_panic(msg in coord_msg(), flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)) {
+            let mut frame = encode_frame(&msg).unwrap();
+            for (at, x) in flips {
+                let i = at.index(frame.len());
+                frame[i] ^= x;
+            }
+            if let Ok((m, used)) = decode_frame::<CoordMsg>(&frame) {
+                prop_assert!(used <= frame.len());
+                prop_assert!(encode_frame(&m).is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_the_body() {
+        let prefix = ((MAX_FRAME + 1) as u32).to_be_bytes();
+        let err = decode_frame::<WorkerMsg>(&prefix).unwrap_err();
+        assert_eq!(err, DecodeError::FrameTooLarge { len: MAX_FRAME + 1, max: MAX_FRAME });
+        assert_eq!(err.close_code(), CloseCode::FrameTooLarge);
+        assert_eq!(check_frame_len(u32::MAX.to_be_bytes()).unwrap_err().close_code(), CloseCode::FrameTooLarge);
+        assert_eq!(check_frame_len((MAX_FRAME as u32).to_be_bytes()), Ok(MAX_FRAME));
+        let body = vec![0u8; MAX_FRAME + 1];
+        assert!(matches!(decode::<WorkerMsg>(&body), Err(DecodeError::FrameTooLarge { .. })));
+        let huge = WorkerMsg::HaveBlobs { blobs: vec![BlobId([0; 32]); MAX_FRAME / 32 + 1] };
+        assert!(matches!(encode_frame(&huge), Err(DecodeError::FrameTooLarge { .. })));
+    }
+
+    #[test]
+    fn garbage_is_malformed_with_the_protocol_close_code() {
+        // Variant 200 of WorkerMsg does not exist (unknown variants are violations).
+        let err = decode::<WorkerMsg>(&[200, 0]).unwrap_err();
+        assert!(matches!(err, DecodeError::Malformed(_)));
+        assert_eq!(err.close_code(), CloseCode::Protocol);
+        assert!(matches!(decode::<WorkerMsg>(&[]), Err(DecodeError::Malformed(_))));
+        // A vec claiming 2^32 - 1 elements in a 6-byte body fails fast without allocating.
+        let lie = [3, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        assert!(matches!(decode::<WorkerMsg>(&lie), Err(DecodeError::Malformed(_))));
+        assert_eq!(decode::<WorkerMsg>(&[1, 4, 9]), Err(DecodeError::TrailingBytes { extra: 1 }));
+        assert_eq!(DecodeError::Truncated { have: 1, need: 4 }.close_code(), CloseCode::Protocol);
+    }
+
+    #[test]
+    fn close_codes_round_trip_and_are_frozen() {
+        let all = [
+            (CloseCode::Done, 0),
+            (CloseCode::Protocol, 1),
+            (CloseCode::FrameTooLarge, 2),
+            (CloseCode::Rejected, 3),
+            (CloseCode::Shutdown, 4),
+            (CloseCode::Overloaded, 5),
+        ];
+        for (c, n) in all {
+            assert_eq!(c.code(), n);
+            assert_eq!(CloseCode::from_code(u64::from(n)), Some(c));
+        }
+        assert_eq!(CloseCode::from_code(6), None);
+    }
+
+    // ---- golden bytes: these freeze the version-1 encoding. If one fails, a variant or a
+    // field was reordered, removed or retyped: that breaks every deployed node. Add new
+    // variants at the end instead (and a new golden test for them). ----
+
+    const GOLDEN_CHUNKS_REQ: &str = "0000002301abababababababababababababababababababababababababababababababab0210";
+    const GOLDEN_OUTBOARD: &str = "000000230005010101010101010101010101010101010101010101010101010101010101010101";
+    const GOLDEN_WELCOME: &str = "0000000a000163007f000001d122";
+    const GOLDEN_ASSIGN: &str = "000000670101050102017033333333333333333333333333333333333333333333333333333333333333330a00010178e807408001d80401444444444444444444444444444444444444444444444444444444444444444401000000000000000000000000000000010700";
+    const GOLDEN_PUT_BLOB: &str = "0000002703746f6b011111111111111111111111111111111111111111111111111111111111111111e807";
+    const GOLDEN_RESULTS: &str = "0000005f0407016a01020001010001555555555555555555555555555555555555555555555555555555555555555501020163016666666666666666666666666666666666666666666666666666666666666666000001020000000000010172010101";
+    const GOLDEN_HELLO: &str = "000000350003772f310165016101730201000a000001d122010101010101010101010101010101010101010101010101010101010101010101";
+    const GOLDEN_REPORT: &str = "0000002f0209010100ac02222222222222222222222222222222222222222222222222222222222222222203010368690ae807";
+    const GOLDEN_BAD_PEER: &str = "00000041050a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b";
+
+    /// `frame_hex` may contain spaces between fields, for reading.
+    fn golden<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: T, frame_hex: &str) {
+        let frame_hex: String = frame_hex.split_whitespace().collect();
+        let frame = encode_frame(&msg).unwrap();
+        assert_eq!(hex::encode(&frame), frame_hex, "encoding of {msg:?} changed");
+        let (back, used) = decode_frame::<T>(&hex::decode(&frame_hex).unwrap()).unwrap();
+        assert_eq!((back, used), (msg, frame.len()));
+    }
+
+    fn sample_result() -> RunResult {
+        RunResult {
+            status: Status::Exit,
+            exit_code: -1,
+            trap: String::new(),
+            fuel_used: 300,
+            output_hash: BlobId([0x22; 32]),
+            output_len: 3,
+        }
+    }
+
+    #[test]
+    fn golden_worker_msgs() {
+        golden(WorkerMsg::RequestWork { max: 4 }, "000000020104");
+        golden(
+            WorkerMsg::Hello {
+                agent: "w/1".into(),
+                fingerprint: EngineFingerprint { engine: "e".into(), arch: "a".into(), settings: "s".into() },
+                slots: 2,
+                peer_addr: Some("10.0.0.1:4433".parse().unwrap()),
+                blobs: vec![BlobId([0x01; 32])],
+            },
+            GOLDEN_HELLO,
+        );
+        golden(
+            WorkerMsg::Report(Report {
+                replica: 9,
+                result: sample_result(),
+                output: Some(b"hi\n".to_vec()),
+                wall_ms: 1000,
+            }),
+            GOLDEN_REPORT,
+        );
+        golden(WorkerMsg::BadPeer { peer: NodeId([0x0a; 32]), blob: BlobId([0x0b; 32]) }, GOLDEN_BAD_PEER);
+    }
+
+    #[test]
+    fn golden_coord_msgs() {
+        golden(CoordMsg::Ack { replicas: vec![1, 300] }, "00000005 02 02 01 ac02");
+        golden(
+            CoordMsg::Welcome { agent: "c".into(), observed_addr: "127.0.0.1:4433".parse().unwrap() },
+            GOLDEN_WELCOME,
+        );
+        golden(
+            CoordMsg::Assign {
+                assignments: vec![Assignment {
+                    replica: 5,
+                    task: TaskManifest {
+                        id: TaskId { job: JobId(1), index: 2 },
+                        name: "p".into(),
+                        module: BlobRef { id: BlobId([0x33; 32]), size: 10 },
+                        input: None,
+                        args: vec!["x".into()],
+                        fuel: 1000,
+                        memory_mb: 64,
+                        max_output: 128,
+                    },
+                    deadline_secs: 600,
+                    peers: vec![PeerAddr { node_id: NodeId([0x44; 32]), addr: "[::1]:7".parse().unwrap() }],
+                }],
+                retry_after_ms: 0,
+            },
+            GOLDEN_ASSIGN,
+        );
+    }
+
+    #[test]
+    fn golden_submit_messages() {
+        golden(
+            SubmitRequest {
+                token: "tok".into(),
+                body: SubmitBody::PutBlob { blob: BlobRef { id: BlobId([0x11; 32]), size: 1000 } },
+            },
+            GOLDEN_PUT_BLOB,
+        );
+        golden(SubmitRequest { token: "t".into(), body: SubmitBody::Status { job: Some(JobId(3)) } }, "00000005 0174 03 01 03");
+        golden(SubmitResponse::Error { code: ErrorCode::Unauthorized, message: "no".into() }, "00000005 05 00 026e6f");
+        golden(
+            SubmitResponse::Results(JobResults {
+                job: JobId(7),
+                name: "j".into(),
+                state: JobState::Done,
+                tasks: vec![
+                    TaskResult {
+                        index: 0,
+                        status: TaskState::Accepted,
+                        outcome: Some(Status::Ok),
+                        output_hash: Some(BlobId([0x55; 32])),
+                        output_len: Some(2),
+                        fuel_used: Some(99),
+                        agreeing_workers: vec![NodeId([0x66; 32])],
+                        reason: None,
+                        output: None,
+                    },
+                    TaskResult {
+                        index: 1,
+                        status: TaskState::Failed,
+                        outcome: None,
+                        output_hash: None,
+                        output_len: None,
+                        fuel_used: None,
+                        agreeing_workers: vec![],
+                        reason: Some("r".into()),
+                        output: Some(vec![1]),
+                    },
+                ],
+            }),
+            GOLDEN_RESULTS,
+        );
+    }
+
+    #[test]
+    fn golden_blob_messages() {
+        golden(BlobRequest::Chunks { id: BlobId([0xab; 32]), start: 2, count: 16 }, GOLDEN_CHUNKS_REQ);
+        golden(BlobResponse::Chunks { start: 2, count: 16, len: 4_194_304 }, "00000007 01 02 10 80808002");
+        golden(BlobResponse::Outboard { size: 5, cvs: vec![[0x01; 32]] }, GOLDEN_OUTBOARD);
+        golden(BlobResponse::Have { size: 1, chunks: vec![true, false] }, "00000005 02 01 02 01 00");
+        golden(BlobResponse::NotFound, "0000000103");
+        golden(BlobResponse::Busy { retry_after_ms: 250 }, "0000000304fa01");
+    }
 }

@@ -1,7 +1,40 @@
 //! `worker join`: the volunteer's daemon.
+//!
+//! One actor loop owns the session with the coordinator, the outbox of unacknowledged
+//! results and the bookkeeping of replicas; it never blocks. Around it:
+//! - a QUIC endpoint that serves blobs to peers ([`crate::swarm::BlobServer`]) and connects
+//!   to the coordinator with its pinned node id;
+//! - preparation tasks that fetch a task's blobs through the swarm and load its module;
+//! - task slots ([`executor`]) on idle-priority threads;
+//! - the idle policy ([`idle`]) and `--cpu-limit` duty cycle, applied through each task's
+//!   [`RunControl`], which pauses a task without losing it.
+//!
+//! The session survives coordinator restarts: tasks keep running while it is unreachable,
+//! results wait in the [`outbox`] (on disk), and the loop reconnects with exponential backoff
+//! and jitter, then resends them (reports are idempotent).
 
+pub mod executor;
+pub mod idle;
+pub mod outbox;
+
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tasks::wire::{self, Assignment, CoordMsg, PeerAddr, ReplicaId, Report, WorkerMsg};
+use tasks::{BlobId, NodeKey, Ticket};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::blobs::BlobStore;
+use crate::sandbox::{LoadedModule, RunControl, RunSpec, Sandbox, SandboxConfig};
+use crate::swarm::{BlobServer, Fetcher, ServeLimits};
+use executor::{Done, Executor, Job, Module};
+use outbox::Outbox;
 
 /// Arguments of `worker join`.
 #[derive(Debug, Clone, clap::Args)]
@@ -23,10 +56,600 @@ pub struct JoinArgs {
     /// Use at most this percentage of each slot's CPU time (duty-cycle throttling).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub cpu_limit: Option<u8>,
+    /// Most disk space for cached blobs, in MiB (least recently used are evicted).
+    #[arg(long, default_value_t = 4096)]
+    pub disk_limit_mb: u64,
 }
 
-/// Run the worker until `shutdown` resolves.
+/// Everything a worker needs; `worker join` builds it from [`JoinArgs`], the demo and tests
+/// build it directly.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub ticket: Ticket,
+    pub data_dir: PathBuf,
+    pub slots: usize,
+    pub listen: SocketAddr,
+    pub idle_only: bool,
+    pub cpu_limit: Option<u8>,
+    pub disk_limit_bytes: Option<u64>,
+}
+
+impl WorkerConfig {
+    pub fn new(ticket: Ticket, data_dir: PathBuf) -> WorkerConfig {
+        WorkerConfig {
+            ticket,
+            data_dir,
+            slots: default_slots(),
+            listen: "0.0.0.0:0".parse().expect("valid"),
+            idle_only: false,
+            cpu_limit: None,
+            disk_limit_bytes: Some(4 << 30),
+        }
+    }
+}
+
+/// The cores this process may use.
+pub fn default_slots() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Counters a running worker exposes (for the demo's summary and for tests).
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub completed: AtomicU64,
+    pub reported: AtomicU64,
+    pub acked: AtomicU64,
+    /// Blob bytes received from the coordinator vs from other workers.
+    pub bytes_from_coordinator: AtomicU64,
+    pub bytes_from_peers: AtomicU64,
+    /// Sum and count of assignment-to-guest-start latencies, in microseconds.
+    pub start_latency_us_sum: AtomicU64,
+    pub start_latency_count: AtomicU64,
+}
+
+/// `worker join`: run until Ctrl-C.
 pub async fn join(args: JoinArgs) -> anyhow::Result<()> {
-    let _ = args;
-    anyhow::bail!("`worker join` is not implemented yet")
+    let ticket: Ticket = args.ticket.parse()?;
+    let mut cfg = WorkerConfig::new(ticket, args.data_dir);
+    if let Some(s) = args.slots {
+        anyhow::ensure!(s > 0, "--slots must be at least 1");
+        cfg.slots = s;
+    }
+    if let Some(l) = args.listen {
+        cfg.listen = l;
+    }
+    cfg.idle_only = args.idle_only;
+    cfg.cpu_limit = args.cpu_limit;
+    cfg.disk_limit_bytes = Some(args.disk_limit_mb << 20);
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("worker: Ctrl-C: abandoning unfinished tasks and reporting finished ones (Ctrl-C again to quit at once)");
+            on_signal.cancel();
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+    run(cfg, Arc::new(WorkerStats::default()), shutdown).await
+}
+
+/// Run a worker until `shutdown` is cancelled, then stop taking work, abandon what has not
+/// finished (so the coordinator reissues it at once) and flush the outbox.
+pub async fn run(cfg: WorkerConfig, stats: Arc<WorkerStats>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let key = NodeKey::load_or_create(&cfg.data_dir)?;
+    let sandbox = Sandbox::new(SandboxConfig { cache_dir: Some(cfg.data_dir.join("cache")), ..SandboxConfig::default() })
+        .context("starting the sandbox")?;
+    let store = BlobStore::open(&cfg.data_dir.join("blobs"), cfg.disk_limit_bytes).context("opening the blob store")?;
+    let outbox = Outbox::open(&cfg.data_dir.join("outbox")).context("opening the outbox")?;
+    let endpoint = tasks::net::endpoint(&key, cfg.listen, &[wire::ALPN_BLOB])
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let server = BlobServer::new(store.clone(), ServeLimits::default());
+    let fetcher = Fetcher::new(endpoint.clone(), store.clone(), Some(server.clone()));
+    tracing::info!(node = %key.node_id(), coordinator = %cfg.ticket, slots = cfg.slots, addr = %endpoint.local_addr()?, fingerprint = %sandbox.fingerprint(), "worker starting");
+
+    let conns = CancellationToken::new();
+    let accept = tokio::spawn(accept_peers(endpoint.clone(), server, conns.clone()));
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let executor = Executor::start(cfg.slots, sandbox.clone(), done_tx);
+    let mut daemon = Daemon {
+        cfg,
+        endpoint: endpoint.clone(),
+        sandbox,
+        store,
+        fetcher,
+        outbox,
+        executor,
+        stats,
+        modules: HashMap::new(),
+        controls: HashMap::new(),
+        preparing: 0,
+        queued: VecDeque::new(),
+        session: None,
+        request_outstanding: false,
+        next_request: Instant::now(),
+        paused: false,
+    };
+    let result = daemon.run(done_rx, shutdown).await;
+    conns.cancel();
+    accept.abort();
+    endpoint.close(wire::CloseCode::Shutdown.code().into(), b"worker shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    drop(daemon);
+    result
+}
+
+async fn accept_peers(endpoint: quinn::Endpoint, server: BlobServer, cancel: CancellationToken) {
+    while let Some(incoming) = endpoint.accept().await {
+        let server = server.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!("peer handshake failed: {e}");
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = server.serve_connection(conn) => {}
+            }
+        });
+    }
+}
+
+/// A live session with the coordinator.
+struct Session {
+    send: quinn::SendStream,
+    inbox: mpsc::Receiver<anyhow::Result<CoordMsg>>,
+    conn: quinn::Connection,
+    coordinator: PeerAddr,
+}
+
+/// A task's blobs fetched and its module loaded, ready for a slot.
+struct Prepared {
+    assignment: Assignment,
+    received: Instant,
+    result: anyhow::Result<(Module, Vec<u8>)>,
+    from_coordinator: u64,
+    from_peers: u64,
+    bad_peers: Vec<tasks::NodeId>,
+}
+
+struct Daemon {
+    cfg: WorkerConfig,
+    endpoint: quinn::Endpoint,
+    sandbox: Sandbox,
+    store: BlobStore,
+    fetcher: Fetcher,
+    outbox: Outbox,
+    executor: Executor,
+    stats: Arc<WorkerStats>,
+    /// Loaded modules by blob id (the warm path: no disk, no compile).
+    modules: HashMap<BlobId, LoadedModule>,
+    /// Replicas being prepared, queued or running, with their pause/cancel handles.
+    controls: HashMap<ReplicaId, RunControl>,
+    preparing: usize,
+    queued: VecDeque<ReplicaId>,
+    session: Option<Session>,
+    request_outstanding: bool,
+    next_request: Instant,
+    paused: bool,
+}
+
+/// Exponential backoff with jitter, 250 ms doubling to 30 s.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff { next: Duration::from_millis(250) }
+    }
+    fn reset(&mut self) {
+        self.next = Duration::from_millis(250);
+    }
+    fn step(&mut self) -> Duration {
+        use rand::Rng;
+        let base = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(30));
+        base.mul_f64(rand::thread_rng().gen_range(0.5..1.5))
+    }
+}
+
+impl Daemon {
+    fn in_hand(&self) -> usize {
+        self.controls.len()
+    }
+
+    async fn run(&mut self, mut done_rx: mpsc::UnboundedReceiver<Done>, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let (prep_tx, mut prep_rx) = mpsc::unbounded_channel::<Prepared>();
+        let (conn_tx, mut conn_rx) = mpsc::channel::<anyhow::Result<Session>>(1);
+        let mut connecting = false;
+        let mut next_connect = tokio::time::Instant::now();
+        let mut backoff = Backoff::new();
+        let mut shutting_down: Option<tokio::time::Instant> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut idle = idle::IdlePolicy::default();
+        let mut last_idle_sample = Instant::now();
+        let mut last_status = Instant::now();
+        let mut last_error: Option<String> = None;
+
+        loop {
+            let want_connect = self.session.is_none() && !connecting && (shutting_down.is_none() || !self.outbox.is_empty());
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if shutting_down.is_none() => {
+                    shutting_down = Some(tokio::time::Instant::now() + Duration::from_secs(10));
+                    self.abandon_all().await;
+                }
+                Some(done) = done_rx.recv() => self.on_done(done).await,
+                Some(prep) = prep_rx.recv() => self.on_prepared(prep).await,
+                msg = next_msg(&mut self.session) => match msg {
+                    Some(Ok(msg)) => self.on_msg(msg, &prep_tx).await,
+                    Some(Err(e)) => {
+                        tracing::warn!("lost the coordinator: {e:#}; tasks keep running, results wait in the outbox");
+                        self.drop_session();
+                        next_connect = tokio::time::Instant::now() + backoff.step();
+                    }
+                    None => {
+                        tracing::warn!("coordinator closed the session; reconnecting");
+                        self.drop_session();
+                        next_connect = tokio::time::Instant::now() + backoff.step();
+                    }
+                },
+                Some(res) = conn_rx.recv() => {
+                    connecting = false;
+                    match res {
+                        Ok(session) => {
+                            backoff.reset();
+                            last_error = None;
+                            tracing::info!(coordinator = %self.cfg.ticket.addr, "connected to coordinator");
+                            self.session = Some(session);
+                            self.request_outstanding = false;
+                            self.next_request = Instant::now();
+                            self.resend_outbox().await;
+                        }
+                        Err(e) => {
+                            let d = backoff.step();
+                            let text = format!("{e:#}");
+                            if last_error.as_deref() != Some(&text) {
+                                tracing::warn!("cannot reach the coordinator: {text}; retrying with backoff");
+                            } else {
+                                tracing::debug!("still cannot reach the coordinator; retrying in {d:?}");
+                            }
+                            last_error = Some(text);
+                            next_connect = tokio::time::Instant::now() + d;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(next_connect), if want_connect => {
+                    connecting = true;
+                    let tx = conn_tx.clone();
+                    let hello = self.hello();
+                    let (endpoint, ticket) = (self.endpoint.clone(), self.cfg.ticket.clone());
+                    tokio::spawn(async move {
+                        let _ = tx.send(open_session(endpoint, ticket, hello).await).await;
+                    });
+                }
+                _ = tick.tick() => {
+                    if let Some(deadline) = shutting_down {
+                        let flushed = self.outbox.is_empty() && self.in_hand() == 0;
+                        if flushed || tokio::time::Instant::now() >= deadline {
+                            if !self.outbox.is_empty() {
+                                tracing::warn!("{} results not yet acknowledged; they stay in the outbox and are sent on the next start", self.outbox.len());
+                            }
+                            if let Some(mut s) = self.session.take() {
+                                let _ = s.send.finish();
+                                s.conn.close(wire::CloseCode::Done.code().into(), b"worker leaving");
+                            }
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    if self.cfg.idle_only && last_idle_sample.elapsed() >= idle::SAMPLE_EVERY {
+                        last_idle_sample = Instant::now();
+                        let busy = idle.sample();
+                        if busy != self.paused {
+                            self.paused = busy;
+                            if busy {
+                                tracing::info!("paused: the machine is busy (other processes use {:.0}% of the CPUs); tasks resume when it is idle", idle.others * 100.0);
+                            } else {
+                                tracing::info!("resumed: the machine is idle");
+                            }
+                            for c in self.controls.values() {
+                                if busy { c.pause() } else { c.resume() }
+                            }
+                        }
+                    }
+                    if last_status.elapsed() >= Duration::from_secs(10) {
+                        last_status = Instant::now();
+                        tracing::info!(
+                            "status: {} tasks in hand ({} queued), {} done, {} unacknowledged, {}{}",
+                            self.in_hand(), self.queued.len(),
+                            self.stats.completed.load(Ordering::Relaxed), self.outbox.len(),
+                            if self.session.is_some() { "connected" } else { "disconnected" },
+                            if self.paused { ", paused (machine busy)" } else { "" },
+                        );
+                    }
+                    self.maybe_request_work().await;
+                }
+            }
+        }
+    }
+
+    fn hello(&self) -> WorkerMsg {
+        WorkerMsg::Hello {
+            agent: format!("peergrid-worker/{}", env!("CARGO_PKG_VERSION")),
+            fingerprint: self.sandbox.fingerprint().clone(),
+            slots: self.cfg.slots as u32,
+            peer_addr: self.endpoint.local_addr().ok(),
+            blobs: self.store.list(),
+        }
+    }
+
+    fn drop_session(&mut self) {
+        self.session = None;
+        self.request_outstanding = false;
+    }
+
+    async fn send(&mut self, msg: &WorkerMsg) {
+        if let Some(s) = &mut self.session {
+            if let Err(e) = tasks::net::write_frame(&mut s.send, msg).await {
+                tracing::warn!("sending to the coordinator failed: {e}; reconnecting");
+                s.conn.close(wire::CloseCode::Done.code().into(), b"send failed");
+                // The reader notices the closed connection and ends the session.
+            }
+        }
+    }
+
+    async fn maybe_request_work(&mut self) {
+        if self.session.is_none() || self.request_outstanding || self.paused || Instant::now() < self.next_request {
+            return;
+        }
+        let target = self.cfg.slots * 2;
+        let have = self.in_hand();
+        if have >= target {
+            return;
+        }
+        self.request_outstanding = true;
+        self.send(&WorkerMsg::RequestWork { max: (target - have) as u32 }).await;
+    }
+
+    async fn resend_outbox(&mut self) {
+        let reports: Vec<Report> = self.outbox.pending().cloned().collect();
+        if reports.is_empty() {
+            return;
+        }
+        tracing::info!("sending {} results saved while disconnected", reports.len());
+        for chunk in reports.chunks(256) {
+            self.send(&WorkerMsg::Reports(chunk.to_vec())).await;
+        }
+    }
+
+    async fn on_msg(&mut self, msg: CoordMsg, prep_tx: &mpsc::UnboundedSender<Prepared>) {
+        match msg {
+            CoordMsg::Welcome { .. } => {}
+            CoordMsg::Assign { assignments, retry_after_ms } => {
+                self.request_outstanding = false;
+                if assignments.is_empty() {
+                    self.next_request = Instant::now() + Duration::from_millis(retry_after_ms.clamp(50, 30_000));
+                }
+                for a in assignments {
+                    self.start_preparing(a, prep_tx.clone());
+                }
+            }
+            CoordMsg::Ack { replicas } => {
+                for r in replicas {
+                    if self.outbox.contains(r) {
+                        self.stats.acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.outbox.remove(r);
+                }
+            }
+            CoordMsg::Rejected { replica, reason } => {
+                tracing::warn!(?replica, "coordinator refused: {reason}");
+                if let Some(r) = replica {
+                    self.outbox.remove(r);
+                }
+            }
+            CoordMsg::Cancel { replicas } => {
+                for r in replicas {
+                    if let Some(c) = self.controls.get(&r) {
+                        tracing::debug!(replica = r, "cancelled by the coordinator");
+                        c.cancel();
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_preparing(&mut self, a: Assignment, tx: mpsc::UnboundedSender<Prepared>) {
+        let control = RunControl::default();
+        control.set_cpu_limit(self.cfg.cpu_limit);
+        if self.paused {
+            control.pause();
+        }
+        if self.controls.insert(a.replica, control).is_some() {
+            return; // duplicate assignment
+        }
+        self.preparing += 1;
+        let received = Instant::now();
+        let warm = self.modules.get(&a.task.module.id).cloned();
+        let (fetcher, store, sandbox) = (self.fetcher.clone(), self.store.clone(), self.sandbox.clone());
+        let coordinator = self.session.as_ref().map(|s| s.coordinator.node_id);
+        tokio::spawn(async move {
+            let mut p = Prepared { assignment: a, received, result: Err(anyhow::anyhow!("unset")), from_coordinator: 0, from_peers: 0, bad_peers: Vec::new() };
+            p.result = prepare(&mut p, warm, &fetcher, &store, &sandbox, coordinator).await;
+            let _ = tx.send(p);
+        });
+    }
+
+    async fn on_prepared(&mut self, p: Prepared) {
+        self.preparing -= 1;
+        self.stats.bytes_from_coordinator.fetch_add(p.from_coordinator, Ordering::Relaxed);
+        self.stats.bytes_from_peers.fetch_add(p.from_peers, Ordering::Relaxed);
+        for peer in &p.bad_peers {
+            self.send(&WorkerMsg::BadPeer { peer: *peer, blob: p.assignment.task.module.id }).await;
+        }
+        let replica = p.assignment.replica;
+        let Some(control) = self.controls.get(&replica).cloned() else { return };
+        match p.result {
+            Ok((module, input)) => {
+                if let Module::Loaded(m) = &module {
+                    self.modules.entry(p.assignment.task.module.id).or_insert_with(|| m.clone());
+                }
+                let spec = RunSpec::from_manifest(&p.assignment.task, input);
+                self.queued.push_back(replica);
+                self.executor.submit(Job { replica, module, spec, control, received: p.received });
+                self.send(&WorkerMsg::HaveBlobs { blobs: p.assignment.task.input.iter().map(|b| b.id).chain([p.assignment.task.module.id]).collect() }).await;
+            }
+            Err(e) => {
+                tracing::warn!(replica, task = %p.assignment.task.id, "cannot run task: {e:#}; handing it back");
+                self.controls.remove(&replica);
+                self.send(&WorkerMsg::Abandon { replicas: vec![replica] }).await;
+            }
+        }
+    }
+
+    async fn on_done(&mut self, done: Done) {
+        self.queued.retain(|r| *r != done.replica);
+        self.controls.remove(&done.replica);
+        let out = match done.outcome {
+            Ok(out) => out,
+            Err(_) => return, // cancelled: abandoned or decided elsewhere
+        };
+        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+        self.stats.start_latency_us_sum.fetch_add(done.queue_wait.as_micros() as u64, Ordering::Relaxed);
+        self.stats.start_latency_count.fetch_add(1, Ordering::Relaxed);
+        let output = if out.result.output_len <= wire::INLINE_OUTPUT_MAX {
+            Some(out.output)
+        } else {
+            // Large outputs stay here, served as a blob to the coordinator on request.
+            if let Err(e) = self.store.put(&out.output) {
+                tracing::error!(replica = done.replica, "cannot store a large output: {e}");
+            }
+            let blobs = vec![out.result.output_hash];
+            self.send(&WorkerMsg::HaveBlobs { blobs }).await;
+            None
+        };
+        let report = Report { replica: done.replica, result: out.result, output, wall_ms: out.wall.as_millis() as u64 };
+        if let Err(e) = self.outbox.add(report.clone()) {
+            tracing::error!("cannot save a result to the outbox ({e}); sending it anyway");
+        }
+        self.stats.reported.fetch_add(1, Ordering::Relaxed);
+        self.send(&WorkerMsg::Report(report)).await;
+    }
+
+    async fn abandon_all(&mut self) {
+        let replicas: Vec<ReplicaId> = self.controls.keys().copied().collect();
+        for c in self.controls.values() {
+            c.cancel();
+        }
+        if !replicas.is_empty() {
+            tracing::info!("abandoning {} unfinished replicas so they are reissued at once", replicas.len());
+            self.send(&WorkerMsg::Abandon { replicas }).await;
+        }
+        self.controls.clear();
+        self.queued.clear();
+    }
+}
+
+async fn next_msg(session: &mut Option<Session>) -> Option<anyhow::Result<CoordMsg>> {
+    match session {
+        Some(s) => s.inbox.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Connect, say hello, and wait for the welcome.
+async fn open_session(endpoint: quinn::Endpoint, ticket: Ticket, hello: WorkerMsg) -> anyhow::Result<Session> {
+    let addr = *ticket
+        .socket_addrs()
+        .with_context(|| format!("resolving {}", ticket.addr))?
+        .first()
+        .with_context(|| format!("{} resolves to no address", ticket.addr))?;
+    let conn = tasks::net::connect(&endpoint, addr, ticket.node_id, wire::ALPN_COORD).await?;
+    let (mut send, mut recv) = conn.open_bi().await.context("opening the session stream")?;
+    tasks::net::write_frame(&mut send, &hello).await?;
+    let welcome: Option<CoordMsg> = tokio::time::timeout(Duration::from_secs(10), tasks::net::read_frame(&mut recv))
+        .await
+        .context("no welcome from the coordinator within 10 s")??;
+    match welcome {
+        Some(CoordMsg::Welcome { observed_addr, .. }) => tracing::debug!(%observed_addr, "welcomed"),
+        Some(other) => anyhow::bail!("coordinator answered hello with {other:?}"),
+        None => anyhow::bail!("coordinator closed the session before welcoming us"),
+    }
+    let (tx, inbox) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            match tasks::net::read_frame::<CoordMsg>(&mut recv).await {
+                Ok(Some(msg)) => {
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = tx.send(Err(anyhow::anyhow!(e))).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Session { send, inbox, conn, coordinator: PeerAddr { node_id: ticket.node_id, addr } })
+}
+
+/// Fetch the task's module and input through the swarm and load the module.
+async fn prepare(
+    p: &mut Prepared,
+    warm: Option<LoadedModule>,
+    fetcher: &Fetcher,
+    store: &BlobStore,
+    sandbox: &Sandbox,
+    coordinator: Option<tasks::NodeId>,
+) -> anyhow::Result<(Module, Vec<u8>)> {
+    let task = p.assignment.task.clone();
+    let peers = p.assignment.peers.clone();
+    let count = |report: &crate::swarm::FetchReport, p: &mut Prepared| {
+        for (node, bytes) in &report.bytes_by_peer {
+            if Some(*node) == coordinator {
+                p.from_coordinator += bytes;
+            } else {
+                p.from_peers += bytes;
+            }
+        }
+        p.bad_peers.extend(report.bad_peers.iter().copied());
+    };
+    let module = match warm {
+        Some(m) => Module::Loaded(m),
+        None => {
+            let r = fetcher.fetch(task.module, &peers).await.with_context(|| format!("fetching module {}", task.module.id))?;
+            count(&r, p);
+            let _pin = store.pin(&task.module.id);
+            let bytes = Arc::new(store.read(&task.module.id)?);
+            let (sandbox, b2) = (sandbox.clone(), bytes.clone());
+            match tokio::task::spawn_blocking(move || sandbox.load(&b2)).await? {
+                Ok(m) => Module::Loaded(m),
+                Err(e) => {
+                    tracing::warn!(module = %task.module.id, "module does not load ({e}); reporting invalid_module");
+                    Module::Invalid(bytes)
+                }
+            }
+        }
+    };
+    let input = match task.input {
+        None => Vec::new(),
+        Some(blob) => {
+            let r = fetcher.fetch(blob, &peers).await.with_context(|| format!("fetching input {}", blob.id))?;
+            count(&r, p);
+            store.read(&blob.id)?
+        }
+    };
+    Ok((module, input))
 }

@@ -1,1 +1,197 @@
-fn main() {}
+//! The `worker` command: `join` donates idle CPU to a coordinator; `exec` runs one task
+//! locally in the same sandbox.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tasks::job::{defaults, limits};
+use tasks::{JobId, Status, TaskId};
+use worker::sandbox::{RunControl, RunSpec, Sandbox, SandboxConfig};
+
+/// Peergrid worker: volunteer computing on WebAssembly.
+///
+/// `worker join` donates this machine's idle CPU to a Peergrid coordinator: it fetches task
+/// modules and inputs from peers, runs them in a deterministic wasm sandbox, and reports
+/// result digests that other volunteers cross-check.
+///
+/// `worker exec` runs one task module locally in that same sandbox, to develop and debug
+/// tasks: the digest it prints is the one every honest worker computes.
+#[derive(Debug, Parser)]
+#[command(name = "worker", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Donate idle CPU to a coordinator: run its tasks in the sandbox and report the results.
+    ///
+    /// Logs go to stderr (RUST_LOG, default info).
+    Join(worker::daemon::JoinArgs),
+    /// Run one task locally in the same sandbox the worker uses and print its result.
+    ///
+    /// Without --json, the task's stdout goes to stdout, its stderr to stderr, and a one-line
+    /// summary (status, fuel, output hash, digest) to stderr. Exit code: 0 when the task's
+    /// status is ok, 1 for any other status, 2 when the task could not be run at all.
+    /// Logs: RUST_LOG (default warn).
+    Exec(ExecArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ExecArgs {
+    /// The task module: a WASI preview 1 command (.wasm; WebAssembly text .wat is accepted too).
+    module: PathBuf,
+    /// File whose bytes become the task's stdin (default: empty).
+    #[arg(long, value_name = "FILE")]
+    input: Option<PathBuf>,
+    /// An argument for the task (repeatable): argv = [NAME, A...].
+    #[arg(long = "arg", value_name = "A", allow_hyphen_values = true)]
+    args: Vec<String>,
+    /// argv[0] of the task, as a job's name would be (default: the module's file stem).
+    #[arg(long)]
+    name: Option<String>,
+    /// Instruction budget; the task ends with status out_of_fuel when it runs out.
+    #[arg(long, value_name = "N", default_value_t = defaults::FUEL)]
+    fuel: u64,
+    /// Linear memory limit in MiB; exceeding it ends the task with status memory_limit.
+    #[arg(long, value_name = "M", default_value_t = defaults::MEMORY_MB,
+          value_parser = clap::value_parser!(u32).range(1..=limits::MAX_MEMORY_MB as i64))]
+    memory_mb: u32,
+    /// Stdout cap in bytes; writing more ends the task with status output_limit.
+    #[arg(long, value_name = "BYTES", default_value_t = defaults::MAX_OUTPUT)]
+    max_output: u64,
+    /// Seed random_get as task JOB/INDEX of a job would be (default: an all-zero seed).
+    #[arg(long, value_name = "JOB/INDEX", value_parser = parse_task_id)]
+    task: Option<TaskId>,
+    /// Also write the task's stdout to this file.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Cache compiled modules in this directory (default: no disk cache).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Print one JSON object: {"status","exit_code","fuel_used","output_hash","output_len",
+    /// "error","trap","digest","wall_ms","fingerprint","stderr"} instead of the task's output.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_task_id(s: &str) -> Result<TaskId, String> {
+    let (job, index) = s.split_once('/').ok_or_else(|| format!("{s:?} is not JOB/INDEX (e.g. 7/0)"))?;
+    let job: JobId = job.parse()?;
+    let index = index.trim().parse().map_err(|_| format!("{index:?} is not a task index"))?;
+    Ok(TaskId { job, index })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Join(_) => "info",
+        Command::Exec(_) => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let result = match cli.command {
+        Command::Join(args) => join(args).map(|()| ExitCode::SUCCESS),
+        Command::Exec(args) => exec(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn join(args: worker::daemon::JoinArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(worker::daemon::join(args))
+}
+
+fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let module = read_module(&args.module)?;
+    let input = match &args.input {
+        Some(p) => std::fs::read(p).with_context(|| format!("cannot read input {}", p.display()))?,
+        None => Vec::new(),
+    };
+    let name = args.name.clone().unwrap_or_else(|| {
+        args.module.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "task".into())
+    });
+    let spec = RunSpec {
+        argv: std::iter::once(name).chain(args.args.iter().cloned()).collect(),
+        input,
+        fuel: args.fuel,
+        memory_mb: args.memory_mb,
+        max_output: args.max_output,
+        seed: args.task.map(|t| t.random_seed()).unwrap_or([0; 32]),
+    };
+    let sandbox = Sandbox::new(SandboxConfig { cache_dir: args.cache_dir.clone(), ..SandboxConfig::default() })
+        .context("setting up the sandbox")?;
+    let out = sandbox
+        .run_bytes(&module, &spec, &RunControl::default())
+        .context("the run was cancelled")?;
+    if let Some(p) = &args.out {
+        std::fs::write(p, &out.output).with_context(|| format!("cannot write output to {}", p.display()))?;
+    }
+    let r = &out.result;
+    let digest = r.digest().to_string();
+    if args.json {
+        let json = serde_json::json!({
+            "status": r.status.as_str(),
+            "exit_code": r.exit_code,
+            "fuel_used": r.fuel_used,
+            "output_hash": r.output_hash.to_string(),
+            "output_len": r.output_len,
+            "error": out.error,
+            "trap": r.trap,
+            "digest": digest,
+            "wall_ms": out.wall.as_secs_f64() * 1e3,
+            "fingerprint": sandbox.fingerprint().to_string(),
+            "stderr": String::from_utf8_lossy(&out.stderr),
+        });
+        println!("{json}");
+    } else {
+        let mut stdout = std::io::stdout().lock();
+        stdout.write_all(&out.output).context("writing the task's output")?;
+        stdout.flush().ok();
+        let mut stderr = std::io::stderr().lock();
+        stderr.write_all(&out.stderr).ok();
+        let mut line = format!("{}", r.status);
+        if r.status == Status::Exit {
+            line += &format!(" (exit code {})", r.exit_code);
+        }
+        if !r.trap.is_empty() {
+            line += &format!(" ({})", r.trap);
+        }
+        line += &format!(
+            " fuel_used={} output_len={} output_hash={} digest={} wall={:.1}ms",
+            r.fuel_used,
+            r.output_len,
+            r.output_hash,
+            digest,
+            out.wall.as_secs_f64() * 1e3
+        );
+        if let Some(e) = &out.error {
+            line += &format!(" error: {e}");
+        }
+        writeln!(stderr, "{line}").ok();
+    }
+    Ok(if r.status == Status::Ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// The module's bytes; `.wat` files are assembled first.
+fn read_module(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read module {}", path.display()))?;
+    if path.extension().is_some_and(|e| e == "wat") {
+        return wat::parse_bytes(&bytes)
+            .map(|b| b.into_owned())
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().replace('\n', " ")));
+    }
+    Ok(bytes)
+}

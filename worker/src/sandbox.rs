@@ -1,1 +1,328 @@
-//! The deterministic wasmtime sandbox.
+//! The deterministic wasmtime sandbox: runs one untrusted task module under the guest ABI
+//! of DESIGN.md and reports a [`RunResult`] that every honest worker with the same
+//! [`EngineFingerprint`] reproduces bit for bit.
+//!
+//! The API is blocking: call it from a dedicated thread or `spawn_blocking`.
+//!
+//! ```no_run
+//! use worker::sandbox::{RunControl, RunSpec, Sandbox, SandboxConfig};
+//! let sandbox = Sandbox::new(SandboxConfig::default())?;
+//! let module = sandbox.load(&std::fs::read("primes.wasm")?)?;
+//! let spec = RunSpec { argv: vec!["primes".into(), "100".into()], ..RunSpec::default() };
+//! let out = sandbox.run(&module, &spec, &RunControl::default())?;
+//! println!("{} {}", out.result.status, out.result.digest());
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+//!
+//! # Layout
+//! - [`engine`](self::engine): the wasmtime `Config` (every determinism setting), the
+//!   [`EngineFingerprint`] derived from it, and the epoch ticker thread.
+//! - [`cache`](self::cache): the on-disk compile cache (our own serialized modules only).
+//! - [`wasi`](self::wasi): the guest's world: capped stdout/stderr, fixed clocks, seeded
+//!   random, virtual-time `poll_oneoff`, nothing else.
+//! - [`control`](self::control): [`RunControl`]: pause, resume, cancel, CPU duty cycle.
+//! - [`run`](self::run): one run: store, limits, fuel, and the status classification.
+//!
+//! # Status classification
+//! Checked in this order when `_start` does not return normally:
+//! 1. the run was cancelled through [`RunControl::cancel`] → `Err(Cancelled)`;
+//! 2. the guest wrote more than `max_output` bytes to stdout → `output_limit` (the write that
+//!    crossed the cap stops the guest; the first `max_output` bytes are kept and hashed);
+//! 3. the fuel budget ran out → `out_of_fuel` (`fuel_used` = the budget);
+//! 4. the sandbox refused a `memory.grow` (or the initial memory) beyond `memory_mb` and the
+//!    guest then trapped or exited non-zero → `memory_limit` (a guest that copes with the
+//!    failed grow and exits 0 is `ok`);
+//! 5. `proc_exit(0)` → `ok`; `proc_exit(n)` → `exit` with `exit_code` n;
+//! 6. a wasm trap → `trap` with a stable kind name ([`run::trap_kind`]); an error raised by a
+//!    host call (e.g. a WASI call given an out-of-bounds pointer) → `trap` with kind
+//!    `host error`;
+//! 7. instantiation failing for any other reason → `invalid_module`.
+//!
+//! Compile and link failures, a missing or mistyped `_start`, and unknown imports are found by
+//! [`Sandbox::load`]; [`Sandbox::run_bytes`] reports them as `invalid_module`.
+
+pub mod cache;
+pub mod control;
+pub mod engine;
+pub mod run;
+pub mod wasi;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tasks::{BlobId, EngineFingerprint, RunResult, TaskManifest};
+use wasmtime::{InstancePre, Linker, Module};
+
+pub use control::RunControl;
+
+use engine::EpochTicker;
+use run::StoreState;
+
+/// Stderr kept per run (diagnostics only; not part of the result).
+pub const STDERR_CAP: usize = 64 * 1024;
+
+/// How many compiled modules the in-memory cache keeps.
+const MEMORY_CACHE_ENTRIES: usize = 64;
+
+/// How a [`Sandbox`] is set up.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// Where compiled modules are cached across processes (`None`: memory only).
+    pub cache_dir: Option<PathBuf>,
+    /// Full determinism (the default). `false` turns NaN canonicalization off; only for
+    /// measuring what it costs. It changes the fingerprint, so such results never mix.
+    pub deterministic: bool,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig { cache_dir: None, deterministic: true }
+    }
+}
+
+/// Why the sandbox or a module could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("cannot configure the wasm engine: {0}")]
+    Engine(String),
+    #[error("invalid module: {reason}")]
+    InvalidModule { reason: String },
+    #[error("compile cache {path}: {source}")]
+    Cache { path: String, source: std::io::Error },
+}
+
+/// The run was stopped by [`RunControl::cancel`]; it has no result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the run was cancelled")]
+pub struct Cancelled;
+
+/// What to run: the task's argv, stdin and limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSpec {
+    /// `[name, args...]`
+    pub argv: Vec<String>,
+    /// The guest's stdin.
+    pub input: Vec<u8>,
+    /// Instruction budget.
+    pub fuel: u64,
+    /// Linear memory limit.
+    pub memory_mb: u32,
+    /// Stdout cap in bytes.
+    pub max_output: u64,
+    /// Seed of the guest's `random_get` stream.
+    pub seed: [u8; 32],
+}
+
+impl Default for RunSpec {
+    fn default() -> Self {
+        use tasks::job::defaults;
+        RunSpec {
+            argv: vec!["task".into()],
+            input: Vec::new(),
+            fuel: defaults::FUEL,
+            memory_mb: defaults::MEMORY_MB,
+            max_output: defaults::MAX_OUTPUT,
+            seed: [0; 32],
+        }
+    }
+}
+
+impl RunSpec {
+    /// The spec of an assigned task; `input` is the content of `m.input` (empty if none).
+    pub fn from_manifest(m: &TaskManifest, input: Vec<u8>) -> RunSpec {
+        RunSpec {
+            argv: m.argv(),
+            input,
+            fuel: m.fuel,
+            memory_mb: m.memory_mb,
+            max_output: m.max_output,
+            seed: m.id.random_seed(),
+        }
+    }
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    /// The deterministic outcome (what the digest covers).
+    pub result: RunResult,
+    /// Stdout (at most `max_output` bytes).
+    pub output: Vec<u8>,
+    /// Stderr (at most [`STDERR_CAP`] bytes); not part of the result.
+    pub stderr: Vec<u8>,
+    /// Human detail: the trap message, why the module is invalid, ...; not part of the result.
+    pub error: Option<String>,
+    /// Wall time of the run (including pauses).
+    pub wall: Duration,
+}
+
+/// A compiled, linked module, ready to instantiate. Cheap to clone.
+#[derive(Clone)]
+pub struct LoadedModule {
+    pub(crate) id: BlobId,
+    pub(crate) pre: InstancePre<StoreState>,
+    /// Whether it came from the on-disk cache rather than the compiler.
+    from_disk: bool,
+}
+
+impl LoadedModule {
+    /// The module's blob id (blake3 of its bytes).
+    pub fn id(&self) -> BlobId {
+        self.id
+    }
+
+    /// Whether this module was loaded from the on-disk compile cache (not compiled now).
+    pub fn from_disk_cache(&self) -> bool {
+        self.from_disk
+    }
+
+    /// The compiled module.
+    pub fn module(&self) -> &Module {
+        self.pre.module()
+    }
+}
+
+impl std::fmt::Debug for LoadedModule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModule").field("id", &self.id).field("from_disk", &self.from_disk).finish()
+    }
+}
+
+/// The sandbox: one shared engine, linker and compile cache. Cheap to clone; `Send + Sync`.
+#[derive(Clone)]
+pub struct Sandbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: wasmtime::Engine,
+    linker: Linker<StoreState>,
+    fingerprint: EngineFingerprint,
+    disk: Option<cache::DiskCache>,
+    memory: Mutex<HashMap<BlobId, LoadedModule>>,
+    ticker: EpochTicker,
+}
+
+impl Sandbox {
+    /// Build the engine (with every determinism setting), the WASI linker, and the cache.
+    pub fn new(cfg: SandboxConfig) -> Result<Sandbox, SandboxError> {
+        let (engine, fingerprint) = engine::build(cfg.deterministic)?;
+        let linker = wasi::linker(&engine).map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
+        let disk = match cfg.cache_dir {
+            Some(dir) => Some(cache::DiskCache::open(&dir, &fingerprint)?),
+            None => None,
+        };
+        let ticker = EpochTicker::start(&engine);
+        Ok(Sandbox {
+            inner: Arc::new(Inner { engine, linker, fingerprint, disk, memory: Mutex::new(HashMap::new()), ticker }),
+        })
+    }
+
+    /// What results of this sandbox may be compared with.
+    pub fn fingerprint(&self) -> &EngineFingerprint {
+        &self.inner.fingerprint
+    }
+
+    /// Where the compiled form of module `id` is cached on disk (`None` without a cache dir).
+    pub fn cache_path(&self, id: &BlobId) -> Option<PathBuf> {
+        self.inner.disk.as_ref().map(|d| d.path(id))
+    }
+
+    /// The shared engine (for tools and benchmarks).
+    pub fn engine(&self) -> &wasmtime::Engine {
+        &self.inner.engine
+    }
+
+    /// Compile `module` (or load it from the on-disk cache, keyed by its blake3 and the
+    /// fingerprint), link it against the guest ABI and check it is a command (`_start`).
+    /// Loaded modules are also kept in memory.
+    pub fn load(&self, module: &[u8]) -> Result<LoadedModule, SandboxError> {
+        // Binary modules only (wasmtime would also parse the text format; tasks are binaries).
+        if !module.starts_with(b"\0asm") {
+            return Err(SandboxError::InvalidModule { reason: "not a WebAssembly binary (no `\\0asm` header)".into() });
+        }
+        let id = BlobId::of(module);
+        if let Some(m) = self.inner.memory.lock().expect("module cache poisoned").get(&id) {
+            return Ok(m.clone());
+        }
+        let (compiled, from_disk) = self.compile_or_fetch(id, module)?;
+        let loaded = self.link(id, compiled, from_disk)?;
+        let mut mem = self.inner.memory.lock().expect("module cache poisoned");
+        if mem.len() >= MEMORY_CACHE_ENTRIES {
+            // Any entry will do: the disk cache makes reloading cheap.
+            if let Some(k) = mem.keys().next().copied() {
+                mem.remove(&k);
+            }
+        }
+        mem.insert(id, loaded.clone());
+        Ok(loaded)
+    }
+
+    fn compile_or_fetch(&self, id: BlobId, module: &[u8]) -> Result<(Module, bool), SandboxError> {
+        let engine = &self.inner.engine;
+        if let Some(disk) = &self.inner.disk {
+            if let Some(m) = disk.get(engine, &id) {
+                return Ok((m, true));
+            }
+        }
+        let compiled = Module::new(engine, module).map_err(|e| SandboxError::InvalidModule { reason: one_line(&e) })?;
+        if let Some(disk) = &self.inner.disk {
+            if let Err(e) = disk.put(&id, &compiled) {
+                tracing::warn!(module = %id, "could not write the compile cache: {e}");
+            }
+        }
+        Ok((compiled, false))
+    }
+
+    fn link(&self, id: BlobId, module: Module, from_disk: bool) -> Result<LoadedModule, SandboxError> {
+        match module.get_export("_start") {
+            Some(wasmtime::ExternType::Func(f)) if f.params().len() == 0 && f.results().len() == 0 => {}
+            Some(_) => return Err(SandboxError::InvalidModule { reason: "`_start` is not a function of no arguments and no results".into() }),
+            None => return Err(SandboxError::InvalidModule { reason: "no `_start` export: task modules must be WASI commands".into() }),
+        }
+        let pre = self.inner.linker.instantiate_pre(&module).map_err(|e| SandboxError::InvalidModule { reason: one_line(&e) })?;
+        Ok(LoadedModule { id, pre, from_disk })
+    }
+
+    /// Run one task. Returns `Err(Cancelled)` only if `control.cancel()` was called.
+    pub fn run(&self, module: &LoadedModule, spec: &RunSpec, control: &RunControl) -> Result<RunOutput, Cancelled> {
+        let _active = self.inner.ticker.activate();
+        run::run(&self.inner.engine, module, spec, control)
+    }
+
+    /// Store setup + instantiation time of `module`, without running it (for benchmarks).
+    #[doc(hidden)]
+    pub fn instantiate_only(&self, module: &LoadedModule, spec: &RunSpec) -> Result<Duration, SandboxError> {
+        run::instantiate_only(&self.inner.engine, module, spec).map_err(|e| SandboxError::InvalidModule { reason: one_line(&e) })
+    }
+
+    /// Load then run; a module that fails to load gives status `invalid_module` (not an `Err`).
+    pub fn run_bytes(&self, module: &[u8], spec: &RunSpec, control: &RunControl) -> Result<RunOutput, Cancelled> {
+        let start = std::time::Instant::now();
+        match self.load(module) {
+            Ok(m) => self.run(&m, spec, control),
+            Err(e) => {
+                if control.is_cancelled() {
+                    return Err(Cancelled);
+                }
+                Ok(run::invalid_module(e.to_string(), start.elapsed()))
+            }
+        }
+    }
+}
+
+/// An error chain on one line, capped (it is shown to users, never hashed).
+pub(crate) fn one_line(e: &anyhow::Error) -> String {
+    let mut s = format!("{e:#}").replace('\n', " ");
+    if s.len() > 1000 {
+        let mut cut = 1000;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}

@@ -1,0 +1,386 @@
+//! The submitter-facing subcommands: `submit`, `status`, `results`, `demo`.
+//!
+//! Built on [`crate::client::Client`]; the demo also starts a coordinator
+//! ([`crate::server::Coordinator::start`]) and workers ([`worker::daemon::run`]) in this
+//! process, on loopback, with real QUIC and the real embedded store.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tasks::wire::{JobResults, JobState, JobStatus, StatusReport, TaskState};
+use tasks::{JobId, JobSpec, Ticket};
+
+use crate::client::Client;
+
+/// `coordinator submit`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SubmitArgs {
+    /// The coordinator's ticket (`peergrid1:<node-id>@<host:port>`, from its `ticket` file).
+    #[arg(long = "to", value_name = "TICKET")]
+    pub to: String,
+    /// The coordinator's submit token (from its `<data-dir>/submit-token` file).
+    #[arg(long, value_name = "TOKEN")]
+    pub token: String,
+    /// The job file (TOML).
+    #[arg(value_name = "JOB.toml")]
+    pub job: PathBuf,
+    /// Show progress until the job ends; exit 0 only when every task has an accepted result.
+    #[arg(long)]
+    pub wait: bool,
+    /// Print JSON (`{"id": JOB_ID, "tasks": N}`) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `coordinator status`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// The coordinator's ticket.
+    #[arg(long = "to", value_name = "TICKET")]
+    pub to: String,
+    /// The coordinator's submit token.
+    #[arg(long, value_name = "TOKEN")]
+    pub token: String,
+    /// One job (default: all jobs).
+    #[arg(value_name = "JOB_ID")]
+    pub job: Option<JobId>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `coordinator results`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ResultsArgs {
+    /// The coordinator's ticket.
+    #[arg(long = "to", value_name = "TICKET")]
+    pub to: String,
+    /// The coordinator's submit token.
+    #[arg(long, value_name = "TOKEN")]
+    pub token: String,
+    /// The job whose results to download.
+    #[arg(value_name = "JOB_ID")]
+    pub job: JobId,
+    /// Directory for `<task-index>.out` files and `results.json`.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+/// `coordinator demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Workers to run in this process (one task slot each).
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// Job file to run (default: the built-in Mandelbrot sample, 2048x2048 in 64 tiles).
+    #[arg(long, value_name = "JOB.toml")]
+    pub job: Option<PathBuf>,
+    /// Where to write the results and, for the Mandelbrot sample, the PNG.
+    #[arg(long, value_name = "DIR", default_value = "demo-out")]
+    pub out: PathBuf,
+}
+
+async fn connect(to: &str, token: &str) -> anyhow::Result<Client> {
+    let ticket: Ticket = to.parse()?;
+    Ok(Client::connect(&ticket, token).await?)
+}
+
+/// Run `coordinator submit`; returns the process exit code.
+pub async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {
+    let spec = JobSpec::from_file(&args.job)?;
+    let client = connect(&args.to, &args.token).await?;
+    let (job, tasks) = client.submit(&spec).await?;
+    if !args.wait {
+        if args.json {
+            println!("{}", serde_json::json!({ "id": job, "tasks": tasks }));
+        } else {
+            eprintln!("submitted job {job} ({}: {tasks} tasks, quorum {})", spec.name, spec.limits.quorum);
+            println!("{job}");
+        }
+        client.close().await;
+        return Ok(0);
+    }
+    if !args.json {
+        eprintln!("submitted job {job} ({}: {tasks} tasks, quorum {}); waiting for results (Ctrl-C stops waiting, not the job)", spec.name, spec.limits.quorum);
+    }
+    let end = tokio::select! {
+        r = wait_for_job(&client, job, !args.json) => r?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("stopped waiting; job {job} keeps running: `coordinator status --to ... --token ... {job}`");
+            return Ok(130);
+        }
+    };
+    client.close().await;
+    let ok = end.state == JobState::Done && end.tasks_failed == 0;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "id": job, "tasks": tasks, "state": end.state, "tasks_done": end.tasks_done,
+                "tasks_failed": end.tasks_failed, "replicas_reported": end.replicas_reported,
+            })
+        );
+    } else {
+        println!("{job}");
+        eprintln!("{}", summary_line(&end));
+    }
+    Ok(if ok { 0 } else { 1 })
+}
+
+fn summary_line(s: &JobStatus) -> String {
+    let state = match s.state {
+        JobState::Done => "done",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+        JobState::Running => "running",
+    };
+    let mut line = format!(
+        "job {} {state}: {}/{} tasks accepted, {} failed, {} replicas reported",
+        s.id, s.tasks_done, s.tasks_total, s.tasks_failed, s.replicas_reported
+    );
+    if s.tasks_failed > 0 {
+        line.push_str(&format!(" — failed tasks reached no quorum; see `coordinator results {}` for reasons", s.id));
+    }
+    line
+}
+
+/// Poll a job until it ends, drawing a progress bar (or, without a terminal, a line every
+/// few seconds) when `show` is set.
+pub async fn wait_for_job(client: &Client, job: JobId, show: bool) -> anyhow::Result<JobStatus> {
+    let tty = std::io::stderr().is_terminal();
+    let bar = if show && tty {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} tasks ({eta} left) {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let started = Instant::now();
+    let mut last_line = Instant::now();
+    loop {
+        let report = client.status(Some(job)).await?;
+        let s = report
+            .jobs
+            .into_iter()
+            .find(|j| j.id == job)
+            .with_context(|| format!("the coordinator no longer lists job {job}"))?;
+        let ended = s.tasks_done + s.tasks_failed;
+        let rate = s.tasks_done as f64 / started.elapsed().as_secs_f64().max(0.001);
+        let msg = format!(
+            "accepted {}, failed {}, in flight {}, replicas {}, {:.1} tasks/s",
+            s.tasks_done, s.tasks_failed, s.replicas_in_flight, s.replicas_reported, rate
+        );
+        if let Some(b) = &bar {
+            b.set_length(s.tasks_total as u64);
+            b.set_position(ended as u64);
+            b.set_message(msg);
+        } else if show && last_line.elapsed() >= Duration::from_secs(5) {
+            last_line = Instant::now();
+            eprintln!("job {job}: {ended}/{} tasks ended; {msg}", s.tasks_total);
+        }
+        if s.state != JobState::Running {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Run `coordinator status`; returns the process exit code.
+pub async fn status(args: StatusArgs) -> anyhow::Result<i32> {
+    let client = connect(&args.to, &args.token).await?;
+    let report = client.status(args.job).await?;
+    client.close().await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_status(&report);
+    }
+    Ok(0)
+}
+
+fn print_status(r: &StatusReport) {
+    if r.jobs.is_empty() {
+        println!("no jobs");
+    } else {
+        println!("{:>6}  {:<16} {:<9} {:>8} {:>8} {:>8} {:>9}", "JOB", "NAME", "STATE", "TASKS", "DONE", "FAILED", "IN FLIGHT");
+        for j in &r.jobs {
+            println!(
+                "{:>6}  {:<16} {:<9} {:>8} {:>8} {:>8} {:>9}",
+                j.id.to_string(), j.name, serde_json::to_value(j.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                j.tasks_total, j.tasks_done, j.tasks_failed, j.replicas_in_flight
+            );
+        }
+    }
+    println!();
+    if r.workers.is_empty() {
+        println!("no workers have joined yet");
+    } else {
+        println!("{:<66} {:<9} {:>12} {:>7} {:>7}", "WORKER", "CONNECTED", "CREDIT", "VALID", "INVALID");
+        for w in &r.workers {
+            println!("{:<66} {:<9} {:>12.3} {:>7} {:>7}", w.node_id.to_string(), if w.connected { "yes" } else { "no" }, w.credit, w.valid, w.invalid);
+        }
+    }
+    println!("\ncoordinator has served {} of blob data", human_bytes(r.coordinator_bytes_sent));
+}
+
+/// Run `coordinator results`; returns the process exit code.
+pub async fn results(args: ResultsArgs) -> anyhow::Result<i32> {
+    let client = connect(&args.to, &args.token).await?;
+    let res = client.results(args.job).await?;
+    client.close().await;
+    let (written, pending, failed) = write_results(&res, &args.out)?;
+    eprintln!(
+        "job {}: wrote {written} verified outputs and results.json to {} ({pending} pending, {failed} failed)",
+        res.job,
+        args.out.display()
+    );
+    Ok(0)
+}
+
+/// Write `DIR/<index>.out` for every accepted task and `DIR/results.json`. Returns
+/// (outputs written, tasks pending, tasks failed).
+pub fn write_results(res: &JobResults, dir: &Path) -> anyhow::Result<(usize, usize, usize)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut json = res.clone();
+    let (mut written, mut pending, mut failed) = (0, 0, 0);
+    for t in &mut json.tasks {
+        match t.status {
+            TaskState::Accepted => {
+                let out = t.output.take().with_context(|| format!("task {} is accepted but its output is missing", t.index))?;
+                let path = dir.join(format!("{}.out", t.index));
+                std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+                written += 1;
+            }
+            TaskState::Pending => pending += 1,
+            TaskState::Failed => failed += 1,
+        }
+        t.output = None;
+    }
+    let path = dir.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+    Ok((written, pending, failed))
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+const DEMO_JOB: &str = include_str!("../../examples/mandelbrot/job.toml");
+const DEMO_WASM: &[u8] = include_bytes!("../../examples/mandelbrot/mandelbrot.wasm");
+
+/// Run `coordinator demo`; returns the process exit code.
+pub async fn demo(args: DemoArgs) -> anyhow::Result<i32> {
+    anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
+    let started = Instant::now();
+    let tmp = tempfile::Builder::new().prefix("peergrid-demo-").tempdir().context("creating a temporary directory")?;
+    let job_path = match &args.job {
+        Some(p) => p.clone(),
+        None => {
+            let dir = tmp.path().join("job");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("mandelbrot.wasm"), DEMO_WASM)?;
+            std::fs::write(dir.join("job.toml"), DEMO_JOB)?;
+            dir.join("job.toml")
+        }
+    };
+    let spec = JobSpec::from_file(&job_path)?;
+    let quorum = spec.limits.quorum as usize;
+    if args.workers < quorum {
+        anyhow::bail!("the job needs a quorum of {quorum} agreeing workers: run the demo with --workers {quorum} or more");
+    }
+
+    let coord = crate::server::Coordinator::start(crate::server::ServeConfig::new(tmp.path().join("coordinator"), "127.0.0.1:0".parse()?))
+        .await
+        .context("starting the coordinator")?;
+    eprintln!("coordinator {} on {} (store in {})", coord.node_id.short(), coord.addr, tmp.path().display());
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut workers = Vec::new();
+    for i in 0..args.workers {
+        let mut cfg = worker::daemon::WorkerConfig::new(coord.ticket.clone(), tmp.path().join(format!("worker-{i}")));
+        cfg.slots = 1;
+        cfg.listen = "127.0.0.1:0".parse()?;
+        let stats = Arc::new(worker::daemon::WorkerStats::default());
+        let handle = tokio::spawn(worker::daemon::run(cfg, stats.clone(), shutdown.child_token()));
+        workers.push((stats, handle));
+    }
+    eprintln!("{} workers joined over QUIC on loopback", args.workers);
+
+    let client = Client::connect(&coord.ticket, &coord.token).await?;
+    let (job, tasks) = client.submit(&spec).await?;
+    eprintln!("submitted job {job}: {} ({tasks} tasks, quorum {}, up to {} replicas each)", spec.name, spec.limits.quorum, spec.limits.max_replicas);
+    let end = tokio::select! {
+        r = wait_for_job(&client, job, true) => r?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted; stopping the demo");
+            shutdown.cancel();
+            let _ = coord.shutdown().await;
+            return Ok(130);
+        }
+    };
+    let res = client.results(job).await?;
+    let report = client.status(Some(job)).await?;
+    let (written, _, failed) = write_results(&res, &args.out)?;
+    let compute_wall = started.elapsed();
+
+    let mut png = None;
+    if spec.name == "mandelbrot" && failed == 0 {
+        let outputs = res.tasks.iter().filter_map(|t| t.output.as_deref());
+        let img = peergrid_examples::mandel::assemble(outputs, 128)?;
+        let path = args.out.join("mandelbrot.png");
+        peergrid_examples::mandel::write_png(&img, &path)?;
+        png = Some((path, img.width, img.height));
+    }
+
+    let coordinator_bytes = coord.bytes_sent();
+    let (mut from_coord, mut from_peers) = (0u64, 0u64);
+    for (s, _) in &workers {
+        from_coord += s.bytes_from_coordinator.load(Ordering::Relaxed);
+        from_peers += s.bytes_from_peers.load(Ordering::Relaxed);
+    }
+    client.close().await;
+    shutdown.cancel();
+    for (_, h) in workers {
+        let _ = tokio::time::timeout(Duration::from_secs(15), h).await;
+    }
+    coord.shutdown().await?;
+
+    let agreeing: usize = res.tasks.iter().filter(|t| t.status == TaskState::Accepted).map(|t| t.agreeing_workers.len()).sum();
+    println!("Peergrid demo: job {} \"{}\"", end.id, end.name);
+    println!("  tasks:      {} accepted, {} failed, of {}", end.tasks_done, end.tasks_failed, end.tasks_total);
+    println!("  replicas:   {} reported; {} agreeing replicas behind accepted results (quorum {})", end.replicas_reported, agreeing, quorum);
+    println!("  workers:");
+    for w in &report.workers {
+        println!("    {}  credit {:>9.4}  valid {:>4}  invalid {:>3}", w.node_id.short(), w.credit, w.valid, w.invalid);
+    }
+    println!(
+        "  blob bytes: coordinator served {} ({}), workers served each other {}",
+        human_bytes(coordinator_bytes),
+        if from_coord + from_peers > 0 { format!("{:.0}% of what workers fetched", 100.0 * from_coord as f64 / (from_coord + from_peers) as f64) } else { "-".into() },
+        human_bytes(from_peers)
+    );
+    println!("  wall time:  {:.1} s", compute_wall.as_secs_f64());
+    println!("  outputs:    {written} files and results.json in {}", args.out.display());
+    if let Some((path, w, h)) = png {
+        println!("  image:      {} ({w}x{h})", path.display());
+    }
+    Ok(if end.state == JobState::Done && end.tasks_failed == 0 { 0 } else { 1 })
+}

@@ -1,0 +1,195 @@
+//! The submitter's client library: what `coordinator submit|status|results` and the demo use.
+//!
+//! ```no_run
+//! # async fn f(ticket: tasks::Ticket, token: &str, spec: tasks::JobSpec) -> Result<(), coordinator::client::ClientError> {
+//! let client = coordinator::client::Client::connect(&ticket, token).await?;
+//! let (job, tasks) = client.submit(&spec).await?;
+//! let results = client.results(job).await?; // outputs fetched and verified
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use tasks::job::JobError;
+use tasks::net::{self, FrameError, NetError};
+use tasks::wire::{ErrorCode, JobResults, PeerAddr, StatusReport, SubmitBody, SubmitRequest, SubmitResponse, TaskState, ALPN_BLOB, ALPN_SUBMIT};
+use tasks::{BlobId, BlobRef, JobId, JobManifest, JobSpec, NodeKey, Ticket};
+
+/// Why a client call failed. Every message is one line saying what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot resolve the ticket's address {addr}: {reason}")]
+    Resolve { addr: String, reason: String },
+    #[error("cannot reach the coordinator: {0}")]
+    Connect(#[from] NetError),
+    #[error("the coordinator refused the submit token: use the token from its <data-dir>/submit-token file")]
+    Unauthorized,
+    #[error("no job {0} on this coordinator (see `coordinator status` for the job ids)")]
+    UnknownJob(JobId),
+    #[error("the coordinator refused the request ({code:?}): {message}")]
+    Server { code: ErrorCode, message: String },
+    #[error("talking to the coordinator failed: {0}")]
+    Frame(#[from] FrameError),
+    #[error("unexpected answer from the coordinator: {0}")]
+    Unexpected(String),
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error("output of task {index} failed verification: {reason}")]
+    Verify { index: u32, reason: String },
+    #[error("cannot fetch the output of task {index}: {reason}")]
+    Fetch { index: u32, reason: String },
+    #[error("local I/O: {0}")]
+    Io(String),
+}
+
+/// A connection to one coordinator's submit service.
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    token: String,
+    ticket: Ticket,
+    addr: SocketAddr,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client({})", self.ticket)
+    }
+}
+
+impl Client {
+    /// Connect to the coordinator named by `ticket` (its key is pinned) and check the token.
+    pub async fn connect(ticket: &Ticket, token: &str) -> Result<Client, ClientError> {
+        let addrs = ticket.socket_addrs().map_err(|e| ClientError::Resolve { addr: ticket.addr.clone(), reason: e.to_string() })?;
+        let addr = *addrs.first().ok_or_else(|| ClientError::Resolve { addr: ticket.addr.clone(), reason: "no addresses".into() })?;
+        let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
+        // Submitters are anonymous: a fresh key per client; the token is the credential.
+        let endpoint = net::endpoint(&NodeKey::generate(), bind, &[])?;
+        let conn = net::connect(&endpoint, addr, ticket.node_id, ALPN_SUBMIT).await?;
+        let client = Client { endpoint, conn, token: token.trim().to_string(), ticket: ticket.clone(), addr };
+        // Cheap request that checks the token now, so a wrong one fails at connect.
+        match client.call(SubmitBody::MissingBlobs { blobs: Vec::new() }).await? {
+            SubmitResponse::Missing { .. } => Ok(client),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub fn ticket(&self) -> &Ticket {
+        &self.ticket
+    }
+
+    async fn call(&self, body: SubmitBody) -> Result<SubmitResponse, ClientError> {
+        self.call_with(body, &[]).await
+    }
+
+    async fn call_with(&self, body: SubmitBody, raw: &[u8]) -> Result<SubmitResponse, ClientError> {
+        let req = SubmitRequest { token: self.token.clone(), body };
+        let (resp, _) = net::request_with_body::<_, SubmitResponse>(&self.conn, &req, raw).await?;
+        match resp {
+            SubmitResponse::Error { code: ErrorCode::Unauthorized, .. } => Err(ClientError::Unauthorized),
+            other => Ok(other),
+        }
+    }
+
+    fn not_found(job: JobId, resp: SubmitResponse) -> ClientError {
+        match resp {
+            SubmitResponse::Error { code: ErrorCode::NotFound, .. } => ClientError::UnknownJob(job),
+            SubmitResponse::Error { code, message } => ClientError::Server { code, message },
+            other => ClientError::Unexpected(format!("{other:?}")),
+        }
+    }
+
+    /// Load a job file's blobs, upload those the coordinator lacks, create the job.
+    pub async fn submit(&self, spec: &JobSpec) -> Result<(JobId, u32), ClientError> {
+        let (manifest, blobs) = spec.load_blobs()?;
+        self.submit_manifest(manifest, &blobs).await
+    }
+
+    /// Upload missing blobs (from `blobs`) and create the job.
+    pub async fn submit_manifest(&self, manifest: JobManifest, blobs: &BTreeMap<BlobId, Vec<u8>>) -> Result<(JobId, u32), ClientError> {
+        let wanted = manifest.blobs();
+        let missing = match self.call(SubmitBody::MissingBlobs { blobs: wanted }).await? {
+            SubmitResponse::Missing { blobs } => blobs,
+            other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+        };
+        for b in missing {
+            let bytes = blobs.get(&b.id).ok_or_else(|| ClientError::Io(format!("blob {} is referenced but was not given", b.id)))?;
+            match self.call_with(SubmitBody::PutBlob { blob: b }, bytes).await? {
+                SubmitResponse::Ok => {}
+                SubmitResponse::Error { code, message } => return Err(ClientError::Server { code, message }),
+                other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            }
+        }
+        match self.call(SubmitBody::CreateJob { manifest }).await? {
+            SubmitResponse::JobCreated { job, tasks } => Ok((job, tasks)),
+            SubmitResponse::Error { code, message } => Err(ClientError::Server { code, message }),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// One job's status, or all jobs' when `None`.
+    pub async fn status(&self, job: Option<JobId>) -> Result<StatusReport, ClientError> {
+        match self.call(SubmitBody::Status { job }).await? {
+            SubmitResponse::Status(s) => Ok(s),
+            other => Err(match job {
+                Some(j) => Self::not_found(j, other),
+                None => ClientError::Unexpected(format!("{other:?}")),
+            }),
+        }
+    }
+
+    /// A job's results with every accepted output filled in: inline ones checked against
+    /// their hash, the others fetched from the coordinator over `peergrid/blob/1` (verified
+    /// chunk by chunk).
+    pub async fn results(&self, job: JobId) -> Result<JobResults, ClientError> {
+        let mut results = match self.call(SubmitBody::Results { job }).await? {
+            SubmitResponse::Results(r) => r,
+            other => return Err(Self::not_found(job, other)),
+        };
+        let mut store: Option<(tempfile::TempDir, worker::blobs::BlobStore, worker::swarm::Fetcher)> = None;
+        let seed = [PeerAddr { node_id: self.ticket.node_id, addr: self.addr }];
+        for t in &mut results.tasks {
+            if t.status != TaskState::Accepted {
+                continue;
+            }
+            let (Some(hash), Some(len)) = (t.output_hash, t.output_len) else { continue };
+            if let Some(out) = &t.output {
+                if BlobId::of(out) != hash || out.len() as u64 != len {
+                    return Err(ClientError::Verify { index: t.index, reason: "inline output does not match output_hash".into() });
+                }
+                continue;
+            }
+            if len == 0 {
+                t.output = Some(Vec::new());
+                continue;
+            }
+            if store.is_none() {
+                let dir = tempfile::tempdir().map_err(|e| ClientError::Io(e.to_string()))?;
+                let bs = worker::blobs::BlobStore::open(dir.path(), None).map_err(|e| ClientError::Io(e.to_string()))?;
+                let f = worker::swarm::Fetcher::new(self.endpoint.clone(), bs.clone(), None);
+                store = Some((dir, bs, f));
+            }
+            let (_, bs, fetcher) = store.as_ref().expect("created above");
+            let blob = BlobRef { id: hash, size: len };
+            fetcher.fetch(blob, &seed).await.map_err(|e| ClientError::Fetch { index: t.index, reason: e.to_string() })?;
+            t.output = Some(bs.read(&hash).map_err(|e| ClientError::Fetch { index: t.index, reason: e.to_string() })?);
+        }
+        let _ = ALPN_BLOB;
+        Ok(results)
+    }
+
+    /// Cancel a job: nothing more is scheduled, workers are told to stop.
+    pub async fn cancel(&self, job: JobId) -> Result<(), ClientError> {
+        match self.call(SubmitBody::Cancel { job }).await? {
+            SubmitResponse::Ok => Ok(()),
+            other => Err(Self::not_found(job, other)),
+        }
+    }
+
+    /// Close the connection politely.
+    pub async fn close(self) {
+        net::close(&self.conn, tasks::wire::CloseCode::Done, "bye");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}

@@ -1,0 +1,671 @@
+//! The deterministic scheduling core: jobs, tasks, replicas and workers, with no I/O.
+//!
+//! Like quinn-proto or raft-rs's `RawNode`, [`Core`] is driven by events with the current
+//! time passed in (`now`, milliseconds since the Unix epoch, so deadlines survive restarts)
+//! and never reads a clock or a socket. Each call may leave behind
+//! - [`Mutation`]s (take them with [`Core::take_mutations`]) that the shell must commit to the
+//!   store *before* it tells anyone about the call's outcome, and
+//! - [`Notice`]s (take them with [`Core::take_notices`]): messages to workers and follow-up
+//!   work such as fetching an accepted output.
+//!
+//! Submodules: [`scheduler`] (who gets what), [`validator`] (quorum and verdicts),
+//! [`trust`] (reputation policy).
+
+pub mod scheduler;
+pub mod trust;
+pub mod validator;
+#[cfg(test)]
+mod sim;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tasks::wire::{JobState, JobStatus, PeerAddr, ReplicaId, StatusReport, WorkerStatus};
+use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult, TaskId};
+
+use crate::store::{Decision, Mutation, ReplicaPhase, Snapshot, Verdict, WorkerRecord};
+use trust::{Reputation, TrustPolicy};
+
+pub use scheduler::Work;
+pub use validator::ReportOutcome;
+
+/// Tunables of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// A disconnected worker's in-flight replicas are reissued after this long.
+    pub disconnect_grace_ms: u64,
+    /// Hint sent with an empty batch.
+    pub retry_after_ms: u64,
+    /// Peers listed per assignment (besides the coordinator).
+    pub max_peers: usize,
+    /// Open-queue entries examined per pick, so a request costs O(batch), not O(tasks).
+    pub open_scan_limit: usize,
+    /// The coordinator's own blob server, listed last in every assignment.
+    pub seed: Option<PeerAddr>,
+    pub policy: TrustPolicy,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            disconnect_grace_ms: 60_000,
+            retry_after_ms: 2_000,
+            max_peers: 4,
+            open_scan_limit: 256,
+            seed: None,
+            policy: TrustPolicy::default(),
+        }
+    }
+}
+
+/// Something the shell must do after a call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    /// Tell this worker to stop these replicas.
+    Cancel { worker: NodeId, replicas: Vec<ReplicaId> },
+    /// A task was accepted; its output must be kept. `from` are the agreeing workers.
+    Accepted { task: TaskId, result: RunResult, from: Vec<NodeId>, replica: ReplicaId },
+    /// A task ended without consensus.
+    Failed { task: TaskId, reason: String },
+    JobEnded { job: JobId, state: JobState },
+}
+
+/// Lifecycle of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskPhase {
+    Pending,
+    Accepted,
+    Failed,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct TaskSlot {
+    pub phase: TaskPhase,
+    /// Effective quorum; 0 = the job's.
+    pub quorum: u32,
+    pub replicas: Vec<ReplicaId>,
+    /// In its job's open queue.
+    pub queued: bool,
+    /// For accepted tasks: the fingerprint and digest later reports are judged against.
+    pub accepted: Option<(u32, ResultDigest)>,
+}
+
+impl TaskSlot {
+    fn new() -> TaskSlot {
+        TaskSlot { phase: TaskPhase::Pending, quorum: 0, replicas: Vec::new(), queued: false, accepted: None }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub id: JobId,
+    pub manifest: Arc<JobManifest>,
+    pub state: JobState,
+    pub tasks: Vec<TaskSlot>,
+    /// Tasks below this index have been issued at least once.
+    pub next_fresh: u32,
+    /// Issued, undecided tasks that need more replicas, oldest first.
+    pub open: VecDeque<u32>,
+    pub done: u32,
+    pub failed: u32,
+    pub in_flight: u32,
+    pub reported: u32,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Replica {
+    pub task: TaskId,
+    pub worker: NodeId,
+    pub fp: u32,
+    pub deadline_ms: u64,
+    pub phase: ReplicaPhase,
+    pub result: Option<(ResultDigest, RunResult)>,
+    pub verdict: Option<Verdict>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Worker {
+    pub id: NodeId,
+    pub fp: Option<u32>,
+    pub slots: u32,
+    pub connected: bool,
+    pub disconnected_ms: Option<u64>,
+    pub peer_addr: Option<SocketAddr>,
+    pub credit_fuel: u64,
+    pub rep: Reputation,
+    pub in_flight: BTreeSet<ReplicaId>,
+    pub last_seen_ms: u64,
+}
+
+/// The scheduler/validator state machine. See the module doc.
+#[derive(Debug)]
+pub struct Core {
+    pub(crate) cfg: CoreConfig,
+    pub(crate) jobs: BTreeMap<JobId, Job>,
+    /// Running jobs in round-robin order.
+    pub(crate) running: Vec<JobId>,
+    pub(crate) rr: usize,
+    pub(crate) replicas: HashMap<ReplicaId, Replica>,
+    pub(crate) workers: HashMap<NodeId, Worker>,
+    pub(crate) fingerprints: Vec<(String, EngineFingerprint)>,
+    fp_index: HashMap<String, u32>,
+    /// In-flight replicas by deadline.
+    pub(crate) deadlines: BTreeSet<(u64, ReplicaId)>,
+    pub(crate) holders: HashMap<BlobId, Vec<NodeId>>,
+    next_replica: ReplicaId,
+    next_job: u64,
+    pub(crate) mutations: Vec<Mutation>,
+    pub(crate) notices: Vec<Notice>,
+}
+
+impl Core {
+    pub fn new(cfg: CoreConfig) -> Core {
+        Core {
+            cfg,
+            jobs: BTreeMap::new(),
+            running: Vec::new(),
+            rr: 0,
+            replicas: HashMap::new(),
+            workers: HashMap::new(),
+            fingerprints: Vec::new(),
+            fp_index: HashMap::new(),
+            deadlines: BTreeSet::new(),
+            holders: HashMap::new(),
+            next_replica: 1,
+            next_job: 1,
+            mutations: Vec::new(),
+            notices: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    /// Mutations produced since the last call; commit them before acting on the outcome.
+    pub fn take_mutations(&mut self) -> Vec<Mutation> {
+        std::mem::take(&mut self.mutations)
+    }
+
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.notices)
+    }
+
+    pub(crate) fn intern_fp(&mut self, fp: &EngineFingerprint) -> u32 {
+        let short = fp.short_id();
+        if let Some(&i) = self.fp_index.get(&short) {
+            return i;
+        }
+        let i = self.fingerprints.len() as u32;
+        self.fingerprints.push((short.clone(), fp.clone()));
+        self.fp_index.insert(short.clone(), i);
+        self.mutations.push(Mutation::Fingerprint { short, fingerprint: fp.clone() });
+        i
+    }
+
+    pub(crate) fn fp_short(&self, fp: u32) -> String {
+        self.fingerprints[fp as usize].0.clone()
+    }
+
+    pub(crate) fn worker_record(&self, w: &Worker) -> WorkerRecord {
+        WorkerRecord {
+            node: w.id,
+            fingerprint: w.fp.map(|f| self.fp_short(f)),
+            credit_fuel: w.credit_fuel,
+            reputation: w.rep,
+            last_seen_ms: w.last_seen_ms,
+        }
+    }
+
+    pub(crate) fn persist_worker(&mut self, id: NodeId) {
+        if let Some(w) = self.workers.get(&id) {
+            let rec = self.worker_record(w);
+            self.mutations.push(Mutation::Worker(rec));
+        }
+    }
+
+    fn worker_entry(&mut self, id: NodeId, now: u64) -> &mut Worker {
+        self.workers.entry(id).or_insert_with(|| Worker {
+            id,
+            fp: None,
+            slots: 1,
+            connected: false,
+            disconnected_ms: None,
+            peer_addr: None,
+            credit_fuel: 0,
+            rep: Reputation::default(),
+            in_flight: BTreeSet::new(),
+            last_seen_ms: now,
+        })
+    }
+
+    /// A worker session began (or resumed after a reconnect).
+    pub fn hello(&mut self, worker: NodeId, fp: &EngineFingerprint, slots: u32, peer_addr: Option<SocketAddr>, blobs: &[BlobId], now: u64) {
+        let fpi = self.intern_fp(fp);
+        let w = self.worker_entry(worker, now);
+        w.fp = Some(fpi);
+        w.slots = slots.max(1);
+        w.connected = true;
+        w.disconnected_ms = None;
+        w.last_seen_ms = now;
+        let addr_changed = w.peer_addr != peer_addr;
+        w.peer_addr = peer_addr;
+        if addr_changed {
+            self.mutations.push(Mutation::PeerAddr { worker, addr: peer_addr });
+        }
+        self.persist_worker(worker);
+        self.have_blobs(worker, blobs);
+    }
+
+    /// The worker now holds and serves these blobs.
+    pub fn have_blobs(&mut self, worker: NodeId, blobs: &[BlobId]) {
+        for b in blobs {
+            let h = self.holders.entry(*b).or_default();
+            if !h.contains(&worker) {
+                h.push(worker);
+                self.mutations.push(Mutation::BlobLocation { blob: *b, worker, present: true });
+            }
+        }
+    }
+
+    /// A peer reported that `peer` served bad data for `blob`: stop pointing others at it.
+    pub fn bad_peer(&mut self, peer: NodeId, blob: BlobId) {
+        if let Some(h) = self.holders.get_mut(&blob) {
+            if let Some(pos) = h.iter().position(|n| *n == peer) {
+                h.swap_remove(pos);
+                self.mutations.push(Mutation::BlobLocation { blob, worker: peer, present: false });
+            }
+        }
+    }
+
+    /// The worker's session ended. Its replicas stay assigned for the grace period.
+    pub fn disconnect(&mut self, worker: NodeId, now: u64) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.connected = false;
+            w.disconnected_ms = Some(now);
+            w.last_seen_ms = now;
+        }
+    }
+
+    /// Whether a worker has an open session.
+    pub fn is_connected(&self, worker: &NodeId) -> bool {
+        self.workers.get(worker).is_some_and(|w| w.connected)
+    }
+
+    /// Replicas this worker holds in flight.
+    pub fn in_flight_of(&self, worker: &NodeId) -> Vec<ReplicaId> {
+        self.workers.get(worker).map(|w| w.in_flight.iter().copied().collect()).unwrap_or_default()
+    }
+
+    /// Deadlines and disconnect grace periods: reissue what has expired.
+    pub fn tick(&mut self, now: u64) {
+        let expired: Vec<ReplicaId> = self.deadlines.range(..(now, 0)).map(|&(_, r)| r).collect();
+        for r in expired {
+            self.lose(r, now);
+        }
+        let gone: Vec<NodeId> = self
+            .workers
+            .values()
+            .filter(|w| !w.connected && !w.in_flight.is_empty())
+            .filter(|w| w.disconnected_ms.is_some_and(|t| now.saturating_sub(t) >= self.cfg.disconnect_grace_ms))
+            .map(|w| w.id)
+            .collect();
+        for id in gone {
+            for r in self.in_flight_of(&id) {
+                self.lose(r, now);
+            }
+        }
+    }
+
+    /// The worker will not finish these replicas: reissue them at once. Replicas not in flight
+    /// on this worker are ignored.
+    pub fn abandon(&mut self, worker: NodeId, replicas: &[ReplicaId], now: u64) {
+        for r in replicas {
+            if self.replicas.get(r).is_some_and(|x| x.worker == worker && x.phase == ReplicaPhase::InFlight) {
+                self.lose(*r, now);
+            }
+        }
+    }
+
+    /// Take an in-flight replica away from its worker (it was not reported in time).
+    fn lose(&mut self, r: ReplicaId, now: u64) {
+        let Some(rep) = self.replicas.get_mut(&r) else { return };
+        if rep.phase != ReplicaPhase::InFlight {
+            return;
+        }
+        rep.phase = ReplicaPhase::Lost;
+        let (task, worker, deadline) = (rep.task, rep.worker, rep.deadline_ms);
+        self.deadlines.remove(&(deadline, r));
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.in_flight.remove(&r);
+        }
+        self.mutations.push(Mutation::Phase { replica: r, phase: ReplicaPhase::Lost });
+        if let Some(job) = self.jobs.get_mut(&task.job) {
+            job.in_flight -= 1;
+        }
+        self.reevaluate(task, now);
+    }
+
+    /// Register a job; its tasks become schedulable at once.
+    pub fn add_job(&mut self, manifest: JobManifest, now: u64) -> (JobId, u32) {
+        let id = JobId(self.next_job);
+        self.next_job += 1;
+        let manifest = Arc::new(manifest);
+        let n = manifest.tasks.len() as u32;
+        self.mutations.push(Mutation::PutJob { job: id, manifest: manifest.clone(), created_ms: now });
+        self.insert_job(id, manifest, JobState::Running);
+        (id, n)
+    }
+
+    fn insert_job(&mut self, id: JobId, manifest: Arc<JobManifest>, state: JobState) {
+        let n = manifest.tasks.len();
+        self.jobs.insert(
+            id,
+            Job {
+                id,
+                manifest,
+                state,
+                tasks: vec![TaskSlot::new(); n],
+                next_fresh: 0,
+                open: VecDeque::new(),
+                done: 0,
+                failed: 0,
+                in_flight: 0,
+                reported: 0,
+            },
+        );
+        if state == JobState::Running {
+            self.running.push(id);
+        }
+        self.next_job = self.next_job.max(id.0 + 1);
+    }
+
+    /// Cancel a job: its in-flight replicas are cancelled, nothing more is scheduled.
+    /// Returns false for an unknown job.
+    pub fn cancel_job(&mut self, job: JobId, _now: u64) -> bool {
+        let Some(j) = self.jobs.get_mut(&job) else { return false };
+        if j.state != JobState::Running {
+            return true;
+        }
+        j.state = JobState::Cancelled;
+        j.open.clear();
+        self.running.retain(|x| *x != job);
+        self.mutations.push(Mutation::JobState { job, state: JobState::Cancelled });
+        let in_flight: Vec<ReplicaId> = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| r.task.job == job && r.phase == ReplicaPhase::InFlight)
+            .map(|(id, _)| *id)
+            .collect();
+        self.cancel_replicas(&in_flight);
+        self.notices.push(Notice::JobEnded { job, state: JobState::Cancelled });
+        true
+    }
+
+    pub(crate) fn cancel_replicas(&mut self, ids: &[ReplicaId]) {
+        let mut by_worker: BTreeMap<NodeId, Vec<ReplicaId>> = BTreeMap::new();
+        for &r in ids {
+            let Some(rep) = self.replicas.get_mut(&r) else { continue };
+            if rep.phase != ReplicaPhase::InFlight {
+                continue;
+            }
+            rep.phase = ReplicaPhase::Cancelled;
+            let (worker, deadline, job) = (rep.worker, rep.deadline_ms, rep.task.job);
+            self.deadlines.remove(&(deadline, r));
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.in_flight.remove(&r);
+            }
+            if let Some(j) = self.jobs.get_mut(&job) {
+                j.in_flight -= 1;
+            }
+            self.mutations.push(Mutation::Phase { replica: r, phase: ReplicaPhase::Cancelled });
+            by_worker.entry(worker).or_default().push(r);
+        }
+        for (worker, replicas) in by_worker {
+            self.notices.push(Notice::Cancel { worker, replicas });
+        }
+    }
+
+    pub(crate) fn alloc_replica(&mut self) -> ReplicaId {
+        let r = self.next_replica;
+        self.next_replica += 1;
+        r
+    }
+
+    /// Counters for `status`.
+    pub fn status(&self, job: Option<JobId>) -> Option<StatusReport> {
+        let jobs: Vec<JobStatus> = match job {
+            Some(id) => vec![self.job_status(self.jobs.get(&id)?)],
+            None => self.jobs.values().map(|j| self.job_status(j)).collect(),
+        };
+        let mut workers: Vec<WorkerStatus> = self
+            .workers
+            .values()
+            .map(|w| WorkerStatus {
+                node_id: w.id,
+                connected: w.connected,
+                credit: w.credit_fuel as f64 / 1e9,
+                valid: w.rep.valid,
+                invalid: w.rep.invalid,
+            })
+            .collect();
+        workers.sort_by_key(|w| w.node_id);
+        Some(StatusReport { jobs, workers, coordinator_bytes_sent: 0 })
+    }
+
+    fn job_status(&self, j: &Job) -> JobStatus {
+        JobStatus {
+            id: j.id,
+            name: j.manifest.name.clone(),
+            state: j.state,
+            tasks_total: j.tasks.len() as u32,
+            tasks_done: j.done,
+            tasks_failed: j.failed,
+            replicas_in_flight: j.in_flight,
+            replicas_reported: j.reported,
+        }
+    }
+
+    pub fn job_state(&self, job: JobId) -> Option<JobState> {
+        self.jobs.get(&job).map(|j| j.state)
+    }
+
+    pub fn job_manifest(&self, job: JobId) -> Option<Arc<JobManifest>> {
+        self.jobs.get(&job).map(|j| j.manifest.clone())
+    }
+
+    /// Blob servers of the workers whose replicas agreed with a task's accepted result,
+    /// connected ones first: where to fetch an output that was not inline.
+    pub fn agreeing_peers(&self, task: TaskId) -> Vec<PeerAddr> {
+        let Some(slot) = self.jobs.get(&task.job).and_then(|j| j.tasks.get(task.index as usize)) else { return Vec::new() };
+        let mut peers: Vec<(bool, PeerAddr)> = slot
+            .replicas
+            .iter()
+            .filter_map(|r| self.replicas.get(r))
+            .filter(|r| r.verdict == Some(Verdict::Valid))
+            .filter_map(|r| {
+                let w = self.workers.get(&r.worker)?;
+                Some((!w.connected, PeerAddr { node_id: w.id, addr: w.peer_addr? }))
+            })
+            .collect();
+        peers.sort_by_key(|(offline, _)| *offline);
+        peers.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// Where to find a blob: connected workers that announced it, best first (not the
+    /// coordinator itself).
+    pub fn holders_of(&self, blob: &BlobId, exclude: Option<&NodeId>, limit: usize, rotate: u64) -> Vec<PeerAddr> {
+        let Some(h) = self.holders.get(blob) else { return Vec::new() };
+        let mut out = Vec::new();
+        let n = h.len();
+        if n == 0 {
+            return out;
+        }
+        // Start at a rotating offset so load spreads over holders, and look at a bounded
+        // number of them so popular blobs stay cheap.
+        let start = (rotate as usize) % n;
+        for k in 0..n.min(64) {
+            let id = h[(start + k) % n];
+            if Some(&id) == exclude {
+                continue;
+            }
+            if let Some(w) = self.workers.get(&id) {
+                if let (true, Some(addr)) = (w.connected, w.peer_addr) {
+                    out.push(PeerAddr { node_id: id, addr });
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Rebuild from durable state. In-flight replicas keep their deadlines; every worker
+    /// starts disconnected (as of `now`) and may reconnect within the grace period.
+    pub fn restore(cfg: CoreConfig, snap: Snapshot, now: u64) -> Core {
+        let mut core = Core::new(cfg);
+        for (short, fp) in snap.fingerprints {
+            let i = core.fingerprints.len() as u32;
+            core.fp_index.insert(short.clone(), i);
+            core.fingerprints.push((short, fp));
+        }
+        let peer_addrs: HashMap<NodeId, SocketAddr> = snap.peer_addrs.into_iter().collect();
+        for w in snap.workers {
+            let fp = w.fingerprint.as_ref().and_then(|s| core.fp_index.get(s).copied());
+            core.workers.insert(
+                w.node,
+                Worker {
+                    id: w.node,
+                    fp,
+                    slots: 1,
+                    connected: false,
+                    disconnected_ms: Some(now),
+                    peer_addr: peer_addrs.get(&w.node).copied(),
+                    credit_fuel: w.credit_fuel,
+                    rep: w.reputation,
+                    in_flight: BTreeSet::new(),
+                    last_seen_ms: w.last_seen_ms,
+                },
+            );
+        }
+        for (blob, worker) in snap.blob_locations {
+            core.holders.entry(blob).or_default().push(worker);
+        }
+        for j in snap.jobs {
+            core.insert_job(j.job, Arc::new(j.manifest), j.state);
+        }
+        for t in snap.tasks {
+            let Some(job) = core.jobs.get_mut(&t.task.job) else { continue };
+            let Some(slot) = job.tasks.get_mut(t.task.index as usize) else { continue };
+            if let Some(q) = t.quorum {
+                slot.quorum = q;
+            }
+            match t.decision {
+                Some(Decision::Accepted { digest, fingerprint, .. }) => {
+                    slot.phase = TaskPhase::Accepted;
+                    let fp = core.fp_index.get(&fingerprint).copied().unwrap_or(u32::MAX);
+                    slot.accepted = Some((fp, digest));
+                    job.done += 1;
+                }
+                Some(Decision::Failed { .. }) => {
+                    slot.phase = TaskPhase::Failed;
+                    job.failed += 1;
+                }
+                None => {}
+            }
+        }
+        let mut max_replica = 0;
+        for r in snap.replicas {
+            max_replica = max_replica.max(r.replica);
+            let fp = *core.fp_index.get(&r.fingerprint).unwrap_or(&u32::MAX);
+            let Some(job) = core.jobs.get_mut(&r.task.job) else { continue };
+            let Some(slot) = job.tasks.get_mut(r.task.index as usize) else { continue };
+            slot.replicas.push(r.replica);
+            job.next_fresh = job.next_fresh.max(r.task.index + 1);
+            match r.phase {
+                ReplicaPhase::InFlight => {
+                    job.in_flight += 1;
+                    core.deadlines.insert((r.deadline_ms, r.replica));
+                    if let Some(w) = core.workers.get_mut(&r.worker) {
+                        w.in_flight.insert(r.replica);
+                    }
+                }
+                ReplicaPhase::Reported => job.reported += 1,
+                _ => {}
+            }
+            let result = r.result.map(|res| (res.digest(), res));
+            core.replicas.insert(
+                r.replica,
+                Replica { task: r.task, worker: r.worker, fp, deadline_ms: r.deadline_ms, phase: r.phase, result, verdict: r.verdict },
+            );
+        }
+        core.next_replica = max_replica + 1;
+        for job in core.jobs.values_mut() {
+            for slot in &mut job.tasks {
+                slot.replicas.sort_unstable();
+            }
+        }
+        // Re-queue issued, undecided tasks that still need replicas; decide what became
+        // decidable (e.g. a crash between commit and a later event cannot happen, but a
+        // policy change between versions can).
+        let pending: Vec<TaskId> = core
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Running)
+            .flat_map(|j| {
+                let id = j.id;
+                (0..j.next_fresh).filter(move |&i| j.tasks[i as usize].phase == TaskPhase::Pending).map(move |index| TaskId { job: id, index })
+            })
+            .collect();
+        for t in pending {
+            core.reevaluate(t, now);
+        }
+        // Restoring re-derives state that is already durable.
+        core.mutations.retain(|m| !matches!(m, Mutation::Fingerprint { .. }));
+        core
+    }
+
+    /// Whether `job` is running and has no more work to hand out or wait for.
+    pub(crate) fn maybe_finish_job(&mut self, job: JobId) {
+        let Some(j) = self.jobs.get_mut(&job) else { return };
+        if j.state != JobState::Running || (j.done + j.failed) as usize != j.tasks.len() {
+            return;
+        }
+        j.state = if j.failed == 0 { JobState::Done } else { JobState::Failed };
+        let state = j.state;
+        self.running.retain(|x| *x != job);
+        self.mutations.push(Mutation::JobState { job, state });
+        self.notices.push(Notice::JobEnded { job, state });
+    }
+
+    /// Reports credited so far to a worker, in fuel.
+    pub fn credit_fuel(&self, worker: &NodeId) -> u64 {
+        self.workers.get(worker).map_or(0, |w| w.credit_fuel)
+    }
+
+    pub fn reputation(&self, worker: &NodeId) -> Option<Reputation> {
+        self.workers.get(worker).map(|w| w.rep)
+    }
+
+    /// The task's phase.
+    pub fn task_phase(&self, task: TaskId) -> Option<TaskPhase> {
+        self.jobs.get(&task.job)?.tasks.get(task.index as usize).map(|t| t.phase)
+    }
+
+    /// The replica's owner and phase.
+    pub fn replica(&self, r: ReplicaId) -> Option<(NodeId, TaskId, ReplicaPhase)> {
+        self.replicas.get(&r).map(|x| (x.worker, x.task, x.phase))
+    }
+
+    /// The engine fingerprint a worker reported in its hello.
+    pub fn worker_fingerprint(&self, worker: &NodeId) -> Option<&EngineFingerprint> {
+        let fp = self.workers.get(worker)?.fp?;
+        Some(&self.fingerprints[fp as usize].1)
+    }
+
+    pub(crate) fn digest_of(result: &RunResult) -> ResultDigest {
+        result.digest()
+    }
+}

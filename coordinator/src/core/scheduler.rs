@@ -1,0 +1,187 @@
+//! Pull scheduling: which replicas a worker gets when it asks for work.
+//!
+//! Rules:
+//! - a worker never holds two replicas of one task (of any phase, lost ones included);
+//! - a worker holds at most [`TrustPolicy::in_flight_cap`](super::trust::TrustPolicy::in_flight_cap)
+//!   replicas: workers that disagree repeatedly get less or no work;
+//! - fresh tasks get `quorum` replicas up front; more only after disagreement or loss;
+//! - tasks already under way come first (they finish sooner), and among them those whose
+//!   leading fingerprint matches the worker's; a task whose replicas ran on another engine
+//!   goes to a mismatched worker only when nothing else is left in that job;
+//! - jobs take turns, one assignment each (round robin), so a big job cannot starve a small
+//!   one;
+//! - each assignment lists up to `max_peers` connected workers that announced its blobs,
+//!   then the coordinator itself.
+
+use tasks::wire::{Assignment, JobState, PeerAddr};
+use tasks::{JobId, NodeId, TaskId};
+
+use super::validator::Need;
+use super::{Core, TaskPhase};
+use crate::store::{Mutation, ReplicaPhase};
+
+/// The answer to a work request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Work {
+    pub assignments: Vec<Assignment>,
+    /// When empty: ask again after this long.
+    pub retry_after_ms: u64,
+}
+
+impl Core {
+    /// Hand `worker` up to `max` replicas. An unknown or disconnected worker gets none.
+    pub fn request_work(&mut self, worker: NodeId, max: u32, now: u64) -> Work {
+        let empty = Work { assignments: Vec::new(), retry_after_ms: self.cfg.retry_after_ms };
+        let Some(w) = self.workers.get_mut(&worker) else { return empty };
+        w.last_seen_ms = now;
+        let Some(fp) = w.fp.filter(|_| w.connected) else { return empty };
+        let cap = self.cfg.policy.in_flight_cap(&w.rep, w.slots);
+        let want = max.min(cap.saturating_sub(w.in_flight.len() as u32)) as usize;
+        let mut out = Vec::with_capacity(want);
+        while out.len() < want && !self.running.is_empty() {
+            let n = self.running.len();
+            let mut picked = None;
+            for k in 0..n {
+                let job = self.running[(self.rr + k) % n];
+                if let Some(index) = self.pick(job, worker, fp) {
+                    self.rr = (self.rr + k + 1) % n;
+                    picked = Some(TaskId { job, index });
+                    break;
+                }
+            }
+            let Some(task) = picked else { break };
+            out.push(self.assign(task, worker, fp, now));
+        }
+        let retry_after_ms = if out.is_empty() { self.cfg.retry_after_ms } else { 0 };
+        Work { assignments: out, retry_after_ms }
+    }
+
+    /// Choose a task of `job` for this worker, or none.
+    fn pick(&mut self, job: JobId, worker: NodeId, fp: u32) -> Option<u32> {
+        let scan = self.cfg.open_scan_limit;
+        let j = self.jobs.get(&job)?;
+        if j.state != JobState::Running {
+            return None;
+        }
+        // 1. Open tasks (already issued, need more replicas).
+        let mut fallback = None;
+        let mut stale = Vec::new();
+        let mut chosen = None;
+        for (pos, &index) in j.open.iter().enumerate().take(scan) {
+            let task = TaskId { job, index };
+            let slot = &j.tasks[index as usize];
+            if slot.phase != TaskPhase::Pending {
+                stale.push(pos);
+                continue;
+            }
+            let lead = match self.need(task) {
+                Need::More(n, lead) if n > 0 => lead,
+                _ => {
+                    stale.push(pos);
+                    continue;
+                }
+            };
+            if slot.replicas.iter().any(|r| self.replicas[r].worker == worker) {
+                continue;
+            }
+            if lead.is_none() || lead == Some(fp) {
+                chosen = Some(pos);
+                break;
+            }
+            if fallback.is_none() {
+                fallback = Some(pos);
+            }
+        }
+        let j = self.jobs.get_mut(&job).expect("checked");
+        let take_open = |j: &mut super::Job, pos: usize, stale: &[usize]| {
+            let index = j.open[pos];
+            let mut remove: Vec<usize> = stale.to_vec();
+            remove.push(pos);
+            remove.sort_unstable();
+            for p in remove.into_iter().rev() {
+                let i = j.open.remove(p).expect("in range");
+                j.tasks[i as usize].queued = false;
+            }
+            index
+        };
+        if let Some(pos) = chosen {
+            return Some(take_open(j, pos, &stale));
+        }
+        // 2. A fresh task.
+        if (j.next_fresh as usize) < j.tasks.len() {
+            for p in stale.into_iter().rev() {
+                let i = j.open.remove(p).expect("in range");
+                j.tasks[i as usize].queued = false;
+            }
+            let index = j.next_fresh;
+            j.next_fresh += 1;
+            return Some(index);
+        }
+        // 3. An open task whose replicas ran on another engine.
+        if let Some(pos) = fallback {
+            return Some(take_open(j, pos, &stale));
+        }
+        for p in stale.into_iter().rev() {
+            let i = j.open.remove(p).expect("in range");
+            j.tasks[i as usize].queued = false;
+        }
+        None
+    }
+
+    fn assign(&mut self, task: TaskId, worker: NodeId, fp: u32, now: u64) -> Assignment {
+        let replica = self.alloc_replica();
+        let job = self.jobs.get_mut(&task.job).expect("picked from a known job");
+        let limits = job.manifest.limits;
+        let slot = &mut job.tasks[task.index as usize];
+        if slot.replicas.is_empty() && slot.quorum == 0 {
+            let rep = self.workers[&worker].rep;
+            let q = self.cfg.policy.quorum_for(limits.quorum, task, &rep);
+            if q != limits.quorum {
+                slot.quorum = q;
+                self.mutations.push(Mutation::TaskQuorum { task, quorum: q });
+            }
+        }
+        let job = self.jobs.get_mut(&task.job).expect("known");
+        job.tasks[task.index as usize].replicas.push(replica);
+        job.in_flight += 1;
+        let manifest = job.manifest.task(task.job, task.index).expect("index in range");
+        let deadline_ms = now + limits.deadline_secs.saturating_mul(1000);
+        self.replicas.insert(
+            replica,
+            super::Replica { task, worker, fp, deadline_ms, phase: ReplicaPhase::InFlight, result: None, verdict: None },
+        );
+        self.deadlines.insert((deadline_ms, replica));
+        self.workers.get_mut(&worker).expect("known").in_flight.insert(replica);
+        self.mutations.push(Mutation::Assign {
+            replica,
+            task,
+            worker,
+            fingerprint: self.fp_short(fp),
+            assigned_ms: now,
+            deadline_ms,
+        });
+        // Still short of replicas (quorum > 1 on a fresh task): keep it at the front of the
+        // open queue so the next worker completes it.
+        if let Need::More(n, _) = self.need(task) {
+            let job = self.jobs.get_mut(&task.job).expect("known");
+            let slot = &mut job.tasks[task.index as usize];
+            if n > 0 && !slot.queued {
+                slot.queued = true;
+                job.open.push_front(task.index);
+            }
+        }
+        let mut peers: Vec<PeerAddr> = Vec::new();
+        let blobs = std::iter::once(manifest.module.id).chain(manifest.input.map(|b| b.id));
+        for b in blobs {
+            for p in self.holders_of(&b, Some(&worker), self.cfg.max_peers, replica) {
+                if !peers.contains(&p) {
+                    peers.push(p);
+                }
+            }
+        }
+        if let Some(seed) = &self.cfg.seed {
+            peers.push(seed.clone());
+        }
+        Assignment { replica, task: manifest, deadline_secs: limits.deadline_secs, peers }
+    }
+}

@@ -1,0 +1,382 @@
+//! The core driven by a simulated population of workers on a simulated clock.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use tasks::job::{JobLimits, TaskEntry};
+use tasks::wire::{JobState, ReplicaId};
+use tasks::{BlobId, BlobRef, EngineFingerprint, JobId, JobManifest, NodeId, RunResult, Status, TaskId};
+
+use super::trust::{Adaptive, TrustPolicy};
+use super::*;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Honest,
+    /// Sometimes far slower than the deadline; reports late anyway.
+    Slow,
+    /// Disconnects at random, losing its work; comes back later.
+    Crashing,
+    /// Reports a wrong output for a fraction of its tasks.
+    Wrong,
+    /// Honest, but on another engine: never compared with the others.
+    OtherEngine,
+    /// Always reports a random output.
+    Liar,
+}
+
+struct SimWorker {
+    id: NodeId,
+    kind: Kind,
+    slots: u32,
+    connected: bool,
+    back_at: u64,
+    running: Vec<(ReplicaId, TaskId, u64)>,
+}
+
+fn fp(kind: Kind) -> EngineFingerprint {
+    let engine = if kind == Kind::OtherEngine { "wasmtime 99" } else { "wasmtime 38" };
+    EngineFingerprint { engine: engine.into(), arch: "x86_64-linux".into(), settings: "det".into() }
+}
+
+fn truth(task: TaskId) -> RunResult {
+    let out = format!("{}:{}", task.job, task.index);
+    RunResult {
+        status: Status::Ok,
+        exit_code: 0,
+        trap: String::new(),
+        fuel_used: 1_000_000 + task.index as u64 * 7,
+        output_hash: BlobId::of(out.as_bytes()),
+        output_len: out.len() as u64,
+    }
+}
+
+fn manifest(name: &str, n: u32, quorum: u32, max_replicas: u32, deadline_secs: u64) -> JobManifest {
+    JobManifest {
+        name: name.into(),
+        module: BlobRef::of(b"module"),
+        limits: JobLimits { quorum, max_replicas, deadline_secs, ..JobLimits::default() },
+        tasks: (0..n).map(|i| TaskEntry { args: vec![i.to_string()], input: None }).collect(),
+    }
+}
+
+fn node(i: u32) -> NodeId {
+    let mut b = [0u8; 32];
+    b[..4].copy_from_slice(&i.to_le_bytes());
+    b[31] = 1;
+    NodeId(b)
+}
+
+struct Sim {
+    core: Core,
+    rng: StdRng,
+    workers: Vec<SimWorker>,
+    now: u64,
+    /// Every replica ever assigned: (task, worker).
+    issued: HashMap<ReplicaId, (TaskId, NodeId)>,
+    failures: Vec<String>,
+}
+
+impl Sim {
+    fn new(seed: u64, population: &[(Kind, u32)], cfg: CoreConfig) -> Sim {
+        let mut workers = Vec::new();
+        for &(kind, count) in population {
+            for _ in 0..count {
+                let i = workers.len() as u32;
+                workers.push(SimWorker { id: node(i), kind, slots: 2, connected: false, back_at: 0, running: Vec::new() });
+            }
+        }
+        Sim { core: Core::new(cfg), rng: StdRng::seed_from_u64(seed), workers, now: 1_000_000, issued: HashMap::new(), failures: Vec::new() }
+    }
+
+    fn step(&mut self) {
+        self.now += 1_000;
+        let now = self.now;
+        for w in &mut self.workers {
+            if !w.connected && now >= w.back_at {
+                w.connected = true;
+                self.core.hello(w.id, &fp(w.kind), w.slots, None, &[], now);
+            }
+            if !w.connected {
+                continue;
+            }
+            if w.kind == Kind::Crashing && self.rng.gen_bool(0.02) {
+                w.connected = false;
+                w.running.clear();
+                w.back_at = now + self.rng.gen_range(10_000..200_000);
+                self.core.disconnect(w.id, now);
+                continue;
+            }
+            // Finish what is due.
+            let due: Vec<_> = w.running.iter().filter(|r| r.2 <= now).copied().collect();
+            w.running.retain(|r| r.2 > now);
+            for (replica, task, _) in due {
+                let mut result = truth(task);
+                if (w.kind == Kind::Wrong && self.rng.gen_bool(0.5)) || w.kind == Kind::Liar {
+                    result.output_hash = BlobId::of(&self.rng.gen::<u64>().to_le_bytes());
+                }
+                let out = self.core.report(w.id, replica, result.clone(), now);
+                assert!(matches!(out, ReportOutcome::Recorded { .. }), "{out:?}");
+                // A resend of the same report is acknowledged and changes nothing.
+                let again = self.core.report(w.id, replica, result, now);
+                assert_eq!(again, ReportOutcome::Recorded { accepted: false, duplicate: true });
+            }
+            // Ask for work to fill the slots.
+            let free = w.slots.saturating_sub(w.running.len() as u32);
+            if free > 0 {
+                let work = self.core.request_work(w.id, free, now);
+                for a in work.assignments {
+                    let prev = self.issued.insert(a.replica, (a.task.id, w.id));
+                    assert!(prev.is_none(), "replica id reused");
+                    let dur = match w.kind {
+                        Kind::Slow if self.rng.gen_bool(0.3) => a.deadline_secs * 1000 + 30_000,
+                        _ => self.rng.gen_range(1_000..20_000),
+                    };
+                    w.running.push((a.replica, a.task.id, now + dur));
+                }
+            }
+        }
+        // Cancels are advisory; honest workers drop cancelled work.
+        for n in self.core.take_notices() {
+            match n {
+                Notice::Cancel { worker, replicas } => {
+                    if let Some(w) = self.workers.iter_mut().find(|w| w.id == worker) {
+                        w.running.retain(|r| !replicas.contains(&r.0));
+                    }
+                }
+                Notice::Failed { reason, .. } => self.failures.push(reason),
+                _ => {}
+            }
+        }
+        self.core.take_mutations();
+        self.core.tick(now);
+    }
+
+    fn run_until_done(&mut self, max_steps: u32) {
+        for _ in 0..max_steps {
+            if self.core.running.is_empty() {
+                return;
+            }
+            self.step();
+        }
+        panic!("jobs did not finish: {:?}", self.core.status(None));
+    }
+
+    /// The invariants every run must keep.
+    fn check(&self) {
+        // Every task ended accepted or failed; no replica left in flight.
+        for job in self.core.jobs.values() {
+            assert_ne!(job.state, JobState::Running);
+            for (i, t) in job.tasks.iter().enumerate() {
+                assert_ne!(t.phase, TaskPhase::Pending, "task {}/{i} still pending", job.id);
+                if t.phase == TaskPhase::Accepted {
+                    let (_, d) = t.accepted.unwrap();
+                    assert_eq!(d, truth(TaskId { job: job.id, index: i as u32 }).digest(), "accepted a wrong result");
+                }
+            }
+            assert_eq!(job.in_flight, 0);
+        }
+        // Every issued replica is accounted for and none is in flight.
+        assert_eq!(self.issued.len(), self.core.replicas.len());
+        for (id, r) in &self.core.replicas {
+            assert_ne!(r.phase, ReplicaPhase::InFlight, "replica {id} lost in flight");
+            assert_eq!(self.issued[id], (r.task, r.worker));
+        }
+        // Never two replicas of one task on one worker.
+        let mut seen = HashSet::new();
+        for (task, worker) in self.issued.values() {
+            assert!(seen.insert((*task, *worker)), "two replicas of {task} on one worker");
+        }
+        // Credit equals valid fuel; honest workers are never judged invalid.
+        let mut fuel: BTreeMap<NodeId, u64> = BTreeMap::new();
+        for r in self.core.replicas.values() {
+            if r.verdict == Some(Verdict::Valid) {
+                *fuel.entry(r.worker).or_default() += r.result.as_ref().unwrap().1.fuel_used;
+            }
+        }
+        for w in &self.workers {
+            assert_eq!(self.core.credit_fuel(&w.id), fuel.get(&w.id).copied().unwrap_or(0), "credit of {:?}", w.kind);
+            if !matches!(w.kind, Kind::Wrong | Kind::Liar) {
+                assert_eq!(self.core.reputation(&w.id).unwrap_or_default().invalid, 0);
+            }
+        }
+        assert!(self.core.deadlines.is_empty());
+    }
+}
+
+#[test]
+fn mixed_population_every_task_decided_nothing_lost_credit_is_valid_fuel() {
+    let pop = [(Kind::Honest, 20), (Kind::Slow, 5), (Kind::Crashing, 5), (Kind::Wrong, 4), (Kind::OtherEngine, 3)];
+    for seed in 0..4 {
+        let mut sim = Sim::new(seed, &pop, CoreConfig { disconnect_grace_ms: 30_000, ..CoreConfig::default() });
+        let now = sim.now;
+        sim.core.add_job(manifest("a", 300, 2, 6, 60), now);
+        sim.core.add_job(manifest("b", 50, 3, 8, 60), now);
+        sim.run_until_done(20_000);
+        sim.check();
+        let st = sim.core.status(None).unwrap();
+        let accepted: u32 = st.jobs.iter().map(|j| j.tasks_done).sum();
+        assert!(accepted >= 340, "seed {seed}: most tasks accepted: {st:?}");
+        // Wrong-answer workers were caught.
+        let wrong: u64 = sim.workers.iter().filter(|w| w.kind == Kind::Wrong).map(|w| sim.core.reputation(&w.id).unwrap().invalid).sum();
+        assert!(wrong > 0);
+    }
+}
+
+#[test]
+fn honest_population_accepts_everything_with_exactly_quorum_replicas() {
+    let mut sim = Sim::new(7, &[(Kind::Honest, 10)], CoreConfig::default());
+    let now = sim.now;
+    let (job, n) = sim.core.add_job(manifest("a", 200, 2, 6, 600), now);
+    sim.run_until_done(10_000);
+    sim.check();
+    assert_eq!(sim.core.job_state(job), Some(JobState::Done));
+    let reported = sim.core.replicas.values().filter(|r| r.phase == ReplicaPhase::Reported).count();
+    assert_eq!(reported, 2 * n as usize, "initial replication is the quorum, no more");
+}
+
+#[test]
+fn unreliable_liars_cause_failed_tasks_never_wrong_acceptances() {
+    // Liars answer randomly: digests never agree, so every task fails at max_replicas, with
+    // exactly max_replicas replicas spent and a reason saying why.
+    let mut sim = Sim::new(3, &[(Kind::Liar, 12)], CoreConfig::default());
+    let now = sim.now;
+    let (job, _) = sim.core.add_job(manifest("a", 5, 2, 4, 600), now);
+    sim.run_until_done(10_000);
+    sim.check();
+    let st = sim.core.status(Some(job)).unwrap();
+    assert_eq!((st.jobs[0].tasks_failed, st.jobs[0].state), (5, JobState::Failed));
+    assert_eq!(sim.issued.len(), 5 * 4);
+    assert_eq!(sim.failures.len(), 5);
+    assert!(sim.failures[0].contains("no consensus") && sim.failures[0].contains("4 different results"), "{}", sim.failures[0]);
+}
+
+#[test]
+fn jobs_are_served_round_robin() {
+    let mut core = Core::new(CoreConfig::default());
+    let now = 10;
+    let (a, _) = core.add_job(manifest("a", 1000, 1, 2, 600), now);
+    let (b, _) = core.add_job(manifest("b", 10, 1, 2, 600), now);
+    let w = node(1);
+    core.hello(w, &fp(Kind::Honest), 8, None, &[], now);
+    let work = core.request_work(w, 8, now);
+    let from_b = work.assignments.iter().filter(|x| x.task.id.job == b).count();
+    let from_a = work.assignments.iter().filter(|x| x.task.id.job == a).count();
+    assert_eq!((from_a, from_b), (4, 4));
+}
+
+#[test]
+fn report_for_another_workers_replica_is_rejected_and_changes_nothing() {
+    let mut core = Core::new(CoreConfig::default());
+    core.add_job(manifest("a", 1, 2, 4, 600), 0);
+    let (w1, w2) = (node(1), node(2));
+    core.hello(w1, &fp(Kind::Honest), 1, None, &[], 0);
+    core.hello(w2, &fp(Kind::Honest), 1, None, &[], 0);
+    let a = core.request_work(w1, 1, 0).assignments.remove(0);
+    core.take_mutations();
+    let out = core.report(w2, a.replica, truth(a.task.id), 1);
+    assert!(matches!(out, ReportOutcome::Rejected(_)));
+    assert!(core.take_mutations().is_empty());
+    assert!(matches!(core.report(w2, 999, truth(a.task.id), 1), ReportOutcome::Rejected(_)));
+}
+
+#[test]
+fn disconnected_worker_keeps_replicas_for_grace_period_then_they_are_reissued() {
+    let mut core = Core::new(CoreConfig { disconnect_grace_ms: 5_000, ..CoreConfig::default() });
+    core.add_job(manifest("a", 1, 1, 4, 600), 0);
+    let (w1, w2) = (node(1), node(2));
+    core.hello(w1, &fp(Kind::Honest), 1, None, &[], 0);
+    core.hello(w2, &fp(Kind::Honest), 1, None, &[], 0);
+    let a = core.request_work(w1, 1, 0).assignments.remove(0);
+    assert!(core.request_work(w2, 1, 0).assignments.is_empty(), "quorum 1: one replica only");
+    core.disconnect(w1, 1_000);
+    core.tick(5_000);
+    assert!(core.request_work(w2, 1, 5_000).assignments.is_empty(), "still within grace");
+    core.tick(6_000);
+    let b = core.request_work(w2, 1, 6_000).assignments.remove(0);
+    assert_eq!(b.task.id, a.task.id);
+    // The first worker comes back and reports late: it still counts, and decides the task.
+    core.hello(w1, &fp(Kind::Honest), 1, None, &[], 7_000);
+    let out = core.report(w1, a.replica, truth(a.task.id), 7_000);
+    assert_eq!(out, ReportOutcome::Recorded { accepted: true, duplicate: false });
+    assert!(core.take_notices().iter().any(|n| matches!(n, Notice::Cancel { worker, .. } if *worker == w2)));
+}
+
+#[test]
+fn deadline_and_abandon_reissue_replicas() {
+    let mut core = Core::new(CoreConfig::default());
+    core.add_job(manifest("a", 2, 1, 4, 10), 0);
+    let (w1, w2) = (node(1), node(2));
+    core.hello(w1, &fp(Kind::Honest), 2, None, &[], 0);
+    core.hello(w2, &fp(Kind::Honest), 2, None, &[], 0);
+    let got = core.request_work(w1, 2, 0).assignments;
+    assert_eq!(got.len(), 2);
+    core.abandon(w1, &[got[0].replica], 1);
+    let again = core.request_work(w2, 2, 1).assignments;
+    assert_eq!(again.len(), 1, "only the abandoned one is reissued");
+    assert_eq!(again[0].task.id, got[0].task.id);
+    core.tick(10_001);
+    let later = core.request_work(w2, 2, 10_001).assignments;
+    assert_eq!(later.len(), 1, "the replica past its deadline is reissued");
+    assert_eq!(later[0].task.id, got[1].task.id);
+}
+
+#[test]
+fn matching_fingerprint_is_preferred_for_extra_replicas() {
+    let mut core = Core::new(CoreConfig::default());
+    core.add_job(manifest("a", 1, 2, 6, 600), 0);
+    core.add_job(manifest("b", 1, 1, 6, 600), 0);
+    let (w1, other, same) = (node(1), node(2), node(3));
+    core.hello(w1, &fp(Kind::Honest), 1, None, &[], 0);
+    core.hello(other, &fp(Kind::OtherEngine), 1, None, &[], 0);
+    core.hello(same, &fp(Kind::Honest), 1, None, &[], 0);
+    let a = core.request_work(w1, 1, 0).assignments.remove(0);
+    assert_eq!(a.task.id.job, JobId(1));
+    // The other engine gets job b's fresh task rather than the second replica of a's task.
+    let o = core.request_work(other, 1, 0).assignments.remove(0);
+    assert_eq!(o.task.id.job, JobId(2));
+    let s = core.request_work(same, 1, 0).assignments.remove(0);
+    assert_eq!(s.task.id, a.task.id);
+}
+
+#[test]
+fn banned_worker_gets_no_work() {
+    let mut core = Core::new(CoreConfig::default());
+    let w = node(9);
+    core.hello(w, &fp(Kind::Honest), 4, None, &[], 0);
+    core.workers.get_mut(&w).unwrap().rep = trust::Reputation { valid: 0, invalid: 5, consecutive_valid: 0 };
+    core.add_job(manifest("a", 10, 1, 2, 600), 0);
+    assert!(core.request_work(w, 4, 0).assignments.is_empty());
+}
+
+#[test]
+fn adaptive_replication_gives_trusted_workers_single_replicas_with_spot_checks() {
+    let policy = TrustPolicy { adaptive: Some(Adaptive { min_consecutive_valid: 5, spot_check_one_in: 5 }), ..Default::default() };
+    let mut sim = Sim::new(11, &[(Kind::Honest, 8)], CoreConfig { policy, ..CoreConfig::default() });
+    let now = sim.now;
+    let (_, n) = sim.core.add_job(manifest("a", 400, 2, 6, 600), now);
+    sim.run_until_done(20_000);
+    sim.check();
+    let reported = sim.core.replicas.values().filter(|r| r.phase == ReplicaPhase::Reported).count();
+    assert!(reported < (2 * n as usize) * 3 / 4, "fewer replicas once trusted: {reported}");
+    assert!(reported > n as usize, "spot checks still replicate some tasks");
+}
+
+#[test]
+fn peers_list_announcing_workers_then_the_coordinator() {
+    let seed = PeerAddr { node_id: node(100), addr: "127.0.0.1:7100".parse().unwrap() };
+    let mut core = Core::new(CoreConfig { seed: Some(seed.clone()), ..CoreConfig::default() });
+    core.add_job(manifest("a", 4, 1, 2, 600), 0);
+    let module = BlobRef::of(b"module").id;
+    let (w1, w2) = (node(1), node(2));
+    core.hello(w1, &fp(Kind::Honest), 1, Some("10.0.0.1:1".parse().unwrap()), &[module], 0);
+    core.hello(w2, &fp(Kind::Honest), 1, Some("10.0.0.2:1".parse().unwrap()), &[], 0);
+    let a = core.request_work(w2, 1, 0).assignments.remove(0);
+    assert_eq!(a.peers.len(), 2);
+    assert_eq!(a.peers[0].node_id, w1);
+    assert_eq!(a.peers[1], seed);
+    let b = core.request_work(w1, 1, 0).assignments.remove(0);
+    assert_eq!(b.peers, vec![seed], "a worker is not pointed at itself");
+}

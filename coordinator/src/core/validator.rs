@@ -1,0 +1,276 @@
+//! Quorum validation: when a task is accepted or failed, and who earns credit or loses trust.
+//!
+//! Rules:
+//! - results are grouped by (engine fingerprint, digest); only equal fingerprints are compared;
+//! - a task is **accepted** when one group reaches the task's quorum. Replicas of that group
+//!   are `valid` and earn `RunResult::credit()`; reported replicas with the same fingerprint
+//!   and another digest are `invalid` (their workers lose trust); replicas of other
+//!   fingerprints get no verdict; replicas still in flight are cancelled;
+//! - a task **fails** when no group can reach quorum within `max_replicas` counted replicas
+//!   (reported + in flight; lost ones do not count), or when `max_replicas` replicas were lost
+//!   without result. A failed task's replicas get no verdict (nobody is known to be right);
+//! - a report arriving after the decision (late, or for a cancelled replica) is judged
+//!   against the accepted result the same way.
+
+use std::collections::HashMap;
+
+use tasks::wire::ReplicaId;
+use tasks::{NodeId, ResultDigest, RunResult, TaskId};
+
+use super::{Core, Notice, TaskPhase};
+use crate::store::{Decision, Mutation, ReplicaPhase, Verdict};
+
+/// What became of a report.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReportOutcome {
+    /// Recorded (or already recorded with the same result): acknowledge it.
+    Recorded {
+        /// The task was accepted by this report.
+        accepted: bool,
+        /// A resend of a report already recorded; nothing changed.
+        duplicate: bool,
+    },
+    /// Refused; nothing changed.
+    Rejected(String),
+}
+
+/// Counts of one task's replicas, by fingerprint class.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    /// (fingerprint, digest) → replicas that reported it.
+    pub groups: HashMap<(u32, ResultDigest), Vec<ReplicaId>>,
+    /// fingerprint → replicas in flight.
+    pub outstanding: HashMap<u32, u32>,
+    pub reported: u32,
+    pub in_flight: u32,
+    pub lost: u32,
+}
+
+impl Tally {
+    /// Best achievable agreement per fingerprint right now (agreeing + in flight), and the
+    /// fingerprint that leads.
+    pub fn lead(&self) -> (u32, Option<u32>) {
+        let mut best: HashMap<u32, u32> = HashMap::new();
+        for ((fp, _), v) in &self.groups {
+            let e = best.entry(*fp).or_insert(0);
+            *e = (*e).max(v.len() as u32);
+        }
+        for (fp, n) in &self.outstanding {
+            *best.entry(*fp).or_insert(0) += n;
+        }
+        best.into_iter().map(|(fp, n)| (n, Some(fp))).max_by_key(|&(n, fp)| (n, std::cmp::Reverse(fp))).unwrap_or((0, None))
+    }
+}
+
+/// What a pending task needs next.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Need {
+    Accept { fp: u32, digest: ResultDigest, agreeing: Vec<ReplicaId> },
+    Fail(String),
+    /// This many more replicas, preferably on this fingerprint.
+    More(u32, Option<u32>),
+}
+
+impl Core {
+    pub(crate) fn tally(&self, task: TaskId) -> Tally {
+        let mut t = Tally::default();
+        let Some(slot) = self.jobs.get(&task.job).and_then(|j| j.tasks.get(task.index as usize)) else { return t };
+        for r in &slot.replicas {
+            let Some(rep) = self.replicas.get(r) else { continue };
+            match rep.phase {
+                ReplicaPhase::Reported => {
+                    t.reported += 1;
+                    let (d, _) = rep.result.as_ref().expect("reported replicas carry a result");
+                    t.groups.entry((rep.fp, *d)).or_default().push(*r);
+                }
+                ReplicaPhase::InFlight => {
+                    t.in_flight += 1;
+                    *t.outstanding.entry(rep.fp).or_insert(0) += 1;
+                }
+                ReplicaPhase::Lost => t.lost += 1,
+                ReplicaPhase::Cancelled => {}
+            }
+        }
+        t
+    }
+
+    pub(crate) fn need(&self, task: TaskId) -> Need {
+        let job = &self.jobs[&task.job];
+        let limits = job.manifest.limits;
+        let slot = &job.tasks[task.index as usize];
+        let q = if slot.quorum == 0 { limits.quorum } else { slot.quorum };
+        let t = self.tally(task);
+        // Deterministic choice when (unusually) two groups reach quorum: the larger, then the
+        // smaller fingerprint index.
+        if let Some(((fp, digest), agreeing)) = t
+            .groups
+            .iter()
+            .filter(|(_, v)| v.len() as u32 >= q)
+            .max_by_key(|((fp, d), v)| (v.len(), std::cmp::Reverse(*fp), *d))
+        {
+            let mut agreeing = agreeing.clone();
+            agreeing.sort_unstable();
+            return Need::Accept { fp: *fp, digest: *digest, agreeing };
+        }
+        let counted = t.reported + t.in_flight;
+        let remaining = limits.max_replicas.saturating_sub(counted);
+        let (lead, lead_fp) = t.lead();
+        if t.lost >= limits.max_replicas && t.in_flight == 0 {
+            return Need::Fail(format!(
+                "{} replicas were lost (deadline passed or worker left) without a result; {} reported",
+                t.lost, t.reported
+            ));
+        }
+        if lead + remaining < q {
+            let distinct = t.groups.len();
+            return Need::Fail(format!(
+                "no consensus: {} replicas reported {} different results (best agreement {} of quorum {}) and max_replicas {} is reached",
+                t.reported,
+                distinct,
+                t.groups.values().map(|v| v.len()).max().unwrap_or(0),
+                q,
+                limits.max_replicas
+            ));
+        }
+        Need::More(q.saturating_sub(lead).min(remaining), lead_fp)
+    }
+
+    /// Re-examine a pending task after something changed: decide it or queue more replicas.
+    pub(crate) fn reevaluate(&mut self, task: TaskId, now: u64) {
+        let Some(job) = self.jobs.get(&task.job) else { return };
+        if job.state != tasks::wire::JobState::Running || job.tasks[task.index as usize].phase != TaskPhase::Pending {
+            return;
+        }
+        match self.need(task) {
+            Need::Accept { fp, digest, agreeing } => self.accept(task, fp, digest, &agreeing, now),
+            Need::Fail(reason) => self.fail(task, reason, now),
+            Need::More(n, _) => {
+                let job = self.jobs.get_mut(&task.job).expect("checked");
+                let slot = &mut job.tasks[task.index as usize];
+                if n > 0 && !slot.queued && task.index < job.next_fresh {
+                    slot.queued = true;
+                    job.open.push_back(task.index);
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self, task: TaskId, fp: u32, digest: ResultDigest, agreeing: &[ReplicaId], now: u64) {
+        let job = self.jobs.get_mut(&task.job).expect("task's job exists");
+        let slot = &mut job.tasks[task.index as usize];
+        slot.phase = TaskPhase::Accepted;
+        slot.accepted = Some((fp, digest));
+        job.done += 1;
+        let replicas = slot.replicas.clone();
+        let result = self.replicas[&agreeing[0]].result.as_ref().expect("reported").1.clone();
+        let mut from: Vec<NodeId> = Vec::new();
+        let mut in_flight = Vec::new();
+        for r in replicas {
+            let rep = &self.replicas[&r];
+            match rep.phase {
+                ReplicaPhase::Reported => {
+                    self.judge(r, fp, digest);
+                    if agreeing.contains(&r) {
+                        from.push(self.replicas[&r].worker);
+                    }
+                }
+                ReplicaPhase::InFlight => in_flight.push(r),
+                _ => {}
+            }
+        }
+        self.cancel_replicas(&in_flight);
+        self.mutations.push(Mutation::Decided {
+            task,
+            decision: Decision::Accepted { digest, result: result.clone(), fingerprint: self.fp_short(fp), agreeing: from.clone() },
+            decided_ms: now,
+        });
+        self.notices.push(Notice::Accepted { task, result, from, replica: *agreeing.last().expect("quorum >= 1") });
+        self.maybe_finish_job(task.job);
+    }
+
+    /// Give a reported replica of an accepted task its verdict (once).
+    fn judge(&mut self, r: ReplicaId, fp: u32, digest: ResultDigest) {
+        let rep = self.replicas.get_mut(&r).expect("replica exists");
+        if rep.verdict.is_some() || rep.fp != fp {
+            return;
+        }
+        let (d, result) = rep.result.as_ref().expect("reported");
+        let verdict = if *d == digest { Verdict::Valid } else { Verdict::Invalid };
+        rep.verdict = Some(verdict);
+        let (worker, fuel) = (rep.worker, result.fuel_used);
+        self.mutations.push(Mutation::Verdict { replica: r, verdict });
+        if let Some(w) = self.workers.get_mut(&worker) {
+            match verdict {
+                Verdict::Valid => {
+                    w.credit_fuel += fuel;
+                    w.rep.record_valid();
+                }
+                Verdict::Invalid => w.rep.record_invalid(),
+            }
+        }
+        self.persist_worker(worker);
+    }
+
+    fn fail(&mut self, task: TaskId, reason: String, now: u64) {
+        let job = self.jobs.get_mut(&task.job).expect("task's job exists");
+        let slot = &mut job.tasks[task.index as usize];
+        slot.phase = TaskPhase::Failed;
+        job.failed += 1;
+        let in_flight: Vec<ReplicaId> =
+            slot.replicas.iter().copied().filter(|r| self.replicas[r].phase == ReplicaPhase::InFlight).collect();
+        self.cancel_replicas(&in_flight);
+        self.mutations.push(Mutation::Decided { task, decision: Decision::Failed { reason: reason.clone() }, decided_ms: now });
+        self.notices.push(Notice::Failed { task, reason });
+        self.maybe_finish_job(task.job);
+    }
+
+    /// A worker reports a replica's result. Idempotent: a resend of the same result is
+    /// `Recorded { duplicate: true }`. A report for a replica not assigned to `worker` is
+    /// rejected and changes nothing.
+    pub fn report(&mut self, worker: NodeId, replica: ReplicaId, result: RunResult, now: u64) -> ReportOutcome {
+        let digest = Core::digest_of(&result);
+        let Some(rep) = self.replicas.get_mut(&replica) else {
+            return ReportOutcome::Rejected(format!("unknown replica {replica}"));
+        };
+        if rep.worker != worker {
+            return ReportOutcome::Rejected(format!("replica {replica} is not assigned to this worker"));
+        }
+        if rep.phase == ReplicaPhase::Reported {
+            let same = rep.result.as_ref().is_some_and(|(d, _)| *d == digest);
+            return if same {
+                ReportOutcome::Recorded { accepted: false, duplicate: true }
+            } else {
+                ReportOutcome::Rejected(format!("replica {replica} was already reported with a different result"))
+            };
+        }
+        let was = rep.phase;
+        rep.phase = ReplicaPhase::Reported;
+        rep.result = Some((digest, result.clone()));
+        let (task, deadline) = (rep.task, rep.deadline_ms);
+        self.mutations.push(Mutation::Reported { replica, result, reported_ms: now });
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.last_seen_ms = now;
+            w.in_flight.remove(&replica);
+        }
+        let job = self.jobs.get_mut(&task.job).expect("replica's job exists");
+        job.reported += 1;
+        if was == ReplicaPhase::InFlight {
+            job.in_flight -= 1;
+            self.deadlines.remove(&(deadline, replica));
+        }
+        let slot = &job.tasks[task.index as usize];
+        match slot.phase {
+            TaskPhase::Pending if job.state == tasks::wire::JobState::Running => {
+                self.reevaluate(task, now);
+                let accepted = self.jobs[&task.job].tasks[task.index as usize].phase == TaskPhase::Accepted;
+                ReportOutcome::Recorded { accepted, duplicate: false }
+            }
+            TaskPhase::Accepted => {
+                let (fp, d) = slot.accepted.expect("accepted tasks keep their digest");
+                self.judge(replica, fp, d);
+                ReportOutcome::Recorded { accepted: false, duplicate: false }
+            }
+            _ => ReportOutcome::Recorded { accepted: false, duplicate: false },
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The coordinator's QUIC service: one endpoint, three ALPNs.
+//!
+//! - `peergrid/coord/1` → [`session`] (worker sessions),
+//! - `peergrid/submit/1` → [`submit`] (submitter requests, token-guarded),
+//! - `peergrid/blob/1` → [`worker::swarm::BlobServer`] on the coordinator's blob store (the
+//!   coordinator is the first seed of every blob).
+//!
+//! All state changes go through the [`engine`] (core + store, group commit). Start one with
+//! [`Coordinator::start`] (in-process: tests, `coordinator demo`) or [`serve`] (until a
+//! shutdown future resolves: `coordinator serve`).
+
+pub mod engine;
+pub mod session;
+pub mod submit;
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use tasks::net;
+use tasks::wire::{CloseCode, PeerAddr, ALPN_BLOB, ALPN_COORD, ALPN_SUBMIT};
+use tasks::{BlobRef, NodeId, NodeKey, Ticket};
+use worker::blobs::BlobStore;
+use worker::swarm::{BlobServer, Fetcher, ServeLimits};
+
+use crate::core::{Core, CoreConfig};
+use crate::store::{Output, SqliteStore, Store};
+use engine::{Cmd, EngineHandle, FetchJob};
+
+/// This coordinator's software version, sent in `Welcome`.
+pub const AGENT: &str = concat!("peergrid-coordinator/", env!("CARGO_PKG_VERSION"));
+/// File names inside the data dir.
+pub const TICKET_FILE: &str = "ticket";
+pub const TOKEN_FILE: &str = "submit-token";
+pub const BLOB_DIR: &str = "blobs";
+/// Default listen address of `coordinator serve`.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7100";
+
+/// How to run a coordinator.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Host (name or IP) written into the ticket. Default: the listen IP, or 127.0.0.1 when
+    /// listening on all interfaces.
+    pub advertise: Option<String>,
+    pub core: CoreConfig,
+    /// How often deadlines and grace periods are checked.
+    pub tick: Duration,
+}
+
+impl ServeConfig {
+    pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> ServeConfig {
+        ServeConfig { data_dir: data_dir.into(), listen, advertise: None, core: CoreConfig::default(), tick: Duration::from_secs(1) }
+    }
+}
+
+/// A coordinator running in this process.
+pub struct RunningCoordinator {
+    pub ticket: Ticket,
+    pub token: String,
+    /// The address the endpoint is bound to.
+    pub addr: SocketAddr,
+    pub node_id: NodeId,
+    pub data_dir: PathBuf,
+    /// True when the ticket's host was guessed (listening on all interfaces).
+    pub ticket_host_guessed: bool,
+    endpoint: quinn::Endpoint,
+    blob_server: BlobServer,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+    engine: Option<EngineHandle>,
+    engine_thread: Option<engine::EngineThread>,
+}
+
+impl std::fmt::Debug for RunningCoordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningCoordinator").field("ticket", &self.ticket.to_string()).field("addr", &self.addr).finish()
+    }
+}
+
+/// Namespace for starting a coordinator.
+pub struct Coordinator;
+
+impl Coordinator {
+    /// Open (or create) the data dir, restore state, bind the endpoint and start serving.
+    /// Must be called inside a tokio runtime.
+    pub async fn start(cfg: ServeConfig) -> anyhow::Result<RunningCoordinator> {
+        let dir = &cfg.data_dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+        let key = NodeKey::load_or_create(dir)?;
+        let token = load_or_create_token(dir)?;
+        let blobs = BlobStore::open(&dir.join(BLOB_DIR), None).context("opening the blob store")?;
+        let mut store = SqliteStore::open(&dir.join(SqliteStore::FILE))?;
+        let endpoint = net::endpoint(&key, cfg.listen, &[ALPN_COORD, ALPN_SUBMIT, ALPN_BLOB])?;
+        let addr = endpoint.local_addr().context("reading the bound address")?;
+        let (host, guessed) = match &cfg.advertise {
+            Some(h) => (h.clone(), false),
+            None if addr.ip().is_unspecified() => (if addr.is_ipv4() { Ipv4Addr::LOCALHOST.to_string() } else { "[::1]".into() }, true),
+            None => (match addr.ip() {
+                IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            }, false),
+        };
+        let ticket = Ticket::new(key.node_id(), format!("{host}:{}", addr.port()));
+        tasks::identity::write_private(&dir.join(TICKET_FILE), format!("{ticket}\n").as_bytes()).context("writing the ticket file")?;
+
+        let mut core_cfg = cfg.core.clone();
+        let seed_addr = ticket.socket_addrs().ok().and_then(|v| v.into_iter().next()).unwrap_or(addr);
+        core_cfg.seed = Some(PeerAddr { node_id: key.node_id(), addr: seed_addr });
+        let snapshot = store.load()?;
+        let core = Core::restore(core_cfg, snapshot, engine::now_ms());
+        let (engine, fetches, engine_thread) = engine::spawn(core, store, blobs.clone(), 4096)?;
+
+        let blob_server = BlobServer::new(blobs.clone(), ServeLimits::default());
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let bs = blob_server.clone();
+        let ctx = submit::SubmitCtx {
+            engine: engine.clone(),
+            blobs: blobs.clone(),
+            token_hash: blake3::hash(token.as_bytes()),
+            bytes_sent: Arc::new(move || bs.bytes_sent()),
+        };
+        tasks.spawn(accept_loop(endpoint.clone(), engine.clone(), ctx, blob_server.clone(), cancel.clone()));
+        tasks.spawn(ticker(engine.clone(), cfg.tick, cancel.clone()));
+        let fetcher = Fetcher::new(endpoint.clone(), blobs.clone(), Some(blob_server.clone()));
+        tasks.spawn(output_fetcher(fetcher, engine.clone(), fetches, cancel.clone()));
+        tracing::info!(%ticket, %addr, "coordinator listening");
+        Ok(RunningCoordinator {
+            ticket,
+            token,
+            addr,
+            node_id: key.node_id(),
+            data_dir: dir.clone(),
+            ticket_host_guessed: guessed,
+            endpoint,
+            blob_server,
+            cancel,
+            tasks,
+            engine: Some(engine),
+            engine_thread: Some(engine_thread),
+        })
+    }
+}
+
+impl RunningCoordinator {
+    /// Blob payload bytes this coordinator uploaded so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.blob_server.bytes_sent()
+    }
+
+    /// The engine, for in-process callers (tests, benchmarks).
+    pub fn engine(&self) -> Option<&EngineHandle> {
+        self.engine.as_ref()
+    }
+
+    /// Graceful stop: stop accepting, end sessions, let the engine commit its last batch,
+    /// close the endpoint with [`CloseCode::Shutdown`] and wait for the peers to be told.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        self.engine.take();
+        let thread = self.engine_thread.take();
+        let stopped = tokio::task::spawn_blocking(move || thread.map(|t| t.join())).await?;
+        self.endpoint.close(CloseCode::Shutdown.code().into(), b"coordinator shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+        match stopped {
+            Some(Ok(Err(e))) => Err(e).context("the store failed"),
+            Some(Err(_)) => anyhow::bail!("the engine thread panicked"),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stop without any goodbye, as a crash would (tests): tasks are aborted, the endpoint
+    /// dropped. The store keeps exactly what was committed.
+    pub async fn kill(mut self) {
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        self.endpoint.close(0u32.into(), b"");
+        self.engine.take();
+        if let Some(t) = self.engine_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// Run a coordinator until `shutdown` resolves, then stop it gracefully.
+pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let running = Coordinator::start(cfg).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    running.shutdown().await
+}
+
+fn load_or_create_token(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join(TOKEN_FILE);
+    let create = || -> anyhow::Result<String> {
+        let token = hex::encode(rand::random::<[u8; 32]>());
+        tasks::identity::write_private(&path, format!("{token}\n").as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+        Ok(token)
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        Ok(_) => create(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, engine: EngineHandle, ctx: submit::SubmitCtx, blobs: BlobServer, cancel: CancellationToken) {
+    let mut conns = JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let (engine, ctx, blobs, cancel) = (engine.clone(), ctx.clone(), blobs.clone(), cancel.child_token());
+        conns.spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(%remote, error = %e, "handshake failed");
+                    return;
+                }
+            };
+            let Some(node) = net::remote_node_id(&conn) else {
+                net::close(&conn, CloseCode::Rejected, "no node identity");
+                return;
+            };
+            let alpn = net::alpn(&conn).unwrap_or_default();
+            let span = tracing::info_span!("conn", node = %node.short(), %remote, alpn = %String::from_utf8_lossy(&alpn));
+            async move {
+                if alpn == ALPN_COORD {
+                    match session::run(conn.clone(), node, engine, cancel).await {
+                        Ok(()) => tracing::info!("worker session ended"),
+                        Err(e) => tracing::info!(error = %e, "worker session ended"),
+                    }
+                } else if alpn == ALPN_SUBMIT {
+                    submit::serve(conn, ctx, cancel).await;
+                } else if alpn == ALPN_BLOB {
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = blobs.serve_connection(conn) => {}
+                    }
+                } else {
+                    net::close(&conn, CloseCode::Protocol, "unknown ALPN");
+                }
+            }
+            .instrument(span)
+            .await
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    // Sessions notice the cancelled token and end; give them a moment.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async { while conns.join_next().await.is_some() {} }).await;
+    conns.abort_all();
+}
+
+async fn ticker(engine: EngineHandle, every: Duration, cancel: CancellationToken) {
+    let mut t = tokio::time::interval(every);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = t.tick() => if !engine.send(Cmd::Tick).await { break },
+        }
+    }
+}
+
+/// Pull accepted outputs that did not travel inline from agreeing workers, verified against
+/// their `output_hash`, and record them. Retries with back-off while the workers are away.
+async fn output_fetcher(fetcher: Fetcher, engine: EngineHandle, mut jobs: tokio::sync::mpsc::UnboundedReceiver<FetchJob>, cancel: CancellationToken) {
+    let mut running = JoinSet::new();
+    loop {
+        let job = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            j = jobs.recv() => match j { Some(j) => j, None => break },
+        };
+        let (fetcher, engine, cancel) = (fetcher.clone(), engine.clone(), cancel.clone());
+        running.spawn(async move {
+            let blob = BlobRef { id: job.result.output_hash, size: job.result.output_len };
+            let span = tracing::info_span!("output", task = %job.task, blob = %blob.id.short());
+            async move {
+                let mut delay = Duration::from_secs(1);
+                for attempt in 1..=30 {
+                    if job.peers.is_empty() {
+                        tracing::warn!("no agreeing worker announced a blob address; cannot fetch the output");
+                        return;
+                    }
+                    match fetcher.fetch(blob, &job.peers).await {
+                        Ok(_) => {
+                            engine.send(Cmd::OutputStored { task: job.task, output: Output::Blob(blob.id) }).await;
+                            tracing::info!(bytes = blob.size, "accepted output fetched and verified");
+                            return;
+                        }
+                        Err(e) => tracing::warn!(attempt, error = %e, "cannot fetch accepted output yet"),
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+            }
+            .instrument(span)
+            .await
+        });
+        while running.try_join_next().is_some() {}
+    }
+    running.abort_all();
+}

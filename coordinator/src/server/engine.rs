@@ -1,0 +1,394 @@
+//! The engine: one OS thread that owns the [`Core`] and the [`Store`] and applies events in
+//! batches (group commit).
+//!
+//! Sessions send [`Cmd`]s through a bounded channel. The engine blocks for the first, drains
+//! whatever else is queued (up to [`MAX_BATCH`]), applies all of them to the core, commits
+//! every resulting mutation in **one transaction**, and only then answers: a report is
+//! acknowledged, an assignment handed out, a job id returned only once it is durable. A
+//! store failure stops the engine (pending callers see the channel close); committed state
+//! stays consistent and a restart resumes from it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use tasks::wire::{
+    CoordMsg, JobResults, JobState, PeerAddr, ReplicaId, Report, StatusReport, TaskResult, TaskState, INLINE_OUTPUT_MAX,
+};
+use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, RunResult, TaskId};
+
+use crate::core::{Core, Notice, ReportOutcome, Work};
+use crate::store::{Mutation, Output, SqliteStore, Store};
+
+/// Most commands applied per transaction.
+pub const MAX_BATCH: usize = 8192;
+
+/// Results responses carry inline outputs up to this many bytes in total; the rest are
+/// copied into the blob store and fetched by hash.
+pub const RESULTS_INLINE_BUDGET: usize = 4 << 20;
+
+/// A worker's hello, as the engine needs it.
+#[derive(Debug, Clone)]
+pub struct HelloInfo {
+    pub fingerprint: EngineFingerprint,
+    pub slots: u32,
+    pub peer_addr: Option<std::net::SocketAddr>,
+    pub blobs: Vec<BlobId>,
+}
+
+/// What a session or submitter asks of the engine.
+pub enum Cmd {
+    Hello { worker: NodeId, session: u64, info: HelloInfo, tx: mpsc::UnboundedSender<CoordMsg>, reply: oneshot::Sender<()> },
+    Disconnected { worker: NodeId, session: u64 },
+    RequestWork { worker: NodeId, max: u32, reply: oneshot::Sender<Work> },
+    /// Answered with one `Ack` for the recorded replicas and one `Rejected` per refusal.
+    Reports { worker: NodeId, reports: Vec<Report>, reply: oneshot::Sender<Vec<CoordMsg>> },
+    HaveBlobs { worker: NodeId, blobs: Vec<BlobId> },
+    Abandon { worker: NodeId, replicas: Vec<ReplicaId> },
+    BadPeer { peer: NodeId, blob: BlobId },
+    CreateJob { manifest: JobManifest, reply: oneshot::Sender<(JobId, u32)> },
+    Status { job: Option<JobId>, reply: oneshot::Sender<Option<StatusReport>> },
+    Results { job: JobId, reply: oneshot::Sender<Result<Option<JobResults>, String>> },
+    Cancel { job: JobId, reply: oneshot::Sender<bool> },
+    OutputStored { task: TaskId, output: Output },
+    Tick,
+}
+
+/// An accepted output the shell must fetch from agreeing workers.
+#[derive(Debug, Clone)]
+pub struct FetchJob {
+    pub task: TaskId,
+    pub result: RunResult,
+    pub peers: Vec<PeerAddr>,
+}
+
+/// Handle to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    pub tx: mpsc::Sender<Cmd>,
+}
+
+impl EngineHandle {
+    /// Send a command and wait for its answer; `None` when the engine has stopped.
+    pub async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    pub async fn send(&self, cmd: Cmd) -> bool {
+        self.tx.send(cmd).await.is_ok()
+    }
+}
+
+/// Milliseconds since the Unix epoch: the core's clock (absolute, so deadlines survive
+/// restarts).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Effects that must wait for the batch's commit.
+enum Reply {
+    Unit(oneshot::Sender<()>),
+    Work(oneshot::Sender<Work>, Work),
+    Msgs(oneshot::Sender<Vec<CoordMsg>>, Vec<CoordMsg>),
+    Job(oneshot::Sender<(JobId, u32)>, (JobId, u32)),
+    Bool(oneshot::Sender<bool>, bool),
+}
+
+impl Reply {
+    fn send(self) {
+        let _ = match self {
+            Reply::Unit(tx) => tx.send(()).map_err(|_| ()),
+            Reply::Work(tx, w) => tx.send(w).map_err(|_| ()),
+            Reply::Msgs(tx, m) => tx.send(m).map_err(|_| ()),
+            Reply::Job(tx, j) => tx.send(j).map_err(|_| ()),
+            Reply::Bool(tx, b) => tx.send(b).map_err(|_| ()),
+        };
+    }
+}
+
+/// The engine's state on its thread.
+pub struct Engine<S: Store = SqliteStore> {
+    pub core: Core,
+    pub store: S,
+    blobs: worker::blobs::BlobStore,
+    sessions: HashMap<NodeId, (u64, mpsc::UnboundedSender<CoordMsg>)>,
+    fetches: mpsc::UnboundedSender<FetchJob>,
+    /// Statistics: batches committed and commands applied.
+    pub batches: u64,
+    pub commands: u64,
+}
+
+impl<S: Store> Engine<S> {
+    pub fn new(core: Core, store: S, blobs: worker::blobs::BlobStore, fetches: mpsc::UnboundedSender<FetchJob>) -> Self {
+        Engine { core, store, blobs, sessions: HashMap::new(), fetches, batches: 0, commands: 0 }
+    }
+
+    /// Run until every sender is dropped. Returns the store error that stopped it, if any.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Cmd>) -> Result<(), crate::store::StoreError> {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            self.apply_batch(batch.drain(..), now_ms())?;
+        }
+        // Flush whatever the last batch left (nothing, since every batch commits).
+        Ok(())
+    }
+
+    /// Apply commands, commit once, then answer them.
+    pub fn apply_batch(&mut self, cmds: impl Iterator<Item = Cmd>, now: u64) -> Result<(), crate::store::StoreError> {
+        let mut replies = Vec::new();
+        let mut extra: Vec<Mutation> = Vec::new();
+        let mut fetch = Vec::new();
+        let mut sends: Vec<(NodeId, CoordMsg)> = Vec::new();
+        for cmd in cmds {
+            self.commands += 1;
+            self.apply(cmd, now, &mut replies, &mut extra, &mut fetch);
+            self.collect_notices(&mut sends);
+        }
+        let mut muts = self.core.take_mutations();
+        muts.append(&mut extra);
+        coalesce_workers(&mut muts);
+        self.store.commit(&muts)?;
+        self.batches += 1;
+        for r in replies {
+            r.send();
+        }
+        for (worker, msg) in sends {
+            if let Some((_, tx)) = self.sessions.get(&worker) {
+                let _ = tx.send(msg);
+            }
+        }
+        for f in fetch {
+            let _ = self.fetches.send(f);
+        }
+        Ok(())
+    }
+
+    fn collect_notices(&mut self, sends: &mut Vec<(NodeId, CoordMsg)>) {
+        for n in self.core.take_notices() {
+            match n {
+                Notice::Cancel { worker, replicas } => sends.push((worker, CoordMsg::Cancel { replicas })),
+                Notice::Accepted { task, result, replica, .. } => {
+                    tracing::debug!(%task, replica, digest = %result.digest(), "task accepted");
+                }
+                Notice::Failed { task, reason } => tracing::info!(%task, %reason, "task failed"),
+                Notice::JobEnded { job, state } => tracing::info!(%job, ?state, "job ended"),
+            }
+        }
+    }
+
+    fn apply(&mut self, cmd: Cmd, now: u64, replies: &mut Vec<Reply>, extra: &mut Vec<Mutation>, fetch: &mut Vec<FetchJob>) {
+        match cmd {
+            Cmd::Hello { worker, session, info, tx, reply } => {
+                self.core.hello(worker, &info.fingerprint, info.slots, info.peer_addr, &info.blobs, now);
+                self.sessions.insert(worker, (session, tx));
+                replies.push(Reply::Unit(reply));
+            }
+            Cmd::Disconnected { worker, session } => {
+                if self.sessions.get(&worker).is_some_and(|(s, _)| *s == session) {
+                    self.sessions.remove(&worker);
+                    self.core.disconnect(worker, now);
+                }
+            }
+            Cmd::RequestWork { worker, max, reply } => {
+                let work = self.core.request_work(worker, max, now);
+                replies.push(Reply::Work(reply, work));
+            }
+            Cmd::Reports { worker, reports, reply } => {
+                let mut acked = Vec::new();
+                let mut msgs = Vec::new();
+                for r in reports {
+                    match self.report(worker, r, now, extra, fetch) {
+                        Ok(replica) => acked.push(replica),
+                        Err((replica, reason)) => msgs.push(CoordMsg::Rejected { replica: Some(replica), reason }),
+                    }
+                }
+                if !acked.is_empty() {
+                    msgs.insert(0, CoordMsg::Ack { replicas: acked });
+                }
+                replies.push(Reply::Msgs(reply, msgs));
+            }
+            Cmd::HaveBlobs { worker, blobs } => self.core.have_blobs(worker, &blobs),
+            Cmd::Abandon { worker, replicas } => self.core.abandon(worker, &replicas, now),
+            Cmd::BadPeer { peer, blob } => self.core.bad_peer(peer, blob),
+            Cmd::CreateJob { manifest, reply } => {
+                let created = self.core.add_job(manifest, now);
+                tracing::info!(job = %created.0, tasks = created.1, "job created");
+                replies.push(Reply::Job(reply, created));
+            }
+            Cmd::Status { job, reply } => {
+                let _ = reply.send(self.core.status(job));
+            }
+            Cmd::Results { job, reply } => {
+                let _ = reply.send(self.results(job));
+            }
+            Cmd::Cancel { job, reply } => {
+                let ok = self.core.cancel_job(job, now);
+                replies.push(Reply::Bool(reply, ok));
+            }
+            Cmd::OutputStored { task, output } => extra.push(Mutation::TaskOutput { task, output }),
+            Cmd::Tick => self.core.tick(now),
+        }
+    }
+
+    /// One report: check the inline output, feed the core, keep the output of an accepted
+    /// task (inline now, or fetched later).
+    fn report(
+        &mut self,
+        worker: NodeId,
+        r: Report,
+        now: u64,
+        extra: &mut Vec<Mutation>,
+        fetch: &mut Vec<FetchJob>,
+    ) -> Result<ReplicaId, (ReplicaId, String)> {
+        if let Some(out) = &r.output {
+            if out.len() as u64 > INLINE_OUTPUT_MAX
+                || out.len() as u64 != r.result.output_len
+                || BlobId::of(out) != r.result.output_hash
+            {
+                return Err((r.replica, "inline output does not match output_hash/output_len".into()));
+            }
+        }
+        let task = self.core.replica(r.replica).map(|(_, t, _)| t);
+        match self.core.report(worker, r.replica, r.result.clone(), now) {
+            ReportOutcome::Rejected(reason) => {
+                tracing::debug!(node = %worker.short(), replica = r.replica, %reason, "report rejected");
+                Err((r.replica, reason))
+            }
+            ReportOutcome::Recorded { accepted: false, .. } => Ok(r.replica),
+            ReportOutcome::Recorded { accepted: true, .. } => {
+                let task = task.expect("recorded replicas exist");
+                let output = match r.output {
+                    Some(bytes) => Some(Output::Inline(bytes)),
+                    None if r.result.output_len == 0 => Some(Output::Inline(Vec::new())),
+                    None if self.blobs.has(&r.result.output_hash) => Some(Output::Blob(r.result.output_hash)),
+                    None => None,
+                };
+                match output {
+                    Some(output) => extra.push(Mutation::TaskOutput { task, output }),
+                    None => fetch.push(self.fetch_job(task, r.result)),
+                }
+                Ok(r.replica)
+            }
+        }
+    }
+
+    /// Where to fetch an accepted output: the agreeing workers' blob servers.
+    pub fn fetch_job(&self, task: TaskId, result: RunResult) -> FetchJob {
+        let peers = self
+            .core
+            .agreeing_peers(task)
+            .into_iter()
+            .collect();
+        FetchJob { task, result, peers }
+    }
+
+    /// Accepted outputs that were never fetched (e.g. the coordinator stopped first).
+    pub fn resume_fetches(&mut self) -> Result<(), crate::store::StoreError> {
+        for (task, result, _) in self.store.outputs_missing()? {
+            if self.blobs.has(&result.output_hash) {
+                self.store.commit(&[Mutation::TaskOutput { task, output: Output::Blob(result.output_hash) }])?;
+            } else {
+                let f = self.fetch_job(task, result);
+                let _ = self.fetches.send(f);
+            }
+        }
+        Ok(())
+    }
+
+    fn results(&mut self, job: JobId) -> Result<Option<JobResults>, String> {
+        let Some(manifest) = self.core.job_manifest(job) else { return Ok(None) };
+        let state = self.core.job_state(job).unwrap_or(JobState::Running);
+        let decided = self.store.task_results(job).map_err(|e| e.to_string())?;
+        let mut by_index: HashMap<u32, (TaskResult, Option<Output>)> = decided.into_iter().map(|(t, o)| (t.index, (t, o))).collect();
+        let mut budget = RESULTS_INLINE_BUDGET;
+        let mut tasks = Vec::with_capacity(manifest.tasks.len());
+        for index in 0..manifest.tasks.len() as u32 {
+            let Some((mut t, output)) = by_index.remove(&index) else {
+                tasks.push(TaskResult {
+                    index,
+                    status: TaskState::Pending,
+                    outcome: None,
+                    output_hash: None,
+                    output_len: None,
+                    fuel_used: None,
+                    agreeing_workers: Vec::new(),
+                    reason: None,
+                    output: None,
+                });
+                continue;
+            };
+            if let Some(Output::Inline(bytes)) = output {
+                if bytes.len() <= budget {
+                    budget -= bytes.len();
+                    t.output = Some(bytes);
+                } else if !self.blobs.has(&BlobId::of(&bytes)) {
+                    // Over the frame budget: serve it by hash instead.
+                    self.blobs.put(&bytes).map_err(|e| e.to_string())?;
+                }
+            }
+            tasks.push(t);
+        }
+        Ok(Some(JobResults { job, name: manifest.name.clone(), state, tasks }))
+    }
+}
+
+/// Keep only the last record of each worker in a batch: a busy worker's credit changes many
+/// times per batch, and only the final value matters.
+fn coalesce_workers(muts: &mut Vec<Mutation>) {
+    let mut last: HashMap<NodeId, usize> = HashMap::new();
+    for (i, m) in muts.iter().enumerate() {
+        if let Mutation::Worker(w) = m {
+            last.insert(w.node, i);
+        }
+    }
+    let mut i = 0;
+    muts.retain(|m| {
+        let keep = match m {
+            Mutation::Worker(w) => last[&w.node] == i,
+            _ => true,
+        };
+        i += 1;
+        keep
+    });
+}
+
+/// The engine's thread; joins with the store error that stopped it, if any.
+pub type EngineThread = std::thread::JoinHandle<Result<(), crate::store::StoreError>>;
+
+/// Spawn the engine on its own thread. Returns its handle, the receiver of output fetches,
+/// and the thread's join handle.
+pub fn spawn<S: Store + 'static>(
+    core: Core,
+    store: S,
+    blobs: worker::blobs::BlobStore,
+    queue: usize,
+) -> Result<(EngineHandle, mpsc::UnboundedReceiver<FetchJob>, EngineThread), crate::store::StoreError> {
+    let (tx, rx) = mpsc::channel(queue);
+    let (ftx, frx) = mpsc::unbounded_channel();
+    let mut engine = Engine::new(core, store, blobs, ftx);
+    engine.resume_fetches()?;
+    let thread = std::thread::Builder::new()
+        .name("coordinator-engine".into())
+        .spawn(move || {
+            let r = engine.run(rx);
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "store failed; the coordinator stops accepting work (restart it to resume from committed state)");
+            }
+            r
+        })
+        .expect("spawn engine thread");
+    Ok((EngineHandle { tx }, frx, thread))
+}
+
+/// Share an engine handle.
+pub type SharedEngine = Arc<EngineHandle>;

@@ -1,0 +1,174 @@
+//! The coordinator's durable state behind a [`Store`] trait, with SQLite as the default
+//! backend ([`SqliteStore`], `DATA_DIR/coordinator.db`).
+//!
+//! The scheduling core never touches the store: it emits [`Mutation`]s, and the server's
+//! store actor commits every mutation produced by a batch of events in **one transaction**
+//! (group commit) before it answers any of those events. A crash therefore loses only
+//! events nobody was told about, and a transaction is never half-applied. On startup the
+//! core is rebuilt from a [`Snapshot`].
+//!
+//! Pending tasks have no `tasks` row (a job of ten million tasks is one manifest row); a row
+//! appears when a task is decided or its replication policy changes.
+
+pub mod schema;
+pub mod sqlite;
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use tasks::wire::{JobState, ReplicaId, TaskResult};
+use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult, TaskId};
+
+use crate::core::trust::Reputation;
+
+pub use sqlite::SqliteStore;
+
+/// Why the store failed. Store failures are fatal to the coordinator: committed state stays
+/// consistent, and a restart resumes from it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database {path} has schema version {found}, newer than this coordinator understands ({supported}); upgrade the coordinator")]
+    TooNew { path: String, found: i64, supported: i64 },
+    #[error("corrupt record in the database: {0}")]
+    Corrupt(String),
+    #[error("cannot open the database at {path}: {source}")]
+    Open { path: String, source: rusqlite::Error },
+}
+
+/// What became of a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaPhase {
+    /// Assigned, no report yet.
+    InFlight,
+    /// Reported (see the result).
+    Reported,
+    /// Deadline passed, worker gone, or abandoned without a report: it was reissued. A late
+    /// report still counts.
+    Lost,
+    /// The task was decided (or the job cancelled) while this replica was in flight.
+    Cancelled,
+}
+
+/// The validator's judgement of a reported replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// Agreed with the accepted result: credited.
+    Valid,
+    /// Disagreed with an accepted result from a compatible engine.
+    Invalid,
+}
+
+/// How a task was decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Accepted {
+        digest: ResultDigest,
+        result: RunResult,
+        /// Fingerprint (short id) of the agreeing replicas.
+        fingerprint: String,
+        agreeing: Vec<NodeId>,
+    },
+    Failed { reason: String },
+}
+
+/// An accepted task's output bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    Inline(Vec<u8>),
+    /// Stored in the coordinator's blob store.
+    Blob(BlobId),
+}
+
+/// The persisted record of a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRecord {
+    pub node: NodeId,
+    /// Short id of its latest fingerprint (see [`Mutation::Fingerprint`]).
+    pub fingerprint: Option<String>,
+    /// Sum of `fuel_used` over its valid replicas: credit = fuel / 10^9, kept exact.
+    pub credit_fuel: u64,
+    pub reputation: Reputation,
+    pub last_seen_ms: u64,
+}
+
+impl WorkerRecord {
+    pub fn credit(&self) -> f64 {
+        self.credit_fuel as f64 / 1e9
+    }
+}
+
+/// One change to durable state, produced by the core.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mutation {
+    PutJob { job: JobId, manifest: std::sync::Arc<JobManifest>, created_ms: u64 },
+    JobState { job: JobId, state: JobState },
+    Fingerprint { short: String, fingerprint: EngineFingerprint },
+    Assign { replica: ReplicaId, task: TaskId, worker: NodeId, fingerprint: String, assigned_ms: u64, deadline_ms: u64 },
+    Reported { replica: ReplicaId, result: RunResult, reported_ms: u64 },
+    Phase { replica: ReplicaId, phase: ReplicaPhase },
+    Verdict { replica: ReplicaId, verdict: Verdict },
+    /// Adaptive replication chose a quorum other than the job's for this task.
+    TaskQuorum { task: TaskId, quorum: u32 },
+    Decided { task: TaskId, decision: Decision, decided_ms: u64 },
+    TaskOutput { task: TaskId, output: Output },
+    Worker(WorkerRecord),
+    BlobLocation { blob: BlobId, worker: NodeId, present: bool },
+    PeerAddr { worker: NodeId, addr: Option<SocketAddr> },
+}
+
+/// A job as stored.
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    pub job: JobId,
+    pub manifest: JobManifest,
+    pub state: JobState,
+    pub created_ms: u64,
+}
+
+/// A task that has a row: decided, or with a policy quorum.
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    pub task: TaskId,
+    pub quorum: Option<u32>,
+    pub decision: Option<Decision>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReplicaRow {
+    pub replica: ReplicaId,
+    pub task: TaskId,
+    pub worker: NodeId,
+    pub fingerprint: String,
+    pub assigned_ms: u64,
+    pub deadline_ms: u64,
+    pub phase: ReplicaPhase,
+    pub result: Option<RunResult>,
+    pub verdict: Option<Verdict>,
+}
+
+/// Everything the core needs to resume.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub jobs: Vec<JobRow>,
+    pub tasks: Vec<TaskRow>,
+    pub replicas: Vec<ReplicaRow>,
+    pub workers: Vec<WorkerRecord>,
+    pub fingerprints: Vec<(String, EngineFingerprint)>,
+    pub blob_locations: Vec<(BlobId, NodeId)>,
+    pub peer_addrs: Vec<(NodeId, SocketAddr)>,
+}
+
+/// Durable state. Implementations must apply each `commit` atomically and durably.
+pub trait Store: Send {
+    /// Read everything needed to rebuild the core.
+    fn load(&mut self) -> Result<Snapshot, StoreError>;
+    /// Apply a batch of mutations in one transaction.
+    fn commit(&mut self, batch: &[Mutation]) -> Result<(), StoreError>;
+    /// The results of a job's decided tasks (pending tasks are absent), with inline outputs.
+    fn task_results(&mut self, job: JobId) -> Result<Vec<(TaskResult, Option<Output>)>, StoreError>;
+    /// Accepted tasks whose output is neither inline nor in the blob store yet.
+    fn outputs_missing(&mut self) -> Result<Vec<(TaskId, RunResult, Vec<NodeId>)>, StoreError>;
+}

@@ -1,0 +1,480 @@
+//! [`Store`] on an embedded SQLite database (WAL, `synchronous = FULL`: a committed batch
+//! survives power loss; one fsync per batch thanks to group commit).
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use tasks::wire::{JobState, TaskResult, TaskState};
+use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult, TaskId};
+
+use super::{
+    schema, Decision, JobRow, Mutation, Output, ReplicaPhase, ReplicaRow, Snapshot, Store, StoreError, TaskRow, Verdict,
+    WorkerRecord,
+};
+use crate::core::trust::Reputation;
+
+/// The default store.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+fn state_str(s: JobState) -> &'static str {
+    match s {
+        JobState::Running => "running",
+        JobState::Done => "done",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+fn parse_state(s: &str) -> Result<JobState, StoreError> {
+    Ok(match s {
+        "running" => JobState::Running,
+        "done" => JobState::Done,
+        "failed" => JobState::Failed,
+        "cancelled" => JobState::Cancelled,
+        _ => return Err(StoreError::Corrupt(format!("job state {s:?}"))),
+    })
+}
+
+fn phase_code(p: ReplicaPhase) -> i64 {
+    match p {
+        ReplicaPhase::InFlight => 0,
+        ReplicaPhase::Reported => 1,
+        ReplicaPhase::Lost => 2,
+        ReplicaPhase::Cancelled => 3,
+    }
+}
+
+fn parse_phase(c: i64) -> Result<ReplicaPhase, StoreError> {
+    Ok(match c {
+        0 => ReplicaPhase::InFlight,
+        1 => ReplicaPhase::Reported,
+        2 => ReplicaPhase::Lost,
+        3 => ReplicaPhase::Cancelled,
+        _ => return Err(StoreError::Corrupt(format!("replica phase {c}"))),
+    })
+}
+
+fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("store records serialize")
+}
+
+fn dec<T: serde::de::DeserializeOwned>(b: &[u8], what: &str) -> Result<T, StoreError> {
+    postcard::from_bytes(b).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn id32(b: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
+    b.try_into().map_err(|_| StoreError::Corrupt(format!("{what} is not 32 bytes")))
+}
+
+impl SqliteStore {
+    /// Open (creating and migrating as needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let shown = path.display().to_string();
+        let mut conn = Connection::open(path).map_err(|source| StoreError::Open { path: shown.clone(), source })?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "OFF")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.set_prepared_statement_cache_capacity(64);
+        schema::migrate(&mut conn, &shown)?;
+        Ok(SqliteStore { conn })
+    }
+
+    /// The file name inside a data dir.
+    pub const FILE: &'static str = "coordinator.db";
+
+    /// The schema version (for tests and diagnostics).
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        schema::version(&self.conn)
+    }
+
+    /// A replica's owner and recorded phase, straight from disk.
+    pub fn replica_owner(&self, replica: u64) -> Result<Option<(NodeId, ReplicaPhase)>, StoreError> {
+        let row: Option<(Vec<u8>, i64)> = self
+            .conn
+            .query_row("SELECT worker, phase FROM replicas WHERE id = ?1", [replica as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        row.map(|(w, p)| Ok((NodeId(id32(w, "worker")?), parse_phase(p)?))).transpose()
+    }
+
+    fn apply(tx: &rusqlite::Transaction<'_>, m: &Mutation) -> Result<(), StoreError> {
+        match m {
+            Mutation::PutJob { job, manifest, created_ms } => {
+                tx.prepare_cached("INSERT OR IGNORE INTO jobs (id, name, manifest, state, created_ms) VALUES (?1, ?2, ?3, 'running', ?4)")?
+                    .execute(params![job.0 as i64, manifest.name, enc(manifest.as_ref()), *created_ms as i64])?;
+            }
+            Mutation::JobState { job, state } => {
+                tx.prepare_cached("UPDATE jobs SET state = ?2 WHERE id = ?1")?.execute(params![job.0 as i64, state_str(*state)])?;
+            }
+            Mutation::Fingerprint { short, fingerprint } => {
+                let json = serde_json::to_string(fingerprint).expect("fingerprints serialize");
+                tx.prepare_cached("INSERT OR IGNORE INTO fingerprints (short, json) VALUES (?1, ?2)")?.execute(params![short, json])?;
+            }
+            Mutation::Assign { replica, task, worker, fingerprint, assigned_ms, deadline_ms } => {
+                tx.prepare_cached(
+                    "INSERT INTO replicas (id, job, idx, worker, fingerprint, assigned_ms, deadline_ms, phase) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0)",
+                )?
+                .execute(params![
+                    *replica as i64,
+                    task.job.0 as i64,
+                    task.index,
+                    &worker.0[..],
+                    fingerprint,
+                    *assigned_ms as i64,
+                    *deadline_ms as i64
+                ])?;
+            }
+            Mutation::Reported { replica, result, reported_ms } => {
+                tx.prepare_cached("UPDATE replicas SET phase = 1, result = ?2, reported_ms = ?3 WHERE id = ?1")?
+                    .execute(params![*replica as i64, enc(result), *reported_ms as i64])?;
+            }
+            Mutation::Phase { replica, phase } => {
+                tx.prepare_cached("UPDATE replicas SET phase = ?2 WHERE id = ?1")?.execute(params![*replica as i64, phase_code(*phase)])?;
+            }
+            Mutation::Verdict { replica, verdict } => {
+                tx.prepare_cached("UPDATE replicas SET verdict = ?2 WHERE id = ?1")?
+                    .execute(params![*replica as i64, (*verdict == Verdict::Valid) as i64])?;
+            }
+            Mutation::TaskQuorum { task, quorum } => {
+                tx.prepare_cached(
+                    "INSERT INTO tasks (job, idx, state, quorum) VALUES (?1, ?2, 'pending', ?3) ON CONFLICT (job, idx) DO UPDATE SET quorum = excluded.quorum",
+                )?
+                .execute(params![task.job.0 as i64, task.index, *quorum])?;
+            }
+            Mutation::Decided { task, decision, decided_ms } => match decision {
+                Decision::Accepted { digest, result, fingerprint, agreeing } => {
+                    tx.prepare_cached(
+                        "INSERT INTO tasks (job, idx, state, digest, result, fingerprint, agreeing, decided_ms) VALUES (?1, ?2, 'accepted', ?3, ?4, ?5, ?6, ?7)
+                         ON CONFLICT (job, idx) DO UPDATE SET state = 'accepted', digest = excluded.digest, result = excluded.result,
+                         fingerprint = excluded.fingerprint, agreeing = excluded.agreeing, decided_ms = excluded.decided_ms",
+                    )?
+                    .execute(params![
+                        task.job.0 as i64,
+                        task.index,
+                        &digest.0[..],
+                        enc(result),
+                        fingerprint,
+                        enc(agreeing),
+                        *decided_ms as i64
+                    ])?;
+                }
+                Decision::Failed { reason } => {
+                    tx.prepare_cached(
+                        "INSERT INTO tasks (job, idx, state, reason, decided_ms) VALUES (?1, ?2, 'failed', ?3, ?4)
+                         ON CONFLICT (job, idx) DO UPDATE SET state = 'failed', reason = excluded.reason, decided_ms = excluded.decided_ms",
+                    )?
+                    .execute(params![task.job.0 as i64, task.index, reason, *decided_ms as i64])?;
+                }
+            },
+            Mutation::TaskOutput { task, output } => {
+                let (inline, blob): (Option<&[u8]>, Option<&[u8]>) = match output {
+                    Output::Inline(b) => (Some(b), None),
+                    Output::Blob(id) => (None, Some(&id.0[..])),
+                };
+                tx.prepare_cached("UPDATE tasks SET output = ?3, output_blob = ?4 WHERE job = ?1 AND idx = ?2")?
+                    .execute(params![task.job.0 as i64, task.index, inline, blob])?;
+            }
+            Mutation::Worker(w) => {
+                tx.prepare_cached(
+                    "INSERT INTO workers (node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, trust, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT (node) DO UPDATE SET fingerprint = excluded.fingerprint, credit_fuel = excluded.credit_fuel, valid = excluded.valid,
+                     invalid = excluded.invalid, consecutive_valid = excluded.consecutive_valid, trust = excluded.trust, last_seen_ms = excluded.last_seen_ms",
+                )?
+                .execute(params![
+                    &w.node.0[..],
+                    w.fingerprint,
+                    w.credit_fuel as i64,
+                    w.reputation.valid as i64,
+                    w.reputation.invalid as i64,
+                    w.reputation.consecutive_valid as i64,
+                    w.reputation.score(),
+                    w.last_seen_ms as i64
+                ])?;
+            }
+            Mutation::BlobLocation { blob, worker, present } => {
+                if *present {
+                    tx.prepare_cached("INSERT OR IGNORE INTO blob_locations (blob, worker) VALUES (?1, ?2)")?
+                        .execute(params![&blob.0[..], &worker.0[..]])?;
+                } else {
+                    tx.prepare_cached("DELETE FROM blob_locations WHERE blob = ?1 AND worker = ?2")?
+                        .execute(params![&blob.0[..], &worker.0[..]])?;
+                }
+            }
+            Mutation::PeerAddr { worker, addr } => {
+                tx.prepare_cached("UPDATE workers SET peer_addr = ?2 WHERE node = ?1")?
+                    .execute(params![&worker.0[..], addr.map(|a| a.to_string())])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_decision(
+    state: &str,
+    digest: Option<Vec<u8>>,
+    result: Option<Vec<u8>>,
+    fingerprint: Option<String>,
+    agreeing: Option<Vec<u8>>,
+    reason: Option<String>,
+) -> Result<Option<Decision>, StoreError> {
+    Ok(match state {
+        "accepted" => Some(Decision::Accepted {
+            digest: ResultDigest(id32(digest.unwrap_or_default(), "digest")?),
+            result: dec(&result.unwrap_or_default(), "task result")?,
+            fingerprint: fingerprint.unwrap_or_default(),
+            agreeing: dec(&agreeing.unwrap_or_default(), "agreeing workers")?,
+        }),
+        "failed" => Some(Decision::Failed { reason: reason.unwrap_or_default() }),
+        "pending" => None,
+        other => return Err(StoreError::Corrupt(format!("task state {other:?}"))),
+    })
+}
+
+impl Store for SqliteStore {
+    fn load(&mut self) -> Result<Snapshot, StoreError> {
+        let c = &self.conn;
+        let mut snap = Snapshot::default();
+        let mut st = c.prepare("SELECT id, manifest, state, created_ms FROM jobs ORDER BY id")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let manifest: JobManifest = dec(&r.get::<_, Vec<u8>>(1)?, "job manifest")?;
+            snap.jobs.push(JobRow {
+                job: JobId(r.get::<_, i64>(0)? as u64),
+                manifest,
+                state: parse_state(&r.get::<_, String>(2)?)?,
+                created_ms: r.get::<_, i64>(3)? as u64,
+            });
+        }
+        let mut st = c.prepare("SELECT short, json FROM fingerprints")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let fp: EngineFingerprint =
+                serde_json::from_str(&r.get::<_, String>(1)?).map_err(|e| StoreError::Corrupt(format!("fingerprint: {e}")))?;
+            snap.fingerprints.push((r.get(0)?, fp));
+        }
+        let mut st = c.prepare("SELECT job, idx, state, quorum, digest, result, fingerprint, agreeing, reason FROM tasks")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let state: String = r.get(2)?;
+            snap.tasks.push(TaskRow {
+                task: TaskId { job: JobId(r.get::<_, i64>(0)? as u64), index: r.get(1)? },
+                quorum: r.get(3)?,
+                decision: read_decision(&state, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)?,
+            });
+        }
+        let mut st = c.prepare("SELECT id, job, idx, worker, fingerprint, assigned_ms, deadline_ms, phase, result, verdict FROM replicas ORDER BY id")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let result: Option<Vec<u8>> = r.get(8)?;
+            let verdict: Option<i64> = r.get(9)?;
+            snap.replicas.push(ReplicaRow {
+                replica: r.get::<_, i64>(0)? as u64,
+                task: TaskId { job: JobId(r.get::<_, i64>(1)? as u64), index: r.get(2)? },
+                worker: NodeId(id32(r.get(3)?, "worker")?),
+                fingerprint: r.get(4)?,
+                assigned_ms: r.get::<_, i64>(5)? as u64,
+                deadline_ms: r.get::<_, i64>(6)? as u64,
+                phase: parse_phase(r.get(7)?)?,
+                result: result.map(|b| dec::<RunResult>(&b, "replica result")).transpose()?,
+                verdict: verdict.map(|v| if v == 1 { Verdict::Valid } else { Verdict::Invalid }),
+            });
+        }
+        let mut st = c.prepare("SELECT node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, last_seen_ms, peer_addr FROM workers")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let node = NodeId(id32(r.get(0)?, "worker")?);
+            snap.workers.push(WorkerRecord {
+                node,
+                fingerprint: r.get(1)?,
+                credit_fuel: r.get::<_, i64>(2)? as u64,
+                reputation: Reputation {
+                    valid: r.get::<_, i64>(3)? as u64,
+                    invalid: r.get::<_, i64>(4)? as u64,
+                    consecutive_valid: r.get::<_, i64>(5)? as u64,
+                },
+                last_seen_ms: r.get::<_, i64>(6)? as u64,
+            });
+            if let Some(addr) = r.get::<_, Option<String>>(7)?.and_then(|s| s.parse().ok()) {
+                snap.peer_addrs.push((node, addr));
+            }
+        }
+        let mut st = c.prepare("SELECT blob, worker FROM blob_locations")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            snap.blob_locations.push((BlobId(id32(r.get(0)?, "blob")?), NodeId(id32(r.get(1)?, "worker")?)));
+        }
+        Ok(snap)
+    }
+
+    fn commit(&mut self, batch: &[Mutation]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        for m in batch {
+            Self::apply(&tx, m)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn task_results(&mut self, job: JobId) -> Result<Vec<(TaskResult, Option<Output>)>, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT idx, state, digest, result, fingerprint, agreeing, reason, output, output_blob FROM tasks WHERE job = ?1 AND state != 'pending' ORDER BY idx",
+        )?;
+        let mut rows = st.query([job.0 as i64])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let index: u32 = r.get(0)?;
+            let state: String = r.get(1)?;
+            let decision = read_decision(&state, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)?;
+            let inline: Option<Vec<u8>> = r.get(7)?;
+            let blob: Option<Vec<u8>> = r.get(8)?;
+            let output = match (inline, blob) {
+                (Some(b), _) => Some(Output::Inline(b)),
+                (None, Some(id)) => Some(Output::Blob(BlobId(id32(id, "output blob")?))),
+                _ => None,
+            };
+            let tr = match decision {
+                Some(Decision::Accepted { result, agreeing, .. }) => TaskResult {
+                    index,
+                    status: TaskState::Accepted,
+                    outcome: Some(result.status),
+                    output_hash: Some(result.output_hash),
+                    output_len: Some(result.output_len),
+                    fuel_used: Some(result.fuel_used),
+                    agreeing_workers: agreeing,
+                    reason: None,
+                    output: None,
+                },
+                Some(Decision::Failed { reason }) => TaskResult {
+                    index,
+                    status: TaskState::Failed,
+                    outcome: None,
+                    output_hash: None,
+                    output_len: None,
+                    fuel_used: None,
+                    agreeing_workers: Vec::new(),
+                    reason: Some(reason),
+                    output: None,
+                },
+                None => continue,
+            };
+            out.push((tr, output));
+        }
+        Ok(out)
+    }
+
+    fn outputs_missing(&mut self) -> Result<Vec<(TaskId, RunResult, Vec<NodeId>)>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT job, idx, result, agreeing FROM tasks WHERE state = 'accepted' AND output IS NULL AND output_blob IS NULL",
+        )?;
+        let mut rows = st.query([])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let task = TaskId { job: JobId(r.get::<_, i64>(0)? as u64), index: r.get(1)? };
+            let result: RunResult = dec(&r.get::<_, Vec<u8>>(2)?, "task result")?;
+            let agreeing: Vec<NodeId> = dec(&r.get::<_, Vec<u8>>(3)?, "agreeing workers")?;
+            out.push((task, result, agreeing));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{Core, CoreConfig};
+    use tasks::job::{JobLimits, TaskEntry};
+    use tasks::{BlobRef, Status};
+
+    fn fp() -> EngineFingerprint {
+        EngineFingerprint { engine: "wasmtime 38".into(), arch: "x86_64".into(), settings: "det".into() }
+    }
+
+    fn result(i: u32) -> RunResult {
+        RunResult { status: Status::Ok, exit_code: 0, trap: String::new(), fuel_used: 1000 + i as u64, output_hash: BlobId::of(&i.to_le_bytes()), output_len: 4 }
+    }
+
+    #[test]
+    fn migrations_are_idempotent_and_versioned() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(SqliteStore::FILE);
+        let s = SqliteStore::open(&p).unwrap();
+        assert_eq!(s.schema_version().unwrap(), schema::MIGRATIONS.len() as i64);
+        drop(s);
+        let s = SqliteStore::open(&p).unwrap();
+        assert_eq!(s.schema_version().unwrap(), schema::MIGRATIONS.len() as i64);
+        drop(s);
+        let c = Connection::open(&p).unwrap();
+        c.execute("UPDATE schema_version SET version = 99", []).unwrap();
+        drop(c);
+        assert!(matches!(SqliteStore::open(&p), Err(StoreError::TooNew { found: 99, .. })));
+    }
+
+    #[test]
+    fn core_rebuilt_from_store_matches_and_keeps_in_flight_replicas_reportable() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(SqliteStore::FILE);
+        let mut store = SqliteStore::open(&p).unwrap();
+        let mut core = Core::new(CoreConfig::default());
+        let manifest = JobManifest {
+            name: "j".into(),
+            module: BlobRef::of(b"m"),
+            limits: JobLimits { quorum: 2, ..JobLimits::default() },
+            tasks: (0..4).map(|i| TaskEntry { args: vec![i.to_string()], input: None }).collect(),
+        };
+        let (job, _) = core.add_job(manifest, 0);
+        let ws = [NodeId([1; 32]), NodeId([2; 32])];
+        for w in ws {
+            core.hello(w, &fp(), 4, Some("127.0.0.1:9".parse().unwrap()), &[BlobId::of(b"m")], 0);
+        }
+        let a = core.request_work(ws[0], 4, 0).assignments;
+        let b = core.request_work(ws[1], 4, 0).assignments;
+        assert_eq!((a.len(), b.len()), (4, 4));
+        // Both report task 0 and 1; only worker 0 reports task 2.
+        for x in a.iter().filter(|x| x.task.id.index < 3) {
+            core.report(ws[0], x.replica, result(x.task.id.index), 1);
+        }
+        for x in b.iter().filter(|x| x.task.id.index < 2) {
+            core.report(ws[1], x.replica, result(x.task.id.index), 1);
+        }
+        store.commit(&core.take_mutations()).unwrap();
+        let before = core.status(None).unwrap();
+        drop(store);
+
+        let mut store = SqliteStore::open(&p).unwrap();
+        let mut again = Core::restore(CoreConfig::default(), store.load().unwrap(), 2);
+        assert!(again.take_mutations().is_empty(), "restoring changes nothing durable");
+        let mut after = again.status(None).unwrap();
+        for w in &mut after.workers {
+            w.connected = true;
+        }
+        assert_eq!(before, after);
+        assert_eq!(again.credit_fuel(&ws[0]), 1000 + 1001);
+        // Worker 1 reconnects and reports its in-flight replica of task 2: accepted, once.
+        again.hello(ws[1], &fp(), 4, None, &[], 3);
+        let r2 = b.iter().find(|x| x.task.id.index == 2).unwrap();
+        let out = again.report(ws[1], r2.replica, result(2), 3);
+        assert_eq!(out, crate::core::ReportOutcome::Recorded { accepted: true, duplicate: false });
+        let out = again.report(ws[0], a.iter().find(|x| x.task.id.index == 0).unwrap().replica, result(0), 3);
+        assert_eq!(out, crate::core::ReportOutcome::Recorded { accepted: false, duplicate: true });
+        store.commit(&again.take_mutations()).unwrap();
+        assert_eq!(again.credit_fuel(&ws[0]), 1000 + 1001 + 1002);
+        let results = store.task_results(job).unwrap();
+        assert_eq!(results.len(), 3);
+        assert!(results.iter().all(|(t, _)| t.status == TaskState::Accepted && t.agreeing_workers.len() == 2));
+        // New replica ids continue after the old ones.
+        let c = again.request_work(ws[1], 1, 4).assignments;
+        assert!(c.iter().all(|x| x.replica > b.iter().map(|y| y.replica).max().unwrap()));
+    }
+}

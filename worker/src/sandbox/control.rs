@@ -1,0 +1,125 @@
+//! [`RunControl`]: pause, resume, cancel and throttle a running task from another thread.
+//!
+//! The engine's epoch advances every few milliseconds (see `engine::EpochTicker`); at each
+//! tick a running guest calls [`RunControl::on_epoch`], which blocks while paused, sleeps to
+//! keep the CPU duty cycle, or stops the guest when cancelled. None of this touches fuel,
+//! so a paused or throttled run produces exactly the result of an uninterrupted one.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use wasmtime::UpdateDeadline;
+
+/// The error the epoch callback raises to stop a cancelled guest.
+#[derive(Debug, thiserror::Error)]
+#[error("cancelled by the host")]
+pub(crate) struct CancelTrap;
+
+/// Shared controls of one (or several) runs. Clones control the same runs.
+#[derive(Clone, Default)]
+pub struct RunControl {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    paused: AtomicBool,
+    cancelled: AtomicBool,
+    /// 0 = no limit, else percent of CPU time.
+    cpu_limit: AtomicU8,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+impl std::fmt::Debug for RunControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunControl")
+            .field("paused", &self.is_paused())
+            .field("cancelled", &self.is_cancelled())
+            .field("cpu_limit", &self.cpu_limit())
+            .finish()
+    }
+}
+
+impl RunControl {
+    /// Suspend the guest at its next epoch tick (within ~5 ms); it keeps its state.
+    pub fn pause(&self) {
+        self.inner.paused.store(true, Ordering::SeqCst);
+    }
+
+    /// Continue a paused guest.
+    pub fn resume(&self) {
+        self.inner.paused.store(false, Ordering::SeqCst);
+        self.notify();
+    }
+
+    /// Stop the guest; its run returns `Err(Cancelled)`. Also wakes a paused guest.
+    pub fn cancel(&self) {
+        self.inner.cancelled.store(true, Ordering::SeqCst);
+        self.notify();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.inner.paused.load(Ordering::SeqCst)
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Use at most `pct`% of a core's time (duty cycle); `None` or 100: no limit.
+    pub fn set_cpu_limit(&self, pct: Option<u8>) {
+        let v = match pct {
+            Some(p) if p < 100 => p.max(1),
+            _ => 0,
+        };
+        self.inner.cpu_limit.store(v, Ordering::SeqCst);
+        self.notify();
+    }
+
+    pub fn cpu_limit(&self) -> Option<u8> {
+        match self.inner.cpu_limit.load(Ordering::SeqCst) {
+            0 => None,
+            p => Some(p),
+        }
+    }
+
+    fn notify(&self) {
+        let _g = self.inner.lock.lock().expect("run control lock poisoned");
+        self.inner.wake.notify_all();
+    }
+
+    /// Called at every epoch tick of a run; `ran_since` is when the guest last resumed.
+    pub(crate) fn on_epoch(&self, ran_since: &mut Instant) -> anyhow::Result<UpdateDeadline> {
+        if self.is_cancelled() {
+            return Err(CancelTrap.into());
+        }
+        if let Some(pct) = self.cpu_limit() {
+            // Sleep so that running time is pct% of the total.
+            let ran = ran_since.elapsed();
+            let rest = ran.mul_f64((100 - pct as u32) as f64 / pct as f64);
+            self.wait_unless_woken(rest.min(Duration::from_secs(1)));
+        }
+        if self.is_paused() {
+            // Flags are checked under the lock that `resume`/`cancel` notify under: no lost wake-up.
+            let mut g = self.inner.lock.lock().expect("run control lock poisoned");
+            while self.is_paused() && !self.is_cancelled() {
+                g = self.inner.wake.wait_timeout(g, Duration::from_secs(1)).expect("run control lock poisoned").0;
+            }
+        }
+        if self.is_cancelled() {
+            return Err(CancelTrap.into());
+        }
+        *ran_since = Instant::now();
+        Ok(UpdateDeadline::Continue(1))
+    }
+
+    fn wait_unless_woken(&self, d: Duration) {
+        if d.is_zero() {
+            return;
+        }
+        let g = self.inner.lock.lock().expect("run control lock poisoned");
+        let _ = self.inner.wake.wait_timeout(g, d);
+    }
+}

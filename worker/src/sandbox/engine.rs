@@ -1,0 +1,148 @@
+//! The wasmtime engine configuration, the fingerprint that names it, and the epoch ticker.
+//!
+//! Every setting that can change a result is fixed here and listed in the fingerprint's
+//! `settings`, so two workers compare results only when they would compute them alike.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tasks::EngineFingerprint;
+use wasmtime::{Config, Engine, OptLevel};
+
+use super::SandboxError;
+
+/// The wasmtime this worker is built with (kept in step with Cargo.lock).
+pub const ENGINE: &str = "wasmtime 38.0.4";
+
+/// Maximum wasm stack: fixed, so where unbounded recursion overflows is deterministic.
+pub const MAX_WASM_STACK: usize = 512 * 1024;
+
+/// How often the epoch advances: the latency of pause, cancel and the CPU duty cycle.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Build the engine. `deterministic = false` only turns NaN canonicalization off.
+pub fn build(deterministic: bool) -> Result<(Engine, EngineFingerprint), SandboxError> {
+    let mut c = Config::new();
+    // Budget by instructions, not time: fuel is deterministic; epochs only pause/cancel.
+    c.consume_fuel(true);
+    c.epoch_interruption(true);
+    c.cranelift_nan_canonicalization(deterministic);
+    c.wasm_relaxed_simd(true);
+    c.relaxed_simd_deterministic(true);
+    c.wasm_threads(false);
+    // Its heap would bypass the memory limiter; no wasm32-wasip1 toolchain emits it.
+    c.wasm_gc(false);
+    c.max_wasm_stack(MAX_WASM_STACK);
+    c.cranelift_opt_level(OptLevel::Speed);
+    let engine = Engine::new(&c).map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
+    let fingerprint = EngineFingerprint {
+        engine: ENGINE.to_string(),
+        arch: format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
+        settings: settings(deterministic),
+    };
+    Ok((engine, fingerprint))
+}
+
+/// The determinism settings as a stable string.
+pub fn settings(deterministic: bool) -> String {
+    let nan = if deterministic { "nan-canon" } else { "no-nan-canon" };
+    format!(
+        "{nan},relaxed-simd-det,no-threads,no-gc,fuel,stack={MAX_WASM_STACK},clock=fixed,random=blake3-xof,poll=virtual,abi=wasip1"
+    )
+}
+
+/// A background thread that advances the engine's epoch every [`EPOCH_TICK`] while at least
+/// one run is active, so running guests reach the epoch callback (pause, cancel, throttle).
+/// Epoch checks never touch fuel, so they cannot change a result.
+pub struct EpochTicker {
+    shared: Arc<TickerShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct TickerShared {
+    active: AtomicUsize,
+    stop: AtomicBool,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+/// Keeps the ticker running while alive.
+pub struct ActiveRun<'a>(&'a TickerShared);
+
+impl Drop for ActiveRun<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl EpochTicker {
+    pub fn start(engine: &Engine) -> EpochTicker {
+        let shared = Arc::new(TickerShared {
+            active: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            lock: Mutex::new(()),
+            wake: Condvar::new(),
+        });
+        let weak = engine.weak();
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || loop {
+                if s.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                if s.active.load(Ordering::SeqCst) == 0 {
+                    // Idle: sleep until a run starts (the timeout guards a missed wake-up).
+                    let g = s.lock.lock().expect("ticker lock poisoned");
+                    let _ = s.wake.wait_timeout(g, Duration::from_millis(200));
+                    continue;
+                }
+                std::thread::sleep(EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => return,
+                }
+            })
+            .expect("spawn the epoch ticker thread");
+        EpochTicker { shared, thread: Some(thread) }
+    }
+
+    /// Mark a run as active for the guard's lifetime.
+    pub fn activate(&self) -> ActiveRun<'_> {
+        if self.shared.active.fetch_add(1, Ordering::SeqCst) == 0 {
+            let _g = self.shared.lock.lock().expect("ticker lock poisoned");
+            self.shared.wake.notify_all();
+        }
+        ActiveRun(&self.shared)
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        {
+            let _g = self.shared.lock.lock().expect("ticker lock poisoned");
+            self.shared.wake.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn determinism_switch_changes_the_fingerprint() {
+        let (_, on) = build(true).unwrap();
+        let (_, off) = build(false).unwrap();
+        assert_ne!(on, off);
+        assert!(on.settings.contains("nan-canon"));
+        assert_eq!(on.engine, ENGINE);
+        assert_eq!(on, build(true).unwrap().1);
+    }
+}

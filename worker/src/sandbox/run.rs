@@ -1,0 +1,195 @@
+//! One run of a loaded module: a fresh store with the task's limits, fuel and WASI context,
+//! `_start`, and the classification of how it ended (see the module doc of `sandbox`).
+
+use std::time::{Duration, Instant};
+
+use tasks::{BlobId, RunResult, Status};
+use wasmtime::{Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::p1::WasiP1Ctx;
+use wasmtime_wasi::I32Exit;
+
+use super::control::CancelTrap;
+use super::wasi::{self, CappedPipe};
+use super::{one_line, Cancelled, LoadedModule, RunControl, RunOutput, RunSpec, STDERR_CAP};
+
+/// Most table elements a guest may have (per table).
+pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+/// The per-run store data.
+pub struct StoreState {
+    pub(crate) wasi: WasiP1Ctx,
+    pub(crate) limits: Limits,
+}
+
+/// The memory/table limiter. Refusing a grow makes `memory.grow` return -1, deterministically;
+/// the refusal is remembered for the `memory_limit` classification.
+pub struct Limits {
+    max_memory: usize,
+    pub(crate) memory_denied: bool,
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> anyhow::Result<bool> {
+        if desired > self.max_memory {
+            self.memory_denied = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> anyhow::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        1
+    }
+
+    fn memories(&self) -> usize {
+        1
+    }
+
+    fn tables(&self) -> usize {
+        16
+    }
+}
+
+pub(crate) fn run(engine: &Engine, module: &LoadedModule, spec: &RunSpec, control: &RunControl) -> Result<RunOutput, Cancelled> {
+    let start = Instant::now();
+    if control.is_cancelled() {
+        return Err(Cancelled);
+    }
+    let max_output = usize::try_from(spec.max_output).unwrap_or(usize::MAX);
+    let stdout = CappedPipe::trapping(max_output);
+    let stderr = CappedPipe::truncating(STDERR_CAP);
+    let state = StoreState {
+        wasi: wasi::context(spec, &stdout, &stderr),
+        limits: Limits { max_memory: (spec.memory_mb as usize).saturating_mul(1 << 20), memory_denied: false },
+    };
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.limits);
+    store.set_fuel(spec.fuel).expect("fuel is enabled");
+    store.set_epoch_deadline(1);
+    let ctl = control.clone();
+    let mut ran_since = Instant::now();
+    store.epoch_deadline_callback(move |_| ctl.on_epoch(&mut ran_since));
+
+    let mut instantiated = false;
+    let outcome = module.pre.instantiate(&mut store).and_then(|instance| {
+        instantiated = true;
+        let f = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+        f.call(&mut store, ())
+    });
+    let remaining = store.get_fuel().unwrap_or(0);
+    let fuel_used = spec.fuel.saturating_sub(remaining);
+    let memory_denied = store.data().limits.memory_denied;
+    drop(store);
+
+    let (status, exit_code, trap, error) = match outcome {
+        Ok(()) => (Status::Ok, 0, String::new(), None),
+        Err(e) => {
+            if e.downcast_ref::<CancelTrap>().is_some() {
+                return Err(Cancelled);
+            }
+            classify(&e, stdout.overflowed(), memory_denied, instantiated)
+        }
+    };
+    let output = stdout.take();
+    let result = RunResult {
+        status,
+        exit_code,
+        trap,
+        fuel_used,
+        output_hash: BlobId::of(&output),
+        output_len: output.len() as u64,
+    };
+    Ok(RunOutput { result, output, stderr: stderr.take(), error, wall: start.elapsed() })
+}
+
+/// Time to set up a store (limits, fuel, WASI context) and instantiate `module`, without
+/// running it. For the benchmark.
+pub(crate) fn instantiate_only(engine: &Engine, module: &LoadedModule, spec: &RunSpec) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    let stdout = CappedPipe::trapping(1024);
+    let stderr = CappedPipe::truncating(1024);
+    let state = StoreState {
+        wasi: wasi::context(spec, &stdout, &stderr),
+        limits: Limits { max_memory: (spec.memory_mb as usize).saturating_mul(1 << 20), memory_denied: false },
+    };
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.limits);
+    store.set_fuel(spec.fuel)?;
+    store.set_epoch_deadline(u64::MAX / 2);
+    module.pre.instantiate(&mut store)?;
+    Ok(start.elapsed())
+}
+
+/// Status, exit code, trap kind and human detail of a run that did not return normally.
+fn classify(e: &anyhow::Error, overflowed: bool, memory_denied: bool, instantiated: bool) -> (Status, i32, String, Option<String>) {
+    let detail = Some(one_line(e));
+    if overflowed {
+        return (Status::OutputLimit, 0, String::new(), detail);
+    }
+    let trap = e.downcast_ref::<Trap>().copied();
+    if trap == Some(Trap::OutOfFuel) {
+        return (Status::OutOfFuel, 0, String::new(), detail);
+    }
+    let exit = e.downcast_ref::<I32Exit>().map(|x| x.0);
+    if exit == Some(0) {
+        return (Status::Ok, 0, String::new(), None);
+    }
+    if memory_denied {
+        return (Status::MemoryLimit, 0, String::new(), detail);
+    }
+    if let Some(code) = exit {
+        return (Status::Exit, code, String::new(), None);
+    }
+    match trap {
+        Some(t) => (Status::Trap, 0, trap_kind(t).to_string(), detail),
+        None if instantiated => (Status::Trap, 0, "host error".to_string(), detail),
+        None => (Status::InvalidModule, 0, String::new(), detail),
+    }
+}
+
+/// A stable name for a trap kind (part of the digest; must not change within an engine
+/// fingerprint). Never a backtrace or a message with addresses.
+pub fn trap_kind(t: Trap) -> &'static str {
+    match t {
+        Trap::StackOverflow => "stack overflow",
+        Trap::MemoryOutOfBounds => "memory out of bounds",
+        Trap::HeapMisaligned => "heap misaligned",
+        Trap::TableOutOfBounds => "table out of bounds",
+        Trap::IndirectCallToNull => "indirect call to null",
+        Trap::BadSignature => "bad signature",
+        Trap::IntegerOverflow => "integer overflow",
+        Trap::IntegerDivisionByZero => "integer divide by zero",
+        Trap::BadConversionToInteger => "invalid conversion to integer",
+        Trap::UnreachableCodeReached => "unreachable",
+        Trap::Interrupt => "interrupt",
+        Trap::OutOfFuel => "out of fuel",
+        Trap::NullReference => "null reference",
+        Trap::ArrayOutOfBounds => "array out of bounds",
+        Trap::AllocationTooLarge => "allocation too large",
+        Trap::CastFailure => "cast failure",
+        Trap::DisabledOpcode => "disabled opcode",
+        _ => "other trap",
+    }
+}
+
+/// The output of a module that could not be loaded.
+pub(crate) fn invalid_module(reason: String, wall: Duration) -> RunOutput {
+    RunOutput {
+        result: RunResult {
+            status: Status::InvalidModule,
+            exit_code: 0,
+            trap: String::new(),
+            fuel_used: 0,
+            output_hash: BlobId::of(b""),
+            output_len: 0,
+        },
+        output: Vec::new(),
+        stderr: Vec::new(),
+        error: Some(reason),
+        wall,
+    }
+}

@@ -1,0 +1,520 @@
+//! Verified multi-source download.
+//!
+//! 1. The outboard comes from the first peer that has it (non-seed peers first), checked
+//!    against the root we already know; a peer whose outboard does not fold to the root is
+//!    bad. An interrupted download resumes from the outboard and chunks kept on disk.
+//! 2. Every live peer is polled with `Have` (again every [`FetchOptions::have_interval`]
+//!    while it lacks chunks we need), and [`Sched`] hands out runs of chunks to request.
+//! 3. Chunk bytes are read one chunk at a time and verified with `Outboard::verify_chunk`
+//!    before they are written; a bad chunk drops its peer (listed in `bad_peers`) and the
+//!    chunk goes back to be fetched elsewhere. Verified chunks are at once visible to the
+//!    local [`BlobServer`](super::BlobServer) through the store.
+//! 4. Every network wait has a timeout; a download that cannot progress for
+//!    [`FetchOptions::stall_timeout`] (nobody live has what is missing) fails.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng as _;
+use tasks::blob::Outboard;
+use tasks::net;
+use tasks::wire::{BlobRequest, BlobResponse, PeerAddr, ALPN_BLOB};
+use tasks::{BlobId, BlobRef, NodeId};
+use tokio::task::JoinSet;
+
+use super::sched::{PeerState, Sched, SchedLimits};
+use super::BlobServer;
+use crate::blobs::{BlobStore, PartialBlob, StoreError};
+
+/// Timeouts and limits of downloads.
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// Handshake timeout for a new connection to a peer.
+    pub connect_timeout: Duration,
+    /// Longest wait for any one answer or chunk from a peer.
+    pub request_timeout: Duration,
+    /// How often to ask a peer which chunks it holds, while it lacks some we need.
+    pub have_interval: Duration,
+    /// Give up when no live peer has anything missing for this long.
+    pub stall_timeout: Duration,
+    /// Before asking the seed (the last peer) again, wait at most this long for every other
+    /// peer to answer a fresh `Have`.
+    pub seed_gate_max: Duration,
+    pub sched: SchedLimits,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        FetchOptions {
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            have_interval: Duration::from_millis(150),
+            stall_timeout: Duration::from_secs(20),
+            seed_gate_max: Duration::from_millis(500),
+            sched: SchedLimits::default(),
+        }
+    }
+}
+
+/// Who served what in one download.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FetchReport {
+    /// Verified chunk bytes received from each peer.
+    pub bytes_by_peer: HashMap<NodeId, u64>,
+    /// Peers that sent an outboard or chunk that failed verification (report them to the
+    /// coordinator with `WorkerMsg::BadPeer`).
+    pub bad_peers: Vec<NodeId>,
+}
+
+/// Why a download failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot fetch blob {blob}: no peers were given")]
+    NoPeers { blob: BlobId },
+    #[error("cannot fetch blob {blob}: none of the {tried} peers tried has it ({not_found} do not have it, {unreachable} unreachable or failing, {bad} sent bad data)")]
+    Unavailable { blob: BlobId, tried: usize, not_found: usize, unreachable: usize, bad: usize },
+    #[error("cannot fetch blob {blob}: stalled with {missing} of {chunks} chunks missing after trying {tried} peers ({live} still reachable, {bad} sent bad data)")]
+    Stalled { blob: BlobId, missing: u64, chunks: u64, tried: usize, live: usize, bad: usize },
+    #[error("cannot fetch blob {blob}: {source}")]
+    Store { blob: BlobId, source: StoreError },
+}
+
+/// Downloads blobs from peers into a store. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct Fetcher {
+    inner: Arc<FetcherInner>,
+}
+
+struct FetcherInner {
+    endpoint: quinn::Endpoint,
+    store: BlobStore,
+    server: Option<BlobServer>,
+    opts: FetchOptions,
+    conns: Mutex<HashMap<NodeId, quinn::Connection>>,
+    /// One download per blob at a time; others wait for it.
+    active: Mutex<HashMap<BlobId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Fetcher {
+    /// `server`, when given, is the server on the same store: chunks of downloads in
+    /// progress are served through the store as soon as they are verified.
+    pub fn new(endpoint: quinn::Endpoint, store: BlobStore, server: Option<BlobServer>) -> Fetcher {
+        Fetcher::with_options(endpoint, store, server, FetchOptions::default())
+    }
+
+    pub fn with_options(endpoint: quinn::Endpoint, store: BlobStore, server: Option<BlobServer>, opts: FetchOptions) -> Fetcher {
+        Fetcher {
+            inner: Arc::new(FetcherInner {
+                endpoint,
+                store,
+                server,
+                opts,
+                conns: Mutex::new(HashMap::new()),
+                active: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn store(&self) -> &BlobStore {
+        &self.inner.store
+    }
+
+    pub fn server(&self) -> Option<&BlobServer> {
+        self.inner.server.as_ref()
+    }
+
+    /// Fetch `blob` from `peers` (best first; the last is the seed of last resort); a no-op
+    /// when the store already holds it.
+    pub async fn fetch(&self, blob: BlobRef, peers: &[PeerAddr]) -> Result<FetchReport, FetchError> {
+        if self.inner.store.has(&blob.id) {
+            return Ok(FetchReport::default());
+        }
+        let lock = self.inner.active.lock().unwrap().entry(blob.id).or_default().clone();
+        let _guard = lock.lock().await;
+        let result = if self.inner.store.has(&blob.id) {
+            Ok(FetchReport::default())
+        } else {
+            let mut seen = std::collections::HashSet::new();
+            let peers: Vec<PeerAddr> = peers.iter().filter(|p| seen.insert(p.node_id)).cloned().collect();
+            let span = tracing::debug_span!("fetch", blob = %blob.id.short(), peers = peers.len());
+            tracing::Instrument::instrument(Download::new(self.clone(), blob, peers).run(), span).await
+        };
+        self.inner.active.lock().unwrap().remove(&blob.id);
+        result
+    }
+
+    async fn conn(&self, peer: &PeerAddr) -> Result<quinn::Connection, String> {
+        if let Some(c) = self.inner.conns.lock().unwrap().get(&peer.node_id) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let c = net::connect_timeout(&self.inner.endpoint, peer.addr, peer.node_id, ALPN_BLOB, self.inner.opts.connect_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.inner.conns.lock().unwrap().insert(peer.node_id, c.clone());
+        Ok(c)
+    }
+}
+
+/// What one network exchange with a peer came to.
+enum Event {
+    Have { p: usize, result: Result<Option<Vec<bool>>, Failure> },
+    Chunks { p: usize, run: Range<u64>, got: Vec<u64>, outcome: Result<Reply, Failure> },
+}
+
+enum Reply {
+    Done,
+    Busy(Duration),
+    NotHeld,
+}
+
+enum Failure {
+    /// Timeout or broken stream: may be transient.
+    Transient(String),
+    /// The connection is gone.
+    Gone(String),
+    /// Data failed verification or broke the protocol.
+    Bad(String),
+}
+
+struct Download {
+    f: Fetcher,
+    blob: BlobRef,
+    peers: Vec<PeerAddr>,
+    report: FetchReport,
+}
+
+impl Download {
+    fn new(f: Fetcher, blob: BlobRef, peers: Vec<PeerAddr>) -> Download {
+        Download { f, blob, peers, report: FetchReport::default() }
+    }
+
+    fn opts(&self) -> &FetchOptions {
+        &self.f.inner.opts
+    }
+
+    fn store_err(&self, source: StoreError) -> FetchError {
+        FetchError::Store { blob: self.blob.id, source }
+    }
+
+    fn flag_bad(&mut self, p: usize, why: &str) {
+        let id = self.peers[p].node_id;
+        tracing::warn!(peer = %id.short(), blob = %self.blob.id.short(), reason = why, "peer sent bad data; dropping it for this download");
+        if !self.report.bad_peers.contains(&id) {
+            self.report.bad_peers.push(id);
+        }
+    }
+
+    /// Peers in the order to try for the outboard: everyone before the seed.
+    async fn outboard(&mut self) -> Result<(Outboard, Vec<PeerState>), FetchError> {
+        let mut states = vec![PeerState::Live; self.peers.len()];
+        let (mut not_found, mut unreachable, mut bad) = (0, 0, 0);
+        for p in 0..self.peers.len() {
+            let conn = match self.f.conn(&self.peers[p]).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(peer = %self.peers[p].node_id.short(), error = %e, "peer unreachable");
+                    states[p] = PeerState::Gone;
+                    unreachable += 1;
+                    continue;
+                }
+            };
+            let req = BlobRequest::Outboard { id: self.blob.id };
+            let t = self.opts().request_timeout;
+            match tokio::time::timeout(t, net::request::<_, BlobResponse>(&conn, &req)).await {
+                Ok(Ok((BlobResponse::Outboard { size, cvs }, _))) => {
+                    if size != self.blob.size {
+                        states[p] = PeerState::Bad;
+                        bad += 1;
+                        self.flag_bad(p, "outboard for a different size");
+                        continue;
+                    }
+                    match Outboard::verify(self.blob, cvs) {
+                        Ok(ob) => return Ok((ob, states)),
+                        Err(e) => {
+                            states[p] = PeerState::Bad;
+                            bad += 1;
+                            self.flag_bad(p, &e.to_string());
+                        }
+                    }
+                }
+                Ok(Ok((BlobResponse::NotFound, _))) | Ok(Ok((BlobResponse::Busy { .. }, _))) => not_found += 1,
+                Ok(Ok((other, _))) => {
+                    tracing::debug!(peer = %self.peers[p].node_id.short(), answer = ?other, "unexpected answer to Outboard");
+                    not_found += 1;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %self.peers[p].node_id.short(), error = %e, "Outboard request failed");
+                    unreachable += 1;
+                }
+                Err(_) => unreachable += 1,
+            }
+        }
+        Err(FetchError::Unavailable { blob: self.blob.id, tried: self.peers.len(), not_found, unreachable, bad })
+    }
+
+    async fn run(mut self) -> Result<FetchReport, FetchError> {
+        if self.peers.is_empty() {
+            return Err(FetchError::NoPeers { blob: self.blob.id });
+        }
+        let store = self.f.inner.store.clone();
+        let (outboard, states) = match store.partial_outboard(self.blob) {
+            Some(ob) => (ob, vec![PeerState::Live; self.peers.len()]),
+            None => self.outboard().await?,
+        };
+        let partial = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.partial(outboard))
+                .await
+                .map_err(|e| self.store_err(StoreError::Io { path: Default::default(), source: std::io::Error::other(e.to_string()) }))?
+                .map_err(|e| self.store_err(e))?
+        };
+        let result = self.chunks(&partial, states).await;
+        match result {
+            Ok(()) => {
+                let store2 = store.clone();
+                let p2 = partial.clone();
+                let done = tokio::task::spawn_blocking(move || store2.finish(&p2)).await;
+                match done {
+                    Ok(Ok(())) => Ok(self.report),
+                    Ok(Err(e)) => Err(self.store_err(e)),
+                    Err(e) => Err(self.store_err(StoreError::Io { path: Default::default(), source: std::io::Error::other(e.to_string()) })),
+                }
+            }
+            Err(e) => {
+                // Keep the verified chunks on disk for a later attempt.
+                store.release_partial(&self.blob.id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn chunks(&mut self, partial: &Arc<PartialBlob>, states: Vec<PeerState>) -> Result<(), FetchError> {
+        let opts = self.opts().clone();
+        let mut sched = Sched::new(partial.have(), self.peers.len(), opts.sched.clone());
+        for (p, s) in states.into_iter().enumerate() {
+            match s {
+                PeerState::Live => {}
+                PeerState::Gone => sched.gone(p),
+                PeerState::Bad => sched.bad(p),
+            }
+        }
+        let mut rng = rand::rngs::StdRng::from_entropy();
+        let mut tasks: JoinSet<Event> = JoinSet::new();
+        let mut have_inflight = vec![false; self.peers.len()];
+        let mut next_have = vec![Instant::now(); self.peers.len()];
+        let mut last_progress = Instant::now();
+        let seed = (self.peers.len() > 1).then(|| self.peers.len() - 1);
+        let mut last_seed_done = Instant::now();
+        let mut have_at: Vec<Option<Instant>> = vec![None; self.peers.len()];
+        while sched.remaining() > 0 {
+            let now = Instant::now();
+            // Ask peers what they hold.
+            for p in 0..self.peers.len() {
+                let complete = sched.peers[p].have.as_ref().is_some_and(|h| h.iter().all(|b| *b));
+                if sched.is_live(p) && !have_inflight[p] && !complete && next_have[p] <= now {
+                    have_inflight[p] = true;
+                    let jitter = Duration::from_millis(rand::Rng::gen_range(&mut rng, 0..=opts.have_interval.as_millis() as u64 / 2));
+                    next_have[p] = now + opts.have_interval + jitter;
+                    let f = self.f.clone();
+                    let peer = self.peers[p].clone();
+                    let id = self.blob.id;
+                    tasks.spawn(async move { Event::Have { p, result: ask_have(&f, &peer, id).await } });
+                }
+            }
+            // The seed is asked only when no other peer has anything we need, and only once
+            // every other live peer has answered `Have` since the seed's last answer (or is
+            // slow to), so chunks the crowd already pulled out of it come from the crowd.
+            let seed_gate = seed.is_none_or(|s| {
+                let fresh = now.duration_since(last_seed_done) > opts.seed_gate_max
+                    || (0..self.peers.len()).all(|q| q == s || !sched.is_live(q) || have_at[q].is_some_and(|t| t >= last_seed_done));
+                fresh && sched.starving()
+            });
+            // Hand out chunk runs, everyone before the seed.
+            for p in sched.order().collect::<Vec<_>>() {
+                if Some(p) == seed && !seed_gate {
+                    continue;
+                }
+                while let Some(run) = sched.next(p, now, &mut rng) {
+                    let f = self.f.clone();
+                    let peer = self.peers[p].clone();
+                    let partial = partial.clone();
+                    tasks.spawn(async move {
+                        let mut got = Vec::new();
+                        let outcome = get_chunks(&f, &peer, &partial, run.clone(), &mut got).await;
+                        Event::Chunks { p, run, got, outcome }
+                    });
+                }
+            }
+            if !sched.any_live() {
+                return Err(self.stalled(&sched));
+            }
+            if sched.inflight() > 0 || sched.can_progress() {
+                last_progress = now;
+            }
+            if now.duration_since(last_progress) > opts.stall_timeout {
+                return Err(self.stalled(&sched));
+            }
+            let tick = tokio::time::sleep(Duration::from_millis(20).min(opts.have_interval));
+            let event = tokio::select! {
+                ev = tasks.join_next(), if !tasks.is_empty() => ev,
+                _ = tick => None,
+            };
+            let Some(event) = event else { continue };
+            let Ok(event) = event else { continue };
+            let now = Instant::now();
+            match event {
+                Event::Have { p, result } => {
+                    have_inflight[p] = false;
+                    have_at[p] = Some(now);
+                    match result {
+                        Ok(Some(have)) => sched.set_have(p, have),
+                        Ok(None) => sched.set_have(p, vec![false; self.blob.chunk_count() as usize]),
+                        Err(Failure::Gone(e)) => {
+                            tracing::debug!(peer = %self.peers[p].node_id.short(), error = %e, "peer gone");
+                            sched.gone(p)
+                        }
+                        Err(Failure::Transient(_)) => sched.failed(p),
+                        Err(Failure::Bad(e)) => {
+                            sched.bad(p);
+                            self.flag_bad(p, &e);
+                        }
+                    }
+                }
+                Event::Chunks { p, run, got, outcome } => {
+                    if !got.is_empty() {
+                        last_progress = now;
+                        let bytes: u64 = got.iter().map(|i| {
+                            let r = self.blob.chunk_range(*i);
+                            r.end - r.start
+                        }).sum();
+                        *self.report.bytes_by_peer.entry(self.peers[p].node_id).or_insert(0) += bytes;
+                    }
+                    sched.finish(p, run.clone(), &got);
+                    if Some(p) == seed {
+                        last_seed_done = now;
+                        // Look again at what the crowd holds before going back to the seed.
+                        for q in 0..self.peers.len() {
+                            if q != p {
+                                next_have[q] = now;
+                            }
+                        }
+                    }
+                    match outcome {
+                        Ok(Reply::Done) => sched.succeeded(p),
+                        Ok(Reply::Busy(d)) => sched.busy(p, now, d),
+                        Ok(Reply::NotHeld) => sched.not_held(p, run),
+                        Err(Failure::Transient(e)) => {
+                            tracing::debug!(peer = %self.peers[p].node_id.short(), error = %e, "chunk request failed");
+                            sched.failed(p)
+                        }
+                        Err(Failure::Gone(e)) => {
+                            tracing::debug!(peer = %self.peers[p].node_id.short(), error = %e, "peer gone");
+                            sched.gone(p)
+                        }
+                        Err(Failure::Bad(e)) => {
+                            sched.bad(p);
+                            self.flag_bad(p, &e);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn stalled(&self, sched: &Sched) -> FetchError {
+        let live = (0..self.peers.len()).filter(|p| sched.is_live(*p)).count();
+        FetchError::Stalled {
+            blob: self.blob.id,
+            missing: sched.remaining(),
+            chunks: self.blob.chunk_count(),
+            tried: self.peers.len(),
+            live,
+            bad: self.report.bad_peers.len(),
+        }
+    }
+}
+
+fn classify(conn: &quinn::Connection, e: impl std::fmt::Display) -> Failure {
+    if conn.close_reason().is_some() {
+        Failure::Gone(e.to_string())
+    } else {
+        Failure::Transient(e.to_string())
+    }
+}
+
+async fn ask_have(f: &Fetcher, peer: &PeerAddr, id: BlobId) -> Result<Option<Vec<bool>>, Failure> {
+    let conn = f.conn(peer).await.map_err(Failure::Gone)?;
+    let t = f.inner.opts.request_timeout;
+    match tokio::time::timeout(t, net::request::<_, BlobResponse>(&conn, &BlobRequest::Have { id })).await {
+        Err(_) => Err(Failure::Transient("Have timed out".into())),
+        Ok(Err(e)) => Err(match e.close_code() {
+            Some(_) => Failure::Bad(e.to_string()),
+            None => classify(&conn, e),
+        }),
+        Ok(Ok((BlobResponse::Have { chunks, .. }, _))) => Ok(Some(chunks)),
+        Ok(Ok((BlobResponse::NotFound, _))) | Ok(Ok((BlobResponse::Busy { .. }, _))) => Ok(None),
+        Ok(Ok((other, _))) => Err(Failure::Bad(format!("unexpected answer to Have: {other:?}"))),
+    }
+}
+
+/// Request `run` from `peer`, verifying and writing each chunk as it arrives; the indices
+/// written go to `got`.
+async fn get_chunks(
+    f: &Fetcher,
+    peer: &PeerAddr,
+    partial: &PartialBlob,
+    run: Range<u64>,
+    got: &mut Vec<u64>,
+) -> Result<Reply, Failure> {
+    let conn = f.conn(peer).await.map_err(Failure::Gone)?;
+    let blob = partial.blob();
+    let t = f.inner.opts.request_timeout;
+    let count = (run.end - run.start) as u32;
+    let req = BlobRequest::Chunks { id: blob.id, start: run.start, count };
+    let (resp, mut recv) = match tokio::time::timeout(t, net::request::<_, BlobResponse>(&conn, &req)).await {
+        Err(_) => return Err(Failure::Transient("Chunks timed out".into())),
+        Ok(Err(e)) => {
+            return Err(match e.close_code() {
+                Some(_) => Failure::Bad(e.to_string()),
+                None => classify(&conn, e),
+            })
+        }
+        Ok(Ok(r)) => r,
+    };
+    let want_len = blob.chunk_range(run.end - 1).end - blob.chunk_range(run.start).start;
+    match resp {
+        BlobResponse::Chunks { start, count: c, len } if start == run.start && c == count && len == want_len => {}
+        BlobResponse::Busy { retry_after_ms } => {
+            return Ok(Reply::Busy(Duration::from_millis(retry_after_ms.clamp(10, 2_000))))
+        }
+        BlobResponse::NotFound => return Ok(Reply::NotHeld),
+        other => return Err(Failure::Bad(format!("unexpected answer to Chunks {run:?}: {other:?}"))),
+    }
+    let mut buf = vec![0u8; tasks::blob::CHUNK_SIZE];
+    for i in run.clone() {
+        if (i..run.end).all(|j| partial.has_chunk(j)) {
+            // Someone else won the race for the rest (end game): stop the transfer.
+            let _ = recv.stop(quinn::VarInt::from_u32(0));
+            return Ok(Reply::Done);
+        }
+        let r = blob.chunk_range(i);
+        let buf = &mut buf[..(r.end - r.start) as usize];
+        match tokio::time::timeout(t, recv.read_exact(buf)).await {
+            Err(_) => return Err(Failure::Transient(format!("chunk {i} timed out"))),
+            Ok(Err(e)) => return Err(classify(&conn, e)),
+            Ok(Ok(())) => {}
+        }
+        // Hashing 256 KiB takes well under a millisecond: fine on the async thread.
+        match partial.write_chunk(i, buf) {
+            Ok(_) => got.push(i),
+            Err(StoreError::Verify(_, e)) => return Err(Failure::Bad(e.to_string())),
+            Err(e) => return Err(Failure::Transient(e.to_string())),
+        }
+    }
+    Ok(Reply::Done)
+}
