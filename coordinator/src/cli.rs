@@ -267,8 +267,17 @@ pub fn write_results(res: &JobResults, dir: &Path) -> anyhow::Result<(usize, usi
         }
         t.output = None;
     }
+    // Outputs live in the .out files; results.json carries their hashes.
+    let mut value = serde_json::to_value(&json)?;
+    if let Some(list) = value.get_mut("tasks").and_then(|t| t.as_array_mut()) {
+        for t in list {
+            if let Some(obj) = t.as_object_mut() {
+                obj.remove("output");
+            }
+        }
+    }
     let path = dir.join("results.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&value)? + "\n").with_context(|| format!("writing {}", path.display()))?;
     Ok((written, pending, failed))
 }
 
@@ -372,10 +381,10 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<i32> {
         println!("    {}  credit {:>9.4}  valid {:>4}  invalid {:>3}", w.node_id.short(), w.credit, w.valid, w.invalid);
     }
     println!(
-        "  blob bytes: coordinator served {} ({}), workers served each other {}",
+        "  blob data:  workers fetched {} from the coordinator and {} from each other; the coordinator served {} in all (incl. results to this submitter)",
+        human_bytes(from_coord),
+        human_bytes(from_peers),
         human_bytes(coordinator_bytes),
-        if from_coord + from_peers > 0 { format!("{:.0}% of what workers fetched", 100.0 * from_coord as f64 / (from_coord + from_peers) as f64) } else { "-".into() },
-        human_bytes(from_peers)
     );
     println!("  wall time:  {:.1} s", compute_wall.as_secs_f64());
     println!("  outputs:    {written} files and results.json in {}", args.out.display());

@@ -107,16 +107,70 @@ pub enum Mutation {
     JobState { job: JobId, state: JobState },
     Fingerprint { short: String, fingerprint: EngineFingerprint },
     Assign { replica: ReplicaId, task: TaskId, worker: NodeId, fingerprint: String, assigned_ms: u64, deadline_ms: u64 },
-    Reported { replica: ReplicaId, result: RunResult, reported_ms: u64 },
+    /// `verdict` is set when the replica was judged in the same batch (see [`fold`]).
+    Reported { replica: ReplicaId, result: RunResult, reported_ms: u64, verdict: Option<Verdict> },
     Phase { replica: ReplicaId, phase: ReplicaPhase },
     Verdict { replica: ReplicaId, verdict: Verdict },
     /// Adaptive replication chose a quorum other than the job's for this task.
     TaskQuorum { task: TaskId, quorum: u32 },
-    Decided { task: TaskId, decision: Decision, decided_ms: u64 },
+    /// `output` is set when the output arrived in the same batch (see [`fold`]).
+    Decided { task: TaskId, decision: Decision, decided_ms: u64, output: Option<Output> },
     TaskOutput { task: TaskId, output: Output },
     Worker(WorkerRecord),
     BlobLocation { blob: BlobId, worker: NodeId, present: bool },
     PeerAddr { worker: NodeId, addr: Option<SocketAddr> },
+}
+
+/// Shrink a batch without changing its meaning, so a commit runs fewer statements: keep only
+/// the last record of each worker (a busy worker's credit changes many times per batch),
+/// fold a verdict into the same batch's report of that replica, and an output into the same
+/// batch's decision of that task.
+pub fn fold(muts: &mut Vec<Mutation>) {
+    use std::collections::HashMap;
+    let mut last_worker: HashMap<NodeId, usize> = HashMap::new();
+    let mut reported: HashMap<ReplicaId, usize> = HashMap::new();
+    let mut decided: HashMap<TaskId, usize> = HashMap::new();
+    let mut drop = vec![false; muts.len()];
+    for i in 0..muts.len() {
+        match &muts[i] {
+            Mutation::Worker(w) => {
+                if let Some(prev) = last_worker.insert(w.node, i) {
+                    drop[prev] = true;
+                }
+            }
+            Mutation::Reported { replica, .. } => {
+                reported.insert(*replica, i);
+            }
+            Mutation::Decided { task, .. } => {
+                decided.insert(*task, i);
+            }
+            Mutation::Verdict { replica, verdict } => {
+                if let Some(&j) = reported.get(replica) {
+                    let v = *verdict;
+                    if let Mutation::Reported { verdict, .. } = &mut muts[j] {
+                        *verdict = Some(v);
+                        drop[i] = true;
+                    }
+                }
+            }
+            Mutation::TaskOutput { task, output } => {
+                if let Some(&j) = decided.get(task) {
+                    let o = output.clone();
+                    if let Mutation::Decided { output, .. } = &mut muts[j] {
+                        *output = Some(o);
+                        drop[i] = true;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut i = 0;
+    muts.retain(|_| {
+        let keep = !drop[i];
+        i += 1;
+        keep
+    });
 }
 
 /// A job as stored.

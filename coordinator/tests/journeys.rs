@@ -171,7 +171,7 @@ impl Cluster {
         std::fs::create_dir_all(&jd).unwrap();
         std::fs::copy(PRIMES_WASM, jd.join("primes.wasm")).unwrap();
         let toml = format!(
-            "name = \"primes\"\nmodule = \"primes.wasm\"\nquorum = 2\nmax_replicas = 6\nfuel = 2_000_000_000\nmemory_mb = 32\nmax_output = 64\ndeadline_secs = {deadline_secs}\n[tasks]\ncount = {count}\nargs = [\"block\", \"{{i}}\", \"{block}\"]\n"
+            "name = \"primes\"\nmodule = \"primes.wasm\"\nquorum = 2\nmax_replicas = 6\nfuel = 20_000_000_000\nmemory_mb = 32\nmax_output = 64\ndeadline_secs = {deadline_secs}\n[tasks]\ncount = {count}\nargs = [\"block\", \"{{i}}\", \"{block}\"]\n"
         );
         let path = jd.join("job.toml");
         std::fs::write(&path, toml).unwrap();
@@ -311,4 +311,56 @@ fn job_completes_without_losing_or_double_crediting_results_across_coordinator_k
         .map(|t| t["fuel_used"].as_f64().unwrap() * t["agreeing_workers"].as_array().unwrap().len() as f64 / 1e9)
         .sum();
     assert!((credit - expected).abs() < 1e-6, "credit {credit} != valid fuel {expected}: something was credited twice or lost");
+}
+
+#[test]
+fn worker_killed_with_sigkill_reports_results_it_finished_while_the_coordinator_was_down() {
+    let mut c = Cluster::start(2);
+    let job = c.primes_job(4, 250_000_000, 120);
+    let id = c.submit(&job);
+    let s = c.wait_until("the first report", Duration::from_secs(120), |s| job_of(s, id)["replicas_reported"].as_u64().unwrap() >= 1);
+    assert_eq!(job_of(&s, id)["state"], "running");
+    // The coordinator dies; worker 0 finishes what it has in hand into its outbox.
+    c.coord.as_mut().unwrap().kill9();
+    let w0 = c.dir.path().join("worker-0");
+    let outbox = w0.join("outbox");
+    let t0 = Instant::now();
+    let saved: Vec<tasks::wire::Report> = loop {
+        let reports: Vec<_> = std::fs::read_dir(&outbox)
+            .map(|d| d.flatten().filter(|e| e.path().extension().and_then(|x| x.to_str()) == Some("report")).collect())
+            .unwrap_or_default();
+        if !reports.is_empty() {
+            std::thread::sleep(Duration::from_millis(300));
+            break std::fs::read_dir(&outbox).unwrap().flatten()
+                .filter(|e| e.path().extension().and_then(|x| x.to_str()) == Some("report"))
+                .map(|e| tasks::wire::decode(&std::fs::read(e.path()).unwrap()).expect("saved reports decode"))
+                .collect();
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            c.dump_logs();
+            panic!("worker 0 saved no result while the coordinator was down");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // ... and is killed before it could send them.
+    c.workers[0].kill9();
+    c.start_coordinator();
+    c.start_worker(0);
+    let s = c.wait_until("the job to end", Duration::from_secs(240), |s| job_of(s, id)["state"] != "running");
+    assert_eq!(job_of(&s, id)["state"], "done", "{s}");
+    let (sum, results) = c.results(id);
+    assert_eq!(sum, 50_847_534, "primes below 10^9");
+    check_quorum(&results, 4);
+    // Everything saved was delivered and acknowledged: the outbox drains.
+    let t0 = Instant::now();
+    while std::fs::read_dir(&outbox).unwrap().flatten().any(|e| e.path().extension().and_then(|x| x.to_str()) == Some("report")) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "saved reports were never acknowledged");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And the saved results count: worker 0 agrees on the tasks it finished offline.
+    let me = tasks::NodeKey::load_or_create(&w0).unwrap().node_id().to_string();
+    let credited = results["tasks"].as_array().unwrap().iter()
+        .filter(|t| t["agreeing_workers"].as_array().unwrap().iter().any(|w| w.as_str() == Some(me.as_str())))
+        .count();
+    assert!(credited >= 1, "none of worker 0's {} saved results was accepted", saved.len());
 }

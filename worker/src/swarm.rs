@@ -10,13 +10,15 @@
 pub mod fetch;
 pub mod sched;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tasks::blob::chunk_count;
 use tasks::net::{self, FrameError};
 use tasks::wire::{BlobRequest, BlobResponse, CloseCode, MAX_CHUNKS_PER_REQUEST};
-use tasks::BlobId;
+use tasks::{BlobId, NodeId};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
@@ -33,11 +35,28 @@ pub struct ServeLimits {
     pub max_streams_per_peer: usize,
     /// The `retry_after_ms` hint sent with `Busy`.
     pub busy_retry_ms: u64,
+    /// Seed mode: a chunk uploaded to one node is not uploaded to another within this window
+    /// (they get `Busy` and take it from the first one, who by then announces it in `Have`).
+    /// Like BitTorrent's super-seeding: it keeps the seed's upload near one copy when many
+    /// requesters start at once. `None` for ordinary peers.
+    pub seed_window: Option<Duration>,
 }
 
 impl Default for ServeLimits {
     fn default() -> Self {
-        ServeLimits { max_concurrent_uploads: 8, max_streams_per_peer: 16, busy_retry_ms: 50 }
+        ServeLimits { max_concurrent_uploads: 8, max_streams_per_peer: 16, busy_retry_ms: 50, seed_window: None }
+    }
+}
+
+impl ServeLimits {
+    /// Limits for a first seed (the coordinator): few upload slots, seed mode on.
+    pub fn seed() -> ServeLimits {
+        ServeLimits {
+            max_concurrent_uploads: 4,
+            busy_retry_ms: 20,
+            seed_window: Some(Duration::from_secs(1)),
+            ..ServeLimits::default()
+        }
     }
 }
 
@@ -53,13 +72,22 @@ struct ServerInner {
     uploads: Arc<Semaphore>,
     bytes_sent: AtomicU64,
     busy_answers: AtomicU64,
+    /// Seed mode: who got each chunk last, and when.
+    recent: Mutex<HashMap<(BlobId, u64), (NodeId, Instant)>>,
 }
 
 impl BlobServer {
     pub fn new(store: BlobStore, limits: ServeLimits) -> BlobServer {
         let uploads = Arc::new(Semaphore::new(limits.max_concurrent_uploads.max(1)));
         BlobServer {
-            inner: Arc::new(ServerInner { store, limits, uploads, bytes_sent: AtomicU64::new(0), busy_answers: AtomicU64::new(0) }),
+            inner: Arc::new(ServerInner {
+                store,
+                limits,
+                uploads,
+                bytes_sent: AtomicU64::new(0),
+                busy_answers: AtomicU64::new(0),
+                recent: Mutex::new(HashMap::new()),
+            }),
         }
     }
 
@@ -80,8 +108,12 @@ impl BlobServer {
     /// Serve one accepted `peergrid/blob/1` connection until it closes. A malformed frame
     /// closes this connection only, with the wire close code.
     pub async fn serve_connection(&self, conn: quinn::Connection) {
-        let peer = net::remote_node_id(&conn).map(|n| n.short()).unwrap_or_default();
-        let span = tracing::debug_span!("blob_conn", node = %peer, addr = %conn.remote_address());
+        let peer = net::remote_node_id(&conn);
+        let span = tracing::debug_span!(
+            "blob_conn",
+            node = %peer.map(|n| n.short()).unwrap_or_default(),
+            addr = %conn.remote_address()
+        );
         async {
             let streams = Arc::new(Semaphore::new(self.inner.limits.max_streams_per_peer.max(1)));
             let mut tasks = tokio::task::JoinSet::new();
@@ -97,7 +129,7 @@ impl BlobServer {
                 let this = self.clone();
                 let conn = conn.clone();
                 tasks.spawn(async move {
-                    this.serve_stream(&conn, send, recv).await;
+                    this.serve_stream(&conn, peer, send, recv).await;
                     drop(permit);
                 });
                 while tasks.try_join_next().is_some() {}
@@ -109,7 +141,13 @@ impl BlobServer {
         .await
     }
 
-    async fn serve_stream(&self, conn: &quinn::Connection, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    async fn serve_stream(
+        &self,
+        conn: &quinn::Connection,
+        peer: Option<NodeId>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
         let req = match net::read_frame::<BlobRequest>(&mut recv).await {
             Ok(Some(req)) => req,
             Ok(None) => return,
@@ -121,12 +159,12 @@ impl BlobServer {
                 return;
             }
         };
-        if let Err(e) = self.answer(&mut send, req).await {
+        if let Err(e) = self.answer(&mut send, peer, req).await {
             tracing::debug!(error = %e, "blob request failed");
         }
     }
 
-    async fn answer(&self, send: &mut quinn::SendStream, req: BlobRequest) -> Result<(), FrameError> {
+    async fn answer(&self, send: &mut quinn::SendStream, peer: Option<NodeId>, req: BlobRequest) -> Result<(), FrameError> {
         let store = &self.inner.store;
         match req {
             BlobRequest::Outboard { id } => {
@@ -143,13 +181,20 @@ impl BlobServer {
                 };
                 net::write_frame(send, &resp).await?;
             }
-            BlobRequest::Chunks { id, start, count } => return self.send_chunks(send, id, start, count).await,
+            BlobRequest::Chunks { id, start, count } => return self.send_chunks(send, peer, id, start, count).await,
         }
         send.finish()?;
         Ok(())
     }
 
-    async fn send_chunks(&self, send: &mut quinn::SendStream, id: BlobId, start: u64, count: u32) -> Result<(), FrameError> {
+    async fn send_chunks(
+        &self,
+        send: &mut quinn::SendStream,
+        peer: Option<NodeId>,
+        id: BlobId,
+        start: u64,
+        count: u32,
+    ) -> Result<(), FrameError> {
         let store = &self.inner.store;
         let Some((size, have)) = store.have(&id) else {
             net::write_frame(send, &BlobResponse::NotFound).await?;
@@ -166,7 +211,11 @@ impl BlobServer {
             net::write_frame(send, &BlobResponse::NotFound).await?;
             return Ok(send.finish()?);
         }
-        let Ok(_upload) = self.inner.uploads.clone().try_acquire_owned() else {
+        let upload = match self.inner.uploads.clone().try_acquire_owned() {
+            Ok(permit) if self.seed_claim(peer, id, start..end) => Some(permit),
+            _ => None,
+        };
+        let Some(_upload) = upload else {
             self.inner.busy_answers.fetch_add(1, Ordering::Relaxed);
             let retry_after_ms = self.inner.limits.busy_retry_ms;
             net::write_frame(send, &BlobResponse::Busy { retry_after_ms }).await?;
@@ -178,7 +227,8 @@ impl BlobServer {
         net::write_frame(send, &BlobResponse::Chunks { start, count, len }).await?;
         // One chunk at a time: an upload holds at most one chunk in memory.
         for i in start..end {
-            let data = match blocking(store.clone(), move |s| s.read_chunks(&id, i, 1)).await {
+            // A page-cache read of one chunk: cheaper inline than a hop to the blocking pool.
+            let data = match store.read_chunks(&id, i, 1) {
                 Ok(d) => d,
                 Err(e) => {
                     // Evicted mid-upload, or a disk error: the requester sees a reset stream.
@@ -191,6 +241,29 @@ impl BlobServer {
             self.inner.bytes_sent.fetch_add(data.len() as u64, Ordering::Relaxed);
         }
         Ok(send.finish()?)
+    }
+}
+
+impl BlobServer {
+    /// Seed mode: claim chunks `run` of `id` for `peer`, unless another node got one of them
+    /// within the window.
+    fn seed_claim(&self, peer: Option<NodeId>, id: BlobId, run: std::ops::Range<u64>) -> bool {
+        let (Some(window), Some(peer)) = (self.inner.limits.seed_window, peer) else { return true };
+        let now = Instant::now();
+        let mut recent = self.inner.recent.lock().unwrap();
+        let taken = run.clone().any(|i| {
+            recent.get(&(id, i)).is_some_and(|(who, at)| *who != peer && now.duration_since(*at) < window)
+        });
+        if taken {
+            return false;
+        }
+        if recent.len() > 100_000 {
+            recent.retain(|_, (_, at)| now.duration_since(*at) < window);
+        }
+        for i in run {
+            recent.insert((id, i), (peer, now));
+        }
+        true
     }
 }
 

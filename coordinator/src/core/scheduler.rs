@@ -74,6 +74,10 @@ impl Core {
                 stale.push(pos);
                 continue;
             }
+            // Cheap check first: most skipped entries are tasks this worker already runs.
+            if slot.replicas.iter().any(|r| self.replicas[r].worker == worker) {
+                continue;
+            }
             let lead = match self.need(task) {
                 Need::More(n, lead) if n > 0 => lead,
                 _ => {
@@ -81,9 +85,6 @@ impl Core {
                     continue;
                 }
             };
-            if slot.replicas.iter().any(|r| self.replicas[r].worker == worker) {
-                continue;
-            }
             if lead.is_none() || lead == Some(fp) {
                 chosen = Some(pos);
                 break;

@@ -12,8 +12,6 @@
 //! - a report arriving after the decision (late, or for a cancelled replica) is judged
 //!   against the accepted result the same way.
 
-use std::collections::HashMap;
-
 use tasks::wire::ReplicaId;
 use tasks::{NodeId, ResultDigest, RunResult, TaskId};
 
@@ -34,13 +32,14 @@ pub enum ReportOutcome {
     Rejected(String),
 }
 
-/// Counts of one task's replicas, by fingerprint class.
+/// Counts of one task's replicas, by fingerprint class. Replicas per task are few (at most
+/// `max_replicas` ≤ 64 counted), so plain vectors beat hash maps here.
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
     /// (fingerprint, digest) → replicas that reported it.
-    pub groups: HashMap<(u32, ResultDigest), Vec<ReplicaId>>,
-    /// fingerprint → replicas in flight.
-    pub outstanding: HashMap<u32, u32>,
+    pub groups: Vec<((u32, ResultDigest), Vec<ReplicaId>)>,
+    /// (fingerprint, replicas in flight).
+    pub outstanding: Vec<(u32, u32)>,
     pub reported: u32,
     pub in_flight: u32,
     pub lost: u32,
@@ -48,15 +47,18 @@ pub(crate) struct Tally {
 
 impl Tally {
     /// Best achievable agreement per fingerprint right now (agreeing + in flight), and the
-    /// fingerprint that leads.
+    /// fingerprint that leads (ties: the smaller fingerprint index).
     pub fn lead(&self) -> (u32, Option<u32>) {
-        let mut best: HashMap<u32, u32> = HashMap::new();
+        let mut best: Vec<(u32, u32)> = Vec::new();
+        let mut bump = |fp: u32, n: u32, add: bool| match best.iter_mut().find(|(f, _)| *f == fp) {
+            Some((_, v)) => *v = if add { *v + n } else { (*v).max(n) },
+            None => best.push((fp, n)),
+        };
         for ((fp, _), v) in &self.groups {
-            let e = best.entry(*fp).or_insert(0);
-            *e = (*e).max(v.len() as u32);
+            bump(*fp, v.len() as u32, false);
         }
         for (fp, n) in &self.outstanding {
-            *best.entry(*fp).or_insert(0) += n;
+            bump(*fp, *n, true);
         }
         best.into_iter().map(|(fp, n)| (n, Some(fp))).max_by_key(|&(n, fp)| (n, std::cmp::Reverse(fp))).unwrap_or((0, None))
     }
@@ -81,11 +83,17 @@ impl Core {
                 ReplicaPhase::Reported => {
                     t.reported += 1;
                     let (d, _) = rep.result.as_ref().expect("reported replicas carry a result");
-                    t.groups.entry((rep.fp, *d)).or_default().push(*r);
+                    match t.groups.iter_mut().find(|(k, _)| *k == (rep.fp, *d)) {
+                        Some((_, v)) => v.push(*r),
+                        None => t.groups.push(((rep.fp, *d), vec![*r])),
+                    }
                 }
                 ReplicaPhase::InFlight => {
                     t.in_flight += 1;
-                    *t.outstanding.entry(rep.fp).or_insert(0) += 1;
+                    match t.outstanding.iter_mut().find(|(f, _)| *f == rep.fp) {
+                        Some((_, n)) => *n += 1,
+                        None => t.outstanding.push((rep.fp, 1)),
+                    }
                 }
                 ReplicaPhase::Lost => t.lost += 1,
                 ReplicaPhase::Cancelled => {}
@@ -127,7 +135,7 @@ impl Core {
                 "no consensus: {} replicas reported {} different results (best agreement {} of quorum {}) and max_replicas {} is reached",
                 t.reported,
                 distinct,
-                t.groups.values().map(|v| v.len()).max().unwrap_or(0),
+                t.groups.iter().map(|(_, v)| v.len()).max().unwrap_or(0),
                 q,
                 limits.max_replicas
             ));
@@ -183,6 +191,7 @@ impl Core {
             task,
             decision: Decision::Accepted { digest, result: result.clone(), fingerprint: self.fp_short(fp), agreeing: from.clone() },
             decided_ms: now,
+            output: None,
         });
         self.notices.push(Notice::Accepted { task, result, from, replica: *agreeing.last().expect("quorum >= 1") });
         self.maybe_finish_job(task.job);
@@ -219,7 +228,7 @@ impl Core {
         let in_flight: Vec<ReplicaId> =
             slot.replicas.iter().copied().filter(|r| self.replicas[r].phase == ReplicaPhase::InFlight).collect();
         self.cancel_replicas(&in_flight);
-        self.mutations.push(Mutation::Decided { task, decision: Decision::Failed { reason: reason.clone() }, decided_ms: now });
+        self.mutations.push(Mutation::Decided { task, decision: Decision::Failed { reason: reason.clone() }, decided_ms: now, output: None });
         self.notices.push(Notice::Failed { task, reason });
         self.maybe_finish_job(task.job);
     }
@@ -247,7 +256,7 @@ impl Core {
         rep.phase = ReplicaPhase::Reported;
         rep.result = Some((digest, result.clone()));
         let (task, deadline) = (rep.task, rep.deadline_ms);
-        self.mutations.push(Mutation::Reported { replica, result, reported_ms: now });
+        self.mutations.push(Mutation::Reported { replica, result, reported_ms: now, verdict: None });
         if let Some(w) = self.workers.get_mut(&worker) {
             w.last_seen_ms = now;
             w.in_flight.remove(&replica);

@@ -9,7 +9,6 @@
 //! stays consistent and a restart resumes from it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -156,7 +155,7 @@ impl<S: Store> Engine<S> {
         }
         let mut muts = self.core.take_mutations();
         muts.append(&mut extra);
-        coalesce_workers(&mut muts);
+        crate::store::fold(&mut muts);
         self.store.commit(&muts)?;
         self.batches += 1;
         for r in replies {
@@ -342,26 +341,6 @@ impl<S: Store> Engine<S> {
     }
 }
 
-/// Keep only the last record of each worker in a batch: a busy worker's credit changes many
-/// times per batch, and only the final value matters.
-fn coalesce_workers(muts: &mut Vec<Mutation>) {
-    let mut last: HashMap<NodeId, usize> = HashMap::new();
-    for (i, m) in muts.iter().enumerate() {
-        if let Mutation::Worker(w) = m {
-            last.insert(w.node, i);
-        }
-    }
-    let mut i = 0;
-    muts.retain(|m| {
-        let keep = match m {
-            Mutation::Worker(w) => last[&w.node] == i,
-            _ => true,
-        };
-        i += 1;
-        keep
-    });
-}
-
 /// The engine's thread; joins with the store error that stopped it, if any.
 pub type EngineThread = std::thread::JoinHandle<Result<(), crate::store::StoreError>>;
 
@@ -389,6 +368,3 @@ pub fn spawn<S: Store + 'static>(
         .expect("spawn engine thread");
     Ok((EngineHandle { tx }, frx, thread))
 }
-
-/// Share an engine handle.
-pub type SharedEngine = Arc<EngineHandle>;

@@ -83,6 +83,10 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "OFF")?;
+        // 64 MiB page cache: reports update recent replica rows, which then stay in memory.
+        conn.pragma_update(None, "cache_size", -65536)?;
+        // Checkpoint less often (each checkpoint is an fsync of the main file).
+        conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.set_prepared_statement_cache_capacity(64);
         schema::migrate(&mut conn, &shown)?;
@@ -133,9 +137,9 @@ impl SqliteStore {
                     *deadline_ms as i64
                 ])?;
             }
-            Mutation::Reported { replica, result, reported_ms } => {
-                tx.prepare_cached("UPDATE replicas SET phase = 1, result = ?2, reported_ms = ?3 WHERE id = ?1")?
-                    .execute(params![*replica as i64, enc(result), *reported_ms as i64])?;
+            Mutation::Reported { replica, result, reported_ms, verdict } => {
+                tx.prepare_cached("UPDATE replicas SET phase = 1, result = ?2, reported_ms = ?3, verdict = ?4 WHERE id = ?1")?
+                    .execute(params![*replica as i64, enc(result), *reported_ms as i64, verdict.map(|v| (v == Verdict::Valid) as i64)])?;
             }
             Mutation::Phase { replica, phase } => {
                 tx.prepare_cached("UPDATE replicas SET phase = ?2 WHERE id = ?1")?.execute(params![*replica as i64, phase_code(*phase)])?;
@@ -150,12 +154,18 @@ impl SqliteStore {
                 )?
                 .execute(params![task.job.0 as i64, task.index, *quorum])?;
             }
-            Mutation::Decided { task, decision, decided_ms } => match decision {
+            Mutation::Decided { task, decision, decided_ms, output } => match decision {
                 Decision::Accepted { digest, result, fingerprint, agreeing } => {
+                    let (inline, blob): (Option<&[u8]>, Option<&[u8]>) = match output {
+                        Some(Output::Inline(b)) => (Some(b), None),
+                        Some(Output::Blob(id)) => (None, Some(&id.0[..])),
+                        None => (None, None),
+                    };
                     tx.prepare_cached(
-                        "INSERT INTO tasks (job, idx, state, digest, result, fingerprint, agreeing, decided_ms) VALUES (?1, ?2, 'accepted', ?3, ?4, ?5, ?6, ?7)
+                        "INSERT INTO tasks (job, idx, state, digest, result, fingerprint, agreeing, decided_ms, output, output_blob) VALUES (?1, ?2, 'accepted', ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                          ON CONFLICT (job, idx) DO UPDATE SET state = 'accepted', digest = excluded.digest, result = excluded.result,
-                         fingerprint = excluded.fingerprint, agreeing = excluded.agreeing, decided_ms = excluded.decided_ms",
+                         fingerprint = excluded.fingerprint, agreeing = excluded.agreeing, decided_ms = excluded.decided_ms,
+                         output = excluded.output, output_blob = excluded.output_blob",
                     )?
                     .execute(params![
                         task.job.0 as i64,
@@ -164,7 +174,9 @@ impl SqliteStore {
                         enc(result),
                         fingerprint,
                         enc(agreeing),
-                        *decided_ms as i64
+                        *decided_ms as i64,
+                        inline,
+                        blob
                     ])?;
                 }
                 Decision::Failed { reason } => {

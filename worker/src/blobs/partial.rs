@@ -19,7 +19,13 @@ pub struct PartialBlob {
     file: File,
     have: Mutex<Vec<bool>>,
     held: AtomicU64,
+    /// Bytes written since the last flush to disk.
+    unsynced: AtomicU64,
 }
+
+/// Flush written chunks to disk every this many bytes, so the flush before the final rename
+/// is short (the writes run on the blocking pool, beside the network).
+const SYNC_EVERY: u64 = 16 << 20;
 
 impl std::fmt::Debug for PartialBlob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -58,7 +64,14 @@ impl PartialBlob {
             have[0] = outboard.verify_chunk(0, &[]).is_ok();
         }
         let held = have.iter().filter(|h| **h).count() as u64;
-        Ok(PartialBlob { path, outboard, file, have: Mutex::new(have), held: AtomicU64::new(held) })
+        Ok(PartialBlob {
+            path,
+            outboard,
+            file,
+            have: Mutex::new(have),
+            held: AtomicU64::new(held),
+            unsynced: AtomicU64::new(0),
+        })
     }
 
     pub fn blob(&self) -> BlobRef {
@@ -96,6 +109,7 @@ impl PartialBlob {
     }
 
     /// Verify chunk `index` and write it. Bytes that do not verify are never written.
+    /// Blocking (hashing, disk): call it off the async threads.
     /// Returns `false` when the chunk was already held.
     pub fn write_chunk(&self, index: u64, data: &[u8]) -> Result<bool, StoreError> {
         let id = self.blob().id;
@@ -105,6 +119,10 @@ impl PartialBlob {
         }
         let offset = index * CHUNK_SIZE as u64;
         self.file.write_all_at(data, offset).map_err(io_err(&self.path))?;
+        let unsynced = self.unsynced.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+        if unsynced >= SYNC_EVERY && self.unsynced.compare_exchange(unsynced, 0, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            self.file.sync_data().map_err(io_err(&self.path))?;
+        }
         let mut have = self.have.lock().unwrap();
         if have[index as usize] {
             return Ok(false);

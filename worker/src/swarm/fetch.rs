@@ -467,7 +467,7 @@ async fn ask_have(f: &Fetcher, peer: &PeerAddr, id: BlobId) -> Result<Option<Vec
 async fn get_chunks(
     f: &Fetcher,
     peer: &PeerAddr,
-    partial: &PartialBlob,
+    partial: &Arc<PartialBlob>,
     run: Range<u64>,
     got: &mut Vec<u64>,
 ) -> Result<Reply, Failure> {
@@ -495,26 +495,50 @@ async fn get_chunks(
         BlobResponse::NotFound => return Ok(Reply::NotHeld),
         other => return Err(Failure::Bad(format!("unexpected answer to Chunks {run:?}: {other:?}"))),
     }
-    let mut buf = vec![0u8; tasks::blob::CHUNK_SIZE];
+    // Verify and write chunk i on the blocking pool while chunk i + 1 arrives: at most two
+    // chunks of this request in memory.
+    let mut pending: Option<(u64, tokio::task::JoinHandle<Result<bool, StoreError>>)> = None;
+    let mut spare: Option<Vec<u8>> = None;
     for i in run.clone() {
         if (i..run.end).all(|j| partial.has_chunk(j)) {
             // Someone else won the race for the rest (end game): stop the transfer.
             let _ = recv.stop(quinn::VarInt::from_u32(0));
-            return Ok(Reply::Done);
+            break;
         }
         let r = blob.chunk_range(i);
-        let buf = &mut buf[..(r.end - r.start) as usize];
-        match tokio::time::timeout(t, recv.read_exact(buf)).await {
+        let mut buf = spare.take().unwrap_or_default();
+        buf.resize((r.end - r.start) as usize, 0);
+        match tokio::time::timeout(t, recv.read_exact(&mut buf)).await {
             Err(_) => return Err(Failure::Transient(format!("chunk {i} timed out"))),
             Ok(Err(e)) => return Err(classify(&conn, e)),
             Ok(Ok(())) => {}
         }
-        // Hashing 256 KiB takes well under a millisecond: fine on the async thread.
-        match partial.write_chunk(i, buf) {
-            Ok(_) => got.push(i),
-            Err(StoreError::Verify(_, e)) => return Err(Failure::Bad(e.to_string())),
-            Err(e) => return Err(Failure::Transient(e.to_string())),
+        if let Some((j, handle)) = pending.take() {
+            settle(j, handle.await, got)?;
         }
+        let p = partial.clone();
+        pending = Some((i, tokio::task::spawn_blocking(move || p.write_chunk(i, &buf))));
+        spare = Some(Vec::with_capacity(tasks::blob::CHUNK_SIZE));
+    }
+    if let Some((j, handle)) = pending.take() {
+        settle(j, handle.await, got)?;
     }
     Ok(Reply::Done)
+}
+
+/// The outcome of verifying and writing chunk `i`.
+fn settle(
+    i: u64,
+    joined: Result<Result<bool, StoreError>, tokio::task::JoinError>,
+    got: &mut Vec<u64>,
+) -> Result<(), Failure> {
+    match joined {
+        Ok(Ok(_)) => {
+            got.push(i);
+            Ok(())
+        }
+        Ok(Err(StoreError::Verify(_, e))) => Err(Failure::Bad(e.to_string())),
+        Ok(Err(e)) => Err(Failure::Transient(e.to_string())),
+        Err(e) => Err(Failure::Transient(e.to_string())),
+    }
 }
