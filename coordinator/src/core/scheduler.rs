@@ -1,7 +1,10 @@
 //! Pull scheduling: which replicas a worker gets when it asks for work.
 //!
 //! Rules:
-//! - a worker never holds two replicas of one task (of any phase, lost ones included);
+//! - a worker never holds two replicas of one task; the one exception is a worker whose
+//!   earlier replica of the task was *lost* (deadline, disconnect, abandon), and only as the
+//!   last resort when nothing else fits — otherwise a pool as small as the quorum stalls.
+//!   The validator counts one vote and one verdict per worker and task regardless;
 //! - a worker holds at most [`TrustPolicy::in_flight_cap`](super::trust::TrustPolicy::in_flight_cap)
 //!   replicas: workers that disagree repeatedly get less or no work;
 //! - fresh tasks get `quorum` replicas up front; more only after disagreement or loss;
@@ -65,6 +68,7 @@ impl Core {
         }
         // 1. Open tasks (already issued, need more replicas).
         let mut fallback = None;
+        let mut lost_fallback = None;
         let mut stale = Vec::new();
         let mut chosen = None;
         for (pos, &index) in j.open.iter().enumerate().take(scan) {
@@ -75,7 +79,10 @@ impl Core {
                 continue;
             }
             // Cheap check first: most skipped entries are tasks this worker already runs.
-            if slot.replicas.iter().any(|r| self.replicas[r].worker == worker) {
+            let mut mine = slot.replicas.iter().map(|r| &self.replicas[r]).filter(|r| r.worker == worker).peekable();
+            let only_lost = mine.peek().is_some() && mine.all(|r| r.phase == ReplicaPhase::Lost);
+            let has_mine = slot.replicas.iter().any(|r| self.replicas[r].worker == worker);
+            if has_mine && !only_lost {
                 continue;
             }
             let lead = match self.need(task) {
@@ -85,6 +92,13 @@ impl Core {
                     continue;
                 }
             };
+            if has_mine {
+                // Its earlier replica of this task was lost: a last resort (small pools).
+                if lost_fallback.is_none() {
+                    lost_fallback = Some(pos);
+                }
+                continue;
+            }
             if lead.is_none() || lead == Some(fp) {
                 chosen = Some(pos);
                 break;
@@ -118,8 +132,9 @@ impl Core {
             j.next_fresh += 1;
             return Some(index);
         }
-        // 3. An open task whose replicas ran on another engine.
-        if let Some(pos) = fallback {
+        // 3. An open task whose replicas ran on another engine; 4. one whose replica on this
+        // very worker was lost (otherwise a pool as small as the quorum could stall).
+        if let Some(pos) = fallback.or(lost_fallback) {
             return Some(take_open(j, pos, &stale));
         }
         for p in stale.into_iter().rev() {

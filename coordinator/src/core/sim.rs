@@ -184,10 +184,23 @@ impl Sim {
             assert_ne!(r.phase, ReplicaPhase::InFlight, "replica {id} lost in flight");
             assert_eq!(self.issued[id], (r.task, r.worker));
         }
-        // Never two replicas of one task on one worker.
+        // Never two replicas of one task on one worker, except after losing the first; and
+        // never two verdicts for one worker and task.
         let mut seen = HashSet::new();
-        for (task, worker) in self.issued.values() {
-            assert!(seen.insert((*task, *worker)), "two replicas of {task} on one worker");
+        let mut ids: Vec<_> = self.issued.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let (task, worker) = self.issued[&id];
+            if !seen.insert((task, worker)) {
+                let earlier_lost = self.core.replicas.iter().any(|(o, r)| {
+                    *o < id && r.task == task && r.worker == worker && r.phase == ReplicaPhase::Lost
+                });
+                assert!(earlier_lost, "two replicas of {task} on one worker");
+            }
+        }
+        let mut judged = HashSet::new();
+        for r in self.core.replicas.values().filter(|r| r.verdict.is_some()) {
+            assert!(judged.insert((r.task, r.worker)), "two verdicts for one worker on {}", r.task);
         }
         // Credit equals valid fuel; honest workers are never judged invalid.
         let mut fuel: BTreeMap<NodeId, u64> = BTreeMap::new();
@@ -362,6 +375,45 @@ fn adaptive_replication_gives_trusted_workers_single_replicas_with_spot_checks()
     let reported = sim.core.replicas.values().filter(|r| r.phase == ReplicaPhase::Reported).count();
     assert!(reported < (2 * n as usize) * 3 / 4, "fewer replicas once trusted: {reported}");
     assert!(reported > n as usize, "spot checks still replicate some tasks");
+}
+
+#[test]
+fn pool_as_small_as_quorum_reissues_a_lost_replica_to_its_own_worker_and_counts_it_once() {
+    let mut core = Core::new(CoreConfig::default());
+    core.add_job(manifest("a", 1, 2, 6, 10), 0);
+    let (w1, w2) = (node(1), node(2));
+    core.hello(w1, &fp(Kind::Honest), 1, None, &[], 0);
+    core.hello(w2, &fp(Kind::Honest), 1, None, &[], 0);
+    let a = core.request_work(w1, 1, 0).assignments.remove(0);
+    let b = core.request_work(w2, 1, 0).assignments.remove(0);
+    core.report(w1, a.replica, truth(a.task.id), 1);
+    core.tick(10_001); // w2's replica misses its deadline
+    let again = core.request_work(w2, 1, 10_001).assignments;
+    assert_eq!(again.len(), 1, "the only other worker gets the task back");
+    assert!(core.request_work(w1, 1, 10_001).assignments.is_empty());
+    // The late report of the lost replica decides the task; the reissued one is cancelled.
+    let out = core.report(w2, b.replica, truth(b.task.id), 10_002);
+    assert_eq!(out, ReportOutcome::Recorded { accepted: true, duplicate: false });
+    // Its result for the second replica gets no second verdict or credit.
+    core.report(w2, again[0].replica, truth(b.task.id), 10_003);
+    assert_eq!(core.credit_fuel(&w2), truth(b.task.id).fuel_used);
+    assert_eq!(core.reputation(&w2).unwrap().valid, 1);
+}
+
+#[test]
+fn two_votes_from_one_worker_never_make_a_quorum() {
+    let mut core = Core::new(CoreConfig::default());
+    core.add_job(manifest("a", 1, 2, 6, 10), 0);
+    let w1 = node(1);
+    core.hello(w1, &fp(Kind::Honest), 1, None, &[], 0);
+    let a = core.request_work(w1, 1, 0).assignments.remove(0);
+    core.tick(10_001);
+    let b = core.request_work(w1, 1, 10_001).assignments.remove(0);
+    assert_eq!(a.task.id, b.task.id);
+    core.report(w1, a.replica, truth(a.task.id), 10_002);
+    let out = core.report(w1, b.replica, truth(a.task.id), 10_003);
+    assert_eq!(out, ReportOutcome::Recorded { accepted: false, duplicate: false });
+    assert_eq!(core.task_phase(a.task.id), Some(TaskPhase::Pending));
 }
 
 #[test]

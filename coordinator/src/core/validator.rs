@@ -77,10 +77,17 @@ impl Core {
     pub(crate) fn tally(&self, task: TaskId) -> Tally {
         let mut t = Tally::default();
         let Some(slot) = self.jobs.get(&task.job).and_then(|j| j.tasks.get(task.index as usize)) else { return t };
+        let mut reporters: Vec<NodeId> = Vec::new();
         for r in &slot.replicas {
             let Some(rep) = self.replicas.get(r) else { continue };
             match rep.phase {
                 ReplicaPhase::Reported => {
+                    // One vote per worker: a worker that got a task again after losing its
+                    // first replica (and then reported both) is counted once.
+                    if reporters.contains(&rep.worker) {
+                        continue;
+                    }
+                    reporters.push(rep.worker);
                     t.reported += 1;
                     let (d, _) = rep.result.as_ref().expect("reported replicas carry a result");
                     match t.groups.iter_mut().find(|(k, _)| *k == (rep.fp, *d)) {
@@ -171,12 +178,13 @@ impl Core {
         job.done += 1;
         let replicas = slot.replicas.clone();
         let result = self.replicas[&agreeing[0]].result.as_ref().expect("reported").1.clone();
+        let counted: Vec<ReplicaId> = self.tally(task).groups.into_iter().flat_map(|(_, v)| v).collect();
         let mut from: Vec<NodeId> = Vec::new();
         let mut in_flight = Vec::new();
         for r in replicas {
             let rep = &self.replicas[&r];
             match rep.phase {
-                ReplicaPhase::Reported => {
+                ReplicaPhase::Reported if counted.contains(&r) => {
                     self.judge(r, fp, digest);
                     if agreeing.contains(&r) {
                         from.push(self.replicas[&r].worker);
@@ -199,8 +207,15 @@ impl Core {
 
     /// Give a reported replica of an accepted task its verdict (once).
     fn judge(&mut self, r: ReplicaId, fp: u32, digest: ResultDigest) {
+        let rep = &self.replicas[&r];
+        // One verdict per worker and task (see `tally`).
+        let (task, worker) = (rep.task, rep.worker);
+        let judged_before = self.jobs[&task.job].tasks[task.index as usize]
+            .replicas
+            .iter()
+            .any(|o| *o != r && self.replicas[o].worker == worker && self.replicas[o].verdict.is_some());
         let rep = self.replicas.get_mut(&r).expect("replica exists");
-        if rep.verdict.is_some() || rep.fp != fp {
+        if rep.verdict.is_some() || rep.fp != fp || judged_before {
             return;
         }
         let (d, result) = rep.result.as_ref().expect("reported");

@@ -94,6 +94,7 @@ enum Reply {
     Msgs(oneshot::Sender<Vec<CoordMsg>>, Vec<CoordMsg>),
     Job(oneshot::Sender<(JobId, u32)>, (JobId, u32)),
     Bool(oneshot::Sender<bool>, bool),
+    Status(oneshot::Sender<Option<StatusReport>>, Option<StatusReport>),
 }
 
 impl Reply {
@@ -104,6 +105,7 @@ impl Reply {
             Reply::Msgs(tx, m) => tx.send(m).map_err(|_| ()),
             Reply::Job(tx, j) => tx.send(j).map_err(|_| ()),
             Reply::Bool(tx, b) => tx.send(b).map_err(|_| ()),
+            Reply::Status(tx, s) => tx.send(s).map_err(|_| ()),
         };
     }
 }
@@ -224,9 +226,8 @@ impl<S: Store> Engine<S> {
                 tracing::info!(job = %created.0, tasks = created.1, "job created");
                 replies.push(Reply::Job(reply, created));
             }
-            Cmd::Status { job, reply } => {
-                let _ = reply.send(self.core.status(job));
-            }
+            // Sent after the commit, so a status never shows what a crash could still undo.
+            Cmd::Status { job, reply } => replies.push(Reply::Status(reply, self.core.status(job))),
             Cmd::Results { job, reply } => {
                 let _ = reply.send(self.results(job));
             }

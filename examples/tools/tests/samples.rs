@@ -119,7 +119,8 @@ fn pi_estimate_is_within_the_statistical_bound() {
     assert_ne!(outs[0], outs[1]);
     let e = pi::combine(outs.iter().map(|o| o.as_slice())).unwrap();
     assert_eq!(e.samples, 8_000_000);
-    assert!((e.stderr - 4.0 * (0.7854f64 * 0.2146 / 8e6).sqrt()).abs() < 1e-5);
+    let p = std::f64::consts::FRAC_PI_4;
+    assert!((e.stderr - 4.0 * (p * (1.0 - p) / 8e6).sqrt()).abs() < 1e-5);
     // 4 standard errors: the outputs are deterministic, so this either always holds or never.
     assert!((e.pi - std::f64::consts::PI).abs() < 4.0 * e.stderr, "{e:?}");
     let (lo, hi) = e.ci95();

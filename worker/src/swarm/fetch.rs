@@ -50,7 +50,7 @@ impl Default for FetchOptions {
         FetchOptions {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
-            have_interval: Duration::from_millis(150),
+            have_interval: Duration::from_millis(250),
             stall_timeout: Duration::from_secs(20),
             seed_gate_max: Duration::from_millis(500),
             sched: SchedLimits::default(),
@@ -315,7 +315,9 @@ impl Download {
             // Ask peers what they hold.
             for p in 0..self.peers.len() {
                 let complete = sched.peers[p].have.as_ref().is_some_and(|h| h.iter().all(|b| *b));
-                if sched.is_live(p) && !have_inflight[p] && !complete && next_have[p] <= now {
+                // While enough requests are in flight, news of more chunks would not be used.
+                let saturated = sched.inflight() >= opts.sched.max_inflight_total / 4 && have_at[p].is_some();
+                if sched.is_live(p) && !have_inflight[p] && !complete && !saturated && next_have[p] <= now {
                     have_inflight[p] = true;
                     let jitter = Duration::from_millis(rand::Rng::gen_range(&mut rng, 0..=opts.have_interval.as_millis() as u64 / 2));
                     next_have[p] = now + opts.have_interval + jitter;

@@ -1,0 +1,287 @@
+#!/usr/bin/env bash
+# Runs every Peergrid benchmark in release mode and writes BENCHMARKS.md: one table of medians
+# over several runs, each result beside the baseline measured in the same run.
+#
+#   bash bench.sh            # full sizes (~15-25 min on 2 cores, after the build)
+#   bash bench.sh --smoke    # tiny sizes, one run each: checks the script and the benches
+#   options: --runs N (repeats of the cheap benches, default 3), --out FILE (default BENCHMARKS.md)
+#
+# Every bench prints `BENCH|what|result|baseline|ratio|target|met` lines (e2e, scale) or a human
+# table that this script turns into such lines (sandbox, swarm, ingest). For a bench run N
+# times, the row whose result is the median is kept (its baseline comes from the same run).
+# Raw logs: bench-out/<bench>.<run>.log.
+set -uo pipefail
+cd "$(dirname "$0")"
+
+SMOKE=0
+RUNS=3
+OUT=BENCHMARKS.md
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --smoke) SMOKE=1 ;;
+        --runs) RUNS="$2"; shift ;;
+        --out) OUT="$2"; shift ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        *) echo "bench.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+command -v python3 >/dev/null || { echo "bench.sh: needs python3 to build the table" >&2; exit 2; }
+
+LOGS=bench-out
+mkdir -p "$LOGS"
+rm -f "$LOGS"/*.log
+if [ "$SMOKE" = 1 ]; then
+    export PEERGRID_BENCH_SMOKE=1
+    RUNS=1
+else
+    unset PEERGRID_BENCH_SMOKE
+fi
+# Many QUIC sessions in the scale bench: more descriptors never hurt.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+echo "== building (release): worker binary and every bench"
+cargo build --release -p worker --bin worker || { echo "bench.sh: building the worker binary failed" >&2; exit 1; }
+cargo bench --no-run -p worker --bench sandbox --bench swarm || echo "bench.sh: worker benches do not build; their rows will be missing" >&2
+cargo bench --no-run -p coordinator --bench ingest --bench e2e --bench scale || echo "bench.sh: coordinator benches do not build; their rows will be missing" >&2
+
+FAILED=()
+# run_bench PACKAGE BENCH TIMES [ENV=VALUE...]
+run_bench() {
+    local pkg="$1" bench="$2" times="$3"; shift 3
+    for i in $(seq 1 "$times"); do
+        echo "== $bench run $i/$times"
+        local start=$SECONDS
+        if env "$@" cargo bench -q -p "$pkg" --bench "$bench" >"$LOGS/$bench.$i.log" 2>&1; then
+            echo "   done in $((SECONDS - start)) s"
+        else
+            echo "   FAILED after $((SECONDS - start)) s (see $LOGS/$bench.$i.log)"
+            FAILED+=("$bench#$i")
+        fi
+        tail -n 3 "$LOGS/$bench.$i.log" | sed 's/^/   | /'
+    done
+}
+
+T0=$SECONDS
+# sandbox and swarm take their medians internally (PEERGRID_BENCH_RUNS).
+run_bench worker sandbox 1 PEERGRID_BENCH_RUNS="$RUNS"
+run_bench worker swarm 1 PEERGRID_BENCH_RUNS="$RUNS"
+run_bench coordinator ingest "$RUNS"
+run_bench coordinator e2e "$RUNS"
+# scale is minutes per run: once.
+run_bench coordinator scale 1
+TOTAL=$((SECONDS - T0))
+
+export BENCH_LOGS="$LOGS" BENCH_OUT="$OUT" BENCH_RUNS="$RUNS" BENCH_SMOKE="$SMOKE" BENCH_TOTAL="$TOTAL" BENCH_FAILED="${FAILED[*]:-}"
+python3 - <<'PY' || { echo "bench.sh: building the table failed" >&2; exit 1; }
+import glob, os, re, subprocess, datetime, statistics
+
+logs = os.environ["BENCH_LOGS"]
+
+def num(s):
+    m = re.search(r"-?[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?", s or "")
+    return float(m.group(0)) if m else float("nan")
+
+def fmt(v):
+    return f"{v:.0f}" if abs(v) >= 100 else (f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}")
+
+def ratio(a, b):
+    if not b:
+        return "-"
+    r = a / b
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.2e}x"
+
+def parse_sandbox(text):
+    rows = []
+    for line in text.splitlines():
+        m = re.match(r"^(\S+)\s+([0-9.]+) ms\s+([0-9.]+) ms\s+([0-9.]+) ms\s+([0-9.]+)x\s+([0-9.]+)x\s+(.*)$", line)
+        if m:
+            k, nat, det, nodet, rd, rn, rest = m.groups()
+            check = "" if "output = native" in rest else " (OUTPUT DIFFERS)"
+            for label, t, r in (("on", det, rd), ("off", nodet, rn)):
+                rows.append(f"BENCH|sandbox vs native: {k}, determinism {label}{check}|{t} ms|{nat} ms (native)|{r}x|<= 1.15x|{'yes' if float(r) <= 1.15 else 'no'}")
+            continue
+        m = re.match(r"^compile (\S+) \((\d+) KB\): cold compile ([0-9.]+) ms \| compile-cache load ([0-9.]+) ms", line)
+        if m:
+            k, kb, cold, warm = m.groups()
+            rows.append(f"BENCH|compile-cache load vs cold compile ({k}, {kb} KB)|{warm} ms|{cold} ms (cold compile)|{ratio(float(warm), float(cold))}|-|-")
+            continue
+        m = re.match(r"^instantiate (\S+)\s+([0-9.]+) µs", line)
+        if m:
+            rows.append(f"BENCH|instantiation: {m.group(1)} (store + WASI ctx + instance)|{m.group(2)} µs|-|-|-|-")
+            continue
+        m = re.match(r"^full run of an empty _start: ([0-9.]+) µs", line)
+        if m:
+            rows.append(f"BENCH|full run of an empty _start|{m.group(1)} µs|-|-|-|-")
+    return rows
+
+def parse_swarm(text):
+    rows, table = [], {}
+    for line in text.splitlines():
+        m = re.match(r"^\|\s*(\(.\)[^|]*?)\s*\|\s*([^|]*?)\s*\|\s*([0-9.]+) s\s*\|\s*([0-9.]+) MiB/s\s*\|", line)
+        if m:
+            table[m.group(1)] = (m.group(2), float(m.group(3)), float(m.group(4)))
+    for line in text.splitlines():
+        m = re.match(r"^\(a\) seed upload, swarm: ([0-9.]+)x the blob .*central: ([0-9.]+)x\); wall time swarm/central = ([0-9.]+)", line)
+        if m:
+            su, cu, wr = map(float, m.groups())
+            name = next((k for k in table if k.startswith("(a) swarm")), "(a) swarm").replace("(a) swarm: ", "")
+            rows.append(f"BENCH|coordinator upload per blob ({name})|{su:.2f}x blob|{cu:.2f}x blob (central only)|{ratio(su, cu)}|<= 1.2x blob|{'yes' if su <= 1.2 else 'no'}")
+            sw = next((v for k, v in table.items() if k.startswith("(a) swarm")), None)
+            cw = table.get("(a) central server only")
+            if sw and cw:
+                rows.append(f"BENCH|distribution wall time, swarm vs central only|{sw[1]:.3f} s|{cw[1]:.3f} s (central only)|{wr:.2f}x|-|-")
+        m = re.match(r"^\(b\) verified p2p / raw quinn throughput = ([0-9.]+)", line)
+        if m:
+            r = float(m.group(1))
+            p2p = next((v for k, v in table.items() if k.startswith("(b) verified")), None)
+            raw = next((v for k, v in table.items() if k.startswith("(b) raw")), None)
+            res = f"{p2p[2]:.0f} MiB/s" if p2p else f"{r:.2f}"
+            base = f"{raw[2]:.0f} MiB/s (raw quinn stream)" if raw else "-"
+            rows.append(f"BENCH|verified peer transfer vs raw quinn|{res}|{base}|{r:.2f}x|>= 0.9x|{'yes' if r >= 0.9 else 'no'}")
+    return rows
+
+def parse_ingest(text):
+    rows, raw = [], None
+    for line in text.splitlines():
+        m = re.match(r"^sqlite raw batch insert\s+\d+ rows\s+=\s+([0-9.]+) rows/s", line)
+        if m:
+            raw = float(m.group(1))
+    for line in text.splitlines():
+        m = re.match(r"^(engine \(core\+store\)|loopback QUIC sessions|engine, no store \(diag\.\))\s+(\d+) results in\s+([0-9.]+)s =\s+([0-9.]+) validated results/s", line)
+        if m:
+            name, n, secs, rate = m.groups()
+            rate = float(rate)
+            diag = "diag" in name
+            target = "-" if diag else ">= 50000 results/s"
+            met = "-" if diag else ("yes" if rate >= 50000 else "no")
+            base = f"{raw:.0f} rows/s (raw SQLite batch insert)" if raw else "-"
+            rows.append(f"BENCH|validated-result ingest: {name}|{rate:.0f} results/s|{base}|{ratio(rate, raw) if raw else '-'}|{target}|{met}")
+    return rows
+
+# Hand-written from profiling the misses (bench.sh owner: update when the numbers move).
+PROFILE_NOTES = """
+### What limits the biggest misses (profiled 2026-11-22)
+
+- **End-to-end tiny tasks/s (~40/s vs 10,000/s) — the biggest gap.** Not CPU: `perf stat` on
+  the e2e run shows 0.06 CPUs used. The worker daemon asks for work only on its 200 ms tick
+  (`Daemon::maybe_request_work` is called from the tick branch only) and keeps at most
+  2 x slots replicas in hand, so 4 workers x 2 slots get at most 4 x 4 replicas per 200 ms =
+  80 replicas/s = 40 tasks/s at quorum 2 — exactly the measured rate. The coordinator is far
+  from the limit (ingest: ~60,000 validated results/s over loopback QUIC; work-request p50
+  < 1 ms). Fix in the daemon: request again as soon as the hand drops below its target (after
+  each finished run and each non-empty Assign), prefetch deeper for short tasks (with the
+  coordinator's `in_flight_per_slot` to match), batch results into `Reports` frames.
+  Next limit after that: one fsynced outbox file per result (strace: ~1.5 fsync per replica,
+  ~330 µs each, on the daemon's async loop).
+- **Task start latency (~0.5–3 ms mean vs 200 µs; bare `Sandbox::run` is ~30 µs).** The
+  daemon's `select!` is `biased` with finished runs ahead of prepared assignments, and each
+  finished run writes and fsyncs its outbox file on the async thread, so a prepared assignment
+  waits behind those fsyncs before it reaches a slot. Fix: persist the outbox off the loop
+  (writer thread, one fsync per batch) and hand prepared work to slots first.
+- **Connected simulated workers (84k in the 150 s ramp vs 100k).** Not yet profiled; from the
+  connect rate, CPU-bound on this 2-core
+  box, where the bench's own clients (an ed25519 identity + TLS handshake per worker) share the
+  cores with the coordinator; the connect rate falls from ~800/s to ~300/s as the coordinator's
+  5 s keep-alives for 80k sessions (~16k pings/s plus acks) take over. Memory is not the limit
+  (65 KiB per session on the coordinator: 100k sessions ~ 6.5 GiB); a longer ramp
+  (`PEERGRID_BENCH_SCALE_SECS`) or the clients on another machine reach 100k.
+"""
+
+parsers = {"sandbox": parse_sandbox, "swarm": parse_swarm, "ingest": parse_ingest}
+order = ["sandbox", "swarm", "ingest", "e2e", "scale"]
+rows = {}      # what -> list of (result, fields)
+seen = []      # first-seen order
+runs_of = {}
+missing = []
+for bench in order:
+    files = sorted(glob.glob(f"{logs}/{bench}.*.log"))
+    runs_of[bench] = len(files)
+    got = 0
+    for f in files:
+        text = open(f, encoding="utf-8", errors="replace").read()
+        lines = [l for l in text.splitlines() if l.startswith("BENCH|")]
+        if not lines and bench in parsers:
+            lines = parsers[bench](text)
+        for l in lines:
+            fields = l.split("|")[1:]
+            if len(fields) < 6:
+                continue
+            what = fields[0]
+            if what not in rows:
+                rows[what] = []
+                seen.append((bench, what))
+            rows[what].append((num(fields[1]), fields))
+            got += 1
+    if got == 0:
+        missing.append(bench)
+
+def median_row(entries):
+    entries = sorted(entries, key=lambda e: (e[0] != e[0], e[0]))
+    return entries[(len(entries) - 1) // 2][1], len(entries)
+
+def cpu_model():
+    try:
+        for l in open("/proc/cpuinfo"):
+            if l.startswith("model name"):
+                return l.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
+    except Exception:
+        return ""
+
+smoke = os.environ["BENCH_SMOKE"] == "1"
+out = []
+out.append("# Peergrid benchmarks")
+out.append("")
+out.append("Generated by `bash bench.sh`" + (" --smoke (SMOKE SIZES: not representative)" if smoke else "") + "; do not edit by hand. "
+           "Each result is the median over the runs of that bench, beside the baseline measured in the same run.")
+out.append("")
+out.append("| bench | what | result (median) | baseline (same run) | ratio | target | met? |")
+out.append("|---|---|---|---|---|---|---|")
+misses = []
+for bench, what in seen:
+    f, n = median_row(rows[what])
+    result, base, rat, target, met = f[1], f[2], f[3], f[4], f[5]
+    runs = f" (n={n})" if n > 1 else ""
+    met_cell = {"yes": "yes", "no": "**no**"}.get(met, met)
+    out.append(f"| {bench} | {what} | {result}{runs} | {base} | {rat} | {target} | {met_cell} |")
+    if met == "no":
+        misses.append(f"{what}: {result}" + (f" ({rat})" if rat != "-" else "") + f" vs target {target}")
+out.append("")
+out.append("## Notes")
+out.append("")
+mem_gib = sh("free -g | awk '/Mem:/{print $2}'")
+out.append(f"- machine: `nproc` {sh('nproc')}, {cpu_model()}, {mem_gib} GiB RAM; {sh('uname -sr')}")
+out.append(f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; commit {sh('git rev-parse --short HEAD') or '?'}"
+           f"{' (with uncommitted changes)' if sh('git status --porcelain --untracked-files=no') else ''}; {sh('rustc --version')}")
+out.append(f"- medians of {os.environ['BENCH_RUNS']} runs (sandbox and swarm take the median inside the bench; ingest and e2e are run "
+           f"{os.environ['BENCH_RUNS']} times; scale once); noisy shared 2-core machine: other builds may run at the same time.")
+out.append(f"- total bench time: {int(os.environ['BENCH_TOTAL']) // 60} min {int(os.environ['BENCH_TOTAL']) % 60} s; raw logs in `bench-out/`.")
+out.append("- the scale bench runs the coordinator (`coordinator serve`) as a child process and the simulated workers in the bench "
+           "process, on the same 2 cores: client-side handshakes and requests compete with the coordinator for CPU.")
+if os.environ.get("BENCH_FAILED"):
+    out.append(f"- FAILED runs: {os.environ['BENCH_FAILED']} (see their logs)")
+if missing:
+    out.append(f"- no rows from: {', '.join(missing)} (bench failed to build or run, or printed nothing parseable)")
+out.append("")
+out.append("### Targets missed")
+out.append("")
+if misses:
+    for m in misses:
+        out.append(f"- {m}")
+else:
+    out.append("- none")
+out.append("")
+out.append(PROFILE_NOTES.strip())
+out.append("")
+open(os.environ["BENCH_OUT"], "w").write("\n".join(out) + "\n")
+print("\n".join(out))
+PY
+echo "== wrote $OUT in $((SECONDS - T0)) s of benchmarking"
+[ ${#FAILED[@]} -eq 0 ]
