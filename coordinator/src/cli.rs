@@ -237,33 +237,60 @@ fn print_status(r: &StatusReport) {
 /// Run `coordinator results`; returns the process exit code.
 pub async fn results(args: ResultsArgs) -> anyhow::Result<i32> {
     let client = connect(&args.to, &args.token).await?;
-    let res = client.results(args.job).await?;
+    let res = client.collect(args.job, OUTPUT_PATIENCE).await?;
     client.close().await;
-    let (written, pending, failed) = write_results(&res, &args.out)?;
+    let w = write_results(&res, &args.out)?;
     eprintln!(
-        "job {}: wrote {written} verified outputs and results.json to {} ({pending} pending, {failed} failed)",
+        "job {}: wrote {} verified outputs and results.json to {} ({} pending, {} failed)",
         res.job,
-        args.out.display()
+        w.written,
+        args.out.display(),
+        w.pending,
+        w.failed
     );
+    if w.collecting > 0 {
+        eprintln!(
+            "{} accepted outputs are still being collected from the workers; run `coordinator results` again shortly",
+            w.collecting
+        );
+    }
     Ok(0)
 }
 
-/// Write `DIR/<index>.out` for every accepted task and `DIR/results.json`. Returns
-/// (outputs written, tasks pending, tasks failed).
-pub fn write_results(res: &JobResults, dir: &Path) -> anyhow::Result<(usize, usize, usize)> {
+/// How long `results` waits for accepted outputs the coordinator is still pulling from workers.
+const OUTPUT_PATIENCE: Duration = Duration::from_secs(30);
+
+/// What [`write_results`] wrote.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Written {
+    /// `<index>.out` files written.
+    pub written: usize,
+    /// Tasks not decided yet.
+    pub pending: usize,
+    /// Tasks that reached no quorum.
+    pub failed: usize,
+    /// Accepted tasks whose output the coordinator has not collected from the workers yet.
+    pub collecting: usize,
+}
+
+/// Write `DIR/<index>.out` for every accepted task whose output is at hand, and
+/// `DIR/results.json`.
+pub fn write_results(res: &JobResults, dir: &Path) -> anyhow::Result<Written> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut json = res.clone();
-    let (mut written, mut pending, mut failed) = (0, 0, 0);
+    let mut w = Written::default();
     for t in &mut json.tasks {
         match t.status {
-            TaskState::Accepted => {
-                let out = t.output.take().with_context(|| format!("task {} is accepted but its output is missing", t.index))?;
-                let path = dir.join(format!("{}.out", t.index));
-                std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
-                written += 1;
-            }
-            TaskState::Pending => pending += 1,
-            TaskState::Failed => failed += 1,
+            TaskState::Accepted => match t.output.take() {
+                Some(out) => {
+                    let path = dir.join(format!("{}.out", t.index));
+                    std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+                    w.written += 1;
+                }
+                None => w.collecting += 1,
+            },
+            TaskState::Pending => w.pending += 1,
+            TaskState::Failed => w.failed += 1,
         }
         t.output = None;
     }
@@ -278,7 +305,7 @@ pub fn write_results(res: &JobResults, dir: &Path) -> anyhow::Result<(usize, usi
     }
     let path = dir.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&value)? + "\n").with_context(|| format!("writing {}", path.display()))?;
-    Ok((written, pending, failed))
+    Ok(w)
 }
 
 fn human_bytes(n: u64) -> String {
@@ -345,9 +372,10 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<i32> {
             return Ok(130);
         }
     };
-    let res = client.results(job).await?;
+    let res = client.collect(job, OUTPUT_PATIENCE).await?;
     let report = client.status(Some(job)).await?;
-    let (written, _, failed) = write_results(&res, &args.out)?;
+    let Written { written, failed, collecting, .. } = write_results(&res, &args.out)?;
+    anyhow::ensure!(collecting == 0, "{collecting} accepted outputs never reached the coordinator");
     let compute_wall = started.elapsed();
 
     let mut png = None;

@@ -13,7 +13,8 @@ use std::net::SocketAddr;
 
 use tasks::job::JobError;
 use tasks::net::{self, FrameError, NetError};
-use tasks::wire::{ErrorCode, JobResults, PeerAddr, StatusReport, SubmitBody, SubmitRequest, SubmitResponse, TaskState, ALPN_BLOB, ALPN_SUBMIT};
+use worker::swarm::FetchError;
+use tasks::wire::{ErrorCode, JobResults, PeerAddr, StatusReport, SubmitBody, SubmitRequest, SubmitResponse, TaskState, ALPN_SUBMIT};
 use tasks::{BlobId, BlobRef, JobId, JobManifest, JobSpec, NodeKey, Ticket};
 
 /// Why a client call failed. Every message is one line saying what to do.
@@ -172,11 +173,31 @@ impl Client {
             }
             let (_, bs, fetcher) = store.as_ref().expect("created above");
             let blob = BlobRef { id: hash, size: len };
-            fetcher.fetch(blob, &seed).await.map_err(|e| ClientError::Fetch { index: t.index, reason: e.to_string() })?;
+            match fetcher.fetch(blob, &seed).await {
+                Ok(_) => {}
+                // Accepted, but the coordinator is still pulling the output from the agreeing
+                // workers: leave `output` empty; `collect` asks again.
+                Err(FetchError::Unavailable { tried, not_found, .. }) if tried == not_found => continue,
+                Err(e) => return Err(ClientError::Fetch { index: t.index, reason: e.to_string() }),
+            }
             t.output = Some(bs.read(&hash).map_err(|e| ClientError::Fetch { index: t.index, reason: e.to_string() })?);
         }
-        let _ = ALPN_BLOB;
         Ok(results)
+    }
+
+    /// Like [`Client::results`], but when the job has ended and some accepted outputs are still
+    /// on their way from the workers to the coordinator, ask again (for up to `patience`) until
+    /// every accepted task carries its output.
+    pub async fn collect(&self, job: JobId, patience: std::time::Duration) -> Result<JobResults, ClientError> {
+        let until = tokio::time::Instant::now() + patience;
+        loop {
+            let r = self.results(job).await?;
+            let missing = r.tasks.iter().any(|t| t.status == TaskState::Accepted && t.output.is_none());
+            if !missing || r.state == tasks::wire::JobState::Running || tokio::time::Instant::now() >= until {
+                return Ok(r);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
 
     /// Cancel a job: nothing more is scheduled, workers are told to stop.
