@@ -9,8 +9,10 @@
 //!   work such as fetching an accepted output.
 //!
 //! Submodules: [`scheduler`] (who gets what), [`validator`] (quorum and verdicts),
-//! [`trust`] (reputation policy).
+//! [`trust`] (reputation policy), [`adversary`] (saboteur scenarios driven through the core
+//! by simulated workers, with the figures they produce).
 
+pub mod adversary;
 pub mod scheduler;
 pub mod trust;
 pub mod validator;
@@ -25,7 +27,7 @@ use tasks::wire::{JobState, JobStatus, PeerAddr, ReplicaId, StatusReport, Worker
 use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult, TaskId};
 
 use crate::store::{Decision, Mutation, ReplicaPhase, Snapshot, Verdict, WorkerRecord};
-use trust::{Reputation, TrustPolicy};
+use trust::{AddressBlock, Reputation, TrustPolicy};
 
 pub use scheduler::Work;
 pub use validator::ReportOutcome;
@@ -122,6 +124,11 @@ pub(crate) struct Replica {
     pub phase: ReplicaPhase,
     pub result: Option<(ResultDigest, RunResult)>,
     pub verdict: Option<Verdict>,
+    /// Its worker was an anchor when it got the replica, then (once reported) when it
+    /// answered. Not persisted: rebuilt from reputations on restore.
+    pub anchor: bool,
+    /// Its worker's address block when it got the replica.
+    pub block: Option<AddressBlock>,
 }
 
 #[derive(Debug)]
@@ -132,10 +139,24 @@ pub(crate) struct Worker {
     pub connected: bool,
     pub disconnected_ms: Option<u64>,
     pub peer_addr: Option<SocketAddr>,
+    /// Where this session's connection came from, as the shell saw it.
+    pub observed_addr: Option<SocketAddr>,
     pub credit_fuel: u64,
     pub rep: Reputation,
     pub in_flight: BTreeSet<ReplicaId>,
     pub last_seen_ms: u64,
+    /// Counted in `Core::anchors` (connected and trusted).
+    pub anchor: bool,
+    /// Its reported replicas of tasks still pending.
+    pub undecided: u32,
+}
+
+impl Worker {
+    /// The address block the address rule judges this worker by: the observed address, or
+    /// (if the shell gave none) the one it announced.
+    pub fn block(&self) -> Option<AddressBlock> {
+        self.observed_addr.or(self.peer_addr).as_ref().and_then(trust::address_block)
+    }
 }
 
 /// The scheduler/validator state machine. See the module doc.
@@ -153,6 +174,10 @@ pub struct Core {
     /// In-flight replicas by deadline.
     pub(crate) deadlines: BTreeSet<(u64, ReplicaId)>,
     pub(crate) holders: HashMap<BlobId, Vec<NodeId>>,
+    /// Connected anchors (trusted workers).
+    pub(crate) anchors: usize,
+    /// Workers banned by verdicts not yet settled (see `settle_bans`).
+    pub(crate) newly_banned: Vec<NodeId>,
     next_replica: ReplicaId,
     next_job: u64,
     pub(crate) mutations: Vec<Mutation>,
@@ -172,6 +197,8 @@ impl Core {
             fp_index: HashMap::new(),
             deadlines: BTreeSet::new(),
             holders: HashMap::new(),
+            anchors: 0,
+            newly_banned: Vec::new(),
             next_replica: 1,
             next_job: 1,
             mutations: Vec::new(),
@@ -233,11 +260,28 @@ impl Core {
             connected: false,
             disconnected_ms: None,
             peer_addr: None,
+            observed_addr: None,
             credit_fuel: 0,
             rep: Reputation::default(),
             in_flight: BTreeSet::new(),
             last_seen_ms: now,
+            anchor: false,
+            undecided: 0,
         })
+    }
+
+    /// Keep `anchors` in step with a worker's connection and trust.
+    pub(crate) fn sync_anchor(&mut self, id: NodeId) {
+        let Some(w) = self.workers.get_mut(&id) else { return };
+        let want = w.connected && self.cfg.policy.is_trusted(&w.rep);
+        if want != w.anchor {
+            w.anchor = want;
+            if want {
+                self.anchors += 1;
+            } else {
+                self.anchors -= 1;
+            }
+        }
     }
 
     /// A worker session began (or resumed after a reconnect).
@@ -249,13 +293,35 @@ impl Core {
         w.connected = true;
         w.disconnected_ms = None;
         w.last_seen_ms = now;
+        // A new session: the shell tells us where it comes from with `observed_address`.
+        w.observed_addr = None;
         let addr_changed = w.peer_addr != peer_addr;
         w.peer_addr = peer_addr;
         if addr_changed {
             self.mutations.push(Mutation::PeerAddr { worker, addr: peer_addr });
         }
+        self.sync_anchor(worker);
         self.persist_worker(worker);
         self.have_blobs(worker, blobs);
+    }
+
+    /// The address this session's connection comes from (the QUIC remote address), after
+    /// `hello`. The address-block rule judges workers by it; a worker cannot choose it as
+    /// freely as the address it announces.
+    pub fn observed_address(&mut self, worker: NodeId, addr: SocketAddr) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.observed_addr = Some(addr);
+        }
+    }
+
+    /// Connected anchors: workers trusted through their agreement history.
+    pub fn anchors_connected(&self) -> usize {
+        self.anchors
+    }
+
+    /// Whether the policy has banned this worker (no work, votes on undecided tasks void).
+    pub fn is_banned(&self, worker: &NodeId) -> bool {
+        self.workers.get(worker).is_some_and(|w| self.cfg.policy.is_banned(&w.rep))
     }
 
     /// The worker now holds and serves these blobs.
@@ -286,6 +352,7 @@ impl Core {
             w.disconnected_ms = Some(now);
             w.last_seen_ms = now;
         }
+        self.sync_anchor(worker);
     }
 
     /// Whether a worker has an open session.
@@ -316,6 +383,7 @@ impl Core {
                 self.lose(r, now);
             }
         }
+        self.settle_bans(now);
     }
 
     /// The worker will not finish these replicas: reissue them at once. Replicas not in flight
@@ -326,6 +394,7 @@ impl Core {
                 self.lose(*r, now);
             }
         }
+        self.settle_bans(now);
     }
 
     /// Take an in-flight replica away from its worker (it was not reported in time).
@@ -392,6 +461,10 @@ impl Core {
         j.open.clear();
         self.running.retain(|x| *x != job);
         self.mutations.push(Mutation::JobState { job, state: JobState::Cancelled });
+        let pending: Vec<TaskId> = (0..j.next_fresh).filter(|&i| j.tasks[i as usize].phase == TaskPhase::Pending).map(|index| TaskId { job, index }).collect();
+        for t in pending {
+            self.release_votes(t);
+        }
         let in_flight: Vec<ReplicaId> = self
             .replicas
             .iter()
@@ -543,10 +616,13 @@ impl Core {
                     connected: false,
                     disconnected_ms: Some(now),
                     peer_addr: peer_addrs.get(&w.node).copied(),
+                    observed_addr: None,
                     credit_fuel: w.credit_fuel,
                     rep: w.reputation,
                     in_flight: BTreeSet::new(),
                     last_seen_ms: w.last_seen_ms,
+                    anchor: false,
+                    undecided: 0,
                 },
             );
         }
@@ -592,13 +668,23 @@ impl Core {
                         w.in_flight.insert(r.replica);
                     }
                 }
-                ReplicaPhase::Reported => job.reported += 1,
+                ReplicaPhase::Reported => {
+                    job.reported += 1;
+                    if job.state == JobState::Running && slot.phase == TaskPhase::Pending {
+                        if let Some(w) = core.workers.get_mut(&r.worker) {
+                            w.undecided += 1;
+                        }
+                    }
+                }
                 _ => {}
             }
             let result = r.result.map(|res| (res.digest(), res));
+            let w = core.workers.get(&r.worker);
+            let anchor = w.is_some_and(|w| core.cfg.policy.is_trusted(&w.rep));
+            let block = w.and_then(|w| w.block());
             core.replicas.insert(
                 r.replica,
-                Replica { task: r.task, worker: r.worker, fp, deadline_ms: r.deadline_ms, phase: r.phase, result, verdict: r.verdict },
+                Replica { task: r.task, worker: r.worker, fp, deadline_ms: r.deadline_ms, phase: r.phase, result, verdict: r.verdict, anchor, block },
             );
         }
         core.next_replica = max_replica + 1;
@@ -622,6 +708,7 @@ impl Core {
         for t in pending {
             core.reevaluate(t, now);
         }
+        core.settle_bans(now);
         // Restoring re-derives state that is already durable.
         core.mutations.retain(|m| !matches!(m, Mutation::Fingerprint { .. }));
         core

@@ -44,7 +44,10 @@ struct ServeArgs {
     /// listening on all interfaces).
     #[arg(long, value_name = "HOST")]
     advertise: Option<String>,
-    /// HTTP status page address (not implemented yet: accepted and ignored with a warning).
+    /// TCP address for a read-only HTTP status API (default: none). `GET /` is a page of jobs
+    /// and workers; `/status`, `/jobs/ID` and `/jobs/ID/results` are JSON; `/health` says ok.
+    /// It needs no token and shows job names, worker ids and credit: bind it to localhost
+    /// (e.g. 127.0.0.1:8080) or a trusted network.
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
 }
@@ -81,16 +84,16 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
-    if let Some(http) = a.http {
-        // TODO(http): axum status page mirroring `coordinator status --json`.
-        tracing::warn!(%http, "--http is not implemented yet; ignoring it");
-    }
     let mut cfg = ServeConfig::new(a.data_dir, a.listen);
     cfg.advertise = a.advertise;
+    cfg.http = a.http;
     let running = server::Coordinator::start(cfg).await?;
     println!("ticket: {}", running.ticket);
     println!("submit token: {}", running.token);
     println!("(also in {} and {})", running.data_dir.join(server::TICKET_FILE).display(), running.data_dir.join(server::TOKEN_FILE).display());
+    if let Some(http) = running.http_addr {
+        println!("status page: http://{http}/ (read-only, no token: JSON at /status, /jobs/ID, /jobs/ID/results)");
+    }
     if running.ticket_host_guessed {
         println!(
             "note: listening on all interfaces ({}); the ticket names 127.0.0.1. For workers on other machines restart with --advertise <this host's name or IP>.",

@@ -5,11 +5,14 @@
 //! - `peergrid/blob/1` → [`worker::swarm::BlobServer`] on the coordinator's blob store (the
 //!   coordinator is the first seed of every blob).
 //!
+//! Optionally, [`http`] serves a read-only status API over HTTP (`--http ADDR`).
+//!
 //! All state changes go through the [`engine`] (core + store, group commit). Start one with
 //! [`Coordinator::start`] (in-process: tests, `coordinator demo`) or [`serve`] (until a
 //! shutdown future resolves: `coordinator serve`).
 
 pub mod engine;
+pub mod http;
 pub mod session;
 pub mod submit;
 
@@ -54,11 +57,14 @@ pub struct ServeConfig {
     pub core: CoreConfig,
     /// How often deadlines and grace periods are checked.
     pub tick: Duration,
+    /// TCP address of the read-only HTTP status API ([`http`]); `None` (the default): no
+    /// HTTP server. It needs no token, so bind it to localhost or a trusted network.
+    pub http: Option<SocketAddr>,
 }
 
 impl ServeConfig {
     pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> ServeConfig {
-        ServeConfig { data_dir: data_dir.into(), listen, advertise: None, core: CoreConfig::default(), tick: Duration::from_secs(1) }
+        ServeConfig { data_dir: data_dir.into(), listen, advertise: None, core: CoreConfig::default(), tick: Duration::from_secs(1), http: None }
     }
 }
 
@@ -72,6 +78,8 @@ pub struct RunningCoordinator {
     pub data_dir: PathBuf,
     /// True when the ticket's host was guessed (listening on all interfaces).
     pub ticket_host_guessed: bool,
+    /// The address the HTTP status API is bound to, when [`ServeConfig::http`] was set.
+    pub http_addr: Option<SocketAddr>,
     endpoint: quinn::Endpoint,
     blob_server: BlobServer,
     cancel: CancellationToken,
@@ -101,6 +109,15 @@ impl Coordinator {
         let mut store = SqliteStore::open(&dir.join(SqliteStore::FILE))?;
         let endpoint = net::endpoint(&key, cfg.listen, &[ALPN_COORD, ALPN_SUBMIT, ALPN_BLOB])?;
         let addr = endpoint.local_addr().context("reading the bound address")?;
+        // Bound before anything is spawned, so a bad --http fails the start cleanly.
+        let http_listener = match cfg.http {
+            Some(a) => Some(http::bind(a).await?),
+            None => None,
+        };
+        let http_addr = match &http_listener {
+            Some(l) => Some(l.local_addr().context("reading the bound HTTP address")?),
+            None => None,
+        };
         let (host, guessed) = match &cfg.advertise {
             Some(h) => (h.clone(), false),
             None if addr.ip().is_unspecified() => (if addr.is_ipv4() { Ipv4Addr::LOCALHOST.to_string() } else { "[::1]".into() }, true),
@@ -123,17 +140,28 @@ impl Coordinator {
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let bs = blob_server.clone();
+        let bytes_sent: Arc<dyn Fn() -> u64 + Send + Sync> = Arc::new(move || bs.bytes_sent());
         let ctx = submit::SubmitCtx {
             engine: engine.clone(),
             blobs: blobs.clone(),
             token_hash: blake3::hash(token.as_bytes()),
-            bytes_sent: Arc::new(move || bs.bytes_sent()),
+            bytes_sent: bytes_sent.clone(),
         };
+        if let Some(listener) = http_listener {
+            let hctx = http::HttpCtx { engine: engine.clone(), bytes_sent };
+            tasks.spawn(http::run(listener, hctx, cancel.clone()));
+        }
         tasks.spawn(accept_loop(endpoint.clone(), engine.clone(), ctx, blob_server.clone(), cancel.clone()));
         tasks.spawn(ticker(engine.clone(), cfg.tick, cancel.clone()));
         let fetcher = Fetcher::new(endpoint.clone(), blobs.clone(), Some(blob_server.clone()));
         tasks.spawn(output_fetcher(fetcher, engine.clone(), fetches, cancel.clone()));
         tracing::info!(%ticket, %addr, "coordinator listening");
+        if let Some(h) = http_addr {
+            tracing::info!(http = %h, "HTTP status API listening (read-only, no token)");
+            if !h.ip().is_loopback() {
+                tracing::warn!(http = %h, "the HTTP status API needs no token: anyone who can reach it sees job names, worker ids and credit");
+            }
+        }
         Ok(RunningCoordinator {
             ticket,
             token,
@@ -141,6 +169,7 @@ impl Coordinator {
             node_id: key.node_id(),
             data_dir: dir.clone(),
             ticket_host_guessed: guessed,
+            http_addr,
             endpoint,
             blob_server,
             cancel,

@@ -4,6 +4,12 @@
 //! off, and the ratios. Then cold compile vs compile-cache load for a ~100 KB module, and
 //! instantiation time.
 //!
+//! Then, per kernel, **what each determinism setting costs**: the same module on plain
+//! wasmtime (default `Config`, stock WASI preview 1, none of our settings), then with only
+//! fuel metering, only epoch interruption, only NaN canonicalization turned on. The ratios
+//! against plain wasmtime separate the cost of wasm itself (plain / native) from the cost of
+//! each setting the sandbox needs.
+//!
 //! Kernels: every `benches/kernels/<name>.rs` (std-only Rust; `<name>.args` holds its
 //! arguments), and every sample `examples/<name>/` that has `<name>.wasm` and a source
 //! (`<name>.rs` or `src/main.rs`). An example's `bench.args` gives the benchmark run: first
@@ -50,6 +56,13 @@ fn main() {
     println!("{:<12} {:>11} {:>11} {:>11} {:>9} {:>9}  {}", "kernel", "native", "det", "no-det", "det/nat", "nodet/nat", "check");
     for k in &kernels {
         bench_kernel(k, runs, &det, &loose);
+    }
+
+    println!();
+    println!("# what each setting costs, alone, on plain wasmtime (median of {runs})");
+    println!("{:<12} {:>11} {:>11} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9}", "kernel", "plain", "+fuel", "+epoch", "+nan-canon", "plain/nat", "fuel", "epoch", "nan");
+    for k in &kernels {
+        settings_cost(k, runs);
     }
 
     println!();
@@ -198,6 +211,93 @@ fn run_sandbox(sb: &Sandbox, k: &Kernel, runs: usize) -> Result<(Duration, Vec<u
     }
     let out = last.unwrap();
     Ok((median(times), out.output, out.result.fuel_used))
+}
+
+/// One setting on top of plain wasmtime.
+#[derive(Clone, Copy, PartialEq)]
+enum Extra {
+    None,
+    Fuel,
+    Epoch,
+    NanCanon,
+}
+
+/// Run `k` on plain wasmtime (stock WASI p1, in-memory stdio) with at most one extra setting.
+fn run_plain(k: &Kernel, extra: Extra, runs: usize) -> Result<(Duration, Vec<u8>), String> {
+    use wasmtime::{Config, Engine, Linker, Module, Store};
+    use wasmtime_wasi::p1::WasiP1Ctx;
+    use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+    let mut c = Config::new();
+    c.consume_fuel(extra == Extra::Fuel);
+    c.epoch_interruption(extra == Extra::Epoch);
+    c.cranelift_nan_canonicalization(extra == Extra::NanCanon);
+    let engine = Engine::new(&c).map_err(|e| e.to_string())?;
+    let module = Module::new(&engine, &k.wasm).map_err(|e| e.to_string())?;
+    let mut linker: Linker<WasiP1Ctx> = Linker::new(&engine);
+    wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |t| t).map_err(|e| e.to_string())?;
+    let pre = linker.instantiate_pre(&module).map_err(|e| e.to_string())?;
+    let argv: Vec<String> = std::iter::once(k.name.clone()).chain(k.args.iter().cloned()).collect();
+    let mut times = Vec::new();
+    let mut output = Vec::new();
+    for _ in 0..runs {
+        let stdout = MemoryOutputPipe::new(64 << 20);
+        let wasi = wasmtime_wasi::WasiCtxBuilder::new()
+            .args(&argv)
+            .stdin(MemoryInputPipe::new(k.input.clone()))
+            .stdout(stdout.clone())
+            .build_p1();
+        let mut store = Store::new(&engine, wasi);
+        if extra == Extra::Fuel {
+            store.set_fuel(u64::MAX / 4).map_err(|e| e.to_string())?;
+        }
+        if extra == Extra::Epoch {
+            // Never reached: only the checks' cost is measured.
+            store.set_epoch_deadline(u64::MAX / 2);
+        }
+        let t = Instant::now();
+        let res = pre.instantiate(&mut store).and_then(|i| i.get_typed_func::<(), ()>(&mut store, "_start")?.call(&mut store, ()));
+        times.push(t.elapsed());
+        if let Err(e) = res {
+            match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
+                Some(x) if x.0 == 0 => {}
+                _ => return Err(format!("{e:#}")),
+            }
+        }
+        drop(store);
+        output = stdout.contents().to_vec();
+    }
+    Ok((median(times), output))
+}
+
+fn settings_cost(k: &Kernel, runs: usize) {
+    let mut native = Vec::new();
+    for _ in 0..runs {
+        native.push(run_native(k).0);
+    }
+    let native = median(native);
+    let mut t = Vec::new();
+    for extra in [Extra::None, Extra::Fuel, Extra::Epoch, Extra::NanCanon] {
+        match run_plain(k, extra, runs) {
+            Ok((d, _)) => t.push(d),
+            Err(e) => {
+                println!("{:<12} FAILED on plain wasmtime: {e}", k.name);
+                return;
+            }
+        }
+    }
+    let r = |d: Duration, base: Duration| d.as_secs_f64() / base.as_secs_f64();
+    println!(
+        "{:<12} {:>11} {:>11} {:>11} {:>11} {:>8.2}x {:>8.2}x {:>8.2}x {:>8.2}x",
+        k.name,
+        ms(t[0]),
+        ms(t[1]),
+        ms(t[2]),
+        ms(t[3]),
+        r(t[0], native),
+        r(t[1], t[0]),
+        r(t[2], t[0]),
+        r(t[3], t[0]),
+    );
 }
 
 fn ms(d: Duration) -> String {

@@ -34,7 +34,7 @@ use crate::blobs::BlobStore;
 use crate::sandbox::{LoadedModule, RunControl, RunSpec, Sandbox, SandboxConfig};
 use crate::swarm::{BlobServer, Fetcher, ServeLimits};
 use executor::{Done, Executor, Job, Module};
-use outbox::Outbox;
+use outbox::{Outbox, Segment};
 
 /// Arguments of `worker join`.
 #[derive(Debug, Clone, clap::Args)]
@@ -105,6 +105,41 @@ pub struct WorkerStats {
     /// Sum and count of assignment-to-guest-start latencies, in microseconds.
     pub start_latency_us_sum: AtomicU64,
     pub start_latency_count: AtomicU64,
+    /// The same latencies as a histogram: bucket `i` counts latencies in `[2^i, 2^(i+1))` µs
+    /// (bucket 0 also holds 0 µs).
+    pub start_latency_hist: [AtomicU64; LATENCY_BUCKETS],
+}
+
+/// Buckets of [`WorkerStats::start_latency_hist`] (the last one holds everything ≥ 2^31 µs).
+pub const LATENCY_BUCKETS: usize = 32;
+
+impl WorkerStats {
+    fn record_start_latency(&self, d: Duration) {
+        let us = d.as_micros().min(u64::MAX as u128) as u64;
+        self.start_latency_us_sum.fetch_add(us, Ordering::Relaxed);
+        self.start_latency_count.fetch_add(1, Ordering::Relaxed);
+        let bucket = (63 - us.max(1).leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
+        self.start_latency_hist[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The `q`-quantile (0..=1) of start latencies, as the upper bound of its histogram
+    /// bucket in microseconds; `None` before any task started.
+    pub fn start_latency_quantile_us(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self.start_latency_hist.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let want = ((total as f64 * q.clamp(0.0, 1.0)).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= want {
+                return Some(1u64 << (i + 1));
+            }
+        }
+        None
+    }
 }
 
 /// `worker join`: run until Ctrl-C.
@@ -172,6 +207,9 @@ pub async fn run(cfg: WorkerConfig, stats: Arc<WorkerStats>, shutdown: Cancellat
         request_outstanding: false,
         next_request: Instant::now(),
         paused: false,
+        unsaved: Vec::new(),
+        saving: false,
+        task_secs: None,
     };
     let result = daemon.run(done_rx, shutdown).await;
     conns.cancel();
@@ -239,7 +277,21 @@ struct Daemon {
     request_outstanding: bool,
     next_request: Instant,
     paused: bool,
+    /// Finished results not yet durable in the outbox (the next group commit).
+    unsaved: Vec<Report>,
+    /// A group commit is being written on a blocking thread.
+    saving: bool,
+    /// Moving average of task wall time, which sizes how much work to keep in hand.
+    task_secs: Option<f64>,
 }
+
+/// How much work in hand per slot: enough to cover this long of recent task times, so tiny
+/// tasks do not wait for a round trip to the coordinator...
+const PREFETCH_COVER: Duration = Duration::from_millis(250);
+/// ...within these bounds per slot.
+const PREFETCH_PER_SLOT: (usize, usize) = (2, 16);
+/// A `Reports` frame is cut at about this many bytes of inline output (frames max 8 MiB).
+const REPORTS_FRAME_BYTES: u64 = 2 << 20;
 
 /// Exponential backoff with jitter, 250 ms doubling to 30 s.
 struct Backoff {
@@ -266,8 +318,20 @@ impl Daemon {
         self.controls.len()
     }
 
+    /// Replicas to keep in hand: two per slot, more when recent tasks were short.
+    fn hand_target(&self) -> usize {
+        let (lo, hi) = PREFETCH_PER_SLOT;
+        let per_slot = match self.task_secs {
+            Some(t) if t > 0.0 => ((PREFETCH_COVER.as_secs_f64() / t).ceil() as usize).clamp(lo, hi),
+            Some(_) => hi,
+            None => lo,
+        };
+        self.cfg.slots * per_slot
+    }
+
     async fn run(&mut self, mut done_rx: mpsc::UnboundedReceiver<Done>, shutdown: CancellationToken) -> anyhow::Result<()> {
         let (prep_tx, mut prep_rx) = mpsc::unbounded_channel::<Prepared>();
+        let (saved_tx, mut saved_rx) = mpsc::unbounded_channel::<(Segment, std::io::Result<()>)>();
         let (conn_tx, mut conn_rx) = mpsc::channel::<anyhow::Result<Session>>(1);
         let mut connecting = false;
         let mut next_connect = tokio::time::Instant::now();
@@ -288,8 +352,15 @@ impl Daemon {
                     shutting_down = Some(tokio::time::Instant::now() + Duration::from_secs(10));
                     self.abandon_all().await;
                 }
-                Some(done) = done_rx.recv() => self.on_done(done).await,
                 Some(prep) = prep_rx.recv() => self.on_prepared(prep).await,
+                Some(done) = done_rx.recv() => {
+                    self.on_done(done).await;
+                    // Everything else that finished meanwhile goes into the same commit.
+                    while let Ok(done) = done_rx.try_recv() {
+                        self.on_done(done).await;
+                    }
+                }
+                Some((seg, res)) = saved_rx.recv() => self.on_saved(seg, res).await,
                 msg = next_msg(&mut self.session) => match msg {
                     Some(Ok(msg)) => self.on_msg(msg, &prep_tx).await,
                     Some(Err(e)) => {
@@ -339,7 +410,7 @@ impl Daemon {
                 }
                 _ = tick.tick() => {
                     if let Some(deadline) = shutting_down {
-                        let flushed = self.outbox.is_empty() && self.in_hand() == 0;
+                        let flushed = self.outbox.is_empty() && self.in_hand() == 0 && self.unsaved.is_empty() && !self.saving;
                         if flushed || tokio::time::Instant::now() >= deadline {
                             if !self.outbox.is_empty() {
                                 tracing::warn!("{} results not yet acknowledged; they stay in the outbox and are sent on the next start", self.outbox.len());
@@ -377,8 +448,11 @@ impl Daemon {
                             if self.paused { ", paused (machine busy)" } else { "" },
                         );
                     }
-                    self.maybe_request_work().await;
                 }
+            }
+            self.start_saving(&saved_tx);
+            if shutting_down.is_none() {
+                self.maybe_request_work().await;
             }
         }
     }
@@ -412,7 +486,7 @@ impl Daemon {
         if self.session.is_none() || self.request_outstanding || self.paused || Instant::now() < self.next_request {
             return;
         }
-        let target = self.cfg.slots * 2;
+        let target = self.hand_target();
         let have = self.in_hand();
         if have >= target {
             return;
@@ -427,9 +501,51 @@ impl Daemon {
             return;
         }
         tracing::info!("sending {} results saved while disconnected", reports.len());
-        for chunk in reports.chunks(256) {
-            self.send(&WorkerMsg::Reports(chunk.to_vec())).await;
+        self.send_reports(reports).await;
+    }
+
+    /// Send reports in `Reports` frames of bounded size.
+    async fn send_reports(&mut self, reports: Vec<Report>) {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        for r in reports {
+            let size = r.output.as_ref().map_or(0, |o| o.len() as u64) + 256;
+            if !batch.is_empty() && bytes + size > REPORTS_FRAME_BYTES {
+                self.send(&WorkerMsg::Reports(std::mem::take(&mut batch))).await;
+                bytes = 0;
+            }
+            bytes += size;
+            batch.push(r);
         }
+        if !batch.is_empty() {
+            self.send(&WorkerMsg::Reports(batch)).await;
+        }
+    }
+
+    /// Group commit: write every finished, unsaved result as one outbox segment on a
+    /// blocking thread; they are sent when it is durable ([`Daemon::on_saved`]).
+    fn start_saving(&mut self, saved_tx: &mpsc::UnboundedSender<(Segment, std::io::Result<()>)>) {
+        if self.saving || self.unsaved.is_empty() {
+            return;
+        }
+        self.saving = true;
+        let seg = self.outbox.segment(std::mem::take(&mut self.unsaved));
+        let tx = saved_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let res = seg.persist();
+            let _ = tx.send((seg, res));
+        });
+    }
+
+    async fn on_saved(&mut self, seg: Segment, res: std::io::Result<()>) {
+        self.saving = false;
+        if let Err(e) = res {
+            tracing::error!("cannot save {} results to the outbox ({e}); sending them anyway, but they are lost if this worker dies before the coordinator acknowledges them", seg.reports.len());
+        }
+        let reports = seg.reports.clone();
+        self.outbox.adopt(seg);
+        self.stats.reported.fetch_add(reports.len() as u64, Ordering::Relaxed);
+        self.send_reports(reports).await;
     }
 
     async fn on_msg(&mut self, msg: CoordMsg, prep_tx: &mpsc::UnboundedSender<Prepared>) {
@@ -445,12 +561,9 @@ impl Daemon {
                 }
             }
             CoordMsg::Ack { replicas } => {
-                for r in replicas {
-                    if self.outbox.contains(r) {
-                        self.stats.acked.fetch_add(1, Ordering::Relaxed);
-                    }
-                    self.outbox.remove(r);
-                }
+                let known = replicas.iter().filter(|r| self.outbox.contains(**r)).count();
+                self.stats.acked.fetch_add(known as u64, Ordering::Relaxed);
+                self.outbox.remove_all(&replicas);
             }
             CoordMsg::Rejected { replica, reason } => {
                 tracing::warn!(?replica, "coordinator refused: {reason}");
@@ -507,7 +620,10 @@ impl Daemon {
                 let spec = RunSpec::from_manifest(&p.assignment.task, input);
                 self.queued.push_back(replica);
                 self.executor.submit(Job { replica, module, spec, control, received: p.received });
-                self.send(&WorkerMsg::HaveBlobs { blobs: p.assignment.task.input.iter().map(|b| b.id).chain([p.assignment.task.module.id]).collect() }).await;
+                if p.from_coordinator + p.from_peers > 0 {
+                    // New blobs here: peers may fetch them from us now.
+                    self.send(&WorkerMsg::HaveBlobs { blobs: p.assignment.task.input.iter().map(|b| b.id).chain([p.assignment.task.module.id]).collect() }).await;
+                }
             }
             Err(e) => {
                 tracing::warn!(replica, task = %p.assignment.task.id, "cannot run task: {e:#}; handing it back");
@@ -525,8 +641,12 @@ impl Daemon {
             Err(_) => return, // cancelled: abandoned or decided elsewhere
         };
         self.stats.completed.fetch_add(1, Ordering::Relaxed);
-        self.stats.start_latency_us_sum.fetch_add(done.queue_wait.as_micros() as u64, Ordering::Relaxed);
-        self.stats.start_latency_count.fetch_add(1, Ordering::Relaxed);
+        self.stats.record_start_latency(done.queue_wait);
+        let secs = out.wall.as_secs_f64();
+        self.task_secs = Some(match self.task_secs {
+            Some(avg) => avg * 0.8 + secs * 0.2,
+            None => secs,
+        });
         let output = if out.result.output_len <= wire::INLINE_OUTPUT_MAX {
             Some(out.output)
         } else {
@@ -538,12 +658,7 @@ impl Daemon {
             self.send(&WorkerMsg::HaveBlobs { blobs }).await;
             None
         };
-        let report = Report { replica: done.replica, result: out.result, output, wall_ms: out.wall.as_millis() as u64 };
-        if let Err(e) = self.outbox.add(report.clone()) {
-            tracing::error!("cannot save a result to the outbox ({e}); sending it anyway");
-        }
-        self.stats.reported.fetch_add(1, Ordering::Relaxed);
-        self.send(&WorkerMsg::Report(report)).await;
+        self.unsaved.push(Report { replica: done.replica, result: out.result, output, wall_ms: out.wall.as_millis() as u64 });
     }
 
     async fn abandon_all(&mut self) {

@@ -7,7 +7,15 @@
 //!   The validator counts one vote and one verdict per worker and task regardless;
 //! - a worker holds at most [`TrustPolicy::in_flight_cap`](super::trust::TrustPolicy::in_flight_cap)
 //!   replicas: workers that disagree repeatedly get less or no work;
+//! - a task never has replicas on two different workers of one address block (/24, /48;
+//!   publicly routed addresses only) when
+//!   [`TrustPolicy::distinct_address_blocks`](super::trust::TrustPolicy::distinct_address_blocks)
+//!   is on (the default): colluders behind one network cannot outvote others;
 //! - fresh tasks get `quorum` replicas up front; more only after disagreement or loss;
+//! - a replica that would complete the quorum of a task none of whose workers is an anchor
+//!   goes to an anchor (trusted worker) first: while anchors are connected, other workers
+//!   take a fresh task instead, and such tasks only when no fresh task is left
+//!   ([`TrustPolicy::prefer_anchors`](super::trust::TrustPolicy::prefer_anchors));
 //! - tasks already under way come first (they finish sooner), and among them those whose
 //!   leading fingerprint matches the worker's; a task whose replicas ran on another engine
 //!   goes to a mismatched worker only when nothing else is left in that job;
@@ -22,6 +30,14 @@ use tasks::{JobId, NodeId, TaskId};
 use super::validator::Need;
 use super::{Core, TaskPhase};
 use crate::store::{Mutation, ReplicaPhase};
+
+/// The asking worker, as `pick` needs it.
+struct Me {
+    id: NodeId,
+    fp: u32,
+    trusted: bool,
+    block: Option<super::trust::AddressBlock>,
+}
 
 /// The answer to a work request.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,14 +55,17 @@ impl Core {
         w.last_seen_ms = now;
         let Some(fp) = w.fp.filter(|_| w.connected) else { return empty };
         let cap = self.cfg.policy.in_flight_cap(&w.rep, w.slots);
-        let want = max.min(cap.saturating_sub(w.in_flight.len() as u32)) as usize;
+        let held = w.in_flight.len() as u32 + if self.cfg.policy.cap_counts_undecided { w.undecided } else { 0 };
+        let want = max.min(cap.saturating_sub(held)) as usize;
+        let me = Me { id: worker, fp, trusted: self.cfg.policy.is_trusted(&w.rep), block: w.block() };
         let mut out = Vec::with_capacity(want);
+        let mut decidable = Vec::new();
         while out.len() < want && !self.running.is_empty() {
             let n = self.running.len();
             let mut picked = None;
             for k in 0..n {
                 let job = self.running[(self.rr + k) % n];
-                if let Some(index) = self.pick(job, worker, fp) {
+                if let Some(index) = self.pick(job, &me, &mut decidable) {
                     self.rr = (self.rr + k + 1) % n;
                     picked = Some(TaskId { job, index });
                     break;
@@ -55,20 +74,31 @@ impl Core {
             let Some(task) = picked else { break };
             out.push(self.assign(task, worker, fp, now));
         }
+        // Open tasks that turned out to be decidable (a ban lifted, say) are decided now
+        // rather than dropped from the queue.
+        for t in decidable {
+            self.reevaluate(t, now);
+        }
+        self.settle_bans(now);
         let retry_after_ms = if out.is_empty() { self.cfg.retry_after_ms } else { 0 };
         Work { assignments: out, retry_after_ms }
     }
 
-    /// Choose a task of `job` for this worker, or none.
-    fn pick(&mut self, job: JobId, worker: NodeId, fp: u32) -> Option<u32> {
+    /// Choose a task of `job` for this worker, or none. Open tasks found decidable are
+    /// dropped from the queue and added to `decidable`.
+    fn pick(&mut self, job: JobId, me: &Me, decidable: &mut Vec<TaskId>) -> Option<u32> {
+        let (worker, fp) = (me.id, me.fp);
         let scan = self.cfg.open_scan_limit;
         let j = self.jobs.get(&job)?;
         if j.state != JobState::Running {
             return None;
         }
+        let defer_to_anchors = self.cfg.policy.prefer_anchors && !me.trusted && self.anchors > 0;
+        let my_block = me.block.filter(|_| self.cfg.policy.distinct_address_blocks);
         // 1. Open tasks (already issued, need more replicas).
         let mut fallback = None;
         let mut lost_fallback = None;
+        let mut deferred = None;
         let mut stale = Vec::new();
         let mut chosen = None;
         for (pos, &index) in j.open.iter().enumerate().take(scan) {
@@ -85,10 +115,19 @@ impl Core {
             if has_mine && !only_lost {
                 continue;
             }
-            let lead = match self.need(task) {
-                Need::More(n, lead) if n > 0 => lead,
+            // One network, one vote: never beside another worker of this address block.
+            if my_block.is_some() && slot.replicas.iter().map(|r| &self.replicas[r]).any(|r| r.worker != worker && r.block == my_block) {
+                continue;
+            }
+            let (lead, anchor_wanted) = match self.need(task) {
+                Need::More { n, fp, anchor_wanted } if n > 0 => (fp, anchor_wanted),
+                Need::More { .. } => {
+                    stale.push(pos);
+                    continue;
+                }
                 _ => {
                     stale.push(pos);
+                    decidable.push(task);
                     continue;
                 }
             };
@@ -100,6 +139,13 @@ impl Core {
                 continue;
             }
             if lead.is_none() || lead == Some(fp) {
+                if anchor_wanted && defer_to_anchors {
+                    // Leave it to an anchor while fresh work remains for this worker.
+                    if deferred.is_none() {
+                        deferred = Some(pos);
+                    }
+                    continue;
+                }
                 chosen = Some(pos);
                 break;
             }
@@ -132,9 +178,10 @@ impl Core {
             j.next_fresh += 1;
             return Some(index);
         }
-        // 3. An open task whose replicas ran on another engine; 4. one whose replica on this
-        // very worker was lost (otherwise a pool as small as the quorum could stall).
-        if let Some(pos) = fallback.or(lost_fallback) {
+        // 3. An open task better left to an anchor (none is fresh any more); 4. one whose
+        // replicas ran on another engine; 5. one whose replica on this very worker was lost
+        // (otherwise a pool as small as the quorum could stall).
+        if let Some(pos) = deferred.or(fallback).or(lost_fallback) {
             return Some(take_open(j, pos, &stale));
         }
         for p in stale.into_iter().rev() {
@@ -146,6 +193,10 @@ impl Core {
 
     fn assign(&mut self, task: TaskId, worker: NodeId, fp: u32, now: u64) -> Assignment {
         let replica = self.alloc_replica();
+        let (anchor, block) = {
+            let w = &self.workers[&worker];
+            (self.cfg.policy.is_trusted(&w.rep), w.block())
+        };
         let job = self.jobs.get_mut(&task.job).expect("picked from a known job");
         let limits = job.manifest.limits;
         let slot = &mut job.tasks[task.index as usize];
@@ -164,7 +215,7 @@ impl Core {
         let deadline_ms = now + limits.deadline_secs.saturating_mul(1000);
         self.replicas.insert(
             replica,
-            super::Replica { task, worker, fp, deadline_ms, phase: ReplicaPhase::InFlight, result: None, verdict: None },
+            super::Replica { task, worker, fp, deadline_ms, phase: ReplicaPhase::InFlight, result: None, verdict: None, anchor, block },
         );
         self.deadlines.insert((deadline_ms, replica));
         self.workers.get_mut(&worker).expect("known").in_flight.insert(replica);
@@ -178,7 +229,7 @@ impl Core {
         });
         // Still short of replicas (quorum > 1 on a fresh task): keep it at the front of the
         // open queue so the next worker completes it.
-        if let Need::More(n, _) = self.need(task) {
+        if let Need::More { n, .. } = self.need(task) {
             let job = self.jobs.get_mut(&task.job).expect("known");
             let slot = &mut job.tasks[task.index as usize];
             if n > 0 && !slot.queued {

@@ -432,3 +432,61 @@ fn peers_list_announcing_workers_then_the_coordinator() {
     let b = core.request_work(w1, 1, 0).assignments.remove(0);
     assert_eq!(b.peers, vec![seed], "a worker is not pointed at itself");
 }
+
+#[test]
+fn workers_of_one_public_address_block_never_share_a_task_but_loopback_workers_do() {
+    let mut core = Core::new(CoreConfig::default());
+    core.add_job(manifest("a", 1, 2, 6, 600), 0);
+    let (a, b, c) = (node(1), node(2), node(3));
+    for (w, addr) in [(a, "198.51.100.7:1"), (b, "198.51.100.8:1"), (c, "203.0.113.9:1")] {
+        core.hello(w, &fp(Kind::Honest), 1, None, &[], 0);
+        core.observed_address(w, addr.parse().unwrap());
+    }
+    let first = core.request_work(a, 1, 0).assignments.remove(0);
+    assert!(core.request_work(b, 1, 0).assignments.is_empty(), "same /24 as the first replica");
+    assert_eq!(core.request_work(c, 1, 0).assignments[0].task.id, first.task.id);
+
+    let mut core = Core::new(CoreConfig::default());
+    core.add_job(manifest("a", 1, 2, 6, 600), 0);
+    for w in [a, b] {
+        core.hello(w, &fp(Kind::Honest), 1, Some("127.0.0.1:9".parse().unwrap()), &[], 0);
+        core.observed_address(w, "127.0.0.1:5".parse().unwrap());
+    }
+    core.request_work(a, 1, 0);
+    assert_eq!(core.request_work(b, 1, 0).assignments.len(), 1, "loopback is exempt");
+}
+
+#[test]
+fn a_banned_workers_votes_on_undecided_tasks_are_discounted_and_its_work_reissued() {
+    let policy = TrustPolicy { ban_min_invalid: 1, ban_score: f64::INFINITY, ..TrustPolicy::default() };
+    let mut core = Core::new(CoreConfig { policy, ..CoreConfig::default() });
+    core.add_job(manifest("a", 2, 2, 6, 600), 0);
+    let (liar, h1, h2) = (node(1), node(2), node(3));
+    for w in [liar, h1, h2] {
+        core.hello(w, &fp(Kind::Honest), 2, None, &[], 0);
+    }
+    let lies = core.request_work(liar, 2, 0).assignments;
+    assert_eq!(lies.len(), 2);
+    let wrong = |t| RunResult { output_hash: BlobId::of(b"lie"), ..truth(t) };
+    core.report(liar, lies[0].replica, wrong(lies[0].task.id), 1);
+    // Task 0: one honest worker disagrees, the other breaks the tie: the liar is caught.
+    let x = core.request_work(h1, 1, 1).assignments.remove(0);
+    let y = core.request_work(h2, 1, 1).assignments.remove(0);
+    let (hx, x, hy, y) = if x.task.id == lies[0].task.id { (h1, x, h2, y) } else { (h2, y, h1, x) };
+    assert_eq!((x.task.id, y.task.id), (lies[0].task.id, lies[1].task.id));
+    core.report(hx, x.replica, truth(x.task.id), 2);
+    let z = core.request_work(hy, 1, 2).assignments.remove(0);
+    assert_eq!(z.task.id, lies[0].task.id);
+    core.take_notices();
+    core.report(hy, z.replica, truth(z.task.id), 3);
+    assert!(core.is_banned(&liar));
+    // Its replica of task 1, still in flight, was cancelled; task 1 gets another replica.
+    let notices = core.take_notices();
+    assert!(notices.iter().any(|n| matches!(n, Notice::Cancel { worker, replicas } if *worker == liar && replicas == &vec![lies[1].replica])));
+    let w = core.request_work(hx, 1, 3).assignments.remove(0);
+    assert_eq!(w.task.id, lies[1].task.id);
+    // A late lie from the banned worker does not count.
+    core.report(liar, lies[1].replica, wrong(lies[1].task.id), 4);
+    core.report(hy, y.replica, truth(y.task.id), 5);
+    assert_eq!(core.report(hx, w.replica, truth(w.task.id), 6), ReportOutcome::Recorded { accepted: true, duplicate: false });
+}

@@ -3,9 +3,24 @@
 //! A worker's reputation is its agreement history: replicas that matched an accepted result
 //! (`valid`) and replicas that contradicted one computed on a compatible engine (`invalid`),
 //! plus a run of consecutive valid results (reset by every invalid one, as BOINC does).
-//! [`TrustPolicy`] maps that history to how much work the worker may hold, and — when
-//! adaptive replication is switched on — to whether a fresh task may be trusted to a single
-//! replica (with deterministic random spot checks).
+//! [`TrustPolicy`] maps that history to
+//! - a *standing*: how much work the worker may hold, down to none (banned). A banned
+//!   worker's votes on undecided tasks stop counting and its in-flight replicas are
+//!   cancelled and reissued (see `Core::settle_bans`);
+//! - *trust*: a worker in good standing with `trust_min_valid` agreeing results in a row is
+//!   an **anchor**. Extra replicas that would complete a task without an anchor go to
+//!   anchors first, and `untrusted_extra` can demand more agreement from groups without one;
+//! - when adaptive replication is switched on, whether a fresh task may be trusted to a
+//!   single replica (with deterministic random spot checks);
+//! - [`address_block`]: the /24 (IPv4) or /48 (IPv6) a worker connects from, so that one
+//!   task never has replicas on two workers of one block (one operator, one botnet subnet).
+//!
+//! Presets: [`TrustPolicy::default`] is what a real coordinator runs (safe for small and
+//! private pools: it never asks for more replicas than a fixed quorum needs when everyone
+//! agrees), [`TrustPolicy::hardened`] is for open pools that must resist colluding
+//! saboteurs, [`TrustPolicy::fixed_quorum`] is the plain policy the theory describes.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -51,13 +66,38 @@ pub struct Adaptive {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrustPolicy {
     /// A worker with at least this many invalid results and a score below `ban_score` gets
-    /// no work at all.
+    /// no work at all, and its votes on undecided tasks no longer count.
     pub ban_min_invalid: u64,
     pub ban_score: f64,
     /// A worker with any invalid result and a score below this holds one replica at a time.
     pub probation_score: f64,
-    /// In-flight replicas per slot a worker in good standing may hold (prefetch).
+    /// In-flight replicas per slot a worker in good standing may hold (prefetch: workers
+    /// with short tasks keep many in hand). Also how many votes a worker that turns
+    /// dishonest can cast at once before it is caught.
     pub in_flight_per_slot: u32,
+    /// Agreeing results in a row (in good standing) that make a worker an anchor.
+    /// `u64::MAX` switches trust off: nobody is an anchor.
+    pub trust_min_valid: u64,
+    /// Replicas that would complete a task's quorum without an anchor go to anchors first
+    /// while any anchor is connected (other workers take such tasks only when no fresh task
+    /// is left, so nothing stalls). Costs nothing in replicas; changes only who gets what.
+    pub prefer_anchors: bool,
+    /// Extra agreeing replicas a result needs when none of its agreeing workers is an anchor
+    /// (0 = plain quorum). Protects the start of a pool, before anyone has a record; needs
+    /// at least quorum + extra distinct workers, so it is off by default.
+    pub untrusted_extra: u32,
+    /// In-flight cap of workers that are not (yet) anchors, if lower than the usual one:
+    /// limits how much a newcomer can vote on before it has a record.
+    pub unproven_in_flight: Option<u32>,
+    /// The in-flight cap also counts the worker's reported votes on tasks not yet decided:
+    /// a saboteur that answers at once (a lie needs no computing) cannot cast votes faster
+    /// than its tasks are decided. Costs honest workers some throughput while their
+    /// partners are still computing.
+    pub cap_counts_undecided: bool,
+    /// Never give two replicas of one task to different workers whose addresses share a
+    /// /24 (IPv4) or /48 (IPv6). Loopback, private, link-local, CGNAT and unique-local
+    /// addresses are exempt (see [`address_block`]), so LAN and test setups are unaffected.
+    pub distinct_address_blocks: bool,
     pub adaptive: Option<Adaptive>,
     /// Seed of the spot-check rolls (deterministic, so the core stays a pure function).
     pub seed: u64,
@@ -69,23 +109,94 @@ impl Default for TrustPolicy {
             ban_min_invalid: 3,
             ban_score: 0.5,
             probation_score: 0.8,
-            in_flight_per_slot: 2,
+            in_flight_per_slot: 16,
+            trust_min_valid: 10,
+            prefer_anchors: true,
+            untrusted_extra: 0,
+            unproven_in_flight: None,
+            cap_counts_undecided: false,
+            distinct_address_blocks: true,
             adaptive: None,
             seed: 0x5eed,
         }
     }
 }
 
+/// Where a worker stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// No work; its votes on undecided tasks do not count.
+    Banned,
+    /// One replica at a time.
+    Probation,
+    Good,
+}
+
 impl TrustPolicy {
-    /// Most replicas this worker may hold in flight (0 = banned from work).
-    pub fn in_flight_cap(&self, rep: &Reputation, slots: u32) -> u32 {
+    /// The plain fixed-quorum policy of the textbook analysis: no bans, no probation, no
+    /// anchors, no address rule. For comparison only.
+    pub fn fixed_quorum() -> TrustPolicy {
+        TrustPolicy {
+            ban_min_invalid: u64::MAX,
+            probation_score: 0.0,
+            trust_min_valid: u64::MAX,
+            prefer_anchors: false,
+            distinct_address_blocks: false,
+            ..TrustPolicy::default()
+        }
+    }
+
+    /// For open pools facing saboteurs: a worker caught contradicting an accepted result is
+    /// banned for good (and its undecided votes discounted); results agreed only by workers
+    /// without a record need one more agreeing replica; newcomers hold one replica at a time
+    /// until they are anchors; anchors come after 5 agreeing results; prefetch is 2 per slot,
+    /// and votes on undecided tasks count against it.
+    pub fn hardened() -> TrustPolicy {
+        TrustPolicy {
+            ban_min_invalid: 1,
+            ban_score: f64::INFINITY,
+            in_flight_per_slot: 2,
+            trust_min_valid: 5,
+            untrusted_extra: 1,
+            unproven_in_flight: Some(1),
+            cap_counts_undecided: true,
+            ..TrustPolicy::default()
+        }
+    }
+
+    pub fn standing(&self, rep: &Reputation) -> Standing {
         let score = rep.score();
         if rep.invalid >= self.ban_min_invalid && score < self.ban_score {
-            0
+            Standing::Banned
         } else if rep.invalid > 0 && score < self.probation_score {
-            1
+            Standing::Probation
         } else {
-            slots.max(1).saturating_mul(self.in_flight_per_slot.max(1))
+            Standing::Good
+        }
+    }
+
+    pub fn is_banned(&self, rep: &Reputation) -> bool {
+        self.standing(rep) == Standing::Banned
+    }
+
+    /// Whether this worker is an anchor: in good standing with a long enough run of agreeing
+    /// results.
+    pub fn is_trusted(&self, rep: &Reputation) -> bool {
+        self.trust_min_valid != u64::MAX && rep.consecutive_valid >= self.trust_min_valid && self.standing(rep) == Standing::Good
+    }
+
+    /// Most replicas this worker may hold in flight (0 = banned from work).
+    pub fn in_flight_cap(&self, rep: &Reputation, slots: u32) -> u32 {
+        match self.standing(rep) {
+            Standing::Banned => 0,
+            Standing::Probation => 1,
+            Standing::Good => {
+                let cap = slots.max(1).saturating_mul(self.in_flight_per_slot.max(1));
+                match self.unproven_in_flight {
+                    Some(u) if !self.is_trusted(rep) => cap.min(u.max(1)),
+                    _ => cap,
+                }
+            }
         }
     }
 
@@ -95,7 +206,7 @@ impl TrustPolicy {
     #[allow(clippy::manual_is_multiple_of)] // is_multiple_of is newer than our MSRV (1.85)
     pub fn quorum_for(&self, job_quorum: u32, task: TaskId, first: &Reputation) -> u32 {
         match self.adaptive {
-            Some(a) if job_quorum > 1 && first.consecutive_valid >= a.min_consecutive_valid => {
+            Some(a) if job_quorum > 1 && first.consecutive_valid >= a.min_consecutive_valid && self.standing(first) == Standing::Good => {
                 if self.roll(task) % a.spot_check_one_in.max(1) == 0 {
                     job_quorum
                 } else {
@@ -115,6 +226,46 @@ impl TrustPolicy {
     }
 }
 
+/// A /24 IPv4 or /48 IPv6 network: workers in one are treated as one operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AddressBlock {
+    V4([u8; 3]),
+    V6([u16; 3]),
+}
+
+/// The block of a publicly routed address; `None` for addresses that say nothing about who
+/// runs a worker (loopback, unspecified, private, link-local, CGNAT, unique-local,
+/// multicast), so local and test setups where every worker shares one address still work.
+/// An IPv4-mapped IPv6 address is judged as the IPv4 address.
+pub fn address_block(addr: &SocketAddr) -> Option<AddressBlock> {
+    match addr.ip() {
+        IpAddr::V4(v4) => v4_block(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4_block(v4),
+            None => v6_block(v6),
+        },
+    }
+}
+
+fn v4_block(ip: Ipv4Addr) -> Option<AddressBlock> {
+    let o = ip.octets();
+    let cgnat = o[0] == 100 && (o[1] & 0xc0) == 64;
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_private() || ip.is_link_local() || ip.is_broadcast() || ip.is_multicast() || cgnat {
+        return None;
+    }
+    Some(AddressBlock::V4([o[0], o[1], o[2]]))
+}
+
+fn v6_block(ip: Ipv6Addr) -> Option<AddressBlock> {
+    let s = ip.segments();
+    let unique_local = (s[0] & 0xfe00) == 0xfc00;
+    let link_local = (s[0] & 0xffc0) == 0xfe80;
+    if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || unique_local || link_local {
+        return None;
+    }
+    Some(AddressBlock::V6([s[0], s[1], s[2]]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,7 +275,7 @@ mod tests {
     fn repeated_disagreement_reduces_then_stops_work() {
         let p = TrustPolicy::default();
         let mut r = Reputation::default();
-        assert_eq!(p.in_flight_cap(&r, 4), 8);
+        assert_eq!(p.in_flight_cap(&r, 4), 64);
         r.record_invalid();
         assert_eq!(p.in_flight_cap(&r, 4), 1, "probation after a wrong answer");
         r.record_invalid();
@@ -133,7 +284,7 @@ mod tests {
         for _ in 0..20 {
             r.record_valid();
         }
-        assert_eq!(p.in_flight_cap(&r, 4), 8, "trust can be earned back");
+        assert_eq!(p.in_flight_cap(&r, 4), 64, "trust can be earned back");
     }
 
     #[test]
@@ -146,5 +297,37 @@ mod tests {
         let singles = (0..1000).filter(|&i| p.quorum_for(2, t(i), &trusted) == 1).count();
         assert!((650..850).contains(&singles), "about 3 in 4 single: {singles}");
         assert_eq!(TrustPolicy::default().quorum_for(2, t(0), &trusted), 2, "off by default");
+    }
+
+    #[test]
+    fn hardened_policy_bans_at_the_first_caught_lie_and_trusts_after_a_run() {
+        let p = TrustPolicy::hardened();
+        let mut r = Reputation::default();
+        assert_eq!(p.in_flight_cap(&r, 4), 1, "newcomers hold one replica");
+        for _ in 0..5 {
+            r.record_valid();
+        }
+        assert!(p.is_trusted(&r));
+        assert_eq!(p.in_flight_cap(&r, 4), 8);
+        r.record_invalid();
+        assert!(p.is_banned(&r) && !p.is_trusted(&r));
+        for _ in 0..100 {
+            r.record_valid();
+        }
+        assert!(p.is_banned(&r), "a hardened ban is for good");
+        assert!(!TrustPolicy::fixed_quorum().is_trusted(&Reputation { valid: 99, invalid: 0, consecutive_valid: 99 }));
+    }
+
+    #[test]
+    fn address_blocks_group_public_slash24_and_slash48_and_exempt_local_addresses() {
+        let b = |s: &str| address_block(&s.parse().unwrap());
+        assert_eq!(b("203.0.113.7:1"), b("203.0.113.200:9"));
+        assert_ne!(b("203.0.113.7:1"), b("203.0.114.7:1"));
+        assert_eq!(b("[::ffff:203.0.113.9]:1"), b("203.0.113.7:1"));
+        assert_eq!(b("[2001:db8:1:2::1]:1"), b("[2001:db8:1:ffff::9]:1"));
+        assert_ne!(b("[2001:db8:1::1]:1"), b("[2001:db8:2::1]:1"));
+        for local in ["127.0.0.1:1", "0.0.0.0:1", "10.1.2.3:1", "192.168.1.1:1", "172.16.0.1:1", "100.64.0.1:1", "169.254.1.1:1", "[::1]:1", "[::]:1", "[fd00::1]:1", "[fe80::1]:1"] {
+            assert_eq!(b(local), None, "{local}");
+        }
     }
 }

@@ -2,13 +2,18 @@
 //!
 //! Rules:
 //! - results are grouped by (engine fingerprint, digest); only equal fingerprints are compared;
-//! - a task is **accepted** when one group reaches the task's quorum. Replicas of that group
-//!   are `valid` and earn `RunResult::credit()`; reported replicas with the same fingerprint
-//!   and another digest are `invalid` (their workers lose trust); replicas of other
-//!   fingerprints get no verdict; replicas still in flight are cancelled;
+//! - a task is **accepted** when one group reaches the task's quorum — plus
+//!   [`TrustPolicy::untrusted_extra`](super::trust::TrustPolicy::untrusted_extra) when none of
+//!   the group's workers was an anchor when it reported. Replicas of that group are `valid`
+//!   and earn `RunResult::credit()`; reported replicas with the same fingerprint and another
+//!   digest are `invalid` (their workers lose trust); replicas of other fingerprints get no
+//!   verdict; replicas still in flight are cancelled;
+//! - a worker that becomes banned (caught contradicting accepted results) loses its vote on
+//!   every undecided task: its reports there stop counting, its in-flight replicas are
+//!   cancelled, and those tasks are re-examined and get replacement replicas;
 //! - a task **fails** when no group can reach quorum within `max_replicas` counted replicas
-//!   (reported + in flight; lost ones do not count), or when `max_replicas` replicas were lost
-//!   without result. A failed task's replicas get no verdict (nobody is known to be right);
+//!   (reported by workers not banned + in flight; lost ones do not count), or when
+//!   `max_replicas` replicas were lost without result. A failed task's replicas get no verdict (nobody is known to be right);
 //! - a report arriving after the decision (late, or for a cancelled replica) is judged
 //!   against the accepted result the same way.
 
@@ -32,35 +37,54 @@ pub enum ReportOutcome {
     Rejected(String),
 }
 
+/// Replicas of one task that reported the same (fingerprint, digest).
+#[derive(Debug)]
+pub(crate) struct Group {
+    pub key: (u32, ResultDigest),
+    pub replicas: Vec<ReplicaId>,
+    /// One of them was reported by an anchor.
+    pub anchored: bool,
+}
+
 /// Counts of one task's replicas, by fingerprint class. Replicas per task are few (at most
 /// `max_replicas` ≤ 64 counted), so plain vectors beat hash maps here.
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
-    /// (fingerprint, digest) → replicas that reported it.
-    pub groups: Vec<((u32, ResultDigest), Vec<ReplicaId>)>,
-    /// (fingerprint, replicas in flight).
-    pub outstanding: Vec<(u32, u32)>,
+    pub groups: Vec<Group>,
+    /// (fingerprint, replicas in flight, of which on anchors).
+    pub outstanding: Vec<(u32, u32, u32)>,
     pub reported: u32,
     pub in_flight: u32,
     pub lost: u32,
+    /// Reports of banned workers, not counted.
+    pub discounted: u32,
 }
 
 impl Tally {
-    /// Best achievable agreement per fingerprint right now (agreeing + in flight), and the
-    /// fingerprint that leads (ties: the smaller fingerprint index).
-    pub fn lead(&self) -> (u32, Option<u32>) {
-        let mut best: Vec<(u32, u32)> = Vec::new();
-        let mut bump = |fp: u32, n: u32, add: bool| match best.iter_mut().find(|(f, _)| *f == fp) {
-            Some((_, v)) => *v = if add { *v + n } else { (*v).max(n) },
-            None => best.push((fp, n)),
-        };
-        for ((fp, _), v) in &self.groups {
-            bump(*fp, v.len() as u32, false);
+    /// Best achievable agreement per fingerprint right now (largest group + in flight), the
+    /// fingerprint that leads (ties: the smaller fingerprint index), and whether that
+    /// agreement could include an anchor.
+    pub fn lead(&self) -> (u32, Option<u32>, bool) {
+        // (fp, largest group, it is anchored, in flight, on anchors)
+        let mut best: Vec<(u32, u32, bool, u32, u32)> = Vec::new();
+        for g in &self.groups {
+            let n = g.replicas.len() as u32;
+            match best.iter_mut().find(|b| b.0 == g.key.0) {
+                Some(b) if n > b.1 || (n == b.1 && g.anchored) => (b.1, b.2) = (n, g.anchored),
+                Some(_) => {}
+                None => best.push((g.key.0, n, g.anchored, 0, 0)),
+            }
         }
-        for (fp, n) in &self.outstanding {
-            bump(*fp, *n, true);
+        for &(fp, n, anchors) in &self.outstanding {
+            match best.iter_mut().find(|b| b.0 == fp) {
+                Some(b) => (b.3, b.4) = (n, anchors),
+                None => best.push((fp, 0, false, n, anchors)),
+            }
         }
-        best.into_iter().map(|(fp, n)| (n, Some(fp))).max_by_key(|&(n, fp)| (n, std::cmp::Reverse(fp))).unwrap_or((0, None))
+        best.into_iter()
+            .map(|(fp, g, anchored, n, anchors)| (g + n, Some(fp), anchored || anchors > 0))
+            .max_by_key(|&(n, fp, _)| (n, std::cmp::Reverse(fp)))
+            .unwrap_or((0, None, false))
     }
 }
 
@@ -69,8 +93,9 @@ impl Tally {
 pub(crate) enum Need {
     Accept { fp: u32, digest: ResultDigest, agreeing: Vec<ReplicaId> },
     Fail(String),
-    /// This many more replicas, preferably on this fingerprint.
-    More(u32, Option<u32>),
+    /// `n` more replicas, preferably on fingerprint `fp`. `anchor_wanted`: the next replica
+    /// would complete the quorum of a result no anchor is part of, so it should go to one.
+    More { n: u32, fp: Option<u32>, anchor_wanted: bool },
 }
 
 impl Core {
@@ -78,6 +103,7 @@ impl Core {
         let mut t = Tally::default();
         let Some(slot) = self.jobs.get(&task.job).and_then(|j| j.tasks.get(task.index as usize)) else { return t };
         let mut reporters: Vec<NodeId> = Vec::new();
+        let policy = &self.cfg.policy;
         for r in &slot.replicas {
             let Some(rep) = self.replicas.get(r) else { continue };
             match rep.phase {
@@ -88,18 +114,27 @@ impl Core {
                         continue;
                     }
                     reporters.push(rep.worker);
+                    if self.workers.get(&rep.worker).is_some_and(|w| policy.is_banned(&w.rep)) {
+                        t.discounted += 1;
+                        continue;
+                    }
                     t.reported += 1;
                     let (d, _) = rep.result.as_ref().expect("reported replicas carry a result");
-                    match t.groups.iter_mut().find(|(k, _)| *k == (rep.fp, *d)) {
-                        Some((_, v)) => v.push(*r),
-                        None => t.groups.push(((rep.fp, *d), vec![*r])),
+                    let key = (rep.fp, *d);
+                    match t.groups.iter_mut().find(|g| g.key == key) {
+                        Some(g) => {
+                            g.replicas.push(*r);
+                            g.anchored |= rep.anchor;
+                        }
+                        None => t.groups.push(Group { key, replicas: vec![*r], anchored: rep.anchor }),
                     }
                 }
                 ReplicaPhase::InFlight => {
                     t.in_flight += 1;
-                    match t.outstanding.iter_mut().find(|(f, _)| *f == rep.fp) {
-                        Some((_, n)) => *n += 1,
-                        None => t.outstanding.push((rep.fp, 1)),
+                    let a = u32::from(rep.anchor);
+                    match t.outstanding.iter_mut().find(|(f, _, _)| *f == rep.fp) {
+                        Some((_, n, anchors)) => (*n, *anchors) = (*n + 1, *anchors + a),
+                        None => t.outstanding.push((rep.fp, 1, a)),
                     }
                 }
                 ReplicaPhase::Lost => t.lost += 1,
@@ -114,22 +149,24 @@ impl Core {
         let limits = job.manifest.limits;
         let slot = &job.tasks[task.index as usize];
         let q = if slot.quorum == 0 { limits.quorum } else { slot.quorum };
+        // Agreement without an anchor needs `extra` more (never beyond max_replicas).
+        let extra = self.cfg.policy.untrusted_extra.min(limits.max_replicas.saturating_sub(q));
         let t = self.tally(task);
         // Deterministic choice when (unusually) two groups reach quorum: the larger, then the
         // smaller fingerprint index.
-        if let Some(((fp, digest), agreeing)) = t
+        if let Some(g) = t
             .groups
             .iter()
-            .filter(|(_, v)| v.len() as u32 >= q)
-            .max_by_key(|((fp, d), v)| (v.len(), std::cmp::Reverse(*fp), *d))
+            .filter(|g| g.replicas.len() as u32 >= if g.anchored { q } else { q + extra })
+            .max_by_key(|g| (g.replicas.len(), std::cmp::Reverse(g.key.0), g.key.1))
         {
-            let mut agreeing = agreeing.clone();
+            let mut agreeing = g.replicas.clone();
             agreeing.sort_unstable();
-            return Need::Accept { fp: *fp, digest: *digest, agreeing };
+            return Need::Accept { fp: g.key.0, digest: g.key.1, agreeing };
         }
         let counted = t.reported + t.in_flight;
         let remaining = limits.max_replicas.saturating_sub(counted);
-        let (lead, lead_fp) = t.lead();
+        let (lead, lead_fp, lead_anchored) = t.lead();
         if t.lost >= limits.max_replicas && t.in_flight == 0 {
             return Need::Fail(format!(
                 "{} replicas were lost (deadline passed or worker left) without a result; {} reported",
@@ -142,12 +179,24 @@ impl Core {
                 "no consensus: {} replicas reported {} different results (best agreement {} of quorum {}) and max_replicas {} is reached",
                 t.reported,
                 distinct,
-                t.groups.iter().map(|(_, v)| v.len()).max().unwrap_or(0),
+                t.groups.iter().map(|g| g.replicas.len()).max().unwrap_or(0),
                 q,
                 limits.max_replicas
             ));
         }
-        Need::More(q.saturating_sub(lead).min(remaining), lead_fp)
+        // Up to the quorum, assume the missing replicas can go to anchors (the scheduler
+        // prefers them); beyond it, an unanchored lead needs the extra replicas now.
+        let target = if lead_anchored || lead < q { q } else { q + extra };
+        let n = target.saturating_sub(lead).min(remaining);
+        if n == 0 && t.in_flight == 0 {
+            return Need::Fail(format!(
+                "no trusted consensus: {} workers without an agreement record agreed (needed {} without one), and max_replicas {} is reached",
+                lead,
+                q + extra,
+                limits.max_replicas
+            ));
+        }
+        Need::More { n, fp: lead_fp, anchor_wanted: !lead_anchored && lead < q }
     }
 
     /// Re-examine a pending task after something changed: decide it or queue more replicas.
@@ -159,7 +208,7 @@ impl Core {
         match self.need(task) {
             Need::Accept { fp, digest, agreeing } => self.accept(task, fp, digest, &agreeing, now),
             Need::Fail(reason) => self.fail(task, reason, now),
-            Need::More(n, _) => {
+            Need::More { n, .. } => {
                 let job = self.jobs.get_mut(&task.job).expect("checked");
                 let slot = &mut job.tasks[task.index as usize];
                 if n > 0 && !slot.queued && task.index < job.next_fresh {
@@ -178,7 +227,7 @@ impl Core {
         job.done += 1;
         let replicas = slot.replicas.clone();
         let result = self.replicas[&agreeing[0]].result.as_ref().expect("reported").1.clone();
-        let counted: Vec<ReplicaId> = self.tally(task).groups.into_iter().flat_map(|(_, v)| v).collect();
+        let counted: Vec<ReplicaId> = self.tally(task).groups.into_iter().flat_map(|g| g.replicas).collect();
         let mut from: Vec<NodeId> = Vec::new();
         let mut in_flight = Vec::new();
         for r in replicas {
@@ -195,6 +244,7 @@ impl Core {
             }
         }
         self.cancel_replicas(&in_flight);
+        self.release_votes(task);
         self.mutations.push(Mutation::Decided {
             task,
             decision: Decision::Accepted { digest, result: result.clone(), fingerprint: self.fp_short(fp), agreeing: from.clone() },
@@ -224,6 +274,7 @@ impl Core {
         let (worker, fuel) = (rep.worker, result.fuel_used);
         self.mutations.push(Mutation::Verdict { replica: r, verdict });
         if let Some(w) = self.workers.get_mut(&worker) {
+            let was_banned = self.cfg.policy.is_banned(&w.rep);
             match verdict {
                 Verdict::Valid => {
                     w.credit_fuel += fuel;
@@ -231,8 +282,48 @@ impl Core {
                 }
                 Verdict::Invalid => w.rep.record_invalid(),
             }
+            if !was_banned && self.cfg.policy.is_banned(&w.rep) {
+                self.newly_banned.push(worker);
+            }
         }
+        self.sync_anchor(worker);
         self.persist_worker(worker);
+    }
+
+    /// A task was decided (or its job cancelled): its reported votes are no longer undecided.
+    pub(crate) fn release_votes(&mut self, task: TaskId) {
+        let Some(slot) = self.jobs.get(&task.job).and_then(|j| j.tasks.get(task.index as usize)) else { return };
+        for r in &slot.replicas {
+            let Some(rep) = self.replicas.get(r) else { continue };
+            if rep.phase == ReplicaPhase::Reported {
+                if let Some(w) = self.workers.get_mut(&rep.worker) {
+                    w.undecided = w.undecided.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// Take their vote on undecided tasks away from workers banned since the last call:
+    /// cancel their in-flight replicas and re-examine every pending task they reported on,
+    /// so those tasks get replacement replicas. Deciding a task here may ban more workers.
+    pub(crate) fn settle_bans(&mut self, now: u64) {
+        while let Some(worker) = self.newly_banned.pop() {
+            // Bans are rare; a scan of the replica table keeps workers free of a vote index.
+            let mut touched: Vec<TaskId> = self
+                .replicas
+                .values()
+                .filter(|r| r.worker == worker && matches!(r.phase, ReplicaPhase::Reported | ReplicaPhase::InFlight))
+                .map(|r| r.task)
+                .filter(|t| self.task_phase(*t) == Some(TaskPhase::Pending))
+                .collect();
+            touched.sort_unstable();
+            touched.dedup();
+            let in_flight = self.in_flight_of(&worker);
+            self.cancel_replicas(&in_flight);
+            for t in touched {
+                self.reevaluate(t, now);
+            }
+        }
     }
 
     fn fail(&mut self, task: TaskId, reason: String, now: u64) {
@@ -243,6 +334,7 @@ impl Core {
         let in_flight: Vec<ReplicaId> =
             slot.replicas.iter().copied().filter(|r| self.replicas[r].phase == ReplicaPhase::InFlight).collect();
         self.cancel_replicas(&in_flight);
+        self.release_votes(task);
         self.mutations.push(Mutation::Decided { task, decision: Decision::Failed { reason: reason.clone() }, decided_ms: now, output: None });
         self.notices.push(Notice::Failed { task, reason });
         self.maybe_finish_job(task.job);
@@ -269,6 +361,9 @@ impl Core {
         }
         let was = rep.phase;
         rep.phase = ReplicaPhase::Reported;
+        // An anchor is judged by its standing when it answers (a saboteur may earn trust and
+        // then cheat; its later answers still anchor until it is caught).
+        rep.anchor = self.workers.get(&worker).is_some_and(|w| self.cfg.policy.is_trusted(&w.rep));
         rep.result = Some((digest, result.clone()));
         let (task, deadline) = (rep.task, rep.deadline_ms);
         self.mutations.push(Mutation::Reported { replica, result, reported_ms: now, verdict: None });
@@ -283,8 +378,11 @@ impl Core {
             self.deadlines.remove(&(deadline, replica));
         }
         let slot = &job.tasks[task.index as usize];
-        match slot.phase {
+        let outcome = match slot.phase {
             TaskPhase::Pending if job.state == tasks::wire::JobState::Running => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.undecided += 1;
+                }
                 self.reevaluate(task, now);
                 let accepted = self.jobs[&task.job].tasks[task.index as usize].phase == TaskPhase::Accepted;
                 ReportOutcome::Recorded { accepted, duplicate: false }
@@ -295,6 +393,8 @@ impl Core {
                 ReportOutcome::Recorded { accepted: false, duplicate: false }
             }
             _ => ReportOutcome::Recorded { accepted: false, duplicate: false },
-        }
+        };
+        self.settle_bans(now);
+        outcome
     }
 }

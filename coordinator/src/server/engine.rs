@@ -202,6 +202,7 @@ impl<S: Store> Engine<S> {
             }
             Cmd::RequestWork { worker, max, reply } => {
                 let work = self.core.request_work(worker, max, now);
+                tracing::debug!(node = %worker.short(), max, given = work.assignments.len(), "work request");
                 replies.push(Reply::Work(reply, work));
             }
             Cmd::Reports { worker, reports, reply } => {
@@ -255,13 +256,16 @@ impl<S: Store> Engine<S> {
                 || out.len() as u64 != r.result.output_len
                 || BlobId::of(out) != r.result.output_hash
             {
+                tracing::warn!(node = %worker.short(), replica = r.replica, "report rejected: inline output does not match output_hash/output_len");
                 return Err((r.replica, "inline output does not match output_hash/output_len".into()));
             }
         }
         let task = self.core.replica(r.replica).map(|(_, t, _)| t);
         match self.core.report(worker, r.replica, r.result.clone(), now) {
             ReportOutcome::Rejected(reason) => {
-                tracing::debug!(node = %worker.short(), replica = r.replica, %reason, "report rejected");
+                // A worker reporting for a replica it was not given (or changing a committed
+                // result) is either buggy or hostile: say so, in one line.
+                tracing::warn!(node = %worker.short(), replica = r.replica, "report rejected: {reason}");
                 Err((r.replica, reason))
             }
             ReportOutcome::Recorded { accepted: false, .. } => Ok(r.replica),

@@ -28,7 +28,9 @@ pub struct Job {
 pub struct Done {
     pub replica: ReplicaId,
     pub outcome: Result<RunOutput, Cancelled>,
-    /// From the job being handed to the slot until the guest started running.
+    /// Start latency: from when the task could have started (its assignment arrived and a
+    /// slot was free, whichever came later) until the slot began running it. Time spent
+    /// queued behind other tasks while every slot was busy is not counted.
     pub queue_wait: Duration,
 }
 
@@ -52,11 +54,12 @@ impl Executor {
                     .spawn(move || {
                         lower_priority();
                         loop {
+                            let idle_since = Instant::now();
                             let job = match rx.lock().map(|r| r.recv()) {
                                 Ok(Ok(job)) => job,
                                 _ => return,
                             };
-                            let queue_wait = job.received.elapsed();
+                            let queue_wait = job.received.max(idle_since).elapsed();
                             let _span = tracing::info_span!("task", replica = job.replica).entered();
                             let outcome = match &job.module {
                                 Module::Loaded(m) => sandbox.run(m, &job.spec, &job.control),

@@ -1,0 +1,231 @@
+//! The read-only HTTP status API (`coordinator serve --http`): a coordinator started
+//! in-process with HTTP on loopback, a job submitted with the real `Client`, two simulated
+//! workers agreeing on it over real QUIC, and plain HTTP/1.1 requests over a TcpStream.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use coordinator::client::Client;
+use coordinator::server::{Coordinator, RunningCoordinator, ServeConfig};
+use serde_json::Value;
+use tasks::net;
+use tasks::wire::{self, Assignment, CoordMsg, WorkerMsg, ALPN_COORD};
+use tasks::{BlobId, EngineFingerprint, JobSpec, NodeKey, RunResult, Status, Ticket};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn start(dir: &std::path::Path, http: SocketAddr) -> anyhow::Result<RunningCoordinator> {
+    let mut cfg = ServeConfig::new(dir, "127.0.0.1:0".parse()?);
+    cfg.http = Some(http);
+    Coordinator::start(cfg).await
+}
+
+/// A job directory with a (never executed) module and `n` tasks, quorum 2.
+fn job_file(dir: &std::path::Path, n: usize) -> anyhow::Result<JobSpec> {
+    std::fs::write(dir.join("m.wasm"), b"\0asm\x01\0\0\0 not really run")?;
+    let mut toml = String::from("name = \"httpjob\"\nmodule = \"m.wasm\"\nquorum = 2\nmax_replicas = 4\ndeadline_secs = 600\n");
+    for i in 0..n {
+        toml += &format!("[[task]]\nargs = [\"t{i}\"]\n");
+    }
+    std::fs::write(dir.join("job.toml"), toml)?;
+    Ok(JobSpec::from_file(&dir.join("job.toml"))?)
+}
+
+fn output_for(a: &Assignment) -> Vec<u8> {
+    format!("out of {}\n", a.task.args.join(" ")).into_bytes()
+}
+
+fn fuel_for(a: &Assignment) -> u64 {
+    1_000_000 + a.task.id.index as u64
+}
+
+/// A worker that speaks `peergrid/coord/1` by hand and reports small outputs inline.
+struct SimWorker {
+    _ep: quinn::Endpoint,
+    _conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl SimWorker {
+    async fn join(ticket: &Ticket) -> anyhow::Result<SimWorker> {
+        let ep = net::endpoint(&NodeKey::generate(), "127.0.0.1:0".parse()?, &[])?;
+        let conn = net::connect(&ep, ticket.socket_addrs()?[0], ticket.node_id, ALPN_COORD).await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let fingerprint = EngineFingerprint { engine: "wasmtime test".into(), arch: "x86_64-linux".into(), settings: "det".into() };
+        let hello = WorkerMsg::Hello { agent: "sim".into(), fingerprint, slots: 4, peer_addr: None, blobs: vec![] };
+        net::write_frame(&mut send, &hello).await?;
+        let welcome: CoordMsg = net::read_frame(&mut recv).await?.context("no welcome")?;
+        anyhow::ensure!(matches!(welcome, CoordMsg::Welcome { .. }), "expected Welcome, got {welcome:?}");
+        Ok(SimWorker { _ep: ep, _conn: conn, send, recv })
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<CoordMsg> {
+        loop {
+            let m: CoordMsg = tokio::time::timeout(Duration::from_secs(10), net::read_frame(&mut self.recv))
+                .await
+                .context("timed out waiting for the coordinator")??
+                .context("stream ended")?;
+            if !matches!(m, CoordMsg::Cancel { .. }) {
+                return Ok(m);
+            }
+        }
+    }
+
+    async fn work(&mut self, max: u32) -> anyhow::Result<Vec<Assignment>> {
+        net::write_frame(&mut self.send, &WorkerMsg::RequestWork { max }).await?;
+        let CoordMsg::Assign { assignments, .. } = self.recv().await? else { anyhow::bail!("expected Assign") };
+        for a in &assignments {
+            let out = output_for(a);
+            let result = RunResult {
+                status: Status::Ok,
+                exit_code: 0,
+                trap: String::new(),
+                fuel_used: fuel_for(a),
+                output_hash: BlobId::of(&out),
+                output_len: out.len() as u64,
+            };
+            let report = wire::Report { replica: a.replica, result, output: Some(out), wall_ms: 1 };
+            net::write_frame(&mut self.send, &WorkerMsg::Report(report)).await?;
+            let ack = self.recv().await?;
+            anyhow::ensure!(matches!(ack, CoordMsg::Ack { .. }), "expected Ack, got {ack:?}");
+        }
+        Ok(assignments)
+    }
+}
+
+/// One `GET` over a fresh connection: (status code, content type, body).
+async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await.context("HTTP response timed out")??;
+    let raw = String::from_utf8(raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("no end of headers")?;
+    let status = head.split(' ').nth(1).context("no status code")?.parse()?;
+    let ctype = head
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-type")).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_default();
+    anyhow::ensure!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "unexpected chunked body");
+    Ok((status, ctype, body.to_string()))
+}
+
+async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Value)> {
+    let (code, ctype, body) = get(addr, path).await?;
+    anyhow::ensure!(ctype.starts_with("application/json"), "{path}: content type {ctype:?}");
+    Ok((code, serde_json::from_str(&body).with_context(|| format!("{path}: not JSON: {body}"))?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_status_api_mirrors_status_json_and_results_without_outputs() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let jobdir = tempfile::tempdir()?;
+    let coord = start(data.path(), "127.0.0.1:0".parse()?).await?;
+    let http = coord.http_addr.context("http_addr is set when http was asked for")?;
+    assert_ne!(http.port(), 0);
+
+    let (code, _, body) = get(http, "/health").await?;
+    assert_eq!((code, body.as_str()), (200, "ok"));
+
+    let client = Client::connect(&coord.ticket, &coord.token).await?;
+    let (job, n) = client.submit(&job_file(jobdir.path(), 3)?).await?;
+    assert_eq!(n, 3);
+    let mut a = SimWorker::join(&coord.ticket).await?;
+    let mut b = SimWorker::join(&coord.ticket).await?;
+    let wa = a.work(8).await?;
+    let wb = b.work(8).await?;
+    assert_eq!(wa.len() + wb.len(), 6, "quorum 2 × 3 tasks");
+
+    // /status: the same JSON as `coordinator status --json`.
+    let (code, st) = get_json(http, "/status").await?;
+    assert_eq!(code, 200);
+    let via_quic = client.status(None).await?;
+    assert_eq!(serde_json::from_value::<wire::StatusReport>(st.clone())?.jobs, via_quic.jobs);
+    assert!(st["coordinator_bytes_sent"].is_u64());
+    let jobs = st["jobs"].as_array().context("jobs")?;
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0]["id"], job.0);
+    assert_eq!(jobs[0]["name"], "httpjob");
+    assert_eq!(jobs[0]["state"], "done");
+    assert_eq!((jobs[0]["tasks_total"].as_u64(), jobs[0]["tasks_done"].as_u64(), jobs[0]["tasks_failed"].as_u64()), (Some(3), Some(3), Some(0)));
+    let workers = st["workers"].as_array().context("workers")?;
+    assert_eq!(workers.len(), 2);
+    let fuel: u64 = wa.iter().map(fuel_for).sum();
+    for w in workers {
+        assert_eq!(w["connected"], true);
+        assert_eq!((w["valid"].as_u64(), w["invalid"].as_u64()), (Some(3), Some(0)));
+        assert!((w["credit"].as_f64().context("credit")? - fuel as f64 / 1e9).abs() < 1e-12);
+        assert!(w["node_id"].is_string());
+    }
+
+    // /jobs/ID: that job's status object.
+    let (code, j) = get_json(http, &format!("/jobs/{job}")).await?;
+    assert_eq!(code, 200);
+    assert_eq!(&j, &jobs[0]);
+
+    // /jobs/ID/results: the results.json shape, with hashes and no output bytes.
+    let (code, r) = get_json(http, &format!("/jobs/{job}/results")).await?;
+    assert_eq!(code, 200);
+    assert_eq!(r["job"], job.0);
+    assert_eq!(r["state"], "done");
+    let tasks = r["tasks"].as_array().context("tasks")?;
+    assert_eq!(tasks.len(), 3);
+    for t in tasks {
+        let idx = t["index"].as_u64().context("index")? as u32;
+        let a = wa.iter().find(|x| x.task.id.index == idx).context("task was assigned")?;
+        assert_eq!(t["status"], "accepted");
+        assert_eq!(t["output_hash"], BlobId::of(&output_for(a)).to_string());
+        assert_eq!(t["fuel_used"].as_u64(), Some(fuel_for(a)));
+        assert_eq!(t["agreeing_workers"].as_array().map(Vec::len), Some(2));
+        assert!(t.get("output").is_none(), "no output bytes over HTTP: {t}");
+    }
+
+    // Unknown and malformed ids, unknown routes: JSON error one-liners.
+    let (code, e) = get_json(http, "/jobs/999999").await?;
+    assert_eq!(code, 404);
+    assert!(e["error"].as_str().is_some_and(|m| m.contains("999999")), "{e}");
+    let (code, _) = get_json(http, "/jobs/999999/results").await?;
+    assert_eq!(code, 404);
+    let (code, e) = get_json(http, "/jobs/abc").await?;
+    assert_eq!(code, 400);
+    assert!(e["error"].is_string(), "{e}");
+    let (code, _) = get_json(http, "/jobs/abc/results").await?;
+    assert_eq!(code, 400);
+    let (code, _) = get_json(http, "/nope").await?;
+    assert_eq!(code, 404);
+
+    // The page: both tables and links to the JSON.
+    let (code, ctype, page) = get(http, "/").await?;
+    assert_eq!(code, 200);
+    assert!(ctype.starts_with("text/html"), "{ctype}");
+    assert!(page.contains("httpjob") && page.contains(&format!("/jobs/{job}/results")) && page.contains("/status"));
+    assert!(via_quic.workers.iter().all(|w| page.contains(&w.node_id.to_string())));
+
+    // It stops with the coordinator.
+    client.close().await;
+    coord.shutdown().await?;
+    assert!(tokio::net::TcpStream::connect(http).await.is_err(), "HTTP still accepting after shutdown");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_address_in_use_fails_start_with_one_line() -> anyhow::Result<()> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?;
+    let data = tempfile::tempdir()?;
+    let err = start(data.path(), addr).await.expect_err("the port is taken");
+    let msg = format!("{err:#}");
+    assert!(msg.starts_with(&format!("cannot bind --http {addr}: address already in use")), "{msg}");
+    assert!(!msg.contains('\n'), "{msg}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_http_server_without_the_flag() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let coord = Coordinator::start(ServeConfig::new(data.path(), "127.0.0.1:0".parse()?)).await?;
+    assert_eq!(coord.http_addr, None);
+    coord.shutdown().await?;
+    Ok(())
+}

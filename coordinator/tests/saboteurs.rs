@@ -1,0 +1,146 @@
+//! Saboteurs driven through the scheduling core (issue 10, part 1): a fraction f of the
+//! workers return wrong digests — (a) each its own, (b) colluding on one, (c) honest until
+//! trusted, then colluding — and we measure what gets accepted and what it costs.
+//!
+//! Every scenario prints one line
+//! `FAULT|saboteurs|<scenario>|<figures>|<target or ->|<yes/no/->`; run
+//! `cargo test -p coordinator --test saboteurs -- --nocapture` to see them.
+//! By default the runs are small (one seed, 1000–2000 tasks); with `PEERGRID_FAULTS_FULL=1`
+//! each scenario runs 5000 tasks on 200 workers for 5 seeds and reports medians (and the
+//! worst run), e.g. `PEERGRID_FAULTS_FULL=1 cargo test -p coordinator --release --test
+//! saboteurs -- --nocapture`.
+//!
+//! Policies: "fixed quorum" is the textbook 2-of-3 baseline, "default" is what
+//! `coordinator serve` runs, "hardened" is [`TrustPolicy::hardened`] (see its docs and the
+//! `core::trust` module doc).
+
+use coordinator::core::adversary::{run_seeds, Behaviour, Scenario, Summary};
+use coordinator::core::trust::TrustPolicy;
+
+fn full() -> bool {
+    std::env::var("PEERGRID_FAULTS_FULL").is_ok_and(|v| v == "1")
+}
+
+/// The scenario at this run's size, and the seeds to run it with.
+fn sized(behaviour: Behaviour, f: f64, policy: TrustPolicy) -> (Scenario, Vec<u64>) {
+    let mut sc = Scenario::new(behaviour, f, policy, 0);
+    if full() {
+        sc.workers = 200;
+        sc.tasks = 5000;
+        (sc, (1..=5).collect())
+    } else {
+        sc.workers = 100;
+        sc.tasks = 2000;
+        (sc, vec![1])
+    }
+}
+
+fn run(sc: &Scenario, seeds: &[u64]) -> Summary {
+    run_seeds(sc, seeds.iter().copied())
+}
+
+fn line(scenario: &str, sc: &Scenario, s: &Summary, target: &str, met: Option<bool>) {
+    let met = match met {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "-",
+    };
+    let size = format!("{} workers, {} tasks", sc.workers, sc.tasks);
+    println!("FAULT|saboteurs|{scenario} ({size})|{}|{target}|{met}", s.figures(sc.quorum));
+}
+
+fn pct(f: f64) -> String {
+    format!("f={:.0}%", f * 100.0)
+}
+
+#[test]
+fn non_colluding_saboteurs_never_get_a_wrong_result_accepted() {
+    for f in [0.1, 0.3] {
+        for (name, policy) in [("default policy", TrustPolicy::default()), ("hardened policy", TrustPolicy::hardened())] {
+            let (sc, seeds) = sized(Behaviour::OwnWrong, f, policy);
+            let s = run(&sc, &seeds);
+            let worst = s.runs.iter().map(|o| o.wrong_accepted).max().unwrap_or(0);
+            let met = worst == 0 && s.undecided == 0;
+            line(&format!("non-colluding {}, {name}", pct(f)), &sc, &s, "no wrong result accepted", Some(met));
+            assert!(met, "{name}, f={f}: {}", s.figures(sc.quorum));
+        }
+    }
+}
+
+#[test]
+fn colluders_at_10_percent_get_at_most_0_1_percent_wrong_at_2_2_replicas_under_the_hardened_policy() {
+    let (sc, seeds) = sized(Behaviour::Colluding, 0.1, TrustPolicy::hardened());
+    let s = run(&sc, &seeds);
+    let met = s.wrong <= 0.001 && s.replicas_per_task <= 2.2 && s.undecided == 0;
+    line("colluding f=10%, hardened policy", &sc, &s, "<= 0.1% wrong at <= 2.2 replicas/task", Some(met));
+    assert!(met, "{}", s.figures(sc.quorum));
+}
+
+#[test]
+fn colluders_beat_the_fixed_quorum_as_the_theory_says_and_the_default_policy_less() {
+    for f in [0.1, 0.3] {
+        let (sc, seeds) = sized(Behaviour::Colluding, f, TrustPolicy::fixed_quorum());
+        let s = run(&sc, &seeds);
+        line(&format!("colluding {}, fixed 2-of-3 quorum (baseline)", pct(f)), &sc, &s, "-", None);
+        // The harness reproduces the textbook figure (sampling noise aside).
+        assert!((s.wrong - s.theory_wrong).abs() < 0.5 * s.theory_wrong, "{}", s.figures(sc.quorum));
+
+        let (sc, seeds) = sized(Behaviour::Colluding, f, TrustPolicy::default());
+        let d = run(&sc, &seeds);
+        line(&format!("colluding {}, default policy", pct(f)), &sc, &d, "-", None);
+        assert!(d.wrong < s.wrong, "bans and anchors help: {} vs {}", d.figures(sc.quorum), s.figures(sc.quorum));
+        assert_eq!(d.undecided, 0);
+    }
+}
+
+#[test]
+fn colluders_at_30_percent_under_the_hardened_policy() {
+    let (sc, seeds) = sized(Behaviour::Colluding, 0.3, TrustPolicy::hardened());
+    let s = run(&sc, &seeds);
+    line("colluding f=30%, hardened policy", &sc, &s, "-", None);
+    assert!(s.wrong < s.theory_wrong / 10.0, "{}", s.figures(sc.quorum));
+    assert_eq!(s.undecided, 0);
+}
+
+#[test]
+fn colluders_sharing_one_address_block_never_share_a_task() {
+    for f in [0.1, 0.3] {
+        let (mut sc, seeds) = sized(Behaviour::Colluding, f, TrustPolicy::hardened());
+        sc.saboteurs_in_one_block = true;
+        let s = run(&sc, &seeds);
+        let met = s.runs.iter().all(|o| o.wrong_accepted == 0) && s.undecided == 0;
+        line(&format!("colluding {} from one /24, hardened policy", pct(f)), &sc, &s, "no wrong result accepted", Some(met));
+        assert!(met, "{}", s.figures(sc.quorum));
+    }
+}
+
+#[test]
+fn saboteurs_that_earn_trust_then_collude_are_caught_and_banned() {
+    for f in [0.1, 0.3] {
+        for (name, policy) in [("default policy", TrustPolicy::default()), ("hardened policy", TrustPolicy::hardened())] {
+            let (sc, seeds) = sized(Behaviour::TrustThenCheat, f, policy);
+            let s = run(&sc, &seeds);
+            line(&format!("honest-then-colluding {}, {name}", pct(f)), &sc, &s, "-", None);
+            assert_eq!(s.undecided, 0);
+            assert!(s.wrong < s.theory_wrong, "{}", s.figures(sc.quorum));
+        }
+    }
+}
+
+#[test]
+fn greedy_saboteurs_that_answer_at_once_are_reported() {
+    // A lie needs no computing: these saboteurs grab all the work the core lets them hold
+    // and answer within a second, so they cast far more than their share f of the votes.
+    for (behaviour, f) in [(Behaviour::Colluding, 0.1), (Behaviour::TrustThenCheat, 0.1), (Behaviour::Colluding, 0.3)] {
+        for (name, policy) in [
+            ("default policy", TrustPolicy::default()),
+            ("hardened policy", TrustPolicy::hardened()),
+        ] {
+            let (mut sc, seeds) = sized(behaviour, f, policy);
+            sc.greedy_saboteurs = true;
+            let s = run(&sc, &seeds);
+            line(&format!("greedy instant {} {}, {name}", behaviour.label(), pct(f)), &sc, &s, "-", None);
+            assert_eq!(s.undecided, 0);
+        }
+    }
+}
