@@ -41,9 +41,10 @@ fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 echo "== building (release): worker binary and every bench"
-cargo build --release -p worker --bin worker || { echo "bench.sh: building the worker binary failed" >&2; exit 1; }
-cargo bench --no-run -p worker --bench sandbox --bench swarm || echo "bench.sh: worker benches do not build; their rows will be missing" >&2
-cargo bench --no-run -p coordinator --bench ingest --bench e2e --bench scale || echo "bench.sh: coordinator benches do not build; their rows will be missing" >&2
+# Always the whole workspace: selecting one package (-p) resolves other features for the shared
+# dependencies and would build wasmtime once more for each package.
+cargo build --release --workspace --bins || { echo "bench.sh: building the binaries failed" >&2; exit 1; }
+cargo bench --no-run --workspace || echo "bench.sh: some benches do not build; their rows will be missing" >&2
 
 FAILED=()
 # run_bench PACKAGE BENCH TIMES [ENV=VALUE...]
@@ -52,7 +53,7 @@ run_bench() {
     for i in $(seq 1 "$times"); do
         echo "== $bench run $i/$times"
         local start=$SECONDS
-        if env "$@" cargo bench -q -p "$pkg" --bench "$bench" >"$LOGS/$bench.$i.log" 2>&1; then
+        if env "$@" cargo bench -q --workspace --bench "$bench" >"$LOGS/$bench.$i.log" 2>&1; then
             echo "   done in $((SECONDS - start)) s"
         else
             echo "   FAILED after $((SECONDS - start)) s (see $LOGS/$bench.$i.log)"

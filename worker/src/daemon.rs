@@ -208,7 +208,7 @@ pub async fn run(cfg: WorkerConfig, stats: Arc<WorkerStats>, shutdown: Cancellat
         next_request: Instant::now(),
         paused: false,
         unsaved: Vec::new(),
-        saving: false,
+        saving: 0,
         task_secs: None,
     };
     let result = daemon.run(done_rx, shutdown).await;
@@ -279,8 +279,8 @@ struct Daemon {
     paused: bool,
     /// Finished results not yet durable in the outbox (the next group commit).
     unsaved: Vec<Report>,
-    /// A group commit is being written on a blocking thread.
-    saving: bool,
+    /// Reports in the group commit being written on a blocking thread (0: none).
+    saving: usize,
     /// Moving average of task wall time, which sizes how much work to keep in hand.
     task_secs: Option<f64>,
 }
@@ -410,7 +410,7 @@ impl Daemon {
                 }
                 _ = tick.tick() => {
                     if let Some(deadline) = shutting_down {
-                        let flushed = self.outbox.is_empty() && self.in_hand() == 0 && self.unsaved.is_empty() && !self.saving;
+                        let flushed = self.outbox.is_empty() && self.in_hand() == 0 && self.unsaved.is_empty() && self.saving == 0;
                         if flushed || tokio::time::Instant::now() >= deadline {
                             if !self.outbox.is_empty() {
                                 tracing::warn!("{} results not yet acknowledged; they stay in the outbox and are sent on the next start", self.outbox.len());
@@ -487,8 +487,12 @@ impl Daemon {
             return;
         }
         let target = self.hand_target();
-        let have = self.in_hand();
-        if have >= target {
+        // As the coordinator counts: a replica is in flight until its report is committed
+        // there, so finished results not yet acknowledged still take a place in the hand.
+        // Asking beyond that only earns an empty answer and a wait.
+        let have = self.in_hand() + self.unsaved.len() + self.saving + self.outbox.len();
+        // Top up in batches, not one replica per finished task.
+        if have >= target || (have > 0 && target - have < (target / 4).max(1)) {
             return;
         }
         self.request_outstanding = true;
@@ -525,10 +529,10 @@ impl Daemon {
     /// Group commit: write every finished, unsaved result as one outbox segment on a
     /// blocking thread; they are sent when it is durable ([`Daemon::on_saved`]).
     fn start_saving(&mut self, saved_tx: &mpsc::UnboundedSender<(Segment, std::io::Result<()>)>) {
-        if self.saving || self.unsaved.is_empty() {
+        if self.saving > 0 || self.unsaved.is_empty() {
             return;
         }
-        self.saving = true;
+        self.saving = self.unsaved.len();
         let seg = self.outbox.segment(std::mem::take(&mut self.unsaved));
         let tx = saved_tx.clone();
         tokio::task::spawn_blocking(move || {
@@ -538,7 +542,7 @@ impl Daemon {
     }
 
     async fn on_saved(&mut self, seg: Segment, res: std::io::Result<()>) {
-        self.saving = false;
+        self.saving = 0;
         if let Err(e) = res {
             tracing::error!("cannot save {} results to the outbox ({e}); sending them anyway, but they are lost if this worker dies before the coordinator acknowledges them", seg.reports.len());
         }

@@ -31,6 +31,9 @@ use super::validator::Need;
 use super::{Core, TaskPhase};
 use crate::store::{Mutation, ReplicaPhase};
 
+/// Retry hint for a worker refused only because it holds its cap of replicas.
+const AT_CAP_RETRY_MS: u64 = 100;
+
 /// The asking worker, as `pick` needs it.
 struct Me {
     id: NodeId,
@@ -80,7 +83,14 @@ impl Core {
             self.reevaluate(t, now);
         }
         self.settle_bans(now);
-        let retry_after_ms = if out.is_empty() { self.cfg.retry_after_ms } else { 0 };
+        // Refused only because the worker's hand is full (its reports are on their way): it
+        // may ask again soon. No work at all, or a banned worker: the full wait.
+        let at_cap = want == 0 && cap > 0 && !self.running.is_empty();
+        let retry_after_ms = match (out.is_empty(), at_cap) {
+            (false, _) => 0,
+            (true, true) => self.cfg.retry_after_ms.min(AT_CAP_RETRY_MS),
+            (true, false) => self.cfg.retry_after_ms,
+        };
         Work { assignments: out, retry_after_ms }
     }
 
