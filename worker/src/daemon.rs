@@ -289,7 +289,7 @@ struct Daemon {
 /// tasks do not wait for a round trip to the coordinator...
 const PREFETCH_COVER: Duration = Duration::from_millis(250);
 /// ...within these bounds per slot.
-const PREFETCH_PER_SLOT: (usize, usize) = (2, 16);
+const PREFETCH_PER_SLOT: (usize, usize) = (2, 64);
 /// A `Reports` frame is cut at about this many bytes of inline output (frames max 8 MiB).
 const REPORTS_FRAME_BYTES: u64 = 2 << 20;
 
@@ -600,8 +600,17 @@ impl Daemon {
         let warm = self.modules.get(&a.task.module.id).cloned();
         let (fetcher, store, sandbox) = (self.fetcher.clone(), self.store.clone(), self.sandbox.clone());
         let coordinator = self.session.as_ref().map(|s| s.coordinator.node_id);
+        // (A cheap placeholder: an `anyhow::Error` would capture a backtrace when
+        // RUST_BACKTRACE is set, a cost per assignment.)
+        let placeholder = Ok((Module::Invalid(Arc::new(Vec::new())), Vec::new()));
+        let mut p = Prepared { assignment: a, received, result: placeholder, from_coordinator: 0, from_peers: 0, bad_peers: Vec::new() };
+        if let (Some(m), None) = (&warm, &p.assignment.task.input) {
+            // Warm module and no input: nothing to fetch or compile, no task to spawn.
+            p.result = Ok((Module::Loaded(m.clone()), Vec::new()));
+            let _ = tx.send(p);
+            return;
+        }
         tokio::spawn(async move {
-            let mut p = Prepared { assignment: a, received, result: Err(anyhow::anyhow!("unset")), from_coordinator: 0, from_peers: 0, bad_peers: Vec::new() };
             p.result = prepare(&mut p, warm, &fetcher, &store, &sandbox, coordinator).await;
             let _ = tx.send(p);
         });

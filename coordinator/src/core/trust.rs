@@ -109,7 +109,7 @@ impl Default for TrustPolicy {
             ban_min_invalid: 3,
             ban_score: 0.5,
             probation_score: 0.8,
-            in_flight_per_slot: 16,
+            in_flight_per_slot: 64,
             trust_min_valid: 10,
             prefer_anchors: true,
             untrusted_extra: 0,
@@ -275,7 +275,7 @@ mod tests {
     fn repeated_disagreement_reduces_then_stops_work() {
         let p = TrustPolicy::default();
         let mut r = Reputation::default();
-        assert_eq!(p.in_flight_cap(&r, 4), 64);
+        assert_eq!(p.in_flight_cap(&r, 4), 4 * p.in_flight_per_slot);
         r.record_invalid();
         assert_eq!(p.in_flight_cap(&r, 4), 1, "probation after a wrong answer");
         r.record_invalid();
@@ -284,7 +284,7 @@ mod tests {
         for _ in 0..20 {
             r.record_valid();
         }
-        assert_eq!(p.in_flight_cap(&r, 4), 64, "trust can be earned back");
+        assert_eq!(p.in_flight_cap(&r, 4), 4 * p.in_flight_per_slot, "trust can be earned back");
     }
 
     #[test]
