@@ -4,6 +4,8 @@
 #
 #   bash bench.sh            # full sizes (~15-25 min on 2 cores, after the build)
 #   bash bench.sh --smoke    # tiny sizes, one run each: checks the script and the benches
+#   bash bench.sh --table-only   # rebuild the table from the logs in bench-out/ without running
+#   BENCH_NOTE="..." adds a line to the notes (say how a --table-only table was put together).
 #   options: --runs N (repeats of the cheap benches, default 3), --out FILE (default BENCHMARKS.md)
 #
 # Every bench prints `BENCH|what|result|baseline|ratio|target|met` lines (e2e, scale) or a human
@@ -14,11 +16,13 @@ set -uo pipefail
 cd "$(dirname "$0")"
 
 SMOKE=0
+TABLE_ONLY=0
 RUNS=3
 OUT=BENCHMARKS.md
 while [ $# -gt 0 ]; do
     case "$1" in
         --smoke) SMOKE=1 ;;
+        --table-only) TABLE_ONLY=1 ;;
         --runs) RUNS="$2"; shift ;;
         --out) OUT="$2"; shift ;;
         -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
@@ -30,7 +34,7 @@ command -v python3 >/dev/null || { echo "bench.sh: needs python3 to build the ta
 
 LOGS=bench-out
 mkdir -p "$LOGS"
-rm -f "$LOGS"/*.log
+if [ "$TABLE_ONLY" = 0 ]; then rm -f "$LOGS"/*.log; fi
 if [ "$SMOKE" = 1 ]; then
     export PEERGRID_BENCH_SMOKE=1
     RUNS=1
@@ -40,11 +44,17 @@ fi
 # Many QUIC sessions in the scale bench: more descriptors never hurt.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
+if [ "$TABLE_ONLY" = 0 ]; then
 echo "== building (release): worker binary and every bench"
 # Always the whole workspace: selecting one package (-p) resolves other features for the shared
 # dependencies and would build wasmtime once more for each package.
 cargo build --release --workspace --bins || { echo "bench.sh: building the binaries failed" >&2; exit 1; }
 cargo bench --no-run --workspace || echo "bench.sh: some benches do not build; their rows will be missing" >&2
+# The seti kernel's benchmark input (8 MiB, generated, not committed).
+if [ ! -f examples/seti/bench/0.bin ] && [ -x target/release/seti-gen ]; then
+    target/release/seti-gen --out examples/seti/bench --count 1 --seed 99 --signals 1 --samples 1048576 >/dev/null \
+        && echo "generated examples/seti/bench/0.bin (seti benchmark input)"
+fi
 
 FAILED=()
 # run_bench PACKAGE BENCH TIMES [ENV=VALUE...]
@@ -72,6 +82,11 @@ run_bench coordinator e2e "$RUNS"
 # scale is minutes per run: once.
 run_bench coordinator scale 1
 TOTAL=$((SECONDS - T0))
+else
+    T0=$SECONDS
+    TOTAL=${BENCH_TOTAL:-0}
+    FAILED=()
+fi
 
 export BENCH_LOGS="$LOGS" BENCH_OUT="$OUT" BENCH_RUNS="$RUNS" BENCH_SMOKE="$SMOKE" BENCH_TOTAL="$TOTAL" BENCH_FAILED="${FAILED[*]:-}"
 python3 - <<'PY' || { echo "bench.sh: building the table failed" >&2; exit 1; }
@@ -101,6 +116,14 @@ def parse_sandbox(text):
             check = "" if "output = native" in rest else " (OUTPUT DIFFERS)"
             for label, t, r in (("on", det, rd), ("off", nodet, rn)):
                 rows.append(f"BENCH|sandbox vs native: {k}, determinism {label}{check}|{t} ms|{nat} ms (native)|{r}x|<= 1.15x|{'yes' if float(r) <= 1.15 else 'no'}")
+            continue
+        m = re.match(r"^(\S+)\s+([0-9.]+) ms\s+([0-9.]+) ms\s+([0-9.]+) ms\s+([0-9.]+) ms\s+([0-9.]+)x\s+([0-9.]+)x\s+([0-9.]+)x\s+([0-9.]+)x\s*$", line)
+        if m:
+            k, plain, fuel, epoch, nan, rp, rf, re_, rn = m.groups()
+            native = float(plain) / float(rp) if float(rp) else float("nan")
+            rows.append(f"BENCH|plain wasmtime vs native: {k} (none of the settings below)|{plain} ms|{native:.1f} ms (native)|{rp}x|-|-")
+            for label, t, r in (("fuel metering", fuel, rf), ("epoch interruption", epoch, re_), ("NaN canonicalization", nan, rn)):
+                rows.append(f"BENCH|cost of {label} alone: {k}|{t} ms|{plain} ms (plain wasmtime)|{r}x|-|-")
             continue
         m = re.match(r"^compile (\S+) \((\d+) KB\): cold compile ([0-9.]+) ms \| compile-cache load ([0-9.]+) ms", line)
         if m:
@@ -162,31 +185,43 @@ def parse_ingest(text):
 
 # Hand-written from profiling the misses (bench.sh owner: update when the numbers move).
 PROFILE_NOTES = """
-### What limits the biggest misses (profiled 2026-11-22)
+### What limits the biggest misses (profiled 2026-12-01)
 
-- **End-to-end tiny tasks/s (~40/s vs 10,000/s) — the biggest gap.** Not CPU: `perf stat` on
-  the e2e run shows 0.06 CPUs used. The worker daemon asks for work only on its 200 ms tick
-  (`Daemon::maybe_request_work` is called from the tick branch only) and keeps at most
-  2 x slots replicas in hand, so 4 workers x 2 slots get at most 4 x 4 replicas per 200 ms =
-  80 replicas/s = 40 tasks/s at quorum 2 — exactly the measured rate. The coordinator is far
-  from the limit (ingest: ~60,000 validated results/s over loopback QUIC; work-request p50
-  < 1 ms). Fix in the daemon: request again as soon as the hand drops below its target (after
-  each finished run and each non-empty Assign), prefetch deeper for short tasks (with the
-  coordinator's `in_flight_per_slot` to match), batch results into `Reports` frames.
-  Next limit after that: one fsynced outbox file per result (strace: ~1.5 fsync per replica,
-  ~330 µs each, on the daemon's async loop).
-- **Task start latency (~0.5–3 ms mean vs 200 µs; bare `Sandbox::run` is ~30 µs).** The
-  daemon's `select!` is `biased` with finished runs ahead of prepared assignments, and each
-  finished run writes and fsyncs its outbox file on the async thread, so a prepared assignment
-  waits behind those fsyncs before it reaches a slot. Fix: persist the outbox off the loop
-  (writer thread, one fsync per batch) and hand prepared work to slots first.
-- **Connected simulated workers (84k in the 150 s ramp vs 100k).** Not yet profiled; from the
-  connect rate, CPU-bound on this 2-core
-  box, where the bench's own clients (an ed25519 identity + TLS handshake per worker) share the
-  cores with the coordinator; the connect rate falls from ~800/s to ~300/s as the coordinator's
-  5 s keep-alives for 80k sessions (~16k pings/s plus acks) take over. Memory is not the limit
-  (65 KiB per session on the coordinator: 100k sessions ~ 6.5 GiB); a longer ramp
-  (`PEERGRID_BENCH_SCALE_SECS`) or the clients on another machine reach 100k.
+- **End-to-end tiny tasks/s (~3,300/s vs 10,000/s) — the biggest gap.** Was ~40/s: the
+  worker asked for more work as soon as one replica finished, while the coordinator still
+  counted its unacknowledged results as in flight, so the request was refused at the cap and
+  the worker waited the full 2 s retry hint. The worker now counts as the coordinator does
+  (finished, unacknowledged results hold a place), tops up in batches of a quarter hand, and
+  a refusal at the cap retries in 100 ms; hands are 64 replicas per slot for tiny tasks.
+  `perf record` of the bench now: the process uses ~80% of the 2 cores; kernel time of the
+  tokio threads (UDP send/receive, futex wake-ups, ext4 create/unlink of the outbox's
+  group-commit files) is the largest share, then the slot threads' kernel time for mapping
+  and unmapping each run's linear memory (`unmap_page_range`, TLB shoot-downs), then malloc.
+  Next steps: wasmtime's pooling allocator (memories reused, not remapped), an outbox that
+  appends to one log file instead of creating a file per batch, and more replicas per QUIC
+  frame. Reaching 10,000/s means 20,000 sandbox runs/s plus QUIC and the store on 2 cores
+  shared by the coordinator and 4 workers; the bare sandbox alone does ~20,000 tasks/s on one
+  thread.
+- **Sandbox vs native (1.2x-5x vs 1.15x).** The settings table shows where it goes: plain
+  wasmtime, with none of our settings, is already 2x native on primes and 5x on fmc (the
+  wasm code itself: 32-bit wasm, no native vector units, software libm), and about 1x on
+  pi and mandelbrot. NaN canonicalization, which determinism requires, costs 4.7x on the
+  float-heavy mandelbrot inner loop (a compare and select after every float op); fuel and
+  epoch checks cost 1.0-1.6x each and overlap (both sit on loop headers). Epoch interruption
+  could give way to fuel-based async yields for pause/cancel (one check instead of two);
+  NaN canonicalization and fuel stay, so 1.15x is out of reach for float-heavy kernels on
+  wasmtime 38.
+- **Verified peer transfer (0.68x of raw quinn).** Not profiled this session. Each 256 KiB
+  chunk is read, verified and written to the partial file on the blocking pool, one request
+  (run of chunks) at a time per peer connection; the raw baseline is one stream copied into
+  memory.
+- **Connected simulated workers: now met (100,000).** With keep-alives every 5 s the ramp
+  stopped at 84k-90k in 150 s and the p50 at that level was 9.7 s in one run: the
+  coordinator's keep-alives for ~90k sessions (18k pings/s plus acks) and the bench's own
+  handshakes saturated the 2 cores. At 10 s (still three pings per 30 s idle timeout) the
+  ramp reaches 100k with p99 ~2.5 ms. The bench's clients (an ed25519 identity + TLS
+  handshake each) share the cores with the coordinator, so this is a lower bound on what the
+  coordinator holds. Memory: ~62 KiB per session, 100k sessions ~6 GiB.
 """
 
 parsers = {"sandbox": parse_sandbox, "swarm": parse_swarm, "ingest": parse_ingest}
@@ -264,6 +299,8 @@ out.append(f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-
 out.append(f"- medians of {os.environ['BENCH_RUNS']} runs (sandbox and swarm take the median inside the bench; ingest and e2e are run "
            f"{os.environ['BENCH_RUNS']} times; scale once); noisy shared 2-core machine: other builds may run at the same time.")
 out.append(f"- total bench time: {int(os.environ['BENCH_TOTAL']) // 60} min {int(os.environ['BENCH_TOTAL']) % 60} s; raw logs in `bench-out/`.")
+if os.environ.get("BENCH_NOTE"):
+    out.append(f"- {os.environ['BENCH_NOTE']}")
 out.append("- the scale bench runs the coordinator (`coordinator serve`) as a child process and the simulated workers in the bench "
            "process, on the same 2 cores: client-side handshakes and requests compete with the coordinator for CPU.")
 if os.environ.get("BENCH_FAILED"):
