@@ -49,14 +49,19 @@ SUITES=(
     "coordinator hostile hostile-peers"
 )
 present() { [ -f "$1/tests/$2.rs" ]; }
+# Package selection for a suite: the whole workspace when the test target's name is unique
+# (no extra wasmtime build); -p where two packages have a target of that name.
+sel() { if [ "$(ls -d */tests/"$1".rs 2>/dev/null | wc -l)" = 1 ]; then echo --workspace; else echo "-p $2"; fi; }
 
 echo "== building (${PROFILE[*]:-debug}): worker binary and the test targets"
-cargo build "${PROFILE[@]}" -p worker --bin worker -p coordinator --bin coordinator \
+# Whole-workspace builds: with -p, cargo resolves the shared dependencies' features for that
+# package alone and builds wasmtime once more (see sel below).
+cargo build "${PROFILE[@]}" --workspace --bins \
     || { echo "faults.sh: building the binaries failed" >&2; exit 1; }
 for s in "${SUITES[@]}"; do
     set -- $s
     if present "$1" "$2"; then
-        cargo test "${PROFILE[@]}" --no-run -p "$1" --test "$2" 2>&1 | tail -n 1 \
+        cargo test "${PROFILE[@]}" --no-run $(sel "$2" "$1") --test "$2" 2>&1 | tail -n 1 \
             || echo "faults.sh: $1 --test $2 does not build; its rows will be missing" >&2
     fi
 done
@@ -72,7 +77,7 @@ for s in "${SUITES[@]}"; do
         SKIPPED+=("$1/tests/$2.rs")
         continue
     fi
-    cmd="cargo test ${PROFILE[*]} -p $1 --test $2 -- --nocapture --test-threads=1"
+    cmd="cargo test ${PROFILE[*]} $(sel "$2" "$1") --test $2 -- --nocapture --test-threads=1"
     CMDS+=("$cmd")
     echo "== $cmd"
     start=$SECONDS
