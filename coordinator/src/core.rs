@@ -32,6 +32,11 @@ use trust::{AddressBlock, Reputation, TrustPolicy};
 pub use scheduler::Work;
 pub use validator::ReportOutcome;
 
+/// How long a worker handed a blob it lacks is listed as a peer that is fetching it.
+const FETCHING_FOR_MS: u64 = 60_000;
+/// Fetching peers remembered per blob.
+const FETCHING_KEPT: usize = 16;
+
 /// Tunables of the core.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
@@ -174,6 +179,9 @@ pub struct Core {
     /// In-flight replicas by deadline.
     pub(crate) deadlines: BTreeSet<(u64, ReplicaId)>,
     pub(crate) holders: HashMap<BlobId, Vec<NodeId>>,
+    /// Workers recently handed a task whose blob they did not hold (they are fetching it,
+    /// and serve the chunks they have), newest last, with when. Not persisted: a hint.
+    pub(crate) fetching: HashMap<BlobId, VecDeque<(NodeId, u64)>>,
     /// Connected anchors (trusted workers).
     pub(crate) anchors: usize,
     /// Workers banned by verdicts not yet settled (see `settle_bans`).
@@ -197,6 +205,7 @@ impl Core {
             fp_index: HashMap::new(),
             deadlines: BTreeSet::new(),
             holders: HashMap::new(),
+            fetching: HashMap::new(),
             anchors: 0,
             newly_banned: Vec::new(),
             next_replica: 1,
@@ -564,6 +573,39 @@ impl Core {
             .collect();
         peers.sort_by_key(|(offline, _)| *offline);
         peers.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// Remember that `worker` is (probably) fetching `blob` now, unless it announced it.
+    pub(crate) fn note_fetching(&mut self, blob: BlobId, worker: NodeId, now: u64) {
+        if self.holders.get(&blob).is_some_and(|h| h.contains(&worker)) {
+            return;
+        }
+        let f = self.fetching.entry(blob).or_default();
+        f.retain(|(w, at)| *w != worker && now.saturating_sub(*at) < FETCHING_FOR_MS);
+        f.push_back((worker, now));
+        while f.len() > FETCHING_KEPT {
+            f.pop_front();
+        }
+    }
+
+    /// Connected workers that started fetching `blob` recently, newest first.
+    pub(crate) fn fetchers_of(&self, blob: &BlobId, exclude: &NodeId, limit: usize, now: u64) -> Vec<PeerAddr> {
+        let Some(f) = self.fetching.get(blob) else { return Vec::new() };
+        let mut out = Vec::new();
+        for (id, at) in f.iter().rev() {
+            if out.len() >= limit || now.saturating_sub(*at) >= FETCHING_FOR_MS {
+                break;
+            }
+            if id == exclude || self.holders.get(blob).is_some_and(|h| h.contains(id)) {
+                continue;
+            }
+            if let Some(w) = self.workers.get(id) {
+                if let (true, Some(addr)) = (w.connected, w.peer_addr) {
+                    out.push(PeerAddr { node_id: *id, addr });
+                }
+            }
+        }
+        out
     }
 
     /// Where to find a blob: connected workers that announced it, best first (not the

@@ -136,7 +136,7 @@ impl Coordinator {
         let core = Core::restore(core_cfg, snapshot, engine::now_ms());
         let (engine, fetches, engine_thread) = engine::spawn(core, store, blobs.clone(), 4096)?;
 
-        let blob_server = BlobServer::new(blobs.clone(), ServeLimits::default());
+        let blob_server = BlobServer::new(blobs.clone(), ServeLimits::seed());
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let bs = blob_server.clone();

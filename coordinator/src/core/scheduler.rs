@@ -25,7 +25,7 @@
 //!   then the coordinator itself.
 
 use tasks::wire::{Assignment, JobState, PeerAddr};
-use tasks::{JobId, NodeId, TaskId};
+use tasks::{BlobId, JobId, NodeId, TaskId};
 
 use super::validator::Need;
 use super::{Core, TaskPhase};
@@ -248,13 +248,24 @@ impl Core {
             }
         }
         let mut peers: Vec<PeerAddr> = Vec::new();
-        let blobs = std::iter::once(manifest.module.id).chain(manifest.input.map(|b| b.id));
-        for b in blobs {
-            for p in self.holders_of(&b, Some(&worker), self.cfg.max_peers, replica) {
+        let blobs: Vec<BlobId> = std::iter::once(manifest.module.id).chain(manifest.input.map(|b| b.id)).collect();
+        for b in &blobs {
+            for p in self.holders_of(b, Some(&worker), self.cfg.max_peers, replica) {
                 if !peers.contains(&p) {
                     peers.push(p);
                 }
             }
+            // Peers still downloading it serve the chunks they already hold: when many
+            // workers start on a new blob at once, they share what the seed sends each.
+            let holds = self.holders.get(b).is_some_and(|h| h.contains(&worker));
+            for p in if holds { Vec::new() } else { self.fetchers_of(b, &worker, self.cfg.max_peers, now) } {
+                if !peers.contains(&p) {
+                    peers.push(p);
+                }
+            }
+        }
+        for b in blobs {
+            self.note_fetching(b, worker, now);
         }
         if let Some(seed) = &self.cfg.seed {
             peers.push(seed.clone());

@@ -430,7 +430,14 @@ fn peers_list_announcing_workers_then_the_coordinator() {
     assert_eq!(a.peers[0].node_id, w1);
     assert_eq!(a.peers[1], seed);
     let b = core.request_work(w1, 1, 0).assignments.remove(0);
-    assert_eq!(b.peers, vec![seed], "a worker is not pointed at itself");
+    assert_eq!(b.peers, vec![seed.clone()], "a worker is not pointed at itself, nor at fetchers of what it holds");
+    // A third worker is pointed at the holder, then at the worker still fetching the module
+    // (it serves the chunks it has), then at the seed.
+    let w3 = node(3);
+    core.hello(w3, &fp(Kind::Honest), 1, Some("10.0.0.3:1".parse().unwrap()), &[], 0);
+    let c = core.request_work(w3, 1, 0).assignments.remove(0);
+    let ids: Vec<NodeId> = c.peers.iter().map(|p| p.node_id).collect();
+    assert_eq!(ids, vec![w1, w2, seed.node_id]);
 }
 
 #[test]
