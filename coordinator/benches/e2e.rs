@@ -49,25 +49,50 @@ pub struct Row {
 
 impl Row {
     fn ratio(&self) -> Option<f64> {
-        self.baseline.as_ref().filter(|(b, _)| *b > 0.0).map(|(b, _)| self.result / b)
+        self.baseline
+            .as_ref()
+            .filter(|(b, _)| *b > 0.0)
+            .map(|(b, _)| self.result / b)
     }
 
     /// The machine-readable line `bench.sh` collects.
     pub fn bench_line(&self) -> String {
-        let base = self.baseline.as_ref().map(|(_, s)| s.clone()).unwrap_or_else(|| "-".into());
+        let base = self
+            .baseline
+            .as_ref()
+            .map(|(_, s)| s.clone())
+            .unwrap_or_else(|| "-".into());
         let ratio = self.ratio().map(ratio_str).unwrap_or_else(|| "-".into());
         let met = match self.met {
             Some(true) => "yes",
             Some(false) => "no",
             None => "-",
         };
-        format!("BENCH|{}|{}|{}|{}|{}|{}", self.what, fmt_num(self.result, self.unit), base, ratio, self.target, met)
+        format!(
+            "BENCH|{}|{}|{}|{}|{}|{}",
+            self.what,
+            fmt_num(self.result, self.unit),
+            base,
+            ratio,
+            self.target,
+            met
+        )
     }
 }
 
 pub fn fmt_num(v: f64, unit: &str) -> String {
-    let n = if v >= 100.0 { format!("{v:.0}") } else if v >= 10.0 { format!("{v:.1}") } else { format!("{v:.2}") };
-    if unit.is_empty() { n } else { format!("{n} {unit}") }
+    let n = if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    };
+    if unit.is_empty() {
+        n
+    } else {
+        format!("{n} {unit}")
+    }
 }
 
 /// What one run measured, for the smoke test's functional checks.
@@ -106,7 +131,14 @@ pub fn tiny_module() -> anyhow::Result<Vec<u8>> {
 }
 
 fn limits() -> JobLimits {
-    JobLimits { quorum: 2, max_replicas: 4, fuel: 10_000_000, memory_mb: 16, max_output: 4096, deadline_secs: 600 }
+    JobLimits {
+        quorum: 2,
+        max_replicas: 4,
+        fuel: 10_000_000,
+        memory_mb: 16,
+        max_output: 4096,
+        deadline_secs: 600,
+    }
 }
 
 fn manifest(name: &str, module: &[u8], tasks: u32) -> JobManifest {
@@ -114,7 +146,12 @@ fn manifest(name: &str, module: &[u8], tasks: u32) -> JobManifest {
         name: name.into(),
         module: BlobRef::of(module),
         limits: limits(),
-        tasks: (0..tasks).map(|i| TaskEntry { args: vec![i.to_string()], input: None }).collect(),
+        tasks: (0..tasks)
+            .map(|i| TaskEntry {
+                args: vec![i.to_string()],
+                input: None,
+            })
+            .collect(),
     }
 }
 
@@ -129,7 +166,13 @@ fn median(v: &mut [f64]) -> f64 {
 /// Run the whole benchmark once.
 pub fn run(smoke: bool) -> anyhow::Result<Report> {
     let s = if smoke {
-        Sizes { tasks: 200, latency_tasks: 40, workers: 4, slots: 2, limit: Duration::from_secs(120) }
+        Sizes {
+            tasks: 200,
+            latency_tasks: 40,
+            workers: 4,
+            slots: 2,
+            limit: Duration::from_secs(120),
+        }
     } else {
         Sizes {
             tasks: env_num("PEERGRID_BENCH_E2E_TASKS").unwrap_or(20_000) as u32,
@@ -151,9 +194,15 @@ pub fn run(smoke: bool) -> anyhow::Result<Report> {
 
     // Baselines first, on a quiet process.
     let (baseline_tps, bare_run_us) = sandbox_baseline(&module, s.tasks)?;
-    println!("{:<44} {:>10.0} tasks/s  (bare Sandbox::run median {:.1} µs)", "baseline: sandbox only, 1 thread x2 runs", baseline_tps, bare_run_us);
+    println!(
+        "{:<44} {:>10.0} tasks/s  (bare Sandbox::run median {:.1} µs)",
+        "baseline: sandbox only, 1 thread x2 runs", baseline_tps, bare_run_us
+    );
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let e = rt.block_on(end_to_end(&s, &module))?;
     let tps = e.accepted as f64 / e.elapsed.as_secs_f64();
     println!(
@@ -164,25 +213,49 @@ pub fn run(smoke: bool) -> anyhow::Result<Report> {
         s.tasks,
         e.failed,
         e.elapsed.as_secs_f64(),
-        if e.finished { String::new() } else { format!("; STOPPED at the {} s limit", s.limit.as_secs()) }
+        if e.finished {
+            String::new()
+        } else {
+            format!("; STOPPED at the {} s limit", s.limit.as_secs())
+        }
     );
     match e.latency_mean_us {
-        Some(l) => println!("{:<44} {:>10.1} µs mean over {} replicas (WorkerStats)", "task start latency, warm cache", l, e.latency_count),
+        Some(l) => println!(
+            "{:<44} {:>10.1} µs mean over {} replicas (WorkerStats)",
+            "task start latency, warm cache", l, e.latency_count
+        ),
         None => println!("{:<44} no replicas ran", "task start latency, warm cache"),
     }
 
     let rss = rt.block_on(idle_worker_rss(smoke))?;
     match &rss {
-        Some((w, b)) => println!("{:<44} {:>10.1} MiB  (sleep: {:.1} MiB)", "idle `worker join` RSS", *w as f64 / 1024.0, *b as f64 / 1024.0),
-        None => println!("{:<44} SKIPPED (no worker binary)", "idle `worker join` RSS"),
+        Some((w, b)) => println!(
+            "{:<44} {:>10.1} MiB  (sleep: {:.1} MiB)",
+            "idle `worker join` RSS",
+            *w as f64 / 1024.0,
+            *b as f64 / 1024.0
+        ),
+        None => println!(
+            "{:<44} SKIPPED (no worker binary)",
+            "idle `worker join` RSS"
+        ),
     }
     drop(rt);
 
     let mut rows = vec![Row {
-        what: format!("e2e tiny tasks/s, quorum 2 ({} workers x {} slots, {} tasks)", s.workers, s.slots, s.tasks),
+        what: format!(
+            "e2e tiny tasks/s, quorum 2 ({} workers x {} slots, {} tasks)",
+            s.workers, s.slots, s.tasks
+        ),
         result: tps,
         unit: "tasks/s",
-        baseline: Some((baseline_tps, format!("{} tasks/s (sandbox only, 1 thread x2)", fmt_num(baseline_tps, "")))),
+        baseline: Some((
+            baseline_tps,
+            format!(
+                "{} tasks/s (sandbox only, 1 thread x2)",
+                fmt_num(baseline_tps, "")
+            ),
+        )),
         target: ">= 10000 tasks/s".into(),
         met: Some(tps >= 10_000.0),
     }];
@@ -191,7 +264,10 @@ pub fn run(smoke: bool) -> anyhow::Result<Report> {
             what: "task start latency, warm cache (mean)".into(),
             result: l,
             unit: "µs",
-            baseline: Some((bare_run_us, format!("{} (bare Sandbox::run, median)", fmt_num(bare_run_us, "µs")))),
+            baseline: Some((
+                bare_run_us,
+                format!("{} (bare Sandbox::run, median)", fmt_num(bare_run_us, "µs")),
+            )),
             target: "<= 200 µs".into(),
             met: Some(l <= 200.0),
         });
@@ -248,7 +324,11 @@ fn sandbox_baseline(module: &[u8], tasks: u32) -> anyhow::Result<(f64, f64)> {
             let t = Instant::now();
             let out = sandbox.run(&m, &spec, &RunControl::default())?;
             each.push(t.elapsed().as_secs_f64() * 1e6);
-            anyhow::ensure!(out.output == i.to_string().as_bytes(), "tiny guest printed {:?} for {i}", String::from_utf8_lossy(&out.output));
+            anyhow::ensure!(
+                out.output == i.to_string().as_bytes(),
+                "tiny guest printed {:?} for {i}",
+                String::from_utf8_lossy(&out.output)
+            );
         }
     }
     let tps = tasks as f64 / start.elapsed().as_secs_f64();
@@ -267,31 +347,50 @@ struct E2e {
 
 async fn end_to_end(s: &Sizes, module: &[u8]) -> anyhow::Result<E2e> {
     let tmp = tempfile::Builder::new().prefix("peergrid-e2e-").tempdir()?;
-    let coord = Coordinator::start(ServeConfig::new(tmp.path().join("coordinator"), "127.0.0.1:0".parse()?)).await?;
+    let coord = Coordinator::start(ServeConfig::new(
+        tmp.path().join("coordinator"),
+        "127.0.0.1:0".parse()?,
+    ))
+    .await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut workers = Vec::new();
     for i in 0..s.workers {
-        let mut cfg = WorkerConfig::new(coord.ticket.clone(), tmp.path().join(format!("worker-{i}")));
+        let mut cfg =
+            WorkerConfig::new(coord.ticket.clone(), tmp.path().join(format!("worker-{i}")));
         cfg.slots = s.slots;
         cfg.listen = "127.0.0.1:0".parse()?;
         let stats = Arc::new(WorkerStats::default());
-        workers.push((stats.clone(), tokio::spawn(worker::daemon::run(cfg, stats, shutdown.child_token()))));
+        workers.push((
+            stats.clone(),
+            tokio::spawn(worker::daemon::run(cfg, stats, shutdown.child_token())),
+        ));
     }
     let client = Client::connect(&coord.ticket, &coord.token).await?;
     let blobs: BTreeMap<BlobId, Vec<u8>> = [(BlobId::of(module), module.to_vec())].into();
 
     // (a) throughput: from submit until the job is done.
     let start = Instant::now();
-    let (job, n) = client.submit_manifest(manifest("tiny", module, s.tasks), &blobs).await?;
+    let (job, n) = client
+        .submit_manifest(manifest("tiny", module, s.tasks), &blobs)
+        .await?;
     anyhow::ensure!(n == s.tasks, "job has {n} tasks, expected {}", s.tasks);
     let end = wait(&client, job, start + s.limit, Duration::from_millis(20)).await?;
     let elapsed = start.elapsed();
     let finished = end.state != JobState::Running;
-    let outputs_ok = if finished { check_outputs(&client, job).await? } else { 0 };
+    let outputs_ok = if finished {
+        check_outputs(&client, job).await?
+    } else {
+        0
+    };
 
     // (b) start latency over a second job, module warm in every worker.
     let sum = |ws: &[(Arc<WorkerStats>, _)]| -> (u64, u64) {
-        ws.iter().fold((0, 0), |(s, c), (st, _)| (s + st.start_latency_us_sum.load(Ordering::Relaxed), c + st.start_latency_count.load(Ordering::Relaxed)))
+        ws.iter().fold((0, 0), |(s, c), (st, _)| {
+            (
+                s + st.start_latency_us_sum.load(Ordering::Relaxed),
+                c + st.start_latency_count.load(Ordering::Relaxed),
+            )
+        })
     };
     if !finished {
         // Stopped at the time limit: cancel the rest so the latency job runs alone.
@@ -299,11 +398,20 @@ async fn end_to_end(s: &Sizes, module: &[u8]) -> anyhow::Result<E2e> {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let before = sum(&workers);
-    let (job2, _) = client.submit_manifest(manifest("tiny-latency", module, s.latency_tasks), &blobs).await?;
-    wait(&client, job2, Instant::now() + s.limit, Duration::from_millis(50)).await?;
+    let (job2, _) = client
+        .submit_manifest(manifest("tiny-latency", module, s.latency_tasks), &blobs)
+        .await?;
+    wait(
+        &client,
+        job2,
+        Instant::now() + s.limit,
+        Duration::from_millis(50),
+    )
+    .await?;
     let after = sum(&workers);
     let latency_count = after.1 - before.1;
-    let latency_mean_us = (latency_count > 0).then(|| (after.0 - before.0) as f64 / latency_count as f64);
+    let latency_mean_us =
+        (latency_count > 0).then(|| (after.0 - before.0) as f64 / latency_count as f64);
 
     client.close().await;
     shutdown.cancel();
@@ -311,14 +419,31 @@ async fn end_to_end(s: &Sizes, module: &[u8]) -> anyhow::Result<E2e> {
         let _ = tokio::time::timeout(Duration::from_secs(15), h).await;
     }
     coord.shutdown().await?;
-    Ok(E2e { accepted: end.tasks_done, failed: end.tasks_failed, outputs_ok, finished, elapsed, latency_mean_us, latency_count })
+    Ok(E2e {
+        accepted: end.tasks_done,
+        failed: end.tasks_failed,
+        outputs_ok,
+        finished,
+        elapsed,
+        latency_mean_us,
+        latency_count,
+    })
 }
 
 /// Poll until the job ends or `deadline` passes; returns the last status.
-async fn wait(client: &Client, job: JobId, deadline: Instant, every: Duration) -> anyhow::Result<JobStatus> {
+async fn wait(
+    client: &Client,
+    job: JobId,
+    deadline: Instant,
+    every: Duration,
+) -> anyhow::Result<JobStatus> {
     loop {
         let st = client.status(Some(job)).await?;
-        let j = st.jobs.into_iter().find(|j| j.id == job).context("job vanished")?;
+        let j = st
+            .jobs
+            .into_iter()
+            .find(|j| j.id == job)
+            .context("job vanished")?;
         if j.state != JobState::Running || Instant::now() >= deadline {
             return Ok(j);
         }
@@ -332,14 +457,20 @@ async fn check_outputs(client: &Client, job: JobId) -> anyhow::Result<u32> {
     Ok(res
         .tasks
         .iter()
-        .filter(|t| t.status == TaskState::Accepted && t.output.as_deref() == Some(t.index.to_string().as_bytes()))
+        .filter(|t| {
+            t.status == TaskState::Accepted
+                && t.output.as_deref() == Some(t.index.to_string().as_bytes())
+        })
         .count() as u32)
 }
 
 /// `VmRSS` of a process in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// `target/<profile>/worker`, next to this executable's `deps/` directory.
@@ -351,7 +482,10 @@ fn worker_binary(smoke: bool) -> Option<PathBuf> {
         return Some(bin);
     }
     if smoke {
-        println!("(no {}: build it with `cargo build -p worker` to measure idle RSS)", bin.display());
+        println!(
+            "(no {}: build it with `cargo build -p worker` to measure idle RSS)",
+            bin.display()
+        );
         return None;
     }
     // Build it (bench.sh builds it beforehand, so this is the fallback).
@@ -359,7 +493,15 @@ fn worker_binary(smoke: bool) -> Option<PathBuf> {
     println!("building the worker binary ({profile})...");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let ok = std::process::Command::new(cargo)
-        .args(["build", "-p", "worker", "--bin", "worker", "--profile", if profile == "debug" { "dev" } else { &profile }])
+        .args([
+            "build",
+            "-p",
+            "worker",
+            "--bin",
+            "worker",
+            "--profile",
+            if profile == "debug" { "dev" } else { &profile },
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .is_ok_and(|s| s.success());
@@ -368,9 +510,15 @@ fn worker_binary(smoke: bool) -> Option<PathBuf> {
 
 /// Idle RSS of a real `worker join` and of `sleep`, in KiB.
 async fn idle_worker_rss(smoke: bool) -> anyhow::Result<Option<(u64, u64)>> {
-    let Some(bin) = worker_binary(smoke) else { return Ok(None) };
+    let Some(bin) = worker_binary(smoke) else {
+        return Ok(None);
+    };
     let tmp = tempfile::Builder::new().prefix("peergrid-rss-").tempdir()?;
-    let coord = Coordinator::start(ServeConfig::new(tmp.path().join("coordinator"), "127.0.0.1:0".parse()?)).await?;
+    let coord = Coordinator::start(ServeConfig::new(
+        tmp.path().join("coordinator"),
+        "127.0.0.1:0".parse()?,
+    ))
+    .await?;
     let mut child = tokio::process::Command::new(&bin)
         .args(["join", &coord.ticket.to_string(), "--data-dir"])
         .arg(tmp.path().join("worker"))
@@ -385,8 +533,17 @@ async fn idle_worker_rss(smoke: bool) -> anyhow::Result<Option<(u64, u64)>> {
     // Wait until it has joined, then let it idle.
     let client = Client::connect(&coord.ticket, &coord.token).await?;
     let joined = Instant::now() + Duration::from_secs(30);
-    while !client.status(None).await?.workers.iter().any(|w| w.connected) {
-        anyhow::ensure!(Instant::now() < joined, "the worker did not join within 30 s");
+    while !client
+        .status(None)
+        .await?
+        .workers
+        .iter()
+        .any(|w| w.connected)
+    {
+        anyhow::ensure!(
+            Instant::now() < joined,
+            "the worker did not join within 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -395,7 +552,11 @@ async fn idle_worker_rss(smoke: bool) -> anyhow::Result<Option<(u64, u64)>> {
     client.close().await;
     coord.shutdown().await?;
 
-    let mut sleep = tokio::process::Command::new("sleep").arg("30").kill_on_drop(true).spawn().context("starting sleep")?;
+    let mut sleep = tokio::process::Command::new("sleep")
+        .arg("30")
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting sleep")?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sleep_rss = sleep.id().and_then(rss_kib).unwrap_or(0);
     let _ = sleep.kill().await;
@@ -403,7 +564,11 @@ async fn idle_worker_rss(smoke: bool) -> anyhow::Result<Option<(u64, u64)>> {
 }
 
 fn ratio_str(r: f64) -> String {
-    if r >= 0.1 { format!("{r:.2}x") } else { format!("{r:.2e}x") }
+    if r >= 0.1 {
+        format!("{r:.2}x")
+    } else {
+        format!("{r:.2e}x")
+    }
 }
 
 #[allow(dead_code)]

@@ -30,15 +30,28 @@ struct Sizes {
 }
 
 fn fp() -> EngineFingerprint {
-    EngineFingerprint { engine: "wasmtime bench".into(), arch: "x86_64-linux".into(), settings: "det".into() }
+    EngineFingerprint {
+        engine: "wasmtime bench".into(),
+        arch: "x86_64-linux".into(),
+        settings: "det".into(),
+    }
 }
 
 fn manifest(tasks: u32) -> JobManifest {
     JobManifest {
         name: "bench".into(),
         module: BlobRef::of(b"bench module"),
-        limits: JobLimits { quorum: 2, max_replicas: 4, ..JobLimits::default() },
-        tasks: (0..tasks).map(|i| TaskEntry { args: vec![i.to_string()], input: None }).collect(),
+        limits: JobLimits {
+            quorum: 2,
+            max_replicas: 4,
+            ..JobLimits::default()
+        },
+        tasks: (0..tasks)
+            .map(|i| TaskEntry {
+                args: vec![i.to_string()],
+                input: None,
+            })
+            .collect(),
     }
 }
 
@@ -70,19 +83,31 @@ fn sqlite_raw(rows: u64, batch: u64) -> f64 {
     conn.pragma_update(None, "journal_mode", "WAL").unwrap();
     conn.pragma_update(None, "synchronous", "FULL").unwrap();
     conn.pragma_update(None, "cache_size", -65536).unwrap();
-    conn.pragma_update(None, "wal_autocheckpoint", 8192).unwrap();
+    conn.pragma_update(None, "wal_autocheckpoint", 8192)
+        .unwrap();
     conn.execute_batch("CREATE TABLE r (id INTEGER PRIMARY KEY, job INTEGER, idx INTEGER, worker BLOB, result BLOB)").unwrap();
     let worker = [7u8; 32];
-    let result = postcard::to_stdvec(&result_for(&manifest(1).task(tasks::JobId(1), 0).unwrap()).0).unwrap();
+    let result =
+        postcard::to_stdvec(&result_for(&manifest(1).task(tasks::JobId(1), 0).unwrap()).0).unwrap();
     let mut conn = conn;
     let t = Instant::now();
     let mut id = 0u64;
     while id < rows {
         let tx = conn.transaction().unwrap();
         {
-            let mut st = tx.prepare_cached("INSERT INTO r (id, job, idx, worker, result) VALUES (?1, 1, ?2, ?3, ?4)").unwrap();
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO r (id, job, idx, worker, result) VALUES (?1, 1, ?2, ?3, ?4)",
+                )
+                .unwrap();
             for _ in 0..batch.min(rows - id) {
-                st.execute(rusqlite::params![id as i64, id as i64, &worker[..], &result]).unwrap();
+                st.execute(rusqlite::params![
+                    id as i64,
+                    id as i64,
+                    &worker[..],
+                    &result
+                ])
+                .unwrap();
                 id += 1;
             }
         }
@@ -104,13 +129,24 @@ impl Store for NullStore {
     fn load(&mut self) -> Result<coordinator::store::Snapshot, coordinator::store::StoreError> {
         Ok(Default::default())
     }
-    fn commit(&mut self, _: &[coordinator::store::Mutation]) -> Result<(), coordinator::store::StoreError> {
+    fn commit(
+        &mut self,
+        _: &[coordinator::store::Mutation],
+    ) -> Result<(), coordinator::store::StoreError> {
         Ok(())
     }
-    fn task_results(&mut self, _: tasks::JobId) -> Result<Vec<(tasks::wire::TaskResult, Option<coordinator::store::Output>)>, coordinator::store::StoreError> {
+    fn task_results(
+        &mut self,
+        _: tasks::JobId,
+    ) -> Result<
+        Vec<(tasks::wire::TaskResult, Option<coordinator::store::Output>)>,
+        coordinator::store::StoreError,
+    > {
         Ok(vec![])
     }
-    fn outputs_missing(&mut self) -> Result<Vec<(tasks::TaskId, RunResult, Vec<NodeId>)>, coordinator::store::StoreError> {
+    fn outputs_missing(
+        &mut self,
+    ) -> Result<Vec<(tasks::TaskId, RunResult, Vec<NodeId>)>, coordinator::store::StoreError> {
         Ok(vec![])
     }
 }
@@ -134,7 +170,12 @@ async fn engine_null(s: &Sizes) -> Run {
     drive(s, core, NullStore, &dir).await
 }
 
-async fn drive<S: Store + 'static>(s: &Sizes, core: Core, store: S, dir: &tempfile::TempDir) -> Run {
+async fn drive<S: Store + 'static>(
+    s: &Sizes,
+    core: Core,
+    store: S,
+    dir: &tempfile::TempDir,
+) -> Run {
     let blobs = worker::blobs::BlobStore::open(&dir.path().join("blobs"), None).unwrap();
     let (handle, _fetches, thread) = engine::spawn(core, store, blobs, 16384).unwrap();
     let start = Instant::now();
@@ -176,10 +217,20 @@ async fn drive<S: Store + 'static>(s: &Sizes, core: Core, store: S, dir: &tempfi
         reports += r.unwrap();
     }
     let elapsed = start.elapsed();
-    let st = handle.call(|reply| Cmd::Status { job: None, reply }).await.unwrap().unwrap();
+    let st = handle
+        .call(|reply| Cmd::Status { job: None, reply })
+        .await
+        .unwrap()
+        .unwrap();
     drop(handle);
-    tokio::task::spawn_blocking(move || thread.join().unwrap().unwrap()).await.unwrap();
-    Run { reports, accepted: st.jobs[0].tasks_done, elapsed }
+    tokio::task::spawn_blocking(move || thread.join().unwrap().unwrap())
+        .await
+        .unwrap();
+    Run {
+        reports,
+        accepted: st.jobs[0].tasks_done,
+        elapsed,
+    }
 }
 
 /// The same over loopback QUIC: coordinator in-process, workers as QUIC sessions.
@@ -188,7 +239,9 @@ async fn quic_path(s: &Sizes) -> Run {
     let mut cfg = ServeConfig::new(dir.path(), "127.0.0.1:0".parse().unwrap());
     cfg.core = core_config(s.batch);
     let coord = Coordinator::start(cfg).await.unwrap();
-    let client = coordinator::client::Client::connect(&coord.ticket, &coord.token).await.unwrap();
+    let client = coordinator::client::Client::connect(&coord.ticket, &coord.token)
+        .await
+        .unwrap();
     let m = manifest(s.tasks);
     let blobs: BTreeMap<BlobId, Vec<u8>> = [(m.module.id, b"bench module".to_vec())].into();
     let (job, _) = client.submit_manifest(m, &blobs).await.unwrap();
@@ -200,16 +253,35 @@ async fn quic_path(s: &Sizes) -> Run {
         set.spawn(async move {
             let key = NodeKey::generate();
             let ep = net::endpoint(&key, "127.0.0.1:0".parse().unwrap(), &[]).unwrap();
-            let conn = net::connect(&ep, ticket.socket_addrs().unwrap()[0], ticket.node_id, ALPN_COORD).await.unwrap();
+            let conn = net::connect(
+                &ep,
+                ticket.socket_addrs().unwrap()[0],
+                ticket.node_id,
+                ALPN_COORD,
+            )
+            .await
+            .unwrap();
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
-            let hello = WorkerMsg::Hello { agent: "bench".into(), fingerprint: fp(), slots: batch, peer_addr: None, blobs: vec![] };
+            let hello = WorkerMsg::Hello {
+                agent: "bench".into(),
+                fingerprint: fp(),
+                slots: batch,
+                peer_addr: None,
+                blobs: vec![],
+            };
             net::write_frame(&mut send, &hello).await.unwrap();
             let _welcome: CoordMsg = net::read_frame(&mut recv).await.unwrap().unwrap();
             let mut reports = 0u64;
             loop {
-                net::write_frame(&mut send, &WorkerMsg::RequestWork { max: batch }).await.unwrap();
+                net::write_frame(&mut send, &WorkerMsg::RequestWork { max: batch })
+                    .await
+                    .unwrap();
                 let assignments = loop {
-                    match net::read_frame::<CoordMsg>(&mut recv).await.unwrap().unwrap() {
+                    match net::read_frame::<CoordMsg>(&mut recv)
+                        .await
+                        .unwrap()
+                        .unwrap()
+                    {
                         CoordMsg::Assign { assignments, .. } => break assignments,
                         CoordMsg::Cancel { .. } => continue,
                         other => panic!("{other:?}"),
@@ -222,13 +294,24 @@ async fn quic_path(s: &Sizes) -> Run {
                     .iter()
                     .map(|a| {
                         let (result, out) = result_for(&a.task);
-                        wire::Report { replica: a.replica, result, output: Some(out), wall_ms: 1 }
+                        wire::Report {
+                            replica: a.replica,
+                            result,
+                            output: Some(out),
+                            wall_ms: 1,
+                        }
                     })
                     .collect();
                 reports += rs.len() as u64;
-                net::write_frame(&mut send, &WorkerMsg::Reports(rs)).await.unwrap();
+                net::write_frame(&mut send, &WorkerMsg::Reports(rs))
+                    .await
+                    .unwrap();
                 loop {
-                    match net::read_frame::<CoordMsg>(&mut recv).await.unwrap().unwrap() {
+                    match net::read_frame::<CoordMsg>(&mut recv)
+                        .await
+                        .unwrap()
+                        .unwrap()
+                    {
                         CoordMsg::Ack { .. } => break,
                         CoordMsg::Cancel { .. } => continue,
                         other => panic!("{other:?}"),
@@ -247,7 +330,11 @@ async fn quic_path(s: &Sizes) -> Run {
     let st = client.status(Some(job)).await.unwrap();
     client.close().await;
     coord.shutdown().await.unwrap();
-    Run { reports, accepted: st.jobs[0].tasks_done, elapsed }
+    Run {
+        reports,
+        accepted: st.jobs[0].tasks_done,
+        elapsed,
+    }
 }
 
 fn print(name: &str, r: &Run, baseline: f64) {
@@ -265,11 +352,25 @@ fn print(name: &str, r: &Run, baseline: f64) {
 fn main() {
     let smoke = std::env::var_os("PEERGRID_BENCH_SMOKE").is_some();
     let s = if smoke {
-        Sizes { tasks: 5_000, workers: 8, batch: 128, raw_rows: 20_000 }
+        Sizes {
+            tasks: 5_000,
+            workers: 8,
+            batch: 128,
+            raw_rows: 20_000,
+        }
     } else {
-        Sizes { tasks: 200_000, workers: 32, batch: 256, raw_rows: 1_000_000 }
+        Sizes {
+            tasks: 200_000,
+            workers: 32,
+            batch: 256,
+            raw_rows: 1_000_000,
+        }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     println!(
         "ingest benchmark{}: {} tasks x quorum 2, {} simulated workers, {} replicas per request, SQLite WAL synchronous=FULL",
         if smoke { " (smoke)" } else { "" },
@@ -278,7 +379,10 @@ fn main() {
         s.batch
     );
     let raw = sqlite_raw(s.raw_rows, 1000);
-    println!("{:<28} {:>9} rows                        = {:>9.0} rows/s (1000 per transaction)", "sqlite raw batch insert", s.raw_rows, raw);
+    println!(
+        "{:<28} {:>9} rows                        = {:>9.0} rows/s (1000 per transaction)",
+        "sqlite raw batch insert", s.raw_rows, raw
+    );
     let n = rt.block_on(engine_null(&s));
     print("engine, no store (diag.)", &n, raw);
     let e = rt.block_on(engine_path(&s));
@@ -289,5 +393,8 @@ fn main() {
     print("loopback QUIC sessions", &q, raw);
     let target = 50_000.0;
     let best = e.reports as f64 / e.elapsed.as_secs_f64();
-    println!("target >= {target:.0} validated results/s: {}", if best >= target { "met" } else { "NOT met" });
+    println!(
+        "target >= {target:.0} validated results/s: {}",
+        if best >= target { "met" } else { "NOT met" }
+    );
 }

@@ -59,7 +59,11 @@ pub struct Row {
 impl Row {
     /// The machine-readable line `bench.sh` collects.
     pub fn bench_line(&self) -> String {
-        let base = self.baseline.as_ref().map(|(_, s)| s.clone()).unwrap_or_else(|| "-".into());
+        let base = self
+            .baseline
+            .as_ref()
+            .map(|(_, s)| s.clone())
+            .unwrap_or_else(|| "-".into());
         let ratio = self
             .baseline
             .as_ref()
@@ -71,13 +75,31 @@ impl Row {
             Some(false) => "no",
             None => "-",
         };
-        format!("BENCH|{}|{}|{}|{}|{}|{}", self.what, num(self.result, self.unit), base, ratio, self.target, met)
+        format!(
+            "BENCH|{}|{}|{}|{}|{}|{}",
+            self.what,
+            num(self.result, self.unit),
+            base,
+            ratio,
+            self.target,
+            met
+        )
     }
 }
 
 fn num(v: f64, unit: &str) -> String {
-    let n = if v >= 100.0 { format!("{v:.0}") } else if v >= 10.0 { format!("{v:.1}") } else { format!("{v:.2}") };
-    if unit.is_empty() { n } else { format!("{n} {unit}") }
+    let n = if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    };
+    if unit.is_empty() {
+        n
+    } else {
+        format!("{n} {unit}")
+    }
 }
 
 /// Latency and memory at one number of connected workers.
@@ -125,7 +147,11 @@ fn env_num(name: &str) -> Option<u64> {
 }
 
 fn fp() -> EngineFingerprint {
-    EngineFingerprint { engine: "wasmtime scale-bench".into(), arch: "x86_64-linux".into(), settings: "det".into() }
+    EngineFingerprint {
+        engine: "wasmtime scale-bench".into(),
+        arch: "x86_64-linux".into(),
+        settings: "det".into(),
+    }
 }
 
 /// `VmRSS` of a process in KiB (`None`: this process).
@@ -136,14 +162,22 @@ pub fn rss_kib(pid: Option<u32>) -> u64 {
     };
     std::fs::read_to_string(path)
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
         .unwrap_or(0)
 }
 
 fn mem_available_kib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("MemAvailable:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
         .unwrap_or(u64::MAX)
 }
 
@@ -158,7 +192,15 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Run the whole benchmark once.
 pub fn run(smoke: bool) -> anyhow::Result<Report> {
     let s = if smoke {
-        Sizes { levels: vec![1, 20], max: 100, ramp_limit: Duration::from_secs(60), tasks: 10_000, tasks_per_job: 10_000, samples: 100, rate: 200.0 }
+        Sizes {
+            levels: vec![1, 20],
+            max: 100,
+            ramp_limit: Duration::from_secs(60),
+            tasks: 10_000,
+            tasks_per_job: 10_000,
+            samples: 100,
+            rate: 200.0,
+        }
     } else {
         Sizes {
             levels: std::env::var("PEERGRID_BENCH_SCALE_LEVELS")
@@ -173,7 +215,10 @@ pub fn run(smoke: bool) -> anyhow::Result<Report> {
             rate: 1_000.0,
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let report = rt.block_on(bench(&s));
     // Sessions and endpoints are gone with the runtime; nothing lingers.
     rt.shutdown_timeout(Duration::from_secs(5));
@@ -196,7 +241,9 @@ impl Drop for CoordProc {
 }
 
 async fn start_coordinator() -> anyhow::Result<CoordProc> {
-    let dir = tempfile::Builder::new().prefix("peergrid-scale-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("peergrid-scale-")
+        .tempdir()?;
     let data = dir.path().join("coordinator");
     let log = std::fs::File::create(dir.path().join("coordinator.log"))?;
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_coordinator"))
@@ -208,23 +255,40 @@ async fn start_coordinator() -> anyhow::Result<CoordProc> {
         .spawn()
         .context("starting `coordinator serve`")?;
     // Placeholder ticket until the coordinator has written its own.
-    let mut proc = CoordProc { child, _dir: dir, ticket: Ticket::new(NodeKey::generate().node_id(), "127.0.0.1:1"), token: String::new() };
+    let mut proc = CoordProc {
+        child,
+        _dir: dir,
+        ticket: Ticket::new(NodeKey::generate().node_id(), "127.0.0.1:1"),
+        token: String::new(),
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(st) = proc.child.try_wait()? {
-            let log = std::fs::read_to_string(proc._dir.path().join("coordinator.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(proc._dir.path().join("coordinator.log"))
+                .unwrap_or_default();
             anyhow::bail!("`coordinator serve` exited ({st}): {log}");
         }
-        let ticket = std::fs::read_to_string(data.join("ticket")).ok().and_then(|t| t.trim().parse::<Ticket>().ok());
-        let token = std::fs::read_to_string(data.join("submit-token")).ok().map(|t| t.trim().to_string());
+        let ticket = std::fs::read_to_string(data.join("ticket"))
+            .ok()
+            .and_then(|t| t.trim().parse::<Ticket>().ok());
+        let token = std::fs::read_to_string(data.join("submit-token"))
+            .ok()
+            .map(|t| t.trim().to_string());
         if let (Some(ticket), Some(token)) = (ticket, token) {
-            if Client::connect(&ticket, &token).await.map(|c| drop(c)).is_ok() {
+            if Client::connect(&ticket, &token)
+                .await
+                .map(|c| drop(c))
+                .is_ok()
+            {
                 proc.ticket = ticket;
                 proc.token = token;
                 return Ok(proc);
             }
         }
-        anyhow::ensure!(Instant::now() < deadline, "`coordinator serve` did not come up within 60 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "`coordinator serve` did not come up within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -244,11 +308,23 @@ struct Swarm {
 
 impl Swarm {
     fn new(ticket: &Ticket) -> anyhow::Result<Swarm> {
-        let addr = ticket.socket_addrs()?.into_iter().next().context("ticket has no address")?;
+        let addr = ticket
+            .socket_addrs()?
+            .into_iter()
+            .next()
+            .context("ticket has no address")?;
         let mut t = quinn::TransportConfig::default();
         t.keep_alive_interval(None);
         t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(net::IDLE_TIMEOUT)?));
-        Ok(Swarm { coord: ticket.node_id, addr, transport: Arc::new(t), endpoints: Vec::new(), sessions: Vec::new(), conns: Vec::new(), failures: 0 })
+        Ok(Swarm {
+            coord: ticket.node_id,
+            addr,
+            transport: Arc::new(t),
+            endpoints: Vec::new(),
+            sessions: Vec::new(),
+            conns: Vec::new(),
+            failures: 0,
+        })
     }
 
     fn len(&self) -> usize {
@@ -256,26 +332,42 @@ impl Swarm {
     }
 
     fn alive(&self) -> usize {
-        self.conns.iter().filter(|c| c.close_reason().is_none()).count()
+        self.conns
+            .iter()
+            .filter(|c| c.close_reason().is_none())
+            .count()
     }
 
     /// Connect until `target` sessions exist, `deadline` passes or failures pile up.
-    async fn grow(&mut self, target: usize, deadline: Instant, progress: bool) -> anyhow::Result<()> {
+    async fn grow(
+        &mut self,
+        target: usize,
+        deadline: Instant,
+        progress: bool,
+    ) -> anyhow::Result<()> {
         let mut inflight = tokio::task::JoinSet::new();
         let mut started = self.len();
         let mut last_print = Instant::now();
         let (mut recent_ok, mut recent_fail) = (0usize, 0usize);
         loop {
-            while started < target && inflight.len() < CONNECT_CONCURRENCY && Instant::now() < deadline {
+            while started < target
+                && inflight.len() < CONNECT_CONCURRENCY
+                && Instant::now() < deadline
+            {
                 if started >= self.endpoints.len() * CONNS_PER_ENDPOINT {
-                    self.endpoints.push(quinn::Endpoint::client("127.0.0.1:0".parse()?).context("binding a client endpoint")?);
+                    self.endpoints.push(
+                        quinn::Endpoint::client("127.0.0.1:0".parse()?)
+                            .context("binding a client endpoint")?,
+                    );
                 }
                 let ep = self.endpoints.last().expect("pushed above").clone();
                 let (coord, addr, transport) = (self.coord, self.addr, self.transport.clone());
                 inflight.spawn(async move { connect_one(ep, addr, coord, transport).await });
                 started += 1;
             }
-            let Some(res) = inflight.join_next().await else { break };
+            let Some(res) = inflight.join_next().await else {
+                break;
+            };
             match res? {
                 Ok((conn, tx)) => {
                     self.conns.push(conn);
@@ -293,7 +385,10 @@ impl Swarm {
             }
             if recent_ok + recent_fail >= 1000 {
                 if recent_fail * 10 > recent_ok + recent_fail {
-                    println!("  stopping the ramp: {recent_fail} of the last {} connects failed", recent_ok + recent_fail);
+                    println!(
+                        "  stopping the ramp: {recent_fail} of the last {} connects failed",
+                        recent_ok + recent_fail
+                    );
                     inflight.shutdown().await;
                     break;
                 }
@@ -359,11 +454,28 @@ async fn connect_one(
     let tls = identity.client_config(coord, &[ALPN_COORD])?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
     cfg.transport_config(transport);
-    let conn = tokio::time::timeout(Duration::from_secs(30), ep.connect_with(cfg, addr, CERT_NAME)?).await.context("handshake timed out")??;
+    let conn = tokio::time::timeout(
+        Duration::from_secs(30),
+        ep.connect_with(cfg, addr, CERT_NAME)?,
+    )
+    .await
+    .context("handshake timed out")??;
     let (mut send, mut recv) = conn.open_bi().await?;
-    let hello = WorkerMsg::Hello { agent: "scale-bench".into(), fingerprint: fp(), slots: 256, peer_addr: None, blobs: vec![] };
+    let hello = WorkerMsg::Hello {
+        agent: "scale-bench".into(),
+        fingerprint: fp(),
+        slots: 256,
+        peer_addr: None,
+        blobs: vec![],
+    };
     net::write_frame(&mut send, &hello).await?;
-    match tokio::time::timeout(Duration::from_secs(30), net::read_frame::<CoordMsg>(&mut recv)).await.context("no welcome")?? {
+    match tokio::time::timeout(
+        Duration::from_secs(30),
+        net::read_frame::<CoordMsg>(&mut recv),
+    )
+    .await
+    .context("no welcome")??
+    {
         Some(CoordMsg::Welcome { .. }) => {}
         other => anyhow::bail!("expected Welcome, got {other:?}"),
     }
@@ -377,7 +489,9 @@ async fn connect_one(
                 net::write_frame(&mut send, &WorkerMsg::RequestWork { max: 1 }).await?;
                 loop {
                     match net::read_frame::<CoordMsg>(&mut recv).await? {
-                        Some(CoordMsg::Assign { assignments, .. }) => return Ok(!assignments.is_empty()),
+                        Some(CoordMsg::Assign { assignments, .. }) => {
+                            return Ok(!assignments.is_empty())
+                        }
                         Some(_) => continue,
                         None => anyhow::bail!("session closed"),
                     }
@@ -414,8 +528,17 @@ async fn bench(s: &Sizes) -> anyhow::Result<Report> {
         let m = JobManifest {
             name: format!("scale-{created}"),
             module: BlobRef::of(&module),
-            limits: JobLimits { quorum: 2, max_replicas: 4, ..JobLimits::default() },
-            tasks: (created..created + n).map(|i| TaskEntry { args: vec![i.to_string()], input: None }).collect(),
+            limits: JobLimits {
+                quorum: 2,
+                max_replicas: 4,
+                ..JobLimits::default()
+            },
+            tasks: (created..created + n)
+                .map(|i| TaskEntry {
+                    args: vec![i.to_string()],
+                    input: None,
+                })
+                .collect(),
         };
         upload_bytes += postcard::to_stdvec(&m)?.len();
         let (_, got) = client.submit_manifest(m, &blobs).await?;
@@ -443,24 +566,46 @@ async fn bench(s: &Sizes) -> anyhow::Result<Report> {
         targets.push((s.max, true));
     }
     println!();
-    println!("{:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>13} {:>13}", "workers", "alive", "answered", "assigned", "p50", "p99", "coord RSS", "bench RSS");
+    println!(
+        "{:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>13} {:>13}",
+        "workers", "alive", "answered", "assigned", "p50", "p99", "coord RSS", "bench RSS"
+    );
     for (target, is_max) in targets {
         let t = Instant::now();
-        let deadline = if is_max { Instant::now() + s.ramp_limit } else { Instant::now() + Duration::from_secs(600) };
+        let deadline = if is_max {
+            Instant::now() + s.ramp_limit
+        } else {
+            Instant::now() + Duration::from_secs(600)
+        };
         swarm.grow(target, deadline, true).await?;
         if swarm.len() == 0 {
-            anyhow::bail!("no simulated worker could connect ({} failures)", swarm.failures);
+            anyhow::bail!(
+                "no simulated worker could connect ({} failures)",
+                swarm.failures
+            );
         }
         if is_max || swarm.len() < target {
-            println!("  reached {} workers in {:.0} s (target {target})", swarm.len(), t.elapsed().as_secs_f64());
+            println!(
+                "  reached {} workers in {:.0} s (target {target})",
+                swarm.len(),
+                t.elapsed().as_secs_f64()
+            );
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
         let coord_rss = rss_kib(Some(pid));
         let client_rss = rss_kib(None);
-        let samples = if swarm.len() == 1 { s.samples.min(400) } else { s.samples };
+        let samples = if swarm.len() == 1 {
+            s.samples.min(400)
+        } else {
+            s.samples
+        };
         let (lat, issued, answered, assigned) = swarm.measure(samples, s.rate).await;
         let level = Level {
-            name: if is_max { "max reached".into() } else { target.to_string() },
+            name: if is_max {
+                "max reached".into()
+            } else {
+                target.to_string()
+            },
             workers: swarm.len(),
             alive: swarm.alive(),
             samples: issued,
@@ -489,8 +634,10 @@ async fn bench(s: &Sizes) -> anyhow::Result<Report> {
     }
     let reached = swarm.len();
     let last = levels.last().cloned().context("no level measured")?;
-    let bytes_per_session = (last.coord_rss_kib.saturating_sub(rss1) * 1024) as f64 / last.workers as f64;
-    let client_per_session = (last.client_rss_kib.saturating_sub(client_rss0) * 1024) as f64 / last.workers as f64;
+    let bytes_per_session =
+        (last.coord_rss_kib.saturating_sub(rss1) * 1024) as f64 / last.workers as f64;
+    let client_per_session =
+        (last.client_rss_kib.saturating_sub(client_rss0) * 1024) as f64 / last.workers as f64;
     println!(
         "memory per worker session: coordinator {:.1} KiB, this process (client side) {:.1} KiB ({} sessions); {} connect failures",
         bytes_per_session / 1024.0,
@@ -498,10 +645,19 @@ async fn bench(s: &Sizes) -> anyhow::Result<Report> {
         last.workers,
         swarm.failures
     );
-    let log = std::fs::read_to_string(coord._dir.path().join("coordinator.log")).unwrap_or_default();
-    let warnings = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).count();
+    let log =
+        std::fs::read_to_string(coord._dir.path().join("coordinator.log")).unwrap_or_default();
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .count();
     if warnings > 0 {
-        println!("coordinator logged {warnings} warnings/errors; first: {}", log.lines().find(|l| l.contains("WARN") || l.contains("ERROR")).unwrap_or(""));
+        println!(
+            "coordinator logged {warnings} warnings/errors; first: {}",
+            log.lines()
+                .find(|l| l.contains("WARN") || l.contains("ERROR"))
+                .unwrap_or("")
+        );
     }
 
     // Rows.
@@ -513,7 +669,10 @@ async fn bench(s: &Sizes) -> anyhow::Result<Report> {
             what: format!("work-request latency p50 @ {name} workers"),
             result: l.p50_ms,
             unit: "ms",
-            baseline: Some((base.p50_ms, format!("{} (1 worker)", num(base.p50_ms, "ms")))),
+            baseline: Some((
+                base.p50_ms,
+                format!("{} (1 worker)", num(base.p50_ms, "ms")),
+            )),
             target: "-".into(),
             met: None,
         });
@@ -521,14 +680,20 @@ async fn bench(s: &Sizes) -> anyhow::Result<Report> {
             what: format!("work-request latency p99 @ {name} workers"),
             result: l.p99_ms,
             unit: "ms",
-            baseline: Some((base.p99_ms, format!("{} (1 worker)", num(base.p99_ms, "ms")))),
+            baseline: Some((
+                base.p99_ms,
+                format!("{} (1 worker)", num(base.p99_ms, "ms")),
+            )),
             target: "<= 50 ms".into(),
             met: Some(l.p99_ms <= 50.0),
         });
     }
     let goal = s.max.max(*s.levels.last().unwrap_or(&0));
     rows.push(Row {
-        what: format!("simulated workers connected to one coordinator (ramp limit {} s)", s.ramp_limit.as_secs()),
+        what: format!(
+            "simulated workers connected to one coordinator (ramp limit {} s)",
+            s.ramp_limit.as_secs()
+        ),
         result: reached as f64,
         unit: "workers",
         baseline: None,
@@ -539,7 +704,13 @@ async fn bench(s: &Sizes) -> anyhow::Result<Report> {
         what: "coordinator memory per worker session".into(),
         result: bytes_per_session / 1024.0,
         unit: "KiB",
-        baseline: Some((client_per_session / 1024.0, format!("{} (client side, per connection)", num(client_per_session / 1024.0, "KiB")))),
+        baseline: Some((
+            client_per_session / 1024.0,
+            format!(
+                "{} (client side, per connection)",
+                num(client_per_session / 1024.0, "KiB")
+            ),
+        )),
         target: "-".into(),
         met: None,
     });
@@ -547,17 +718,31 @@ async fn bench(s: &Sizes) -> anyhow::Result<Report> {
         what: format!("coordinator memory per queued task ({created} tasks)"),
         result: bytes_per_task,
         unit: "B",
-        baseline: Some((upload_per_task, format!("{} (job upload per task)", num(upload_per_task, "B")))),
+        baseline: Some((
+            upload_per_task,
+            format!("{} (job upload per task)", num(upload_per_task, "B")),
+        )),
         target: "-".into(),
         met: None,
     });
     drop(swarm);
     drop(coord);
-    Ok(Report { rows, levels, reached, queued_tasks: created, bytes_per_task, bytes_per_session })
+    Ok(Report {
+        rows,
+        levels,
+        reached,
+        queued_tasks: created,
+        bytes_per_task,
+        bytes_per_session,
+    })
 }
 
 fn ratio_str(r: f64) -> String {
-    if r >= 0.1 { format!("{r:.2}x") } else { format!("{r:.2e}x") }
+    if r >= 0.1 {
+        format!("{r:.2}x")
+    } else {
+        format!("{r:.2e}x")
+    }
 }
 
 #[allow(dead_code)]

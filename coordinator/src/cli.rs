@@ -98,7 +98,10 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {
         if args.json {
             println!("{}", serde_json::json!({ "id": job, "tasks": tasks }));
         } else {
-            eprintln!("submitted job {job} ({}: {tasks} tasks, quorum {})", spec.name, spec.limits.quorum);
+            eprintln!(
+                "submitted job {job} ({}: {tasks} tasks, quorum {})",
+                spec.name, spec.limits.quorum
+            );
             println!("{job}");
         }
         client.close().await;
@@ -143,7 +146,10 @@ fn summary_line(s: &JobStatus) -> String {
         s.id, s.tasks_done, s.tasks_total, s.tasks_failed, s.replicas_reported
     );
     if s.tasks_failed > 0 {
-        line.push_str(&format!(" — failed tasks reached no quorum; see `coordinator results {}` for reasons", s.id));
+        line.push_str(&format!(
+            " — failed tasks reached no quorum; see `coordinator results {}` for reasons",
+            s.id
+        ));
     }
     line
 }
@@ -213,12 +219,23 @@ fn print_status(r: &StatusReport) {
     if r.jobs.is_empty() {
         println!("no jobs");
     } else {
-        println!("{:>6}  {:<16} {:<9} {:>8} {:>8} {:>8} {:>9}", "JOB", "NAME", "STATE", "TASKS", "DONE", "FAILED", "IN FLIGHT");
+        println!(
+            "{:>6}  {:<16} {:<9} {:>8} {:>8} {:>8} {:>9}",
+            "JOB", "NAME", "STATE", "TASKS", "DONE", "FAILED", "IN FLIGHT"
+        );
         for j in &r.jobs {
             println!(
                 "{:>6}  {:<16} {:<9} {:>8} {:>8} {:>8} {:>9}",
-                j.id.to_string(), j.name, serde_json::to_value(j.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
-                j.tasks_total, j.tasks_done, j.tasks_failed, j.replicas_in_flight
+                j.id.to_string(),
+                j.name,
+                serde_json::to_value(j.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
+                j.tasks_total,
+                j.tasks_done,
+                j.tasks_failed,
+                j.replicas_in_flight
             );
         }
     }
@@ -226,12 +243,25 @@ fn print_status(r: &StatusReport) {
     if r.workers.is_empty() {
         println!("no workers have joined yet");
     } else {
-        println!("{:<66} {:<9} {:>12} {:>7} {:>7}", "WORKER", "CONNECTED", "CREDIT", "VALID", "INVALID");
+        println!(
+            "{:<66} {:<9} {:>12} {:>7} {:>7}",
+            "WORKER", "CONNECTED", "CREDIT", "VALID", "INVALID"
+        );
         for w in &r.workers {
-            println!("{:<66} {:<9} {:>12.3} {:>7} {:>7}", w.node_id.to_string(), if w.connected { "yes" } else { "no" }, w.credit, w.valid, w.invalid);
+            println!(
+                "{:<66} {:<9} {:>12.3} {:>7} {:>7}",
+                w.node_id.to_string(),
+                if w.connected { "yes" } else { "no" },
+                w.credit,
+                w.valid,
+                w.invalid
+            );
         }
     }
-    println!("\ncoordinator has served {} of blob data", human_bytes(r.coordinator_bytes_sent));
+    println!(
+        "\ncoordinator has served {} of blob data",
+        human_bytes(r.coordinator_bytes_sent)
+    );
 }
 
 /// Run `coordinator results`; returns the process exit code.
@@ -284,7 +314,8 @@ pub fn write_results(res: &JobResults, dir: &Path) -> anyhow::Result<Written> {
             TaskState::Accepted => match t.output.take() {
                 Some(out) => {
                     let path = dir.join(format!("{}.out", t.index));
-                    std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+                    std::fs::write(&path, out)
+                        .with_context(|| format!("writing {}", path.display()))?;
                     w.written += 1;
                 }
                 None => w.collecting += 1,
@@ -304,7 +335,8 @@ pub fn write_results(res: &JobResults, dir: &Path) -> anyhow::Result<Written> {
         }
     }
     let path = dir.join("results.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&value)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&value)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(w)
 }
 
@@ -316,7 +348,11 @@ fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 const DEMO_JOB: &str = include_str!("../../examples/mandelbrot/job.toml");
@@ -326,7 +362,10 @@ const DEMO_WASM: &[u8] = include_bytes!("../../examples/mandelbrot/mandelbrot.wa
 pub async fn demo(args: DemoArgs) -> anyhow::Result<i32> {
     anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
     let started = Instant::now();
-    let tmp = tempfile::Builder::new().prefix("peergrid-demo-").tempdir().context("creating a temporary directory")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("peergrid-demo-")
+        .tempdir()
+        .context("creating a temporary directory")?;
     let job_path = match &args.job {
         Some(p) => p.clone(),
         None => {
@@ -343,26 +382,44 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<i32> {
         anyhow::bail!("the job needs a quorum of {quorum} agreeing workers: run the demo with --workers {quorum} or more");
     }
 
-    let coord = crate::server::Coordinator::start(crate::server::ServeConfig::new(tmp.path().join("coordinator"), "127.0.0.1:0".parse()?))
-        .await
-        .context("starting the coordinator")?;
-    eprintln!("coordinator {} on {} (store in {})", coord.node_id.short(), coord.addr, tmp.path().display());
+    let coord = crate::server::Coordinator::start(crate::server::ServeConfig::new(
+        tmp.path().join("coordinator"),
+        "127.0.0.1:0".parse()?,
+    ))
+    .await
+    .context("starting the coordinator")?;
+    eprintln!(
+        "coordinator {} on {} (store in {})",
+        coord.node_id.short(),
+        coord.addr,
+        tmp.path().display()
+    );
 
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut workers = Vec::new();
     for i in 0..args.workers {
-        let mut cfg = worker::daemon::WorkerConfig::new(coord.ticket.clone(), tmp.path().join(format!("worker-{i}")));
+        let mut cfg = worker::daemon::WorkerConfig::new(
+            coord.ticket.clone(),
+            tmp.path().join(format!("worker-{i}")),
+        );
         cfg.slots = 1;
         cfg.listen = "127.0.0.1:0".parse()?;
         let stats = Arc::new(worker::daemon::WorkerStats::default());
-        let handle = tokio::spawn(worker::daemon::run(cfg, stats.clone(), shutdown.child_token()));
+        let handle = tokio::spawn(worker::daemon::run(
+            cfg,
+            stats.clone(),
+            shutdown.child_token(),
+        ));
         workers.push((stats, handle));
     }
     eprintln!("{} workers joined over QUIC on loopback", args.workers);
 
     let client = Client::connect(&coord.ticket, &coord.token).await?;
     let (job, tasks) = client.submit(&spec).await?;
-    eprintln!("submitted job {job}: {} ({tasks} tasks, quorum {}, up to {} replicas each)", spec.name, spec.limits.quorum, spec.limits.max_replicas);
+    eprintln!(
+        "submitted job {job}: {} ({tasks} tasks, quorum {}, up to {} replicas each)",
+        spec.name, spec.limits.quorum, spec.limits.max_replicas
+    );
     let end = tokio::select! {
         r = wait_for_job(&client, job, true) => r?,
         _ = tokio::signal::ctrl_c() => {
@@ -374,8 +431,16 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<i32> {
     };
     let res = client.collect(job, OUTPUT_PATIENCE).await?;
     let report = client.status(Some(job)).await?;
-    let Written { written, failed, collecting, .. } = write_results(&res, &args.out)?;
-    anyhow::ensure!(collecting == 0, "{collecting} accepted outputs never reached the coordinator");
+    let Written {
+        written,
+        failed,
+        collecting,
+        ..
+    } = write_results(&res, &args.out)?;
+    anyhow::ensure!(
+        collecting == 0,
+        "{collecting} accepted outputs never reached the coordinator"
+    );
     let compute_wall = started.elapsed();
 
     let mut png = None;
@@ -400,13 +465,30 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<i32> {
     }
     coord.shutdown().await?;
 
-    let agreeing: usize = res.tasks.iter().filter(|t| t.status == TaskState::Accepted).map(|t| t.agreeing_workers.len()).sum();
+    let agreeing: usize = res
+        .tasks
+        .iter()
+        .filter(|t| t.status == TaskState::Accepted)
+        .map(|t| t.agreeing_workers.len())
+        .sum();
     println!("Peergrid demo: job {} \"{}\"", end.id, end.name);
-    println!("  tasks:      {} accepted, {} failed, of {}", end.tasks_done, end.tasks_failed, end.tasks_total);
-    println!("  replicas:   {} reported; {} agreeing replicas behind accepted results (quorum {})", end.replicas_reported, agreeing, quorum);
+    println!(
+        "  tasks:      {} accepted, {} failed, of {}",
+        end.tasks_done, end.tasks_failed, end.tasks_total
+    );
+    println!(
+        "  replicas:   {} reported; {} agreeing replicas behind accepted results (quorum {})",
+        end.replicas_reported, agreeing, quorum
+    );
     println!("  workers:");
     for w in &report.workers {
-        println!("    {}  credit {:>9.4}  valid {:>4}  invalid {:>3}", w.node_id.short(), w.credit, w.valid, w.invalid);
+        println!(
+            "    {}  credit {:>9.4}  valid {:>4}  invalid {:>3}",
+            w.node_id.short(),
+            w.credit,
+            w.valid,
+            w.invalid
+        );
     }
     println!(
         "  blob data:  workers fetched {} from the coordinator and {} from each other; the coordinator served {} in all (incl. results to this submitter)",
@@ -415,9 +497,16 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<i32> {
         human_bytes(coordinator_bytes),
     );
     println!("  wall time:  {:.1} s", compute_wall.as_secs_f64());
-    println!("  outputs:    {written} files and results.json in {}", args.out.display());
+    println!(
+        "  outputs:    {written} files and results.json in {}",
+        args.out.display()
+    );
     if let Some((path, w, h)) = png {
         println!("  image:      {} ({w}x{h})", path.display());
     }
-    Ok(if end.state == JobState::Done && end.tasks_failed == 0 { 0 } else { 1 })
+    Ok(if end.state == JobState::Done && end.tasks_failed == 0 {
+        0
+    } else {
+        1
+    })
 }

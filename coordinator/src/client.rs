@@ -13,9 +13,12 @@ use std::net::SocketAddr;
 
 use tasks::job::JobError;
 use tasks::net::{self, FrameError, NetError};
-use worker::swarm::FetchError;
-use tasks::wire::{ErrorCode, JobResults, PeerAddr, StatusReport, SubmitBody, SubmitRequest, SubmitResponse, TaskState, ALPN_SUBMIT};
+use tasks::wire::{
+    ErrorCode, JobResults, PeerAddr, StatusReport, SubmitBody, SubmitRequest, SubmitResponse,
+    TaskState, ALPN_SUBMIT,
+};
 use tasks::{BlobId, BlobRef, JobId, JobManifest, JobSpec, NodeKey, Ticket};
+use worker::swarm::FetchError;
 
 /// Why a client call failed. Every message is one line saying what to do.
 #[derive(Debug, thiserror::Error)]
@@ -62,15 +65,34 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// Connect to the coordinator named by `ticket` (its key is pinned) and check the token.
     pub async fn connect(ticket: &Ticket, token: &str) -> Result<Client, ClientError> {
-        let addrs = ticket.socket_addrs().map_err(|e| ClientError::Resolve { addr: ticket.addr.clone(), reason: e.to_string() })?;
-        let addr = *addrs.first().ok_or_else(|| ClientError::Resolve { addr: ticket.addr.clone(), reason: "no addresses".into() })?;
-        let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
+        let addrs = ticket.socket_addrs().map_err(|e| ClientError::Resolve {
+            addr: ticket.addr.clone(),
+            reason: e.to_string(),
+        })?;
+        let addr = *addrs.first().ok_or_else(|| ClientError::Resolve {
+            addr: ticket.addr.clone(),
+            reason: "no addresses".into(),
+        })?;
+        let bind: SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0".parse().expect("addr")
+        } else {
+            "[::]:0".parse().expect("addr")
+        };
         // Submitters are anonymous: a fresh key per client; the token is the credential.
         let endpoint = net::endpoint(&NodeKey::generate(), bind, &[])?;
         let conn = net::connect(&endpoint, addr, ticket.node_id, ALPN_SUBMIT).await?;
-        let client = Client { endpoint, conn, token: token.trim().to_string(), ticket: ticket.clone(), addr };
+        let client = Client {
+            endpoint,
+            conn,
+            token: token.trim().to_string(),
+            ticket: ticket.clone(),
+            addr,
+        };
         // Cheap request that checks the token now, so a wrong one fails at connect.
-        match client.call(SubmitBody::MissingBlobs { blobs: Vec::new() }).await? {
+        match client
+            .call(SubmitBody::MissingBlobs { blobs: Vec::new() })
+            .await?
+        {
             SubmitResponse::Missing { .. } => Ok(client),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
@@ -85,17 +107,26 @@ impl Client {
     }
 
     async fn call_with(&self, body: SubmitBody, raw: &[u8]) -> Result<SubmitResponse, ClientError> {
-        let req = SubmitRequest { token: self.token.clone(), body };
+        let req = SubmitRequest {
+            token: self.token.clone(),
+            body,
+        };
         let (resp, _) = net::request_with_body::<_, SubmitResponse>(&self.conn, &req, raw).await?;
         match resp {
-            SubmitResponse::Error { code: ErrorCode::Unauthorized, .. } => Err(ClientError::Unauthorized),
+            SubmitResponse::Error {
+                code: ErrorCode::Unauthorized,
+                ..
+            } => Err(ClientError::Unauthorized),
             other => Ok(other),
         }
     }
 
     fn not_found(job: JobId, resp: SubmitResponse) -> ClientError {
         match resp {
-            SubmitResponse::Error { code: ErrorCode::NotFound, .. } => ClientError::UnknownJob(job),
+            SubmitResponse::Error {
+                code: ErrorCode::NotFound,
+                ..
+            } => ClientError::UnknownJob(job),
             SubmitResponse::Error { code, message } => ClientError::Server { code, message },
             other => ClientError::Unexpected(format!("{other:?}")),
         }
@@ -108,17 +139,31 @@ impl Client {
     }
 
     /// Upload missing blobs (from `blobs`) and create the job.
-    pub async fn submit_manifest(&self, manifest: JobManifest, blobs: &BTreeMap<BlobId, Vec<u8>>) -> Result<(JobId, u32), ClientError> {
+    pub async fn submit_manifest(
+        &self,
+        manifest: JobManifest,
+        blobs: &BTreeMap<BlobId, Vec<u8>>,
+    ) -> Result<(JobId, u32), ClientError> {
         let wanted = manifest.blobs();
-        let missing = match self.call(SubmitBody::MissingBlobs { blobs: wanted }).await? {
+        let missing = match self
+            .call(SubmitBody::MissingBlobs { blobs: wanted })
+            .await?
+        {
             SubmitResponse::Missing { blobs } => blobs,
             other => return Err(ClientError::Unexpected(format!("{other:?}"))),
         };
         for b in missing {
-            let bytes = blobs.get(&b.id).ok_or_else(|| ClientError::Io(format!("blob {} is referenced but was not given", b.id)))?;
-            match self.call_with(SubmitBody::PutBlob { blob: b }, bytes).await? {
+            let bytes = blobs.get(&b.id).ok_or_else(|| {
+                ClientError::Io(format!("blob {} is referenced but was not given", b.id))
+            })?;
+            match self
+                .call_with(SubmitBody::PutBlob { blob: b }, bytes)
+                .await?
+            {
                 SubmitResponse::Ok => {}
-                SubmitResponse::Error { code, message } => return Err(ClientError::Server { code, message }),
+                SubmitResponse::Error { code, message } => {
+                    return Err(ClientError::Server { code, message })
+                }
                 other => return Err(ClientError::Unexpected(format!("{other:?}"))),
             }
         }
@@ -148,16 +193,28 @@ impl Client {
             SubmitResponse::Results(r) => r,
             other => return Err(Self::not_found(job, other)),
         };
-        let mut store: Option<(tempfile::TempDir, worker::blobs::BlobStore, worker::swarm::Fetcher)> = None;
-        let seed = [PeerAddr { node_id: self.ticket.node_id, addr: self.addr }];
+        let mut store: Option<(
+            tempfile::TempDir,
+            worker::blobs::BlobStore,
+            worker::swarm::Fetcher,
+        )> = None;
+        let seed = [PeerAddr {
+            node_id: self.ticket.node_id,
+            addr: self.addr,
+        }];
         for t in &mut results.tasks {
             if t.status != TaskState::Accepted {
                 continue;
             }
-            let (Some(hash), Some(len)) = (t.output_hash, t.output_len) else { continue };
+            let (Some(hash), Some(len)) = (t.output_hash, t.output_len) else {
+                continue;
+            };
             if let Some(out) = &t.output {
                 if BlobId::of(out) != hash || out.len() as u64 != len {
-                    return Err(ClientError::Verify { index: t.index, reason: "inline output does not match output_hash".into() });
+                    return Err(ClientError::Verify {
+                        index: t.index,
+                        reason: "inline output does not match output_hash".into(),
+                    });
                 }
                 continue;
             }
@@ -167,20 +224,34 @@ impl Client {
             }
             if store.is_none() {
                 let dir = tempfile::tempdir().map_err(|e| ClientError::Io(e.to_string()))?;
-                let bs = worker::blobs::BlobStore::open(dir.path(), None).map_err(|e| ClientError::Io(e.to_string()))?;
+                let bs = worker::blobs::BlobStore::open(dir.path(), None)
+                    .map_err(|e| ClientError::Io(e.to_string()))?;
                 let f = worker::swarm::Fetcher::new(self.endpoint.clone(), bs.clone(), None);
                 store = Some((dir, bs, f));
             }
             let (_, bs, fetcher) = store.as_ref().expect("created above");
-            let blob = BlobRef { id: hash, size: len };
+            let blob = BlobRef {
+                id: hash,
+                size: len,
+            };
             match fetcher.fetch(blob, &seed).await {
                 Ok(_) => {}
                 // Accepted, but the coordinator is still pulling the output from the agreeing
                 // workers: leave `output` empty; `collect` asks again.
-                Err(FetchError::Unavailable { tried, not_found, .. }) if tried == not_found => continue,
-                Err(e) => return Err(ClientError::Fetch { index: t.index, reason: e.to_string() }),
+                Err(FetchError::Unavailable {
+                    tried, not_found, ..
+                }) if tried == not_found => continue,
+                Err(e) => {
+                    return Err(ClientError::Fetch {
+                        index: t.index,
+                        reason: e.to_string(),
+                    })
+                }
             }
-            t.output = Some(bs.read(&hash).map_err(|e| ClientError::Fetch { index: t.index, reason: e.to_string() })?);
+            t.output = Some(bs.read(&hash).map_err(|e| ClientError::Fetch {
+                index: t.index,
+                reason: e.to_string(),
+            })?);
         }
         Ok(results)
     }
@@ -188,12 +259,22 @@ impl Client {
     /// Like [`Client::results`], but when the job has ended and some accepted outputs are still
     /// on their way from the workers to the coordinator, ask again (for up to `patience`) until
     /// every accepted task carries its output.
-    pub async fn collect(&self, job: JobId, patience: std::time::Duration) -> Result<JobResults, ClientError> {
+    pub async fn collect(
+        &self,
+        job: JobId,
+        patience: std::time::Duration,
+    ) -> Result<JobResults, ClientError> {
         let until = tokio::time::Instant::now() + patience;
         loop {
             let r = self.results(job).await?;
-            let missing = r.tasks.iter().any(|t| t.status == TaskState::Accepted && t.output.is_none());
-            if !missing || r.state == tasks::wire::JobState::Running || tokio::time::Instant::now() >= until {
+            let missing = r
+                .tasks
+                .iter()
+                .any(|t| t.status == TaskState::Accepted && t.output.is_none());
+            if !missing
+                || r.state == tasks::wire::JobState::Running
+                || tokio::time::Instant::now() >= until
+            {
                 return Ok(r);
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -211,6 +292,7 @@ impl Client {
     /// Close the connection politely.
     pub async fn close(self) {
         net::close(&self.conn, tasks::wire::CloseCode::Done, "bye");
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.endpoint.wait_idle())
+            .await;
     }
 }

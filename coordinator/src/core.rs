@@ -14,17 +14,19 @@
 
 pub mod adversary;
 pub mod scheduler;
-pub mod trust;
-pub mod validator;
 #[cfg(test)]
 mod sim;
+pub mod trust;
+pub mod validator;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tasks::wire::{JobState, JobStatus, PeerAddr, ReplicaId, StatusReport, WorkerStatus};
-use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult, TaskId};
+use tasks::{
+    BlobId, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult, TaskId,
+};
 
 use crate::store::{Decision, Mutation, ReplicaPhase, Snapshot, Verdict, WorkerRecord};
 use trust::{AddressBlock, Reputation, TrustPolicy};
@@ -70,12 +72,26 @@ impl Default for CoreConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Notice {
     /// Tell this worker to stop these replicas.
-    Cancel { worker: NodeId, replicas: Vec<ReplicaId> },
+    Cancel {
+        worker: NodeId,
+        replicas: Vec<ReplicaId>,
+    },
     /// A task was accepted; its output must be kept. `from` are the agreeing workers.
-    Accepted { task: TaskId, result: RunResult, from: Vec<NodeId>, replica: ReplicaId },
+    Accepted {
+        task: TaskId,
+        result: RunResult,
+        from: Vec<NodeId>,
+        replica: ReplicaId,
+    },
     /// A task ended without consensus.
-    Failed { task: TaskId, reason: String },
-    JobEnded { job: JobId, state: JobState },
+    Failed {
+        task: TaskId,
+        reason: String,
+    },
+    JobEnded {
+        job: JobId,
+        state: JobState,
+    },
 }
 
 /// Lifecycle of a task.
@@ -100,7 +116,13 @@ pub(crate) struct TaskSlot {
 
 impl TaskSlot {
     fn new() -> TaskSlot {
-        TaskSlot { phase: TaskPhase::Pending, quorum: 0, replicas: Vec::new(), queued: false, accepted: None }
+        TaskSlot {
+            phase: TaskPhase::Pending,
+            quorum: 0,
+            replicas: Vec::new(),
+            queued: false,
+            accepted: None,
+        }
     }
 }
 
@@ -160,7 +182,10 @@ impl Worker {
     /// The address block the address rule judges this worker by: the observed address, or
     /// (if the shell gave none) the one it announced.
     pub fn block(&self) -> Option<AddressBlock> {
-        self.observed_addr.or(self.peer_addr).as_ref().and_then(trust::address_block)
+        self.observed_addr
+            .or(self.peer_addr)
+            .as_ref()
+            .and_then(trust::address_block)
     }
 }
 
@@ -236,7 +261,10 @@ impl Core {
         let i = self.fingerprints.len() as u32;
         self.fingerprints.push((short.clone(), fp.clone()));
         self.fp_index.insert(short.clone(), i);
-        self.mutations.push(Mutation::Fingerprint { short, fingerprint: fp.clone() });
+        self.mutations.push(Mutation::Fingerprint {
+            short,
+            fingerprint: fp.clone(),
+        });
         i
     }
 
@@ -281,7 +309,9 @@ impl Core {
 
     /// Keep `anchors` in step with a worker's connection and trust.
     pub(crate) fn sync_anchor(&mut self, id: NodeId) {
-        let Some(w) = self.workers.get_mut(&id) else { return };
+        let Some(w) = self.workers.get_mut(&id) else {
+            return;
+        };
         let want = w.connected && self.cfg.policy.is_trusted(&w.rep);
         if want != w.anchor {
             w.anchor = want;
@@ -294,7 +324,15 @@ impl Core {
     }
 
     /// A worker session began (or resumed after a reconnect).
-    pub fn hello(&mut self, worker: NodeId, fp: &EngineFingerprint, slots: u32, peer_addr: Option<SocketAddr>, blobs: &[BlobId], now: u64) {
+    pub fn hello(
+        &mut self,
+        worker: NodeId,
+        fp: &EngineFingerprint,
+        slots: u32,
+        peer_addr: Option<SocketAddr>,
+        blobs: &[BlobId],
+        now: u64,
+    ) {
         let fpi = self.intern_fp(fp);
         let w = self.worker_entry(worker, now);
         w.fp = Some(fpi);
@@ -307,7 +345,10 @@ impl Core {
         let addr_changed = w.peer_addr != peer_addr;
         w.peer_addr = peer_addr;
         if addr_changed {
-            self.mutations.push(Mutation::PeerAddr { worker, addr: peer_addr });
+            self.mutations.push(Mutation::PeerAddr {
+                worker,
+                addr: peer_addr,
+            });
         }
         self.sync_anchor(worker);
         self.persist_worker(worker);
@@ -330,7 +371,9 @@ impl Core {
 
     /// Whether the policy has banned this worker (no work, votes on undecided tasks void).
     pub fn is_banned(&self, worker: &NodeId) -> bool {
-        self.workers.get(worker).is_some_and(|w| self.cfg.policy.is_banned(&w.rep))
+        self.workers
+            .get(worker)
+            .is_some_and(|w| self.cfg.policy.is_banned(&w.rep))
     }
 
     /// The worker now holds and serves these blobs.
@@ -339,7 +382,11 @@ impl Core {
             let h = self.holders.entry(*b).or_default();
             if !h.contains(&worker) {
                 h.push(worker);
-                self.mutations.push(Mutation::BlobLocation { blob: *b, worker, present: true });
+                self.mutations.push(Mutation::BlobLocation {
+                    blob: *b,
+                    worker,
+                    present: true,
+                });
             }
         }
     }
@@ -349,7 +396,11 @@ impl Core {
         if let Some(h) = self.holders.get_mut(&blob) {
             if let Some(pos) = h.iter().position(|n| *n == peer) {
                 h.swap_remove(pos);
-                self.mutations.push(Mutation::BlobLocation { blob, worker: peer, present: false });
+                self.mutations.push(Mutation::BlobLocation {
+                    blob,
+                    worker: peer,
+                    present: false,
+                });
             }
         }
     }
@@ -371,7 +422,10 @@ impl Core {
 
     /// Replicas this worker holds in flight.
     pub fn in_flight_of(&self, worker: &NodeId) -> Vec<ReplicaId> {
-        self.workers.get(worker).map(|w| w.in_flight.iter().copied().collect()).unwrap_or_default()
+        self.workers
+            .get(worker)
+            .map(|w| w.in_flight.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Deadlines and disconnect grace periods: reissue what has expired.
@@ -384,7 +438,10 @@ impl Core {
             .workers
             .values()
             .filter(|w| !w.connected && !w.in_flight.is_empty())
-            .filter(|w| w.disconnected_ms.is_some_and(|t| now.saturating_sub(t) >= self.cfg.disconnect_grace_ms))
+            .filter(|w| {
+                w.disconnected_ms
+                    .is_some_and(|t| now.saturating_sub(t) >= self.cfg.disconnect_grace_ms)
+            })
             .map(|w| w.id)
             .collect();
         for id in gone {
@@ -399,7 +456,11 @@ impl Core {
     /// on this worker are ignored.
     pub fn abandon(&mut self, worker: NodeId, replicas: &[ReplicaId], now: u64) {
         for r in replicas {
-            if self.replicas.get(r).is_some_and(|x| x.worker == worker && x.phase == ReplicaPhase::InFlight) {
+            if self
+                .replicas
+                .get(r)
+                .is_some_and(|x| x.worker == worker && x.phase == ReplicaPhase::InFlight)
+            {
                 self.lose(*r, now);
             }
         }
@@ -408,7 +469,9 @@ impl Core {
 
     /// Take an in-flight replica away from its worker (it was not reported in time).
     fn lose(&mut self, r: ReplicaId, now: u64) {
-        let Some(rep) = self.replicas.get_mut(&r) else { return };
+        let Some(rep) = self.replicas.get_mut(&r) else {
+            return;
+        };
         if rep.phase != ReplicaPhase::InFlight {
             return;
         }
@@ -418,7 +481,10 @@ impl Core {
         if let Some(w) = self.workers.get_mut(&worker) {
             w.in_flight.remove(&r);
         }
-        self.mutations.push(Mutation::Phase { replica: r, phase: ReplicaPhase::Lost });
+        self.mutations.push(Mutation::Phase {
+            replica: r,
+            phase: ReplicaPhase::Lost,
+        });
         if let Some(job) = self.jobs.get_mut(&task.job) {
             job.in_flight -= 1;
         }
@@ -431,7 +497,11 @@ impl Core {
         self.next_job += 1;
         let manifest = Arc::new(manifest);
         let n = manifest.tasks.len() as u32;
-        self.mutations.push(Mutation::PutJob { job: id, manifest: manifest.clone(), created_ms: now });
+        self.mutations.push(Mutation::PutJob {
+            job: id,
+            manifest: manifest.clone(),
+            created_ms: now,
+        });
         self.insert_job(id, manifest, JobState::Running);
         (id, n)
     }
@@ -462,15 +532,23 @@ impl Core {
     /// Cancel a job: its in-flight replicas are cancelled, nothing more is scheduled.
     /// Returns false for an unknown job.
     pub fn cancel_job(&mut self, job: JobId, _now: u64) -> bool {
-        let Some(j) = self.jobs.get_mut(&job) else { return false };
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return false;
+        };
         if j.state != JobState::Running {
             return true;
         }
         j.state = JobState::Cancelled;
         j.open.clear();
         self.running.retain(|x| *x != job);
-        self.mutations.push(Mutation::JobState { job, state: JobState::Cancelled });
-        let pending: Vec<TaskId> = (0..j.next_fresh).filter(|&i| j.tasks[i as usize].phase == TaskPhase::Pending).map(|index| TaskId { job, index }).collect();
+        self.mutations.push(Mutation::JobState {
+            job,
+            state: JobState::Cancelled,
+        });
+        let pending: Vec<TaskId> = (0..j.next_fresh)
+            .filter(|&i| j.tasks[i as usize].phase == TaskPhase::Pending)
+            .map(|index| TaskId { job, index })
+            .collect();
         for t in pending {
             self.release_votes(t);
         }
@@ -481,14 +559,19 @@ impl Core {
             .map(|(id, _)| *id)
             .collect();
         self.cancel_replicas(&in_flight);
-        self.notices.push(Notice::JobEnded { job, state: JobState::Cancelled });
+        self.notices.push(Notice::JobEnded {
+            job,
+            state: JobState::Cancelled,
+        });
         true
     }
 
     pub(crate) fn cancel_replicas(&mut self, ids: &[ReplicaId]) {
         let mut by_worker: BTreeMap<NodeId, Vec<ReplicaId>> = BTreeMap::new();
         for &r in ids {
-            let Some(rep) = self.replicas.get_mut(&r) else { continue };
+            let Some(rep) = self.replicas.get_mut(&r) else {
+                continue;
+            };
             if rep.phase != ReplicaPhase::InFlight {
                 continue;
             }
@@ -501,7 +584,10 @@ impl Core {
             if let Some(j) = self.jobs.get_mut(&job) {
                 j.in_flight -= 1;
             }
-            self.mutations.push(Mutation::Phase { replica: r, phase: ReplicaPhase::Cancelled });
+            self.mutations.push(Mutation::Phase {
+                replica: r,
+                phase: ReplicaPhase::Cancelled,
+            });
             by_worker.entry(worker).or_default().push(r);
         }
         for (worker, replicas) in by_worker {
@@ -533,7 +619,11 @@ impl Core {
             })
             .collect();
         workers.sort_by_key(|w| w.node_id);
-        Some(StatusReport { jobs, workers, coordinator_bytes_sent: 0 })
+        Some(StatusReport {
+            jobs,
+            workers,
+            coordinator_bytes_sent: 0,
+        })
     }
 
     fn job_status(&self, j: &Job) -> JobStatus {
@@ -560,7 +650,13 @@ impl Core {
     /// Blob servers of the workers whose replicas agreed with a task's accepted result,
     /// connected ones first: where to fetch an output that was not inline.
     pub fn agreeing_peers(&self, task: TaskId) -> Vec<PeerAddr> {
-        let Some(slot) = self.jobs.get(&task.job).and_then(|j| j.tasks.get(task.index as usize)) else { return Vec::new() };
+        let Some(slot) = self
+            .jobs
+            .get(&task.job)
+            .and_then(|j| j.tasks.get(task.index as usize))
+        else {
+            return Vec::new();
+        };
         let mut peers: Vec<(bool, PeerAddr)> = slot
             .replicas
             .iter()
@@ -568,7 +664,13 @@ impl Core {
             .filter(|r| r.verdict == Some(Verdict::Valid))
             .filter_map(|r| {
                 let w = self.workers.get(&r.worker)?;
-                Some((!w.connected, PeerAddr { node_id: w.id, addr: w.peer_addr? }))
+                Some((
+                    !w.connected,
+                    PeerAddr {
+                        node_id: w.id,
+                        addr: w.peer_addr?,
+                    },
+                ))
             })
             .collect();
         peers.sort_by_key(|(offline, _)| *offline);
@@ -589,8 +691,16 @@ impl Core {
     }
 
     /// Connected workers that started fetching `blob` recently, newest first.
-    pub(crate) fn fetchers_of(&self, blob: &BlobId, exclude: &NodeId, limit: usize, now: u64) -> Vec<PeerAddr> {
-        let Some(f) = self.fetching.get(blob) else { return Vec::new() };
+    pub(crate) fn fetchers_of(
+        &self,
+        blob: &BlobId,
+        exclude: &NodeId,
+        limit: usize,
+        now: u64,
+    ) -> Vec<PeerAddr> {
+        let Some(f) = self.fetching.get(blob) else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for (id, at) in f.iter().rev() {
             if out.len() >= limit || now.saturating_sub(*at) >= FETCHING_FOR_MS {
@@ -610,8 +720,16 @@ impl Core {
 
     /// Where to find a blob: connected workers that announced it, best first (not the
     /// coordinator itself).
-    pub fn holders_of(&self, blob: &BlobId, exclude: Option<&NodeId>, limit: usize, rotate: u64) -> Vec<PeerAddr> {
-        let Some(h) = self.holders.get(blob) else { return Vec::new() };
+    pub fn holders_of(
+        &self,
+        blob: &BlobId,
+        exclude: Option<&NodeId>,
+        limit: usize,
+        rotate: u64,
+    ) -> Vec<PeerAddr> {
+        let Some(h) = self.holders.get(blob) else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         let n = h.len();
         if n == 0 {
@@ -648,7 +766,10 @@ impl Core {
         }
         let peer_addrs: HashMap<NodeId, SocketAddr> = snap.peer_addrs.into_iter().collect();
         for w in snap.workers {
-            let fp = w.fingerprint.as_ref().and_then(|s| core.fp_index.get(s).copied());
+            let fp = w
+                .fingerprint
+                .as_ref()
+                .and_then(|s| core.fp_index.get(s).copied());
             core.workers.insert(
                 w.node,
                 Worker {
@@ -675,13 +796,21 @@ impl Core {
             core.insert_job(j.job, Arc::new(j.manifest), j.state);
         }
         for t in snap.tasks {
-            let Some(job) = core.jobs.get_mut(&t.task.job) else { continue };
-            let Some(slot) = job.tasks.get_mut(t.task.index as usize) else { continue };
+            let Some(job) = core.jobs.get_mut(&t.task.job) else {
+                continue;
+            };
+            let Some(slot) = job.tasks.get_mut(t.task.index as usize) else {
+                continue;
+            };
             if let Some(q) = t.quorum {
                 slot.quorum = q;
             }
             match t.decision {
-                Some(Decision::Accepted { digest, fingerprint, .. }) => {
+                Some(Decision::Accepted {
+                    digest,
+                    fingerprint,
+                    ..
+                }) => {
                     slot.phase = TaskPhase::Accepted;
                     let fp = core.fp_index.get(&fingerprint).copied().unwrap_or(u32::MAX);
                     slot.accepted = Some((fp, digest));
@@ -698,8 +827,12 @@ impl Core {
         for r in snap.replicas {
             max_replica = max_replica.max(r.replica);
             let fp = *core.fp_index.get(&r.fingerprint).unwrap_or(&u32::MAX);
-            let Some(job) = core.jobs.get_mut(&r.task.job) else { continue };
-            let Some(slot) = job.tasks.get_mut(r.task.index as usize) else { continue };
+            let Some(job) = core.jobs.get_mut(&r.task.job) else {
+                continue;
+            };
+            let Some(slot) = job.tasks.get_mut(r.task.index as usize) else {
+                continue;
+            };
             slot.replicas.push(r.replica);
             job.next_fresh = job.next_fresh.max(r.task.index + 1);
             match r.phase {
@@ -726,7 +859,17 @@ impl Core {
             let block = w.and_then(|w| w.block());
             core.replicas.insert(
                 r.replica,
-                Replica { task: r.task, worker: r.worker, fp, deadline_ms: r.deadline_ms, phase: r.phase, result, verdict: r.verdict, anchor, block },
+                Replica {
+                    task: r.task,
+                    worker: r.worker,
+                    fp,
+                    deadline_ms: r.deadline_ms,
+                    phase: r.phase,
+                    result,
+                    verdict: r.verdict,
+                    anchor,
+                    block,
+                },
             );
         }
         core.next_replica = max_replica + 1;
@@ -744,7 +887,9 @@ impl Core {
             .filter(|j| j.state == JobState::Running)
             .flat_map(|j| {
                 let id = j.id;
-                (0..j.next_fresh).filter(move |&i| j.tasks[i as usize].phase == TaskPhase::Pending).map(move |index| TaskId { job: id, index })
+                (0..j.next_fresh)
+                    .filter(move |&i| j.tasks[i as usize].phase == TaskPhase::Pending)
+                    .map(move |index| TaskId { job: id, index })
             })
             .collect();
         for t in pending {
@@ -752,17 +897,24 @@ impl Core {
         }
         core.settle_bans(now);
         // Restoring re-derives state that is already durable.
-        core.mutations.retain(|m| !matches!(m, Mutation::Fingerprint { .. }));
+        core.mutations
+            .retain(|m| !matches!(m, Mutation::Fingerprint { .. }));
         core
     }
 
     /// Whether `job` is running and has no more work to hand out or wait for.
     pub(crate) fn maybe_finish_job(&mut self, job: JobId) {
-        let Some(j) = self.jobs.get_mut(&job) else { return };
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         if j.state != JobState::Running || (j.done + j.failed) as usize != j.tasks.len() {
             return;
         }
-        j.state = if j.failed == 0 { JobState::Done } else { JobState::Failed };
+        j.state = if j.failed == 0 {
+            JobState::Done
+        } else {
+            JobState::Failed
+        };
         let state = j.state;
         self.running.retain(|x| *x != job);
         self.mutations.push(Mutation::JobState { job, state });
@@ -780,7 +932,11 @@ impl Core {
 
     /// The task's phase.
     pub fn task_phase(&self, task: TaskId) -> Option<TaskPhase> {
-        self.jobs.get(&task.job)?.tasks.get(task.index as usize).map(|t| t.phase)
+        self.jobs
+            .get(&task.job)?
+            .tasks
+            .get(task.index as usize)
+            .map(|t| t.phase)
     }
 
     /// The replica's owner and phase.

@@ -61,7 +61,10 @@ fn main() -> std::process::ExitCode {
         _ => "info",
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Runtime::new() {
@@ -96,7 +99,11 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let running = server::Coordinator::start(cfg).await?;
     println!("ticket: {}", running.ticket);
     println!("submit token: {}", running.token);
-    println!("(also in {} and {})", running.data_dir.join(server::TICKET_FILE).display(), running.data_dir.join(server::TOKEN_FILE).display());
+    println!(
+        "(also in {} and {})",
+        running.data_dir.join(server::TICKET_FILE).display(),
+        running.data_dir.join(server::TOKEN_FILE).display()
+    );
     if let Some(http) = running.http_addr {
         println!("status page: http://{http}/ (read-only, no token: JSON at /status, /jobs/ID, /jobs/ID/results)");
     }

@@ -64,7 +64,14 @@ pub struct ServeConfig {
 
 impl ServeConfig {
     pub fn new(data_dir: impl Into<PathBuf>, listen: SocketAddr) -> ServeConfig {
-        ServeConfig { data_dir: data_dir.into(), listen, advertise: None, core: CoreConfig::default(), tick: Duration::from_secs(1), http: None }
+        ServeConfig {
+            data_dir: data_dir.into(),
+            listen,
+            advertise: None,
+            core: CoreConfig::default(),
+            tick: Duration::from_secs(1),
+            http: None,
+        }
     }
 }
 
@@ -90,7 +97,10 @@ pub struct RunningCoordinator {
 
 impl std::fmt::Debug for RunningCoordinator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunningCoordinator").field("ticket", &self.ticket.to_string()).field("addr", &self.addr).finish()
+        f.debug_struct("RunningCoordinator")
+            .field("ticket", &self.ticket.to_string())
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -102,7 +112,8 @@ impl Coordinator {
     /// Must be called inside a tokio runtime.
     pub async fn start(cfg: ServeConfig) -> anyhow::Result<RunningCoordinator> {
         let dir = &cfg.data_dir;
-        std::fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating data dir {}", dir.display()))?;
         let key = NodeKey::load_or_create(dir)?;
         let token = load_or_create_token(dir)?;
         let blobs = BlobStore::open(&dir.join(BLOB_DIR), None).context("opening the blob store")?;
@@ -120,18 +131,36 @@ impl Coordinator {
         };
         let (host, guessed) = match &cfg.advertise {
             Some(h) => (h.clone(), false),
-            None if addr.ip().is_unspecified() => (if addr.is_ipv4() { Ipv4Addr::LOCALHOST.to_string() } else { "[::1]".into() }, true),
-            None => (match addr.ip() {
-                IpAddr::V6(ip) => format!("[{ip}]"),
-                ip => ip.to_string(),
-            }, false),
+            None if addr.ip().is_unspecified() => (
+                if addr.is_ipv4() {
+                    Ipv4Addr::LOCALHOST.to_string()
+                } else {
+                    "[::1]".into()
+                },
+                true,
+            ),
+            None => (
+                match addr.ip() {
+                    IpAddr::V6(ip) => format!("[{ip}]"),
+                    ip => ip.to_string(),
+                },
+                false,
+            ),
         };
         let ticket = Ticket::new(key.node_id(), format!("{host}:{}", addr.port()));
-        tasks::identity::write_private(&dir.join(TICKET_FILE), format!("{ticket}\n").as_bytes()).context("writing the ticket file")?;
+        tasks::identity::write_private(&dir.join(TICKET_FILE), format!("{ticket}\n").as_bytes())
+            .context("writing the ticket file")?;
 
         let mut core_cfg = cfg.core.clone();
-        let seed_addr = ticket.socket_addrs().ok().and_then(|v| v.into_iter().next()).unwrap_or(addr);
-        core_cfg.seed = Some(PeerAddr { node_id: key.node_id(), addr: seed_addr });
+        let seed_addr = ticket
+            .socket_addrs()
+            .ok()
+            .and_then(|v| v.into_iter().next())
+            .unwrap_or(addr);
+        core_cfg.seed = Some(PeerAddr {
+            node_id: key.node_id(),
+            addr: seed_addr,
+        });
         let snapshot = store.load()?;
         let core = Core::restore(core_cfg, snapshot, engine::now_ms());
         let (engine, fetches, engine_thread) = engine::spawn(core, store, blobs.clone(), 4096)?;
@@ -148,13 +177,27 @@ impl Coordinator {
             bytes_sent: bytes_sent.clone(),
         };
         if let Some(listener) = http_listener {
-            let hctx = http::HttpCtx { engine: engine.clone(), bytes_sent };
+            let hctx = http::HttpCtx {
+                engine: engine.clone(),
+                bytes_sent,
+            };
             tasks.spawn(http::run(listener, hctx, cancel.clone()));
         }
-        tasks.spawn(accept_loop(endpoint.clone(), engine.clone(), ctx, blob_server.clone(), cancel.clone()));
+        tasks.spawn(accept_loop(
+            endpoint.clone(),
+            engine.clone(),
+            ctx,
+            blob_server.clone(),
+            cancel.clone(),
+        ));
         tasks.spawn(ticker(engine.clone(), cfg.tick, cancel.clone()));
         let fetcher = Fetcher::new(endpoint.clone(), blobs.clone(), Some(blob_server.clone()));
-        tasks.spawn(output_fetcher(fetcher, engine.clone(), fetches, cancel.clone()));
+        tasks.spawn(output_fetcher(
+            fetcher,
+            engine.clone(),
+            fetches,
+            cancel.clone(),
+        ));
         tracing::info!(%ticket, %addr, "coordinator listening");
         if let Some(h) = http_addr {
             tracing::info!(http = %h, "HTTP status API listening (read-only, no token)");
@@ -199,7 +242,10 @@ impl RunningCoordinator {
         self.engine.take();
         let thread = self.engine_thread.take();
         let stopped = tokio::task::spawn_blocking(move || thread.map(|t| t.join())).await?;
-        self.endpoint.close(CloseCode::Shutdown.code().into(), b"coordinator shutting down");
+        self.endpoint.close(
+            CloseCode::Shutdown.code().into(),
+            b"coordinator shutting down",
+        );
         let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
         match stopped {
             Some(Ok(Err(e))) => Err(e).context("the store failed"),
@@ -233,7 +279,8 @@ fn load_or_create_token(dir: &Path) -> anyhow::Result<String> {
     let path = dir.join(TOKEN_FILE);
     let create = || -> anyhow::Result<String> {
         let token = hex::encode(rand::random::<[u8; 32]>());
-        tasks::identity::write_private(&path, format!("{token}\n").as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+        tasks::identity::write_private(&path, format!("{token}\n").as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(token)
     };
     match std::fs::read_to_string(&path) {
@@ -244,7 +291,13 @@ fn load_or_create_token(dir: &Path) -> anyhow::Result<String> {
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, engine: EngineHandle, ctx: submit::SubmitCtx, blobs: BlobServer, cancel: CancellationToken) {
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    engine: EngineHandle,
+    ctx: submit::SubmitCtx,
+    blobs: BlobServer,
+    cancel: CancellationToken,
+) {
     let mut conns = JoinSet::new();
     loop {
         let incoming = tokio::select! {
@@ -255,7 +308,12 @@ async fn accept_loop(endpoint: quinn::Endpoint, engine: EngineHandle, ctx: submi
                 None => break,
             },
         };
-        let (engine, ctx, blobs, cancel) = (engine.clone(), ctx.clone(), blobs.clone(), cancel.child_token());
+        let (engine, ctx, blobs, cancel) = (
+            engine.clone(),
+            ctx.clone(),
+            blobs.clone(),
+            cancel.child_token(),
+        );
         conns.spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -294,7 +352,10 @@ async fn accept_loop(endpoint: quinn::Endpoint, engine: EngineHandle, ctx: submi
         while conns.try_join_next().is_some() {}
     }
     // Sessions notice the cancelled token and end; give them a moment.
-    let _ = tokio::time::timeout(Duration::from_secs(2), async { while conns.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
     conns.abort_all();
 }
 
@@ -312,7 +373,12 @@ async fn ticker(engine: EngineHandle, every: Duration, cancel: CancellationToken
 
 /// Pull accepted outputs that did not travel inline from agreeing workers, verified against
 /// their `output_hash`, and record them. Retries with back-off while the workers are away.
-async fn output_fetcher(fetcher: Fetcher, engine: EngineHandle, mut jobs: tokio::sync::mpsc::UnboundedReceiver<FetchJob>, cancel: CancellationToken) {
+async fn output_fetcher(
+    fetcher: Fetcher,
+    engine: EngineHandle,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<FetchJob>,
+    cancel: CancellationToken,
+) {
     let mut running = JoinSet::new();
     loop {
         let job = tokio::select! {
@@ -322,22 +388,37 @@ async fn output_fetcher(fetcher: Fetcher, engine: EngineHandle, mut jobs: tokio:
         };
         let (fetcher, engine, cancel) = (fetcher.clone(), engine.clone(), cancel.clone());
         running.spawn(async move {
-            let blob = BlobRef { id: job.result.output_hash, size: job.result.output_len };
+            let blob = BlobRef {
+                id: job.result.output_hash,
+                size: job.result.output_len,
+            };
             let span = tracing::info_span!("output", task = %job.task, blob = %blob.id.short());
             async move {
                 let mut delay = Duration::from_secs(1);
                 for attempt in 1..=30 {
                     if job.peers.is_empty() {
-                        tracing::warn!("no agreeing worker announced a blob address; cannot fetch the output");
+                        tracing::warn!(
+                            "no agreeing worker announced a blob address; cannot fetch the output"
+                        );
                         return;
                     }
                     match fetcher.fetch(blob, &job.peers).await {
                         Ok(_) => {
-                            engine.send(Cmd::OutputStored { task: job.task, output: Output::Blob(blob.id) }).await;
-                            tracing::info!(bytes = blob.size, "accepted output fetched and verified");
+                            engine
+                                .send(Cmd::OutputStored {
+                                    task: job.task,
+                                    output: Output::Blob(blob.id),
+                                })
+                                .await;
+                            tracing::info!(
+                                bytes = blob.size,
+                                "accepted output fetched and verified"
+                            );
                             return;
                         }
-                        Err(e) => tracing::warn!(attempt, error = %e, "cannot fetch accepted output yet"),
+                        Err(e) => {
+                            tracing::warn!(attempt, error = %e, "cannot fetch accepted output yet")
+                        }
                     }
                     tokio::select! {
                         _ = cancel.cancelled() => return,

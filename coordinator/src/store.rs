@@ -18,7 +18,9 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use tasks::wire::{JobState, ReplicaId, TaskResult};
-use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult, TaskId};
+use tasks::{
+    BlobId, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult, TaskId,
+};
 
 use crate::core::trust::Reputation;
 
@@ -31,11 +33,18 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("database {path} has schema version {found}, newer than this coordinator understands ({supported}); upgrade the coordinator")]
-    TooNew { path: String, found: i64, supported: i64 },
+    TooNew {
+        path: String,
+        found: i64,
+        supported: i64,
+    },
     #[error("corrupt record in the database: {0}")]
     Corrupt(String),
     #[error("cannot open the database at {path}: {source}")]
-    Open { path: String, source: rusqlite::Error },
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
 }
 
 /// What became of a replica.
@@ -71,7 +80,9 @@ pub enum Decision {
         fingerprint: String,
         agreeing: Vec<NodeId>,
     },
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 /// An accepted task's output bytes.
@@ -103,22 +114,68 @@ impl WorkerRecord {
 /// One change to durable state, produced by the core.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Mutation {
-    PutJob { job: JobId, manifest: std::sync::Arc<JobManifest>, created_ms: u64 },
-    JobState { job: JobId, state: JobState },
-    Fingerprint { short: String, fingerprint: EngineFingerprint },
-    Assign { replica: ReplicaId, task: TaskId, worker: NodeId, fingerprint: String, assigned_ms: u64, deadline_ms: u64 },
+    PutJob {
+        job: JobId,
+        manifest: std::sync::Arc<JobManifest>,
+        created_ms: u64,
+    },
+    JobState {
+        job: JobId,
+        state: JobState,
+    },
+    Fingerprint {
+        short: String,
+        fingerprint: EngineFingerprint,
+    },
+    Assign {
+        replica: ReplicaId,
+        task: TaskId,
+        worker: NodeId,
+        fingerprint: String,
+        assigned_ms: u64,
+        deadline_ms: u64,
+    },
     /// `verdict` is set when the replica was judged in the same batch (see [`fold`]).
-    Reported { replica: ReplicaId, result: RunResult, reported_ms: u64, verdict: Option<Verdict> },
-    Phase { replica: ReplicaId, phase: ReplicaPhase },
-    Verdict { replica: ReplicaId, verdict: Verdict },
+    Reported {
+        replica: ReplicaId,
+        result: RunResult,
+        reported_ms: u64,
+        verdict: Option<Verdict>,
+    },
+    Phase {
+        replica: ReplicaId,
+        phase: ReplicaPhase,
+    },
+    Verdict {
+        replica: ReplicaId,
+        verdict: Verdict,
+    },
     /// Adaptive replication chose a quorum other than the job's for this task.
-    TaskQuorum { task: TaskId, quorum: u32 },
+    TaskQuorum {
+        task: TaskId,
+        quorum: u32,
+    },
     /// `output` is set when the output arrived in the same batch (see [`fold`]).
-    Decided { task: TaskId, decision: Decision, decided_ms: u64, output: Option<Output> },
-    TaskOutput { task: TaskId, output: Output },
+    Decided {
+        task: TaskId,
+        decision: Decision,
+        decided_ms: u64,
+        output: Option<Output>,
+    },
+    TaskOutput {
+        task: TaskId,
+        output: Output,
+    },
     Worker(WorkerRecord),
-    BlobLocation { blob: BlobId, worker: NodeId, present: bool },
-    PeerAddr { worker: NodeId, addr: Option<SocketAddr> },
+    BlobLocation {
+        blob: BlobId,
+        worker: NodeId,
+        present: bool,
+    },
+    PeerAddr {
+        worker: NodeId,
+        addr: Option<SocketAddr>,
+    },
 }
 
 /// Shrink a batch without changing its meaning, so a commit runs fewer statements: keep only
@@ -222,7 +279,8 @@ pub trait Store: Send {
     /// Apply a batch of mutations in one transaction.
     fn commit(&mut self, batch: &[Mutation]) -> Result<(), StoreError>;
     /// The results of a job's decided tasks (pending tasks are absent), with inline outputs.
-    fn task_results(&mut self, job: JobId) -> Result<Vec<(TaskResult, Option<Output>)>, StoreError>;
+    fn task_results(&mut self, job: JobId)
+        -> Result<Vec<(TaskResult, Option<Output>)>, StoreError>;
     /// Accepted tasks whose output is neither inline nor in the blob store yet.
     fn outputs_missing(&mut self) -> Result<Vec<(TaskId, RunResult, Vec<NodeId>)>, StoreError>;
 }

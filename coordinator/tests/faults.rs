@@ -30,9 +30,21 @@ struct JobSize {
 /// π(5·10⁹) = 234 954 223, π(10¹⁰) = 455 052 511.
 fn size(workers_default: usize, workers_full: usize) -> JobSize {
     if full() {
-        JobSize { workers: workers_full, tasks: 100, block: 100_000_000, primes: 455_052_511, label: "pi(1e10)" }
+        JobSize {
+            workers: workers_full,
+            tasks: 100,
+            block: 100_000_000,
+            primes: 455_052_511,
+            label: "pi(1e10)",
+        }
     } else {
-        JobSize { workers: workers_default, tasks: 40, block: 125_000_000, primes: 234_954_223, label: "pi(5e9)" }
+        JobSize {
+            workers: workers_default,
+            tasks: 40,
+            block: 125_000_000,
+            primes: 234_954_223,
+            label: "pi(5e9)",
+        }
     }
 }
 
@@ -42,7 +54,10 @@ fn bound() -> Duration {
 }
 
 fn seeded_rng(test: &str) -> rand::rngs::StdRng {
-    let seed = std::env::var("PEERGRID_FAULTS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random::<u64>);
+    let seed = std::env::var("PEERGRID_FAULTS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
     eprintln!("{test}: seed {seed} (rerun with PEERGRID_FAULTS_SEED={seed})");
     rand::rngs::StdRng::seed_from_u64(seed)
 }
@@ -74,14 +89,22 @@ struct Verdict {
 impl Verdict {
     fn of(c: &Cluster, id: u64) -> Verdict {
         let status = c.status();
-        let state = job_of(&status, id)["state"].as_str().unwrap_or("?").to_string();
+        let state = job_of(&status, id)["state"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string();
         let (sum, results) = c.results(id);
         let tasks = results["tasks"].as_array().unwrap();
         let accepted = tasks.iter().filter(|t| t["status"] == "accepted").count() as u64;
         let mut bad_quorum = 0;
         let mut agreeing = 0;
         for t in tasks {
-            let w: Vec<&str> = t["agreeing_workers"].as_array().unwrap().iter().filter_map(|x| x.as_str()).collect();
+            let w: Vec<&str> = t["agreeing_workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|x| x.as_str())
+                .collect();
             let mut d = w.clone();
             d.sort();
             d.dedup();
@@ -95,9 +118,25 @@ impl Verdict {
         let store_valid = per_task.values().sum();
         let store_credit = tasks
             .iter()
-            .map(|t| t["fuel_used"].as_f64().unwrap_or(0.0) * *per_task.get(&t["index"].as_u64().unwrap()).unwrap_or(&0) as f64 / 1e9)
+            .map(|t| {
+                t["fuel_used"].as_f64().unwrap_or(0.0)
+                    * *per_task.get(&t["index"].as_u64().unwrap()).unwrap_or(&0) as f64
+                    / 1e9
+            })
             .sum();
-        Verdict { state, accepted, sum, bad_quorum, valid, agreeing, credit, expected_credit, twice, store_valid, store_credit }
+        Verdict {
+            state,
+            accepted,
+            sum,
+            bad_quorum,
+            valid,
+            agreeing,
+            credit,
+            expected_credit,
+            twice,
+            store_valid,
+            store_credit,
+        }
     }
 
     /// Agreeing replicas reported after their task was decided (a reissued replica and the
@@ -110,11 +149,19 @@ impl Verdict {
     /// Credit as `status` reports it = fuel of every valid replica, each counted once; and
     /// `status`'s valid counts = the store's valid verdicts.
     fn credit_ok(&self) -> bool {
-        (self.credit - self.store_credit).abs() < 1e-6 && self.valid == self.store_valid && self.credit + 1e-6 >= self.expected_credit
+        (self.credit - self.store_credit).abs() < 1e-6
+            && self.valid == self.store_valid
+            && self.credit + 1e-6 >= self.expected_credit
     }
 
     fn ok(&self, s: &JobSize) -> bool {
-        self.state == "done" && self.accepted == s.tasks as u64 && self.sum == s.primes && self.bad_quorum == 0 && self.twice == 0 && self.late_valid() >= 0 && self.credit_ok()
+        self.state == "done"
+            && self.accepted == s.tasks as u64
+            && self.sum == s.primes
+            && self.bad_quorum == 0
+            && self.twice == 0
+            && self.late_valid() >= 0
+            && self.credit_ok()
     }
 
     fn assert_ok(&self, s: &JobSize, c: &Cluster) {
@@ -122,17 +169,43 @@ impl Verdict {
             c.dump_logs();
             // Keep the evidence (store, logs, results) for a post-mortem.
             let keep = std::env::temp_dir().join(format!("peergrid-faults-{}", std::process::id()));
-            let _ = std::process::Command::new("cp").arg("-a").arg(c.dir.path()).arg(&keep).status();
-            eprintln!("kept the cluster's data dirs and logs in {}", keep.display());
+            let _ = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(c.dir.path())
+                .arg(&keep)
+                .status();
+            eprintln!(
+                "kept the cluster's data dirs and logs in {}",
+                keep.display()
+            );
             per_worker_credit(c);
         }
         assert_eq!(self.state, "done", "{self:?}");
-        assert_eq!(self.accepted, s.tasks as u64, "every task accepted: {self:?}");
-        assert_eq!(self.sum, s.primes, "the right answer, {}: {self:?}", s.label);
-        assert_eq!(self.bad_quorum, 0, "every accepted task agreed by >= 2 distinct workers: {self:?}");
-        assert_eq!(self.twice, 0, "a worker was credited twice for one task: {self:?}");
-        assert!(self.valid >= self.agreeing, "an agreeing replica was not credited: {self:?}");
-        assert!(self.credit_ok(), "credit = fuel of the valid replicas / 1e9, status = store: {self:?}");
+        assert_eq!(
+            self.accepted, s.tasks as u64,
+            "every task accepted: {self:?}"
+        );
+        assert_eq!(
+            self.sum, s.primes,
+            "the right answer, {}: {self:?}",
+            s.label
+        );
+        assert_eq!(
+            self.bad_quorum, 0,
+            "every accepted task agreed by >= 2 distinct workers: {self:?}"
+        );
+        assert_eq!(
+            self.twice, 0,
+            "a worker was credited twice for one task: {self:?}"
+        );
+        assert!(
+            self.valid >= self.agreeing,
+            "an agreeing replica was not credited: {self:?}"
+        );
+        assert!(
+            self.credit_ok(),
+            "credit = fuel of the valid replicas / 1e9, status = store: {self:?}"
+        );
     }
 }
 
@@ -162,7 +235,9 @@ fn job_survives_kill9_of_30_percent_of_workers_throughout_without_losing_or_doub
         }
         // 30% of the workers, chosen at random, die at a random moment of their task.
         let mut slots: Vec<usize> = (0..s.workers).collect();
-        let victims: Vec<usize> = (0..per_round).map(|_| slots.swap_remove(rng.gen_range(0..slots.len()))).collect();
+        let victims: Vec<usize> = (0..per_round)
+            .map(|_| slots.swap_remove(rng.gen_range(0..slots.len())))
+            .collect();
         for &v in &victims {
             c.workers[v].kill9();
             kills += 1;
@@ -182,9 +257,18 @@ fn job_survives_kill9_of_30_percent_of_workers_throughout_without_losing_or_doub
         s.workers, s.tasks, v.state, v.accepted, s.tasks, v.sum, if v.sum == s.primes { "=" } else { "!=" }, s.label, kills,
         if went_back == 0 { "yes" } else { "NO" }, v.twice, v.late_valid(), v.credit_ok(), elapsed.as_secs_f64(), if met { "yes" } else { "no" }
     );
-    assert!(!stuck, "job still running after {elapsed:?}: a task is stuck");
-    assert_eq!(went_back, 0, "the accepted count went back: an accepted result was lost");
-    assert!(rounds >= 3, "only {rounds} kill rounds landed mid-job; make the job longer");
+    assert!(
+        !stuck,
+        "job still running after {elapsed:?}: a task is stuck"
+    );
+    assert_eq!(
+        went_back, 0,
+        "the accepted count went back: an accepted result was lost"
+    );
+    assert!(
+        rounds >= 3,
+        "only {rounds} kill rounds landed mid-job; make the job longer"
+    );
     v.assert_ok(&s, &c);
 }
 
@@ -202,17 +286,29 @@ fn job_survives_five_coordinator_kill9_and_restarts_without_losing_or_double_cre
     for k in 1..=5u64 {
         // Kill k lands once k/6 of the tasks are accepted: spread over the whole job.
         let threshold = total * k / 6;
-        let before = c.wait_until(&format!("{threshold} accepted tasks before kill {k}"), bound(), |st| {
-            let j = job_of(st, id);
-            j["tasks_done"].as_u64().unwrap() >= threshold || j["state"] != "running"
-        });
+        let before = c.wait_until(
+            &format!("{threshold} accepted tasks before kill {k}"),
+            bound(),
+            |st| {
+                let j = job_of(st, id);
+                j["tasks_done"].as_u64().unwrap() >= threshold || j["state"] != "running"
+            },
+        );
         let j = job_of(&before, id);
         if j["state"] != "running" {
             break;
         }
         let done_before = j["tasks_done"].as_u64().unwrap();
-        let credit_before: Vec<(String, u64)> = before["workers"].as_array().unwrap().iter()
-            .map(|w| (w["node_id"].as_str().unwrap().to_string(), w["valid"].as_u64().unwrap()))
+        let credit_before: Vec<(String, u64)> = before["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                (
+                    w["node_id"].as_str().unwrap().to_string(),
+                    w["valid"].as_u64().unwrap(),
+                )
+            })
             .collect();
         // Sometimes mid-commit, sometimes idle: a random extra moment before the kill.
         std::thread::sleep(secs(&mut rng, 0.0, 0.5));
@@ -234,12 +330,20 @@ fn job_survives_five_coordinator_kill9_and_restarts_without_losing_or_double_cre
         lost += done_before.saturating_sub(done_after);
         // Nobody's valid count went back either.
         for (node, valid) in &credit_before {
-            let now = after["workers"].as_array().unwrap().iter().find(|w| w["node_id"].as_str() == Some(node));
+            let now = after["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|w| w["node_id"].as_str() == Some(node));
             let now = now.map_or(0, |w| w["valid"].as_u64().unwrap());
             lost += valid.saturating_sub(now);
         }
     }
-    c.wait_until("the job to end", bound().saturating_sub(started.elapsed()), |st| job_of(st, id)["state"] != "running");
+    c.wait_until(
+        "the job to end",
+        bound().saturating_sub(started.elapsed()),
+        |st| job_of(st, id)["state"] != "running",
+    );
     let elapsed = started.elapsed();
     let v = Verdict::of(&c, id);
     let met = v.ok(&s) && lost == 0 && kills == 5;
@@ -248,23 +352,45 @@ fn job_survives_five_coordinator_kill9_and_restarts_without_losing_or_double_cre
         s.workers, s.tasks, v.state, v.accepted, s.tasks, v.sum, if v.sum == s.primes { "=" } else { "!=" }, s.label,
         kill_points, v.twice, v.late_valid(), v.credit_ok(), elapsed.as_secs_f64(), down.as_secs_f64(), if met { "yes" } else { "no" }
     );
-    assert_eq!(kills, 5, "the job ended before the fifth kill; make it longer");
-    assert_eq!(lost, 0, "accepted results or credit lost across a coordinator restart");
+    assert_eq!(
+        kills, 5,
+        "the job ended before the fifth kill; make it longer"
+    );
+    assert_eq!(
+        lost, 0,
+        "accepted results or credit lost across a coordinator restart"
+    );
     v.assert_ok(&s, &c);
 }
 
 /// Each worker's `valid` count beside the tasks whose agreeing workers name it.
 fn per_worker_credit(c: &Cluster) {
     let status = c.status();
-    let Some(id) = status["jobs"][0]["id"].as_u64() else { return };
+    let Some(id) = status["jobs"][0]["id"].as_u64() else {
+        return;
+    };
     let (_, results) = c.results(id);
     for w in status["workers"].as_array().unwrap() {
         let node = w["node_id"].as_str().unwrap_or_default();
-        let named: Vec<u64> = results["tasks"].as_array().unwrap().iter()
-            .filter(|t| t["agreeing_workers"].as_array().unwrap().iter().any(|x| x.as_str() == Some(node)))
+        let named: Vec<u64> = results["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| {
+                t["agreeing_workers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x.as_str() == Some(node))
+            })
             .map(|t| t["index"].as_u64().unwrap())
             .collect();
-        eprintln!("worker {node}: valid {} credit {}, named in {} accepted tasks", w["valid"], w["credit"], named.len());
+        eprintln!(
+            "worker {node}: valid {} credit {}, named in {} accepted tasks",
+            w["valid"],
+            w["credit"],
+            named.len()
+        );
     }
 }
 
@@ -273,7 +399,9 @@ fn per_worker_credit(c: &Cluster) {
 /// per task index of job `job`.
 fn store_verdicts(c: &Cluster, job: u64) -> (u64, std::collections::HashMap<u64, u64>) {
     let db = c.data().join("coordinator.db");
-    let conn = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("opening the coordinator's store");
+    let conn =
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .expect("opening the coordinator's store");
     let twice: i64 = conn
         .query_row(
             "SELECT COUNT(*) FROM (SELECT worker, idx FROM replicas WHERE job = ?1 AND verdict = 1 GROUP BY worker, idx HAVING COUNT(*) > 1)",
@@ -281,9 +409,13 @@ fn store_verdicts(c: &Cluster, job: u64) -> (u64, std::collections::HashMap<u64,
             |r| r.get(0),
         )
         .expect("reading replicas");
-    let mut st = conn.prepare("SELECT idx, COUNT(*) FROM replicas WHERE job = ?1 AND verdict = 1 GROUP BY idx").unwrap();
+    let mut st = conn
+        .prepare("SELECT idx, COUNT(*) FROM replicas WHERE job = ?1 AND verdict = 1 GROUP BY idx")
+        .unwrap();
     let per_task = st
-        .query_map([job as i64], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))
+        .query_map([job as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+        })
         .unwrap()
         .map(|r| r.unwrap())
         .collect();

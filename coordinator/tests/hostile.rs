@@ -22,7 +22,10 @@ use tasks::{BlobId, EngineFingerprint, JobSpec, NodeKey, RunResult, Status, Tick
 const PATIENCE: Duration = Duration::from_secs(10);
 
 fn fault(scenario: &str, figures: &str, target: &str, met: bool) {
-    println!("FAULT|hostile|{scenario}|{figures}|{target}|{}", if met { "yes" } else { "no" });
+    println!(
+        "FAULT|hostile|{scenario}|{figures}|{target}|{}",
+        if met { "yes" } else { "no" }
+    );
 }
 
 /// A worker speaking `peergrid/coord/1` by hand.
@@ -40,17 +43,35 @@ impl SimWorker {
         let ep = net::endpoint(&key, "127.0.0.1:0".parse()?, &[ALPN_BLOB])?;
         let conn = net::connect(&ep, ticket.socket_addrs()?[0], ticket.node_id, ALPN_COORD).await?;
         let (mut send, mut recv) = conn.open_bi().await?;
-        let fingerprint = EngineFingerprint { engine: "sim".into(), arch: "x86_64-linux".into(), settings: "det".into() };
-        let hello = WorkerMsg::Hello { agent: "hostile-test".into(), fingerprint, slots: 2, peer_addr: Some(ep.local_addr()?), blobs };
+        let fingerprint = EngineFingerprint {
+            engine: "sim".into(),
+            arch: "x86_64-linux".into(),
+            settings: "det".into(),
+        };
+        let hello = WorkerMsg::Hello {
+            agent: "hostile-test".into(),
+            fingerprint,
+            slots: 2,
+            peer_addr: Some(ep.local_addr()?),
+            blobs,
+        };
         net::write_frame(&mut send, &hello).await?;
         let welcome: CoordMsg = net::read_frame(&mut recv).await?.context("no welcome")?;
         anyhow::ensure!(matches!(welcome, CoordMsg::Welcome { .. }), "{welcome:?}");
-        Ok(SimWorker { key, _ep: ep, conn, send, recv })
+        Ok(SimWorker {
+            key,
+            _ep: ep,
+            conn,
+            send,
+            recv,
+        })
     }
 
     async fn recv(&mut self) -> anyhow::Result<CoordMsg> {
         loop {
-            let m = tokio::time::timeout(PATIENCE, net::read_frame::<CoordMsg>(&mut self.recv)).await??.context("stream ended")?;
+            let m = tokio::time::timeout(PATIENCE, net::read_frame::<CoordMsg>(&mut self.recv))
+                .await??
+                .context("stream ended")?;
             if !matches!(m, CoordMsg::Cancel { .. }) {
                 return Ok(m);
             }
@@ -66,8 +87,20 @@ impl SimWorker {
     }
 
     async fn report(&mut self, replica: u64, out: &[u8]) -> anyhow::Result<CoordMsg> {
-        let result = RunResult { status: Status::Ok, exit_code: 0, trap: String::new(), fuel_used: 1000, output_hash: BlobId::of(out), output_len: out.len() as u64 };
-        let report = wire::Report { replica, result, output: Some(out.to_vec()), wall_ms: 1 };
+        let result = RunResult {
+            status: Status::Ok,
+            exit_code: 0,
+            trap: String::new(),
+            fuel_used: 1000,
+            output_hash: BlobId::of(out),
+            output_len: out.len() as u64,
+        };
+        let report = wire::Report {
+            replica,
+            result,
+            output: Some(out.to_vec()),
+            wall_ms: 1,
+        };
         net::write_frame(&mut self.send, &WorkerMsg::Report(report)).await?;
         self.recv().await
     }
@@ -75,18 +108,39 @@ impl SimWorker {
 
 /// Open a fresh connection on `alpn`, send `bytes` on a new stream (after `hello` on the
 /// coordinator ALPN), and wait for the coordinator to close the connection.
-async fn hostile_conn(ticket: &Ticket, alpn: &[u8], hello: bool, bytes: &[u8]) -> anyhow::Result<Option<CloseCode>> {
+async fn hostile_conn(
+    ticket: &Ticket,
+    alpn: &[u8],
+    hello: bool,
+    bytes: &[u8],
+) -> anyhow::Result<Option<CloseCode>> {
     let key = NodeKey::generate();
     let ep = net::endpoint(&key, "127.0.0.1:0".parse()?, &[])?;
     let conn = net::connect(&ep, ticket.socket_addrs()?[0], ticket.node_id, alpn).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     if hello {
-        let fingerprint = EngineFingerprint { engine: "sim".into(), arch: "x".into(), settings: "s".into() };
-        net::write_frame(&mut send, &WorkerMsg::Hello { agent: "garbage".into(), fingerprint, slots: 1, peer_addr: None, blobs: vec![] }).await?;
+        let fingerprint = EngineFingerprint {
+            engine: "sim".into(),
+            arch: "x".into(),
+            settings: "s".into(),
+        };
+        net::write_frame(
+            &mut send,
+            &WorkerMsg::Hello {
+                agent: "garbage".into(),
+                fingerprint,
+                slots: 1,
+                peer_addr: None,
+                blobs: vec![],
+            },
+        )
+        .await?;
         let _: Option<CoordMsg> = net::read_frame(&mut recv).await?;
     }
     send.write_all(bytes).await?;
-    let err = tokio::time::timeout(PATIENCE, conn.closed()).await.context("the coordinator did not close the hostile connection")?;
+    let err = tokio::time::timeout(PATIENCE, conn.closed())
+        .await
+        .context("the coordinator did not close the hostile connection")?;
     Ok(net::close_code_of(&err))
 }
 
@@ -102,7 +156,11 @@ fn job(dir: &std::path::Path, n: usize) -> anyhow::Result<JobSpec> {
 fn log_lines(read: impl Fn() -> String, needle: &str) -> Vec<String> {
     let t0 = Instant::now();
     loop {
-        let lines: Vec<String> = read().lines().filter(|l| l.contains(needle)).map(str::to_string).collect();
+        let lines: Vec<String> = read()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_string)
+            .collect();
         if !lines.is_empty() || t0.elapsed() > PATIENCE {
             return lines;
         }
@@ -111,7 +169,8 @@ fn log_lines(read: impl Fn() -> String, needle: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn garbage_and_oversized_frames_on_every_alpn_close_only_that_connection() -> anyhow::Result<()> {
+async fn garbage_and_oversized_frames_on_every_alpn_close_only_that_connection(
+) -> anyhow::Result<()> {
     let c = Cluster::start(0);
     let ticket: Ticket = c.ticket.parse()?;
     let jobdir = tempfile::tempdir()?;
@@ -123,14 +182,62 @@ async fn garbage_and_oversized_frames_on_every_alpn_close_only_that_connection()
     let huge = u32::MAX.to_be_bytes();
     // (scenario, alpn, hello first, bytes, expected close code)
     let cases: Vec<(&str, &[u8], bool, &[u8], CloseCode)> = vec![
-        ("coord: garbage instead of Hello", ALPN_COORD, false, garbage, CloseCode::Protocol),
-        ("coord: garbage after Hello", ALPN_COORD, true, garbage, CloseCode::Protocol),
-        ("coord: MAX_FRAME+1 prefix", ALPN_COORD, true, &oversized, CloseCode::FrameTooLarge),
-        ("coord: 4 GiB prefix instead of Hello", ALPN_COORD, false, &huge, CloseCode::FrameTooLarge),
-        ("submit: garbage", ALPN_SUBMIT, false, garbage, CloseCode::Protocol),
-        ("submit: MAX_FRAME+1 prefix", ALPN_SUBMIT, false, &oversized, CloseCode::FrameTooLarge),
-        ("blob: garbage", ALPN_BLOB, false, garbage, CloseCode::Protocol),
-        ("blob: 4 GiB prefix", ALPN_BLOB, false, &huge, CloseCode::FrameTooLarge),
+        (
+            "coord: garbage instead of Hello",
+            ALPN_COORD,
+            false,
+            garbage,
+            CloseCode::Protocol,
+        ),
+        (
+            "coord: garbage after Hello",
+            ALPN_COORD,
+            true,
+            garbage,
+            CloseCode::Protocol,
+        ),
+        (
+            "coord: MAX_FRAME+1 prefix",
+            ALPN_COORD,
+            true,
+            &oversized,
+            CloseCode::FrameTooLarge,
+        ),
+        (
+            "coord: 4 GiB prefix instead of Hello",
+            ALPN_COORD,
+            false,
+            &huge,
+            CloseCode::FrameTooLarge,
+        ),
+        (
+            "submit: garbage",
+            ALPN_SUBMIT,
+            false,
+            garbage,
+            CloseCode::Protocol,
+        ),
+        (
+            "submit: MAX_FRAME+1 prefix",
+            ALPN_SUBMIT,
+            false,
+            &oversized,
+            CloseCode::FrameTooLarge,
+        ),
+        (
+            "blob: garbage",
+            ALPN_BLOB,
+            false,
+            garbage,
+            CloseCode::Protocol,
+        ),
+        (
+            "blob: 4 GiB prefix",
+            ALPN_BLOB,
+            false,
+            &huge,
+            CloseCode::FrameTooLarge,
+        ),
     ];
     let mut right = 0;
     let mut seen = Vec::new();
@@ -141,14 +248,25 @@ async fn garbage_and_oversized_frames_on_every_alpn_close_only_that_connection()
         }
         seen.push(format!("{name}: {got:?}"));
         // Between hostile connections, the well-behaved worker and submitter carry on.
-        assert_eq!(good.request(1).await?.len(), 1, "the good worker still gets work after '{name}'");
-        assert!(client.status(Some(job_id)).await.is_ok(), "the submitter still works after '{name}'");
+        assert_eq!(
+            good.request(1).await?.len(),
+            1,
+            "the good worker still gets work after '{name}'"
+        );
+        assert!(
+            client.status(Some(job_id)).await.is_ok(),
+            "the submitter still works after '{name}'"
+        );
     }
     // The good worker's session survived everything: report what it was given.
     let mut work = Vec::new();
     work.extend(good.request(8).await?);
     let coordinator_alive = c.try_status().is_some();
-    let lines = c.coordinator_logs().lines().filter(|l| l.contains("bad frame")).count();
+    let lines = c
+        .coordinator_logs()
+        .lines()
+        .filter(|l| l.contains("bad frame"))
+        .count();
     let met = right == cases.len() && coordinator_alive;
     fault(
         "garbage and oversized frames from a connected peer, on the coordinator's coord, submit and blob ALPNs (8 connections)",
@@ -163,7 +281,8 @@ async fn garbage_and_oversized_frames_on_every_alpn_close_only_that_connection()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unassigned_report_wrong_token_and_wrong_key_are_refused_with_one_clear_log_line() -> anyhow::Result<()> {
+async fn unassigned_report_wrong_token_and_wrong_key_are_refused_with_one_clear_log_line(
+) -> anyhow::Result<()> {
     let c = Cluster::start(0);
     let ticket: Ticket = c.ticket.parse()?;
     let jobdir = tempfile::tempdir()?;
@@ -177,11 +296,15 @@ async fn unassigned_report_wrong_token_and_wrong_key_are_refused_with_one_clear_
     let replica = given[0].replica;
     let stolen = thief.report(replica, b"x").await?;
     let unknown = thief.report(987_654, b"x").await?;
-    let refused = matches!(stolen, CoordMsg::Rejected { replica: Some(r), .. } if r == replica) && matches!(unknown, CoordMsg::Rejected { .. });
+    let refused = matches!(stolen, CoordMsg::Rejected { replica: Some(r), .. } if r == replica)
+        && matches!(unknown, CoordMsg::Rejected { .. });
     let thief_id = thief.key.node_id().short();
     let lines = log_lines(|| c.coordinator_logs(), "report rejected");
-    let clear = lines.iter().any(|l| l.contains("WARN") && l.contains(&format!("replica {replica} is not assigned to this worker")) && l.contains(&thief_id))
-        && lines.iter().any(|l| l.contains("unknown replica 987654"));
+    let clear = lines.iter().any(|l| {
+        l.contains("WARN")
+            && l.contains(&format!("replica {replica} is not assigned to this worker"))
+            && l.contains(&thief_id)
+    }) && lines.iter().any(|l| l.contains("unknown replica 987654"));
     // ... and the rightful owner's report still counts.
     let owner_ok = matches!(owner.report(replica, b"x").await?, CoordMsg::Ack { .. });
     fault(
@@ -191,7 +314,10 @@ async fn unassigned_report_wrong_token_and_wrong_key_are_refused_with_one_clear_
         refused && owner_ok && clear,
     );
     assert!(refused && owner_ok, "{stolen:?} / {unknown:?}");
-    assert!(clear, "no clear 'report rejected' line naming the replica and the worker: {lines:?}");
+    assert!(
+        clear,
+        "no clear 'report rejected' line naming the replica and the worker: {lines:?}"
+    );
 
     // 2. A submitter without the token.
     let err = Client::connect(&ticket, "not-the-token").await.err();
@@ -206,18 +332,35 @@ async fn unassigned_report_wrong_token_and_wrong_key_are_refused_with_one_clear_
         unauthorized && clear && !user_msg.contains('\n'),
     );
     assert!(unauthorized, "{user_msg}");
-    assert!(clear, "want one WARN line about the wrong token with the address: {lines:?}");
+    assert!(
+        clear,
+        "want one WARN line about the wrong token with the address: {lines:?}"
+    );
 
     // 3. A peer presenting the wrong key: the ticket pins another node id. Both the worker
     // daemon and the submitter refuse the connection and say why.
     let impostor = Ticket::new(NodeKey::generate().node_id(), ticket.addr.clone());
-    let err = Client::connect(&impostor, &c.token).await.err().map(|e| e.to_string()).unwrap_or_default();
-    let client_clear = err.contains("not the one we expected") && err.contains(&c.ticket[10..74]) && !err.contains('\n');
+    let err = Client::connect(&impostor, &c.token)
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    let client_clear = err.contains("not the one we expected")
+        && err.contains(&c.ticket[10..74])
+        && !err.contains('\n');
     let wdir = c.dir.path().join("impostor-worker");
     let log = c.dir.path().join("impostor-worker.log");
     let mut w = common::Proc {
         child: std::process::Command::new(worker_bin())
-            .args(["join", &impostor.to_string(), "--slots", "1", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "join",
+                &impostor.to_string(),
+                "--slots",
+                "1",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(&wdir)
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::null())
@@ -225,9 +368,14 @@ async fn unassigned_report_wrong_token_and_wrong_key_are_refused_with_one_clear_
             .spawn()?,
         name: "impostor-worker".into(),
     };
-    let lines = log_lines(|| std::fs::read_to_string(&log).unwrap_or_default(), "not the one we expected");
+    let lines = log_lines(
+        || std::fs::read_to_string(&log).unwrap_or_default(),
+        "not the one we expected",
+    );
     w.kill9();
-    let worker_clear = lines.len() == 1 && lines[0].contains("WARN") && lines[0].contains(&impostor.node_id.to_string());
+    let worker_clear = lines.len() == 1
+        && lines[0].contains("WARN")
+        && lines[0].contains(&impostor.node_id.to_string());
     // The coordinator is unharmed and never counted the refused daemon as a worker.
     let st = client.status(None).await?;
     let workers = st.workers.len();
@@ -238,7 +386,10 @@ async fn unassigned_report_wrong_token_and_wrong_key_are_refused_with_one_clear_
         worker_clear && client_clear && workers == 2,
     );
     assert!(client_clear, "{err}");
-    assert!(worker_clear, "want exactly one WARN line naming the pinned node id: {lines:?}");
+    assert!(
+        worker_clear,
+        "want exactly one WARN line naming the pinned node id: {lines:?}"
+    );
     assert_eq!(workers, 2);
     client.close().await;
     Ok(())
@@ -278,14 +429,26 @@ async fn peer_reported_for_bad_data_is_no_longer_handed_out_for_that_blob() -> a
     let poisoner = SimWorker::join(&ticket, vec![module]).await?;
     let mut a = SimWorker::join(&ticket, vec![]).await?;
     let before = a.request(1).await?;
-    let listed_before = before[0].peers.iter().any(|p| p.node_id == poisoner.key.node_id());
+    let listed_before = before[0]
+        .peers
+        .iter()
+        .any(|p| p.node_id == poisoner.key.node_id());
     // A fetches from it, the chunks fail verification, A reports it.
-    net::write_frame(&mut a.send, &WorkerMsg::BadPeer { peer: poisoner.key.node_id(), blob: module }).await?;
+    net::write_frame(
+        &mut a.send,
+        &WorkerMsg::BadPeer {
+            peer: poisoner.key.node_id(),
+            blob: module,
+        },
+    )
+    .await?;
     let lines = log_lines(|| c.coordinator_logs(), "peer serving bad data");
     // Other workers are no longer pointed at it (it is still connected).
     let mut b = SimWorker::join(&ticket, vec![]).await?;
     let after = b.request(2).await?;
-    let listed_after = after.iter().any(|x| x.peers.iter().any(|p| p.node_id == poisoner.key.node_id()));
+    let listed_after = after
+        .iter()
+        .any(|x| x.peers.iter().any(|p| p.node_id == poisoner.key.node_id()));
     let still_connected = poisoner.conn.close_reason().is_none();
     let met = listed_before && !listed_after && !lines.is_empty();
     fault(
@@ -294,7 +457,11 @@ async fn peer_reported_for_bad_data_is_no_longer_handed_out_for_that_blob() -> a
         "corrupter no longer handed out for that blob",
         met,
     );
-    assert!(listed_before, "the poisoner was never listed: {:?}", before[0].peers);
+    assert!(
+        listed_before,
+        "the poisoner was never listed: {:?}",
+        before[0].peers
+    );
     assert!(!listed_after, "the reported peer is still handed out");
     assert!(!lines.is_empty(), "no log line about the bad peer");
     client.close().await;

@@ -52,20 +52,39 @@ impl SimWorker {
         let ep = net::endpoint(&NodeKey::generate(), "127.0.0.1:0".parse()?, &[])?;
         let conn = net::connect(&ep, ticket.socket_addrs()?[0], ticket.node_id, ALPN_COORD).await?;
         let (mut send, mut recv) = conn.open_bi().await?;
-        let fingerprint = EngineFingerprint { engine: "wasmtime test".into(), arch: "x86_64-linux".into(), settings: "det".into() };
-        let hello = WorkerMsg::Hello { agent: "sim".into(), fingerprint, slots: 4, peer_addr: None, blobs: vec![] };
+        let fingerprint = EngineFingerprint {
+            engine: "wasmtime test".into(),
+            arch: "x86_64-linux".into(),
+            settings: "det".into(),
+        };
+        let hello = WorkerMsg::Hello {
+            agent: "sim".into(),
+            fingerprint,
+            slots: 4,
+            peer_addr: None,
+            blobs: vec![],
+        };
         net::write_frame(&mut send, &hello).await?;
         let welcome: CoordMsg = net::read_frame(&mut recv).await?.context("no welcome")?;
-        anyhow::ensure!(matches!(welcome, CoordMsg::Welcome { .. }), "expected Welcome, got {welcome:?}");
-        Ok(SimWorker { _ep: ep, _conn: conn, send, recv })
+        anyhow::ensure!(
+            matches!(welcome, CoordMsg::Welcome { .. }),
+            "expected Welcome, got {welcome:?}"
+        );
+        Ok(SimWorker {
+            _ep: ep,
+            _conn: conn,
+            send,
+            recv,
+        })
     }
 
     async fn recv(&mut self) -> anyhow::Result<CoordMsg> {
         loop {
-            let m: CoordMsg = tokio::time::timeout(Duration::from_secs(10), net::read_frame(&mut self.recv))
-                .await
-                .context("timed out waiting for the coordinator")??
-                .context("stream ended")?;
+            let m: CoordMsg =
+                tokio::time::timeout(Duration::from_secs(10), net::read_frame(&mut self.recv))
+                    .await
+                    .context("timed out waiting for the coordinator")??
+                    .context("stream ended")?;
             if !matches!(m, CoordMsg::Cancel { .. }) {
                 return Ok(m);
             }
@@ -74,7 +93,9 @@ impl SimWorker {
 
     async fn work(&mut self, max: u32) -> anyhow::Result<Vec<Assignment>> {
         net::write_frame(&mut self.send, &WorkerMsg::RequestWork { max }).await?;
-        let CoordMsg::Assign { assignments, .. } = self.recv().await? else { anyhow::bail!("expected Assign") };
+        let CoordMsg::Assign { assignments, .. } = self.recv().await? else {
+            anyhow::bail!("expected Assign")
+        };
         for a in &assignments {
             let out = output_for(a);
             let result = RunResult {
@@ -85,10 +106,18 @@ impl SimWorker {
                 output_hash: BlobId::of(&out),
                 output_len: out.len() as u64,
             };
-            let report = wire::Report { replica: a.replica, result, output: Some(out), wall_ms: 1 };
+            let report = wire::Report {
+                replica: a.replica,
+                result,
+                output: Some(out),
+                wall_ms: 1,
+            };
             net::write_frame(&mut self.send, &WorkerMsg::Report(report)).await?;
             let ack = self.recv().await?;
-            anyhow::ensure!(matches!(ack, CoordMsg::Ack { .. }), "expected Ack, got {ack:?}");
+            anyhow::ensure!(
+                matches!(ack, CoordMsg::Ack { .. }),
+                "expected Ack, got {ack:?}"
+            );
         }
         Ok(assignments)
     }
@@ -96,25 +125,47 @@ impl SimWorker {
 
 /// One `GET` over a fresh connection: (status code, content type, body).
 async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String, String)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await.context("HTTP response timed out")??;
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .context("HTTP response timed out")??;
     let raw = String::from_utf8(raw)?;
     let (head, body) = raw.split_once("\r\n\r\n").context("no end of headers")?;
     let status = head.split(' ').nth(1).context("no status code")?.parse()?;
     let ctype = head
         .lines()
-        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-type")).map(|(_, v)| v.trim().to_string()))
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                .map(|(_, v)| v.trim().to_string())
+        })
         .unwrap_or_default();
-    anyhow::ensure!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "unexpected chunked body");
+    anyhow::ensure!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "unexpected chunked body"
+    );
     Ok((status, ctype, body.to_string()))
 }
 
 async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Value)> {
     let (code, ctype, body) = get(addr, path).await?;
-    anyhow::ensure!(ctype.starts_with("application/json"), "{path}: content type {ctype:?}");
-    Ok((code, serde_json::from_str(&body).with_context(|| format!("{path}: not JSON: {body}"))?))
+    anyhow::ensure!(
+        ctype.starts_with("application/json"),
+        "{path}: content type {ctype:?}"
+    );
+    Ok((
+        code,
+        serde_json::from_str(&body).with_context(|| format!("{path}: not JSON: {body}"))?,
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,7 +173,9 @@ async fn http_status_api_mirrors_status_json_and_results_without_outputs() -> an
     let data = tempfile::tempdir()?;
     let jobdir = tempfile::tempdir()?;
     let coord = start(data.path(), "127.0.0.1:0".parse()?).await?;
-    let http = coord.http_addr.context("http_addr is set when http was asked for")?;
+    let http = coord
+        .http_addr
+        .context("http_addr is set when http was asked for")?;
     assert_ne!(http.port(), 0);
 
     let (code, _, body) = get(http, "/health").await?;
@@ -141,20 +194,33 @@ async fn http_status_api_mirrors_status_json_and_results_without_outputs() -> an
     let (code, st) = get_json(http, "/status").await?;
     assert_eq!(code, 200);
     let via_quic = client.status(None).await?;
-    assert_eq!(serde_json::from_value::<wire::StatusReport>(st.clone())?.jobs, via_quic.jobs);
+    assert_eq!(
+        serde_json::from_value::<wire::StatusReport>(st.clone())?.jobs,
+        via_quic.jobs
+    );
     assert!(st["coordinator_bytes_sent"].is_u64());
     let jobs = st["jobs"].as_array().context("jobs")?;
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0]["id"], job.0);
     assert_eq!(jobs[0]["name"], "httpjob");
     assert_eq!(jobs[0]["state"], "done");
-    assert_eq!((jobs[0]["tasks_total"].as_u64(), jobs[0]["tasks_done"].as_u64(), jobs[0]["tasks_failed"].as_u64()), (Some(3), Some(3), Some(0)));
+    assert_eq!(
+        (
+            jobs[0]["tasks_total"].as_u64(),
+            jobs[0]["tasks_done"].as_u64(),
+            jobs[0]["tasks_failed"].as_u64()
+        ),
+        (Some(3), Some(3), Some(0))
+    );
     let workers = st["workers"].as_array().context("workers")?;
     assert_eq!(workers.len(), 2);
     let fuel: u64 = wa.iter().map(fuel_for).sum();
     for w in workers {
         assert_eq!(w["connected"], true);
-        assert_eq!((w["valid"].as_u64(), w["invalid"].as_u64()), (Some(3), Some(0)));
+        assert_eq!(
+            (w["valid"].as_u64(), w["invalid"].as_u64()),
+            (Some(3), Some(0))
+        );
         assert!((w["credit"].as_f64().context("credit")? - fuel as f64 / 1e9).abs() < 1e-12);
         assert!(w["node_id"].is_string());
     }
@@ -173,7 +239,10 @@ async fn http_status_api_mirrors_status_json_and_results_without_outputs() -> an
     assert_eq!(tasks.len(), 3);
     for t in tasks {
         let idx = t["index"].as_u64().context("index")? as u32;
-        let a = wa.iter().find(|x| x.task.id.index == idx).context("task was assigned")?;
+        let a = wa
+            .iter()
+            .find(|x| x.task.id.index == idx)
+            .context("task was assigned")?;
         assert_eq!(t["status"], "accepted");
         assert_eq!(t["output_hash"], BlobId::of(&output_for(a)).to_string());
         assert_eq!(t["fuel_used"].as_u64(), Some(fuel_for(a)));
@@ -184,7 +253,10 @@ async fn http_status_api_mirrors_status_json_and_results_without_outputs() -> an
     // Unknown and malformed ids, unknown routes: JSON error one-liners.
     let (code, e) = get_json(http, "/jobs/999999").await?;
     assert_eq!(code, 404);
-    assert!(e["error"].as_str().is_some_and(|m| m.contains("999999")), "{e}");
+    assert!(
+        e["error"].as_str().is_some_and(|m| m.contains("999999")),
+        "{e}"
+    );
     let (code, _) = get_json(http, "/jobs/999999/results").await?;
     assert_eq!(code, 404);
     let (code, e) = get_json(http, "/jobs/abc").await?;
@@ -199,13 +271,23 @@ async fn http_status_api_mirrors_status_json_and_results_without_outputs() -> an
     let (code, ctype, page) = get(http, "/").await?;
     assert_eq!(code, 200);
     assert!(ctype.starts_with("text/html"), "{ctype}");
-    assert!(page.contains("httpjob") && page.contains(&format!("/jobs/{job}/results")) && page.contains("/status"));
-    assert!(via_quic.workers.iter().all(|w| page.contains(&w.node_id.to_string())));
+    assert!(
+        page.contains("httpjob")
+            && page.contains(&format!("/jobs/{job}/results"))
+            && page.contains("/status")
+    );
+    assert!(via_quic
+        .workers
+        .iter()
+        .all(|w| page.contains(&w.node_id.to_string())));
 
     // It stops with the coordinator.
     client.close().await;
     coord.shutdown().await?;
-    assert!(tokio::net::TcpStream::connect(http).await.is_err(), "HTTP still accepting after shutdown");
+    assert!(
+        tokio::net::TcpStream::connect(http).await.is_err(),
+        "HTTP still accepting after shutdown"
+    );
     Ok(())
 }
 
@@ -214,9 +296,16 @@ async fn http_address_in_use_fails_start_with_one_line() -> anyhow::Result<()> {
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = taken.local_addr()?;
     let data = tempfile::tempdir()?;
-    let err = start(data.path(), addr).await.expect_err("the port is taken");
+    let err = start(data.path(), addr)
+        .await
+        .expect_err("the port is taken");
     let msg = format!("{err:#}");
-    assert!(msg.starts_with(&format!("cannot bind --http {addr}: address already in use")), "{msg}");
+    assert!(
+        msg.starts_with(&format!(
+            "cannot bind --http {addr}: address already in use"
+        )),
+        "{msg}"
+    );
     assert!(!msg.contains('\n'), "{msg}");
     Ok(())
 }

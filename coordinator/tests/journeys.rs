@@ -19,7 +19,11 @@ fn scientist_runs_primes_to_1e7_on_three_worker_processes_and_gets_664579() {
     if !out.status.success() {
         c.dump_logs();
     }
-    assert!(out.status.success(), "submit --wait failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "submit --wait failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     assert_eq!(last["state"], "done");
@@ -40,20 +44,43 @@ fn scientist_runs_primes_to_1e7_on_three_worker_processes_and_gets_664579() {
     let valid: u64 = workers.iter().map(|w| w["valid"].as_u64().unwrap()).sum();
     assert_eq!(valid, agreeing, "valid replicas counted once each");
     let credit: f64 = workers.iter().map(|w| w["credit"].as_f64().unwrap()).sum();
-    let expected: f64 = results["tasks"].as_array().unwrap().iter()
-        .map(|t| t["fuel_used"].as_f64().unwrap() * t["agreeing_workers"].as_array().unwrap().len() as f64 / 1e9)
+    let expected: f64 = results["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            t["fuel_used"].as_f64().unwrap()
+                * t["agreeing_workers"].as_array().unwrap().len() as f64
+                / 1e9
+        })
         .sum();
-    assert!((credit - expected).abs() < 1e-6, "credit {credit} != valid fuel {expected}");
+    assert!(
+        (credit - expected).abs() < 1e-6,
+        "credit {credit} != valid fuel {expected}"
+    );
 
     // Helpful errors: a wrong token and an unknown job.
     let mut bad = Command::new(coordinator_bin());
     bad.args(["status", "--to", &c.ticket, "--token", "wrong"]);
     let out = bad.output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("token"), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = c.cli(&["results", "999", "--out", c.dir.path().join("nope").to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = c.cli(&[
+        "results",
+        "999",
+        "--out",
+        c.dir.path().join("nope").to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("999"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("999"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -61,12 +88,20 @@ fn job_completes_when_a_worker_is_killed_with_sigkill_mid_job() {
     let mut c = Cluster::start(3);
     let job = c.primes_job(20, 5_000_000, 10);
     let id = c.submit(&job);
-    let s = c.wait_until("the first accepted result", Duration::from_secs(120), |s| job_of(s, id)["tasks_done"].as_u64().unwrap() >= 1);
-    assert_eq!(job_of(&s, id)["state"], "running", "the kill must land mid-job");
+    let s = c.wait_until("the first accepted result", Duration::from_secs(120), |s| {
+        job_of(s, id)["tasks_done"].as_u64().unwrap() >= 1
+    });
+    assert_eq!(
+        job_of(&s, id)["state"],
+        "running",
+        "the kill must land mid-job"
+    );
     let victim = &mut c.workers[0];
     eprintln!("killing {}", victim.name);
     victim.kill9();
-    let s = c.wait_until("the job to end", Duration::from_secs(240), |s| job_of(s, id)["state"] != "running");
+    let s = c.wait_until("the job to end", Duration::from_secs(240), |s| {
+        job_of(s, id)["state"] != "running"
+    });
     assert_eq!(job_of(&s, id)["state"], "done", "{s}");
     let (sum, results) = c.results(id);
     assert_eq!(sum, 5_761_455, "primes below 10^8");
@@ -78,28 +113,54 @@ fn job_completes_without_losing_or_double_crediting_results_across_coordinator_k
     let mut c = Cluster::start(3);
     let job = c.primes_job(20, 5_000_000, 30);
     let id = c.submit(&job);
-    let before = c.wait_until("some accepted results", Duration::from_secs(120), |s| job_of(s, id)["tasks_done"].as_u64().unwrap() >= 2);
+    let before = c.wait_until("some accepted results", Duration::from_secs(120), |s| {
+        job_of(s, id)["tasks_done"].as_u64().unwrap() >= 2
+    });
     let done_before = job_of(&before, id)["tasks_done"].as_u64().unwrap();
-    assert_eq!(job_of(&before, id)["state"], "running", "the kill must land mid-job");
+    assert_eq!(
+        job_of(&before, id)["state"],
+        "running",
+        "the kill must land mid-job"
+    );
     c.coord.as_mut().unwrap().kill9();
     std::thread::sleep(Duration::from_millis(500));
     c.start_coordinator();
     // Nothing accepted before the crash is lost.
     let after = c.status();
-    assert!(job_of(&after, id)["tasks_done"].as_u64().unwrap() >= done_before, "accepted results lost: {before} vs {after}");
-    let s = c.wait_until("the job to end after the restart", Duration::from_secs(240), |s| job_of(s, id)["state"] != "running");
+    assert!(
+        job_of(&after, id)["tasks_done"].as_u64().unwrap() >= done_before,
+        "accepted results lost: {before} vs {after}"
+    );
+    let s = c.wait_until(
+        "the job to end after the restart",
+        Duration::from_secs(240),
+        |s| job_of(s, id)["state"] != "running",
+    );
     assert_eq!(job_of(&s, id)["state"], "done", "{s}");
     let (sum, results) = c.results(id);
     assert_eq!(sum, 5_761_455, "primes below 10^8");
     let agreeing = check_quorum(&results, 20);
     let workers = s["workers"].as_array().unwrap();
     let valid: u64 = workers.iter().map(|w| w["valid"].as_u64().unwrap()).sum();
-    assert_eq!(valid, agreeing, "each agreeing replica credited exactly once");
+    assert_eq!(
+        valid, agreeing,
+        "each agreeing replica credited exactly once"
+    );
     let credit: f64 = workers.iter().map(|w| w["credit"].as_f64().unwrap()).sum();
-    let expected: f64 = results["tasks"].as_array().unwrap().iter()
-        .map(|t| t["fuel_used"].as_f64().unwrap() * t["agreeing_workers"].as_array().unwrap().len() as f64 / 1e9)
+    let expected: f64 = results["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            t["fuel_used"].as_f64().unwrap()
+                * t["agreeing_workers"].as_array().unwrap().len() as f64
+                / 1e9
+        })
         .sum();
-    assert!((credit - expected).abs() < 1e-6, "credit {credit} != valid fuel {expected}: something was credited twice or lost");
+    assert!(
+        (credit - expected).abs() < 1e-6,
+        "credit {credit} != valid fuel {expected}: something was credited twice or lost"
+    );
 }
 
 #[test]
@@ -139,7 +200,9 @@ fn worker_killed_with_sigkill_reports_results_it_finished_while_the_coordinator_
     c.workers[0].kill9();
     c.start_coordinator();
     c.start_worker(0);
-    let s = c.wait_until("the job to end", Duration::from_secs(240), |s| job_of(s, id)["state"] != "running");
+    let s = c.wait_until("the job to end", Duration::from_secs(240), |s| {
+        job_of(s, id)["state"] != "running"
+    });
     assert_eq!(job_of(&s, id)["state"], "done", "{s}");
     let (sum, results) = c.results(id);
     assert_eq!(sum, 50_847_534, "primes below 10^9");
@@ -147,26 +210,53 @@ fn worker_killed_with_sigkill_reports_results_it_finished_while_the_coordinator_
     // Everything saved was delivered and acknowledged: the outbox drains.
     let t0 = Instant::now();
     while !saved_reports(&outbox).is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "saved reports were never acknowledged");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "saved reports were never acknowledged"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // And the saved results count: worker 0 agrees on the tasks it finished offline.
-    let me = tasks::NodeKey::load_or_create(&w0).unwrap().node_id().to_string();
-    let credited = results["tasks"].as_array().unwrap().iter()
-        .filter(|t| t["agreeing_workers"].as_array().unwrap().iter().any(|w| w.as_str() == Some(me.as_str())))
+    let me = tasks::NodeKey::load_or_create(&w0)
+        .unwrap()
+        .node_id()
+        .to_string();
+    let credited = results["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| {
+            t["agreeing_workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w.as_str() == Some(me.as_str()))
+        })
         .count();
-    assert!(credited >= 1, "none of worker 0's {} saved results was accepted", saved.len());
+    assert!(
+        credited >= 1,
+        "none of worker 0's {} saved results was accepted",
+        saved.len()
+    );
 }
 
 /// The reports a worker's outbox holds: its segment files (`*.reports`, postcard
 /// `Vec<Report>`), and single-report files of older versions (`*.report`).
 fn saved_reports(outbox: &std::path::Path) -> Vec<tasks::wire::Report> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir(outbox).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default() {
+    for e in std::fs::read_dir(outbox)
+        .map(|d| d.flatten().collect::<Vec<_>>())
+        .unwrap_or_default()
+    {
         let path = e.path();
         match path.extension().and_then(|x| x.to_str()) {
-            Some("reports") => out.extend(tasks::wire::decode::<Vec<tasks::wire::Report>>(&std::fs::read(&path).unwrap()).expect("saved segments decode")),
-            Some("report") => out.push(tasks::wire::decode(&std::fs::read(&path).unwrap()).expect("saved reports decode")),
+            Some("reports") => out.extend(
+                tasks::wire::decode::<Vec<tasks::wire::Report>>(&std::fs::read(&path).unwrap())
+                    .expect("saved segments decode"),
+            ),
+            Some("report") => out.push(
+                tasks::wire::decode(&std::fs::read(&path).unwrap()).expect("saved reports decode"),
+            ),
             _ => {}
         }
     }

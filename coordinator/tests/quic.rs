@@ -8,24 +8,40 @@ use anyhow::Context;
 use coordinator::client::{Client, ClientError};
 use coordinator::server::{Coordinator, RunningCoordinator, ServeConfig};
 use tasks::net;
-use tasks::wire::{self, Assignment, CloseCode, CoordMsg, JobState, TaskState, WorkerMsg, ALPN_BLOB, ALPN_COORD, INLINE_OUTPUT_MAX};
+use tasks::wire::{
+    self, Assignment, CloseCode, CoordMsg, JobState, TaskState, WorkerMsg, ALPN_BLOB, ALPN_COORD,
+    INLINE_OUTPUT_MAX,
+};
 use tasks::{BlobId, EngineFingerprint, JobId, JobSpec, NodeKey, RunResult, Status, Ticket};
 
 fn fp() -> EngineFingerprint {
-    EngineFingerprint { engine: "wasmtime test".into(), arch: "x86_64-linux".into(), settings: "det".into() }
+    EngineFingerprint {
+        engine: "wasmtime test".into(),
+        arch: "x86_64-linux".into(),
+        settings: "det".into(),
+    }
 }
 
 /// The honest output of a task: big for args[0] == "big", small otherwise.
 fn output_for(a: &Assignment) -> Vec<u8> {
     if a.task.args.first().map(String::as_str) == Some("big") {
-        (0..(INLINE_OUTPUT_MAX as usize * 5 + 123)).map(|i| (i % 251) as u8).collect()
+        (0..(INLINE_OUTPUT_MAX as usize * 5 + 123))
+            .map(|i| (i % 251) as u8)
+            .collect()
     } else {
         format!("out of {}\n", a.task.args.join(" ")).into_bytes()
     }
 }
 
 fn result_of(out: &[u8], fuel: u64) -> RunResult {
-    RunResult { status: Status::Ok, exit_code: 0, trap: String::new(), fuel_used: fuel, output_hash: BlobId::of(out), output_len: out.len() as u64 }
+    RunResult {
+        status: Status::Ok,
+        exit_code: 0,
+        trap: String::new(),
+        fuel_used: fuel,
+        output_hash: BlobId::of(out),
+        output_len: out.len() as u64,
+    }
 }
 
 fn fuel_for(a: &Assignment) -> u64 {
@@ -69,19 +85,35 @@ impl SimWorker {
         let addr = ticket.socket_addrs()?[0];
         let conn = net::connect(&ep, addr, ticket.node_id, ALPN_COORD).await?;
         let (mut send, mut recv) = conn.open_bi().await?;
-        let hello = WorkerMsg::Hello { agent: "sim".into(), fingerprint: fp(), slots: 4, peer_addr: Some(ep.local_addr()?), blobs: vec![] };
+        let hello = WorkerMsg::Hello {
+            agent: "sim".into(),
+            fingerprint: fp(),
+            slots: 4,
+            peer_addr: Some(ep.local_addr()?),
+            blobs: vec![],
+        };
         net::write_frame(&mut send, &hello).await?;
         let welcome: CoordMsg = net::read_frame(&mut recv).await?.context("no welcome")?;
         assert!(matches!(welcome, CoordMsg::Welcome { .. }), "{welcome:?}");
-        Ok(SimWorker { _key: key, ep, conn, send, recv, blobs, _dir: dir, cancels: vec![] })
+        Ok(SimWorker {
+            _key: key,
+            ep,
+            conn,
+            send,
+            recv,
+            blobs,
+            _dir: dir,
+            cancels: vec![],
+        })
     }
 
     async fn recv(&mut self) -> anyhow::Result<CoordMsg> {
         loop {
-            let m: CoordMsg = tokio::time::timeout(Duration::from_secs(10), net::read_frame(&mut self.recv))
-                .await
-                .context("timed out waiting for the coordinator")??
-                .context("stream ended")?;
+            let m: CoordMsg =
+                tokio::time::timeout(Duration::from_secs(10), net::read_frame(&mut self.recv))
+                    .await
+                    .context("timed out waiting for the coordinator")??
+                    .context("stream ended")?;
             match m {
                 CoordMsg::Cancel { replicas } => self.cancels.extend(replicas),
                 other => return Ok(other),
@@ -111,8 +143,22 @@ impl SimWorker {
         self.report_raw(a.replica, result, inline).await
     }
 
-    async fn report_raw(&mut self, replica: u64, result: RunResult, output: Option<Vec<u8>>) -> anyhow::Result<CoordMsg> {
-        net::write_frame(&mut self.send, &WorkerMsg::Report(wire::Report { replica, result, output, wall_ms: 1 })).await?;
+    async fn report_raw(
+        &mut self,
+        replica: u64,
+        result: RunResult,
+        output: Option<Vec<u8>>,
+    ) -> anyhow::Result<CoordMsg> {
+        net::write_frame(
+            &mut self.send,
+            &WorkerMsg::Report(wire::Report {
+                replica,
+                result,
+                output,
+                wall_ms: 1,
+            }),
+        )
+        .await?;
         self.recv().await
     }
 }
@@ -126,9 +172,15 @@ async fn start(dir: &std::path::Path) -> anyhow::Result<RunningCoordinator> {
 /// produce outputs too large to travel inline.
 fn job_file(dir: &std::path::Path, n: usize, big: usize) -> anyhow::Result<JobSpec> {
     std::fs::write(dir.join("m.wasm"), b"\0asm\x01\0\0\0 not really run")?;
-    let mut toml = String::from("name = \"sim\"\nmodule = \"m.wasm\"\nquorum = 2\nmax_replicas = 4\ndeadline_secs = 600\n");
+    let mut toml = String::from(
+        "name = \"sim\"\nmodule = \"m.wasm\"\nquorum = 2\nmax_replicas = 4\ndeadline_secs = 600\n",
+    );
     for i in 0..n {
-        let arg = if i < big { "big".to_string() } else { format!("t{i}") };
+        let arg = if i < big {
+            "big".to_string()
+        } else {
+            format!("t{i}")
+        };
         toml += &format!("[[task]]\nargs = [\"{arg}\"]\n");
     }
     std::fs::write(dir.join("job.toml"), toml)?;
@@ -179,10 +231,16 @@ async fn agreeing_workers_finish_job_and_results_carry_verified_outputs() -> any
         assert_eq!(t.agreeing_workers.len(), 2);
     }
     let st = client.status(Some(job)).await?;
-    assert_eq!((st.jobs[0].tasks_done, st.jobs[0].state), (5, JobState::Done));
+    assert_eq!(
+        (st.jobs[0].tasks_done, st.jobs[0].state),
+        (5, JobState::Done)
+    );
     let fuel: u64 = wa.iter().map(fuel_for).sum();
     for w in &st.workers {
-        assert!((w.credit - fuel as f64 / 1e9).abs() < 1e-12, "credit = valid fuel");
+        assert!(
+            (w.credit - fuel as f64 / 1e9).abs() < 1e-12,
+            "credit = valid fuel"
+        );
         assert_eq!((w.valid, w.invalid), (5, 0));
     }
     // The module went out once to nobody (workers here never fetched it), and the results
@@ -204,11 +262,18 @@ async fn report_for_replica_not_assigned_to_this_worker_is_rejected() -> anyhow:
     let mut thief = SimWorker::join(&coord.ticket).await?;
     let wa = a.request(1).await?;
     let stolen = thief.report(&wa[0]).await?;
-    assert!(matches!(stolen, CoordMsg::Rejected { replica: Some(r), .. } if r == wa[0].replica), "{stolen:?}");
-    let unknown = thief.report_raw(987_654, result_of(b"x", 1), Some(b"x".to_vec())).await?;
+    assert!(
+        matches!(stolen, CoordMsg::Rejected { replica: Some(r), .. } if r == wa[0].replica),
+        "{stolen:?}"
+    );
+    let unknown = thief
+        .report_raw(987_654, result_of(b"x", 1), Some(b"x".to_vec()))
+        .await?;
     assert!(matches!(unknown, CoordMsg::Rejected { .. }));
     // A lying inline output is refused too.
-    let lie = a.report_raw(wa[0].replica, result_of(b"x", 1), Some(b"y".to_vec())).await?;
+    let lie = a
+        .report_raw(wa[0].replica, result_of(b"x", 1), Some(b"y".to_vec()))
+        .await?;
     assert!(matches!(lie, CoordMsg::Rejected { .. }));
     // The rightful owner's report still goes through, and the thief's session still works.
     assert!(matches!(a.report(&wa[0]).await?, CoordMsg::Ack { .. }));
@@ -231,7 +296,11 @@ async fn garbage_frame_closes_only_that_connection() -> anyhow::Result<()> {
     // A length prefix followed by bytes that are no WorkerMsg.
     bad.send.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await?;
     let err = tokio::time::timeout(Duration::from_secs(10), bad.conn.closed()).await?;
-    assert_eq!(net::close_code_of(&err), Some(CloseCode::Protocol), "{err:?}");
+    assert_eq!(
+        net::close_code_of(&err),
+        Some(CloseCode::Protocol),
+        "{err:?}"
+    );
     // An oversized frame gets its own code.
     let mut big = SimWorker::join(&coord.ticket).await?;
     big.send.write_all(&u32::MAX.to_be_bytes()).await?;
@@ -248,10 +317,13 @@ async fn garbage_frame_closes_only_that_connection() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_token_unknown_job_and_unreachable_coordinator_get_one_line_errors() -> anyhow::Result<()> {
+async fn wrong_token_unknown_job_and_unreachable_coordinator_get_one_line_errors(
+) -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let coord = start(data.path()).await?;
-    let err = Client::connect(&coord.ticket, "not-the-token").await.unwrap_err();
+    let err = Client::connect(&coord.ticket, "not-the-token")
+        .await
+        .unwrap_err();
     assert!(matches!(err, ClientError::Unauthorized), "{err}");
     assert!(err.to_string().contains("submit-token"));
     let client = Client::connect(&coord.ticket, &coord.token).await?;
@@ -259,14 +331,17 @@ async fn wrong_token_unknown_job_and_unreachable_coordinator_get_one_line_errors
     assert!(matches!(err, ClientError::UnknownJob(JobId(42))), "{err}");
     let ticket = coord.ticket.clone();
     coord.shutdown().await?;
-    let err = tokio::time::timeout(Duration::from_secs(30), Client::connect(&ticket, "x")).await?.unwrap_err();
+    let err = tokio::time::timeout(Duration::from_secs(30), Client::connect(&ticket, "x"))
+        .await?
+        .unwrap_err();
     assert!(matches!(err, ClientError::Connect(_)), "{err}");
     assert!(!err.to_string().contains('\n'), "{err}");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_mid_job_keeps_accepted_results_in_flight_replicas_and_credit_once() -> anyhow::Result<()> {
+async fn restart_mid_job_keeps_accepted_results_in_flight_replicas_and_credit_once(
+) -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let jobdir = tempfile::tempdir()?;
     let coord = start(data.path()).await?;
@@ -298,10 +373,16 @@ async fn restart_mid_job_keeps_accepted_results_in_flight_replicas_and_credit_on
     assert_eq!(coord.token, token, "same token after restart");
     let client = Client::connect(&coord.ticket, &token).await?;
     let st = client.status(Some(job)).await?;
-    assert_eq!((st.jobs[0].tasks_done, st.jobs[0].replicas_in_flight), (1, 1));
+    assert_eq!(
+        (st.jobs[0].tasks_done, st.jobs[0].replicas_in_flight),
+        (1, 1)
+    );
     let results = client.results(job).await?;
     assert_eq!(results.tasks[0].status, TaskState::Accepted);
-    assert_eq!(results.tasks[0].output.as_deref(), Some(&output_for(&t0a)[..]));
+    assert_eq!(
+        results.tasks[0].output.as_deref(),
+        Some(&output_for(&t0a)[..])
+    );
 
     // Both reconnect; A resends an already-committed report (its ack may have been lost):
     // acknowledged, not credited twice. B reports its in-flight replica: the job is done.
@@ -311,9 +392,17 @@ async fn restart_mid_job_keeps_accepted_results_in_flight_replicas_and_credit_on
     assert!(matches!(b.report(&t1b).await?, CoordMsg::Ack { .. }));
     let st = client.status(Some(job)).await?;
     assert_eq!(st.jobs[0].state, JobState::Done);
-    let credit_a = st.workers.iter().find(|w| w.node_id == key_a.node_id()).unwrap();
+    let credit_a = st
+        .workers
+        .iter()
+        .find(|w| w.node_id == key_a.node_id())
+        .unwrap();
     let fuel = (fuel_for(&t0a) + fuel_for(&t1a)) as f64 / 1e9;
-    assert!((credit_a.credit - fuel).abs() < 1e-12, "credit counted once: {} vs {fuel}", credit_a.credit);
+    assert!(
+        (credit_a.credit - fuel).abs() < 1e-12,
+        "credit counted once: {} vs {fuel}",
+        credit_a.credit
+    );
     assert_eq!(credit_a.valid, 2);
     // New work after restart gets fresh replica ids.
     let _ = b.ep.local_addr();

@@ -46,7 +46,10 @@ fn line(scenario: &str, sc: &Scenario, s: &Summary, target: &str, met: Option<bo
         None => "-",
     };
     let size = format!("{} workers, {} tasks", sc.workers, sc.tasks);
-    println!("FAULT|saboteurs|{scenario} ({size})|{}|{target}|{met}", s.figures(sc.quorum));
+    println!(
+        "FAULT|saboteurs|{scenario} ({size})|{}|{target}|{met}",
+        s.figures(sc.quorum)
+    );
 }
 
 fn pct(f: f64) -> String {
@@ -56,23 +59,39 @@ fn pct(f: f64) -> String {
 #[test]
 fn non_colluding_saboteurs_never_get_a_wrong_result_accepted() {
     for f in [0.1, 0.3] {
-        for (name, policy) in [("default policy", TrustPolicy::default()), ("hardened policy", TrustPolicy::hardened())] {
+        for (name, policy) in [
+            ("default policy", TrustPolicy::default()),
+            ("hardened policy", TrustPolicy::hardened()),
+        ] {
             let (sc, seeds) = sized(Behaviour::OwnWrong, f, policy);
             let s = run(&sc, &seeds);
             let worst = s.runs.iter().map(|o| o.wrong_accepted).max().unwrap_or(0);
             let met = worst == 0 && s.undecided == 0;
-            line(&format!("non-colluding {}, {name}", pct(f)), &sc, &s, "no wrong result accepted", Some(met));
+            line(
+                &format!("non-colluding {}, {name}", pct(f)),
+                &sc,
+                &s,
+                "no wrong result accepted",
+                Some(met),
+            );
             assert!(met, "{name}, f={f}: {}", s.figures(sc.quorum));
         }
     }
 }
 
 #[test]
-fn colluders_at_10_percent_get_at_most_0_1_percent_wrong_at_2_2_replicas_under_the_hardened_policy() {
+fn colluders_at_10_percent_get_at_most_0_1_percent_wrong_at_2_2_replicas_under_the_hardened_policy()
+{
     let (sc, seeds) = sized(Behaviour::Colluding, 0.1, TrustPolicy::hardened());
     let s = run(&sc, &seeds);
     let met = s.wrong <= 0.001 && s.replicas_per_task <= 2.2 && s.undecided == 0;
-    line("colluding f=10%, hardened policy", &sc, &s, "<= 0.1% wrong at <= 2.2 replicas/task", Some(met));
+    line(
+        "colluding f=10%, hardened policy",
+        &sc,
+        &s,
+        "<= 0.1% wrong at <= 2.2 replicas/task",
+        Some(met),
+    );
     assert!(met, "{}", s.figures(sc.quorum));
 }
 
@@ -81,14 +100,35 @@ fn colluders_beat_the_fixed_quorum_as_the_theory_says_and_the_default_policy_les
     for f in [0.1, 0.3] {
         let (sc, seeds) = sized(Behaviour::Colluding, f, TrustPolicy::fixed_quorum());
         let s = run(&sc, &seeds);
-        line(&format!("colluding {}, fixed 2-of-3 quorum (baseline)", pct(f)), &sc, &s, "-", None);
+        line(
+            &format!("colluding {}, fixed 2-of-3 quorum (baseline)", pct(f)),
+            &sc,
+            &s,
+            "-",
+            None,
+        );
         // The harness reproduces the textbook figure (sampling noise aside).
-        assert!((s.wrong - s.theory_wrong).abs() < 0.5 * s.theory_wrong, "{}", s.figures(sc.quorum));
+        assert!(
+            (s.wrong - s.theory_wrong).abs() < 0.5 * s.theory_wrong,
+            "{}",
+            s.figures(sc.quorum)
+        );
 
         let (sc, seeds) = sized(Behaviour::Colluding, f, TrustPolicy::default());
         let d = run(&sc, &seeds);
-        line(&format!("colluding {}, default policy", pct(f)), &sc, &d, "-", None);
-        assert!(d.wrong < s.wrong, "bans and anchors help: {} vs {}", d.figures(sc.quorum), s.figures(sc.quorum));
+        line(
+            &format!("colluding {}, default policy", pct(f)),
+            &sc,
+            &d,
+            "-",
+            None,
+        );
+        assert!(
+            d.wrong < s.wrong,
+            "bans and anchors help: {} vs {}",
+            d.figures(sc.quorum),
+            s.figures(sc.quorum)
+        );
         assert_eq!(d.undecided, 0);
     }
 }
@@ -109,7 +149,13 @@ fn colluders_sharing_one_address_block_never_share_a_task() {
         sc.saboteurs_in_one_block = true;
         let s = run(&sc, &seeds);
         let met = s.runs.iter().all(|o| o.wrong_accepted == 0) && s.undecided == 0;
-        line(&format!("colluding {} from one /24, hardened policy", pct(f)), &sc, &s, "no wrong result accepted", Some(met));
+        line(
+            &format!("colluding {} from one /24, hardened policy", pct(f)),
+            &sc,
+            &s,
+            "no wrong result accepted",
+            Some(met),
+        );
         assert!(met, "{}", s.figures(sc.quorum));
     }
 }
@@ -117,10 +163,19 @@ fn colluders_sharing_one_address_block_never_share_a_task() {
 #[test]
 fn saboteurs_that_earn_trust_then_collude_are_caught_and_banned() {
     for f in [0.1, 0.3] {
-        for (name, policy) in [("default policy", TrustPolicy::default()), ("hardened policy", TrustPolicy::hardened())] {
+        for (name, policy) in [
+            ("default policy", TrustPolicy::default()),
+            ("hardened policy", TrustPolicy::hardened()),
+        ] {
             let (sc, seeds) = sized(Behaviour::TrustThenCheat, f, policy);
             let s = run(&sc, &seeds);
-            line(&format!("honest-then-colluding {}, {name}", pct(f)), &sc, &s, "-", None);
+            line(
+                &format!("honest-then-colluding {}, {name}", pct(f)),
+                &sc,
+                &s,
+                "-",
+                None,
+            );
             assert_eq!(s.undecided, 0);
             assert!(s.wrong < s.theory_wrong, "{}", s.figures(sc.quorum));
         }
@@ -131,7 +186,11 @@ fn saboteurs_that_earn_trust_then_collude_are_caught_and_banned() {
 fn greedy_saboteurs_that_answer_at_once_are_reported() {
     // A lie needs no computing: these saboteurs grab all the work the core lets them hold
     // and answer within a second, so they cast far more than their share f of the votes.
-    for (behaviour, f) in [(Behaviour::Colluding, 0.1), (Behaviour::TrustThenCheat, 0.1), (Behaviour::Colluding, 0.3)] {
+    for (behaviour, f) in [
+        (Behaviour::Colluding, 0.1),
+        (Behaviour::TrustThenCheat, 0.1),
+        (Behaviour::Colluding, 0.3),
+    ] {
         for (name, policy) in [
             ("default policy", TrustPolicy::default()),
             ("hardened policy", TrustPolicy::hardened()),
@@ -139,7 +198,13 @@ fn greedy_saboteurs_that_answer_at_once_are_reported() {
             let (mut sc, seeds) = sized(behaviour, f, policy);
             sc.greedy_saboteurs = true;
             let s = run(&sc, &seeds);
-            line(&format!("greedy instant {} {}, {name}", behaviour.label(), pct(f)), &sc, &s, "-", None);
+            line(
+                &format!("greedy instant {} {}, {name}", behaviour.label(), pct(f)),
+                &sc,
+                &s,
+                "-",
+                None,
+            );
             assert_eq!(s.undecided, 0);
         }
     }

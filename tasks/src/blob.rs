@@ -19,7 +19,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode};
+use blake3::hazmat::{
+    merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
+};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Bytes per verified transfer chunk (a power of two, at least 1 KiB).
@@ -75,7 +77,9 @@ impl FromStr for BlobId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut out = [0u8; 32];
         if s.len() != 64 || hex::decode_to_slice(s, &mut out).is_err() {
-            return Err(ParseBlobIdError { got: s.chars().take(80).collect() });
+            return Err(ParseBlobIdError {
+                got: s.chars().take(80).collect(),
+            });
         }
         Ok(BlobId(out))
     }
@@ -112,7 +116,10 @@ pub struct BlobRef {
 
 impl BlobRef {
     pub fn of(data: &[u8]) -> BlobRef {
-        BlobRef { id: BlobId::of(data), size: data.len() as u64 }
+        BlobRef {
+            id: BlobId::of(data),
+            size: data.len() as u64,
+        }
     }
 
     /// Number of transfer chunks (at least 1, even for the empty blob).
@@ -203,7 +210,10 @@ impl Outboard {
         let cvs = if blob.chunk_count() <= 1 {
             Vec::new()
         } else {
-            data.chunks(CHUNK_SIZE).enumerate().map(|(i, c)| chunk_cv(i as u64, c)).collect()
+            data.chunks(CHUNK_SIZE)
+                .enumerate()
+                .map(|(i, c)| chunk_cv(i as u64, c))
+                .collect()
         };
         Outboard { blob, cvs }
     }
@@ -213,7 +223,11 @@ impl Outboard {
         let count = blob.chunk_count();
         let want = if count <= 1 { 0 } else { count as usize };
         if cvs.len() != want {
-            return Err(VerifyError::OutboardLength { got: cvs.len(), want, size: blob.size });
+            return Err(VerifyError::OutboardLength {
+                got: cvs.len(),
+                want,
+                size: blob.size,
+            });
         }
         if want > 0 {
             match fold(&cvs, true) {
@@ -241,7 +255,11 @@ impl Outboard {
         let range = self.blob.chunk_range(index);
         let want = (range.end - range.start) as usize;
         if data.len() != want {
-            return Err(VerifyError::ChunkLength { index, got: data.len(), want });
+            return Err(VerifyError::ChunkLength {
+                index,
+                got: data.len(),
+                want,
+            });
         }
         let ok = if self.cvs.is_empty() {
             BlobId::of(data) == self.blob.id
@@ -251,7 +269,10 @@ impl Outboard {
         if ok {
             Ok(())
         } else {
-            Err(VerifyError::ChunkMismatch { index, root: self.blob.id })
+            Err(VerifyError::ChunkMismatch {
+                index,
+                root: self.blob.id,
+            })
         }
     }
 }
@@ -261,19 +282,33 @@ mod tests {
     use super::*;
 
     fn data(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i as u64).wrapping_mul(2654435761).to_le_bytes()[1]).collect()
+        (0..len)
+            .map(|i| (i as u64).wrapping_mul(2654435761).to_le_bytes()[1])
+            .collect()
     }
 
     #[test]
     fn outboard_folds_to_plain_blake3_root_for_many_sizes() {
-        for len in [0, 1, 1024, CHUNK_SIZE, CHUNK_SIZE + 1, 2 * CHUNK_SIZE, 3 * CHUNK_SIZE - 7, 5 * CHUNK_SIZE, 8 * CHUNK_SIZE + 3] {
+        for len in [
+            0,
+            1,
+            1024,
+            CHUNK_SIZE,
+            CHUNK_SIZE + 1,
+            2 * CHUNK_SIZE,
+            3 * CHUNK_SIZE - 7,
+            5 * CHUNK_SIZE,
+            8 * CHUNK_SIZE + 3,
+        ] {
             let d = data(len);
             let ob = Outboard::compute(&d);
             assert_eq!(ob.blob().id, BlobId(*blake3::hash(&d).as_bytes()));
             let again = Outboard::verify(ob.blob(), ob.cvs().to_vec()).expect("verifies");
             for i in 0..ob.blob().chunk_count() {
                 let r = ob.blob().chunk_range(i);
-                again.verify_chunk(i, &d[r.start as usize..r.end as usize]).unwrap();
+                again
+                    .verify_chunk(i, &d[r.start as usize..r.end as usize])
+                    .unwrap();
             }
         }
     }
@@ -287,7 +322,9 @@ mod transfer_tests {
 
     /// Six chunks, the last one partial; no two chunks alike.
     fn blob() -> Vec<u8> {
-        (0..5 * CHUNK_SIZE + 1234).map(|i| (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes()[0]).collect()
+        (0..5 * CHUNK_SIZE + 1234)
+            .map(|i| (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes()[0])
+            .collect()
     }
 
     fn chunk(data: &[u8], r: &BlobRef, i: u64) -> Vec<u8> {
@@ -296,13 +333,19 @@ mod transfer_tests {
     }
 
     /// What a receiver does: verify the outboard against the trusted ref, then each chunk.
-    fn receive(trusted: BlobRef, cvs: Vec<[u8; 32]>, chunks: &[(u64, Vec<u8>)]) -> Result<(), VerifyError> {
+    fn receive(
+        trusted: BlobRef,
+        cvs: Vec<[u8; 32]>,
+        chunks: &[(u64, Vec<u8>)],
+    ) -> Result<(), VerifyError> {
         let ob = Outboard::verify(trusted, cvs)?;
         chunks.iter().try_for_each(|(i, c)| ob.verify_chunk(*i, c))
     }
 
     fn all_chunks(data: &[u8], r: &BlobRef) -> Vec<(u64, Vec<u8>)> {
-        (0..r.chunk_count()).map(|i| (i, chunk(data, r, i))).collect()
+        (0..r.chunk_count())
+            .map(|i| (i, chunk(data, r, i)))
+            .collect()
     }
 
     #[test]
@@ -321,17 +364,30 @@ mod transfer_tests {
         let data = blob();
         let ob = Outboard::compute(&data);
         let r = ob.blob();
-        let mut positions: Vec<usize> = vec![0, 1, data.len() - 1, data.len() - 1234, CHUNK_SIZE - 1, CHUNK_SIZE];
+        let mut positions: Vec<usize> = vec![
+            0,
+            1,
+            data.len() - 1,
+            data.len() - 1234,
+            CHUNK_SIZE - 1,
+            CHUNK_SIZE,
+        ];
         let mut x: u64 = 7;
         for _ in 0..64 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             positions.push((x >> 33) as usize % data.len());
         }
         for pos in positions {
             let index = (pos / CHUNK_SIZE) as u64;
             let mut bad = chunk(&data, &r, index);
             bad[pos % CHUNK_SIZE] ^= 1 << (pos % 8);
-            assert_eq!(ob.verify_chunk(index, &bad), Err(VerifyError::ChunkMismatch { index, root: r.id }), "byte {pos}");
+            assert_eq!(
+                ob.verify_chunk(index, &bad),
+                Err(VerifyError::ChunkMismatch { index, root: r.id }),
+                "byte {pos}"
+            );
         }
     }
 
@@ -343,9 +399,15 @@ mod transfer_tests {
         for pos in [0, 500, 999] {
             let mut bad = data.to_vec();
             bad[pos] ^= 0x80;
-            assert!(matches!(ob.verify_chunk(0, &bad), Err(VerifyError::ChunkMismatch { .. })));
+            assert!(matches!(
+                ob.verify_chunk(0, &bad),
+                Err(VerifyError::ChunkMismatch { .. })
+            ));
         }
-        assert!(matches!(ob.verify_chunk(0, &data[..999]), Err(VerifyError::ChunkLength { .. })));
+        assert!(matches!(
+            ob.verify_chunk(0, &data[..999]),
+            Err(VerifyError::ChunkLength { .. })
+        ));
     }
 
     #[test]
@@ -357,13 +419,30 @@ mod transfer_tests {
             let good = chunk(&data, &r, i);
             let want = good.len();
             for got in [0, 1, want - 1] {
-                assert_eq!(ob.verify_chunk(i, &good[..got]), Err(VerifyError::ChunkLength { index: i, got, want }));
+                assert_eq!(
+                    ob.verify_chunk(i, &good[..got]),
+                    Err(VerifyError::ChunkLength {
+                        index: i,
+                        got,
+                        want
+                    })
+                );
             }
             let mut longer = good.clone();
             longer.push(0);
-            assert_eq!(ob.verify_chunk(i, &longer), Err(VerifyError::ChunkLength { index: i, got: want + 1, want }));
+            assert_eq!(
+                ob.verify_chunk(i, &longer),
+                Err(VerifyError::ChunkLength {
+                    index: i,
+                    got: want + 1,
+                    want
+                })
+            );
         }
-        assert_eq!(ob.verify_chunk(6, &[]), Err(VerifyError::ChunkOutOfRange { index: 6, count: 6 }));
+        assert_eq!(
+            ob.verify_chunk(6, &[]),
+            Err(VerifyError::ChunkOutOfRange { index: 6, count: 6 })
+        );
     }
 
     #[test]
@@ -377,7 +456,14 @@ mod transfer_tests {
             for j in 0..5 {
                 if i != j {
                     let c = chunk(&data, &r, i);
-                    assert_eq!(ob.verify_chunk(j, &c), Err(VerifyError::ChunkMismatch { index: j, root: r.id }), "{i} as {j}");
+                    assert_eq!(
+                        ob.verify_chunk(j, &c),
+                        Err(VerifyError::ChunkMismatch {
+                            index: j,
+                            root: r.id
+                        }),
+                        "{i} as {j}"
+                    );
                 }
             }
         }
@@ -389,12 +475,31 @@ mod transfer_tests {
         let ob = Outboard::compute(&data);
         let r = ob.blob();
         let cvs = ob.cvs().to_vec();
-        let other_root = BlobRef { id: BlobId::of(b"something else"), size: r.size };
-        assert_eq!(Outboard::verify(other_root, cvs.clone()), Err(VerifyError::OutboardMismatch { root: other_root.id }));
+        let other_root = BlobRef {
+            id: BlobId::of(b"something else"),
+            size: r.size,
+        };
+        assert_eq!(
+            Outboard::verify(other_root, cvs.clone()),
+            Err(VerifyError::OutboardMismatch {
+                root: other_root.id
+            })
+        );
         // A size with another chunk count: the outboard has the wrong number of CVs.
-        for size in [r.size + CHUNK_SIZE as u64, r.size - 1234, CHUNK_SIZE as u64, 0] {
+        for size in [
+            r.size + CHUNK_SIZE as u64,
+            r.size - 1234,
+            CHUNK_SIZE as u64,
+            0,
+        ] {
             let wrong = BlobRef { id: r.id, size };
-            assert!(matches!(Outboard::verify(wrong, cvs.clone()), Err(VerifyError::OutboardLength { .. })), "size {size}");
+            assert!(
+                matches!(
+                    Outboard::verify(wrong, cvs.clone()),
+                    Err(VerifyError::OutboardLength { .. })
+                ),
+                "size {size}"
+            );
         }
         // A size with the same chunk count passes the outboard check (the CVs fold to the
         // root), but then no last chunk can verify: neither the real bytes nor bytes cut or
@@ -402,14 +507,24 @@ mod transfer_tests {
         for size in [r.size - 1, r.size + 1] {
             let wrong = Outboard::verify(BlobRef { id: r.id, size }, cvs.clone()).unwrap();
             let last = chunk(&data, &r, 5);
-            assert!(matches!(wrong.verify_chunk(5, &last), Err(VerifyError::ChunkLength { .. })));
+            assert!(matches!(
+                wrong.verify_chunk(5, &last),
+                Err(VerifyError::ChunkLength { .. })
+            ));
             let mut resized = last.clone();
             resized.resize((last.len() as u64 + size - r.size) as usize, 0);
             assert!(wrong.verify_chunk(5, &resized).is_err());
         }
         // A single-chunk blob's only check is the root.
         let small = &data[..100];
-        let wrong = Outboard::verify(BlobRef { id: BlobId::of(small), size: 99 }, vec![]).unwrap();
+        let wrong = Outboard::verify(
+            BlobRef {
+                id: BlobId::of(small),
+                size: 99,
+            },
+            vec![],
+        )
+        .unwrap();
         assert!(wrong.verify_chunk(0, &small[..99]).is_err());
     }
 
@@ -422,18 +537,31 @@ mod transfer_tests {
             for byte in [0, 17, 31] {
                 let mut cvs = ob.cvs().to_vec();
                 cvs[k][byte] ^= 0x01;
-                assert_eq!(Outboard::verify(r, cvs), Err(VerifyError::OutboardMismatch { root: r.id }), "cv {k} byte {byte}");
+                assert_eq!(
+                    Outboard::verify(r, cvs),
+                    Err(VerifyError::OutboardMismatch { root: r.id }),
+                    "cv {k} byte {byte}"
+                );
             }
         }
         let mut swapped = ob.cvs().to_vec();
         swapped.swap(1, 2);
-        assert_eq!(Outboard::verify(r, swapped), Err(VerifyError::OutboardMismatch { root: r.id }));
+        assert_eq!(
+            Outboard::verify(r, swapped),
+            Err(VerifyError::OutboardMismatch { root: r.id })
+        );
         let mut short = ob.cvs().to_vec();
         short.pop();
-        assert!(matches!(Outboard::verify(r, short), Err(VerifyError::OutboardLength { .. })));
+        assert!(matches!(
+            Outboard::verify(r, short),
+            Err(VerifyError::OutboardLength { .. })
+        ));
         let mut long = ob.cvs().to_vec();
         long.push([0; 32]);
-        assert!(matches!(Outboard::verify(r, long), Err(VerifyError::OutboardLength { .. })));
+        assert!(matches!(
+            Outboard::verify(r, long),
+            Err(VerifyError::OutboardLength { .. })
+        ));
         // A CV list for a different blob of the same size does not fold to this root.
         let mut other = data.clone();
         other[0] ^= 1;

@@ -54,7 +54,9 @@ impl FromStr for NodeId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut out = [0u8; 32];
         if s.len() != 64 || hex::decode_to_slice(s, &mut out).is_err() {
-            return Err(ParseNodeIdError { got: s.chars().take(80).collect() });
+            return Err(ParseNodeIdError {
+                got: s.chars().take(80).collect(),
+            });
         }
         Ok(NodeId(out))
     }
@@ -85,9 +87,15 @@ impl<'de> Deserialize<'de> for NodeId {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read node key {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot write node key {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("node key {path} is corrupt (expected 32 bytes of ed25519 secret key); move it away to create a new identity")]
     Corrupt { path: String },
 }
@@ -109,11 +117,15 @@ impl NodeKey {
     pub const FILE: &'static str = "node.key";
 
     pub fn generate() -> NodeKey {
-        NodeKey { secret: SigningKey::generate(&mut rand::rngs::OsRng) }
+        NodeKey {
+            secret: SigningKey::generate(&mut rand::rngs::OsRng),
+        }
     }
 
     pub fn from_secret_bytes(bytes: [u8; 32]) -> NodeKey {
-        NodeKey { secret: SigningKey::from_bytes(&bytes) }
+        NodeKey {
+            secret: SigningKey::from_bytes(&bytes),
+        }
     }
 
     pub fn secret_bytes(&self) -> [u8; 32] {
@@ -134,19 +146,27 @@ impl NodeKey {
         let shown = path.display().to_string();
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let bytes: [u8; 32] =
-                    bytes.try_into().map_err(|_| KeyError::Corrupt { path: shown.clone() })?;
+                let bytes: [u8; 32] = bytes.try_into().map_err(|_| KeyError::Corrupt {
+                    path: shown.clone(),
+                })?;
                 Ok(NodeKey::from_secret_bytes(bytes))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = NodeKey::generate();
-                std::fs::create_dir_all(dir)
-                    .map_err(|source| KeyError::Write { path: shown.clone(), source })?;
-                write_private(&path, &key.secret_bytes())
-                    .map_err(|source| KeyError::Write { path: shown, source })?;
+                std::fs::create_dir_all(dir).map_err(|source| KeyError::Write {
+                    path: shown.clone(),
+                    source,
+                })?;
+                write_private(&path, &key.secret_bytes()).map_err(|source| KeyError::Write {
+                    path: shown,
+                    source,
+                })?;
                 Ok(key)
             }
-            Err(source) => Err(KeyError::Read { path: shown, source }),
+            Err(source) => Err(KeyError::Read {
+                path: shown,
+                source,
+            }),
         }
     }
 }
@@ -193,7 +213,10 @@ impl Ticket {
     pub const PREFIX: &'static str = "peergrid1:";
 
     pub fn new(node_id: NodeId, addr: impl Into<String>) -> Ticket {
-        Ticket { node_id, addr: addr.into() }
+        Ticket {
+            node_id,
+            addr: addr.into(),
+        }
     }
 
     /// Resolve the address to socket addresses (may do DNS).
@@ -218,11 +241,16 @@ impl FromStr for Ticket {
             .ok_or_else(|| ParseTicketError::Prefix(s.chars().take(40).collect()))?;
         let (id, addr) = rest.split_once('@').ok_or(ParseTicketError::MissingAddr)?;
         let node_id: NodeId = id.parse()?;
-        let (host, port) = addr.rsplit_once(':').ok_or_else(|| ParseTicketError::Addr(addr.into()))?;
+        let (host, port) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| ParseTicketError::Addr(addr.into()))?;
         if host.is_empty() || port.parse::<u16>().is_err() {
             return Err(ParseTicketError::Addr(addr.into()));
         }
-        Ok(Ticket { node_id, addr: addr.to_string() })
+        Ok(Ticket {
+            node_id,
+            addr: addr.to_string(),
+        })
     }
 }
 
@@ -237,12 +265,24 @@ mod tests {
         let text = t.to_string();
         assert!(text.starts_with("peergrid1:"));
         assert_eq!(text.parse::<Ticket>().unwrap(), t);
-        assert!(matches!("http://x".parse::<Ticket>(), Err(ParseTicketError::Prefix(_))));
-        assert!(matches!("peergrid1:abcd@1.2.3.4:5".parse::<Ticket>(), Err(ParseTicketError::NodeId(_))));
+        assert!(matches!(
+            "http://x".parse::<Ticket>(),
+            Err(ParseTicketError::Prefix(_))
+        ));
+        assert!(matches!(
+            "peergrid1:abcd@1.2.3.4:5".parse::<Ticket>(),
+            Err(ParseTicketError::NodeId(_))
+        ));
         let no_port = format!("peergrid1:{}@1.2.3.4", key.node_id());
-        assert!(matches!(no_port.parse::<Ticket>(), Err(ParseTicketError::Addr(_))));
+        assert!(matches!(
+            no_port.parse::<Ticket>(),
+            Err(ParseTicketError::Addr(_))
+        ));
         let no_addr = format!("peergrid1:{}", key.node_id());
-        assert_eq!(no_addr.parse::<Ticket>(), Err(ParseTicketError::MissingAddr));
+        assert_eq!(
+            no_addr.parse::<Ticket>(),
+            Err(ParseTicketError::MissingAddr)
+        );
     }
 
     #[test]
@@ -254,10 +294,16 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(NodeKey::FILE)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(NodeKey::FILE))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
         std::fs::write(dir.path().join(NodeKey::FILE), b"short").unwrap();
-        assert!(matches!(NodeKey::load_or_create(dir.path()), Err(KeyError::Corrupt { .. })));
+        assert!(matches!(
+            NodeKey::load_or_create(dir.path()),
+            Err(KeyError::Corrupt { .. })
+        ));
     }
 }

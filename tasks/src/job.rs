@@ -25,7 +25,9 @@ impl fmt::Display for JobId {
 impl std::str::FromStr for JobId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        s.trim().parse::<u64>().map(JobId).map_err(|_| format!("not a job id: {s:?} (job ids are numbers, as printed by `coordinator submit`)"))
+        s.trim().parse::<u64>().map(JobId).map_err(|_| {
+            format!("not a job id: {s:?} (job ids are numbers, as printed by `coordinator submit`)")
+        })
     }
 }
 
@@ -99,12 +101,24 @@ pub struct JobFile {
     pub task: Vec<ExplicitTask>,
 }
 
-fn d_quorum() -> u32 { defaults::QUORUM }
-fn d_max_replicas() -> u32 { defaults::MAX_REPLICAS }
-fn d_fuel() -> u64 { defaults::FUEL }
-fn d_memory_mb() -> u32 { defaults::MEMORY_MB }
-fn d_max_output() -> u64 { defaults::MAX_OUTPUT }
-fn d_deadline() -> u64 { defaults::DEADLINE_SECS }
+fn d_quorum() -> u32 {
+    defaults::QUORUM
+}
+fn d_max_replicas() -> u32 {
+    defaults::MAX_REPLICAS
+}
+fn d_fuel() -> u64 {
+    defaults::FUEL
+}
+fn d_memory_mb() -> u32 {
+    defaults::MEMORY_MB
+}
+fn d_max_output() -> u64 {
+    defaults::MAX_OUTPUT
+}
+fn d_deadline() -> u64 {
+    defaults::DEADLINE_SECS
+}
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,13 +144,21 @@ pub struct ExplicitTask {
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
     #[error("cannot read job file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("job file {path} is not valid: {message}")]
     Syntax { path: String, message: String },
     #[error("job file {path}: {message}")]
     Invalid { path: String, message: String },
     #[error("job file {path}: cannot read {what} {file}: {source}")]
-    File { path: String, what: &'static str, file: String, source: std::io::Error },
+    File {
+        path: String,
+        what: &'static str,
+        file: String,
+        source: std::io::Error,
+    },
 }
 
 /// A parsed, validated job file with its paths resolved.
@@ -186,8 +208,10 @@ impl JobSpec {
     /// [`JobSpec::load_blobs`].
     pub fn from_file(path: &Path) -> Result<JobSpec, JobError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| JobError::Read { path: shown.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| JobError::Read {
+            path: shown.clone(),
+            source,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         JobSpec::parse(&text, base, path)
     }
@@ -199,7 +223,10 @@ impl JobSpec {
             path: shown.clone(),
             message: e.message().trim().replace('\n', ": ") + &span_hint(text, e.span()),
         })?;
-        let invalid = |message: String| JobError::Invalid { path: shown.clone(), message };
+        let invalid = |message: String| JobError::Invalid {
+            path: shown.clone(),
+            message,
+        };
         if file.name.trim().is_empty() {
             return Err(invalid("`name` is empty; give the job a name".into()));
         }
@@ -213,28 +240,45 @@ impl JobSpec {
             )));
         }
         if file.max_replicas > limits::MAX_REPLICAS {
-            return Err(invalid(format!("`max_replicas` ({}) is above the limit of {}", file.max_replicas, limits::MAX_REPLICAS)));
+            return Err(invalid(format!(
+                "`max_replicas` ({}) is above the limit of {}",
+                file.max_replicas,
+                limits::MAX_REPLICAS
+            )));
         }
         if file.fuel == 0 {
             return Err(invalid("`fuel` is 0: every task would run out of fuel at once; give it an instruction budget such as 20_000_000_000".into()));
         }
         if file.memory_mb == 0 || file.memory_mb > limits::MAX_MEMORY_MB {
-            return Err(invalid(format!("`memory_mb` must be between 1 and {}", limits::MAX_MEMORY_MB)));
+            return Err(invalid(format!(
+                "`memory_mb` must be between 1 and {}",
+                limits::MAX_MEMORY_MB
+            )));
         }
         if file.max_output > limits::MAX_OUTPUT {
-            return Err(invalid(format!("`max_output` must be at most {} bytes", limits::MAX_OUTPUT)));
+            return Err(invalid(format!(
+                "`max_output` must be at most {} bytes",
+                limits::MAX_OUTPUT
+            )));
         }
         if file.deadline_secs == 0 {
             return Err(invalid("`deadline_secs` must be at least 1".into()));
         }
         let module = base.join(&file.module);
         if !module.is_file() {
-            return Err(invalid(format!("module {} does not exist (paths are relative to the job file)", module.display())));
+            return Err(invalid(format!(
+                "module {} does not exist (paths are relative to the job file)",
+                module.display()
+            )));
         }
         let mut tasks = Vec::new();
         if let Some(g) = &file.tasks {
             if g.count > limits::MAX_TASKS {
-                return Err(invalid(format!("[tasks] count {} is above the limit of {}", g.count, limits::MAX_TASKS)));
+                return Err(invalid(format!(
+                    "[tasks] count {} is above the limit of {}",
+                    g.count,
+                    limits::MAX_TASKS
+                )));
             }
             for i in 0..g.count {
                 let sub = |s: &str| s.replace("{i}", &i.to_string());
@@ -245,21 +289,40 @@ impl JobSpec {
             }
         }
         for t in &file.task {
-            tasks.push(TaskSpec { args: t.args.clone(), input: t.input.as_ref().map(|p| base.join(p)) });
+            tasks.push(TaskSpec {
+                args: t.args.clone(),
+                input: t.input.as_ref().map(|p| base.join(p)),
+            });
         }
         if tasks.is_empty() {
-            return Err(invalid("no tasks: add a [tasks] section with `count` or one or more [[task]] entries".into()));
+            return Err(invalid(
+                "no tasks: add a [tasks] section with `count` or one or more [[task]] entries"
+                    .into(),
+            ));
         }
         if tasks.len() as u64 > limits::MAX_TASKS {
-            return Err(invalid(format!("{} tasks is above the limit of {}", tasks.len(), limits::MAX_TASKS)));
+            return Err(invalid(format!(
+                "{} tasks is above the limit of {}",
+                tasks.len(),
+                limits::MAX_TASKS
+            )));
         }
         for (i, t) in tasks.iter().enumerate() {
-            if t.args.len() > limits::MAX_ARGS || t.args.iter().any(|a| a.len() > limits::MAX_ARG_LEN) {
-                return Err(invalid(format!("task {i}: too many or too long args (at most {} args of {} bytes)", limits::MAX_ARGS, limits::MAX_ARG_LEN)));
+            if t.args.len() > limits::MAX_ARGS
+                || t.args.iter().any(|a| a.len() > limits::MAX_ARG_LEN)
+            {
+                return Err(invalid(format!(
+                    "task {i}: too many or too long args (at most {} args of {} bytes)",
+                    limits::MAX_ARGS,
+                    limits::MAX_ARG_LEN
+                )));
             }
             if let Some(p) = &t.input {
                 if !p.is_file() {
-                    return Err(invalid(format!("task {i}: input {} does not exist (paths are relative to the job file)", p.display())));
+                    return Err(invalid(format!(
+                        "task {i}: input {} does not exist (paths are relative to the job file)",
+                        p.display()
+                    )));
                 }
             }
         }
@@ -310,9 +373,20 @@ impl JobSpec {
                     }
                 }),
             };
-            tasks.push(TaskEntry { args: t.args.clone(), input });
+            tasks.push(TaskEntry {
+                args: t.args.clone(),
+                input,
+            });
         }
-        Ok((JobManifest { name: self.name.clone(), module, limits: self.limits, tasks }, blobs))
+        Ok((
+            JobManifest {
+                name: self.name.clone(),
+                module,
+                limits: self.limits,
+                tasks,
+            },
+            blobs,
+        ))
     }
 }
 
@@ -389,7 +463,9 @@ pub struct TaskManifest {
 impl TaskManifest {
     /// The guest's argv: `[name, args...]`.
     pub fn argv(&self) -> Vec<String> {
-        std::iter::once(self.name.clone()).chain(self.args.iter().cloned()).collect()
+        std::iter::once(self.name.clone())
+            .chain(self.args.iter().cloned())
+            .collect()
     }
 }
 
@@ -414,7 +490,9 @@ mod tests {
     #[test]
     fn generated_and_explicit_tasks_expand_in_order() {
         let d = dir_with_module();
-        let spec = parse(&d, r#"
+        let spec = parse(
+            &d,
+            r#"
             name = "primes"
             module = "m.wasm"
             quorum = 2
@@ -427,11 +505,16 @@ mod tests {
             [[task]]
             args = ["x"]
             input = "inputs/0.bin"
-        "#).unwrap();
+        "#,
+        )
+        .unwrap();
         assert_eq!(spec.tasks.len(), 4);
         assert_eq!(spec.tasks[2].args, vec!["2", "100"]);
         assert_eq!(spec.tasks[3].args, vec!["x"]);
-        assert_eq!(spec.tasks[1].input.as_deref(), Some(d.path().join("inputs/1.bin").as_path()));
+        assert_eq!(
+            spec.tasks[1].input.as_deref(),
+            Some(d.path().join("inputs/1.bin").as_path())
+        );
         let (m, blobs) = spec.load_blobs().unwrap();
         // module + 3 distinct inputs; task 3 reuses input 0.
         assert_eq!(blobs.len(), 4);
@@ -462,9 +545,24 @@ mod tests {
 
     #[test]
     fn task_seeds_differ_per_task() {
-        let a = TaskId { job: JobId(1), index: 0 }.random_seed();
-        let b = TaskId { job: JobId(1), index: 1 }.random_seed();
+        let a = TaskId {
+            job: JobId(1),
+            index: 0,
+        }
+        .random_seed();
+        let b = TaskId {
+            job: JobId(1),
+            index: 1,
+        }
+        .random_seed();
         assert_ne!(a, b);
-        assert_eq!(a, TaskId { job: JobId(1), index: 0 }.random_seed());
+        assert_eq!(
+            a,
+            TaskId {
+                job: JobId(1),
+                index: 0
+            }
+            .random_seed()
+        );
     }
 }

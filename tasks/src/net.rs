@@ -41,24 +41,39 @@ pub const MAX_BIDI_STREAMS: u32 = 256;
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("cannot bind UDP {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("node at {addr} did not answer within {}s: is it running, and is UDP to it allowed?", after.as_secs_f32())]
     Unreachable { addr: SocketAddr, after: Duration },
     #[error("node at {addr} is not the one we expected: we pinned node {expected} but it presented node {presented} (stale ticket or peer list?)")]
-    WrongKey { addr: SocketAddr, expected: NodeId, presented: NodeId },
+    WrongKey {
+        addr: SocketAddr,
+        expected: NodeId,
+        presented: NodeId,
+    },
     #[error("cannot start a connection to {addr}: {source}")]
-    Start { addr: SocketAddr, source: quinn::ConnectError },
+    Start {
+        addr: SocketAddr,
+        source: quinn::ConnectError,
+    },
     #[error("connection to {addr} failed: {source}")]
-    Connection { addr: SocketAddr, source: ConnectionError },
+    Connection {
+        addr: SocketAddr,
+        source: ConnectionError,
+    },
 }
 
 /// The transport settings every peergrid connection uses.
 pub fn transport_config() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
-    t.max_idle_timeout(Some(IdleTimeout::try_from(IDLE_TIMEOUT).expect("30s fits a QUIC varint")));
+    t.max_idle_timeout(Some(
+        IdleTimeout::try_from(IDLE_TIMEOUT).expect("30s fits a QUIC varint"),
+    ));
     t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_BIDI_STREAMS));
     Arc::new(t)
 }
@@ -67,14 +82,19 @@ pub fn transport_config() -> Arc<TransportConfig> {
 /// (none: a client-only endpoint) and connects out with [`connect`].
 ///
 /// Must be called inside a tokio runtime.
-pub fn endpoint(key: &NodeKey, bind: SocketAddr, server_alpns: &[&[u8]]) -> Result<quinn::Endpoint, NetError> {
+pub fn endpoint(
+    key: &NodeKey,
+    bind: SocketAddr,
+    server_alpns: &[&[u8]],
+) -> Result<quinn::Endpoint, NetError> {
     let identity = Identity::new(key)?;
     let bind_err = |source| NetError::Bind { addr: bind, source };
     let mut ep = if server_alpns.is_empty() {
         quinn::Endpoint::client(bind).map_err(bind_err)?
     } else {
         let tls = identity.server_config(server_alpns)?;
-        let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+        let crypto =
+            QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport_config());
         quinn::Endpoint::server(server, bind).map_err(bind_err)?
@@ -104,29 +124,52 @@ pub async fn connect_timeout(
     alpn: &[u8],
     timeout: Duration,
 ) -> Result<quinn::Connection, NetError> {
-    let connecting =
-        ep.connect(addr, &pin_name(expected, alpn)).map_err(|source| NetError::Start { addr, source })?;
+    let connecting = ep
+        .connect(addr, &pin_name(expected, alpn))
+        .map_err(|source| NetError::Start { addr, source })?;
     let result = match tokio::time::timeout(timeout, connecting).await {
-        Err(_elapsed) => Err(NetError::Unreachable { addr, after: timeout }),
+        Err(_elapsed) => Err(NetError::Unreachable {
+            addr,
+            after: timeout,
+        }),
         Ok(Ok(conn)) => match remote_node_id(&conn) {
             Some(id) if id == expected => Ok(conn),
             // The verifier already pinned the key; this only guards against a misconfigured
             // endpoint (e.g. someone replaced its default client config).
             Some(presented) => {
                 close(&conn, CloseCode::Rejected, "wrong key");
-                Err(NetError::WrongKey { addr, expected, presented })
+                Err(NetError::WrongKey {
+                    addr,
+                    expected,
+                    presented,
+                })
             }
             None => {
                 close(&conn, CloseCode::Rejected, "no certificate");
-                Err(TlsError::BadCertificate("the server presented no usable certificate".into()).into())
+                Err(
+                    TlsError::BadCertificate("the server presented no usable certificate".into())
+                        .into(),
+                )
             }
         },
-        Ok(Err(ConnectionError::TimedOut)) => Err(NetError::Unreachable { addr, after: timeout }),
+        Ok(Err(ConnectionError::TimedOut)) => Err(NetError::Unreachable {
+            addr,
+            after: timeout,
+        }),
         Ok(Err(source)) => Err(match &source {
-            ConnectionError::TransportError(e) => match TlsError::wrong_key_from_reason(&e.reason) {
-                Some(TlsError::WrongKey { expected, presented }) => NetError::WrongKey { addr, expected, presented },
-                _ => NetError::Connection { addr, source },
-            },
+            ConnectionError::TransportError(e) => {
+                match TlsError::wrong_key_from_reason(&e.reason) {
+                    Some(TlsError::WrongKey {
+                        expected,
+                        presented,
+                    }) => NetError::WrongKey {
+                        addr,
+                        expected,
+                        presented,
+                    },
+                    _ => NetError::Connection { addr, source },
+                }
+            }
             _ => NetError::Connection { addr, source },
         }),
     };
@@ -138,13 +181,19 @@ pub async fn connect_timeout(
 
 /// The node id the peer proved with its certificate (both sides present one).
 pub fn remote_node_id(conn: &quinn::Connection) -> Option<NodeId> {
-    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
     tls::node_id_from_cert(certs.first()?).ok()
 }
 
 /// The ALPN the connection negotiated.
 pub fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
-    conn.handshake_data()?.downcast::<HandshakeData>().ok()?.protocol
+    conn.handshake_data()?
+        .downcast::<HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 /// Close a connection with a wire close code and a short reason for the peer's logs.
@@ -155,7 +204,9 @@ pub fn close(conn: &quinn::Connection, code: CloseCode, reason: &str) {
 /// The close code of a connection the peer closed, if it used one of ours.
 pub fn close_code_of(err: &ConnectionError) -> Option<CloseCode> {
     match err {
-        ConnectionError::ApplicationClosed(close) => CloseCode::from_code(close.error_code.into_inner()),
+        ConnectionError::ApplicationClosed(close) => {
+            CloseCode::from_code(close.error_code.into_inner())
+        }
         _ => None,
     }
 }
@@ -194,7 +245,10 @@ impl FrameError {
 }
 
 /// Write one frame (length prefix + postcard body).
-pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<(), FrameError> {
+pub async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), FrameError> {
     let frame = wire::encode_frame(msg).map_err(|e| match e {
         DecodeError::FrameTooLarge { len, max } => FrameError::TooLargeToSend { len, max },
         other => FrameError::Decode(other),
@@ -208,7 +262,9 @@ pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, msg: &T) ->
 /// The length is checked against [`MAX_FRAME`] before anything is allocated, and the body
 /// buffer grows only as bytes actually arrive, so a peer cannot make us reserve
 /// `MAX_FRAME` bytes per stream by sending a bare length prefix.
-pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Result<Option<T>, FrameError> {
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<T>, FrameError> {
     let mut prefix = [0u8; 4];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -223,7 +279,13 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream) -> Re
     while body.len() < len {
         match recv.read_chunk(len - body.len(), true).await? {
             Some(chunk) => body.extend_from_slice(&chunk.bytes),
-            None => return Err(DecodeError::Truncated { have: 4 + body.len(), need: 4 + len }.into()),
+            None => {
+                return Err(DecodeError::Truncated {
+                    have: 4 + body.len(),
+                    need: 4 + len,
+                }
+                .into())
+            }
         }
     }
     debug_assert!(len <= MAX_FRAME);
@@ -289,9 +351,16 @@ impl quinn::crypto::ClientConfig for PinningClient {
         server_name: &str,
         params: &quinn_proto::transport_parameters::TransportParameters,
     ) -> Result<Box<dyn quinn::crypto::Session>, quinn::ConnectError> {
-        let invalid = || quinn::ConnectError::InvalidServerName(format!("{server_name} (use tasks::net::connect)"));
+        let invalid = || {
+            quinn::ConnectError::InvalidServerName(format!(
+                "{server_name} (use tasks::net::connect)"
+            ))
+        };
         let (expected, alpn) = parse_pin_name(server_name).ok_or_else(invalid)?;
-        let tls = self.identity.client_config(expected, &[&alpn]).map_err(|_| invalid())?;
+        let tls = self
+            .identity
+            .client_config(expected, &[&alpn])
+            .map_err(|_| invalid())?;
         let crypto = QuicClientConfig::try_from(tls).map_err(|_| invalid())?;
         Arc::new(crypto).start_session(version, tls::CERT_NAME, params)
     }

@@ -197,7 +197,10 @@ mod tests {
             Status::OutputLimit,
             Status::InvalidModule,
         ] {
-            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.as_str()));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
         }
     }
 }

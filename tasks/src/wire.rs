@@ -151,11 +151,20 @@ pub enum WorkerMsg {
         blobs: Vec<BlobId>,
     },
     /// Ask for up to `max` assignments.
-    RequestWork { max: u32 },
+    RequestWork {
+        max: u32,
+    },
     Report(Report),
-    HaveBlobs { blobs: Vec<BlobId> },
-    Abandon { replicas: Vec<ReplicaId> },
-    BadPeer { peer: NodeId, blob: BlobId },
+    HaveBlobs {
+        blobs: Vec<BlobId>,
+    },
+    Abandon {
+        replicas: Vec<ReplicaId>,
+    },
+    BadPeer {
+        peer: NodeId,
+        blob: BlobId,
+    },
     /// Several reports in one frame (a worker flushing its queue).
     Reports(Vec<Report>),
 }
@@ -188,7 +197,10 @@ pub enum CoordMsg {
     /// These reports are committed; the worker may forget them.
     Ack { replicas: Vec<ReplicaId> },
     /// A report or request was refused; nothing changed.
-    Rejected { replica: Option<ReplicaId>, reason: String },
+    Rejected {
+        replica: Option<ReplicaId>,
+        reason: String,
+    },
     /// Stop working on these replicas (the task is decided or the job cancelled).
     Cancel { replicas: Vec<ReplicaId> },
 }
@@ -216,14 +228,26 @@ pub struct SubmitRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum SubmitBody {
     /// Which of these blobs does the coordinator lack?
-    MissingBlobs { blobs: Vec<BlobRef> },
+    MissingBlobs {
+        blobs: Vec<BlobRef>,
+    },
     /// Followed on the same stream by exactly `blob.size` raw bytes.
-    PutBlob { blob: BlobRef },
-    CreateJob { manifest: JobManifest },
+    PutBlob {
+        blob: BlobRef,
+    },
+    CreateJob {
+        manifest: JobManifest,
+    },
     /// One job, or all when `None`.
-    Status { job: Option<JobId> },
-    Results { job: JobId },
-    Cancel { job: JobId },
+    Status {
+        job: Option<JobId>,
+    },
+    Results {
+        job: JobId,
+    },
+    Cancel {
+        job: JobId,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -343,16 +367,30 @@ pub enum BlobRequest {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum BlobResponse {
-    Outboard { size: u64, cvs: Vec<[u8; 32]> },
+    Outboard {
+        size: u64,
+        cvs: Vec<[u8; 32]>,
+    },
     /// Followed by `len` raw bytes: the requested chunks, concatenated.
-    Chunks { start: u64, count: u32, len: u64 },
+    Chunks {
+        start: u64,
+        count: u32,
+        len: u64,
+    },
     /// One bool per chunk.
-    Have { size: u64, chunks: Vec<bool> },
+    Have {
+        size: u64,
+        chunks: Vec<bool>,
+    },
     NotFound,
     /// At the upload limit: try another peer, or this one later.
-    Busy { retry_after_ms: u64 },
+    Busy {
+        retry_after_ms: u64,
+    },
     /// The request was malformed (e.g. a chunk range outside the blob).
-    BadRequest { reason: String },
+    BadRequest {
+        reason: String,
+    },
 }
 
 /// Why a frame could not be decoded.
@@ -387,7 +425,10 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, DecodeError> {
     let body = encode(msg);
     if body.len() > MAX_FRAME {
-        return Err(DecodeError::FrameTooLarge { len: body.len(), max: MAX_FRAME });
+        return Err(DecodeError::FrameTooLarge {
+            len: body.len(),
+            max: MAX_FRAME,
+        });
     }
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&(body.len() as u32).to_be_bytes());
@@ -398,9 +439,13 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, DecodeError> {
 /// Decode a frame body; the whole body must be one message.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
     if body.len() > MAX_FRAME {
-        return Err(DecodeError::FrameTooLarge { len: body.len(), max: MAX_FRAME });
+        return Err(DecodeError::FrameTooLarge {
+            len: body.len(),
+            max: MAX_FRAME,
+        });
     }
-    let (msg, rest) = postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    let (msg, rest) =
+        postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
         return Err(DecodeError::TrailingBytes { extra: rest.len() });
     }
@@ -411,7 +456,10 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
 pub fn check_frame_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
     let len = u32::from_be_bytes(prefix) as usize;
     if len > MAX_FRAME {
-        return Err(DecodeError::FrameTooLarge { len, max: MAX_FRAME });
+        return Err(DecodeError::FrameTooLarge {
+            len,
+            max: MAX_FRAME,
+        });
     }
     Ok(len)
 }
@@ -420,11 +468,17 @@ pub fn check_frame_len(prefix: [u8; 4]) -> Result<usize, DecodeError> {
 /// the bytes consumed.
 pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<(T, usize), DecodeError> {
     if buf.len() < 4 {
-        return Err(DecodeError::Truncated { have: buf.len(), need: 4 });
+        return Err(DecodeError::Truncated {
+            have: buf.len(),
+            need: 4,
+        });
     }
     let len = check_frame_len([buf[0], buf[1], buf[2], buf[3]])?;
     if buf.len() < 4 + len {
-        return Err(DecodeError::Truncated { have: buf.len(), need: 4 + len });
+        return Err(DecodeError::Truncated {
+            have: buf.len(),
+            need: 4 + len,
+        });
     }
     Ok((decode(&buf[4..4 + len])?, 4 + len))
 }
@@ -463,9 +517,18 @@ mod tests {
     /// serde encodes a v6 address as ip + port only (flow info and scope id are dropped).
     fn socket_addr() -> impl Strategy<Value = SocketAddr> {
         prop_oneof![
-            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddrV4::new(Ipv4Addr::from(ip), port).into()),
-            (any::<[u8; 16]>(), any::<u16>())
-                .prop_map(|(ip, port)| SocketAddrV6::new(Ipv6Addr::from(ip), port, 0, 0).into()),
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddrV4::new(
+                Ipv4Addr::from(ip),
+                port
+            )
+            .into()),
+            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddrV6::new(
+                Ipv6Addr::from(ip),
+                port,
+                0,
+                0
+            )
+            .into()),
         ]
     }
 
@@ -486,38 +549,67 @@ mod tests {
     }
 
     fn fingerprint() -> impl Strategy<Value = EngineFingerprint> {
-        (text(), text(), text()).prop_map(|(engine, arch, settings)| EngineFingerprint { engine, arch, settings })
+        (text(), text(), text()).prop_map(|(engine, arch, settings)| EngineFingerprint {
+            engine,
+            arch,
+            settings,
+        })
     }
 
     fn run_result() -> impl Strategy<Value = RunResult> {
-        (status(), any::<i32>(), text(), any::<u64>(), blob_id(), any::<u64>()).prop_map(
-            |(status, exit_code, trap, fuel_used, output_hash, output_len)| RunResult {
-                status,
-                exit_code,
-                trap,
-                fuel_used,
-                output_hash,
-                output_len,
-            },
+        (
+            status(),
+            any::<i32>(),
+            text(),
+            any::<u64>(),
+            blob_id(),
+            any::<u64>(),
         )
+            .prop_map(
+                |(status, exit_code, trap, fuel_used, output_hash, output_len)| RunResult {
+                    status,
+                    exit_code,
+                    trap,
+                    fuel_used,
+                    output_hash,
+                    output_len,
+                },
+            )
     }
 
     fn report() -> impl Strategy<Value = Report> {
-        (any::<u64>(), run_result(), prop::option::of(bytes()), any::<u64>())
-            .prop_map(|(replica, result, output, wall_ms)| Report { replica, result, output, wall_ms })
+        (
+            any::<u64>(),
+            run_result(),
+            prop::option::of(bytes()),
+            any::<u64>(),
+        )
+            .prop_map(|(replica, result, output, wall_ms)| Report {
+                replica,
+                result,
+                output,
+                wall_ms,
+            })
     }
 
     fn worker_msg() -> impl Strategy<Value = WorkerMsg> {
         prop_oneof![
-            (text(), fingerprint(), any::<u32>(), prop::option::of(socket_addr()), list(blob_id())).prop_map(
-                |(agent, fingerprint, slots, peer_addr, blobs)| WorkerMsg::Hello {
-                    agent,
-                    fingerprint,
-                    slots,
-                    peer_addr,
-                    blobs
-                }
-            ),
+            (
+                text(),
+                fingerprint(),
+                any::<u32>(),
+                prop::option::of(socket_addr()),
+                list(blob_id())
+            )
+                .prop_map(|(agent, fingerprint, slots, peer_addr, blobs)| {
+                    WorkerMsg::Hello {
+                        agent,
+                        fingerprint,
+                        slots,
+                        peer_addr,
+                        blobs,
+                    }
+                }),
             any::<u32>().prop_map(|max| WorkerMsg::RequestWork { max }),
             report().prop_map(WorkerMsg::Report),
             list(blob_id()).prop_map(|blobs| WorkerMsg::HaveBlobs { blobs }),
@@ -536,56 +628,90 @@ mod tests {
             list(text()),
             (any::<u64>(), any::<u32>(), any::<u64>()),
         )
-            .prop_map(|((job, index), name, module, input, args, (fuel, memory_mb, max_output))| TaskManifest {
-                id: TaskId { job: JobId(job), index },
-                name,
-                module,
-                input,
-                args,
-                fuel,
-                memory_mb,
-                max_output,
-            })
+            .prop_map(
+                |((job, index), name, module, input, args, (fuel, memory_mb, max_output))| {
+                    TaskManifest {
+                        id: TaskId {
+                            job: JobId(job),
+                            index,
+                        },
+                        name,
+                        module,
+                        input,
+                        args,
+                        fuel,
+                        memory_mb,
+                        max_output,
+                    }
+                },
+            )
     }
 
     fn assignment() -> impl Strategy<Value = Assignment> {
-        (any::<u64>(), task_manifest(), any::<u64>(), list((node_id(), socket_addr())))
+        (
+            any::<u64>(),
+            task_manifest(),
+            any::<u64>(),
+            list((node_id(), socket_addr())),
+        )
             .prop_map(|(replica, task, deadline_secs, peers)| Assignment {
                 replica,
                 task,
                 deadline_secs,
-                peers: peers.into_iter().map(|(node_id, addr)| PeerAddr { node_id, addr }).collect(),
+                peers: peers
+                    .into_iter()
+                    .map(|(node_id, addr)| PeerAddr { node_id, addr })
+                    .collect(),
             })
     }
 
     fn coord_msg() -> impl Strategy<Value = CoordMsg> {
         prop_oneof![
-            (text(), socket_addr()).prop_map(|(agent, observed_addr)| CoordMsg::Welcome { agent, observed_addr }),
-            (list(assignment()), any::<u64>())
-                .prop_map(|(assignments, retry_after_ms)| CoordMsg::Assign { assignments, retry_after_ms }),
+            (text(), socket_addr()).prop_map(|(agent, observed_addr)| CoordMsg::Welcome {
+                agent,
+                observed_addr
+            }),
+            (list(assignment()), any::<u64>()).prop_map(|(assignments, retry_after_ms)| {
+                CoordMsg::Assign {
+                    assignments,
+                    retry_after_ms,
+                }
+            }),
             list(any::<u64>()).prop_map(|replicas| CoordMsg::Ack { replicas }),
-            (prop::option::of(any::<u64>()), text()).prop_map(|(replica, reason)| CoordMsg::Rejected { replica, reason }),
+            (prop::option::of(any::<u64>()), text())
+                .prop_map(|(replica, reason)| CoordMsg::Rejected { replica, reason }),
             list(any::<u64>()).prop_map(|replicas| CoordMsg::Cancel { replicas }),
         ]
     }
 
     fn job_manifest() -> impl Strategy<Value = JobManifest> {
-        let limits = (any::<u32>(), any::<u32>(), any::<u64>(), any::<u32>(), any::<u64>(), any::<u64>()).prop_map(
-            |(quorum, max_replicas, fuel, memory_mb, max_output, deadline_secs)| JobLimits {
-                quorum,
-                max_replicas,
-                fuel,
-                memory_mb,
-                max_output,
-                deadline_secs,
-            },
-        );
-        let entry = (list(text()), prop::option::of(blob_ref())).prop_map(|(args, input)| TaskEntry { args, input });
-        (text(), blob_ref(), limits, list(entry)).prop_map(|(name, module, limits, tasks)| JobManifest {
-            name,
-            module,
-            limits,
-            tasks,
+        let limits = (
+            any::<u32>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(quorum, max_replicas, fuel, memory_mb, max_output, deadline_secs)| JobLimits {
+                    quorum,
+                    max_replicas,
+                    fuel,
+                    memory_mb,
+                    max_output,
+                    deadline_secs,
+                },
+            );
+        let entry = (list(text()), prop::option::of(blob_ref()))
+            .prop_map(|(args, input)| TaskEntry { args, input });
+        (text(), blob_ref(), limits, list(entry)).prop_map(|(name, module, limits, tasks)| {
+            JobManifest {
+                name,
+                module,
+                limits,
+                tasks,
+            }
         })
     }
 
@@ -606,44 +732,83 @@ mod tests {
     }
 
     fn job_state() -> impl Strategy<Value = JobState> {
-        prop::sample::select(vec![JobState::Running, JobState::Done, JobState::Failed, JobState::Cancelled])
+        prop::sample::select(vec![
+            JobState::Running,
+            JobState::Done,
+            JobState::Failed,
+            JobState::Cancelled,
+        ])
     }
 
     fn status_report() -> impl Strategy<Value = StatusReport> {
-        let job = (job_id(), text(), job_state(), any::<[u32; 5]>()).prop_map(|(id, name, state, n)| JobStatus {
-            id,
-            name,
-            state,
-            tasks_total: n[0],
-            tasks_done: n[1],
-            tasks_failed: n[2],
-            replicas_in_flight: n[3],
-            replicas_reported: n[4],
-        });
+        let job =
+            (job_id(), text(), job_state(), any::<[u32; 5]>()).prop_map(|(id, name, state, n)| {
+                JobStatus {
+                    id,
+                    name,
+                    state,
+                    tasks_total: n[0],
+                    tasks_done: n[1],
+                    tasks_failed: n[2],
+                    replicas_in_flight: n[3],
+                    replicas_reported: n[4],
+                }
+            });
         // Any finite credit (NaN would not compare equal to itself).
-        let worker = (node_id(), any::<bool>(), -1e18f64..1e18, any::<u64>(), any::<u64>()).prop_map(
-            |(node_id, connected, credit, valid, invalid)| WorkerStatus { node_id, connected, credit, valid, invalid },
-        );
-        (list(job), list(worker), any::<u64>()).prop_map(|(jobs, workers, coordinator_bytes_sent)| StatusReport {
-            jobs,
-            workers,
-            coordinator_bytes_sent,
-        })
+        let worker = (
+            node_id(),
+            any::<bool>(),
+            -1e18f64..1e18,
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(node_id, connected, credit, valid, invalid)| WorkerStatus {
+                    node_id,
+                    connected,
+                    credit,
+                    valid,
+                    invalid,
+                },
+            );
+        (list(job), list(worker), any::<u64>()).prop_map(
+            |(jobs, workers, coordinator_bytes_sent)| StatusReport {
+                jobs,
+                workers,
+                coordinator_bytes_sent,
+            },
+        )
     }
 
     fn task_result() -> impl Strategy<Value = TaskResult> {
         (
             any::<u32>(),
-            prop::sample::select(vec![TaskState::Pending, TaskState::Accepted, TaskState::Failed]),
+            prop::sample::select(vec![
+                TaskState::Pending,
+                TaskState::Accepted,
+                TaskState::Failed,
+            ]),
             prop::option::of(status()),
             prop::option::of(blob_id()),
-            (prop::option::of(any::<u64>()), prop::option::of(any::<u64>())),
+            (
+                prop::option::of(any::<u64>()),
+                prop::option::of(any::<u64>()),
+            ),
             list(node_id()),
             prop::option::of(text()),
             prop::option::of(bytes()),
         )
             .prop_map(
-                |(index, status, outcome, output_hash, (output_len, fuel_used), agreeing_workers, reason, output)| {
+                |(
+                    index,
+                    status,
+                    outcome,
+                    output_hash,
+                    (output_len, fuel_used),
+                    agreeing_workers,
+                    reason,
+                    output,
+                )| {
                     TaskResult {
                         index,
                         status,
@@ -668,12 +833,19 @@ mod tests {
             ErrorCode::Internal,
             ErrorCode::Overloaded,
         ]);
-        let results = (job_id(), text(), job_state(), list(task_result()))
-            .prop_map(|(job, name, state, tasks)| JobResults { job, name, state, tasks });
+        let results = (job_id(), text(), job_state(), list(task_result())).prop_map(
+            |(job, name, state, tasks)| JobResults {
+                job,
+                name,
+                state,
+                tasks,
+            },
+        );
         prop_oneof![
             Just(SubmitResponse::Ok),
             list(blob_ref()).prop_map(|blobs| SubmitResponse::Missing { blobs }),
-            (job_id(), any::<u32>()).prop_map(|(job, tasks)| SubmitResponse::JobCreated { job, tasks }),
+            (job_id(), any::<u32>())
+                .prop_map(|(job, tasks)| SubmitResponse::JobCreated { job, tasks }),
             status_report().prop_map(SubmitResponse::Status),
             results.prop_map(SubmitResponse::Results),
             (code, text()).prop_map(|(code, message)| SubmitResponse::Error { code, message }),
@@ -683,17 +855,20 @@ mod tests {
     fn blob_request() -> impl Strategy<Value = BlobRequest> {
         prop_oneof![
             blob_id().prop_map(|id| BlobRequest::Outboard { id }),
-            (blob_id(), any::<u64>(), any::<u32>()).prop_map(|(id, start, count)| BlobRequest::Chunks { id, start, count }),
+            (blob_id(), any::<u64>(), any::<u32>())
+                .prop_map(|(id, start, count)| BlobRequest::Chunks { id, start, count }),
             blob_id().prop_map(|id| BlobRequest::Have { id }),
         ]
     }
 
     fn blob_response() -> impl Strategy<Value = BlobResponse> {
         prop_oneof![
-            (any::<u64>(), list(any::<[u8; 32]>())).prop_map(|(size, cvs)| BlobResponse::Outboard { size, cvs }),
+            (any::<u64>(), list(any::<[u8; 32]>()))
+                .prop_map(|(size, cvs)| BlobResponse::Outboard { size, cvs }),
             (any::<u64>(), any::<u32>(), any::<u64>())
                 .prop_map(|(start, count, len)| BlobResponse::Chunks { start, count, len }),
-            (any::<u64>(), list(any::<bool>())).prop_map(|(size, chunks)| BlobResponse::Have { size, chunks }),
+            (any::<u64>(), list(any::<bool>()))
+                .prop_map(|(size, chunks)| BlobResponse::Have { size, chunks }),
             Just(BlobResponse::NotFound),
             any::<u64>().prop_map(|retry_after_ms| BlobResponse::Busy { retry_after_ms }),
             text().prop_map(|reason| BlobResponse::BadRequest { reason }),
@@ -704,16 +879,28 @@ mod tests {
     /// every proper prefix of the frame is refused as truncated.
     fn assert_round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: &T) {
         let frame = encode_frame(msg).unwrap();
-        assert_eq!(decode_frame::<T>(&frame).unwrap(), (msg_clone(msg), frame.len()));
+        assert_eq!(
+            decode_frame::<T>(&frame).unwrap(),
+            (msg_clone(msg), frame.len())
+        );
         assert_eq!(&decode::<T>(&frame[4..]).unwrap(), msg);
         for cut in [0, 1, 3, 4, frame.len() / 2, frame.len() - 1] {
             if cut < frame.len() {
-                assert!(matches!(decode_frame::<T>(&frame[..cut]), Err(DecodeError::Truncated { .. })), "cut at {cut}");
+                assert!(
+                    matches!(
+                        decode_frame::<T>(&frame[..cut]),
+                        Err(DecodeError::Truncated { .. })
+                    ),
+                    "cut at {cut}"
+                );
             }
         }
         let mut longer = frame[4..].to_vec();
         longer.push(0);
-        assert_eq!(decode::<T>(&longer), Err(DecodeError::TrailingBytes { extra: 1 }));
+        assert_eq!(
+            decode::<T>(&longer),
+            Err(DecodeError::TrailingBytes { extra: 1 })
+        );
     }
 
     fn msg_clone<T: Serialize + DeserializeOwned>(msg: &T) -> T {
@@ -776,14 +963,36 @@ mod tests {
     fn oversized_frames_are_refused_before_the_body() {
         let prefix = ((MAX_FRAME + 1) as u32).to_be_bytes();
         let err = decode_frame::<WorkerMsg>(&prefix).unwrap_err();
-        assert_eq!(err, DecodeError::FrameTooLarge { len: MAX_FRAME + 1, max: MAX_FRAME });
+        assert_eq!(
+            err,
+            DecodeError::FrameTooLarge {
+                len: MAX_FRAME + 1,
+                max: MAX_FRAME
+            }
+        );
         assert_eq!(err.close_code(), CloseCode::FrameTooLarge);
-        assert_eq!(check_frame_len(u32::MAX.to_be_bytes()).unwrap_err().close_code(), CloseCode::FrameTooLarge);
-        assert_eq!(check_frame_len((MAX_FRAME as u32).to_be_bytes()), Ok(MAX_FRAME));
+        assert_eq!(
+            check_frame_len(u32::MAX.to_be_bytes())
+                .unwrap_err()
+                .close_code(),
+            CloseCode::FrameTooLarge
+        );
+        assert_eq!(
+            check_frame_len((MAX_FRAME as u32).to_be_bytes()),
+            Ok(MAX_FRAME)
+        );
         let body = vec![0u8; MAX_FRAME + 1];
-        assert!(matches!(decode::<WorkerMsg>(&body), Err(DecodeError::FrameTooLarge { .. })));
-        let huge = WorkerMsg::HaveBlobs { blobs: vec![BlobId([0; 32]); MAX_FRAME / 32 + 1] };
-        assert!(matches!(encode_frame(&huge), Err(DecodeError::FrameTooLarge { .. })));
+        assert!(matches!(
+            decode::<WorkerMsg>(&body),
+            Err(DecodeError::FrameTooLarge { .. })
+        ));
+        let huge = WorkerMsg::HaveBlobs {
+            blobs: vec![BlobId([0; 32]); MAX_FRAME / 32 + 1],
+        };
+        assert!(matches!(
+            encode_frame(&huge),
+            Err(DecodeError::FrameTooLarge { .. })
+        ));
     }
 
     #[test]
@@ -792,12 +1001,24 @@ mod tests {
         let err = decode::<WorkerMsg>(&[200, 0]).unwrap_err();
         assert!(matches!(err, DecodeError::Malformed(_)));
         assert_eq!(err.close_code(), CloseCode::Protocol);
-        assert!(matches!(decode::<WorkerMsg>(&[]), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode::<WorkerMsg>(&[]),
+            Err(DecodeError::Malformed(_))
+        ));
         // A vec claiming 2^32 - 1 elements in a 6-byte body fails fast without allocating.
         let lie = [3, 0xff, 0xff, 0xff, 0xff, 0x0f];
-        assert!(matches!(decode::<WorkerMsg>(&lie), Err(DecodeError::Malformed(_))));
-        assert_eq!(decode::<WorkerMsg>(&[1, 4, 9]), Err(DecodeError::TrailingBytes { extra: 1 }));
-        assert_eq!(DecodeError::Truncated { have: 1, need: 4 }.close_code(), CloseCode::Protocol);
+        assert!(matches!(
+            decode::<WorkerMsg>(&lie),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert_eq!(
+            decode::<WorkerMsg>(&[1, 4, 9]),
+            Err(DecodeError::TrailingBytes { extra: 1 })
+        );
+        assert_eq!(
+            DecodeError::Truncated { have: 1, need: 4 }.close_code(),
+            CloseCode::Protocol
+        );
     }
 
     #[test]
@@ -821,21 +1042,31 @@ mod tests {
     // field was reordered, removed or retyped: that breaks every deployed node. Add new
     // variants at the end instead (and a new golden test for them). ----
 
-    const GOLDEN_CHUNKS_REQ: &str = "0000002301abababababababababababababababababababababababababababababababab0210";
-    const GOLDEN_OUTBOARD: &str = "000000230005010101010101010101010101010101010101010101010101010101010101010101";
+    const GOLDEN_CHUNKS_REQ: &str =
+        "0000002301abababababababababababababababababababababababababababababababab0210";
+    const GOLDEN_OUTBOARD: &str =
+        "000000230005010101010101010101010101010101010101010101010101010101010101010101";
     const GOLDEN_WELCOME: &str = "0000000a000163007f000001d122";
     const GOLDEN_ASSIGN: &str = "000000670101050102017033333333333333333333333333333333333333333333333333333333333333330a00010178e807408001d80401444444444444444444444444444444444444444444444444444444444444444401000000000000000000000000000000010700";
-    const GOLDEN_PUT_BLOB: &str = "0000002703746f6b011111111111111111111111111111111111111111111111111111111111111111e807";
+    const GOLDEN_PUT_BLOB: &str =
+        "0000002703746f6b011111111111111111111111111111111111111111111111111111111111111111e807";
     const GOLDEN_RESULTS: &str = "0000005f0407016a01020001010001555555555555555555555555555555555555555555555555555555555555555501020163016666666666666666666666666666666666666666666666666666666666666666000001020000000000010172010101";
     const GOLDEN_HELLO: &str = "000000350003772f310165016101730201000a000001d122010101010101010101010101010101010101010101010101010101010101010101";
     const GOLDEN_REPORT: &str = "0000002f0209010100ac02222222222222222222222222222222222222222222222222222222222222222203010368690ae807";
     const GOLDEN_BAD_PEER: &str = "00000041050a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0a0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b";
 
     /// `frame_hex` may contain spaces between fields, for reading.
-    fn golden<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(msg: T, frame_hex: &str) {
+    fn golden<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(
+        msg: T,
+        frame_hex: &str,
+    ) {
         let frame_hex: String = frame_hex.split_whitespace().collect();
         let frame = encode_frame(&msg).unwrap();
-        assert_eq!(hex::encode(&frame), frame_hex, "encoding of {msg:?} changed");
+        assert_eq!(
+            hex::encode(&frame),
+            frame_hex,
+            "encoding of {msg:?} changed"
+        );
         let (back, used) = decode_frame::<T>(&hex::decode(&frame_hex).unwrap()).unwrap();
         assert_eq!((back, used), (msg, frame.len()));
     }
@@ -857,7 +1088,11 @@ mod tests {
         golden(
             WorkerMsg::Hello {
                 agent: "w/1".into(),
-                fingerprint: EngineFingerprint { engine: "e".into(), arch: "a".into(), settings: "s".into() },
+                fingerprint: EngineFingerprint {
+                    engine: "e".into(),
+                    arch: "a".into(),
+                    settings: "s".into(),
+                },
                 slots: 2,
                 peer_addr: Some("10.0.0.1:4433".parse().unwrap()),
                 blobs: vec![BlobId([0x01; 32])],
@@ -873,14 +1108,28 @@ mod tests {
             }),
             GOLDEN_REPORT,
         );
-        golden(WorkerMsg::BadPeer { peer: NodeId([0x0a; 32]), blob: BlobId([0x0b; 32]) }, GOLDEN_BAD_PEER);
+        golden(
+            WorkerMsg::BadPeer {
+                peer: NodeId([0x0a; 32]),
+                blob: BlobId([0x0b; 32]),
+            },
+            GOLDEN_BAD_PEER,
+        );
     }
 
     #[test]
     fn golden_coord_msgs() {
-        golden(CoordMsg::Ack { replicas: vec![1, 300] }, "00000005 02 02 01 ac02");
         golden(
-            CoordMsg::Welcome { agent: "c".into(), observed_addr: "127.0.0.1:4433".parse().unwrap() },
+            CoordMsg::Ack {
+                replicas: vec![1, 300],
+            },
+            "00000005 02 02 01 ac02",
+        );
+        golden(
+            CoordMsg::Welcome {
+                agent: "c".into(),
+                observed_addr: "127.0.0.1:4433".parse().unwrap(),
+            },
             GOLDEN_WELCOME,
         );
         golden(
@@ -888,9 +1137,15 @@ mod tests {
                 assignments: vec![Assignment {
                     replica: 5,
                     task: TaskManifest {
-                        id: TaskId { job: JobId(1), index: 2 },
+                        id: TaskId {
+                            job: JobId(1),
+                            index: 2,
+                        },
                         name: "p".into(),
-                        module: BlobRef { id: BlobId([0x33; 32]), size: 10 },
+                        module: BlobRef {
+                            id: BlobId([0x33; 32]),
+                            size: 10,
+                        },
                         input: None,
                         args: vec!["x".into()],
                         fuel: 1000,
@@ -898,7 +1153,10 @@ mod tests {
                         max_output: 128,
                     },
                     deadline_secs: 600,
-                    peers: vec![PeerAddr { node_id: NodeId([0x44; 32]), addr: "[::1]:7".parse().unwrap() }],
+                    peers: vec![PeerAddr {
+                        node_id: NodeId([0x44; 32]),
+                        addr: "[::1]:7".parse().unwrap(),
+                    }],
                 }],
                 retry_after_ms: 0,
             },
@@ -911,12 +1169,31 @@ mod tests {
         golden(
             SubmitRequest {
                 token: "tok".into(),
-                body: SubmitBody::PutBlob { blob: BlobRef { id: BlobId([0x11; 32]), size: 1000 } },
+                body: SubmitBody::PutBlob {
+                    blob: BlobRef {
+                        id: BlobId([0x11; 32]),
+                        size: 1000,
+                    },
+                },
             },
             GOLDEN_PUT_BLOB,
         );
-        golden(SubmitRequest { token: "t".into(), body: SubmitBody::Status { job: Some(JobId(3)) } }, "00000005 0174 03 01 03");
-        golden(SubmitResponse::Error { code: ErrorCode::Unauthorized, message: "no".into() }, "00000005 05 00 026e6f");
+        golden(
+            SubmitRequest {
+                token: "t".into(),
+                body: SubmitBody::Status {
+                    job: Some(JobId(3)),
+                },
+            },
+            "00000005 0174 03 01 03",
+        );
+        golden(
+            SubmitResponse::Error {
+                code: ErrorCode::Unauthorized,
+                message: "no".into(),
+            },
+            "00000005 05 00 026e6f",
+        );
         golden(
             SubmitResponse::Results(JobResults {
                 job: JobId(7),
@@ -953,11 +1230,42 @@ mod tests {
 
     #[test]
     fn golden_blob_messages() {
-        golden(BlobRequest::Chunks { id: BlobId([0xab; 32]), start: 2, count: 16 }, GOLDEN_CHUNKS_REQ);
-        golden(BlobResponse::Chunks { start: 2, count: 16, len: 4_194_304 }, "00000007 01 02 10 80808002");
-        golden(BlobResponse::Outboard { size: 5, cvs: vec![[0x01; 32]] }, GOLDEN_OUTBOARD);
-        golden(BlobResponse::Have { size: 1, chunks: vec![true, false] }, "00000005 02 01 02 01 00");
+        golden(
+            BlobRequest::Chunks {
+                id: BlobId([0xab; 32]),
+                start: 2,
+                count: 16,
+            },
+            GOLDEN_CHUNKS_REQ,
+        );
+        golden(
+            BlobResponse::Chunks {
+                start: 2,
+                count: 16,
+                len: 4_194_304,
+            },
+            "00000007 01 02 10 80808002",
+        );
+        golden(
+            BlobResponse::Outboard {
+                size: 5,
+                cvs: vec![[0x01; 32]],
+            },
+            GOLDEN_OUTBOARD,
+        );
+        golden(
+            BlobResponse::Have {
+                size: 1,
+                chunks: vec![true, false],
+            },
+            "00000005 02 01 02 01 00",
+        );
         golden(BlobResponse::NotFound, "0000000103");
-        golden(BlobResponse::Busy { retry_after_ms: 250 }, "0000000304fa01");
+        golden(
+            BlobResponse::Busy {
+                retry_after_ms: 250,
+            },
+            "0000000304fa01",
+        );
     }
 }

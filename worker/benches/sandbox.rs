@@ -40,27 +40,49 @@ struct Kernel {
 
 fn main() {
     let smoke = std::env::var_os("PEERGRID_BENCH_SMOKE").is_some_and(|v| v != "0");
-    let runs: usize = if smoke { 1 } else { std::env::var("PEERGRID_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(5) };
+    let runs: usize = if smoke {
+        1
+    } else {
+        std::env::var("PEERGRID_BENCH_RUNS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(5)
+    };
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let work = std::env::temp_dir().join(format!("peergrid-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).expect("create a temp dir");
 
     let det = Sandbox::new(SandboxConfig::default()).expect("sandbox");
-    let loose = Sandbox::new(SandboxConfig { deterministic: false, ..SandboxConfig::default() }).expect("sandbox");
-    println!("# peergrid sandbox benchmark ({} run{} per measurement, median{})", runs, if runs == 1 { "" } else { "s" }, if smoke { ", SMOKE sizes" } else { "" });
+    let loose = Sandbox::new(SandboxConfig {
+        deterministic: false,
+        ..SandboxConfig::default()
+    })
+    .expect("sandbox");
+    println!(
+        "# peergrid sandbox benchmark ({} run{} per measurement, median{})",
+        runs,
+        if runs == 1 { "" } else { "s" },
+        if smoke { ", SMOKE sizes" } else { "" }
+    );
     println!("# fingerprint (deterministic): {}", det.fingerprint());
     println!("# fingerprint (loose):         {}", loose.fingerprint());
 
     let kernels = collect_kernels(manifest, &work, smoke);
     println!();
-    println!("{:<12} {:>11} {:>11} {:>11} {:>9} {:>9}  {}", "kernel", "native", "det", "no-det", "det/nat", "nodet/nat", "check");
+    println!(
+        "{:<12} {:>11} {:>11} {:>11} {:>9} {:>9}  {}",
+        "kernel", "native", "det", "no-det", "det/nat", "nodet/nat", "check"
+    );
     for k in &kernels {
         bench_kernel(k, runs, &det, &loose);
     }
 
     println!();
     println!("# what each setting costs, alone, on plain wasmtime (median of {runs})");
-    println!("{:<12} {:>11} {:>11} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9}", "kernel", "plain", "+fuel", "+epoch", "+nan-canon", "plain/nat", "fuel", "epoch", "nan");
+    println!(
+        "{:<12} {:>11} {:>11} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9}",
+        "kernel", "plain", "+fuel", "+epoch", "+nan-canon", "plain/nat", "fuel", "epoch", "nan"
+    );
     for k in &kernels {
         settings_cost(k, runs);
     }
@@ -73,12 +95,19 @@ fn main() {
 
 fn toolchain_ok() -> Result<(), String> {
     if !Path::new(RUSTC).exists() {
-        return Err(format!("{RUSTC} not found (install Debian's rustc and libstd-rust-dev-wasm32)"));
+        return Err(format!(
+            "{RUSTC} not found (install Debian's rustc and libstd-rust-dev-wasm32)"
+        ));
     }
-    let sysroot = Command::new(RUSTC).args(["--print", "sysroot"]).output().map_err(|e| format!("{RUSTC}: {e}"))?;
+    let sysroot = Command::new(RUSTC)
+        .args(["--print", "sysroot"])
+        .output()
+        .map_err(|e| format!("{RUSTC}: {e}"))?;
     let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
     if !Path::new(&sysroot).join("lib/rustlib/wasm32-wasi").is_dir() {
-        return Err(format!("{RUSTC} has no wasm32-wasi std (install libstd-rust-dev-wasm32)"));
+        return Err(format!(
+            "{RUSTC} has no wasm32-wasi std (install libstd-rust-dev-wasm32)"
+        ));
     }
     Ok(())
 }
@@ -89,9 +118,18 @@ fn rustc(src: &Path, out: &Path, wasm: bool) -> Result<(), String> {
     if wasm {
         c.args(["--target", "wasm32-wasi", "-C", "strip=symbols"]);
     }
-    let o = c.arg(src).arg("-o").arg(out).output().map_err(|e| e.to_string())?;
+    let o = c
+        .arg(src)
+        .arg("-o")
+        .arg(out)
+        .output()
+        .map_err(|e| e.to_string())?;
     if !o.status.success() {
-        return Err(String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or("rustc failed").to_string());
+        return Err(String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .next()
+            .unwrap_or("rustc failed")
+            .to_string());
     }
     Ok(())
 }
@@ -104,7 +142,11 @@ fn collect_kernels(manifest: &Path, work: &Path, smoke: bool) -> Vec<Kernel> {
     }
     // Built-in kernels.
     let mut srcs: Vec<PathBuf> = std::fs::read_dir(manifest.join("benches/kernels"))
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "rs")).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+                .collect()
+        })
         .unwrap_or_default();
     srcs.sort();
     for src in srcs {
@@ -117,9 +159,19 @@ fn collect_kernels(manifest: &Path, work: &Path, smoke: bool) -> Vec<Kernel> {
         let args = if smoke {
             vec!["100000".to_string()]
         } else {
-            std::fs::read_to_string(src.with_extension("args")).unwrap_or_default().split_whitespace().map(String::from).collect()
+            std::fs::read_to_string(src.with_extension("args"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(String::from)
+                .collect()
         };
-        out.push(Kernel { name, wasm: std::fs::read(&wasm_path).unwrap(), native, args, input: Vec::new() });
+        out.push(Kernel {
+            name,
+            wasm: std::fs::read(&wasm_path).unwrap(),
+            native,
+            args,
+            input: Vec::new(),
+        });
     }
     // Sample workloads.
     let examples = manifest.join("../examples");
@@ -128,22 +180,38 @@ fn collect_kernels(manifest: &Path, work: &Path, smoke: bool) -> Vec<Kernel> {
         return out;
     }
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&examples)
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_dir())
+                .collect()
+        })
         .unwrap_or_default();
     dirs.sort();
     for dir in dirs {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
         let wasm_path = dir.join(format!("{name}.wasm"));
-        let src = [dir.join(format!("{name}.rs")), dir.join("src/main.rs")].into_iter().find(|p| p.is_file());
-        let (Ok(wasm), Some(src)) = (std::fs::read(&wasm_path), src) else { continue };
+        let src = [dir.join(format!("{name}.rs")), dir.join("src/main.rs")]
+            .into_iter()
+            .find(|p| p.is_file());
+        let (Ok(wasm), Some(src)) = (std::fs::read(&wasm_path), src) else {
+            continue;
+        };
         let native = work.join(format!("example-{name}"));
         if let Err(e) = rustc(&src, &native, false) {
             println!("SKIP examples/{name}: native build failed: {e}");
             continue;
         }
         let text = std::fs::read_to_string(dir.join("bench.args")).unwrap_or_default();
-        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'));
-        let args = lines.next().unwrap_or("").split_whitespace().map(String::from).collect();
+        let mut lines = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'));
+        let args = lines
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .map(String::from)
+            .collect();
         let input = match lines.next() {
             Some(f) => match std::fs::read(dir.join(f)) {
                 Ok(b) => b,
@@ -154,7 +222,13 @@ fn collect_kernels(manifest: &Path, work: &Path, smoke: bool) -> Vec<Kernel> {
             },
             None => Vec::new(),
         };
-        out.push(Kernel { name, wasm, native, args, input });
+        out.push(Kernel {
+            name,
+            wasm,
+            native,
+            args,
+            input,
+        });
     }
     out
 }
@@ -187,7 +261,9 @@ fn run_native(k: &Kernel) -> (Duration, Vec<u8>) {
 
 fn spec(k: &Kernel) -> RunSpec {
     RunSpec {
-        argv: std::iter::once(k.name.clone()).chain(k.args.iter().cloned()).collect(),
+        argv: std::iter::once(k.name.clone())
+            .chain(k.args.iter().cloned())
+            .collect(),
         input: k.input.clone(),
         fuel: u64::MAX / 4,
         memory_mb: 1024,
@@ -202,7 +278,9 @@ fn run_sandbox(sb: &Sandbox, k: &Kernel, runs: usize) -> Result<(Duration, Vec<u
     let mut times = Vec::new();
     let mut last = None;
     for _ in 0..runs {
-        let out = sb.run(&m, &spec, &RunControl::default()).map_err(|e| e.to_string())?;
+        let out = sb
+            .run(&m, &spec, &RunControl::default())
+            .map_err(|e| e.to_string())?;
         if out.result.status != Status::Ok {
             return Err(format!("status {} {:?}", out.result.status, out.error));
         }
@@ -236,7 +314,9 @@ fn run_plain(k: &Kernel, extra: Extra, runs: usize) -> Result<(Duration, Vec<u8>
     let mut linker: Linker<WasiP1Ctx> = Linker::new(&engine);
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |t| t).map_err(|e| e.to_string())?;
     let pre = linker.instantiate_pre(&module).map_err(|e| e.to_string())?;
-    let argv: Vec<String> = std::iter::once(k.name.clone()).chain(k.args.iter().cloned()).collect();
+    let argv: Vec<String> = std::iter::once(k.name.clone())
+        .chain(k.args.iter().cloned())
+        .collect();
     let mut times = Vec::new();
     let mut output = Vec::new();
     for _ in 0..runs {
@@ -255,7 +335,10 @@ fn run_plain(k: &Kernel, extra: Extra, runs: usize) -> Result<(Duration, Vec<u8>
             store.set_epoch_deadline(u64::MAX / 2);
         }
         let t = Instant::now();
-        let res = pre.instantiate(&mut store).and_then(|i| i.get_typed_func::<(), ()>(&mut store, "_start")?.call(&mut store, ()));
+        let res = pre.instantiate(&mut store).and_then(|i| {
+            i.get_typed_func::<(), ()>(&mut store, "_start")?
+                .call(&mut store, ())
+        });
         times.push(t.elapsed());
         if let Err(e) = res {
             match e.downcast_ref::<wasmtime_wasi::I32Exit>() {
@@ -320,7 +403,11 @@ fn bench_kernel(k: &Kernel, runs: usize, det: &Sandbox, loose: &Sandbox) {
             return;
         }
     };
-    let check = if d.1 == native_out && l.1 == native_out { "output = native".to_string() } else { "OUTPUT DIFFERS from native".to_string() };
+    let check = if d.1 == native_out && l.1 == native_out {
+        "output = native".to_string()
+    } else {
+        "OUTPUT DIFFERS from native".to_string()
+    };
     let ratio = |t: Duration| t.as_secs_f64() / native.as_secs_f64();
     println!(
         "{:<12} {:>11} {:>11} {:>11} {:>8.2}x {:>8.2}x  {check}, fuel {}",
@@ -336,7 +423,10 @@ fn bench_kernel(k: &Kernel, runs: usize, det: &Sandbox, loose: &Sandbox) {
 
 fn compile_and_cache(kernels: &[Kernel], work: &Path, runs: usize) {
     // The module closest to 100 KB.
-    let Some(k) = kernels.iter().min_by_key(|k| (k.wasm.len() as i64 - 100_000).abs()) else {
+    let Some(k) = kernels
+        .iter()
+        .min_by_key(|k| (k.wasm.len() as i64 - 100_000).abs())
+    else {
         println!("SKIP compile/cache: no module");
         return;
     };
@@ -345,12 +435,20 @@ fn compile_and_cache(kernels: &[Kernel], work: &Path, runs: usize) {
     let mut warm = Vec::new();
     for i in 0..runs {
         let _ = std::fs::remove_dir_all(&cache);
-        let sb = Sandbox::new(SandboxConfig { cache_dir: Some(cache.clone()), ..SandboxConfig::default() }).unwrap();
+        let sb = Sandbox::new(SandboxConfig {
+            cache_dir: Some(cache.clone()),
+            ..SandboxConfig::default()
+        })
+        .unwrap();
         let t = Instant::now();
         let m = sb.load(&k.wasm).expect("load");
         cold.push(t.elapsed());
         assert!(!m.from_disk_cache());
-        let sb2 = Sandbox::new(SandboxConfig { cache_dir: Some(cache.clone()), ..SandboxConfig::default() }).unwrap();
+        let sb2 = Sandbox::new(SandboxConfig {
+            cache_dir: Some(cache.clone()),
+            ..SandboxConfig::default()
+        })
+        .unwrap();
         let t = Instant::now();
         let m2 = sb2.load(&k.wasm).expect("load from cache");
         warm.push(t.elapsed());
@@ -366,17 +464,31 @@ fn compile_and_cache(kernels: &[Kernel], work: &Path, runs: usize) {
 }
 
 fn instantiation(sb: &Sandbox, kernels: &[Kernel], n: usize) {
-    let tiny = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#).unwrap();
+    let tiny = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "_start")))"#)
+        .unwrap();
     let mut rows: Vec<(String, Vec<u8>)> = vec![("empty".into(), tiny.clone())];
     rows.extend(kernels.iter().map(|k| (k.name.clone(), k.wasm.clone())));
     for (name, wasm) in rows {
         let m = sb.load(&wasm).unwrap();
-        let spec = RunSpec { argv: vec![name.clone()], ..RunSpec::default() };
-        let times: Vec<Duration> = (0..n).map(|_| sb.instantiate_only(&m, &spec).unwrap()).collect();
-        println!("instantiate {name:<12} {:>8.1} µs (store + WASI ctx + instance, median of {n})", median(times).as_secs_f64() * 1e6);
+        let spec = RunSpec {
+            argv: vec![name.clone()],
+            ..RunSpec::default()
+        };
+        let times: Vec<Duration> = (0..n)
+            .map(|_| sb.instantiate_only(&m, &spec).unwrap())
+            .collect();
+        println!(
+            "instantiate {name:<12} {:>8.1} µs (store + WASI ctx + instance, median of {n})",
+            median(times).as_secs_f64() * 1e6
+        );
     }
     let m = sb.load(&tiny).unwrap();
     let spec = RunSpec::default();
-    let times: Vec<Duration> = (0..n).map(|_| sb.run(&m, &spec, &RunControl::default()).unwrap().wall).collect();
-    println!("full run of an empty _start: {:.1} µs (median of {n})", median(times).as_secs_f64() * 1e6);
+    let times: Vec<Duration> = (0..n)
+        .map(|_| sb.run(&m, &spec, &RunControl::default()).unwrap().wall)
+        .collect();
+    println!(
+        "full run of an empty _start: {:.1} µs (median of {n})",
+        median(times).as_secs_f64() * 1e6
+    );
 }

@@ -50,8 +50,18 @@ fn node(limits: ServeLimits) -> anyhow::Result<Node> {
             });
         }
     });
-    let peer = PeerAddr { node_id: key.node_id(), addr: ep.local_addr()? };
-    Ok(Node { peer, store, server, fetcher, ep, _dir: dir })
+    let peer = PeerAddr {
+        node_id: key.node_id(),
+        addr: ep.local_addr()?,
+    };
+    Ok(Node {
+        peer,
+        store,
+        server,
+        fetcher,
+        ep,
+        _dir: dir,
+    })
 }
 
 fn blob_data(len: usize) -> Vec<u8> {
@@ -67,14 +77,26 @@ fn blob_data(len: usize) -> Vec<u8> {
 }
 
 /// N fresh workers fetch `blob`; returns (wall time, seed bytes sent).
-async fn distribute(seed: &Node, blob: BlobRef, workers: usize, swarm: bool) -> anyhow::Result<(Duration, u64)> {
-    let nodes: Vec<Node> = (0..workers).map(|_| node(ServeLimits::default())).collect::<Result<_, _>>()?;
+async fn distribute(
+    seed: &Node,
+    blob: BlobRef,
+    workers: usize,
+    swarm: bool,
+) -> anyhow::Result<(Duration, u64)> {
+    let nodes: Vec<Node> = (0..workers)
+        .map(|_| node(ServeLimits::default()))
+        .collect::<Result<_, _>>()?;
     let before = seed.server.bytes_sent();
     let started = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for (i, w) in nodes.iter().enumerate() {
         let mut peers: Vec<PeerAddr> = if swarm {
-            nodes.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, o)| o.peer.clone()).collect()
+            nodes
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, o)| o.peer.clone())
+                .collect()
         } else {
             Vec::new()
         };
@@ -127,7 +149,9 @@ async fn raw_copy(data: std::sync::Arc<Vec<u8>>) -> anyhow::Result<Duration> {
 async fn p2p_fetch(source: &Node, blob: BlobRef) -> anyhow::Result<Duration> {
     let me = node(ServeLimits::default())?;
     let started = Instant::now();
-    me.fetcher.fetch(blob, std::slice::from_ref(&source.peer)).await?;
+    me.fetcher
+        .fetch(blob, std::slice::from_ref(&source.peer))
+        .await?;
     let took = started.elapsed();
     anyhow::ensure!(me.store.has(&blob.id));
     me.ep.close(0u32.into(), b"done");
@@ -140,7 +164,10 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -148,7 +175,9 @@ fn main() -> anyhow::Result<()> {
     let workers = env("PEERGRID_BENCH_WORKERS", if smoke { 4 } else { 32 });
     let mib = env("PEERGRID_BENCH_MIB", if smoke { 4 } else { 64 });
     let runs = env("PEERGRID_BENCH_RUNS", if smoke { 1 } else { 3 }).max(1);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let data = std::sync::Arc::new(blob_data(mib << 20));
         let size = data.len() as f64;

@@ -34,13 +34,26 @@ pub use partial::PartialBlob;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("blob store I/O on {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("blob {0} is not in the store")]
     NotFound(BlobId),
     #[error("refusing bytes for blob {id}: they hash to {got} ({len} bytes, expected {size})")]
-    Mismatch { id: BlobId, got: BlobId, len: u64, size: u64 },
+    Mismatch {
+        id: BlobId,
+        got: BlobId,
+        len: u64,
+        size: u64,
+    },
     #[error("chunks {start}..{end} are outside blob {id} ({count} chunks)")]
-    OutOfRange { id: BlobId, start: u64, end: u64, count: u64 },
+    OutOfRange {
+        id: BlobId,
+        start: u64,
+        end: u64,
+        count: u64,
+    },
     #[error("chunk of blob {0} failed verification: {1}")]
     Verify(BlobId, VerifyError),
     #[error("blob {id} is only partly downloaded: chunk {index} is missing")]
@@ -50,7 +63,10 @@ pub enum StoreError {
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The blob store: cheap to clone, shared by the fetcher, the server and the sandbox.
@@ -119,12 +135,17 @@ impl BlobStore {
                 let _ = std::fs::remove_file(entry.path());
                 continue;
             }
-            let Ok(id) = name.parse::<BlobId>() else { continue };
+            let Ok(id) = name.parse::<BlobId>() else {
+                continue;
+            };
             let Ok(meta) = entry.metadata() else { continue };
             if !meta.is_file() {
                 continue;
             }
-            let used = meta.accessed().or_else(|_| meta.modified()).unwrap_or(std::time::UNIX_EPOCH);
+            let used = meta
+                .accessed()
+                .or_else(|_| meta.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
             found.push((used, id, meta.len()));
         }
         // Oldest first, so their ticks are smallest.
@@ -133,10 +154,20 @@ impl BlobStore {
         for (_, id, size) in found {
             st.tick += 1;
             st.total += size;
-            st.blobs.insert(id, Entry { size, last_used: st.tick });
+            st.blobs.insert(
+                id,
+                Entry {
+                    size,
+                    last_used: st.tick,
+                },
+            );
         }
         let store = BlobStore {
-            inner: Arc::new(Inner { dir: dir.to_path_buf(), cap: cap_bytes, state: Mutex::new(st) }),
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                cap: cap_bytes,
+                state: Mutex::new(st),
+            }),
         };
         store.evict(None);
         Ok(store)
@@ -165,12 +196,26 @@ impl BlobStore {
 
     /// Size of a complete blob.
     pub fn size(&self, id: &BlobId) -> Option<u64> {
-        self.inner.state.lock().unwrap().blobs.get(id).map(|e| e.size)
+        self.inner
+            .state
+            .lock()
+            .unwrap()
+            .blobs
+            .get(id)
+            .map(|e| e.size)
     }
 
     /// Complete blobs held.
     pub fn list(&self) -> Vec<BlobId> {
-        let mut v: Vec<BlobId> = self.inner.state.lock().unwrap().blobs.keys().copied().collect();
+        let mut v: Vec<BlobId> = self
+            .inner
+            .state
+            .lock()
+            .unwrap()
+            .blobs
+            .keys()
+            .copied()
+            .collect();
         v.sort();
         v
     }
@@ -239,14 +284,19 @@ impl BlobStore {
         })();
         if let Err(e) = res {
             let _ = std::fs::remove_file(&tmp);
-            return Err(StoreError::Io { path: self.path(&id), source: e });
+            return Err(StoreError::Io {
+                path: self.path(&id),
+                source: e,
+            });
         }
         self.insert(id, data.len() as u64);
         Ok(())
     }
 
     fn temp_path(&self) -> PathBuf {
-        self.inner.dir.join(format!(".tmp-{:016x}", rand::random::<u64>()))
+        self.inner
+            .dir
+            .join(format!(".tmp-{:016x}", rand::random::<u64>()))
     }
 
     fn write_outboard(&self, path: &Path, outboard: &Outboard) -> Result<(), StoreError> {
@@ -258,7 +308,10 @@ impl BlobStore {
         let res = std::fs::write(&tmp, &bytes).and_then(|_| std::fs::rename(&tmp, path));
         if let Err(e) = res {
             let _ = std::fs::remove_file(&tmp);
-            return Err(StoreError::Io { path: path.to_path_buf(), source: e });
+            return Err(StoreError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            });
         }
         Ok(())
     }
@@ -272,7 +325,10 @@ impl BlobStore {
         if bytes.len() % 32 != 0 {
             return None;
         }
-        let cvs = bytes.chunks_exact(32).map(|c| c.try_into().unwrap()).collect();
+        let cvs = bytes
+            .chunks_exact(32)
+            .map(|c| c.try_into().unwrap())
+            .collect();
         Outboard::verify(blob, cvs).ok()
     }
 
@@ -281,7 +337,17 @@ impl BlobStore {
             let mut st = self.inner.state.lock().unwrap();
             st.tick += 1;
             let tick = st.tick;
-            if st.blobs.insert(id, Entry { size, last_used: tick }).is_none() {
+            if st
+                .blobs
+                .insert(
+                    id,
+                    Entry {
+                        size,
+                        last_used: tick,
+                    },
+                )
+                .is_none()
+            {
                 st.total += size;
             }
         }
@@ -313,7 +379,11 @@ impl BlobStore {
                 victims.push(id);
             }
             if st.total > cap {
-                tracing::warn!(total = st.total, cap, "blob store over its cap: the rest is pinned or just written");
+                tracing::warn!(
+                    total = st.total,
+                    cap,
+                    "blob store over its cap: the rest is pinned or just written"
+                );
             }
             victims
         };
@@ -327,8 +397,18 @@ impl BlobStore {
     /// Keep `id` from eviction while the guard lives (pinning a blob not yet held is allowed:
     /// it protects it once downloaded).
     pub fn pin(&self, id: &BlobId) -> PinGuard {
-        *self.inner.state.lock().unwrap().pins.entry(*id).or_insert(0) += 1;
-        PinGuard { store: self.clone(), id: *id }
+        *self
+            .inner
+            .state
+            .lock()
+            .unwrap()
+            .pins
+            .entry(*id)
+            .or_insert(0) += 1;
+        PinGuard {
+            store: self.clone(),
+            id: *id,
+        }
     }
 
     /// The outboard of a complete blob or of a download in progress.
@@ -345,7 +425,12 @@ impl BlobStore {
         let data = self.read(id)?;
         let ob = Outboard::compute(&data);
         if ob.blob() != blob {
-            return Err(StoreError::Mismatch { id: *id, got: ob.blob().id, len: data.len() as u64, size });
+            return Err(StoreError::Mismatch {
+                id: *id,
+                got: ob.blob().id,
+                len: data.len() as u64,
+                size,
+            });
         }
         self.write_outboard(&self.outboard_path(id), &ob)?;
         Ok(ob)
@@ -364,7 +449,12 @@ impl BlobStore {
         let chunks = chunk_count(size);
         let end = start.saturating_add(count as u64);
         if count == 0 || end > chunks {
-            return Err(StoreError::OutOfRange { id: *id, start, end, count: chunks });
+            return Err(StoreError::OutOfRange {
+                id: *id,
+                start,
+                end,
+                count: chunks,
+            });
         }
         let from = start * CHUNK_SIZE as u64;
         let to = (end * CHUNK_SIZE as u64).min(size);
@@ -376,7 +466,10 @@ impl BlobStore {
                 let path = self.path(id);
                 let f = File::open(&path).map_err(|e| match e.kind() {
                     std::io::ErrorKind::NotFound => StoreError::NotFound(*id),
-                    _ => StoreError::Io { path: path.clone(), source: e },
+                    _ => StoreError::Io {
+                        path: path.clone(),
+                        source: e,
+                    },
                 })?;
                 f.read_exact_at(&mut buf, from).map_err(io_err(&path))?;
             }

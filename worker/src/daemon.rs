@@ -90,7 +90,9 @@ impl WorkerConfig {
 
 /// The cores this process may use.
 pub fn default_slots() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Counters a running worker exposes (for the demo's summary and for tests).
@@ -125,7 +127,11 @@ impl WorkerStats {
     /// The `q`-quantile (0..=1) of start latencies, as the upper bound of its histogram
     /// bucket in microseconds; `None` before any task started.
     pub fn start_latency_quantile_us(&self, q: f64) -> Option<u64> {
-        let counts: Vec<u64> = self.start_latency_hist.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let counts: Vec<u64> = self
+            .start_latency_hist
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
         let total: u64 = counts.iter().sum();
         if total == 0 {
             return None;
@@ -172,13 +178,21 @@ pub async fn join(args: JoinArgs) -> anyhow::Result<()> {
 
 /// Run a worker until `shutdown` is cancelled, then stop taking work, abandon what has not
 /// finished (so the coordinator reissues it at once) and flush the outbox.
-pub async fn run(cfg: WorkerConfig, stats: Arc<WorkerStats>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: WorkerConfig,
+    stats: Arc<WorkerStats>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let key = NodeKey::load_or_create(&cfg.data_dir)?;
-    let sandbox = Sandbox::new(SandboxConfig { cache_dir: Some(cfg.data_dir.join("cache")), ..SandboxConfig::default() })
-        .context("starting the sandbox")?;
-    let store = BlobStore::open(&cfg.data_dir.join("blobs"), cfg.disk_limit_bytes).context("opening the blob store")?;
+    let sandbox = Sandbox::new(SandboxConfig {
+        cache_dir: Some(cfg.data_dir.join("cache")),
+        ..SandboxConfig::default()
+    })
+    .context("starting the sandbox")?;
+    let store = BlobStore::open(&cfg.data_dir.join("blobs"), cfg.disk_limit_bytes)
+        .context("opening the blob store")?;
     let outbox = Outbox::open(&cfg.data_dir.join("outbox")).context("opening the outbox")?;
     let endpoint = tasks::net::endpoint(&key, cfg.listen, &[wire::ALPN_BLOB])
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -214,7 +228,10 @@ pub async fn run(cfg: WorkerConfig, stats: Arc<WorkerStats>, shutdown: Cancellat
     let result = daemon.run(done_rx, shutdown).await;
     conns.cancel();
     accept.abort();
-    endpoint.close(wire::CloseCode::Shutdown.code().into(), b"worker shutting down");
+    endpoint.close(
+        wire::CloseCode::Shutdown.code().into(),
+        b"worker shutting down",
+    );
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     drop(daemon);
     result
@@ -300,7 +317,9 @@ struct Backoff {
 
 impl Backoff {
     fn new() -> Backoff {
-        Backoff { next: Duration::from_millis(250) }
+        Backoff {
+            next: Duration::from_millis(250),
+        }
     }
     fn reset(&mut self) {
         self.next = Duration::from_millis(250);
@@ -322,14 +341,20 @@ impl Daemon {
     fn hand_target(&self) -> usize {
         let (lo, hi) = PREFETCH_PER_SLOT;
         let per_slot = match self.task_secs {
-            Some(t) if t > 0.0 => ((PREFETCH_COVER.as_secs_f64() / t).ceil() as usize).clamp(lo, hi),
+            Some(t) if t > 0.0 => {
+                ((PREFETCH_COVER.as_secs_f64() / t).ceil() as usize).clamp(lo, hi)
+            }
             Some(_) => hi,
             None => lo,
         };
         self.cfg.slots * per_slot
     }
 
-    async fn run(&mut self, mut done_rx: mpsc::UnboundedReceiver<Done>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    async fn run(
+        &mut self,
+        mut done_rx: mpsc::UnboundedReceiver<Done>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         let (prep_tx, mut prep_rx) = mpsc::unbounded_channel::<Prepared>();
         let (saved_tx, mut saved_rx) = mpsc::unbounded_channel::<(Segment, std::io::Result<()>)>();
         let (conn_tx, mut conn_rx) = mpsc::channel::<anyhow::Result<Session>>(1);
@@ -345,7 +370,9 @@ impl Daemon {
         let mut last_error: Option<String> = None;
 
         loop {
-            let want_connect = self.session.is_none() && !connecting && (shutting_down.is_none() || !self.outbox.is_empty());
+            let want_connect = self.session.is_none()
+                && !connecting
+                && (shutting_down.is_none() || !self.outbox.is_empty());
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if shutting_down.is_none() => {
@@ -476,14 +503,19 @@ impl Daemon {
         if let Some(s) = &mut self.session {
             if let Err(e) = tasks::net::write_frame(&mut s.send, msg).await {
                 tracing::warn!("sending to the coordinator failed: {e}; reconnecting");
-                s.conn.close(wire::CloseCode::Done.code().into(), b"send failed");
+                s.conn
+                    .close(wire::CloseCode::Done.code().into(), b"send failed");
                 // The reader notices the closed connection and ends the session.
             }
         }
     }
 
     async fn maybe_request_work(&mut self) {
-        if self.session.is_none() || self.request_outstanding || self.paused || Instant::now() < self.next_request {
+        if self.session.is_none()
+            || self.request_outstanding
+            || self.paused
+            || Instant::now() < self.next_request
+        {
             return;
         }
         let target = self.hand_target();
@@ -496,7 +528,10 @@ impl Daemon {
             return;
         }
         self.request_outstanding = true;
-        self.send(&WorkerMsg::RequestWork { max: (target - have) as u32 }).await;
+        self.send(&WorkerMsg::RequestWork {
+            max: (target - have) as u32,
+        })
+        .await;
     }
 
     async fn resend_outbox(&mut self) {
@@ -515,7 +550,8 @@ impl Daemon {
         for r in reports {
             let size = r.output.as_ref().map_or(0, |o| o.len() as u64) + 256;
             if !batch.is_empty() && bytes + size > REPORTS_FRAME_BYTES {
-                self.send(&WorkerMsg::Reports(std::mem::take(&mut batch))).await;
+                self.send(&WorkerMsg::Reports(std::mem::take(&mut batch)))
+                    .await;
                 bytes = 0;
             }
             bytes += size;
@@ -548,24 +584,33 @@ impl Daemon {
         }
         let reports = seg.reports.clone();
         self.outbox.adopt(seg);
-        self.stats.reported.fetch_add(reports.len() as u64, Ordering::Relaxed);
+        self.stats
+            .reported
+            .fetch_add(reports.len() as u64, Ordering::Relaxed);
         self.send_reports(reports).await;
     }
 
     async fn on_msg(&mut self, msg: CoordMsg, prep_tx: &mpsc::UnboundedSender<Prepared>) {
         match msg {
             CoordMsg::Welcome { .. } => {}
-            CoordMsg::Assign { assignments, retry_after_ms } => {
+            CoordMsg::Assign {
+                assignments,
+                retry_after_ms,
+            } => {
                 self.request_outstanding = false;
                 if assignments.is_empty() {
-                    self.next_request = Instant::now() + Duration::from_millis(retry_after_ms.clamp(50, 30_000));
+                    self.next_request =
+                        Instant::now() + Duration::from_millis(retry_after_ms.clamp(50, 30_000));
                 }
                 for a in assignments {
                     self.start_preparing(a, prep_tx.clone());
                 }
             }
             CoordMsg::Ack { replicas } => {
-                let known = replicas.iter().filter(|r| self.outbox.contains(**r)).count();
+                let known = replicas
+                    .iter()
+                    .filter(|r| self.outbox.contains(**r))
+                    .count();
                 self.stats.acked.fetch_add(known as u64, Ordering::Relaxed);
                 self.outbox.remove_all(&replicas);
             }
@@ -598,12 +643,23 @@ impl Daemon {
         self.preparing += 1;
         let received = Instant::now();
         let warm = self.modules.get(&a.task.module.id).cloned();
-        let (fetcher, store, sandbox) = (self.fetcher.clone(), self.store.clone(), self.sandbox.clone());
+        let (fetcher, store, sandbox) = (
+            self.fetcher.clone(),
+            self.store.clone(),
+            self.sandbox.clone(),
+        );
         let coordinator = self.session.as_ref().map(|s| s.coordinator.node_id);
         // (A cheap placeholder: an `anyhow::Error` would capture a backtrace when
         // RUST_BACKTRACE is set, a cost per assignment.)
         let placeholder = Ok((Module::Invalid(Arc::new(Vec::new())), Vec::new()));
-        let mut p = Prepared { assignment: a, received, result: placeholder, from_coordinator: 0, from_peers: 0, bad_peers: Vec::new() };
+        let mut p = Prepared {
+            assignment: a,
+            received,
+            result: placeholder,
+            from_coordinator: 0,
+            from_peers: 0,
+            bad_peers: Vec::new(),
+        };
         if let (Some(m), None) = (&warm, &p.assignment.task.input) {
             // Warm module and no input: nothing to fetch or compile, no task to spawn.
             p.result = Ok((Module::Loaded(m.clone()), Vec::new()));
@@ -618,30 +674,61 @@ impl Daemon {
 
     async fn on_prepared(&mut self, p: Prepared) {
         self.preparing -= 1;
-        self.stats.bytes_from_coordinator.fetch_add(p.from_coordinator, Ordering::Relaxed);
-        self.stats.bytes_from_peers.fetch_add(p.from_peers, Ordering::Relaxed);
+        self.stats
+            .bytes_from_coordinator
+            .fetch_add(p.from_coordinator, Ordering::Relaxed);
+        self.stats
+            .bytes_from_peers
+            .fetch_add(p.from_peers, Ordering::Relaxed);
         for peer in &p.bad_peers {
-            self.send(&WorkerMsg::BadPeer { peer: *peer, blob: p.assignment.task.module.id }).await;
+            self.send(&WorkerMsg::BadPeer {
+                peer: *peer,
+                blob: p.assignment.task.module.id,
+            })
+            .await;
         }
         let replica = p.assignment.replica;
-        let Some(control) = self.controls.get(&replica).cloned() else { return };
+        let Some(control) = self.controls.get(&replica).cloned() else {
+            return;
+        };
         match p.result {
             Ok((module, input)) => {
                 if let Module::Loaded(m) = &module {
-                    self.modules.entry(p.assignment.task.module.id).or_insert_with(|| m.clone());
+                    self.modules
+                        .entry(p.assignment.task.module.id)
+                        .or_insert_with(|| m.clone());
                 }
                 let spec = RunSpec::from_manifest(&p.assignment.task, input);
                 self.queued.push_back(replica);
-                self.executor.submit(Job { replica, module, spec, control, received: p.received });
+                self.executor.submit(Job {
+                    replica,
+                    module,
+                    spec,
+                    control,
+                    received: p.received,
+                });
                 if p.from_coordinator + p.from_peers > 0 {
                     // New blobs here: peers may fetch them from us now.
-                    self.send(&WorkerMsg::HaveBlobs { blobs: p.assignment.task.input.iter().map(|b| b.id).chain([p.assignment.task.module.id]).collect() }).await;
+                    self.send(&WorkerMsg::HaveBlobs {
+                        blobs: p
+                            .assignment
+                            .task
+                            .input
+                            .iter()
+                            .map(|b| b.id)
+                            .chain([p.assignment.task.module.id])
+                            .collect(),
+                    })
+                    .await;
                 }
             }
             Err(e) => {
                 tracing::warn!(replica, task = %p.assignment.task.id, "cannot run task: {e:#}; handing it back");
                 self.controls.remove(&replica);
-                self.send(&WorkerMsg::Abandon { replicas: vec![replica] }).await;
+                self.send(&WorkerMsg::Abandon {
+                    replicas: vec![replica],
+                })
+                .await;
             }
         }
     }
@@ -671,7 +758,12 @@ impl Daemon {
             self.send(&WorkerMsg::HaveBlobs { blobs }).await;
             None
         };
-        self.unsaved.push(Report { replica: done.replica, result: out.result, output, wall_ms: out.wall.as_millis() as u64 });
+        self.unsaved.push(Report {
+            replica: done.replica,
+            result: out.result,
+            output,
+            wall_ms: out.wall.as_millis() as u64,
+        });
     }
 
     async fn abandon_all(&mut self) {
@@ -680,7 +772,10 @@ impl Daemon {
             c.cancel();
         }
         if !replicas.is_empty() {
-            tracing::info!("abandoning {} unfinished replicas so they are reissued at once", replicas.len());
+            tracing::info!(
+                "abandoning {} unfinished replicas so they are reissued at once",
+                replicas.len()
+            );
             self.send(&WorkerMsg::Abandon { replicas }).await;
         }
         self.controls.clear();
@@ -696,7 +791,11 @@ async fn next_msg(session: &mut Option<Session>) -> Option<anyhow::Result<CoordM
 }
 
 /// Connect, say hello, and wait for the welcome.
-async fn open_session(endpoint: quinn::Endpoint, ticket: Ticket, hello: WorkerMsg) -> anyhow::Result<Session> {
+async fn open_session(
+    endpoint: quinn::Endpoint,
+    ticket: Ticket,
+    hello: WorkerMsg,
+) -> anyhow::Result<Session> {
     let addr = *ticket
         .socket_addrs()
         .with_context(|| format!("resolving {}", ticket.addr))?
@@ -705,11 +804,14 @@ async fn open_session(endpoint: quinn::Endpoint, ticket: Ticket, hello: WorkerMs
     let conn = tasks::net::connect(&endpoint, addr, ticket.node_id, wire::ALPN_COORD).await?;
     let (mut send, mut recv) = conn.open_bi().await.context("opening the session stream")?;
     tasks::net::write_frame(&mut send, &hello).await?;
-    let welcome: Option<CoordMsg> = tokio::time::timeout(Duration::from_secs(10), tasks::net::read_frame(&mut recv))
-        .await
-        .context("no welcome from the coordinator within 10 s")??;
+    let welcome: Option<CoordMsg> =
+        tokio::time::timeout(Duration::from_secs(10), tasks::net::read_frame(&mut recv))
+            .await
+            .context("no welcome from the coordinator within 10 s")??;
     match welcome {
-        Some(CoordMsg::Welcome { observed_addr, .. }) => tracing::debug!(%observed_addr, "welcomed"),
+        Some(CoordMsg::Welcome { observed_addr, .. }) => {
+            tracing::debug!(%observed_addr, "welcomed")
+        }
         Some(other) => anyhow::bail!("coordinator answered hello with {other:?}"),
         None => anyhow::bail!("coordinator closed the session before welcoming us"),
     }
@@ -730,7 +832,15 @@ async fn open_session(endpoint: quinn::Endpoint, ticket: Ticket, hello: WorkerMs
             }
         }
     });
-    Ok(Session { send, inbox, conn, coordinator: PeerAddr { node_id: ticket.node_id, addr } })
+    Ok(Session {
+        send,
+        inbox,
+        conn,
+        coordinator: PeerAddr {
+            node_id: ticket.node_id,
+            addr,
+        },
+    })
 }
 
 /// Fetch the task's module and input through the swarm and load the module.
@@ -757,7 +867,10 @@ async fn prepare(
     let module = match warm {
         Some(m) => Module::Loaded(m),
         None => {
-            let r = fetcher.fetch(task.module, &peers).await.with_context(|| format!("fetching module {}", task.module.id))?;
+            let r = fetcher
+                .fetch(task.module, &peers)
+                .await
+                .with_context(|| format!("fetching module {}", task.module.id))?;
             count(&r, p);
             let _pin = store.pin(&task.module.id);
             let bytes = Arc::new(store.read(&task.module.id)?);
@@ -774,7 +887,10 @@ async fn prepare(
     let input = match task.input {
         None => Vec::new(),
         Some(blob) => {
-            let r = fetcher.fetch(blob, &peers).await.with_context(|| format!("fetching input {}", blob.id))?;
+            let r = fetcher
+                .fetch(blob, &peers)
+                .await
+                .with_context(|| format!("fetching input {}", blob.id))?;
             count(&r, p);
             store.read(&blob.id)?
         }

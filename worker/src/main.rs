@@ -80,9 +80,14 @@ struct ExecArgs {
 }
 
 fn parse_task_id(s: &str) -> Result<TaskId, String> {
-    let (job, index) = s.split_once('/').ok_or_else(|| format!("{s:?} is not JOB/INDEX (e.g. 7/0)"))?;
+    let (job, index) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not JOB/INDEX (e.g. 7/0)"))?;
     let job: JobId = job.parse()?;
-    let index = index.trim().parse().map_err(|_| format!("{index:?} is not a task index"))?;
+    let index = index
+        .trim()
+        .parse()
+        .map_err(|_| format!("{index:?} is not a task index"))?;
     Ok(TaskId { job, index })
 }
 
@@ -94,7 +99,10 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 
     let result = match cli.command {
         Command::Join(args) => join(args).map(|()| ExitCode::SUCCESS),
@@ -117,27 +125,38 @@ fn join(args: worker::daemon::JoinArgs) -> anyhow::Result<()> {
 fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let module = read_module(&args.module)?;
     let input = match &args.input {
-        Some(p) => std::fs::read(p).with_context(|| format!("cannot read input {}", p.display()))?,
+        Some(p) => {
+            std::fs::read(p).with_context(|| format!("cannot read input {}", p.display()))?
+        }
         None => Vec::new(),
     };
     let name = args.name.clone().unwrap_or_else(|| {
-        args.module.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "task".into())
+        args.module
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "task".into())
     });
     let spec = RunSpec {
-        argv: std::iter::once(name).chain(args.args.iter().cloned()).collect(),
+        argv: std::iter::once(name)
+            .chain(args.args.iter().cloned())
+            .collect(),
         input,
         fuel: args.fuel,
         memory_mb: args.memory_mb,
         max_output: args.max_output,
         seed: args.task.map(|t| t.random_seed()).unwrap_or([0; 32]),
     };
-    let sandbox = Sandbox::new(SandboxConfig { cache_dir: args.cache_dir.clone(), ..SandboxConfig::default() })
-        .context("setting up the sandbox")?;
+    let sandbox = Sandbox::new(SandboxConfig {
+        cache_dir: args.cache_dir.clone(),
+        ..SandboxConfig::default()
+    })
+    .context("setting up the sandbox")?;
     let out = sandbox
         .run_bytes(&module, &spec, &RunControl::default())
         .context("the run was cancelled")?;
     if let Some(p) = &args.out {
-        std::fs::write(p, &out.output).with_context(|| format!("cannot write output to {}", p.display()))?;
+        std::fs::write(p, &out.output)
+            .with_context(|| format!("cannot write output to {}", p.display()))?;
     }
     let r = &out.result;
     let digest = r.digest().to_string();
@@ -158,7 +177,9 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         println!("{json}");
     } else {
         let mut stdout = std::io::stdout().lock();
-        stdout.write_all(&out.output).context("writing the task's output")?;
+        stdout
+            .write_all(&out.output)
+            .context("writing the task's output")?;
         stdout.flush().ok();
         let mut stderr = std::io::stderr().lock();
         stderr.write_all(&out.stderr).ok();
@@ -182,16 +203,23 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         }
         writeln!(stderr, "{line}").ok();
     }
-    Ok(if r.status == Status::Ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if r.status == Status::Ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// The module's bytes; `.wat` files are assembled first.
 fn read_module(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read module {}", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read module {}", path.display()))?;
     if path.extension().is_some_and(|e| e == "wat") {
         return wat::parse_bytes(&bytes)
             .map(|b| b.into_owned())
-            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().replace('\n', " ")));
+            .map_err(|e| {
+                anyhow::anyhow!("{}: {}", path.display(), e.to_string().replace('\n', " "))
+            });
     }
     Ok(bytes)
 }

@@ -78,7 +78,10 @@ pub struct SandboxConfig {
 
 impl Default for SandboxConfig {
     fn default() -> Self {
-        SandboxConfig { cache_dir: None, deterministic: true }
+        SandboxConfig {
+            cache_dir: None,
+            deterministic: true,
+        }
     }
 }
 
@@ -90,7 +93,10 @@ pub enum SandboxError {
     #[error("invalid module: {reason}")]
     InvalidModule { reason: String },
     #[error("compile cache {path}: {source}")]
-    Cache { path: String, source: std::io::Error },
+    Cache {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// The run was stopped by [`RunControl::cancel`]; it has no result.
@@ -186,7 +192,10 @@ impl LoadedModule {
 
 impl std::fmt::Debug for LoadedModule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedModule").field("id", &self.id).field("from_disk", &self.from_disk).finish()
+        f.debug_struct("LoadedModule")
+            .field("id", &self.id)
+            .field("from_disk", &self.from_disk)
+            .finish()
     }
 }
 
@@ -216,7 +225,14 @@ impl Sandbox {
         };
         let ticker = EpochTicker::start(&engine);
         Ok(Sandbox {
-            inner: Arc::new(Inner { engine, linker, fingerprint, disk, memory: Mutex::new(HashMap::new()), ticker }),
+            inner: Arc::new(Inner {
+                engine,
+                linker,
+                fingerprint,
+                disk,
+                memory: Mutex::new(HashMap::new()),
+                ticker,
+            }),
         })
     }
 
@@ -241,10 +257,18 @@ impl Sandbox {
     pub fn load(&self, module: &[u8]) -> Result<LoadedModule, SandboxError> {
         // Binary modules only (wasmtime would also parse the text format; tasks are binaries).
         if !module.starts_with(b"\0asm") {
-            return Err(SandboxError::InvalidModule { reason: "not a WebAssembly binary (no `\\0asm` header)".into() });
+            return Err(SandboxError::InvalidModule {
+                reason: "not a WebAssembly binary (no `\\0asm` header)".into(),
+            });
         }
         let id = BlobId::of(module);
-        if let Some(m) = self.inner.memory.lock().expect("module cache poisoned").get(&id) {
+        if let Some(m) = self
+            .inner
+            .memory
+            .lock()
+            .expect("module cache poisoned")
+            .get(&id)
+        {
             return Ok(m.clone());
         }
         let (compiled, from_disk) = self.compile_or_fetch(id, module)?;
@@ -267,7 +291,9 @@ impl Sandbox {
                 return Ok((m, true));
             }
         }
-        let compiled = Module::new(engine, module).map_err(|e| SandboxError::InvalidModule { reason: one_line(&e) })?;
+        let compiled = Module::new(engine, module).map_err(|e| SandboxError::InvalidModule {
+            reason: one_line(&e),
+        })?;
         if let Some(disk) = &self.inner.disk {
             if let Err(e) = disk.put(&id, &compiled) {
                 tracing::warn!(module = %id, "could not write the compile cache: {e}");
@@ -276,30 +302,66 @@ impl Sandbox {
         Ok((compiled, false))
     }
 
-    fn link(&self, id: BlobId, module: Module, from_disk: bool) -> Result<LoadedModule, SandboxError> {
+    fn link(
+        &self,
+        id: BlobId,
+        module: Module,
+        from_disk: bool,
+    ) -> Result<LoadedModule, SandboxError> {
         match module.get_export("_start") {
-            Some(wasmtime::ExternType::Func(f)) if f.params().len() == 0 && f.results().len() == 0 => {}
-            Some(_) => return Err(SandboxError::InvalidModule { reason: "`_start` is not a function of no arguments and no results".into() }),
-            None => return Err(SandboxError::InvalidModule { reason: "no `_start` export: task modules must be WASI commands".into() }),
+            Some(wasmtime::ExternType::Func(f))
+                if f.params().len() == 0 && f.results().len() == 0 => {}
+            Some(_) => {
+                return Err(SandboxError::InvalidModule {
+                    reason: "`_start` is not a function of no arguments and no results".into(),
+                })
+            }
+            None => {
+                return Err(SandboxError::InvalidModule {
+                    reason: "no `_start` export: task modules must be WASI commands".into(),
+                })
+            }
         }
-        let pre = self.inner.linker.instantiate_pre(&module).map_err(|e| SandboxError::InvalidModule { reason: one_line(&e) })?;
+        let pre = self.inner.linker.instantiate_pre(&module).map_err(|e| {
+            SandboxError::InvalidModule {
+                reason: one_line(&e),
+            }
+        })?;
         Ok(LoadedModule { id, pre, from_disk })
     }
 
     /// Run one task. Returns `Err(Cancelled)` only if `control.cancel()` was called.
-    pub fn run(&self, module: &LoadedModule, spec: &RunSpec, control: &RunControl) -> Result<RunOutput, Cancelled> {
+    pub fn run(
+        &self,
+        module: &LoadedModule,
+        spec: &RunSpec,
+        control: &RunControl,
+    ) -> Result<RunOutput, Cancelled> {
         let _active = self.inner.ticker.activate();
         run::run(&self.inner.engine, module, spec, control)
     }
 
     /// Store setup + instantiation time of `module`, without running it (for benchmarks).
     #[doc(hidden)]
-    pub fn instantiate_only(&self, module: &LoadedModule, spec: &RunSpec) -> Result<Duration, SandboxError> {
-        run::instantiate_only(&self.inner.engine, module, spec).map_err(|e| SandboxError::InvalidModule { reason: one_line(&e) })
+    pub fn instantiate_only(
+        &self,
+        module: &LoadedModule,
+        spec: &RunSpec,
+    ) -> Result<Duration, SandboxError> {
+        run::instantiate_only(&self.inner.engine, module, spec).map_err(|e| {
+            SandboxError::InvalidModule {
+                reason: one_line(&e),
+            }
+        })
     }
 
     /// Load then run; a module that fails to load gives status `invalid_module` (not an `Err`).
-    pub fn run_bytes(&self, module: &[u8], spec: &RunSpec, control: &RunControl) -> Result<RunOutput, Cancelled> {
+    pub fn run_bytes(
+        &self,
+        module: &[u8],
+        spec: &RunSpec,
+        control: &RunControl,
+    ) -> Result<RunOutput, Cancelled> {
         let start = std::time::Instant::now();
         match self.load(module) {
             Ok(m) => self.run(&m, spec, control),

@@ -44,7 +44,12 @@ pub struct ServeLimits {
 
 impl Default for ServeLimits {
     fn default() -> Self {
-        ServeLimits { max_concurrent_uploads: 8, max_streams_per_peer: 16, busy_retry_ms: 50, seed_window: None }
+        ServeLimits {
+            max_concurrent_uploads: 8,
+            max_streams_per_peer: 16,
+            busy_retry_ms: 50,
+            seed_window: None,
+        }
     }
 }
 
@@ -115,10 +120,14 @@ impl BlobServer {
             addr = %conn.remote_address()
         );
         async {
-            let streams = Arc::new(Semaphore::new(self.inner.limits.max_streams_per_peer.max(1)));
+            let streams = Arc::new(Semaphore::new(
+                self.inner.limits.max_streams_per_peer.max(1),
+            ));
             let mut tasks = tokio::task::JoinSet::new();
             loop {
-                let Ok(permit) = streams.clone().acquire_owned().await else { break };
+                let Ok(permit) = streams.clone().acquire_owned().await else {
+                    break;
+                };
                 let (send, recv) = match conn.accept_bi().await {
                     Ok(s) => s,
                     Err(e) => {
@@ -164,12 +173,20 @@ impl BlobServer {
         }
     }
 
-    async fn answer(&self, send: &mut quinn::SendStream, peer: Option<NodeId>, req: BlobRequest) -> Result<(), FrameError> {
+    async fn answer(
+        &self,
+        send: &mut quinn::SendStream,
+        peer: Option<NodeId>,
+        req: BlobRequest,
+    ) -> Result<(), FrameError> {
         let store = &self.inner.store;
         match req {
             BlobRequest::Outboard { id } => {
                 let resp = match blocking(store.clone(), move |s| s.outboard(&id)).await {
-                    Ok(ob) => BlobResponse::Outboard { size: ob.blob().size, cvs: ob.cvs().to_vec() },
+                    Ok(ob) => BlobResponse::Outboard {
+                        size: ob.blob().size,
+                        cvs: ob.cvs().to_vec(),
+                    },
                     Err(_) => BlobResponse::NotFound,
                 };
                 net::write_frame(send, &resp).await?;
@@ -181,7 +198,9 @@ impl BlobServer {
                 };
                 net::write_frame(send, &resp).await?;
             }
-            BlobRequest::Chunks { id, start, count } => return self.send_chunks(send, peer, id, start, count).await,
+            BlobRequest::Chunks { id, start, count } => {
+                return self.send_chunks(send, peer, id, start, count).await
+            }
         }
         send.finish()?;
         Ok(())
@@ -238,7 +257,9 @@ impl BlobServer {
                 }
             };
             send.write_all(&data).await.map_err(FrameError::Write)?;
-            self.inner.bytes_sent.fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.inner
+                .bytes_sent
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
         }
         Ok(send.finish()?)
     }
@@ -248,11 +269,15 @@ impl BlobServer {
     /// Seed mode: claim chunks `run` of `id` for `peer`, unless another node got one of them
     /// within the window.
     fn seed_claim(&self, peer: Option<NodeId>, id: BlobId, run: std::ops::Range<u64>) -> bool {
-        let (Some(window), Some(peer)) = (self.inner.limits.seed_window, peer) else { return true };
+        let (Some(window), Some(peer)) = (self.inner.limits.seed_window, peer) else {
+            return true;
+        };
         let now = Instant::now();
         let mut recent = self.inner.recent.lock().unwrap();
         let taken = run.clone().any(|i| {
-            recent.get(&(id, i)).is_some_and(|(who, at)| *who != peer && now.duration_since(*at) < window)
+            recent
+                .get(&(id, i))
+                .is_some_and(|(who, at)| *who != peer && now.duration_since(*at) < window)
         });
         if taken {
             return false;
@@ -274,6 +299,9 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, StoreError> {
     match tokio::task::spawn_blocking(move || f(&store)).await {
         Ok(r) => r,
-        Err(e) => Err(StoreError::Io { path: Default::default(), source: std::io::Error::other(e.to_string()) }),
+        Err(e) => Err(StoreError::Io {
+            path: Default::default(),
+            source: std::io::Error::other(e.to_string()),
+        }),
     }
 }

@@ -24,7 +24,10 @@ use worker::blobs::BlobStore;
 use worker::sandbox::{RunControl, RunSpec, Sandbox, SandboxConfig};
 use worker::swarm::{BlobServer, FetchOptions, Fetcher, ServeLimits};
 
-const PRIMES_WASM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/primes/primes.wasm");
+const PRIMES_WASM: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../examples/primes/primes.wasm"
+);
 
 fn full() -> bool {
     std::env::var("PEERGRID_FAULTS_FULL").is_ok_and(|v| v == "1")
@@ -64,8 +67,17 @@ fn node() -> anyhow::Result<Node> {
             });
         }
     });
-    let peer = PeerAddr { node_id: key.node_id(), addr: ep.local_addr()? };
-    Ok(Node { peer, store, server, fetcher, _dir: dir })
+    let peer = PeerAddr {
+        node_id: key.node_id(),
+        addr: ep.local_addr()?,
+    };
+    Ok(Node {
+        peer,
+        store,
+        server,
+        fetcher,
+        _dir: dir,
+    })
 }
 
 /// The primes module padded with a custom section to `size` bytes: many chunks, and the
@@ -122,10 +134,16 @@ fn corrupt_on_disk(n: &Node, blob: BlobRef, pick: impl Fn(u64) -> bool) -> anyho
     Ok(())
 }
 
-async fn random_bytes_server(data: Arc<Vec<u8>>, served: Arc<AtomicU64>) -> anyhow::Result<PeerAddr> {
+async fn random_bytes_server(
+    data: Arc<Vec<u8>>,
+    served: Arc<AtomicU64>,
+) -> anyhow::Result<PeerAddr> {
     let key = NodeKey::generate();
     let ep = net::endpoint(&key, "127.0.0.1:0".parse()?, &[ALPN_BLOB])?;
-    let peer = PeerAddr { node_id: key.node_id(), addr: ep.local_addr()? };
+    let peer = PeerAddr {
+        node_id: key.node_id(),
+        addr: ep.local_addr()?,
+    };
     let ob = Arc::new(Outboard::compute(&data));
     tokio::spawn(async move {
         while let Some(incoming) = ep.accept().await {
@@ -138,21 +156,39 @@ async fn random_bytes_server(data: Arc<Vec<u8>>, served: Arc<AtomicU64>) -> anyh
                     let ob = ob.clone();
                     let served = served.clone();
                     tokio::spawn(async move {
-                        let Ok(Some(req)) = net::read_frame::<BlobRequest>(&mut recv).await else { return };
+                        let Ok(Some(req)) = net::read_frame::<BlobRequest>(&mut recv).await else {
+                            return;
+                        };
                         match req {
                             BlobRequest::Outboard { .. } => {
-                                let _ = net::write_frame(&mut send, &BlobResponse::Outboard { size, cvs: ob.cvs().to_vec() }).await;
+                                let _ = net::write_frame(
+                                    &mut send,
+                                    &BlobResponse::Outboard {
+                                        size,
+                                        cvs: ob.cvs().to_vec(),
+                                    },
+                                )
+                                .await;
                             }
                             BlobRequest::Have { .. } => {
                                 let chunks = vec![true; ob.blob().chunk_count() as usize];
-                                let _ = net::write_frame(&mut send, &BlobResponse::Have { size, chunks }).await;
+                                let _ = net::write_frame(
+                                    &mut send,
+                                    &BlobResponse::Have { size, chunks },
+                                )
+                                .await;
                             }
                             BlobRequest::Chunks { start, count, .. } => {
                                 let b = ob.blob();
                                 let end = (start + count as u64).min(b.chunk_count());
                                 let len = b.chunk_range(end - 1).end - b.chunk_range(start).start;
-                                let _ = net::write_frame(&mut send, &BlobResponse::Chunks { start, count, len }).await;
-                                let junk: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
+                                let _ = net::write_frame(
+                                    &mut send,
+                                    &BlobResponse::Chunks { start, count, len },
+                                )
+                                .await;
+                                let junk: Vec<u8> =
+                                    (0..len).map(|_| rand::random::<u8>()).collect();
                                 served.fetch_add(len, Ordering::Relaxed);
                                 let _ = send.write_all(&junk).await;
                             }
@@ -168,8 +204,13 @@ async fn random_bytes_server(data: Arc<Vec<u8>>, served: Arc<AtomicU64>) -> anyh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thirty_percent_poisoned_peers_every_download_verifies_corrupters_flagged_module_runs_right() -> anyhow::Result<()> {
-    let (holders, fetchers, size) = if full() { (20, 16, 16 << 20) } else { (10, 8, 4 << 20) };
+async fn thirty_percent_poisoned_peers_every_download_verifies_corrupters_flagged_module_runs_right(
+) -> anyhow::Result<()> {
+    let (holders, fetchers, size) = if full() {
+        (20, 16, 16 << 20)
+    } else {
+        (10, 8, 4 << 20)
+    };
     let corrupters = holders * 3 / 10;
     let data = Arc::new(padded_module(size));
     let blob = BlobRef::of(&data);
@@ -220,7 +261,12 @@ async fn thirty_percent_poisoned_peers_every_download_verifies_corrupters_flagge
         }
         list.push(seed.peer.clone());
         let f = w.fetcher.clone();
-        set.spawn(async move { (i, tokio::time::timeout(Duration::from_secs(120), f.fetch(blob, &list)).await) });
+        set.spawn(async move {
+            (
+                i,
+                tokio::time::timeout(Duration::from_secs(120), f.fetch(blob, &list)).await,
+            )
+        });
     }
     let (mut completed, mut flagged, mut honest_flagged, mut flags) = (0, HashSet::new(), 0, 0);
     let mut from_corrupters = 0u64;
@@ -238,7 +284,12 @@ async fn thirty_percent_poisoned_peers_every_download_verifies_corrupters_flagge
                         honest_flagged += 1;
                     }
                 }
-                from_corrupters += report.bytes_by_peer.iter().filter(|(p, _)| bad.contains(p)).map(|(_, b)| b).sum::<u64>();
+                from_corrupters += report
+                    .bytes_by_peer
+                    .iter()
+                    .filter(|(p, _)| bad.contains(p))
+                    .map(|(_, b)| b)
+                    .sum::<u64>();
             }
             Ok(Err(e)) => failures.push(format!("worker {i}: {e}")),
             Err(_) => failures.push(format!("worker {i}: fetch hung for 120 s")),
@@ -246,7 +297,10 @@ async fn thirty_percent_poisoned_peers_every_download_verifies_corrupters_flagge
     }
     let elapsed = started.elapsed();
     // What is stored is the original, byte for byte, everywhere.
-    let intact = workers.iter().filter(|w| w.store.read(&blob.id).is_ok_and(|b| b == *data)).count();
+    let intact = workers
+        .iter()
+        .filter(|w| w.store.read(&blob.id).is_ok_and(|b| b == *data))
+        .count();
 
     // A module fetched through the poisoned swarm runs exactly like the original.
     let pick = rand::thread_rng().gen_range(0..workers.len());
@@ -254,29 +308,71 @@ async fn thirty_percent_poisoned_peers_every_download_verifies_corrupters_flagge
     // The sandbox blocks: off the async threads, as the daemon runs it.
     let (want, got) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let sandbox = Sandbox::new(SandboxConfig::default())?;
-        let spec = RunSpec { argv: vec!["primes".into(), "block".into(), "3".into(), "1000000".into()], fuel: 1_000_000_000, memory_mb: 32, max_output: 64, ..RunSpec::default() };
+        let spec = RunSpec {
+            argv: vec![
+                "primes".into(),
+                "block".into(),
+                "3".into(),
+                "1000000".into(),
+            ],
+            fuel: 1_000_000_000,
+            memory_mb: 32,
+            max_output: 64,
+            ..RunSpec::default()
+        };
         let original = std::fs::read(PRIMES_WASM)?;
-        let want = sandbox.run_bytes(&original, &spec, &RunControl::default()).expect("not cancelled");
-        let got = sandbox.run_bytes(&fetched, &spec, &RunControl::default()).expect("not cancelled");
+        let want = sandbox
+            .run_bytes(&original, &spec, &RunControl::default())
+            .expect("not cancelled");
+        let got = sandbox
+            .run_bytes(&fetched, &spec, &RunControl::default())
+            .expect("not cancelled");
         Ok((want, got))
     })
     .await??;
     let same_digest = got.result.digest() == want.result.digest() && got.output == want.output;
 
     // Every corrupter that got to send chunk bytes was caught.
-    let sent_chunks: Vec<NodeId> = lied.iter().filter(|(_, f)| f() > 0).map(|(n, _)| *n).collect();
+    let sent_chunks: Vec<NodeId> = lied
+        .iter()
+        .filter(|(_, f)| f() > 0)
+        .map(|(n, _)| *n)
+        .collect();
     let unflagged_liars = sent_chunks.iter().filter(|n| !flagged.contains(*n)).count();
-    let met = failures.is_empty() && intact == fetchers && unflagged_liars == 0 && !sent_chunks.is_empty() && honest_flagged == 0 && same_digest;
+    let met = failures.is_empty()
+        && intact == fetchers
+        && unflagged_liars == 0
+        && !sent_chunks.is_empty()
+        && honest_flagged == 0
+        && same_digest;
     println!(
         "FAULT|poison|{corrupters} of {holders} peers (30%) serve corrupt chunks (flipped byte in every chunk / every other chunk / random bytes), {fetchers} workers fetch a {} MiB module ({} chunks) at once|{completed}/{fetchers} downloads complete, {intact}/{fetchers} stores hold the exact original, {} of {} corrupters sent chunks and {} of those were flagged as bad peers ({}/{} corrupters flagged in all, {flags} flags, {honest_flagged} honest peers flagged), {from_corrupters} verified bytes taken from corrupters' honest chunks, module from the swarm runs with the original digest: {same_digest}, {:.1} s|every download completes and verifies, corrupters banned, no corrupt byte executed|{}",
         size >> 20, blob.chunk_count(), sent_chunks.len(), bad.len(), sent_chunks.len() - unflagged_liars, flagged.len(), bad.len(), elapsed.as_secs_f64(), if met { "yes" } else { "no" }
     );
     assert!(failures.is_empty(), "downloads failed: {failures:?}");
-    assert_eq!(intact, fetchers, "a store holds something other than the original");
+    assert_eq!(
+        intact, fetchers,
+        "a store holds something other than the original"
+    );
     assert_eq!(honest_flagged, 0, "an honest peer was flagged");
-    assert!(!sent_chunks.is_empty(), "no corrupter got to send a chunk: the test did not exercise poisoning");
-    assert_eq!(unflagged_liars, 0, "a corrupter sent chunks and was not flagged");
-    assert!(same_digest, "the module fetched through poisoned peers ran differently: {:?} vs {:?}", got.result, want.result);
-    assert_eq!(want.result.status, tasks::Status::Ok, "the original module runs: {:?}", want.error);
+    assert!(
+        !sent_chunks.is_empty(),
+        "no corrupter got to send a chunk: the test did not exercise poisoning"
+    );
+    assert_eq!(
+        unflagged_liars, 0,
+        "a corrupter sent chunks and was not flagged"
+    );
+    assert!(
+        same_digest,
+        "the module fetched through poisoned peers ran differently: {:?} vs {:?}",
+        got.result, want.result
+    );
+    assert_eq!(
+        want.result.status,
+        tasks::Status::Ok,
+        "the original module runs: {:?}",
+        want.error
+    );
     Ok(())
 }

@@ -9,7 +9,9 @@ use tasks::{BlobId, Status};
 use worker::sandbox::{Cancelled, RunControl, RunOutput, RunSpec, Sandbox, SandboxConfig};
 
 fn fixture(name: &str) -> Vec<u8> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("{name}.wat"));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(format!("{name}.wat"));
     wat::parse_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -19,13 +21,23 @@ fn sandbox() -> &'static Sandbox {
 }
 
 fn spec() -> RunSpec {
-    RunSpec { argv: vec!["test".into()], fuel: 1_000_000_000, memory_mb: 64, max_output: 1 << 20, ..RunSpec::default() }
+    RunSpec {
+        argv: vec!["test".into()],
+        fuel: 1_000_000_000,
+        memory_mb: 64,
+        max_output: 1 << 20,
+        ..RunSpec::default()
+    }
 }
 
 /// Run twice; assert both results (and so digests) are identical; return the first.
 fn run_twice(wasm: &[u8], spec: &RunSpec) -> RunOutput {
-    let a = sandbox().run_bytes(wasm, spec, &RunControl::default()).unwrap();
-    let b = sandbox().run_bytes(wasm, spec, &RunControl::default()).unwrap();
+    let a = sandbox()
+        .run_bytes(wasm, spec, &RunControl::default())
+        .unwrap();
+    let b = sandbox()
+        .run_bytes(wasm, spec, &RunControl::default())
+        .unwrap();
     assert_eq!(a.result, b.result, "second run differs");
     assert_eq!(a.result.digest(), b.result.digest());
     assert_eq!(a.output, b.output);
@@ -35,7 +47,16 @@ fn run_twice(wasm: &[u8], spec: &RunSpec) -> RunOutput {
 
 /// An ordinary task still runs correctly after whatever the previous one did.
 fn host_still_fine() {
-    let out = sandbox().run_bytes(&fixture("echo"), &RunSpec { input: b"still here".to_vec(), ..spec() }, &RunControl::default()).unwrap();
+    let out = sandbox()
+        .run_bytes(
+            &fixture("echo"),
+            &RunSpec {
+                input: b"still here".to_vec(),
+                ..spec()
+            },
+            &RunControl::default(),
+        )
+        .unwrap();
     assert_eq!(out.result.status, Status::Ok);
     assert_eq!(out.output, b"still here");
 }
@@ -46,7 +67,13 @@ fn busy_input(iterations: u32) -> Vec<u8> {
 
 #[test]
 fn ok_run_reads_stdin_writes_stdout_and_counts_fuel() {
-    let out = run_twice(&fixture("echo"), &RunSpec { input: b"hello".to_vec(), ..spec() });
+    let out = run_twice(
+        &fixture("echo"),
+        &RunSpec {
+            input: b"hello".to_vec(),
+            ..spec()
+        },
+    );
     assert_eq!(out.result.status, Status::Ok);
     assert_eq!(out.result.exit_code, 0);
     assert_eq!(out.output, b"hello");
@@ -58,14 +85,26 @@ fn ok_run_reads_stdin_writes_stdout_and_counts_fuel() {
 
 #[test]
 fn infinite_loop_ends_out_of_fuel_with_the_whole_budget_used() {
-    let out = run_twice(&fixture("infinite_loop"), &RunSpec { fuel: 10_000_000, ..spec() });
+    let out = run_twice(
+        &fixture("infinite_loop"),
+        &RunSpec {
+            fuel: 10_000_000,
+            ..spec()
+        },
+    );
     assert_eq!(out.result.status, Status::OutOfFuel);
     assert_eq!(out.result.fuel_used, 10_000_000);
 }
 
 #[test]
 fn memory_bomb_ends_memory_limit() {
-    let out = run_twice(&fixture("memory_bomb"), &RunSpec { memory_mb: 16, ..spec() });
+    let out = run_twice(
+        &fixture("memory_bomb"),
+        &RunSpec {
+            memory_mb: 16,
+            ..spec()
+        },
+    );
     assert_eq!(out.result.status, Status::MemoryLimit, "{:?}", out.error);
     assert_eq!(out.result.exit_code, 0);
 }
@@ -73,8 +112,16 @@ fn memory_bomb_ends_memory_limit() {
 #[test]
 fn initial_memory_above_the_limit_is_memory_limit() {
     // 32 MiB of initial memory with a 16 MiB limit: refused at instantiation.
-    let wasm = wat::parse_str(r#"(module (memory (export "memory") 512) (func (export "_start")))"#).unwrap();
-    let out = run_twice(&wasm, &RunSpec { memory_mb: 16, ..spec() });
+    let wasm =
+        wat::parse_str(r#"(module (memory (export "memory") 512) (func (export "_start")))"#)
+            .unwrap();
+    let out = run_twice(
+        &wasm,
+        &RunSpec {
+            memory_mb: 16,
+            ..spec()
+        },
+    );
     assert_eq!(out.result.status, Status::MemoryLimit, "{:?}", out.error);
 }
 
@@ -85,7 +132,13 @@ fn unbounded_recursion_traps_with_stack_overflow() {
     assert_eq!(out.result.trap, "stack overflow");
     // Recursing from a fresh thread (different host stack depth) overflows at the same point.
     let wasm = fixture("recursion");
-    let other = std::thread::spawn(move || sandbox().run_bytes(&wasm, &spec(), &RunControl::default()).unwrap()).join().unwrap();
+    let other = std::thread::spawn(move || {
+        sandbox()
+            .run_bytes(&wasm, &spec(), &RunControl::default())
+            .unwrap()
+    })
+    .join()
+    .unwrap();
     assert_eq!(other.result, out.result);
 }
 
@@ -99,7 +152,13 @@ fn unreachable_traps_with_a_stable_kind_not_a_backtrace() {
 
 #[test]
 fn huge_output_ends_output_limit_keeping_exactly_max_output_bytes() {
-    let out = run_twice(&fixture("huge_output"), &RunSpec { max_output: 100_000, ..spec() });
+    let out = run_twice(
+        &fixture("huge_output"),
+        &RunSpec {
+            max_output: 100_000,
+            ..spec()
+        },
+    );
     assert_eq!(out.result.status, Status::OutputLimit);
     assert_eq!(out.result.output_len, 100_000);
     assert_eq!(out.output.len(), 100_000);
@@ -119,7 +178,9 @@ fn proc_exit_nonzero_is_exit_with_its_code_and_stderr_is_captured_but_not_hashed
 fn file_env_and_socket_access_fail_cleanly() {
     let out = run_twice(&fixture("escape"), &spec());
     assert_eq!(out.result.status, Status::Ok, "{:?}", out.error);
-    let [prestat, open, env, env_count, sock, read] = out.output[..] else { panic!("output {:?}", out.output) };
+    let [prestat, open, env, env_count, sock, read] = out.output[..] else {
+        panic!("output {:?}", out.output)
+    };
     const EBADF: u8 = 8;
     assert_eq!(prestat, EBADF, "fd 3 must not be a preopened dir");
     assert_eq!(open, EBADF, "path_open must have no directory to open from");
@@ -138,7 +199,12 @@ fn module_without_start_is_invalid_module() {
 
 #[test]
 fn malformed_binary_is_invalid_module() {
-    for bytes in [&b"\0asm\x01\0\0\0\x01\xff\xff\xff garbage"[..], b"", b"not wasm at all", b"(module)"] {
+    for bytes in [
+        &b"\0asm\x01\0\0\0\x01\xff\xff\xff garbage"[..],
+        b"",
+        b"not wasm at all",
+        b"(module)",
+    ] {
         let out = run_twice(bytes, &spec());
         assert_eq!(out.result.status, Status::InvalidModule, "{bytes:?}");
         assert!(sandbox().load(bytes).is_err());
@@ -150,8 +216,14 @@ fn unknown_imports_are_invalid_module() {
     let out = run_twice(&fixture("bad_import"), &spec());
     assert_eq!(out.result.status, Status::InvalidModule);
     assert!(out.error.unwrap().contains("fd_teleport"));
-    let wasm = wat::parse_str(r#"(module (import "env" "launch_missiles" (func)) (func (export "_start") call 0))"#).unwrap();
-    assert_eq!(run_twice(&wasm, &spec()).result.status, Status::InvalidModule);
+    let wasm = wat::parse_str(
+        r#"(module (import "env" "launch_missiles" (func)) (func (export "_start") call 0))"#,
+    )
+    .unwrap();
+    assert_eq!(
+        run_twice(&wasm, &spec()).result.status,
+        Status::InvalidModule
+    );
 }
 
 #[test]
@@ -162,20 +234,42 @@ fn huge_module_with_a_5mb_data_segment_loads_and_runs() {
     );
     let wasm = wat::parse_str(&text).unwrap();
     assert!(wasm.len() > 5 << 20);
-    let out = run_twice(&wasm, &RunSpec { memory_mb: 16, ..spec() });
-    assert!(matches!(out.result.status, Status::Ok | Status::InvalidModule), "{:?}", out.result);
+    let out = run_twice(
+        &wasm,
+        &RunSpec {
+            memory_mb: 16,
+            ..spec()
+        },
+    );
+    assert!(
+        matches!(out.result.status, Status::Ok | Status::InvalidModule),
+        "{:?}",
+        out.result
+    );
     // Its 6.25 MiB of initial memory fits 16 MiB; with 4 MiB it must not.
-    let small = run_twice(&wasm, &RunSpec { memory_mb: 4, ..spec() });
+    let small = run_twice(
+        &wasm,
+        &RunSpec {
+            memory_mb: 4,
+            ..spec()
+        },
+    );
     assert_eq!(small.result.status, Status::MemoryLimit);
 }
 
 #[test]
 fn clocks_are_fixed_and_random_is_seeded_and_sleep_is_instant() {
     let wasm = fixture("clock_random");
-    let seeded = |seed: u8| RunSpec { seed: [seed; 32], ..spec() };
+    let seeded = |seed: u8| RunSpec {
+        seed: [seed; 32],
+        ..spec()
+    };
     let start = Instant::now();
     let a = run_twice(&wasm, &seeded(1));
-    assert!(start.elapsed() < Duration::from_secs(60), "a one-hour sleep must not wait");
+    assert!(
+        start.elapsed() < Duration::from_secs(60),
+        "a one-hour sleep must not wait"
+    );
     assert_eq!(a.result.status, Status::Ok, "{:?}", a.error);
     assert_eq!(a.output.len(), 57);
     let wall = u64::from_le_bytes(a.output[0..8].try_into().unwrap());
@@ -183,12 +277,18 @@ fn clocks_are_fixed_and_random_is_seeded_and_sleep_is_instant() {
     assert_eq!(wall, worker::sandbox::wasi::WALL_CLOCK_SECS * 1_000_000_000);
     assert_eq!(mono, worker::sandbox::wasi::MONOTONIC_NANOS);
     assert_ne!(&a.output[16..48], &[0u8; 32][..]);
-    assert_eq!(u64::from_le_bytes(a.output[48..56].try_into().unwrap()), 42, "the timer event fired");
+    assert_eq!(
+        u64::from_le_bytes(a.output[48..56].try_into().unwrap()),
+        42,
+        "the timer event fired"
+    );
     assert_eq!(a.output[56], 0, "poll_oneoff succeeded");
 
     // A second, independent sandbox sees the same bytes; another seed sees other random bytes.
     let other = Sandbox::new(SandboxConfig::default()).unwrap();
-    let b = other.run_bytes(&wasm, &seeded(1), &RunControl::default()).unwrap();
+    let b = other
+        .run_bytes(&wasm, &seeded(1), &RunControl::default())
+        .unwrap();
     assert_eq!(a.result, b.result);
     assert_eq!(a.output, b.output);
     let c = run_twice(&wasm, &seeded(2));
@@ -200,19 +300,37 @@ fn clocks_are_fixed_and_random_is_seeded_and_sleep_is_instant() {
 fn nan_bits_are_canonical_when_deterministic() {
     let out = run_twice(&fixture("nan"), &spec());
     assert_eq!(out.result.status, Status::Ok);
-    assert_eq!(u32::from_le_bytes(out.output[0..4].try_into().unwrap()), 0x7fc0_0000);
-    assert_eq!(u64::from_le_bytes(out.output[4..12].try_into().unwrap()), 0x7ff8_0000_0000_0000);
-    let loose = Sandbox::new(SandboxConfig { deterministic: false, ..SandboxConfig::default() }).unwrap();
+    assert_eq!(
+        u32::from_le_bytes(out.output[0..4].try_into().unwrap()),
+        0x7fc0_0000
+    );
+    assert_eq!(
+        u64::from_le_bytes(out.output[4..12].try_into().unwrap()),
+        0x7ff8_0000_0000_0000
+    );
+    let loose = Sandbox::new(SandboxConfig {
+        deterministic: false,
+        ..SandboxConfig::default()
+    })
+    .unwrap();
     assert_ne!(loose.fingerprint(), sandbox().fingerprint());
-    let l = loose.run_bytes(&fixture("nan"), &spec(), &RunControl::default()).unwrap();
+    let l = loose
+        .run_bytes(&fixture("nan"), &spec(), &RunControl::default())
+        .unwrap();
     assert_eq!(l.result.status, Status::Ok);
 }
 
 #[test]
 fn pause_and_resume_give_the_same_digest_as_an_uninterrupted_run() {
     let wasm = fixture("busy");
-    let spec = RunSpec { input: busy_input(300_000_000), fuel: 20_000_000_000, ..spec() };
-    let straight = sandbox().run_bytes(&wasm, &spec, &RunControl::default()).unwrap();
+    let spec = RunSpec {
+        input: busy_input(300_000_000),
+        fuel: 20_000_000_000,
+        ..spec()
+    };
+    let straight = sandbox()
+        .run_bytes(&wasm, &spec, &RunControl::default())
+        .unwrap();
     assert_eq!(straight.result.status, Status::Ok);
 
     let control = RunControl::default();
@@ -233,15 +351,36 @@ fn pause_and_resume_give_the_same_digest_as_an_uninterrupted_run() {
     // The CPU duty cycle does not change the result either.
     let throttled = RunControl::default();
     throttled.set_cpu_limit(Some(50));
-    let out = sandbox().run_bytes(&wasm, &RunSpec { input: busy_input(30_000_000), ..spec.clone() }, &throttled).unwrap();
-    let full = sandbox().run_bytes(&wasm, &RunSpec { input: busy_input(30_000_000), ..spec }, &RunControl::default()).unwrap();
+    let out = sandbox()
+        .run_bytes(
+            &wasm,
+            &RunSpec {
+                input: busy_input(30_000_000),
+                ..spec.clone()
+            },
+            &throttled,
+        )
+        .unwrap();
+    let full = sandbox()
+        .run_bytes(
+            &wasm,
+            &RunSpec {
+                input: busy_input(30_000_000),
+                ..spec
+            },
+            &RunControl::default(),
+        )
+        .unwrap();
     assert_eq!(out.result, full.result);
 }
 
 #[test]
 fn cancel_returns_cancelled_while_running_and_while_paused() {
     let wasm = fixture("infinite_loop");
-    let spec = RunSpec { fuel: u64::MAX / 2, ..spec() };
+    let spec = RunSpec {
+        fuel: u64::MAX / 2,
+        ..spec()
+    };
     for pause_first in [false, true] {
         let control = RunControl::default();
         let (c, w, s) = (control.clone(), wasm.clone(), spec.clone());
@@ -260,9 +399,15 @@ fn cancel_returns_cancelled_while_running_and_while_paused() {
 #[test]
 fn compile_cache_round_trips_and_ignores_a_corrupted_file() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = || SandboxConfig { cache_dir: Some(dir.path().to_path_buf()), ..SandboxConfig::default() };
+    let cfg = || SandboxConfig {
+        cache_dir: Some(dir.path().to_path_buf()),
+        ..SandboxConfig::default()
+    };
     let wasm = fixture("busy");
-    let spec = RunSpec { input: busy_input(1000), ..spec() };
+    let spec = RunSpec {
+        input: busy_input(1000),
+        ..spec()
+    };
 
     let first = Sandbox::new(cfg()).unwrap();
     let m = first.load(&wasm).unwrap();
@@ -274,7 +419,13 @@ fn compile_cache_round_trips_and_ignores_a_corrupted_file() {
     let second = Sandbox::new(cfg()).unwrap();
     let m = second.load(&wasm).unwrap();
     assert!(m.from_disk_cache(), "a second sandbox loads from disk");
-    assert_eq!(second.run(&m, &spec, &RunControl::default()).unwrap().result, expected);
+    assert_eq!(
+        second
+            .run(&m, &spec, &RunControl::default())
+            .unwrap()
+            .result,
+        expected
+    );
 
     // Flip a byte in the middle of the compiled code: the file must be rejected, not run.
     let mut bytes = std::fs::read(&path).unwrap();
@@ -284,7 +435,10 @@ fn compile_cache_round_trips_and_ignores_a_corrupted_file() {
     let third = Sandbox::new(cfg()).unwrap();
     let m = third.load(&wasm).unwrap();
     assert!(!m.from_disk_cache(), "a corrupted cache file is recompiled");
-    assert_eq!(third.run(&m, &spec, &RunControl::default()).unwrap().result, expected);
+    assert_eq!(
+        third.run(&m, &spec, &RunControl::default()).unwrap().result,
+        expected
+    );
 
     // Truncated file: also recompiled. And the rewritten entry is good again.
     std::fs::write(&path, &bytes[..100]).unwrap();
@@ -298,7 +452,10 @@ fn compile_cache_round_trips_and_ignores_a_corrupted_file() {
 fn run_spec_from_manifest_uses_argv_limits_and_task_seed() {
     use tasks::{BlobRef, JobId, TaskId, TaskManifest};
     let m = TaskManifest {
-        id: TaskId { job: JobId(3), index: 9 },
+        id: TaskId {
+            job: JobId(3),
+            index: 9,
+        },
         name: "primes".into(),
         module: BlobRef::of(b"m"),
         input: None,

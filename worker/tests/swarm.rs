@@ -21,7 +21,9 @@ struct Node {
 }
 
 fn blob_data(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| ((i as u64).wrapping_mul(0x9E3779B97F4A7C15) >> 56) as u8 ^ seed).collect()
+    (0..len)
+        .map(|i| ((i as u64).wrapping_mul(0x9E3779B97F4A7C15) >> 56) as u8 ^ seed)
+        .collect()
 }
 
 fn opts() -> FetchOptions {
@@ -52,21 +54,37 @@ fn node(limits: ServeLimits) -> anyhow::Result<Node> {
             });
         }
     });
-    let peer = PeerAddr { node_id: key.node_id(), addr: ep.local_addr()? };
-    Ok(Node { peer, store, server, fetcher, _dir: dir })
+    let peer = PeerAddr {
+        node_id: key.node_id(),
+        addr: ep.local_addr()?,
+    };
+    Ok(Node {
+        peer,
+        store,
+        server,
+        fetcher,
+        _dir: dir,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn eight_workers_get_the_blob_mostly_from_each_other_and_the_seed_sends_under_3x() -> anyhow::Result<()> {
+async fn eight_workers_get_the_blob_mostly_from_each_other_and_the_seed_sends_under_3x(
+) -> anyhow::Result<()> {
     let data = blob_data(6 << 20, 1);
     let seed = node(ServeLimits::seed())?;
     let blob = seed.store.put(&data)?;
-    let workers: Vec<Node> = (0..8).map(|_| node(ServeLimits::default())).collect::<Result<_, _>>()?;
+    let workers: Vec<Node> = (0..8)
+        .map(|_| node(ServeLimits::default()))
+        .collect::<Result<_, _>>()?;
     let mut fetches = tokio::task::JoinSet::new();
     for (i, w) in workers.iter().enumerate() {
         // Each worker lists the others, then the seed last (as the coordinator does).
-        let mut peers: Vec<PeerAddr> =
-            workers.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, o)| o.peer.clone()).collect();
+        let mut peers: Vec<PeerAddr> = workers
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, o)| o.peer.clone())
+            .collect();
         peers.push(seed.peer.clone());
         let f = w.fetcher.clone();
         fetches.spawn(async move { f.fetch(blob, &peers).await });
@@ -76,7 +94,11 @@ async fn eight_workers_get_the_blob_mostly_from_each_other_and_the_seed_sends_un
         assert!(report.bad_peers.is_empty());
     }
     for w in &workers {
-        assert_eq!(w.store.read(&blob.id)?, data, "every worker holds the verified blob");
+        assert_eq!(
+            w.store.read(&blob.id)?,
+            data,
+            "every worker holds the verified blob"
+        );
     }
     let ratio = seed.server.bytes_sent() as f64 / data.len() as f64;
     let peers_sent: u64 = workers.iter().map(|w| w.server.bytes_sent()).sum();
@@ -104,7 +126,8 @@ fn corrupt_on_disk(n: &Node, blob: BlobRef) -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn peer_serving_corrupt_chunks_is_flagged_and_the_blob_comes_intact_from_others() -> anyhow::Result<()> {
+async fn peer_serving_corrupt_chunks_is_flagged_and_the_blob_comes_intact_from_others(
+) -> anyhow::Result<()> {
     let data = blob_data(3 << 20, 2);
     let seed = node(ServeLimits::default())?;
     let liar = node(ServeLimits::default())?;
@@ -114,11 +137,29 @@ async fn peer_serving_corrupt_chunks_is_flagged_and_the_blob_comes_intact_from_o
     honest.store.put(&data)?;
     corrupt_on_disk(&liar, blob)?;
     let me = node(ServeLimits::default())?;
-    let report = me.fetcher.fetch(blob, &[liar.peer.clone(), honest.peer.clone(), seed.peer.clone()]).await?;
-    assert_eq!(report.bad_peers, vec![liar.peer.node_id], "the liar is reported");
-    assert_eq!(report.bytes_by_peer.get(&liar.peer.node_id), None, "no byte from the liar was accepted");
+    let report = me
+        .fetcher
+        .fetch(
+            blob,
+            &[liar.peer.clone(), honest.peer.clone(), seed.peer.clone()],
+        )
+        .await?;
+    assert_eq!(
+        report.bad_peers,
+        vec![liar.peer.node_id],
+        "the liar is reported"
+    );
+    assert_eq!(
+        report.bytes_by_peer.get(&liar.peer.node_id),
+        None,
+        "no byte from the liar was accepted"
+    );
     assert_eq!(me.store.read(&blob.id)?, data);
-    assert_eq!(me.store.list(), vec![blob.id], "nothing else (nothing corrupt) is stored");
+    assert_eq!(
+        me.store.list(),
+        vec![blob.id],
+        "nothing else (nothing corrupt) is stored"
+    );
     let served: u64 = report.bytes_by_peer.values().sum();
     assert_eq!(served, data.len() as u64);
     Ok(())
@@ -126,23 +167,47 @@ async fn peer_serving_corrupt_chunks_is_flagged_and_the_blob_comes_intact_from_o
 
 /// A peer that answers `Outboard` and `Have` honestly, then on its first `Chunks` request
 /// sends the header and half a chunk and vanishes (closes its endpoint).
-async fn vanishing_peer(data: Arc<Vec<u8>>) -> anyhow::Result<(PeerAddr, tokio::task::JoinHandle<()>)> {
+async fn vanishing_peer(
+    data: Arc<Vec<u8>>,
+) -> anyhow::Result<(PeerAddr, tokio::task::JoinHandle<()>)> {
     let key = NodeKey::generate();
     let ep = net::endpoint(&key, "127.0.0.1:0".parse()?, &[ALPN_BLOB])?;
-    let peer = PeerAddr { node_id: key.node_id(), addr: ep.local_addr()? };
+    let peer = PeerAddr {
+        node_id: key.node_id(),
+        addr: ep.local_addr()?,
+    };
     let ob = Outboard::compute(&data);
     let task = tokio::spawn(async move {
-        let Some(incoming) = ep.accept().await else { return };
+        let Some(incoming) = ep.accept().await else {
+            return;
+        };
         let Ok(conn) = incoming.await else { return };
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-            let Ok(Some(req)) = net::read_frame::<BlobRequest>(&mut recv).await else { return };
+            let Ok(Some(req)) = net::read_frame::<BlobRequest>(&mut recv).await else {
+                return;
+            };
             let resp = match req {
-                BlobRequest::Outboard { .. } => BlobResponse::Outboard { size: ob.blob().size, cvs: ob.cvs().to_vec() },
-                BlobRequest::Have { .. } => BlobResponse::Have { size: ob.blob().size, chunks: vec![true; ob.blob().chunk_count() as usize] },
+                BlobRequest::Outboard { .. } => BlobResponse::Outboard {
+                    size: ob.blob().size,
+                    cvs: ob.cvs().to_vec(),
+                },
+                BlobRequest::Have { .. } => BlobResponse::Have {
+                    size: ob.blob().size,
+                    chunks: vec![true; ob.blob().chunk_count() as usize],
+                },
                 BlobRequest::Chunks { start, count, .. } => {
                     let from = start as usize * CHUNK_SIZE;
-                    let len = ((start as usize + count as usize) * CHUNK_SIZE).min(data.len()) - from;
-                    let _ = net::write_frame(&mut send, &BlobResponse::Chunks { start, count, len: len as u64 }).await;
+                    let len =
+                        ((start as usize + count as usize) * CHUNK_SIZE).min(data.len()) - from;
+                    let _ = net::write_frame(
+                        &mut send,
+                        &BlobResponse::Chunks {
+                            start,
+                            count,
+                            len: len as u64,
+                        },
+                    )
+                    .await;
                     let _ = send.write_all(&data[from..from + CHUNK_SIZE / 2]).await;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     ep.close(quinn::VarInt::from_u32(CloseCode::Shutdown.code()), b"gone");
@@ -157,18 +222,29 @@ async fn vanishing_peer(data: Arc<Vec<u8>>) -> anyhow::Result<(PeerAddr, tokio::
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn peer_vanishing_mid_transfer_costs_nothing_but_time_the_blob_comes_from_others() -> anyhow::Result<()> {
+async fn peer_vanishing_mid_transfer_costs_nothing_but_time_the_blob_comes_from_others(
+) -> anyhow::Result<()> {
     let data = Arc::new(blob_data(2 << 20, 3));
     let seed = node(ServeLimits::default())?;
     let blob = seed.store.put(&data)?;
     let (vanishing, task) = vanishing_peer(data.clone()).await?;
     let me = node(ServeLimits::default())?;
-    let report = tokio::time::timeout(Duration::from_secs(30), me.fetcher.fetch(blob, &[vanishing.clone(), seed.peer.clone()]))
-        .await
-        .context("fetch hung")??;
-    assert!(task.is_finished(), "the peer really vanished during the download");
+    let report = tokio::time::timeout(
+        Duration::from_secs(30),
+        me.fetcher
+            .fetch(blob, &[vanishing.clone(), seed.peer.clone()]),
+    )
+    .await
+    .context("fetch hung")??;
+    assert!(
+        task.is_finished(),
+        "the peer really vanished during the download"
+    );
     assert_eq!(me.store.read(&blob.id)?, *data);
-    assert_eq!(report.bytes_by_peer.get(&seed.peer.node_id), Some(&(data.len() as u64)));
+    assert_eq!(
+        report.bytes_by_peer.get(&seed.peer.node_id),
+        Some(&(data.len() as u64))
+    );
     assert!(report.bad_peers.is_empty(), "vanishing is not lying");
     Ok(())
 }
@@ -180,17 +256,41 @@ async fn blob_nobody_has_fails_with_a_clear_error_after_trying_every_peer() -> a
     a.store.put(b"something else")?;
     // A silent peer: a UDP socket that never answers.
     let silent_sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let silent = PeerAddr { node_id: NodeKey::generate().node_id(), addr: silent_sock.local_addr()? };
+    let silent = PeerAddr {
+        node_id: NodeKey::generate().node_id(),
+        addr: silent_sock.local_addr()?,
+    };
     let me = node(ServeLimits::default())?;
     let wanted = BlobRef::of(&blob_data(1 << 20, 4));
     let started = std::time::Instant::now();
-    let err = me.fetcher.fetch(wanted, &[silent, a.peer.clone(), b.peer.clone()]).await.unwrap_err();
+    let err = me
+        .fetcher
+        .fetch(wanted, &[silent, a.peer.clone(), b.peer.clone()])
+        .await
+        .unwrap_err();
     let msg = err.to_string();
     println!("{msg} (after {:?})", started.elapsed());
-    assert!(matches!(err, FetchError::Unavailable { tried: 3, not_found: 2, unreachable: 1, .. }), "{err:?}");
-    assert!(msg.contains(&wanted.id.to_string()) && msg.contains("3 peers"), "{msg}");
+    assert!(
+        matches!(
+            err,
+            FetchError::Unavailable {
+                tried: 3,
+                not_found: 2,
+                unreachable: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        msg.contains(&wanted.id.to_string()) && msg.contains("3 peers"),
+        "{msg}"
+    );
     assert!(!msg.contains('\n'));
-    assert!(started.elapsed() < Duration::from_secs(10), "a silent peer costs its timeout, not a hang");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a silent peer costs its timeout, not a hang"
+    );
     assert!(!me.store.has(&wanted.id));
     Ok(())
 }
@@ -207,16 +307,33 @@ async fn garbage_frame_closes_only_that_connection() -> anyhow::Result<()> {
     // A valid length prefix followed by a body that is no BlobRequest (variant 200).
     send.write_all(&[0, 0, 0, 3, 200, 1, 2]).await?;
     send.finish()?;
-    let reason = tokio::time::timeout(Duration::from_secs(5), bad.closed()).await.context("bad connection not closed")?;
-    assert_eq!(net::close_code_of(&reason), Some(CloseCode::Protocol), "{reason}");
+    let reason = tokio::time::timeout(Duration::from_secs(5), bad.closed())
+        .await
+        .context("bad connection not closed")?;
+    assert_eq!(
+        net::close_code_of(&reason),
+        Some(CloseCode::Protocol),
+        "{reason}"
+    );
     // An oversized frame on a third connection gets FrameTooLarge.
     let big = net::connect(&ep, server.peer.addr, server.peer.node_id, ALPN_BLOB).await?;
     let (mut send, _recv) = big.open_bi().await?;
     send.write_all(&u32::MAX.to_be_bytes()).await?;
     let reason = tokio::time::timeout(Duration::from_secs(5), big.closed()).await?;
-    assert_eq!(net::close_code_of(&reason), Some(CloseCode::FrameTooLarge), "{reason}");
+    assert_eq!(
+        net::close_code_of(&reason),
+        Some(CloseCode::FrameTooLarge),
+        "{reason}"
+    );
     // The other connection is untouched.
-    let (resp, _) = net::request::<_, BlobResponse>(&good, &BlobRequest::Have { id: blob.id }).await?;
-    assert_eq!(resp, BlobResponse::Have { size: 1000, chunks: vec![true] });
+    let (resp, _) =
+        net::request::<_, BlobResponse>(&good, &BlobRequest::Have { id: blob.id }).await?;
+    assert_eq!(
+        resp,
+        BlobResponse::Have {
+            size: 1000,
+            chunks: vec![true]
+        }
+    );
     Ok(())
 }

@@ -79,7 +79,12 @@ pub struct Scenario {
 
 impl Scenario {
     /// 100 workers with 2 slots, 2000 tasks, quorum 2 of at most 6.
-    pub fn new(behaviour: Behaviour, saboteur_fraction: f64, policy: TrustPolicy, seed: u64) -> Scenario {
+    pub fn new(
+        behaviour: Behaviour,
+        saboteur_fraction: f64,
+        policy: TrustPolicy,
+        seed: u64,
+    ) -> Scenario {
         Scenario {
             workers: 100,
             saboteur_fraction,
@@ -106,7 +111,9 @@ impl Scenario {
     pub fn theory(&self) -> f64 {
         let phi = match self.behaviour {
             Behaviour::OwnWrong => 0.0,
-            Behaviour::Colluding | Behaviour::TrustThenCheat => self.saboteurs() as f64 / self.workers.max(1) as f64,
+            Behaviour::Colluding | Behaviour::TrustThenCheat => {
+                self.saboteurs() as f64 / self.workers.max(1) as f64
+            }
         };
         theory_wrong(self.quorum, 2 * self.quorum - 1, phi)
     }
@@ -115,7 +122,11 @@ impl Scenario {
 /// P(wrong accepted) under a plain "q agreeing of n" policy when a fraction `phi` of the
 /// replicas carry one and the same wrong answer: Σ_{j≥q} C(n,j) φ^j (1−φ)^(n−j).
 pub fn theory_wrong(quorum: u32, replicas: u32, phi: f64) -> f64 {
-    (quorum..=replicas).map(|j| binomial(replicas, j) * phi.powi(j as i32) * (1.0 - phi).powi((replicas - j) as i32)).sum()
+    (quorum..=replicas)
+        .map(|j| {
+            binomial(replicas, j) * phi.powi(j as i32) * (1.0 - phi).powi((replicas - j) as i32)
+        })
+        .sum()
 }
 
 fn binomial(n: u32, k: u32) -> f64 {
@@ -153,7 +164,10 @@ impl Outcome {
 
     /// Replicas issued per decided task.
     pub fn replicas_per_task(&self) -> f64 {
-        ratio(self.replicas_issued as f64, (self.accepted + self.failed) as f64)
+        ratio(
+            self.replicas_issued as f64,
+            (self.accepted + self.failed) as f64,
+        )
     }
 
     pub fn banned_fraction(&self) -> f64 {
@@ -206,11 +220,26 @@ impl Summary {
     /// failed 0.00%, 100% banned, 0 honest banned, 5 runs` — medians over the runs.
     pub fn figures(&self, quorum: u32) -> String {
         let n = 2 * quorum - 1;
-        let runs = if self.runs.len() > 1 { format!(", median of {} runs", self.runs.len()) } else { String::new() };
-        let worst = if self.runs.len() > 1 { format!("worst {:.2}%; ", 100.0 * self.worst_wrong) } else { String::new() };
-        let worst_rep =
-            if self.runs.len() > 1 { format!(" (worst {:.2})", self.worst_replicas_per_task) } else { String::new() };
-        let undecided = if self.undecided > 0 { format!(", {} UNDECIDED", self.undecided) } else { String::new() };
+        let runs = if self.runs.len() > 1 {
+            format!(", median of {} runs", self.runs.len())
+        } else {
+            String::new()
+        };
+        let worst = if self.runs.len() > 1 {
+            format!("worst {:.2}%; ", 100.0 * self.worst_wrong)
+        } else {
+            String::new()
+        };
+        let worst_rep = if self.runs.len() > 1 {
+            format!(" (worst {:.2})", self.worst_replicas_per_task)
+        } else {
+            String::new()
+        };
+        let undecided = if self.undecided > 0 {
+            format!(", {} UNDECIDED", self.undecided)
+        } else {
+            String::new()
+        };
         format!(
             "wrong {:.2}% ({worst}theory {quorum}-of-{n} {:.1}%), {:.2} replicas/task{worst_rep}, failed {:.2}%, {:.0}% saboteurs banned, {} honest banned{undecided}{runs}",
             100.0 * self.wrong,
@@ -238,7 +267,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Run `sc` once per seed in `seeds` (the scenario's own seed is ignored).
 pub fn run_seeds(sc: &Scenario, seeds: impl IntoIterator<Item = u64>) -> Summary {
-    Summary::of(seeds.into_iter().map(|seed| run(&Scenario { seed, ..sc.clone() })).collect())
+    Summary::of(
+        seeds
+            .into_iter()
+            .map(|seed| run(&Scenario { seed, ..sc.clone() }))
+            .collect(),
+    )
 }
 
 struct SimWorker {
@@ -286,11 +320,17 @@ fn shared_block_addr(j: u32) -> SocketAddr {
 /// Run one scenario to the end of its job (or `max_sim_ms`).
 pub fn run(sc: &Scenario) -> Outcome {
     let mut rng = StdRng::seed_from_u64(sc.seed ^ 0xadd5_a5a5);
-    let fingerprint = EngineFingerprint { engine: "wasmtime 38".into(), arch: "x86_64-linux".into(), settings: "det".into() };
-    let turn_after = sc.turn_after_valid.unwrap_or(match sc.policy.trust_min_valid {
-        u64::MAX => 10,
-        t => t,
-    });
+    let fingerprint = EngineFingerprint {
+        engine: "wasmtime 38".into(),
+        arch: "x86_64-linux".into(),
+        settings: "det".into(),
+    };
+    let turn_after = sc
+        .turn_after_valid
+        .unwrap_or(match sc.policy.trust_min_valid {
+            u64::MAX => 10,
+            t => t,
+        });
     let n_sab = sc.saboteurs().min(sc.workers);
     let mut roles: Vec<bool> = (0..sc.workers).map(|i| i < n_sab).collect();
     roles.shuffle(&mut rng);
@@ -306,20 +346,47 @@ pub fn run(sc: &Scenario) -> Outcome {
             } else {
                 public_addr(i)
             };
-            SimWorker { id: node(i), index: i, saboteur, turned: false, addr, connected: false, speed: rng.gen_range(0.5..2.0), running: Vec::new() }
+            SimWorker {
+                id: node(i),
+                index: i,
+                saboteur,
+                turned: false,
+                addr,
+                connected: false,
+                speed: rng.gen_range(0.5..2.0),
+                running: Vec::new(),
+            }
         })
         .collect();
 
-    let mut core = Core::new(CoreConfig { policy: sc.policy.clone(), ..CoreConfig::default() });
+    let mut core = Core::new(CoreConfig {
+        policy: sc.policy.clone(),
+        ..CoreConfig::default()
+    });
     let mut now: u64 = 1_000_000;
     let manifest = JobManifest {
         name: "saboteurs".into(),
         module: BlobRef::of(b"module"),
-        limits: JobLimits { quorum: sc.quorum, max_replicas: sc.max_replicas, deadline_secs: 600, ..JobLimits::default() },
-        tasks: (0..sc.tasks).map(|i| TaskEntry { args: vec![i.to_string()], input: None }).collect(),
+        limits: JobLimits {
+            quorum: sc.quorum,
+            max_replicas: sc.max_replicas,
+            deadline_secs: 600,
+            ..JobLimits::default()
+        },
+        tasks: (0..sc.tasks)
+            .map(|i| TaskEntry {
+                args: vec![i.to_string()],
+                input: None,
+            })
+            .collect(),
     };
     let (job, _) = core.add_job(manifest, now);
-    let mut out = Outcome { tasks: sc.tasks, saboteurs: n_sab, theory_wrong: sc.theory(), ..Outcome::default() };
+    let mut out = Outcome {
+        tasks: sc.tasks,
+        saboteurs: n_sab,
+        theory_wrong: sc.theory(),
+        ..Outcome::default()
+    };
     let start = now;
     let nw = workers.len();
     while core.job_state(job) == Some(JobState::Running) && now - start < sc.max_sim_ms {
@@ -338,14 +405,18 @@ pub fn run(sc: &Scenario) -> Outcome {
             for (replica, task, _) in due {
                 if sc.behaviour == Behaviour::TrustThenCheat && w.saboteur && !w.turned {
                     // What `coordinator status` shows of the worker tells it when it is trusted.
-                    w.turned = core.reputation(&w.id).is_some_and(|r| r.consecutive_valid >= turn_after);
+                    w.turned = core
+                        .reputation(&w.id)
+                        .is_some_and(|r| r.consecutive_valid >= turn_after);
                 }
                 let mut result = truth(task);
                 let cheat = w.saboteur && (sc.behaviour != Behaviour::TrustThenCheat || w.turned);
                 if cheat {
                     let lie = match sc.behaviour {
                         Behaviour::OwnWrong => format!("lie {} {task}", w.index),
-                        Behaviour::Colluding | Behaviour::TrustThenCheat => format!("collude {task}"),
+                        Behaviour::Colluding | Behaviour::TrustThenCheat => {
+                            format!("collude {task}")
+                        }
                     };
                     result.output_hash = BlobId::of(lie.as_bytes());
                 }
@@ -353,11 +424,19 @@ pub fn run(sc: &Scenario) -> Outcome {
             }
             let lying = w.saboteur && (sc.behaviour != Behaviour::TrustThenCheat || w.turned);
             let greedy = lying && sc.greedy_saboteurs;
-            let free = if greedy { u32::MAX } else { sc.slots.saturating_sub(w.running.len() as u32) };
+            let free = if greedy {
+                u32::MAX
+            } else {
+                sc.slots.saturating_sub(w.running.len() as u32)
+            };
             if free > 0 {
                 for a in core.request_work(w.id, free, now).assignments {
                     out.replicas_issued += 1;
-                    let dur = if greedy { 1_000 } else { (rng.gen_range(2_000.0..20_000.0) * w.speed) as u64 };
+                    let dur = if greedy {
+                        1_000
+                    } else {
+                        (rng.gen_range(2_000.0..20_000.0) * w.speed) as u64
+                    };
                     w.running.push((a.replica, a.task.id, now + dur));
                 }
             }
@@ -415,7 +494,11 @@ mod tests {
         let o = run(&sc);
         assert_eq!(o.undecided, 0);
         let w = o.wrong_fraction();
-        assert!((0.015..0.045).contains(&w), "wrong {w} vs theory {}", o.theory_wrong);
+        assert!(
+            (0.015..0.045).contains(&w),
+            "wrong {w} vs theory {}",
+            o.theory_wrong
+        );
     }
 
     #[test]

@@ -53,14 +53,31 @@ pub struct Work {
 impl Core {
     /// Hand `worker` up to `max` replicas. An unknown or disconnected worker gets none.
     pub fn request_work(&mut self, worker: NodeId, max: u32, now: u64) -> Work {
-        let empty = Work { assignments: Vec::new(), retry_after_ms: self.cfg.retry_after_ms };
-        let Some(w) = self.workers.get_mut(&worker) else { return empty };
+        let empty = Work {
+            assignments: Vec::new(),
+            retry_after_ms: self.cfg.retry_after_ms,
+        };
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return empty;
+        };
         w.last_seen_ms = now;
-        let Some(fp) = w.fp.filter(|_| w.connected) else { return empty };
+        let Some(fp) = w.fp.filter(|_| w.connected) else {
+            return empty;
+        };
         let cap = self.cfg.policy.in_flight_cap(&w.rep, w.slots);
-        let held = w.in_flight.len() as u32 + if self.cfg.policy.cap_counts_undecided { w.undecided } else { 0 };
+        let held = w.in_flight.len() as u32
+            + if self.cfg.policy.cap_counts_undecided {
+                w.undecided
+            } else {
+                0
+            };
         let want = max.min(cap.saturating_sub(held)) as usize;
-        let me = Me { id: worker, fp, trusted: self.cfg.policy.is_trusted(&w.rep), block: w.block() };
+        let me = Me {
+            id: worker,
+            fp,
+            trusted: self.cfg.policy.is_trusted(&w.rep),
+            block: w.block(),
+        };
         let mut out = Vec::with_capacity(want);
         let mut decidable = Vec::new();
         while out.len() < want && !self.running.is_empty() {
@@ -91,7 +108,10 @@ impl Core {
             (true, true) => self.cfg.retry_after_ms.min(AT_CAP_RETRY_MS),
             (true, false) => self.cfg.retry_after_ms,
         };
-        Work { assignments: out, retry_after_ms }
+        Work {
+            assignments: out,
+            retry_after_ms,
+        }
     }
 
     /// Choose a task of `job` for this worker, or none. Open tasks found decidable are
@@ -119,18 +139,36 @@ impl Core {
                 continue;
             }
             // Cheap check first: most skipped entries are tasks this worker already runs.
-            let mut mine = slot.replicas.iter().map(|r| &self.replicas[r]).filter(|r| r.worker == worker).peekable();
+            let mut mine = slot
+                .replicas
+                .iter()
+                .map(|r| &self.replicas[r])
+                .filter(|r| r.worker == worker)
+                .peekable();
             let only_lost = mine.peek().is_some() && mine.all(|r| r.phase == ReplicaPhase::Lost);
-            let has_mine = slot.replicas.iter().any(|r| self.replicas[r].worker == worker);
+            let has_mine = slot
+                .replicas
+                .iter()
+                .any(|r| self.replicas[r].worker == worker);
             if has_mine && !only_lost {
                 continue;
             }
             // One network, one vote: never beside another worker of this address block.
-            if my_block.is_some() && slot.replicas.iter().map(|r| &self.replicas[r]).any(|r| r.worker != worker && r.block == my_block) {
+            if my_block.is_some()
+                && slot
+                    .replicas
+                    .iter()
+                    .map(|r| &self.replicas[r])
+                    .any(|r| r.worker != worker && r.block == my_block)
+            {
                 continue;
             }
             let (lead, anchor_wanted) = match self.need(task) {
-                Need::More { n, fp, anchor_wanted } if n > 0 => (fp, anchor_wanted),
+                Need::More {
+                    n,
+                    fp,
+                    anchor_wanted,
+                } if n > 0 => (fp, anchor_wanted),
                 Need::More { .. } => {
                     stale.push(pos);
                     continue;
@@ -207,7 +245,10 @@ impl Core {
             let w = &self.workers[&worker];
             (self.cfg.policy.is_trusted(&w.rep), w.block())
         };
-        let job = self.jobs.get_mut(&task.job).expect("picked from a known job");
+        let job = self
+            .jobs
+            .get_mut(&task.job)
+            .expect("picked from a known job");
         let limits = job.manifest.limits;
         let slot = &mut job.tasks[task.index as usize];
         if slot.replicas.is_empty() && slot.quorum == 0 {
@@ -215,20 +256,38 @@ impl Core {
             let q = self.cfg.policy.quorum_for(limits.quorum, task, &rep);
             if q != limits.quorum {
                 slot.quorum = q;
-                self.mutations.push(Mutation::TaskQuorum { task, quorum: q });
+                self.mutations
+                    .push(Mutation::TaskQuorum { task, quorum: q });
             }
         }
         let job = self.jobs.get_mut(&task.job).expect("known");
         job.tasks[task.index as usize].replicas.push(replica);
         job.in_flight += 1;
-        let manifest = job.manifest.task(task.job, task.index).expect("index in range");
+        let manifest = job
+            .manifest
+            .task(task.job, task.index)
+            .expect("index in range");
         let deadline_ms = now + limits.deadline_secs.saturating_mul(1000);
         self.replicas.insert(
             replica,
-            super::Replica { task, worker, fp, deadline_ms, phase: ReplicaPhase::InFlight, result: None, verdict: None, anchor, block },
+            super::Replica {
+                task,
+                worker,
+                fp,
+                deadline_ms,
+                phase: ReplicaPhase::InFlight,
+                result: None,
+                verdict: None,
+                anchor,
+                block,
+            },
         );
         self.deadlines.insert((deadline_ms, replica));
-        self.workers.get_mut(&worker).expect("known").in_flight.insert(replica);
+        self.workers
+            .get_mut(&worker)
+            .expect("known")
+            .in_flight
+            .insert(replica);
         self.mutations.push(Mutation::Assign {
             replica,
             task,
@@ -248,7 +307,9 @@ impl Core {
             }
         }
         let mut peers: Vec<PeerAddr> = Vec::new();
-        let blobs: Vec<BlobId> = std::iter::once(manifest.module.id).chain(manifest.input.map(|b| b.id)).collect();
+        let blobs: Vec<BlobId> = std::iter::once(manifest.module.id)
+            .chain(manifest.input.map(|b| b.id))
+            .collect();
         for b in &blobs {
             for p in self.holders_of(b, Some(&worker), self.cfg.max_peers, replica) {
                 if !peers.contains(&p) {
@@ -258,7 +319,11 @@ impl Core {
             // Peers still downloading it serve the chunks they already hold: when many
             // workers start on a new blob at once, they share what the seed sends each.
             let holds = self.holders.get(b).is_some_and(|h| h.contains(&worker));
-            for p in if holds { Vec::new() } else { self.fetchers_of(b, &worker, self.cfg.max_peers, now) } {
+            for p in if holds {
+                Vec::new()
+            } else {
+                self.fetchers_of(b, &worker, self.cfg.max_peers, now)
+            } {
                 if !peers.contains(&p) {
                     peers.push(p);
                 }
@@ -270,6 +335,11 @@ impl Core {
         if let Some(seed) = &self.cfg.seed {
             peers.push(seed.clone());
         }
-        Assignment { replica, task: manifest, deadline_secs: limits.deadline_secs, peers }
+        Assignment {
+            replica,
+            task: manifest,
+            deadline_secs: limits.deadline_secs,
+            peers,
+        }
     }
 }

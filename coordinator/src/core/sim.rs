@@ -7,7 +7,9 @@ use rand::{Rng, SeedableRng};
 
 use tasks::job::{JobLimits, TaskEntry};
 use tasks::wire::{JobState, ReplicaId};
-use tasks::{BlobId, BlobRef, EngineFingerprint, JobId, JobManifest, NodeId, RunResult, Status, TaskId};
+use tasks::{
+    BlobId, BlobRef, EngineFingerprint, JobId, JobManifest, NodeId, RunResult, Status, TaskId,
+};
 
 use super::trust::{Adaptive, TrustPolicy};
 use super::*;
@@ -37,8 +39,16 @@ struct SimWorker {
 }
 
 fn fp(kind: Kind) -> EngineFingerprint {
-    let engine = if kind == Kind::OtherEngine { "wasmtime 99" } else { "wasmtime 38" };
-    EngineFingerprint { engine: engine.into(), arch: "x86_64-linux".into(), settings: "det".into() }
+    let engine = if kind == Kind::OtherEngine {
+        "wasmtime 99"
+    } else {
+        "wasmtime 38"
+    };
+    EngineFingerprint {
+        engine: engine.into(),
+        arch: "x86_64-linux".into(),
+        settings: "det".into(),
+    }
 }
 
 fn truth(task: TaskId) -> RunResult {
@@ -57,8 +67,18 @@ fn manifest(name: &str, n: u32, quorum: u32, max_replicas: u32, deadline_secs: u
     JobManifest {
         name: name.into(),
         module: BlobRef::of(b"module"),
-        limits: JobLimits { quorum, max_replicas, deadline_secs, ..JobLimits::default() },
-        tasks: (0..n).map(|i| TaskEntry { args: vec![i.to_string()], input: None }).collect(),
+        limits: JobLimits {
+            quorum,
+            max_replicas,
+            deadline_secs,
+            ..JobLimits::default()
+        },
+        tasks: (0..n)
+            .map(|i| TaskEntry {
+                args: vec![i.to_string()],
+                input: None,
+            })
+            .collect(),
     }
 }
 
@@ -85,10 +105,24 @@ impl Sim {
         for &(kind, count) in population {
             for _ in 0..count {
                 let i = workers.len() as u32;
-                workers.push(SimWorker { id: node(i), kind, slots: 2, connected: false, back_at: 0, running: Vec::new() });
+                workers.push(SimWorker {
+                    id: node(i),
+                    kind,
+                    slots: 2,
+                    connected: false,
+                    back_at: 0,
+                    running: Vec::new(),
+                });
             }
         }
-        Sim { core: Core::new(cfg), rng: StdRng::seed_from_u64(seed), workers, now: 1_000_000, issued: HashMap::new(), failures: Vec::new() }
+        Sim {
+            core: Core::new(cfg),
+            rng: StdRng::seed_from_u64(seed),
+            workers,
+            now: 1_000_000,
+            issued: HashMap::new(),
+            failures: Vec::new(),
+        }
     }
 
     fn step(&mut self) {
@@ -121,7 +155,13 @@ impl Sim {
                 assert!(matches!(out, ReportOutcome::Recorded { .. }), "{out:?}");
                 // A resend of the same report is acknowledged and changes nothing.
                 let again = self.core.report(w.id, replica, result, now);
-                assert_eq!(again, ReportOutcome::Recorded { accepted: false, duplicate: true });
+                assert_eq!(
+                    again,
+                    ReportOutcome::Recorded {
+                        accepted: false,
+                        duplicate: true
+                    }
+                );
             }
             // Ask for work to fill the slots.
             let free = w.slots.saturating_sub(w.running.len() as u32);
@@ -170,10 +210,23 @@ impl Sim {
         for job in self.core.jobs.values() {
             assert_ne!(job.state, JobState::Running);
             for (i, t) in job.tasks.iter().enumerate() {
-                assert_ne!(t.phase, TaskPhase::Pending, "task {}/{i} still pending", job.id);
+                assert_ne!(
+                    t.phase,
+                    TaskPhase::Pending,
+                    "task {}/{i} still pending",
+                    job.id
+                );
                 if t.phase == TaskPhase::Accepted {
                     let (_, d) = t.accepted.unwrap();
-                    assert_eq!(d, truth(TaskId { job: job.id, index: i as u32 }).digest(), "accepted a wrong result");
+                    assert_eq!(
+                        d,
+                        truth(TaskId {
+                            job: job.id,
+                            index: i as u32
+                        })
+                        .digest(),
+                        "accepted a wrong result"
+                    );
                 }
             }
             assert_eq!(job.in_flight, 0);
@@ -181,7 +234,11 @@ impl Sim {
         // Every issued replica is accounted for and none is in flight.
         assert_eq!(self.issued.len(), self.core.replicas.len());
         for (id, r) in &self.core.replicas {
-            assert_ne!(r.phase, ReplicaPhase::InFlight, "replica {id} lost in flight");
+            assert_ne!(
+                r.phase,
+                ReplicaPhase::InFlight,
+                "replica {id} lost in flight"
+            );
             assert_eq!(self.issued[id], (r.task, r.worker));
         }
         // Never two replicas of one task on one worker, except after losing the first; and
@@ -200,7 +257,11 @@ impl Sim {
         }
         let mut judged = HashSet::new();
         for r in self.core.replicas.values().filter(|r| r.verdict.is_some()) {
-            assert!(judged.insert((r.task, r.worker)), "two verdicts for one worker on {}", r.task);
+            assert!(
+                judged.insert((r.task, r.worker)),
+                "two verdicts for one worker on {}",
+                r.task
+            );
         }
         // Credit equals valid fuel; honest workers are never judged invalid.
         let mut fuel: BTreeMap<NodeId, u64> = BTreeMap::new();
@@ -210,7 +271,12 @@ impl Sim {
             }
         }
         for w in &self.workers {
-            assert_eq!(self.core.credit_fuel(&w.id), fuel.get(&w.id).copied().unwrap_or(0), "credit of {:?}", w.kind);
+            assert_eq!(
+                self.core.credit_fuel(&w.id),
+                fuel.get(&w.id).copied().unwrap_or(0),
+                "credit of {:?}",
+                w.kind
+            );
             if !matches!(w.kind, Kind::Wrong | Kind::Liar) {
                 assert_eq!(self.core.reputation(&w.id).unwrap_or_default().invalid, 0);
             }
@@ -221,9 +287,22 @@ impl Sim {
 
 #[test]
 fn mixed_population_every_task_decided_nothing_lost_credit_is_valid_fuel() {
-    let pop = [(Kind::Honest, 20), (Kind::Slow, 5), (Kind::Crashing, 5), (Kind::Wrong, 4), (Kind::OtherEngine, 3)];
+    let pop = [
+        (Kind::Honest, 20),
+        (Kind::Slow, 5),
+        (Kind::Crashing, 5),
+        (Kind::Wrong, 4),
+        (Kind::OtherEngine, 3),
+    ];
     for seed in 0..4 {
-        let mut sim = Sim::new(seed, &pop, CoreConfig { disconnect_grace_ms: 30_000, ..CoreConfig::default() });
+        let mut sim = Sim::new(
+            seed,
+            &pop,
+            CoreConfig {
+                disconnect_grace_ms: 30_000,
+                ..CoreConfig::default()
+            },
+        );
         let now = sim.now;
         sim.core.add_job(manifest("a", 300, 2, 6, 60), now);
         sim.core.add_job(manifest("b", 50, 3, 8, 60), now);
@@ -233,7 +312,12 @@ fn mixed_population_every_task_decided_nothing_lost_credit_is_valid_fuel() {
         let accepted: u32 = st.jobs.iter().map(|j| j.tasks_done).sum();
         assert!(accepted >= 340, "seed {seed}: most tasks accepted: {st:?}");
         // Wrong-answer workers were caught.
-        let wrong: u64 = sim.workers.iter().filter(|w| w.kind == Kind::Wrong).map(|w| sim.core.reputation(&w.id).unwrap().invalid).sum();
+        let wrong: u64 = sim
+            .workers
+            .iter()
+            .filter(|w| w.kind == Kind::Wrong)
+            .map(|w| sim.core.reputation(&w.id).unwrap().invalid)
+            .sum();
         assert!(wrong > 0);
     }
 }
@@ -246,8 +330,17 @@ fn honest_population_accepts_everything_with_exactly_quorum_replicas() {
     sim.run_until_done(10_000);
     sim.check();
     assert_eq!(sim.core.job_state(job), Some(JobState::Done));
-    let reported = sim.core.replicas.values().filter(|r| r.phase == ReplicaPhase::Reported).count();
-    assert_eq!(reported, 2 * n as usize, "initial replication is the quorum, no more");
+    let reported = sim
+        .core
+        .replicas
+        .values()
+        .filter(|r| r.phase == ReplicaPhase::Reported)
+        .count();
+    assert_eq!(
+        reported,
+        2 * n as usize,
+        "initial replication is the quorum, no more"
+    );
 }
 
 #[test]
@@ -260,10 +353,17 @@ fn unreliable_liars_cause_failed_tasks_never_wrong_acceptances() {
     sim.run_until_done(10_000);
     sim.check();
     let st = sim.core.status(Some(job)).unwrap();
-    assert_eq!((st.jobs[0].tasks_failed, st.jobs[0].state), (5, JobState::Failed));
+    assert_eq!(
+        (st.jobs[0].tasks_failed, st.jobs[0].state),
+        (5, JobState::Failed)
+    );
     assert_eq!(sim.issued.len(), 5 * 4);
     assert_eq!(sim.failures.len(), 5);
-    assert!(sim.failures[0].contains("no consensus") && sim.failures[0].contains("4 different results"), "{}", sim.failures[0]);
+    assert!(
+        sim.failures[0].contains("no consensus") && sim.failures[0].contains("4 different results"),
+        "{}",
+        sim.failures[0]
+    );
 }
 
 #[test]
@@ -275,8 +375,16 @@ fn jobs_are_served_round_robin() {
     let w = node(1);
     core.hello(w, &fp(Kind::Honest), 8, None, &[], now);
     let work = core.request_work(w, 8, now);
-    let from_b = work.assignments.iter().filter(|x| x.task.id.job == b).count();
-    let from_a = work.assignments.iter().filter(|x| x.task.id.job == a).count();
+    let from_b = work
+        .assignments
+        .iter()
+        .filter(|x| x.task.id.job == b)
+        .count();
+    let from_a = work
+        .assignments
+        .iter()
+        .filter(|x| x.task.id.job == a)
+        .count();
     assert_eq!((from_a, from_b), (4, 4));
 }
 
@@ -292,29 +400,50 @@ fn report_for_another_workers_replica_is_rejected_and_changes_nothing() {
     let out = core.report(w2, a.replica, truth(a.task.id), 1);
     assert!(matches!(out, ReportOutcome::Rejected(_)));
     assert!(core.take_mutations().is_empty());
-    assert!(matches!(core.report(w2, 999, truth(a.task.id), 1), ReportOutcome::Rejected(_)));
+    assert!(matches!(
+        core.report(w2, 999, truth(a.task.id), 1),
+        ReportOutcome::Rejected(_)
+    ));
 }
 
 #[test]
 fn disconnected_worker_keeps_replicas_for_grace_period_then_they_are_reissued() {
-    let mut core = Core::new(CoreConfig { disconnect_grace_ms: 5_000, ..CoreConfig::default() });
+    let mut core = Core::new(CoreConfig {
+        disconnect_grace_ms: 5_000,
+        ..CoreConfig::default()
+    });
     core.add_job(manifest("a", 1, 1, 4, 600), 0);
     let (w1, w2) = (node(1), node(2));
     core.hello(w1, &fp(Kind::Honest), 1, None, &[], 0);
     core.hello(w2, &fp(Kind::Honest), 1, None, &[], 0);
     let a = core.request_work(w1, 1, 0).assignments.remove(0);
-    assert!(core.request_work(w2, 1, 0).assignments.is_empty(), "quorum 1: one replica only");
+    assert!(
+        core.request_work(w2, 1, 0).assignments.is_empty(),
+        "quorum 1: one replica only"
+    );
     core.disconnect(w1, 1_000);
     core.tick(5_000);
-    assert!(core.request_work(w2, 1, 5_000).assignments.is_empty(), "still within grace");
+    assert!(
+        core.request_work(w2, 1, 5_000).assignments.is_empty(),
+        "still within grace"
+    );
     core.tick(6_000);
     let b = core.request_work(w2, 1, 6_000).assignments.remove(0);
     assert_eq!(b.task.id, a.task.id);
     // The first worker comes back and reports late: it still counts, and decides the task.
     core.hello(w1, &fp(Kind::Honest), 1, None, &[], 7_000);
     let out = core.report(w1, a.replica, truth(a.task.id), 7_000);
-    assert_eq!(out, ReportOutcome::Recorded { accepted: true, duplicate: false });
-    assert!(core.take_notices().iter().any(|n| matches!(n, Notice::Cancel { worker, .. } if *worker == w2)));
+    assert_eq!(
+        out,
+        ReportOutcome::Recorded {
+            accepted: true,
+            duplicate: false
+        }
+    );
+    assert!(core
+        .take_notices()
+        .iter()
+        .any(|n| matches!(n, Notice::Cancel { worker, .. } if *worker == w2)));
 }
 
 #[test]
@@ -359,22 +488,50 @@ fn banned_worker_gets_no_work() {
     let mut core = Core::new(CoreConfig::default());
     let w = node(9);
     core.hello(w, &fp(Kind::Honest), 4, None, &[], 0);
-    core.workers.get_mut(&w).unwrap().rep = trust::Reputation { valid: 0, invalid: 5, consecutive_valid: 0 };
+    core.workers.get_mut(&w).unwrap().rep = trust::Reputation {
+        valid: 0,
+        invalid: 5,
+        consecutive_valid: 0,
+    };
     core.add_job(manifest("a", 10, 1, 2, 600), 0);
     assert!(core.request_work(w, 4, 0).assignments.is_empty());
 }
 
 #[test]
 fn adaptive_replication_gives_trusted_workers_single_replicas_with_spot_checks() {
-    let policy = TrustPolicy { adaptive: Some(Adaptive { min_consecutive_valid: 5, spot_check_one_in: 5 }), ..Default::default() };
-    let mut sim = Sim::new(11, &[(Kind::Honest, 8)], CoreConfig { policy, ..CoreConfig::default() });
+    let policy = TrustPolicy {
+        adaptive: Some(Adaptive {
+            min_consecutive_valid: 5,
+            spot_check_one_in: 5,
+        }),
+        ..Default::default()
+    };
+    let mut sim = Sim::new(
+        11,
+        &[(Kind::Honest, 8)],
+        CoreConfig {
+            policy,
+            ..CoreConfig::default()
+        },
+    );
     let now = sim.now;
     let (_, n) = sim.core.add_job(manifest("a", 400, 2, 6, 600), now);
     sim.run_until_done(20_000);
     sim.check();
-    let reported = sim.core.replicas.values().filter(|r| r.phase == ReplicaPhase::Reported).count();
-    assert!(reported < (2 * n as usize) * 3 / 4, "fewer replicas once trusted: {reported}");
-    assert!(reported > n as usize, "spot checks still replicate some tasks");
+    let reported = sim
+        .core
+        .replicas
+        .values()
+        .filter(|r| r.phase == ReplicaPhase::Reported)
+        .count();
+    assert!(
+        reported < (2 * n as usize) * 3 / 4,
+        "fewer replicas once trusted: {reported}"
+    );
+    assert!(
+        reported > n as usize,
+        "spot checks still replicate some tasks"
+    );
 }
 
 #[test]
@@ -393,7 +550,13 @@ fn pool_as_small_as_quorum_reissues_a_lost_replica_to_its_own_worker_and_counts_
     assert!(core.request_work(w1, 1, 10_001).assignments.is_empty());
     // The late report of the lost replica decides the task; the reissued one is cancelled.
     let out = core.report(w2, b.replica, truth(b.task.id), 10_002);
-    assert_eq!(out, ReportOutcome::Recorded { accepted: true, duplicate: false });
+    assert_eq!(
+        out,
+        ReportOutcome::Recorded {
+            accepted: true,
+            duplicate: false
+        }
+    );
     // Its result for the second replica gets no second verdict or credit.
     core.report(w2, again[0].replica, truth(b.task.id), 10_003);
     assert_eq!(core.credit_fuel(&w2), truth(b.task.id).fuel_used);
@@ -412,29 +575,66 @@ fn two_votes_from_one_worker_never_make_a_quorum() {
     assert_eq!(a.task.id, b.task.id);
     core.report(w1, a.replica, truth(a.task.id), 10_002);
     let out = core.report(w1, b.replica, truth(a.task.id), 10_003);
-    assert_eq!(out, ReportOutcome::Recorded { accepted: false, duplicate: false });
+    assert_eq!(
+        out,
+        ReportOutcome::Recorded {
+            accepted: false,
+            duplicate: false
+        }
+    );
     assert_eq!(core.task_phase(a.task.id), Some(TaskPhase::Pending));
 }
 
 #[test]
 fn peers_list_announcing_workers_then_the_coordinator() {
-    let seed = PeerAddr { node_id: node(100), addr: "127.0.0.1:7100".parse().unwrap() };
-    let mut core = Core::new(CoreConfig { seed: Some(seed.clone()), ..CoreConfig::default() });
+    let seed = PeerAddr {
+        node_id: node(100),
+        addr: "127.0.0.1:7100".parse().unwrap(),
+    };
+    let mut core = Core::new(CoreConfig {
+        seed: Some(seed.clone()),
+        ..CoreConfig::default()
+    });
     core.add_job(manifest("a", 4, 1, 2, 600), 0);
     let module = BlobRef::of(b"module").id;
     let (w1, w2) = (node(1), node(2));
-    core.hello(w1, &fp(Kind::Honest), 1, Some("10.0.0.1:1".parse().unwrap()), &[module], 0);
-    core.hello(w2, &fp(Kind::Honest), 1, Some("10.0.0.2:1".parse().unwrap()), &[], 0);
+    core.hello(
+        w1,
+        &fp(Kind::Honest),
+        1,
+        Some("10.0.0.1:1".parse().unwrap()),
+        &[module],
+        0,
+    );
+    core.hello(
+        w2,
+        &fp(Kind::Honest),
+        1,
+        Some("10.0.0.2:1".parse().unwrap()),
+        &[],
+        0,
+    );
     let a = core.request_work(w2, 1, 0).assignments.remove(0);
     assert_eq!(a.peers.len(), 2);
     assert_eq!(a.peers[0].node_id, w1);
     assert_eq!(a.peers[1], seed);
     let b = core.request_work(w1, 1, 0).assignments.remove(0);
-    assert_eq!(b.peers, vec![seed.clone()], "a worker is not pointed at itself, nor at fetchers of what it holds");
+    assert_eq!(
+        b.peers,
+        vec![seed.clone()],
+        "a worker is not pointed at itself, nor at fetchers of what it holds"
+    );
     // A third worker is pointed at the holder, then at the worker still fetching the module
     // (it serves the chunks it has), then at the seed.
     let w3 = node(3);
-    core.hello(w3, &fp(Kind::Honest), 1, Some("10.0.0.3:1".parse().unwrap()), &[], 0);
+    core.hello(
+        w3,
+        &fp(Kind::Honest),
+        1,
+        Some("10.0.0.3:1".parse().unwrap()),
+        &[],
+        0,
+    );
     let c = core.request_work(w3, 1, 0).assignments.remove(0);
     let ids: Vec<NodeId> = c.peers.iter().map(|p| p.node_id).collect();
     assert_eq!(ids, vec![w1, w2, seed.node_id]);
@@ -445,28 +645,56 @@ fn workers_of_one_public_address_block_never_share_a_task_but_loopback_workers_d
     let mut core = Core::new(CoreConfig::default());
     core.add_job(manifest("a", 1, 2, 6, 600), 0);
     let (a, b, c) = (node(1), node(2), node(3));
-    for (w, addr) in [(a, "198.51.100.7:1"), (b, "198.51.100.8:1"), (c, "203.0.113.9:1")] {
+    for (w, addr) in [
+        (a, "198.51.100.7:1"),
+        (b, "198.51.100.8:1"),
+        (c, "203.0.113.9:1"),
+    ] {
         core.hello(w, &fp(Kind::Honest), 1, None, &[], 0);
         core.observed_address(w, addr.parse().unwrap());
     }
     let first = core.request_work(a, 1, 0).assignments.remove(0);
-    assert!(core.request_work(b, 1, 0).assignments.is_empty(), "same /24 as the first replica");
-    assert_eq!(core.request_work(c, 1, 0).assignments[0].task.id, first.task.id);
+    assert!(
+        core.request_work(b, 1, 0).assignments.is_empty(),
+        "same /24 as the first replica"
+    );
+    assert_eq!(
+        core.request_work(c, 1, 0).assignments[0].task.id,
+        first.task.id
+    );
 
     let mut core = Core::new(CoreConfig::default());
     core.add_job(manifest("a", 1, 2, 6, 600), 0);
     for w in [a, b] {
-        core.hello(w, &fp(Kind::Honest), 1, Some("127.0.0.1:9".parse().unwrap()), &[], 0);
+        core.hello(
+            w,
+            &fp(Kind::Honest),
+            1,
+            Some("127.0.0.1:9".parse().unwrap()),
+            &[],
+            0,
+        );
         core.observed_address(w, "127.0.0.1:5".parse().unwrap());
     }
     core.request_work(a, 1, 0);
-    assert_eq!(core.request_work(b, 1, 0).assignments.len(), 1, "loopback is exempt");
+    assert_eq!(
+        core.request_work(b, 1, 0).assignments.len(),
+        1,
+        "loopback is exempt"
+    );
 }
 
 #[test]
 fn a_banned_workers_votes_on_undecided_tasks_are_discounted_and_its_work_reissued() {
-    let policy = TrustPolicy { ban_min_invalid: 1, ban_score: f64::INFINITY, ..TrustPolicy::default() };
-    let mut core = Core::new(CoreConfig { policy, ..CoreConfig::default() });
+    let policy = TrustPolicy {
+        ban_min_invalid: 1,
+        ban_score: f64::INFINITY,
+        ..TrustPolicy::default()
+    };
+    let mut core = Core::new(CoreConfig {
+        policy,
+        ..CoreConfig::default()
+    });
     core.add_job(manifest("a", 2, 2, 6, 600), 0);
     let (liar, h1, h2) = (node(1), node(2), node(3));
     for w in [liar, h1, h2] {
@@ -474,12 +702,19 @@ fn a_banned_workers_votes_on_undecided_tasks_are_discounted_and_its_work_reissue
     }
     let lies = core.request_work(liar, 2, 0).assignments;
     assert_eq!(lies.len(), 2);
-    let wrong = |t| RunResult { output_hash: BlobId::of(b"lie"), ..truth(t) };
+    let wrong = |t| RunResult {
+        output_hash: BlobId::of(b"lie"),
+        ..truth(t)
+    };
     core.report(liar, lies[0].replica, wrong(lies[0].task.id), 1);
     // Task 0: one honest worker disagrees, the other breaks the tie: the liar is caught.
     let x = core.request_work(h1, 1, 1).assignments.remove(0);
     let y = core.request_work(h2, 1, 1).assignments.remove(0);
-    let (hx, x, hy, y) = if x.task.id == lies[0].task.id { (h1, x, h2, y) } else { (h2, y, h1, x) };
+    let (hx, x, hy, y) = if x.task.id == lies[0].task.id {
+        (h1, x, h2, y)
+    } else {
+        (h2, y, h1, x)
+    };
     assert_eq!((x.task.id, y.task.id), (lies[0].task.id, lies[1].task.id));
     core.report(hx, x.replica, truth(x.task.id), 2);
     let z = core.request_work(hy, 1, 2).assignments.remove(0);
@@ -495,5 +730,11 @@ fn a_banned_workers_votes_on_undecided_tasks_are_discounted_and_its_work_reissue
     // A late lie from the banned worker does not count.
     core.report(liar, lies[1].replica, wrong(lies[1].task.id), 4);
     core.report(hy, y.replica, truth(y.task.id), 5);
-    assert_eq!(core.report(hx, w.replica, truth(w.task.id), 6), ReportOutcome::Recorded { accepted: true, duplicate: false });
+    assert_eq!(
+        core.report(hx, w.replica, truth(w.task.id), 6),
+        ReportOutcome::Recorded {
+            accepted: true,
+            duplicate: false
+        }
+    );
 }

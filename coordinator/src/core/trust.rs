@@ -182,7 +182,9 @@ impl TrustPolicy {
     /// Whether this worker is an anchor: in good standing with a long enough run of agreeing
     /// results.
     pub fn is_trusted(&self, rep: &Reputation) -> bool {
-        self.trust_min_valid != u64::MAX && rep.consecutive_valid >= self.trust_min_valid && self.standing(rep) == Standing::Good
+        self.trust_min_valid != u64::MAX
+            && rep.consecutive_valid >= self.trust_min_valid
+            && self.standing(rep) == Standing::Good
     }
 
     /// Most replicas this worker may hold in flight (0 = banned from work).
@@ -206,7 +208,11 @@ impl TrustPolicy {
     #[allow(clippy::manual_is_multiple_of)] // is_multiple_of is newer than our MSRV (1.85)
     pub fn quorum_for(&self, job_quorum: u32, task: TaskId, first: &Reputation) -> u32 {
         match self.adaptive {
-            Some(a) if job_quorum > 1 && first.consecutive_valid >= a.min_consecutive_valid && self.standing(first) == Standing::Good => {
+            Some(a)
+                if job_quorum > 1
+                    && first.consecutive_valid >= a.min_consecutive_valid
+                    && self.standing(first) == Standing::Good =>
+            {
                 if self.roll(task) % a.spot_check_one_in.max(1) == 0 {
                     job_quorum
                 } else {
@@ -250,7 +256,14 @@ pub fn address_block(addr: &SocketAddr) -> Option<AddressBlock> {
 fn v4_block(ip: Ipv4Addr) -> Option<AddressBlock> {
     let o = ip.octets();
     let cgnat = o[0] == 100 && (o[1] & 0xc0) == 64;
-    if ip.is_loopback() || ip.is_unspecified() || ip.is_private() || ip.is_link_local() || ip.is_broadcast() || ip.is_multicast() || cgnat {
+    if ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || cgnat
+    {
         return None;
     }
     Some(AddressBlock::V4([o[0], o[1], o[2]]))
@@ -280,23 +293,53 @@ mod tests {
         assert_eq!(p.in_flight_cap(&r, 4), 1, "probation after a wrong answer");
         r.record_invalid();
         r.record_invalid();
-        assert_eq!(p.in_flight_cap(&r, 4), 0, "banned after repeated wrong answers");
+        assert_eq!(
+            p.in_flight_cap(&r, 4),
+            0,
+            "banned after repeated wrong answers"
+        );
         for _ in 0..20 {
             r.record_valid();
         }
-        assert_eq!(p.in_flight_cap(&r, 4), 4 * p.in_flight_per_slot, "trust can be earned back");
+        assert_eq!(
+            p.in_flight_cap(&r, 4),
+            4 * p.in_flight_per_slot,
+            "trust can be earned back"
+        );
     }
 
     #[test]
     fn adaptive_replication_trusts_with_spot_checks() {
-        let p = TrustPolicy { adaptive: Some(Adaptive { min_consecutive_valid: 10, spot_check_one_in: 4 }), ..Default::default() };
+        let p = TrustPolicy {
+            adaptive: Some(Adaptive {
+                min_consecutive_valid: 10,
+                spot_check_one_in: 4,
+            }),
+            ..Default::default()
+        };
         let new = Reputation::default();
-        let trusted = Reputation { valid: 50, invalid: 0, consecutive_valid: 50 };
-        let t = |i| TaskId { job: JobId(1), index: i };
+        let trusted = Reputation {
+            valid: 50,
+            invalid: 0,
+            consecutive_valid: 50,
+        };
+        let t = |i| TaskId {
+            job: JobId(1),
+            index: i,
+        };
         assert!((0..100).all(|i| p.quorum_for(2, t(i), &new) == 2));
-        let singles = (0..1000).filter(|&i| p.quorum_for(2, t(i), &trusted) == 1).count();
-        assert!((650..850).contains(&singles), "about 3 in 4 single: {singles}");
-        assert_eq!(TrustPolicy::default().quorum_for(2, t(0), &trusted), 2, "off by default");
+        let singles = (0..1000)
+            .filter(|&i| p.quorum_for(2, t(i), &trusted) == 1)
+            .count();
+        assert!(
+            (650..850).contains(&singles),
+            "about 3 in 4 single: {singles}"
+        );
+        assert_eq!(
+            TrustPolicy::default().quorum_for(2, t(0), &trusted),
+            2,
+            "off by default"
+        );
     }
 
     #[test]
@@ -315,7 +358,11 @@ mod tests {
             r.record_valid();
         }
         assert!(p.is_banned(&r), "a hardened ban is for good");
-        assert!(!TrustPolicy::fixed_quorum().is_trusted(&Reputation { valid: 99, invalid: 0, consecutive_valid: 99 }));
+        assert!(!TrustPolicy::fixed_quorum().is_trusted(&Reputation {
+            valid: 99,
+            invalid: 0,
+            consecutive_valid: 99
+        }));
     }
 
     #[test]
@@ -326,7 +373,19 @@ mod tests {
         assert_eq!(b("[::ffff:203.0.113.9]:1"), b("203.0.113.7:1"));
         assert_eq!(b("[2001:db8:1:2::1]:1"), b("[2001:db8:1:ffff::9]:1"));
         assert_ne!(b("[2001:db8:1::1]:1"), b("[2001:db8:2::1]:1"));
-        for local in ["127.0.0.1:1", "0.0.0.0:1", "10.1.2.3:1", "192.168.1.1:1", "172.16.0.1:1", "100.64.0.1:1", "169.254.1.1:1", "[::1]:1", "[::]:1", "[fd00::1]:1", "[fe80::1]:1"] {
+        for local in [
+            "127.0.0.1:1",
+            "0.0.0.0:1",
+            "10.1.2.3:1",
+            "192.168.1.1:1",
+            "172.16.0.1:1",
+            "100.64.0.1:1",
+            "169.254.1.1:1",
+            "[::1]:1",
+            "[::]:1",
+            "[fd00::1]:1",
+            "[fe80::1]:1",
+        ] {
             assert_eq!(b(local), None, "{local}");
         }
     }

@@ -91,21 +91,37 @@ impl Tally {
 /// What a pending task needs next.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Need {
-    Accept { fp: u32, digest: ResultDigest, agreeing: Vec<ReplicaId> },
+    Accept {
+        fp: u32,
+        digest: ResultDigest,
+        agreeing: Vec<ReplicaId>,
+    },
     Fail(String),
     /// `n` more replicas, preferably on fingerprint `fp`. `anchor_wanted`: the next replica
     /// would complete the quorum of a result no anchor is part of, so it should go to one.
-    More { n: u32, fp: Option<u32>, anchor_wanted: bool },
+    More {
+        n: u32,
+        fp: Option<u32>,
+        anchor_wanted: bool,
+    },
 }
 
 impl Core {
     pub(crate) fn tally(&self, task: TaskId) -> Tally {
         let mut t = Tally::default();
-        let Some(slot) = self.jobs.get(&task.job).and_then(|j| j.tasks.get(task.index as usize)) else { return t };
+        let Some(slot) = self
+            .jobs
+            .get(&task.job)
+            .and_then(|j| j.tasks.get(task.index as usize))
+        else {
+            return t;
+        };
         let mut reporters: Vec<NodeId> = Vec::new();
         let policy = &self.cfg.policy;
         for r in &slot.replicas {
-            let Some(rep) = self.replicas.get(r) else { continue };
+            let Some(rep) = self.replicas.get(r) else {
+                continue;
+            };
             match rep.phase {
                 ReplicaPhase::Reported => {
                     // One vote per worker: a worker that got a task again after losing its
@@ -114,19 +130,30 @@ impl Core {
                         continue;
                     }
                     reporters.push(rep.worker);
-                    if self.workers.get(&rep.worker).is_some_and(|w| policy.is_banned(&w.rep)) {
+                    if self
+                        .workers
+                        .get(&rep.worker)
+                        .is_some_and(|w| policy.is_banned(&w.rep))
+                    {
                         t.discounted += 1;
                         continue;
                     }
                     t.reported += 1;
-                    let (d, _) = rep.result.as_ref().expect("reported replicas carry a result");
+                    let (d, _) = rep
+                        .result
+                        .as_ref()
+                        .expect("reported replicas carry a result");
                     let key = (rep.fp, *d);
                     match t.groups.iter_mut().find(|g| g.key == key) {
                         Some(g) => {
                             g.replicas.push(*r);
                             g.anchored |= rep.anchor;
                         }
-                        None => t.groups.push(Group { key, replicas: vec![*r], anchored: rep.anchor }),
+                        None => t.groups.push(Group {
+                            key,
+                            replicas: vec![*r],
+                            anchored: rep.anchor,
+                        }),
                     }
                 }
                 ReplicaPhase::InFlight => {
@@ -148,9 +175,17 @@ impl Core {
         let job = &self.jobs[&task.job];
         let limits = job.manifest.limits;
         let slot = &job.tasks[task.index as usize];
-        let q = if slot.quorum == 0 { limits.quorum } else { slot.quorum };
+        let q = if slot.quorum == 0 {
+            limits.quorum
+        } else {
+            slot.quorum
+        };
         // Agreement without an anchor needs `extra` more (never beyond max_replicas).
-        let extra = self.cfg.policy.untrusted_extra.min(limits.max_replicas.saturating_sub(q));
+        let extra = self
+            .cfg
+            .policy
+            .untrusted_extra
+            .min(limits.max_replicas.saturating_sub(q));
         let t = self.tally(task);
         // Deterministic choice when (unusually) two groups reach quorum: the larger, then the
         // smaller fingerprint index.
@@ -162,7 +197,11 @@ impl Core {
         {
             let mut agreeing = g.replicas.clone();
             agreeing.sort_unstable();
-            return Need::Accept { fp: g.key.0, digest: g.key.1, agreeing };
+            return Need::Accept {
+                fp: g.key.0,
+                digest: g.key.1,
+                agreeing,
+            };
         }
         let counted = t.reported + t.in_flight;
         let remaining = limits.max_replicas.saturating_sub(counted);
@@ -186,7 +225,11 @@ impl Core {
         }
         // Up to the quorum, assume the missing replicas can go to anchors (the scheduler
         // prefers them); beyond it, an unanchored lead needs the extra replicas now.
-        let target = if lead_anchored || lead < q { q } else { q + extra };
+        let target = if lead_anchored || lead < q {
+            q
+        } else {
+            q + extra
+        };
         let n = target.saturating_sub(lead).min(remaining);
         if n == 0 && t.in_flight == 0 {
             return Need::Fail(format!(
@@ -196,17 +239,29 @@ impl Core {
                 limits.max_replicas
             ));
         }
-        Need::More { n, fp: lead_fp, anchor_wanted: !lead_anchored && lead < q }
+        Need::More {
+            n,
+            fp: lead_fp,
+            anchor_wanted: !lead_anchored && lead < q,
+        }
     }
 
     /// Re-examine a pending task after something changed: decide it or queue more replicas.
     pub(crate) fn reevaluate(&mut self, task: TaskId, now: u64) {
-        let Some(job) = self.jobs.get(&task.job) else { return };
-        if job.state != tasks::wire::JobState::Running || job.tasks[task.index as usize].phase != TaskPhase::Pending {
+        let Some(job) = self.jobs.get(&task.job) else {
+            return;
+        };
+        if job.state != tasks::wire::JobState::Running
+            || job.tasks[task.index as usize].phase != TaskPhase::Pending
+        {
             return;
         }
         match self.need(task) {
-            Need::Accept { fp, digest, agreeing } => self.accept(task, fp, digest, &agreeing, now),
+            Need::Accept {
+                fp,
+                digest,
+                agreeing,
+            } => self.accept(task, fp, digest, &agreeing, now),
             Need::Fail(reason) => self.fail(task, reason, now),
             Need::More { n, .. } => {
                 let job = self.jobs.get_mut(&task.job).expect("checked");
@@ -219,15 +274,32 @@ impl Core {
         }
     }
 
-    fn accept(&mut self, task: TaskId, fp: u32, digest: ResultDigest, agreeing: &[ReplicaId], now: u64) {
+    fn accept(
+        &mut self,
+        task: TaskId,
+        fp: u32,
+        digest: ResultDigest,
+        agreeing: &[ReplicaId],
+        now: u64,
+    ) {
         let job = self.jobs.get_mut(&task.job).expect("task's job exists");
         let slot = &mut job.tasks[task.index as usize];
         slot.phase = TaskPhase::Accepted;
         slot.accepted = Some((fp, digest));
         job.done += 1;
         let replicas = slot.replicas.clone();
-        let result = self.replicas[&agreeing[0]].result.as_ref().expect("reported").1.clone();
-        let counted: Vec<ReplicaId> = self.tally(task).groups.into_iter().flat_map(|g| g.replicas).collect();
+        let result = self.replicas[&agreeing[0]]
+            .result
+            .as_ref()
+            .expect("reported")
+            .1
+            .clone();
+        let counted: Vec<ReplicaId> = self
+            .tally(task)
+            .groups
+            .into_iter()
+            .flat_map(|g| g.replicas)
+            .collect();
         let mut from: Vec<NodeId> = Vec::new();
         let mut in_flight = Vec::new();
         for r in replicas {
@@ -247,11 +319,21 @@ impl Core {
         self.release_votes(task);
         self.mutations.push(Mutation::Decided {
             task,
-            decision: Decision::Accepted { digest, result: result.clone(), fingerprint: self.fp_short(fp), agreeing: from.clone() },
+            decision: Decision::Accepted {
+                digest,
+                result: result.clone(),
+                fingerprint: self.fp_short(fp),
+                agreeing: from.clone(),
+            },
             decided_ms: now,
             output: None,
         });
-        self.notices.push(Notice::Accepted { task, result, from, replica: *agreeing.last().expect("quorum >= 1") });
+        self.notices.push(Notice::Accepted {
+            task,
+            result,
+            from,
+            replica: *agreeing.last().expect("quorum >= 1"),
+        });
         self.maybe_finish_job(task.job);
     }
 
@@ -263,16 +345,25 @@ impl Core {
         let judged_before = self.jobs[&task.job].tasks[task.index as usize]
             .replicas
             .iter()
-            .any(|o| *o != r && self.replicas[o].worker == worker && self.replicas[o].verdict.is_some());
+            .any(|o| {
+                *o != r && self.replicas[o].worker == worker && self.replicas[o].verdict.is_some()
+            });
         let rep = self.replicas.get_mut(&r).expect("replica exists");
         if rep.verdict.is_some() || rep.fp != fp || judged_before {
             return;
         }
         let (d, result) = rep.result.as_ref().expect("reported");
-        let verdict = if *d == digest { Verdict::Valid } else { Verdict::Invalid };
+        let verdict = if *d == digest {
+            Verdict::Valid
+        } else {
+            Verdict::Invalid
+        };
         rep.verdict = Some(verdict);
         let (worker, fuel) = (rep.worker, result.fuel_used);
-        self.mutations.push(Mutation::Verdict { replica: r, verdict });
+        self.mutations.push(Mutation::Verdict {
+            replica: r,
+            verdict,
+        });
         if let Some(w) = self.workers.get_mut(&worker) {
             let was_banned = self.cfg.policy.is_banned(&w.rep);
             match verdict {
@@ -292,9 +383,17 @@ impl Core {
 
     /// A task was decided (or its job cancelled): its reported votes are no longer undecided.
     pub(crate) fn release_votes(&mut self, task: TaskId) {
-        let Some(slot) = self.jobs.get(&task.job).and_then(|j| j.tasks.get(task.index as usize)) else { return };
+        let Some(slot) = self
+            .jobs
+            .get(&task.job)
+            .and_then(|j| j.tasks.get(task.index as usize))
+        else {
+            return;
+        };
         for r in &slot.replicas {
-            let Some(rep) = self.replicas.get(r) else { continue };
+            let Some(rep) = self.replicas.get(r) else {
+                continue;
+            };
             if rep.phase == ReplicaPhase::Reported {
                 if let Some(w) = self.workers.get_mut(&rep.worker) {
                     w.undecided = w.undecided.saturating_sub(1);
@@ -312,7 +411,10 @@ impl Core {
             let mut touched: Vec<TaskId> = self
                 .replicas
                 .values()
-                .filter(|r| r.worker == worker && matches!(r.phase, ReplicaPhase::Reported | ReplicaPhase::InFlight))
+                .filter(|r| {
+                    r.worker == worker
+                        && matches!(r.phase, ReplicaPhase::Reported | ReplicaPhase::InFlight)
+                })
                 .map(|r| r.task)
                 .filter(|t| self.task_phase(*t) == Some(TaskPhase::Pending))
                 .collect();
@@ -331,11 +433,22 @@ impl Core {
         let slot = &mut job.tasks[task.index as usize];
         slot.phase = TaskPhase::Failed;
         job.failed += 1;
-        let in_flight: Vec<ReplicaId> =
-            slot.replicas.iter().copied().filter(|r| self.replicas[r].phase == ReplicaPhase::InFlight).collect();
+        let in_flight: Vec<ReplicaId> = slot
+            .replicas
+            .iter()
+            .copied()
+            .filter(|r| self.replicas[r].phase == ReplicaPhase::InFlight)
+            .collect();
         self.cancel_replicas(&in_flight);
         self.release_votes(task);
-        self.mutations.push(Mutation::Decided { task, decision: Decision::Failed { reason: reason.clone() }, decided_ms: now, output: None });
+        self.mutations.push(Mutation::Decided {
+            task,
+            decision: Decision::Failed {
+                reason: reason.clone(),
+            },
+            decided_ms: now,
+            output: None,
+        });
         self.notices.push(Notice::Failed { task, reason });
         self.maybe_finish_job(task.job);
     }
@@ -343,30 +456,51 @@ impl Core {
     /// A worker reports a replica's result. Idempotent: a resend of the same result is
     /// `Recorded { duplicate: true }`. A report for a replica not assigned to `worker` is
     /// rejected and changes nothing.
-    pub fn report(&mut self, worker: NodeId, replica: ReplicaId, result: RunResult, now: u64) -> ReportOutcome {
+    pub fn report(
+        &mut self,
+        worker: NodeId,
+        replica: ReplicaId,
+        result: RunResult,
+        now: u64,
+    ) -> ReportOutcome {
         let digest = Core::digest_of(&result);
         let Some(rep) = self.replicas.get_mut(&replica) else {
             return ReportOutcome::Rejected(format!("unknown replica {replica}"));
         };
         if rep.worker != worker {
-            return ReportOutcome::Rejected(format!("replica {replica} is not assigned to this worker"));
+            return ReportOutcome::Rejected(format!(
+                "replica {replica} is not assigned to this worker"
+            ));
         }
         if rep.phase == ReplicaPhase::Reported {
             let same = rep.result.as_ref().is_some_and(|(d, _)| *d == digest);
             return if same {
-                ReportOutcome::Recorded { accepted: false, duplicate: true }
+                ReportOutcome::Recorded {
+                    accepted: false,
+                    duplicate: true,
+                }
             } else {
-                ReportOutcome::Rejected(format!("replica {replica} was already reported with a different result"))
+                ReportOutcome::Rejected(format!(
+                    "replica {replica} was already reported with a different result"
+                ))
             };
         }
         let was = rep.phase;
         rep.phase = ReplicaPhase::Reported;
         // An anchor is judged by its standing when it answers (a saboteur may earn trust and
         // then cheat; its later answers still anchor until it is caught).
-        rep.anchor = self.workers.get(&worker).is_some_and(|w| self.cfg.policy.is_trusted(&w.rep));
+        rep.anchor = self
+            .workers
+            .get(&worker)
+            .is_some_and(|w| self.cfg.policy.is_trusted(&w.rep));
         rep.result = Some((digest, result.clone()));
         let (task, deadline) = (rep.task, rep.deadline_ms);
-        self.mutations.push(Mutation::Reported { replica, result, reported_ms: now, verdict: None });
+        self.mutations.push(Mutation::Reported {
+            replica,
+            result,
+            reported_ms: now,
+            verdict: None,
+        });
         if let Some(w) = self.workers.get_mut(&worker) {
             w.last_seen_ms = now;
             w.in_flight.remove(&replica);
@@ -384,15 +518,25 @@ impl Core {
                     w.undecided += 1;
                 }
                 self.reevaluate(task, now);
-                let accepted = self.jobs[&task.job].tasks[task.index as usize].phase == TaskPhase::Accepted;
-                ReportOutcome::Recorded { accepted, duplicate: false }
+                let accepted =
+                    self.jobs[&task.job].tasks[task.index as usize].phase == TaskPhase::Accepted;
+                ReportOutcome::Recorded {
+                    accepted,
+                    duplicate: false,
+                }
             }
             TaskPhase::Accepted => {
                 let (fp, d) = slot.accepted.expect("accepted tasks keep their digest");
                 self.judge(replica, fp, d);
-                ReportOutcome::Recorded { accepted: false, duplicate: false }
+                ReportOutcome::Recorded {
+                    accepted: false,
+                    duplicate: false,
+                }
             }
-            _ => ReportOutcome::Recorded { accepted: false, duplicate: false },
+            _ => ReportOutcome::Recorded {
+                accepted: false,
+                duplicate: false,
+            },
         };
         self.settle_bans(now);
         outcome

@@ -13,7 +13,8 @@ use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
 
 use tasks::wire::{
-    CoordMsg, JobResults, JobState, PeerAddr, ReplicaId, Report, StatusReport, TaskResult, TaskState, INLINE_OUTPUT_MAX,
+    CoordMsg, JobResults, JobState, PeerAddr, ReplicaId, Report, StatusReport, TaskResult,
+    TaskState, INLINE_OUTPUT_MAX,
 };
 use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, RunResult, TaskId};
 
@@ -38,19 +39,60 @@ pub struct HelloInfo {
 
 /// What a session or submitter asks of the engine.
 pub enum Cmd {
-    Hello { worker: NodeId, session: u64, info: HelloInfo, tx: mpsc::UnboundedSender<CoordMsg>, reply: oneshot::Sender<()> },
-    Disconnected { worker: NodeId, session: u64 },
-    RequestWork { worker: NodeId, max: u32, reply: oneshot::Sender<Work> },
+    Hello {
+        worker: NodeId,
+        session: u64,
+        info: HelloInfo,
+        tx: mpsc::UnboundedSender<CoordMsg>,
+        reply: oneshot::Sender<()>,
+    },
+    Disconnected {
+        worker: NodeId,
+        session: u64,
+    },
+    RequestWork {
+        worker: NodeId,
+        max: u32,
+        reply: oneshot::Sender<Work>,
+    },
     /// Answered with one `Ack` for the recorded replicas and one `Rejected` per refusal.
-    Reports { worker: NodeId, reports: Vec<Report>, reply: oneshot::Sender<Vec<CoordMsg>> },
-    HaveBlobs { worker: NodeId, blobs: Vec<BlobId> },
-    Abandon { worker: NodeId, replicas: Vec<ReplicaId> },
-    BadPeer { peer: NodeId, blob: BlobId },
-    CreateJob { manifest: JobManifest, reply: oneshot::Sender<(JobId, u32)> },
-    Status { job: Option<JobId>, reply: oneshot::Sender<Option<StatusReport>> },
-    Results { job: JobId, reply: oneshot::Sender<Result<Option<JobResults>, String>> },
-    Cancel { job: JobId, reply: oneshot::Sender<bool> },
-    OutputStored { task: TaskId, output: Output },
+    Reports {
+        worker: NodeId,
+        reports: Vec<Report>,
+        reply: oneshot::Sender<Vec<CoordMsg>>,
+    },
+    HaveBlobs {
+        worker: NodeId,
+        blobs: Vec<BlobId>,
+    },
+    Abandon {
+        worker: NodeId,
+        replicas: Vec<ReplicaId>,
+    },
+    BadPeer {
+        peer: NodeId,
+        blob: BlobId,
+    },
+    CreateJob {
+        manifest: JobManifest,
+        reply: oneshot::Sender<(JobId, u32)>,
+    },
+    Status {
+        job: Option<JobId>,
+        reply: oneshot::Sender<Option<StatusReport>>,
+    },
+    Results {
+        job: JobId,
+        reply: oneshot::Sender<Result<Option<JobResults>, String>>,
+    },
+    Cancel {
+        job: JobId,
+        reply: oneshot::Sender<bool>,
+    },
+    OutputStored {
+        task: TaskId,
+        output: Output,
+    },
     Tick,
 }
 
@@ -84,7 +126,10 @@ impl EngineHandle {
 /// Milliseconds since the Unix epoch: the core's clock (absolute, so deadlines survive
 /// restarts).
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Effects that must wait for the batch's commit.
@@ -123,8 +168,21 @@ pub struct Engine<S: Store = SqliteStore> {
 }
 
 impl<S: Store> Engine<S> {
-    pub fn new(core: Core, store: S, blobs: worker::blobs::BlobStore, fetches: mpsc::UnboundedSender<FetchJob>) -> Self {
-        Engine { core, store, blobs, sessions: HashMap::new(), fetches, batches: 0, commands: 0 }
+    pub fn new(
+        core: Core,
+        store: S,
+        blobs: worker::blobs::BlobStore,
+        fetches: mpsc::UnboundedSender<FetchJob>,
+    ) -> Self {
+        Engine {
+            core,
+            store,
+            blobs,
+            sessions: HashMap::new(),
+            fetches,
+            batches: 0,
+            commands: 0,
+        }
     }
 
     /// Run until every sender is dropped. Returns the store error that stopped it, if any.
@@ -145,7 +203,11 @@ impl<S: Store> Engine<S> {
     }
 
     /// Apply commands, commit once, then answer them.
-    pub fn apply_batch(&mut self, cmds: impl Iterator<Item = Cmd>, now: u64) -> Result<(), crate::store::StoreError> {
+    pub fn apply_batch(
+        &mut self,
+        cmds: impl Iterator<Item = Cmd>,
+        now: u64,
+    ) -> Result<(), crate::store::StoreError> {
         let mut replies = Vec::new();
         let mut extra: Vec<Mutation> = Vec::new();
         let mut fetch = Vec::new();
@@ -177,8 +239,15 @@ impl<S: Store> Engine<S> {
     fn collect_notices(&mut self, sends: &mut Vec<(NodeId, CoordMsg)>) {
         for n in self.core.take_notices() {
             match n {
-                Notice::Cancel { worker, replicas } => sends.push((worker, CoordMsg::Cancel { replicas })),
-                Notice::Accepted { task, result, replica, .. } => {
+                Notice::Cancel { worker, replicas } => {
+                    sends.push((worker, CoordMsg::Cancel { replicas }))
+                }
+                Notice::Accepted {
+                    task,
+                    result,
+                    replica,
+                    ..
+                } => {
                     tracing::debug!(%task, replica, digest = %result.digest(), "task accepted");
                 }
                 Notice::Failed { task, reason } => tracing::info!(%task, %reason, "task failed"),
@@ -187,15 +256,39 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    fn apply(&mut self, cmd: Cmd, now: u64, replies: &mut Vec<Reply>, extra: &mut Vec<Mutation>, fetch: &mut Vec<FetchJob>) {
+    fn apply(
+        &mut self,
+        cmd: Cmd,
+        now: u64,
+        replies: &mut Vec<Reply>,
+        extra: &mut Vec<Mutation>,
+        fetch: &mut Vec<FetchJob>,
+    ) {
         match cmd {
-            Cmd::Hello { worker, session, info, tx, reply } => {
-                self.core.hello(worker, &info.fingerprint, info.slots, info.peer_addr, &info.blobs, now);
+            Cmd::Hello {
+                worker,
+                session,
+                info,
+                tx,
+                reply,
+            } => {
+                self.core.hello(
+                    worker,
+                    &info.fingerprint,
+                    info.slots,
+                    info.peer_addr,
+                    &info.blobs,
+                    now,
+                );
                 self.sessions.insert(worker, (session, tx));
                 replies.push(Reply::Unit(reply));
             }
             Cmd::Disconnected { worker, session } => {
-                if self.sessions.get(&worker).is_some_and(|(s, _)| *s == session) {
+                if self
+                    .sessions
+                    .get(&worker)
+                    .is_some_and(|(s, _)| *s == session)
+                {
                     self.sessions.remove(&worker);
                     self.core.disconnect(worker, now);
                 }
@@ -205,13 +298,20 @@ impl<S: Store> Engine<S> {
                 tracing::debug!(node = %worker.short(), max, given = work.assignments.len(), "work request");
                 replies.push(Reply::Work(reply, work));
             }
-            Cmd::Reports { worker, reports, reply } => {
+            Cmd::Reports {
+                worker,
+                reports,
+                reply,
+            } => {
                 let mut acked = Vec::new();
                 let mut msgs = Vec::new();
                 for r in reports {
                     match self.report(worker, r, now, extra, fetch) {
                         Ok(replica) => acked.push(replica),
-                        Err((replica, reason)) => msgs.push(CoordMsg::Rejected { replica: Some(replica), reason }),
+                        Err((replica, reason)) => msgs.push(CoordMsg::Rejected {
+                            replica: Some(replica),
+                            reason,
+                        }),
                     }
                 }
                 if !acked.is_empty() {
@@ -257,7 +357,10 @@ impl<S: Store> Engine<S> {
                 || BlobId::of(out) != r.result.output_hash
             {
                 tracing::warn!(node = %worker.short(), replica = r.replica, "report rejected: inline output does not match output_hash/output_len");
-                return Err((r.replica, "inline output does not match output_hash/output_len".into()));
+                return Err((
+                    r.replica,
+                    "inline output does not match output_hash/output_len".into(),
+                ));
             }
         }
         let task = self.core.replica(r.replica).map(|(_, t, _)| t);
@@ -268,13 +371,17 @@ impl<S: Store> Engine<S> {
                 tracing::warn!(node = %worker.short(), replica = r.replica, "report rejected: {reason}");
                 Err((r.replica, reason))
             }
-            ReportOutcome::Recorded { accepted: false, .. } => Ok(r.replica),
+            ReportOutcome::Recorded {
+                accepted: false, ..
+            } => Ok(r.replica),
             ReportOutcome::Recorded { accepted: true, .. } => {
                 let task = task.expect("recorded replicas exist");
                 let output = match r.output {
                     Some(bytes) => Some(Output::Inline(bytes)),
                     None if r.result.output_len == 0 => Some(Output::Inline(Vec::new())),
-                    None if self.blobs.has(&r.result.output_hash) => Some(Output::Blob(r.result.output_hash)),
+                    None if self.blobs.has(&r.result.output_hash) => {
+                        Some(Output::Blob(r.result.output_hash))
+                    }
                     None => None,
                 };
                 match output {
@@ -288,19 +395,22 @@ impl<S: Store> Engine<S> {
 
     /// Where to fetch an accepted output: the agreeing workers' blob servers.
     pub fn fetch_job(&self, task: TaskId, result: RunResult) -> FetchJob {
-        let peers = self
-            .core
-            .agreeing_peers(task)
-            .into_iter()
-            .collect();
-        FetchJob { task, result, peers }
+        let peers = self.core.agreeing_peers(task).into_iter().collect();
+        FetchJob {
+            task,
+            result,
+            peers,
+        }
     }
 
     /// Accepted outputs that were never fetched (e.g. the coordinator stopped first).
     pub fn resume_fetches(&mut self) -> Result<(), crate::store::StoreError> {
         for (task, result, _) in self.store.outputs_missing()? {
             if self.blobs.has(&result.output_hash) {
-                self.store.commit(&[Mutation::TaskOutput { task, output: Output::Blob(result.output_hash) }])?;
+                self.store.commit(&[Mutation::TaskOutput {
+                    task,
+                    output: Output::Blob(result.output_hash),
+                }])?;
             } else {
                 let f = self.fetch_job(task, result);
                 let _ = self.fetches.send(f);
@@ -310,10 +420,15 @@ impl<S: Store> Engine<S> {
     }
 
     fn results(&mut self, job: JobId) -> Result<Option<JobResults>, String> {
-        let Some(manifest) = self.core.job_manifest(job) else { return Ok(None) };
+        let Some(manifest) = self.core.job_manifest(job) else {
+            return Ok(None);
+        };
         let state = self.core.job_state(job).unwrap_or(JobState::Running);
         let decided = self.store.task_results(job).map_err(|e| e.to_string())?;
-        let mut by_index: HashMap<u32, (TaskResult, Option<Output>)> = decided.into_iter().map(|(t, o)| (t.index, (t, o))).collect();
+        let mut by_index: HashMap<u32, (TaskResult, Option<Output>)> = decided
+            .into_iter()
+            .map(|(t, o)| (t.index, (t, o)))
+            .collect();
         let mut budget = RESULTS_INLINE_BUDGET;
         let mut tasks = Vec::with_capacity(manifest.tasks.len());
         for index in 0..manifest.tasks.len() as u32 {
@@ -342,7 +457,12 @@ impl<S: Store> Engine<S> {
             }
             tasks.push(t);
         }
-        Ok(Some(JobResults { job, name: manifest.name.clone(), state, tasks }))
+        Ok(Some(JobResults {
+            job,
+            name: manifest.name.clone(),
+            state,
+            tasks,
+        }))
     }
 }
 
@@ -356,7 +476,14 @@ pub fn spawn<S: Store + 'static>(
     store: S,
     blobs: worker::blobs::BlobStore,
     queue: usize,
-) -> Result<(EngineHandle, mpsc::UnboundedReceiver<FetchJob>, EngineThread), crate::store::StoreError> {
+) -> Result<
+    (
+        EngineHandle,
+        mpsc::UnboundedReceiver<FetchJob>,
+        EngineThread,
+    ),
+    crate::store::StoreError,
+> {
     let (tx, rx) = mpsc::channel(queue);
     let (ftx, frx) = mpsc::unbounded_channel();
     let mut engine = Engine::new(core, store, blobs, ftx);

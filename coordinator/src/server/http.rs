@@ -53,9 +53,17 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         use std::io::ErrorKind;
         let why = match e.kind() {
-            ErrorKind::PermissionDenied => "permission denied (ports below 1024 need privileges; pick e.g. 127.0.0.1:8080)".to_string(),
-            ErrorKind::AddrInUse => "address already in use (another process listens there; pick another port)".to_string(),
-            ErrorKind::AddrNotAvailable => "address not available (no interface on this machine has that IP)".to_string(),
+            ErrorKind::PermissionDenied => {
+                "permission denied (ports below 1024 need privileges; pick e.g. 127.0.0.1:8080)"
+                    .to_string()
+            }
+            ErrorKind::AddrInUse => {
+                "address already in use (another process listens there; pick another port)"
+                    .to_string()
+            }
+            ErrorKind::AddrNotAvailable => {
+                "address not available (no interface on this machine has that IP)".to_string()
+            }
             _ => e.to_string(),
         };
         anyhow::anyhow!("cannot bind --http {addr}: {why}")
@@ -77,7 +85,9 @@ pub fn router(ctx: HttpCtx) -> Router {
 /// Serve `listener` until `cancel` fires: then stop accepting, let in-flight requests finish
 /// for up to [`SHUTDOWN_GRACE`], and return (dropping the engine handle with the router).
 pub async fn run(listener: tokio::net::TcpListener, ctx: HttpCtx, cancel: CancellationToken) {
-    let server = axum::serve(listener, router(ctx)).with_graceful_shutdown(cancel.clone().cancelled_owned()).into_future();
+    let server = axum::serve(listener, router(ctx))
+        .with_graceful_shutdown(cancel.clone().cancelled_owned())
+        .into_future();
     tokio::pin!(server);
     tokio::select! {
         r = &mut server => {
@@ -99,9 +109,11 @@ fn error(code: StatusCode, message: impl Into<String>) -> Response {
 }
 
 fn gone() -> Response {
-    error(StatusCode::SERVICE_UNAVAILABLE, "coordinator is shutting down")
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "coordinator is shutting down",
+    )
 }
-
 
 async fn report(ctx: &HttpCtx, job: Option<JobId>) -> Option<Option<StatusReport>> {
     let mut r = ctx.engine.call(|reply| Cmd::Status { job, reply }).await?;
@@ -164,7 +176,13 @@ async fn results(State(ctx): State<HttpCtx>, Path(id): Path<String>) -> Response
 }
 
 async fn not_found(uri: Uri) -> Response {
-    error(StatusCode::NOT_FOUND, format!("no page {}; try /, /status, /jobs/ID, /jobs/ID/results or /health", uri.path()))
+    error(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no page {}; try /, /status, /jobs/ID, /jobs/ID/results or /health",
+            uri.path()
+        ),
+    )
 }
 
 async fn index(State(ctx): State<HttpCtx>) -> Response {
@@ -280,7 +298,13 @@ mod tests {
                 replicas_in_flight: 2,
                 replicas_reported: 2,
             }],
-            workers: vec![WorkerStatus { node_id: tasks::NodeKey::generate().node_id(), connected: true, credit: 1.5, valid: 3, invalid: 0 }],
+            workers: vec![WorkerStatus {
+                node_id: tasks::NodeKey::generate().node_id(),
+                connected: true,
+                credit: 1.5,
+                valid: 3,
+                invalid: 0,
+            }],
             coordinator_bytes_sent: 42,
         };
         let page = render(&r);

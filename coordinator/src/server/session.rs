@@ -45,16 +45,32 @@ pub enum SessionError {
 }
 
 /// Serve one worker connection until it closes or `cancel` fires.
-pub async fn run(conn: quinn::Connection, worker: NodeId, engine: EngineHandle, cancel: CancellationToken) -> Result<(), SessionError> {
+pub async fn run(
+    conn: quinn::Connection,
+    worker: NodeId,
+    engine: EngineHandle,
+    cancel: CancellationToken,
+) -> Result<(), SessionError> {
     let (mut send, mut recv) = tokio::select! {
         biased;
         _ = cancel.cancelled() => return Ok(()),
         s = conn.accept_bi() => s.map_err(SessionError::Accept)?,
     };
     let hello = match net::read_frame::<WorkerMsg>(&mut recv).await {
-        Ok(Some(WorkerMsg::Hello { agent, fingerprint, slots, peer_addr, blobs })) => {
+        Ok(Some(WorkerMsg::Hello {
+            agent,
+            fingerprint,
+            slots,
+            peer_addr,
+            blobs,
+        })) => {
             tracing::info!(%agent, fingerprint = %fingerprint, slots, "worker joined");
-            HelloInfo { fingerprint, slots, peer_addr, blobs }
+            HelloInfo {
+                fingerprint,
+                slots,
+                peer_addr,
+                blobs,
+            }
         }
         Ok(_) => {
             net::close(&conn, CloseCode::Protocol, "first message must be Hello");
@@ -70,11 +86,24 @@ pub async fn run(conn: quinn::Connection, worker: NodeId, engine: EngineHandle, 
     let session = SESSIONS.fetch_add(1, Ordering::Relaxed);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel();
     engine
-        .call(|reply| Cmd::Hello { worker, session, info: hello, tx: out_tx, reply })
+        .call(|reply| Cmd::Hello {
+            worker,
+            session,
+            info: hello,
+            tx: out_tx,
+            reply,
+        })
         .await
         .ok_or(SessionError::EngineGone)?;
     let result = async {
-        net::write_frame(&mut send, &CoordMsg::Welcome { agent: super::AGENT.into(), observed_addr: conn.remote_address() }).await?;
+        net::write_frame(
+            &mut send,
+            &CoordMsg::Welcome {
+                agent: super::AGENT.into(),
+                observed_addr: conn.remote_address(),
+            },
+        )
+        .await?;
         // Reader task: frames in, messages out (bounded: back-pressure).
         let (in_tx, mut in_rx) = mpsc::channel::<Result<WorkerMsg, FrameError>>(MAX_PIPELINE);
         let reader = tokio::spawn(async move {
@@ -150,17 +179,32 @@ enum Dispatch {
 }
 
 async fn dispatch(engine: &EngineHandle, worker: NodeId, msg: WorkerMsg) -> Dispatch {
-    fn reply<T: Send + 'static>(rx: oneshot::Receiver<T>, f: impl FnOnce(T) -> Vec<CoordMsg> + Send + 'static) -> Dispatch {
+    fn reply<T: Send + 'static>(
+        rx: oneshot::Receiver<T>,
+        f: impl FnOnce(T) -> Vec<CoordMsg> + Send + 'static,
+    ) -> Dispatch {
         Dispatch::Reply(Box::pin(async move { rx.await.map(f).unwrap_or_default() }))
     }
     let sent = match msg {
         WorkerMsg::Hello { .. } => return Dispatch::Violation("second Hello"),
         WorkerMsg::RequestWork { max } => {
             let (tx, rx) = oneshot::channel();
-            if !engine.send(Cmd::RequestWork { worker, max: max.min(MAX_BATCH_ASSIGN), reply: tx }).await {
+            if !engine
+                .send(Cmd::RequestWork {
+                    worker,
+                    max: max.min(MAX_BATCH_ASSIGN),
+                    reply: tx,
+                })
+                .await
+            {
                 return Dispatch::Gone;
             }
-            return reply(rx, |w| vec![CoordMsg::Assign { assignments: w.assignments, retry_after_ms: w.retry_after_ms }]);
+            return reply(rx, |w| {
+                vec![CoordMsg::Assign {
+                    assignments: w.assignments,
+                    retry_after_ms: w.retry_after_ms,
+                }]
+            });
         }
         WorkerMsg::Report(r) => return reports(engine, worker, vec![r]).await,
         WorkerMsg::Reports(rs) => {
@@ -183,9 +227,20 @@ async fn dispatch(engine: &EngineHandle, worker: NodeId, msg: WorkerMsg) -> Disp
     }
 }
 
-async fn reports(engine: &EngineHandle, worker: NodeId, reports: Vec<tasks::wire::Report>) -> Dispatch {
+async fn reports(
+    engine: &EngineHandle,
+    worker: NodeId,
+    reports: Vec<tasks::wire::Report>,
+) -> Dispatch {
     let (tx, rx) = oneshot::channel();
-    if !engine.send(Cmd::Reports { worker, reports, reply: tx }).await {
+    if !engine
+        .send(Cmd::Reports {
+            worker,
+            reports,
+            reply: tx,
+        })
+        .await
+    {
         return Dispatch::Gone;
     }
     Dispatch::Reply(Box::pin(async move { rx.await.unwrap_or_default() }))

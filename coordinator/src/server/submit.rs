@@ -33,7 +33,10 @@ impl SubmitCtx {
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> SubmitResponse {
-    SubmitResponse::Error { code, message: message.into() }
+    SubmitResponse::Error {
+        code,
+        message: message.into(),
+    }
 }
 
 /// Serve one submitter connection until it closes.
@@ -58,7 +61,12 @@ pub async fn serve(conn: quinn::Connection, ctx: SubmitCtx, cancel: Cancellation
     streams.abort_all();
 }
 
-async fn handle(conn: quinn::Connection, mut send: quinn::SendStream, mut recv: quinn::RecvStream, ctx: SubmitCtx) {
+async fn handle(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    ctx: SubmitCtx,
+) {
     let req = match net::read_frame::<SubmitRequest>(&mut recv).await {
         Ok(Some(r)) => r,
         Ok(None) => return,
@@ -72,7 +80,10 @@ async fn handle(conn: quinn::Connection, mut send: quinn::SendStream, mut recv: 
     };
     let resp = if !ctx.authorized(&req.token) {
         tracing::warn!(addr = %conn.remote_address(), "submit request with a wrong token");
-        error(ErrorCode::Unauthorized, "wrong submit token: use the one in the coordinator's <data-dir>/submit-token")
+        error(
+            ErrorCode::Unauthorized,
+            "wrong submit token: use the one in the coordinator's <data-dir>/submit-token",
+        )
     } else {
         match respond(&conn, &mut recv, req.body, &ctx).await {
             Ok(r) => r,
@@ -100,19 +111,38 @@ async fn respond(
     let gone = || error(ErrorCode::Internal, "coordinator is shutting down");
     Ok(match body {
         SubmitBody::MissingBlobs { blobs } => {
-            let missing: Vec<BlobRef> = blobs.into_iter().filter(|b| !ctx.blobs.has(&b.id)).collect();
+            let missing: Vec<BlobRef> = blobs
+                .into_iter()
+                .filter(|b| !ctx.blobs.has(&b.id))
+                .collect();
             SubmitResponse::Missing { blobs: missing }
         }
         SubmitBody::PutBlob { blob } => {
             if blob.size > MAX_PUT_BLOB {
-                return Ok(error(ErrorCode::BadRequest, format!("blob of {} bytes is over the upload limit of {MAX_PUT_BLOB}", blob.size)));
+                return Ok(error(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "blob of {} bytes is over the upload limit of {MAX_PUT_BLOB}",
+                        blob.size
+                    ),
+                ));
             }
             let mut bytes = Vec::with_capacity(blob.size.min(16 << 20) as usize);
             while (bytes.len() as u64) < blob.size {
                 let want = (blob.size - bytes.len() as u64) as usize;
                 match recv.read_chunk(want, true).await {
                     Ok(Some(c)) => bytes.extend_from_slice(&c.bytes),
-                    Ok(None) => return Ok(error(ErrorCode::BadRequest, format!("blob {} ended after {} of {} bytes", blob.id, bytes.len(), blob.size))),
+                    Ok(None) => {
+                        return Ok(error(
+                            ErrorCode::BadRequest,
+                            format!(
+                                "blob {} ended after {} of {} bytes",
+                                blob.id,
+                                bytes.len(),
+                                blob.size
+                            ),
+                        ))
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "blob upload aborted");
                         return Err(CloseCode::Protocol);
@@ -121,7 +151,8 @@ async fn respond(
             }
             let blobs = ctx.blobs.clone();
             // Hashing a big blob is CPU work: off the async threads.
-            let stored = tokio::task::spawn_blocking(move || blobs.put_verified(blob, &bytes)).await;
+            let stored =
+                tokio::task::spawn_blocking(move || blobs.put_verified(blob, &bytes)).await;
             match stored {
                 Ok(Ok(())) => {
                     tracing::info!(blob = %blob.id.short(), size = blob.size, addr = %conn.remote_address(), "blob uploaded");
@@ -135,34 +166,55 @@ async fn respond(
             if let Err(why) = validate(&manifest) {
                 return Ok(error(ErrorCode::BadRequest, why));
             }
-            let missing: Vec<String> = manifest.blobs().iter().filter(|b| !ctx.blobs.has(&b.id)).map(|b| b.id.to_string()).collect();
+            let missing: Vec<String> = manifest
+                .blobs()
+                .iter()
+                .filter(|b| !ctx.blobs.has(&b.id))
+                .map(|b| b.id.to_string())
+                .collect();
             if !missing.is_empty() {
-                return Ok(error(ErrorCode::MissingBlob, format!("upload these blobs first (PutBlob): {}", missing.join(", "))));
+                return Ok(error(
+                    ErrorCode::MissingBlob,
+                    format!("upload these blobs first (PutBlob): {}", missing.join(", ")),
+                ));
             }
-            match ctx.engine.call(|reply| Cmd::CreateJob { manifest, reply }).await {
+            match ctx
+                .engine
+                .call(|reply| Cmd::CreateJob { manifest, reply })
+                .await
+            {
                 Some((job, tasks)) => SubmitResponse::JobCreated { job, tasks },
                 None => gone(),
             }
         }
-        SubmitBody::Status { job } => match ctx.engine.call(|reply| Cmd::Status { job, reply }).await {
-            Some(Some(mut st)) => {
-                st.coordinator_bytes_sent = (ctx.bytes_sent)();
-                SubmitResponse::Status(st)
+        SubmitBody::Status { job } => {
+            match ctx.engine.call(|reply| Cmd::Status { job, reply }).await {
+                Some(Some(mut st)) => {
+                    st.coordinator_bytes_sent = (ctx.bytes_sent)();
+                    SubmitResponse::Status(st)
+                }
+                Some(None) => error(
+                    ErrorCode::NotFound,
+                    format!("no job {}", job.map(|j| j.to_string()).unwrap_or_default()),
+                ),
+                None => gone(),
             }
-            Some(None) => error(ErrorCode::NotFound, format!("no job {}", job.map(|j| j.to_string()).unwrap_or_default())),
-            None => gone(),
-        },
-        SubmitBody::Results { job } => match ctx.engine.call(|reply| Cmd::Results { job, reply }).await {
-            Some(Ok(Some(r))) => SubmitResponse::Results(r),
-            Some(Ok(None)) => error(ErrorCode::NotFound, format!("no job {job}")),
-            Some(Err(e)) => error(ErrorCode::Internal, e),
-            None => gone(),
-        },
-        SubmitBody::Cancel { job } => match ctx.engine.call(|reply| Cmd::Cancel { job, reply }).await {
-            Some(true) => SubmitResponse::Ok,
-            Some(false) => error(ErrorCode::NotFound, format!("no job {job}")),
-            None => gone(),
-        },
+        }
+        SubmitBody::Results { job } => {
+            match ctx.engine.call(|reply| Cmd::Results { job, reply }).await {
+                Some(Ok(Some(r))) => SubmitResponse::Results(r),
+                Some(Ok(None)) => error(ErrorCode::NotFound, format!("no job {job}")),
+                Some(Err(e)) => error(ErrorCode::Internal, e),
+                None => gone(),
+            }
+        }
+        SubmitBody::Cancel { job } => {
+            match ctx.engine.call(|reply| Cmd::Cancel { job, reply }).await {
+                Some(true) => SubmitResponse::Ok,
+                Some(false) => error(ErrorCode::NotFound, format!("no job {job}")),
+                None => gone(),
+            }
+        }
     })
 }
 
@@ -173,18 +225,26 @@ pub fn validate(m: &JobManifest) -> Result<(), String> {
         return Err("job name is empty".into());
     }
     if l.quorum == 0 || l.max_replicas < l.quorum || l.max_replicas > limits::MAX_REPLICAS {
-        return Err(format!("need 1 <= quorum ({}) <= max_replicas ({}) <= {}", l.quorum, l.max_replicas, limits::MAX_REPLICAS));
+        return Err(format!(
+            "need 1 <= quorum ({}) <= max_replicas ({}) <= {}",
+            l.quorum,
+            l.max_replicas,
+            limits::MAX_REPLICAS
+        ));
     }
     if l.fuel == 0 || l.deadline_secs == 0 {
         return Err("fuel and deadline_secs must be positive".into());
     }
-    if l.memory_mb == 0 || l.memory_mb > limits::MAX_MEMORY_MB || l.max_output > limits::MAX_OUTPUT {
+    if l.memory_mb == 0 || l.memory_mb > limits::MAX_MEMORY_MB || l.max_output > limits::MAX_OUTPUT
+    {
         return Err("memory_mb or max_output out of range".into());
     }
     if m.tasks.is_empty() || m.tasks.len() as u64 > limits::MAX_TASKS {
         return Err(format!("a job needs 1..={} tasks", limits::MAX_TASKS));
     }
-    if m.tasks.iter().any(|t| t.args.len() > limits::MAX_ARGS || t.args.iter().any(|a| a.len() > limits::MAX_ARG_LEN)) {
+    if m.tasks.iter().any(|t| {
+        t.args.len() > limits::MAX_ARGS || t.args.iter().any(|a| a.len() > limits::MAX_ARG_LEN)
+    }) {
         return Err("a task has too many or too long args".into());
     }
     Ok(())

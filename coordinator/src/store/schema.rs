@@ -74,16 +74,26 @@ pub const MIGRATIONS: &[&str] = &[
 /// Bring the database up to the newest schema.
 pub fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
-    let current: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).optional()?.unwrap_or(0);
+    let current: i64 = conn
+        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
     let supported = MIGRATIONS.len() as i64;
     if current > supported {
-        return Err(StoreError::TooNew { path: path.to_string(), found: current, supported });
+        return Err(StoreError::TooNew {
+            path: path.to_string(),
+            found: current,
+            supported,
+        });
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.execute("DELETE FROM schema_version", [])?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [i as i64 + 1])?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES (?1)",
+            [i as i64 + 1],
+        )?;
         tx.commit()?;
     }
     Ok(())

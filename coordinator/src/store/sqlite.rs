@@ -6,11 +6,13 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use tasks::wire::{JobState, TaskResult, TaskState};
-use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult, TaskId};
+use tasks::{
+    BlobId, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult, TaskId,
+};
 
 use super::{
-    schema, Decision, JobRow, Mutation, Output, ReplicaPhase, ReplicaRow, Snapshot, Store, StoreError, TaskRow, Verdict,
-    WorkerRecord,
+    schema, Decision, JobRow, Mutation, Output, ReplicaPhase, ReplicaRow, Snapshot, Store,
+    StoreError, TaskRow, Verdict, WorkerRecord,
 };
 use crate::core::trust::Reputation;
 
@@ -72,14 +74,18 @@ fn dec<T: serde::de::DeserializeOwned>(b: &[u8], what: &str) -> Result<T, StoreE
 }
 
 fn id32(b: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
-    b.try_into().map_err(|_| StoreError::Corrupt(format!("{what} is not 32 bytes")))
+    b.try_into()
+        .map_err(|_| StoreError::Corrupt(format!("{what} is not 32 bytes")))
 }
 
 impl SqliteStore {
     /// Open (creating and migrating as needed) the database at `path`.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let shown = path.display().to_string();
-        let mut conn = Connection::open(path).map_err(|source| StoreError::Open { path: shown.clone(), source })?;
+        let mut conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: shown.clone(),
+            source,
+        })?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "OFF")?;
@@ -102,28 +108,51 @@ impl SqliteStore {
     }
 
     /// A replica's owner and recorded phase, straight from disk.
-    pub fn replica_owner(&self, replica: u64) -> Result<Option<(NodeId, ReplicaPhase)>, StoreError> {
+    pub fn replica_owner(
+        &self,
+        replica: u64,
+    ) -> Result<Option<(NodeId, ReplicaPhase)>, StoreError> {
         let row: Option<(Vec<u8>, i64)> = self
             .conn
-            .query_row("SELECT worker, phase FROM replicas WHERE id = ?1", [replica as i64], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(
+                "SELECT worker, phase FROM replicas WHERE id = ?1",
+                [replica as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()?;
-        row.map(|(w, p)| Ok((NodeId(id32(w, "worker")?), parse_phase(p)?))).transpose()
+        row.map(|(w, p)| Ok((NodeId(id32(w, "worker")?), parse_phase(p)?)))
+            .transpose()
     }
 
     fn apply(tx: &rusqlite::Transaction<'_>, m: &Mutation) -> Result<(), StoreError> {
         match m {
-            Mutation::PutJob { job, manifest, created_ms } => {
+            Mutation::PutJob {
+                job,
+                manifest,
+                created_ms,
+            } => {
                 tx.prepare_cached("INSERT OR IGNORE INTO jobs (id, name, manifest, state, created_ms) VALUES (?1, ?2, ?3, 'running', ?4)")?
                     .execute(params![job.0 as i64, manifest.name, enc(manifest.as_ref()), *created_ms as i64])?;
             }
             Mutation::JobState { job, state } => {
-                tx.prepare_cached("UPDATE jobs SET state = ?2 WHERE id = ?1")?.execute(params![job.0 as i64, state_str(*state)])?;
+                tx.prepare_cached("UPDATE jobs SET state = ?2 WHERE id = ?1")?
+                    .execute(params![job.0 as i64, state_str(*state)])?;
             }
             Mutation::Fingerprint { short, fingerprint } => {
                 let json = serde_json::to_string(fingerprint).expect("fingerprints serialize");
-                tx.prepare_cached("INSERT OR IGNORE INTO fingerprints (short, json) VALUES (?1, ?2)")?.execute(params![short, json])?;
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO fingerprints (short, json) VALUES (?1, ?2)",
+                )?
+                .execute(params![short, json])?;
             }
-            Mutation::Assign { replica, task, worker, fingerprint, assigned_ms, deadline_ms } => {
+            Mutation::Assign {
+                replica,
+                task,
+                worker,
+                fingerprint,
+                assigned_ms,
+                deadline_ms,
+            } => {
                 tx.prepare_cached(
                     "INSERT INTO replicas (id, job, idx, worker, fingerprint, assigned_ms, deadline_ms, phase) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0)",
                 )?
@@ -137,16 +166,25 @@ impl SqliteStore {
                     *deadline_ms as i64
                 ])?;
             }
-            Mutation::Reported { replica, result, reported_ms, verdict } => {
+            Mutation::Reported {
+                replica,
+                result,
+                reported_ms,
+                verdict,
+            } => {
                 tx.prepare_cached("UPDATE replicas SET phase = 1, result = ?2, reported_ms = ?3, verdict = ?4 WHERE id = ?1")?
                     .execute(params![*replica as i64, enc(result), *reported_ms as i64, verdict.map(|v| (v == Verdict::Valid) as i64)])?;
             }
             Mutation::Phase { replica, phase } => {
-                tx.prepare_cached("UPDATE replicas SET phase = ?2 WHERE id = ?1")?.execute(params![*replica as i64, phase_code(*phase)])?;
+                tx.prepare_cached("UPDATE replicas SET phase = ?2 WHERE id = ?1")?
+                    .execute(params![*replica as i64, phase_code(*phase)])?;
             }
             Mutation::Verdict { replica, verdict } => {
                 tx.prepare_cached("UPDATE replicas SET verdict = ?2 WHERE id = ?1")?
-                    .execute(params![*replica as i64, (*verdict == Verdict::Valid) as i64])?;
+                    .execute(params![
+                        *replica as i64,
+                        (*verdict == Verdict::Valid) as i64
+                    ])?;
             }
             Mutation::TaskQuorum { task, quorum } => {
                 tx.prepare_cached(
@@ -154,8 +192,18 @@ impl SqliteStore {
                 )?
                 .execute(params![task.job.0 as i64, task.index, *quorum])?;
             }
-            Mutation::Decided { task, decision, decided_ms, output } => match decision {
-                Decision::Accepted { digest, result, fingerprint, agreeing } => {
+            Mutation::Decided {
+                task,
+                decision,
+                decided_ms,
+                output,
+            } => match decision {
+                Decision::Accepted {
+                    digest,
+                    result,
+                    fingerprint,
+                    agreeing,
+                } => {
                     let (inline, blob): (Option<&[u8]>, Option<&[u8]>) = match output {
                         Some(Output::Inline(b)) => (Some(b), None),
                         Some(Output::Blob(id)) => (None, Some(&id.0[..])),
@@ -192,8 +240,10 @@ impl SqliteStore {
                     Output::Inline(b) => (Some(b), None),
                     Output::Blob(id) => (None, Some(&id.0[..])),
                 };
-                tx.prepare_cached("UPDATE tasks SET output = ?3, output_blob = ?4 WHERE job = ?1 AND idx = ?2")?
-                    .execute(params![task.job.0 as i64, task.index, inline, blob])?;
+                tx.prepare_cached(
+                    "UPDATE tasks SET output = ?3, output_blob = ?4 WHERE job = ?1 AND idx = ?2",
+                )?
+                .execute(params![task.job.0 as i64, task.index, inline, blob])?;
             }
             Mutation::Worker(w) => {
                 tx.prepare_cached(
@@ -212,13 +262,21 @@ impl SqliteStore {
                     w.last_seen_ms as i64
                 ])?;
             }
-            Mutation::BlobLocation { blob, worker, present } => {
+            Mutation::BlobLocation {
+                blob,
+                worker,
+                present,
+            } => {
                 if *present {
-                    tx.prepare_cached("INSERT OR IGNORE INTO blob_locations (blob, worker) VALUES (?1, ?2)")?
-                        .execute(params![&blob.0[..], &worker.0[..]])?;
+                    tx.prepare_cached(
+                        "INSERT OR IGNORE INTO blob_locations (blob, worker) VALUES (?1, ?2)",
+                    )?
+                    .execute(params![&blob.0[..], &worker.0[..]])?;
                 } else {
-                    tx.prepare_cached("DELETE FROM blob_locations WHERE blob = ?1 AND worker = ?2")?
-                        .execute(params![&blob.0[..], &worker.0[..]])?;
+                    tx.prepare_cached(
+                        "DELETE FROM blob_locations WHERE blob = ?1 AND worker = ?2",
+                    )?
+                    .execute(params![&blob.0[..], &worker.0[..]])?;
                 }
             }
             Mutation::PeerAddr { worker, addr } => {
@@ -245,7 +303,9 @@ fn read_decision(
             fingerprint: fingerprint.unwrap_or_default(),
             agreeing: dec(&agreeing.unwrap_or_default(), "agreeing workers")?,
         }),
-        "failed" => Some(Decision::Failed { reason: reason.unwrap_or_default() }),
+        "failed" => Some(Decision::Failed {
+            reason: reason.unwrap_or_default(),
+        }),
         "pending" => None,
         other => return Err(StoreError::Corrupt(format!("task state {other:?}"))),
     })
@@ -269,8 +329,8 @@ impl Store for SqliteStore {
         let mut st = c.prepare("SELECT short, json FROM fingerprints")?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
-            let fp: EngineFingerprint =
-                serde_json::from_str(&r.get::<_, String>(1)?).map_err(|e| StoreError::Corrupt(format!("fingerprint: {e}")))?;
+            let fp: EngineFingerprint = serde_json::from_str(&r.get::<_, String>(1)?)
+                .map_err(|e| StoreError::Corrupt(format!("fingerprint: {e}")))?;
             snap.fingerprints.push((r.get(0)?, fp));
         }
         let mut st = c.prepare("SELECT job, idx, state, quorum, digest, result, fingerprint, agreeing, reason FROM tasks")?;
@@ -278,9 +338,19 @@ impl Store for SqliteStore {
         while let Some(r) = rows.next()? {
             let state: String = r.get(2)?;
             snap.tasks.push(TaskRow {
-                task: TaskId { job: JobId(r.get::<_, i64>(0)? as u64), index: r.get(1)? },
+                task: TaskId {
+                    job: JobId(r.get::<_, i64>(0)? as u64),
+                    index: r.get(1)?,
+                },
                 quorum: r.get(3)?,
-                decision: read_decision(&state, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)?,
+                decision: read_decision(
+                    &state,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                )?,
             });
         }
         let mut st = c.prepare("SELECT id, job, idx, worker, fingerprint, assigned_ms, deadline_ms, phase, result, verdict FROM replicas ORDER BY id")?;
@@ -290,14 +360,25 @@ impl Store for SqliteStore {
             let verdict: Option<i64> = r.get(9)?;
             snap.replicas.push(ReplicaRow {
                 replica: r.get::<_, i64>(0)? as u64,
-                task: TaskId { job: JobId(r.get::<_, i64>(1)? as u64), index: r.get(2)? },
+                task: TaskId {
+                    job: JobId(r.get::<_, i64>(1)? as u64),
+                    index: r.get(2)?,
+                },
                 worker: NodeId(id32(r.get(3)?, "worker")?),
                 fingerprint: r.get(4)?,
                 assigned_ms: r.get::<_, i64>(5)? as u64,
                 deadline_ms: r.get::<_, i64>(6)? as u64,
                 phase: parse_phase(r.get(7)?)?,
-                result: result.map(|b| dec::<RunResult>(&b, "replica result")).transpose()?,
-                verdict: verdict.map(|v| if v == 1 { Verdict::Valid } else { Verdict::Invalid }),
+                result: result
+                    .map(|b| dec::<RunResult>(&b, "replica result"))
+                    .transpose()?,
+                verdict: verdict.map(|v| {
+                    if v == 1 {
+                        Verdict::Valid
+                    } else {
+                        Verdict::Invalid
+                    }
+                }),
             });
         }
         let mut st = c.prepare("SELECT node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, last_seen_ms, peer_addr FROM workers")?;
@@ -322,7 +403,10 @@ impl Store for SqliteStore {
         let mut st = c.prepare("SELECT blob, worker FROM blob_locations")?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
-            snap.blob_locations.push((BlobId(id32(r.get(0)?, "blob")?), NodeId(id32(r.get(1)?, "worker")?)));
+            snap.blob_locations.push((
+                BlobId(id32(r.get(0)?, "blob")?),
+                NodeId(id32(r.get(1)?, "worker")?),
+            ));
         }
         Ok(snap)
     }
@@ -339,7 +423,10 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn task_results(&mut self, job: JobId) -> Result<Vec<(TaskResult, Option<Output>)>, StoreError> {
+    fn task_results(
+        &mut self,
+        job: JobId,
+    ) -> Result<Vec<(TaskResult, Option<Output>)>, StoreError> {
         let mut st = self.conn.prepare_cached(
             "SELECT idx, state, digest, result, fingerprint, agreeing, reason, output, output_blob FROM tasks WHERE job = ?1 AND state != 'pending' ORDER BY idx",
         )?;
@@ -348,7 +435,14 @@ impl Store for SqliteStore {
         while let Some(r) = rows.next()? {
             let index: u32 = r.get(0)?;
             let state: String = r.get(1)?;
-            let decision = read_decision(&state, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)?;
+            let decision = read_decision(
+                &state,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            )?;
             let inline: Option<Vec<u8>> = r.get(7)?;
             let blob: Option<Vec<u8>> = r.get(8)?;
             let output = match (inline, blob) {
@@ -357,7 +451,9 @@ impl Store for SqliteStore {
                 _ => None,
             };
             let tr = match decision {
-                Some(Decision::Accepted { result, agreeing, .. }) => TaskResult {
+                Some(Decision::Accepted {
+                    result, agreeing, ..
+                }) => TaskResult {
                     index,
                     status: TaskState::Accepted,
                     outcome: Some(result.status),
@@ -393,7 +489,10 @@ impl Store for SqliteStore {
         let mut rows = st.query([])?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
-            let task = TaskId { job: JobId(r.get::<_, i64>(0)? as u64), index: r.get(1)? };
+            let task = TaskId {
+                job: JobId(r.get::<_, i64>(0)? as u64),
+                index: r.get(1)?,
+            };
             let result: RunResult = dec(&r.get::<_, Vec<u8>>(2)?, "task result")?;
             let agreeing: Vec<NodeId> = dec(&r.get::<_, Vec<u8>>(3)?, "agreeing workers")?;
             out.push((task, result, agreeing));
@@ -410,11 +509,22 @@ mod tests {
     use tasks::{BlobRef, Status};
 
     fn fp() -> EngineFingerprint {
-        EngineFingerprint { engine: "wasmtime 38".into(), arch: "x86_64".into(), settings: "det".into() }
+        EngineFingerprint {
+            engine: "wasmtime 38".into(),
+            arch: "x86_64".into(),
+            settings: "det".into(),
+        }
     }
 
     fn result(i: u32) -> RunResult {
-        RunResult { status: Status::Ok, exit_code: 0, trap: String::new(), fuel_used: 1000 + i as u64, output_hash: BlobId::of(&i.to_le_bytes()), output_len: 4 }
+        RunResult {
+            status: Status::Ok,
+            exit_code: 0,
+            trap: String::new(),
+            fuel_used: 1000 + i as u64,
+            output_hash: BlobId::of(&i.to_le_bytes()),
+            output_len: 4,
+        }
     }
 
     #[test]
@@ -428,9 +538,13 @@ mod tests {
         assert_eq!(s.schema_version().unwrap(), schema::MIGRATIONS.len() as i64);
         drop(s);
         let c = Connection::open(&p).unwrap();
-        c.execute("UPDATE schema_version SET version = 99", []).unwrap();
+        c.execute("UPDATE schema_version SET version = 99", [])
+            .unwrap();
         drop(c);
-        assert!(matches!(SqliteStore::open(&p), Err(StoreError::TooNew { found: 99, .. })));
+        assert!(matches!(
+            SqliteStore::open(&p),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
     }
 
     #[test]
@@ -442,13 +556,28 @@ mod tests {
         let manifest = JobManifest {
             name: "j".into(),
             module: BlobRef::of(b"m"),
-            limits: JobLimits { quorum: 2, ..JobLimits::default() },
-            tasks: (0..4).map(|i| TaskEntry { args: vec![i.to_string()], input: None }).collect(),
+            limits: JobLimits {
+                quorum: 2,
+                ..JobLimits::default()
+            },
+            tasks: (0..4)
+                .map(|i| TaskEntry {
+                    args: vec![i.to_string()],
+                    input: None,
+                })
+                .collect(),
         };
         let (job, _) = core.add_job(manifest, 0);
         let ws = [NodeId([1; 32]), NodeId([2; 32])];
         for w in ws {
-            core.hello(w, &fp(), 4, Some("127.0.0.1:9".parse().unwrap()), &[BlobId::of(b"m")], 0);
+            core.hello(
+                w,
+                &fp(),
+                4,
+                Some("127.0.0.1:9".parse().unwrap()),
+                &[BlobId::of(b"m")],
+                0,
+            );
         }
         let a = core.request_work(ws[0], 4, 0).assignments;
         let b = core.request_work(ws[1], 4, 0).assignments;
@@ -466,7 +595,10 @@ mod tests {
 
         let mut store = SqliteStore::open(&p).unwrap();
         let mut again = Core::restore(CoreConfig::default(), store.load().unwrap(), 2);
-        assert!(again.take_mutations().is_empty(), "restoring changes nothing durable");
+        assert!(
+            again.take_mutations().is_empty(),
+            "restoring changes nothing durable"
+        );
         let mut after = again.status(None).unwrap();
         for w in &mut after.workers {
             w.connected = true;
@@ -477,16 +609,37 @@ mod tests {
         again.hello(ws[1], &fp(), 4, None, &[], 3);
         let r2 = b.iter().find(|x| x.task.id.index == 2).unwrap();
         let out = again.report(ws[1], r2.replica, result(2), 3);
-        assert_eq!(out, crate::core::ReportOutcome::Recorded { accepted: true, duplicate: false });
-        let out = again.report(ws[0], a.iter().find(|x| x.task.id.index == 0).unwrap().replica, result(0), 3);
-        assert_eq!(out, crate::core::ReportOutcome::Recorded { accepted: false, duplicate: true });
+        assert_eq!(
+            out,
+            crate::core::ReportOutcome::Recorded {
+                accepted: true,
+                duplicate: false
+            }
+        );
+        let out = again.report(
+            ws[0],
+            a.iter().find(|x| x.task.id.index == 0).unwrap().replica,
+            result(0),
+            3,
+        );
+        assert_eq!(
+            out,
+            crate::core::ReportOutcome::Recorded {
+                accepted: false,
+                duplicate: true
+            }
+        );
         store.commit(&again.take_mutations()).unwrap();
         assert_eq!(again.credit_fuel(&ws[0]), 1000 + 1001 + 1002);
         let results = store.task_results(job).unwrap();
         assert_eq!(results.len(), 3);
-        assert!(results.iter().all(|(t, _)| t.status == TaskState::Accepted && t.agreeing_workers.len() == 2));
+        assert!(results
+            .iter()
+            .all(|(t, _)| t.status == TaskState::Accepted && t.agreeing_workers.len() == 2));
         // New replica ids continue after the old ones.
         let c = again.request_work(ws[1], 1, 4).assignments;
-        assert!(c.iter().all(|x| x.replica > b.iter().map(|y| y.replica).max().unwrap()));
+        assert!(c
+            .iter()
+            .all(|x| x.replica > b.iter().map(|y| y.replica).max().unwrap()));
     }
 }

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const PRIMES_WASM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/primes/primes.wasm");
+pub const PRIMES_WASM: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../examples/primes/primes.wasm"
+);
 
 /// A child process killed (SIGKILL) when dropped, so a failing test leaves nothing behind.
 pub struct Proc {
@@ -42,11 +45,20 @@ pub fn worker_bin() -> PathBuf {
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-p", "worker", "--bin", "worker"]);
         // Same profile as this test binary (`.../target/<profile>/deps/<test>`).
-        if coordinator_bin().parent().and_then(|p| p.file_name()).is_some_and(|n| n == "release") {
+        if coordinator_bin()
+            .parent()
+            .and_then(|p| p.file_name())
+            .is_some_and(|n| n == "release")
+        {
             cmd.arg("--release");
         }
-        let status = cmd.status().expect("running cargo build for the worker binary");
-        assert!(status.success(), "building the worker binary failed; run `cargo build --workspace` first");
+        let status = cmd
+            .status()
+            .expect("running cargo build for the worker binary");
+        assert!(
+            status.success(),
+            "building the worker binary failed; run `cargo build --workspace` first"
+        );
     }
     assert!(path.exists(), "no worker binary at {}", path.display());
     path
@@ -57,7 +69,11 @@ pub fn log_file(dir: &Path, name: &str) -> Stdio {
 }
 
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Cluster {
@@ -76,7 +92,15 @@ impl Cluster {
     pub fn start(workers: usize) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let port = free_udp_port();
-        let mut c = Cluster { dir, coord: None, workers: Vec::new(), port, ticket: String::new(), token: String::new(), spawned: 0 };
+        let mut c = Cluster {
+            dir,
+            coord: None,
+            workers: Vec::new(),
+            port,
+            ticket: String::new(),
+            token: String::new(),
+            spawned: 0,
+        };
         c.start_coordinator();
         for i in 0..workers {
             c.start_worker(i);
@@ -97,22 +121,34 @@ impl Cluster {
             .args(["serve", "--data-dir"])
             .arg(&data)
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .env("RUST_LOG", std::env::var("PEERGRID_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("PEERGRID_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(log_file(self.dir.path(), &format!("coordinator-{n}.out")))
             .stderr(log_file(self.dir.path(), &format!("coordinator-{n}")))
             .spawn()
             .expect("spawning coordinator serve");
-        self.coord = Some(Proc { child, name: "coordinator".into() });
+        self.coord = Some(Proc {
+            child,
+            name: "coordinator".into(),
+        });
         let t0 = Instant::now();
         loop {
-            if let (Ok(t), Ok(k)) = (std::fs::read_to_string(data.join("ticket")), std::fs::read_to_string(data.join("submit-token"))) {
+            if let (Ok(t), Ok(k)) = (
+                std::fs::read_to_string(data.join("ticket")),
+                std::fs::read_to_string(data.join("submit-token")),
+            ) {
                 if !t.trim().is_empty() && !k.trim().is_empty() {
                     self.ticket = t.trim().to_string();
                     self.token = k.trim().to_string();
                     break;
                 }
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "coordinator wrote no ticket within 30 s");
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "coordinator wrote no ticket within 30 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -121,7 +157,8 @@ impl Cluster {
     pub fn coordinator_logs(&self) -> String {
         let mut all = String::new();
         for n in 1..=self.spawned {
-            all += &std::fs::read_to_string(self.dir.path().join(format!("coordinator-{n}.log"))).unwrap_or_default();
+            all += &std::fs::read_to_string(self.dir.path().join(format!("coordinator-{n}.log")))
+                .unwrap_or_default();
         }
         all
     }
@@ -133,14 +170,31 @@ impl Cluster {
     fn spawn_worker(&mut self, i: usize) -> Proc {
         self.spawned += 1;
         let child = Command::new(worker_bin())
-            .args(["join", &self.ticket, "--slots", "1", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "join",
+                &self.ticket,
+                "--slots",
+                "1",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(self.worker_dir(i))
-            .env("RUST_LOG", std::env::var("PEERGRID_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("PEERGRID_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
-            .stderr(log_file(self.dir.path(), &format!("worker-{i}-{}", self.spawned)))
+            .stderr(log_file(
+                self.dir.path(),
+                &format!("worker-{i}-{}", self.spawned),
+            ))
             .spawn()
             .expect("spawning worker join");
-        Proc { child, name: format!("worker-{i}") }
+        Proc {
+            child,
+            name: format!("worker-{i}"),
+        }
     }
 
     /// Start worker `i` (data dir `worker-i`) and append it to `workers`.
@@ -159,14 +213,20 @@ impl Cluster {
 
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(coordinator_bin());
-        cmd.arg(args[0]).args(["--to", &self.ticket, "--token", &self.token]).args(&args[1..]);
+        cmd.arg(args[0])
+            .args(["--to", &self.ticket, "--token", &self.token])
+            .args(&args[1..]);
         cmd.env("RUST_LOG", "warn");
         cmd.output().expect("running the coordinator CLI")
     }
 
     pub fn status(&self) -> Value {
         let out = self.cli(&["status", "--json"]);
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("status --json prints JSON")
     }
 
@@ -179,7 +239,12 @@ impl Cluster {
         serde_json::from_slice(&out.stdout).ok()
     }
 
-    pub fn wait_until(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Value) -> bool) -> Value {
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&Value) -> bool,
+    ) -> Value {
         let t0 = Instant::now();
         loop {
             let s = self.status();
@@ -219,7 +284,13 @@ impl Cluster {
         self.primes_job_with(count, block, deadline_secs, 6)
     }
 
-    pub fn primes_job_with(&self, count: u32, block: u64, deadline_secs: u64, max_replicas: u32) -> PathBuf {
+    pub fn primes_job_with(
+        &self,
+        count: u32,
+        block: u64,
+        deadline_secs: u64,
+        max_replicas: u32,
+    ) -> PathBuf {
         let jd = self.dir.path().join("job");
         std::fs::create_dir_all(&jd).unwrap();
         std::fs::copy(PRIMES_WASM, jd.join("primes.wasm")).unwrap();
@@ -233,7 +304,11 @@ impl Cluster {
 
     pub fn submit(&self, job: &Path) -> u64 {
         let out = self.cli(&["submit", job.to_str().unwrap(), "--json"]);
-        assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "submit failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).expect("submit --json prints JSON");
         v["id"].as_u64().expect("job id")
     }
@@ -241,21 +316,42 @@ impl Cluster {
     /// Download results; returns (sum of outputs as numbers, results.json).
     pub fn results(&self, job: u64) -> (u64, Value) {
         let out_dir = self.dir.path().join(format!("results-{job}"));
-        let out = self.cli(&["results", &job.to_string(), "--out", out_dir.to_str().unwrap()]);
-        assert!(out.status.success(), "results failed: {}", String::from_utf8_lossy(&out.stderr));
-        let json: Value = serde_json::from_str(&std::fs::read_to_string(out_dir.join("results.json")).unwrap()).unwrap();
+        let out = self.cli(&[
+            "results",
+            &job.to_string(),
+            "--out",
+            out_dir.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "results failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: Value =
+            serde_json::from_str(&std::fs::read_to_string(out_dir.join("results.json")).unwrap())
+                .unwrap();
         let mut sum = 0;
         for t in json["tasks"].as_array().unwrap() {
             let idx = t["index"].as_u64().unwrap();
-            let text = std::fs::read_to_string(out_dir.join(format!("{idx}.out"))).expect("an .out per accepted task");
-            sum += text.trim().parse::<u64>().expect("primes output is a number");
+            let text = std::fs::read_to_string(out_dir.join(format!("{idx}.out")))
+                .expect("an .out per accepted task");
+            sum += text
+                .trim()
+                .parse::<u64>()
+                .expect("primes output is a number");
         }
         (sum, json)
     }
 }
 
 pub fn job_of(status: &Value, id: u64) -> Value {
-    status["jobs"].as_array().unwrap().iter().find(|j| j["id"].as_u64() == Some(id)).cloned().expect("job listed")
+    status["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["id"].as_u64() == Some(id))
+        .cloned()
+        .expect("job listed")
 }
 
 /// Every task accepted by at least two distinct workers; returns Σ agreeing replicas.
@@ -265,11 +361,20 @@ pub fn check_quorum(results: &Value, tasks: usize) -> u64 {
     let mut agreeing = 0;
     for t in list {
         assert_eq!(t["status"], "accepted", "task {t}");
-        let w: Vec<&str> = t["agreeing_workers"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
+        let w: Vec<&str> = t["agreeing_workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap())
+            .collect();
         let mut d = w.clone();
         d.sort();
         d.dedup();
-        assert!(d.len() >= 2 && d.len() == w.len(), "task {} needs 2 distinct agreeing workers, got {w:?}", t["index"]);
+        assert!(
+            d.len() >= 2 && d.len() == w.len(),
+            "task {} needs 2 distinct agreeing workers, got {w:?}",
+            t["index"]
+        );
         agreeing += w.len() as u64;
     }
     agreeing
@@ -287,7 +392,11 @@ pub fn credit_figures(status: &Value, results: &Value) -> (u64, f64, f64) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| t["fuel_used"].as_f64().unwrap() * t["agreeing_workers"].as_array().unwrap().len() as f64 / 1e9)
+        .map(|t| {
+            t["fuel_used"].as_f64().unwrap()
+                * t["agreeing_workers"].as_array().unwrap().len() as f64
+                / 1e9
+        })
         .sum();
     (valid, credit, expected)
 }

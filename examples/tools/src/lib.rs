@@ -15,5 +15,8 @@ pub mod seti;
 
 /// The `examples/` directory of this source tree (for tests and defaults).
 pub fn examples_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("examples/tools has a parent").to_path_buf()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("examples/tools has a parent")
+        .to_path_buf()
 }

@@ -32,7 +32,10 @@ pub fn parse_tile(bytes: &[u8]) -> Result<Tile> {
     let mut lines = Vec::new();
     let mut pos = 0;
     while lines.len() < 4 {
-        let nl = bytes[pos..].iter().position(|&b| b == b'\n').context("truncated tile header")?;
+        let nl = bytes[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .context("truncated tile header")?;
         lines.push(std::str::from_utf8(&bytes[pos..pos + nl]).context("tile header is not text")?);
         pos += nl + 1;
         if pos > 4096 {
@@ -42,22 +45,42 @@ pub fn parse_tile(bytes: &[u8]) -> Result<Tile> {
     if lines[0] != "P5" || lines[3] != "255" {
         bail!("not an 8-bit binary PGM tile (expected P5 ... 255)");
     }
-    let comment = lines[1].strip_prefix("# peergrid-mandelbrot").context("missing '# peergrid-mandelbrot' placement comment")?;
-    let num = |s: &str, what: &str| s.parse::<u32>().with_context(|| format!("bad {what} {s:?} in tile header"));
+    let comment = lines[1]
+        .strip_prefix("# peergrid-mandelbrot")
+        .context("missing '# peergrid-mandelbrot' placement comment")?;
+    let num = |s: &str, what: &str| {
+        s.parse::<u32>()
+            .with_context(|| format!("bad {what} {s:?} in tile header"))
+    };
     let x0 = num(field(comment, "x")?, "x")?;
     let y0 = num(field(comment, "y")?, "y")?;
-    let (iw, ih) = field(comment, "image")?.split_once('x').context("image= must be WIDTHxHEIGHT")?;
+    let (iw, ih) = field(comment, "image")?
+        .split_once('x')
+        .context("image= must be WIDTHxHEIGHT")?;
     let (image_width, image_height) = (num(iw, "image width")?, num(ih, "image height")?);
     let (w, h) = lines[2].split_once(' ').context("bad PGM size line")?;
     let (width, height) = (num(w, "width")?, num(h, "height")?);
     let pixels = bytes[pos..].to_vec();
     if pixels.len() as u64 != width as u64 * height as u64 {
-        bail!("tile has {} pixel bytes, expected {width}x{height}", pixels.len());
+        bail!(
+            "tile has {} pixel bytes, expected {width}x{height}",
+            pixels.len()
+        );
     }
-    if x0 as u64 + width as u64 > image_width as u64 || y0 as u64 + height as u64 > image_height as u64 {
+    if x0 as u64 + width as u64 > image_width as u64
+        || y0 as u64 + height as u64 > image_height as u64
+    {
         bail!("tile at ({x0},{y0}) size {width}x{height} does not fit in a {image_width}x{image_height} image");
     }
-    Ok(Tile { x0, y0, image_width, image_height, width, height, pixels })
+    Ok(Tile {
+        x0,
+        y0,
+        image_width,
+        image_height,
+        width,
+        height,
+        pixels,
+    })
 }
 
 /// The assembled image: 8-bit grayscale, row-major.
@@ -79,16 +102,30 @@ pub fn assemble<'a>(tiles: impl IntoIterator<Item = &'a [u8]>, fill: u8) -> Resu
         let img = image.get_or_insert_with(|| {
             let size = t.image_width as usize * t.image_height as usize;
             covered = vec![false; size];
-            Image { width: t.image_width, height: t.image_height, pixels: vec![fill; size], uncovered: 0 }
+            Image {
+                width: t.image_width,
+                height: t.image_height,
+                pixels: vec![fill; size],
+                uncovered: 0,
+            }
         });
         if (img.width, img.height) != (t.image_width, t.image_height) {
-            bail!("tiles disagree on the image size: {}x{} vs {}x{}", img.width, img.height, t.image_width, t.image_height);
+            bail!(
+                "tiles disagree on the image size: {}x{} vs {}x{}",
+                img.width,
+                img.height,
+                t.image_width,
+                t.image_height
+            );
         }
         for row in 0..t.height as usize {
             let dst = (t.y0 as usize + row) * img.width as usize + t.x0 as usize;
             let src = row * t.width as usize;
-            img.pixels[dst..dst + t.width as usize].copy_from_slice(&t.pixels[src..src + t.width as usize]);
-            covered[dst..dst + t.width as usize].iter_mut().for_each(|c| *c = true);
+            img.pixels[dst..dst + t.width as usize]
+                .copy_from_slice(&t.pixels[src..src + t.width as usize]);
+            covered[dst..dst + t.width as usize]
+                .iter_mut()
+                .for_each(|c| *c = true);
         }
     }
     let mut img = image.context("no tiles")?;
@@ -98,12 +135,14 @@ pub fn assemble<'a>(tiles: impl IntoIterator<Item = &'a [u8]>, fill: u8) -> Resu
 
 /// Write an 8-bit grayscale PNG.
 pub fn write_png(img: &Image, path: &Path) -> Result<()> {
-    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), img.width, img.height);
     enc.set_color(png::ColorType::Grayscale);
     enc.set_depth(png::BitDepth::Eight);
     let mut w = enc.write_header().context("cannot write PNG header")?;
-    w.write_image_data(&img.pixels).context("cannot write PNG data")?;
+    w.write_image_data(&img.pixels)
+        .context("cannot write PNG data")?;
     w.finish().context("cannot finish PNG")?;
     Ok(())
 }

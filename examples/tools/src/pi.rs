@@ -29,7 +29,9 @@ pub fn parse_output(bytes: &[u8]) -> Result<(u64, u64)> {
         bail!("expected \"HITS SAMPLES\", got {:?}", text.trim());
     };
     let hits: u64 = h.parse().with_context(|| format!("bad hit count {h:?}"))?;
-    let samples: u64 = n.parse().with_context(|| format!("bad sample count {n:?}"))?;
+    let samples: u64 = n
+        .parse()
+        .with_context(|| format!("bad sample count {n:?}"))?;
     if hits > samples {
         bail!("more hits ({hits}) than samples ({samples})");
     }
@@ -49,5 +51,11 @@ pub fn combine<'a>(outputs: impl IntoIterator<Item = &'a [u8]>) -> Result<Estima
         bail!("no samples");
     }
     let p = hits as f64 / samples as f64;
-    Ok(Estimate { hits, samples, tasks, pi: 4.0 * p, stderr: 4.0 * (p * (1.0 - p) / samples as f64).sqrt() })
+    Ok(Estimate {
+        hits,
+        samples,
+        tasks,
+        pi: 4.0 * p,
+        stderr: 4.0 * (p * (1.0 - p) / samples as f64).sqrt(),
+    })
 }

@@ -31,7 +31,15 @@ pub struct GenParams {
 
 impl Default for GenParams {
     fn default() -> Self {
-        GenParams { seed: 1, count: 16, signals: 4, samples: 32768, fft: 2048, amplitude: 0.12, max_drift: 24.0 }
+        GenParams {
+            seed: 1,
+            count: 16,
+            signals: 4,
+            samples: 32768,
+            fft: 2048,
+            amplitude: 0.12,
+            max_drift: 24.0,
+        }
     }
 }
 
@@ -76,7 +84,13 @@ pub fn sincos_turns(turns: f64) -> (f64, f64) {
                             - x2 / 42.0
                                 * (1.0
                                     - x2 / 72.0
-                                        * (1.0 - x2 / 110.0 * (1.0 - x2 / 156.0 * (1.0 - x2 / 210.0 * (1.0 - x2 / 272.0))))))));
+                                        * (1.0
+                                            - x2 / 110.0
+                                                * (1.0
+                                                    - x2 / 156.0
+                                                        * (1.0
+                                                            - x2 / 210.0
+                                                                * (1.0 - x2 / 272.0))))))));
     let cos = 1.0
         - x2 / 2.0
             * (1.0
@@ -89,7 +103,11 @@ pub fn sincos_turns(turns: f64) -> (f64, f64) {
                                         - x2 / 90.0
                                             * (1.0
                                                 - x2 / 132.0
-                                                    * (1.0 - x2 / 182.0 * (1.0 - x2 / 240.0 * (1.0 - x2 / 306.0))))))));
+                                                    * (1.0
+                                                        - x2 / 182.0
+                                                            * (1.0
+                                                                - x2 / 240.0
+                                                                    * (1.0 - x2 / 306.0))))))));
     match (q as i64).rem_euclid(4) {
         0 => (sin, cos),
         1 => (cos, -sin),
@@ -100,8 +118,14 @@ pub fn sincos_turns(turns: f64) -> (f64, f64) {
 
 /// The plan: which files get which signal. Deterministic in `p`.
 pub fn plan(p: &GenParams) -> Truth {
-    assert!(p.fft >= 16 && p.fft.is_power_of_two(), "fft must be a power of two >= 16");
-    assert!(p.samples >= p.fft, "samples must be at least one fft window");
+    assert!(
+        p.fft >= 16 && p.fft.is_power_of_two(),
+        "fft must be a power of two >= 16"
+    );
+    assert!(
+        p.samples >= p.fft,
+        "samples must be at least one fft window"
+    );
     let windows = p.samples / p.fft;
     let mut rng = Xoshiro256ss::new(p.seed, u64::MAX);
     // Choose `signals` distinct files (partial Fisher-Yates).
@@ -117,13 +141,29 @@ pub fn plan(p: &GenParams) -> Truth {
             let signal = chosen.contains(&index).then(|| {
                 let mut r = Xoshiro256ss::new(p.seed, u64::MAX - 1 - index as u64);
                 let bin = r.next_f64() * p.fft as f64;
-                let drift = if windows > 1 { (r.next_f64() * 2.0 - 1.0) * p.max_drift } else { 0.0 };
-                Signal { bin, drift, amplitude: p.amplitude }
+                let drift = if windows > 1 {
+                    (r.next_f64() * 2.0 - 1.0) * p.max_drift
+                } else {
+                    0.0
+                };
+                Signal {
+                    bin,
+                    drift,
+                    amplitude: p.amplitude,
+                }
             });
-            FileTruth { index, file: format!("{index}.bin"), signal }
+            FileTruth {
+                index,
+                file: format!("{index}.bin"),
+                signal,
+            }
         })
         .collect();
-    Truth { params: p.clone(), windows, files }
+    Truth {
+        params: p.clone(),
+        windows,
+        files,
+    }
 }
 
 /// The bytes of file `f` of the plan.
@@ -137,7 +177,11 @@ pub fn generate_file(p: &GenParams, windows: u32, f: &FileTruth) -> Vec<u8> {
         if let Some(s) = &f.signal {
             let t = t as f64;
             // frequency (bins) = bin + drift * (t - n/2) / (n (W-1)); phase = integral.
-            let rate = if windows > 1 { s.drift / (n * (windows as f64 - 1.0)) } else { 0.0 };
+            let rate = if windows > 1 {
+                s.drift / (n * (windows as f64 - 1.0))
+            } else {
+                0.0
+            };
             let cycles = (s.bin * t + rate * (0.5 * t * t - 0.5 * n * t)) / n;
             let (sin, cos) = sincos_turns(cycles);
             i += s.amplitude * cos;
@@ -167,7 +211,12 @@ pub fn parse_candidates(out: &[u8]) -> anyhow::Result<Vec<Candidate>> {
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             anyhow::ensure!(f.len() == 4, "bad candidate line {l:?}");
-            Ok(Candidate { bin: f[0].parse()?, drift: f[1].parse()?, power: f[2].parse()?, snr: f[3].parse()? })
+            Ok(Candidate {
+                bin: f[0].parse()?,
+                drift: f[1].parse()?,
+                power: f[2].parse()?,
+                snr: f[3].parse()?,
+            })
         })
         .collect()
 }

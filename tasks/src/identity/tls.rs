@@ -56,8 +56,16 @@ impl TlsError {
         const PRESENTED: &str = " but the peer presented node ";
         let rest = &reason[reason.find(EXPECTED)? + EXPECTED.len()..];
         let expected: NodeId = rest.get(..64)?.parse().ok()?;
-        let presented: NodeId = rest.get(64..)?.strip_prefix(PRESENTED)?.get(..64)?.parse().ok()?;
-        Some(TlsError::WrongKey { expected, presented })
+        let presented: NodeId = rest
+            .get(64..)?
+            .strip_prefix(PRESENTED)?
+            .get(..64)?
+            .parse()
+            .ok()?;
+        Some(TlsError::WrongKey {
+            expected,
+            presented,
+        })
     }
 }
 
@@ -69,11 +77,16 @@ pub fn node_id_from_cert(cert: &CertificateDer<'_>) -> Result<NodeId, TlsError> 
     node_id_of(&parsed)
 }
 
-fn parse<'a>(cert: &'a CertificateDer<'_>) -> Result<x509_parser::certificate::X509Certificate<'a>, TlsError> {
+fn parse<'a>(
+    cert: &'a CertificateDer<'_>,
+) -> Result<x509_parser::certificate::X509Certificate<'a>, TlsError> {
     let (rest, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
     if !rest.is_empty() {
-        return Err(TlsError::BadCertificate(format!("{} trailing bytes after the certificate", rest.len())));
+        return Err(TlsError::BadCertificate(format!(
+            "{} trailing bytes after the certificate",
+            rest.len()
+        )));
     }
     Ok(parsed)
 }
@@ -81,14 +94,21 @@ fn parse<'a>(cert: &'a CertificateDer<'_>) -> Result<x509_parser::certificate::X
 fn node_id_of(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<NodeId, TlsError> {
     let spki = cert.public_key();
     if spki.algorithm.algorithm != OID_SIG_ED25519 {
-        return Err(TlsError::NotEd25519 { oid: spki.algorithm.algorithm.to_id_string() });
+        return Err(TlsError::NotEd25519 {
+            oid: spki.algorithm.algorithm.to_id_string(),
+        });
     }
-    let key: [u8; 32] = spki.subject_public_key.data.as_ref().try_into().map_err(|_| {
-        TlsError::BadCertificate(format!(
-            "ed25519 public key is {} bytes, expected 32",
-            spki.subject_public_key.data.len()
-        ))
-    })?;
+    let key: [u8; 32] = spki
+        .subject_public_key
+        .data
+        .as_ref()
+        .try_into()
+        .map_err(|_| {
+            TlsError::BadCertificate(format!(
+                "ed25519 public key is {} bytes, expected 32",
+                spki.subject_public_key.data.len()
+            ))
+        })?;
     Ok(NodeId(key))
 }
 
@@ -100,22 +120,33 @@ fn verify_peer_cert(cert: &CertificateDer<'_>) -> Result<NodeId, TlsError> {
         return Err(TlsError::NotSelfSigned);
     }
     let key = VerifyingKey::from_bytes(id.as_bytes()).map_err(|_| TlsError::NotSelfSigned)?;
-    let sig = Signature::from_slice(&parsed.signature_value.data).map_err(|_| TlsError::NotSelfSigned)?;
-    key.verify_strict(parsed.tbs_certificate.as_ref(), &sig).map_err(|_| TlsError::NotSelfSigned)?;
+    let sig =
+        Signature::from_slice(&parsed.signature_value.data).map_err(|_| TlsError::NotSelfSigned)?;
+    key.verify_strict(parsed.tbs_certificate.as_ref(), &sig)
+        .map_err(|_| TlsError::NotSelfSigned)?;
     Ok(id)
 }
 
 /// A node's self-signed certificate and its key in PKCS#8 DER.
-pub fn self_signed_cert(key: &NodeKey) -> Result<(CertificateDer<'static>, PrivatePkcs8KeyDer<'static>), TlsError> {
-    let pkcs8 = key.signing_key().to_pkcs8_der().map_err(|e| TlsError::Certificate(e.to_string()))?;
+pub fn self_signed_cert(
+    key: &NodeKey,
+) -> Result<(CertificateDer<'static>, PrivatePkcs8KeyDer<'static>), TlsError> {
+    let pkcs8 = key
+        .signing_key()
+        .to_pkcs8_der()
+        .map_err(|e| TlsError::Certificate(e.to_string()))?;
     let pkcs8 = PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec());
     let pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_ED25519)
         .map_err(|e| TlsError::Certificate(e.to_string()))?;
-    let mut params =
-        rcgen::CertificateParams::new(vec![CERT_NAME.to_string()]).map_err(|e| TlsError::Certificate(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::new(vec![CERT_NAME.to_string()])
+        .map_err(|e| TlsError::Certificate(e.to_string()))?;
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params.distinguished_name.push(rcgen::DnType::CommonName, CERT_NAME);
-    let cert = params.self_signed(&pair).map_err(|e| TlsError::Certificate(e.to_string()))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, CERT_NAME);
+    let cert = params
+        .self_signed(&pair)
+        .map_err(|e| TlsError::Certificate(e.to_string()))?;
     Ok((cert.der().clone(), pkcs8))
 }
 
@@ -139,7 +170,11 @@ impl Identity {
         let provider = provider();
         let certified = CertifiedKey::from_der(vec![cert], PrivateKeyDer::Pkcs8(pkcs8), &provider)
             .map_err(|e| TlsError::Certificate(e.to_string()))?;
-        Ok(Identity { node_id: key.node_id(), certified: Arc::new(certified), provider })
+        Ok(Identity {
+            node_id: key.node_id(),
+            certified: Arc::new(certified),
+            provider,
+        })
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -148,7 +183,9 @@ impl Identity {
 
     /// See [`server_config`].
     pub fn server_config(&self, alpns: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
-        let verifier = Arc::new(AnyNodeClient { algs: self.provider.signature_verification_algorithms });
+        let verifier = Arc::new(AnyNodeClient {
+            algs: self.provider.signature_verification_algorithms,
+        });
         let mut config = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
@@ -162,8 +199,15 @@ impl Identity {
     }
 
     /// See [`client_config`].
-    pub fn client_config(&self, expected: NodeId, alpns: &[&[u8]]) -> Result<rustls::ClientConfig, TlsError> {
-        let verifier = Arc::new(PinnedServer { expected, algs: self.provider.signature_verification_algorithms });
+    pub fn client_config(
+        &self,
+        expected: NodeId,
+        alpns: &[&[u8]],
+    ) -> Result<rustls::ClientConfig, TlsError> {
+        let verifier = Arc::new(PinnedServer {
+            expected,
+            algs: self.provider.signature_verification_algorithms,
+        });
         let mut config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| TlsError::Config(e.to_string()))?
@@ -187,7 +231,11 @@ pub fn server_config(key: &NodeKey, alpns: &[&[u8]]) -> Result<rustls::ServerCon
 
 /// TLS 1.3 client config for `key`: presents the node's certificate as client auth, offers
 /// `alpns`, and accepts the server only if its key is `expected`.
-pub fn client_config(key: &NodeKey, expected: NodeId, alpns: &[&[u8]]) -> Result<rustls::ClientConfig, TlsError> {
+pub fn client_config(
+    key: &NodeKey,
+    expected: NodeId,
+    alpns: &[&[u8]],
+) -> Result<rustls::ClientConfig, TlsError> {
     Identity::new(key)?.client_config(expected, alpns)
 }
 
@@ -244,7 +292,10 @@ impl ServerCertVerifier for PinnedServer {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let presented = verify_peer_cert(end_entity).map_err(refuse)?;
         if presented != self.expected {
-            return Err(refuse(TlsError::WrongKey { expected: self.expected, presented }));
+            return Err(refuse(TlsError::WrongKey {
+                expected: self.expected,
+                presented,
+            }));
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -338,8 +389,14 @@ mod tests {
     #[test]
     fn non_ed25519_certificate_is_refused() {
         let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["x".to_string()]).unwrap().self_signed(&pair).unwrap();
-        assert!(matches!(node_id_from_cert(cert.der()), Err(TlsError::NotEd25519 { .. })));
+        let cert = rcgen::CertificateParams::new(vec!["x".to_string()])
+            .unwrap()
+            .self_signed(&pair)
+            .unwrap();
+        assert!(matches!(
+            node_id_from_cert(cert.der()),
+            Err(TlsError::NotEd25519 { .. })
+        ));
     }
 
     #[test]
@@ -359,20 +416,31 @@ mod tests {
     fn wrong_key_message_names_both_ids_and_reads_back() {
         let expected = NodeKey::generate().node_id();
         let presented = NodeKey::generate().node_id();
-        let e = TlsError::WrongKey { expected, presented };
+        let e = TlsError::WrongKey {
+            expected,
+            presented,
+        };
         let text = refuse(e.clone()).to_string();
-        assert!(text.contains(&expected.to_string()) && text.contains(&presented.to_string()), "{text}");
+        assert!(
+            text.contains(&expected.to_string()) && text.contains(&presented.to_string()),
+            "{text}"
+        );
         assert_eq!(TlsError::wrong_key_from_reason(&text), Some(e));
-        assert_eq!(TlsError::wrong_key_from_reason("invalid peer certificate: BadSignature"), None);
+        assert_eq!(
+            TlsError::wrong_key_from_reason("invalid peer certificate: BadSignature"),
+            None
+        );
     }
 
     /// Run a TLS 1.3 handshake in memory; the error says which side refused.
     fn handshake(
         client: rustls::ClientConfig,
         server: rustls::ServerConfig,
-    ) -> Result<(rustls::ClientConnection, rustls::ServerConnection), (&'static str, rustls::Error)> {
+    ) -> Result<(rustls::ClientConnection, rustls::ServerConnection), (&'static str, rustls::Error)>
+    {
         let name = ServerName::try_from(CERT_NAME).unwrap();
-        let mut c = rustls::ClientConnection::new(Arc::new(client), name).map_err(|e| ("client", e))?;
+        let mut c =
+            rustls::ClientConnection::new(Arc::new(client), name).map_err(|e| ("client", e))?;
         let mut s = rustls::ServerConnection::new(Arc::new(server)).map_err(|e| ("server", e))?;
         for _ in 0..10 {
             let mut buf = Vec::new();
@@ -416,22 +484,33 @@ mod tests {
     fn client_pinning_another_key_refuses_the_server() {
         let (server, client) = (NodeKey::generate(), NodeKey::generate());
         let pinned = NodeKey::generate().node_id();
-        let (side, err) =
-            handshake(client_config(&client, pinned, &[b"a/1"]).unwrap(), server_config(&server, &[b"a/1"]).unwrap())
-                .unwrap_err();
+        let (side, err) = handshake(
+            client_config(&client, pinned, &[b"a/1"]).unwrap(),
+            server_config(&server, &[b"a/1"]).unwrap(),
+        )
+        .unwrap_err();
         assert_eq!(side, "client");
         let text = err.to_string();
         assert_eq!(
             TlsError::wrong_key_from_reason(&text),
-            Some(TlsError::WrongKey { expected: pinned, presented: server.node_id() }),
+            Some(TlsError::WrongKey {
+                expected: pinned,
+                presented: server.node_id()
+            }),
             "{text}"
         );
     }
 
     /// A client config that trusts the pinned server but presents `auth` (or nothing).
-    fn client_with_auth(server: NodeId, auth: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>) -> rustls::ClientConfig {
+    fn client_with_auth(
+        server: NodeId,
+        auth: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+    ) -> rustls::ClientConfig {
         let provider = provider();
-        let verifier = Arc::new(PinnedServer { expected: server, algs: provider.signature_verification_algorithms });
+        let verifier = Arc::new(PinnedServer {
+            expected: server,
+            algs: provider.signature_verification_algorithms,
+        });
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
@@ -448,20 +527,34 @@ mod tests {
     #[test]
     fn server_requires_a_client_certificate() {
         let server = NodeKey::generate();
-        let (side, err) =
-            handshake(client_with_auth(server.node_id(), None), server_config(&server, &[b"a/1"]).unwrap()).unwrap_err();
-        assert_eq!((side, err), ("server", rustls::Error::NoCertificatesPresented));
+        let (side, err) = handshake(
+            client_with_auth(server.node_id(), None),
+            server_config(&server, &[b"a/1"]).unwrap(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (side, err),
+            ("server", rustls::Error::NoCertificatesPresented)
+        );
     }
 
     #[test]
     fn server_refuses_a_non_ed25519_client_certificate() {
         let server = NodeKey::generate();
         let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let cert = rcgen::CertificateParams::new(vec![CERT_NAME.to_string()]).unwrap().self_signed(&pair).unwrap();
+        let cert = rcgen::CertificateParams::new(vec![CERT_NAME.to_string()])
+            .unwrap()
+            .self_signed(&pair)
+            .unwrap();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pair.serialize_der()));
-        let result =
-            handshake(client_with_auth(server.node_id(), Some((cert.der().clone(), key))), server_config(&server, &[b"a/1"]).unwrap());
-        assert!(result.is_err(), "an ECDSA client identity must not be accepted");
+        let result = handshake(
+            client_with_auth(server.node_id(), Some((cert.der().clone(), key))),
+            server_config(&server, &[b"a/1"]).unwrap(),
+        );
+        assert!(
+            result.is_err(),
+            "an ECDSA client identity must not be accepted"
+        );
     }
 
     #[test]
@@ -471,6 +564,10 @@ mod tests {
         assert_eq!(s.alpn_protocols, vec![b"peergrid/coord/1".to_vec()]);
         let c = client_config(&key, NodeKey::generate().node_id(), &[b"peergrid/blob/1"]).unwrap();
         assert_eq!(c.alpn_protocols, vec![b"peergrid/blob/1".to_vec()]);
-        assert!(rustls::ClientConnection::new(Arc::new(c), ServerName::try_from("peergrid").unwrap()).is_ok());
+        assert!(rustls::ClientConnection::new(
+            Arc::new(c),
+            ServerName::try_from("peergrid").unwrap()
+        )
+        .is_ok());
     }
 }

@@ -29,7 +29,13 @@ const SYNC_EVERY: u64 = 16 << 20;
 
 impl std::fmt::Debug for PartialBlob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PartialBlob({}, {}/{})", self.outboard.blob().id.short(), self.held(), self.outboard.blob().chunk_count())
+        write!(
+            f,
+            "PartialBlob({}, {}/{})",
+            self.outboard.blob().id.short(),
+            self.held(),
+            self.outboard.blob().chunk_count()
+        )
     }
 }
 
@@ -52,7 +58,9 @@ impl PartialBlob {
             for (i, slot) in have.iter_mut().enumerate() {
                 let r = blob.chunk_range(i as u64);
                 let buf = &mut buf[..(r.end - r.start) as usize];
-                if file.read_exact_at(buf, r.start).is_ok() && outboard.verify_chunk(i as u64, buf).is_ok() {
+                if file.read_exact_at(buf, r.start).is_ok()
+                    && outboard.verify_chunk(i as u64, buf).is_ok()
+                {
                     *slot = true;
                 }
             }
@@ -92,7 +100,12 @@ impl PartialBlob {
     }
 
     pub fn has_chunk(&self, index: u64) -> bool {
-        self.have.lock().unwrap().get(index as usize).copied().unwrap_or(false)
+        self.have
+            .lock()
+            .unwrap()
+            .get(index as usize)
+            .copied()
+            .unwrap_or(false)
     }
 
     /// Chunks held.
@@ -105,7 +118,12 @@ impl PartialBlob {
     }
 
     pub(super) fn first_missing(&self) -> Option<u64> {
-        self.have.lock().unwrap().iter().position(|h| !h).map(|i| i as u64)
+        self.have
+            .lock()
+            .unwrap()
+            .iter()
+            .position(|h| !h)
+            .map(|i| i as u64)
     }
 
     /// Verify chunk `index` and write it. Bytes that do not verify are never written.
@@ -113,14 +131,26 @@ impl PartialBlob {
     /// Returns `false` when the chunk was already held.
     pub fn write_chunk(&self, index: u64, data: &[u8]) -> Result<bool, StoreError> {
         let id = self.blob().id;
-        self.outboard.verify_chunk(index, data).map_err(|e| StoreError::Verify(id, e))?;
+        self.outboard
+            .verify_chunk(index, data)
+            .map_err(|e| StoreError::Verify(id, e))?;
         if self.has_chunk(index) {
             return Ok(false);
         }
         let offset = index * CHUNK_SIZE as u64;
-        self.file.write_all_at(data, offset).map_err(io_err(&self.path))?;
-        let unsynced = self.unsynced.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
-        if unsynced >= SYNC_EVERY && self.unsynced.compare_exchange(unsynced, 0, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(io_err(&self.path))?;
+        let unsynced = self
+            .unsynced
+            .fetch_add(data.len() as u64, Ordering::Relaxed)
+            + data.len() as u64;
+        if unsynced >= SYNC_EVERY
+            && self
+                .unsynced
+                .compare_exchange(unsynced, 0, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
             self.file.sync_data().map_err(io_err(&self.path))?;
         }
         let mut have = self.have.lock().unwrap();
@@ -133,14 +163,25 @@ impl PartialBlob {
     }
 
     /// Read bytes at `offset` covering chunks `start..end`, all of which must be held.
-    pub(super) fn read_at(&self, start: u64, end: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+    pub(super) fn read_at(
+        &self,
+        start: u64,
+        end: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), StoreError> {
         {
             let have = self.have.lock().unwrap();
             if let Some(i) = (start..end).find(|i| !have[*i as usize]) {
-                return Err(StoreError::ChunkMissing { id: self.blob().id, index: i });
+                return Err(StoreError::ChunkMissing {
+                    id: self.blob().id,
+                    index: i,
+                });
             }
         }
-        self.file.read_exact_at(buf, offset).map_err(io_err(&self.path))
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(io_err(&self.path))
     }
 
     pub(super) fn sync(&self) -> Result<(), StoreError> {

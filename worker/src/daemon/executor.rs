@@ -41,7 +41,11 @@ pub struct Executor {
 }
 
 impl Executor {
-    pub fn start(slots: usize, sandbox: Sandbox, done: tokio::sync::mpsc::UnboundedSender<Done>) -> Executor {
+    pub fn start(
+        slots: usize,
+        sandbox: Sandbox,
+        done: tokio::sync::mpsc::UnboundedSender<Done>,
+    ) -> Executor {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let threads = (0..slots)
@@ -60,12 +64,22 @@ impl Executor {
                                 _ => return,
                             };
                             let queue_wait = job.received.max(idle_since).elapsed();
-                            let _span = tracing::info_span!("task", replica = job.replica).entered();
+                            let _span =
+                                tracing::info_span!("task", replica = job.replica).entered();
                             let outcome = match &job.module {
                                 Module::Loaded(m) => sandbox.run(m, &job.spec, &job.control),
-                                Module::Invalid(bytes) => sandbox.run_bytes(bytes, &job.spec, &job.control),
+                                Module::Invalid(bytes) => {
+                                    sandbox.run_bytes(bytes, &job.spec, &job.control)
+                                }
                             };
-                            if done.send(Done { replica: job.replica, outcome, queue_wait }).is_err() {
+                            if done
+                                .send(Done {
+                                    replica: job.replica,
+                                    outcome,
+                                    queue_wait,
+                                })
+                                .is_err()
+                            {
                                 return;
                             }
                         }
@@ -73,7 +87,10 @@ impl Executor {
                     .expect("spawning a slot thread")
             })
             .collect();
-        Executor { tx: Some(tx), threads }
+        Executor {
+            tx: Some(tx),
+            threads,
+        }
     }
 
     pub fn submit(&self, job: Job) {

@@ -24,7 +24,11 @@ struct Sample {
 fn read_sample() -> Option<Sample> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let cpu = stat.lines().next()?;
-    let f: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     if f.len() < 5 {
         return None;
     }
@@ -49,14 +53,21 @@ pub struct IdlePolicy {
 
 impl Default for IdlePolicy {
     fn default() -> Self {
-        IdlePolicy { last: read_sample(), idle_streak: 0, busy: false, others: 0.0 }
+        IdlePolicy {
+            last: read_sample(),
+            idle_streak: 0,
+            busy: false,
+            others: 0.0,
+        }
     }
 }
 
 impl IdlePolicy {
     /// Take a sample; returns whether tasks should be paused now.
     pub fn sample(&mut self) -> bool {
-        let Some(now) = read_sample() else { return false };
+        let Some(now) = read_sample() else {
+            return false;
+        };
         if let Some(last) = self.last {
             let total = now.total.saturating_sub(last.total).max(1) as f64;
             let busy = total - now.idle.saturating_sub(last.idle) as f64;
@@ -88,7 +99,12 @@ mod tests {
 
     #[test]
     fn pauses_at_once_and_resumes_only_after_a_quiet_streak() {
-        let mut p = IdlePolicy { last: None, idle_streak: 0, busy: false, others: 0.0 };
+        let mut p = IdlePolicy {
+            last: None,
+            idle_streak: 0,
+            busy: false,
+            others: 0.0,
+        };
         p.decide(0.1);
         assert!(!p.busy);
         p.decide(0.9);

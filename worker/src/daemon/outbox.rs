@@ -53,16 +53,27 @@ impl Outbox {
     pub fn open(dir: &Path) -> anyhow::Result<Outbox> {
         use anyhow::Context;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut ob = Outbox { dir: dir.to_path_buf(), pending: BTreeMap::new(), segment_of: HashMap::new(), live: HashMap::new(), next_seq: 0 };
-        ob.next_seq = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+        let mut ob = Outbox {
+            dir: dir.to_path_buf(),
+            pending: BTreeMap::new(),
+            segment_of: HashMap::new(),
+            live: HashMap::new(),
+            next_seq: 0,
+        };
+        ob.next_seq = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
         for entry in std::fs::read_dir(dir)? {
             let path = entry?.path();
             let reports = match path.extension().and_then(|e| e.to_str()) {
-                Some("reports") => wire::decode::<Vec<Report>>(&std::fs::read(&path)?).map(|mut reports| {
-                    let acked = read_tombstone(&tombstone(&path));
-                    reports.retain(|r| !acked.contains(&r.replica));
-                    reports
-                }),
+                Some("reports") => {
+                    wire::decode::<Vec<Report>>(&std::fs::read(&path)?).map(|mut reports| {
+                        let acked = read_tombstone(&tombstone(&path));
+                        reports.retain(|r| !acked.contains(&r.replica));
+                        reports
+                    })
+                }
                 Some("acked") => {
                     // A tombstone whose segment was deleted (the crash fell between the two).
                     if !path.with_extension("reports").exists() {
@@ -95,7 +106,12 @@ impl Outbox {
     pub fn segment(&mut self, reports: Vec<Report>) -> Segment {
         let first = reports.first().map(|r| r.replica).unwrap_or_default();
         self.next_seq += 1;
-        Segment { path: self.dir.join(format!("{first}-{:x}.reports", self.next_seq)), reports }
+        Segment {
+            path: self
+                .dir
+                .join(format!("{first}-{:x}.reports", self.next_seq)),
+            reports,
+        }
     }
 
     /// Take a durably written segment into the outbox.
@@ -133,7 +149,9 @@ impl Outbox {
     /// One report of the segment at `path` is no longer live; returns whether the segment
     /// still holds live reports (it is deleted, with its tombstone, when none is left).
     fn release(&mut self, path: &PathBuf) -> bool {
-        let Some(n) = self.live.get_mut(path) else { return false };
+        let Some(n) = self.live.get_mut(path) else {
+            return false;
+        };
         *n -= 1;
         if *n > 0 {
             return true;
@@ -194,7 +212,11 @@ fn tombstone(segment: &Path) -> PathBuf {
 
 fn read_tombstone(path: &Path) -> Vec<ReplicaId> {
     std::fs::read(path)
-        .map(|b| b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect())
+        .map(|b| {
+            b.chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -202,7 +224,11 @@ fn read_tombstone(path: &Path) -> Vec<ReplicaId> {
 fn append_tombstone(path: &Path, ids: &[ReplicaId]) {
     use std::io::Write;
     let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
-    let res = std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| f.write_all(&bytes));
+    let res = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(&bytes));
     if let Err(e) = res {
         tracing::debug!(file = %path.display(), "cannot note acknowledgements ({e}); they are resent after a restart");
     }
@@ -230,7 +256,10 @@ mod tests {
     }
 
     fn files(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         v.sort();
         v
     }
@@ -261,7 +290,11 @@ mod tests {
         ob.remove(7);
         drop(ob);
         let mut ob = Outbox::open(dir.path()).unwrap();
-        assert_eq!(ob.pending().map(|r| r.replica).collect::<Vec<_>>(), vec![6], "acked reports are not resent after a restart");
+        assert_eq!(
+            ob.pending().map(|r| r.replica).collect::<Vec<_>>(),
+            vec![6],
+            "acked reports are not resent after a restart"
+        );
         ob.remove(6);
         assert!(files(dir.path()).is_empty(), "{:?}", files(dir.path()));
     }
@@ -281,7 +314,10 @@ mod tests {
             }
         }
         let ob = Outbox::open(dir.path()).unwrap();
-        assert_eq!(ob.pending().map(|r| r.replica).collect::<Vec<_>>(), vec![5, 6, 7]);
+        assert_eq!(
+            ob.pending().map(|r| r.replica).collect::<Vec<_>>(),
+            vec![5, 6, 7]
+        );
     }
 
     #[test]

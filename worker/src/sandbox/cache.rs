@@ -28,8 +28,10 @@ impl DiskCache {
     /// Open (creating) the cache for `fingerprint` under `root`.
     pub fn open(root: &Path, fingerprint: &EngineFingerprint) -> Result<DiskCache, SandboxError> {
         let dir = root.join(fingerprint.short_id());
-        std::fs::create_dir_all(&dir)
-            .map_err(|source| SandboxError::Cache { path: dir.display().to_string(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| SandboxError::Cache {
+            path: dir.display().to_string(),
+            source,
+        })?;
         Ok(DiskCache { dir })
     }
 

@@ -105,7 +105,12 @@ impl RunControl {
             // Flags are checked under the lock that `resume`/`cancel` notify under: no lost wake-up.
             let mut g = self.inner.lock.lock().expect("run control lock poisoned");
             while self.is_paused() && !self.is_cancelled() {
-                g = self.inner.wake.wait_timeout(g, Duration::from_secs(1)).expect("run control lock poisoned").0;
+                g = self
+                    .inner
+                    .wake
+                    .wait_timeout(g, Duration::from_secs(1))
+                    .expect("run control lock poisoned")
+                    .0;
             }
         }
         if self.is_cancelled() {

@@ -47,7 +47,11 @@ pub fn build(deterministic: bool) -> Result<(Engine, EngineFingerprint), Sandbox
 
 /// The determinism settings as a stable string.
 pub fn settings(deterministic: bool) -> String {
-    let nan = if deterministic { "nan-canon" } else { "no-nan-canon" };
+    let nan = if deterministic {
+        "nan-canon"
+    } else {
+        "no-nan-canon"
+    };
     format!(
         "{nan},relaxed-simd-det,no-threads,no-gc,fuel,stack={MAX_WASM_STACK},clock=fixed,random=blake3-xof,poll=virtual,abi=wasip1"
     )
@@ -106,7 +110,10 @@ impl EpochTicker {
                 }
             })
             .expect("spawn the epoch ticker thread");
-        EpochTicker { shared, thread: Some(thread) }
+        EpochTicker {
+            shared,
+            thread: Some(thread),
+        }
     }
 
     /// Mark a run as active for the guard's lifetime.

@@ -29,7 +29,12 @@ pub struct Limits {
 }
 
 impl ResourceLimiter for Limits {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> anyhow::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> anyhow::Result<bool> {
         if desired > self.max_memory {
             self.memory_denied = true;
             return Ok(false);
@@ -37,7 +42,12 @@ impl ResourceLimiter for Limits {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> anyhow::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> anyhow::Result<bool> {
         Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 
@@ -54,7 +64,12 @@ impl ResourceLimiter for Limits {
     }
 }
 
-pub(crate) fn run(engine: &Engine, module: &LoadedModule, spec: &RunSpec, control: &RunControl) -> Result<RunOutput, Cancelled> {
+pub(crate) fn run(
+    engine: &Engine,
+    module: &LoadedModule,
+    spec: &RunSpec,
+    control: &RunControl,
+) -> Result<RunOutput, Cancelled> {
     let start = Instant::now();
     if control.is_cancelled() {
         return Err(Cancelled);
@@ -64,7 +79,10 @@ pub(crate) fn run(engine: &Engine, module: &LoadedModule, spec: &RunSpec, contro
     let stderr = CappedPipe::truncating(STDERR_CAP);
     let state = StoreState {
         wasi: wasi::context(spec, &stdout, &stderr),
-        limits: Limits { max_memory: (spec.memory_mb as usize).saturating_mul(1 << 20), memory_denied: false },
+        limits: Limits {
+            max_memory: (spec.memory_mb as usize).saturating_mul(1 << 20),
+            memory_denied: false,
+        },
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);
@@ -103,18 +121,31 @@ pub(crate) fn run(engine: &Engine, module: &LoadedModule, spec: &RunSpec, contro
         output_hash: BlobId::of(&output),
         output_len: output.len() as u64,
     };
-    Ok(RunOutput { result, output, stderr: stderr.take(), error, wall: start.elapsed() })
+    Ok(RunOutput {
+        result,
+        output,
+        stderr: stderr.take(),
+        error,
+        wall: start.elapsed(),
+    })
 }
 
 /// Time to set up a store (limits, fuel, WASI context) and instantiate `module`, without
 /// running it. For the benchmark.
-pub(crate) fn instantiate_only(engine: &Engine, module: &LoadedModule, spec: &RunSpec) -> anyhow::Result<Duration> {
+pub(crate) fn instantiate_only(
+    engine: &Engine,
+    module: &LoadedModule,
+    spec: &RunSpec,
+) -> anyhow::Result<Duration> {
     let start = Instant::now();
     let stdout = CappedPipe::trapping(1024);
     let stderr = CappedPipe::truncating(1024);
     let state = StoreState {
         wasi: wasi::context(spec, &stdout, &stderr),
-        limits: Limits { max_memory: (spec.memory_mb as usize).saturating_mul(1 << 20), memory_denied: false },
+        limits: Limits {
+            max_memory: (spec.memory_mb as usize).saturating_mul(1 << 20),
+            memory_denied: false,
+        },
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);
@@ -125,7 +156,12 @@ pub(crate) fn instantiate_only(engine: &Engine, module: &LoadedModule, spec: &Ru
 }
 
 /// Status, exit code, trap kind and human detail of a run that did not return normally.
-fn classify(e: &anyhow::Error, overflowed: bool, memory_denied: bool, instantiated: bool) -> (Status, i32, String, Option<String>) {
+fn classify(
+    e: &anyhow::Error,
+    overflowed: bool,
+    memory_denied: bool,
+    instantiated: bool,
+) -> (Status, i32, String, Option<String>) {
     let detail = Some(one_line(e));
     if overflowed {
         return (Status::OutputLimit, 0, String::new(), detail);

@@ -91,7 +91,14 @@ impl CappedPipe {
     }
 
     fn new(cap: usize, trap_on_overflow: bool) -> CappedPipe {
-        CappedPipe { state: Arc::new(Mutex::new(PipeState { buf: Vec::new(), cap, overflowed: false, trap_on_overflow })) }
+        CappedPipe {
+            state: Arc::new(Mutex::new(PipeState {
+                buf: Vec::new(),
+                cap,
+                overflowed: false,
+                trap_on_overflow,
+            })),
+        }
     }
 
     /// Whether the guest tried to write past the cap.
@@ -141,8 +148,16 @@ impl OutputStream for CappedPipe {
 }
 
 impl tokio::io::AsyncWrite for CappedPipe {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Poll::Ready(self.push(buf).map(|()| buf.len()).map_err(std::io::Error::other))
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(
+            self.push(buf)
+                .map(|()| buf.len())
+                .map_err(std::io::Error::other),
+        )
     }
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
@@ -229,7 +244,13 @@ const EVENT_SIZE: usize = 32;
 
 /// `poll_oneoff(in, out, nsubscriptions, nevents_ptr)` in virtual time: every subscription
 /// fires at once (clocks have expired, stdin/stdout are ready).
-fn poll_oneoff(mut caller: Caller<'_, StoreState>, subs: i32, events: i32, nsubs: i32, nevents_ptr: i32) -> anyhow::Result<i32> {
+fn poll_oneoff(
+    mut caller: Caller<'_, StoreState>,
+    subs: i32,
+    events: i32,
+    nsubs: i32,
+    nevents_ptr: i32,
+) -> anyhow::Result<i32> {
     let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
         return Ok(ERRNO_FAULT);
     };
@@ -240,7 +261,11 @@ fn poll_oneoff(mut caller: Caller<'_, StoreState>, subs: i32, events: i32, nsubs
     let fuel = caller.get_fuel()?;
     caller.set_fuel(fuel.saturating_sub(POLL_FUEL_PER_SUBSCRIPTION.saturating_mul(n as u64)))?;
     let mem = memory.data_mut(&mut caller);
-    let (subs, events, nevents_ptr) = (subs as u32 as usize, events as u32 as usize, nevents_ptr as u32 as usize);
+    let (subs, events, nevents_ptr) = (
+        subs as u32 as usize,
+        events as u32 as usize,
+        nevents_ptr as u32 as usize,
+    );
     let in_bounds = |at: usize, len: usize| at.checked_add(len).is_some_and(|end| end <= mem.len());
     if !in_bounds(subs, n.saturating_mul(SUBSCRIPTION_SIZE))
         || !in_bounds(events, n.saturating_mul(EVENT_SIZE))

@@ -74,9 +74,22 @@ pub enum FetchError {
     #[error("cannot fetch blob {blob}: no peers were given")]
     NoPeers { blob: BlobId },
     #[error("cannot fetch blob {blob}: none of the {tried} peers tried has it ({not_found} do not have it, {unreachable} unreachable or failing, {bad} sent bad data)")]
-    Unavailable { blob: BlobId, tried: usize, not_found: usize, unreachable: usize, bad: usize },
+    Unavailable {
+        blob: BlobId,
+        tried: usize,
+        not_found: usize,
+        unreachable: usize,
+        bad: usize,
+    },
     #[error("cannot fetch blob {blob}: stalled with {missing} of {chunks} chunks missing after trying {tried} peers ({live} still reachable, {bad} sent bad data)")]
-    Stalled { blob: BlobId, missing: u64, chunks: u64, tried: usize, live: usize, bad: usize },
+    Stalled {
+        blob: BlobId,
+        missing: u64,
+        chunks: u64,
+        tried: usize,
+        live: usize,
+        bad: usize,
+    },
     #[error("cannot fetch blob {blob}: {source}")]
     Store { blob: BlobId, source: StoreError },
 }
@@ -104,7 +117,12 @@ impl Fetcher {
         Fetcher::with_options(endpoint, store, server, FetchOptions::default())
     }
 
-    pub fn with_options(endpoint: quinn::Endpoint, store: BlobStore, server: Option<BlobServer>, opts: FetchOptions) -> Fetcher {
+    pub fn with_options(
+        endpoint: quinn::Endpoint,
+        store: BlobStore,
+        server: Option<BlobServer>,
+        opts: FetchOptions,
+    ) -> Fetcher {
         Fetcher {
             inner: Arc::new(FetcherInner {
                 endpoint,
@@ -127,19 +145,35 @@ impl Fetcher {
 
     /// Fetch `blob` from `peers` (best first; the last is the seed of last resort); a no-op
     /// when the store already holds it.
-    pub async fn fetch(&self, blob: BlobRef, peers: &[PeerAddr]) -> Result<FetchReport, FetchError> {
+    pub async fn fetch(
+        &self,
+        blob: BlobRef,
+        peers: &[PeerAddr],
+    ) -> Result<FetchReport, FetchError> {
         if self.inner.store.has(&blob.id) {
             return Ok(FetchReport::default());
         }
-        let lock = self.inner.active.lock().unwrap().entry(blob.id).or_default().clone();
+        let lock = self
+            .inner
+            .active
+            .lock()
+            .unwrap()
+            .entry(blob.id)
+            .or_default()
+            .clone();
         let _guard = lock.lock().await;
         let result = if self.inner.store.has(&blob.id) {
             Ok(FetchReport::default())
         } else {
             let mut seen = std::collections::HashSet::new();
-            let peers: Vec<PeerAddr> = peers.iter().filter(|p| seen.insert(p.node_id)).cloned().collect();
+            let peers: Vec<PeerAddr> = peers
+                .iter()
+                .filter(|p| seen.insert(p.node_id))
+                .cloned()
+                .collect();
             let span = tracing::debug_span!("fetch", blob = %blob.id.short(), peers = peers.len());
-            tracing::Instrument::instrument(Download::new(self.clone(), blob, peers).run(), span).await
+            tracing::Instrument::instrument(Download::new(self.clone(), blob, peers).run(), span)
+                .await
         };
         self.inner.active.lock().unwrap().remove(&blob.id);
         result
@@ -151,18 +185,36 @@ impl Fetcher {
                 return Ok(c.clone());
             }
         }
-        let c = net::connect_timeout(&self.inner.endpoint, peer.addr, peer.node_id, ALPN_BLOB, self.inner.opts.connect_timeout)
-            .await
-            .map_err(|e| e.to_string())?;
-        self.inner.conns.lock().unwrap().insert(peer.node_id, c.clone());
+        let c = net::connect_timeout(
+            &self.inner.endpoint,
+            peer.addr,
+            peer.node_id,
+            ALPN_BLOB,
+            self.inner.opts.connect_timeout,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        self.inner
+            .conns
+            .lock()
+            .unwrap()
+            .insert(peer.node_id, c.clone());
         Ok(c)
     }
 }
 
 /// What one network exchange with a peer came to.
 enum Event {
-    Have { p: usize, result: Result<Option<Vec<bool>>, Failure> },
-    Chunks { p: usize, run: Range<u64>, got: Vec<u64>, outcome: Result<Reply, Failure> },
+    Have {
+        p: usize,
+        result: Result<Option<Vec<bool>>, Failure>,
+    },
+    Chunks {
+        p: usize,
+        run: Range<u64>,
+        got: Vec<u64>,
+        outcome: Result<Reply, Failure>,
+    },
 }
 
 enum Reply {
@@ -189,7 +241,12 @@ struct Download {
 
 impl Download {
     fn new(f: Fetcher, blob: BlobRef, peers: Vec<PeerAddr>) -> Download {
-        Download { f, blob, peers, report: FetchReport::default() }
+        Download {
+            f,
+            blob,
+            peers,
+            report: FetchReport::default(),
+        }
     }
 
     fn opts(&self) -> &FetchOptions {
@@ -197,7 +254,10 @@ impl Download {
     }
 
     fn store_err(&self, source: StoreError) -> FetchError {
-        FetchError::Store { blob: self.blob.id, source }
+        FetchError::Store {
+            blob: self.blob.id,
+            source,
+        }
     }
 
     fn flag_bad(&mut self, p: usize, why: &str) {
@@ -241,7 +301,9 @@ impl Download {
                         }
                     }
                 }
-                Ok(Ok((BlobResponse::NotFound, _))) | Ok(Ok((BlobResponse::Busy { .. }, _))) => not_found += 1,
+                Ok(Ok((BlobResponse::NotFound, _))) | Ok(Ok((BlobResponse::Busy { .. }, _))) => {
+                    not_found += 1
+                }
                 Ok(Ok((other, _))) => {
                     tracing::debug!(peer = %self.peers[p].node_id.short(), answer = ?other, "unexpected answer to Outboard");
                     not_found += 1;
@@ -253,7 +315,13 @@ impl Download {
                 Err(_) => unreachable += 1,
             }
         }
-        Err(FetchError::Unavailable { blob: self.blob.id, tried: self.peers.len(), not_found, unreachable, bad })
+        Err(FetchError::Unavailable {
+            blob: self.blob.id,
+            tried: self.peers.len(),
+            not_found,
+            unreachable,
+            bad,
+        })
     }
 
     async fn run(mut self) -> Result<FetchReport, FetchError> {
@@ -269,7 +337,12 @@ impl Download {
             let store = store.clone();
             tokio::task::spawn_blocking(move || store.partial(outboard))
                 .await
-                .map_err(|e| self.store_err(StoreError::Io { path: Default::default(), source: std::io::Error::other(e.to_string()) }))?
+                .map_err(|e| {
+                    self.store_err(StoreError::Io {
+                        path: Default::default(),
+                        source: std::io::Error::other(e.to_string()),
+                    })
+                })?
                 .map_err(|e| self.store_err(e))?
         };
         let result = self.chunks(&partial, states).await;
@@ -281,7 +354,10 @@ impl Download {
                 match done {
                     Ok(Ok(())) => Ok(self.report),
                     Ok(Err(e)) => Err(self.store_err(e)),
-                    Err(e) => Err(self.store_err(StoreError::Io { path: Default::default(), source: std::io::Error::other(e.to_string()) })),
+                    Err(e) => Err(self.store_err(StoreError::Io {
+                        path: Default::default(),
+                        source: std::io::Error::other(e.to_string()),
+                    })),
                 }
             }
             Err(e) => {
@@ -292,7 +368,11 @@ impl Download {
         }
     }
 
-    async fn chunks(&mut self, partial: &Arc<PartialBlob>, states: Vec<PeerState>) -> Result<(), FetchError> {
+    async fn chunks(
+        &mut self,
+        partial: &Arc<PartialBlob>,
+        states: Vec<PeerState>,
+    ) -> Result<(), FetchError> {
         let opts = self.opts().clone();
         let mut sched = Sched::new(partial.have(), self.peers.len(), opts.sched.clone());
         for (p, s) in states.into_iter().enumerate() {
@@ -314,17 +394,34 @@ impl Download {
             let now = Instant::now();
             // Ask peers what they hold.
             for p in 0..self.peers.len() {
-                let complete = sched.peers[p].have.as_ref().is_some_and(|h| h.iter().all(|b| *b));
+                let complete = sched.peers[p]
+                    .have
+                    .as_ref()
+                    .is_some_and(|h| h.iter().all(|b| *b));
                 // While enough requests are in flight, news of more chunks would not be used.
-                let saturated = sched.inflight() >= opts.sched.max_inflight_total / 4 && have_at[p].is_some();
-                if sched.is_live(p) && !have_inflight[p] && !complete && !saturated && next_have[p] <= now {
+                let saturated =
+                    sched.inflight() >= opts.sched.max_inflight_total / 4 && have_at[p].is_some();
+                if sched.is_live(p)
+                    && !have_inflight[p]
+                    && !complete
+                    && !saturated
+                    && next_have[p] <= now
+                {
                     have_inflight[p] = true;
-                    let jitter = Duration::from_millis(rand::Rng::gen_range(&mut rng, 0..=opts.have_interval.as_millis() as u64 / 2));
+                    let jitter = Duration::from_millis(rand::Rng::gen_range(
+                        &mut rng,
+                        0..=opts.have_interval.as_millis() as u64 / 2,
+                    ));
                     next_have[p] = now + opts.have_interval + jitter;
                     let f = self.f.clone();
                     let peer = self.peers[p].clone();
                     let id = self.blob.id;
-                    tasks.spawn(async move { Event::Have { p, result: ask_have(&f, &peer, id).await } });
+                    tasks.spawn(async move {
+                        Event::Have {
+                            p,
+                            result: ask_have(&f, &peer, id).await,
+                        }
+                    });
                 }
             }
             // The seed is asked only when no other peer has anything we need, and only once
@@ -332,7 +429,11 @@ impl Download {
             // slow to), so chunks the crowd already pulled out of it come from the crowd.
             let seed_gate = seed.is_none_or(|s| {
                 let fresh = now.duration_since(last_seed_done) > opts.seed_gate_max
-                    || (0..self.peers.len()).all(|q| q == s || !sched.is_live(q) || have_at[q].is_some_and(|t| t >= last_seed_done));
+                    || (0..self.peers.len()).all(|q| {
+                        q == s
+                            || !sched.is_live(q)
+                            || have_at[q].is_some_and(|t| t >= last_seed_done)
+                    });
                 fresh && sched.starving()
             });
             // Hand out chunk runs, everyone before the seed.
@@ -347,7 +448,12 @@ impl Download {
                     tasks.spawn(async move {
                         let mut got = Vec::new();
                         let outcome = get_chunks(&f, &peer, &partial, run.clone(), &mut got).await;
-                        Event::Chunks { p, run, got, outcome }
+                        Event::Chunks {
+                            p,
+                            run,
+                            got,
+                            outcome,
+                        }
                     });
                 }
             }
@@ -374,7 +480,9 @@ impl Download {
                     have_at[p] = Some(now);
                     match result {
                         Ok(Some(have)) => sched.set_have(p, have),
-                        Ok(None) => sched.set_have(p, vec![false; self.blob.chunk_count() as usize]),
+                        Ok(None) => {
+                            sched.set_have(p, vec![false; self.blob.chunk_count() as usize])
+                        }
                         Err(Failure::Gone(e)) => {
                             tracing::debug!(peer = %self.peers[p].node_id.short(), error = %e, "peer gone");
                             sched.gone(p)
@@ -386,14 +494,26 @@ impl Download {
                         }
                     }
                 }
-                Event::Chunks { p, run, got, outcome } => {
+                Event::Chunks {
+                    p,
+                    run,
+                    got,
+                    outcome,
+                } => {
                     if !got.is_empty() {
                         last_progress = now;
-                        let bytes: u64 = got.iter().map(|i| {
-                            let r = self.blob.chunk_range(*i);
-                            r.end - r.start
-                        }).sum();
-                        *self.report.bytes_by_peer.entry(self.peers[p].node_id).or_insert(0) += bytes;
+                        let bytes: u64 = got
+                            .iter()
+                            .map(|i| {
+                                let r = self.blob.chunk_range(*i);
+                                r.end - r.start
+                            })
+                            .sum();
+                        *self
+                            .report
+                            .bytes_by_peer
+                            .entry(self.peers[p].node_id)
+                            .or_insert(0) += bytes;
                     }
                     sched.finish(p, run.clone(), &got);
                     if Some(p) == seed {
@@ -452,7 +572,12 @@ fn classify(conn: &quinn::Connection, e: impl std::fmt::Display) -> Failure {
 async fn ask_have(f: &Fetcher, peer: &PeerAddr, id: BlobId) -> Result<Option<Vec<bool>>, Failure> {
     let conn = f.conn(peer).await.map_err(Failure::Gone)?;
     let t = f.inner.opts.request_timeout;
-    match tokio::time::timeout(t, net::request::<_, BlobResponse>(&conn, &BlobRequest::Have { id })).await {
+    match tokio::time::timeout(
+        t,
+        net::request::<_, BlobResponse>(&conn, &BlobRequest::Have { id }),
+    )
+    .await
+    {
         Err(_) => Err(Failure::Transient("Have timed out".into())),
         Ok(Err(e)) => Err(match e.close_code() {
             Some(_) => Failure::Bad(e.to_string()),
@@ -460,7 +585,9 @@ async fn ask_have(f: &Fetcher, peer: &PeerAddr, id: BlobId) -> Result<Option<Vec
         }),
         Ok(Ok((BlobResponse::Have { chunks, .. }, _))) => Ok(Some(chunks)),
         Ok(Ok((BlobResponse::NotFound, _))) | Ok(Ok((BlobResponse::Busy { .. }, _))) => Ok(None),
-        Ok(Ok((other, _))) => Err(Failure::Bad(format!("unexpected answer to Have: {other:?}"))),
+        Ok(Ok((other, _))) => Err(Failure::Bad(format!(
+            "unexpected answer to Have: {other:?}"
+        ))),
     }
 }
 
@@ -477,25 +604,40 @@ async fn get_chunks(
     let blob = partial.blob();
     let t = f.inner.opts.request_timeout;
     let count = (run.end - run.start) as u32;
-    let req = BlobRequest::Chunks { id: blob.id, start: run.start, count };
-    let (resp, mut recv) = match tokio::time::timeout(t, net::request::<_, BlobResponse>(&conn, &req)).await {
-        Err(_) => return Err(Failure::Transient("Chunks timed out".into())),
-        Ok(Err(e)) => {
-            return Err(match e.close_code() {
-                Some(_) => Failure::Bad(e.to_string()),
-                None => classify(&conn, e),
-            })
-        }
-        Ok(Ok(r)) => r,
+    let req = BlobRequest::Chunks {
+        id: blob.id,
+        start: run.start,
+        count,
     };
+    let (resp, mut recv) =
+        match tokio::time::timeout(t, net::request::<_, BlobResponse>(&conn, &req)).await {
+            Err(_) => return Err(Failure::Transient("Chunks timed out".into())),
+            Ok(Err(e)) => {
+                return Err(match e.close_code() {
+                    Some(_) => Failure::Bad(e.to_string()),
+                    None => classify(&conn, e),
+                })
+            }
+            Ok(Ok(r)) => r,
+        };
     let want_len = blob.chunk_range(run.end - 1).end - blob.chunk_range(run.start).start;
     match resp {
-        BlobResponse::Chunks { start, count: c, len } if start == run.start && c == count && len == want_len => {}
+        BlobResponse::Chunks {
+            start,
+            count: c,
+            len,
+        } if start == run.start && c == count && len == want_len => {}
         BlobResponse::Busy { retry_after_ms } => {
-            return Ok(Reply::Busy(Duration::from_millis(retry_after_ms.clamp(10, 2_000))))
+            return Ok(Reply::Busy(Duration::from_millis(
+                retry_after_ms.clamp(10, 2_000),
+            )))
         }
         BlobResponse::NotFound => return Ok(Reply::NotHeld),
-        other => return Err(Failure::Bad(format!("unexpected answer to Chunks {run:?}: {other:?}"))),
+        other => {
+            return Err(Failure::Bad(format!(
+                "unexpected answer to Chunks {run:?}: {other:?}"
+            )))
+        }
     }
     // Verify and write chunk i on the blocking pool while chunk i + 1 arrives: at most two
     // chunks of this request in memory.
@@ -519,7 +661,10 @@ async fn get_chunks(
             settle(j, handle.await, got)?;
         }
         let p = partial.clone();
-        pending = Some((i, tokio::task::spawn_blocking(move || p.write_chunk(i, &buf))));
+        pending = Some((
+            i,
+            tokio::task::spawn_blocking(move || p.write_chunk(i, &buf)),
+        ));
         spare = Some(Vec::with_capacity(tasks::blob::CHUNK_SIZE));
     }
     if let Some((j, handle)) = pending.take() {

@@ -94,7 +94,13 @@ impl Sched {
             owners: vec![Vec::new(); n],
             remaining,
             peers: (0..peers)
-                .map(|_| PeerSlot { state: PeerState::Live, have: None, inflight: 0, busy_until: None, failures: 0 })
+                .map(|_| PeerSlot {
+                    state: PeerState::Live,
+                    have: None,
+                    inflight: 0,
+                    busy_until: None,
+                    failures: 0,
+                })
                 .collect(),
             seed: (peers > 1).then(|| peers - 1),
             limits,
@@ -125,12 +131,16 @@ impl Sched {
     }
 
     fn has(&self, p: usize, i: usize) -> bool {
-        self.peers[p].have.as_ref().is_some_and(|h| h.get(i).copied().unwrap_or(false))
+        self.peers[p]
+            .have
+            .as_ref()
+            .is_some_and(|h| h.get(i).copied().unwrap_or(false))
     }
 
     /// Whether some live non-seed peer other than `p` holds chunk `i`.
     fn elsewhere(&self, p: usize, i: usize) -> bool {
-        (0..self.peers.len()).any(|q| q != p && Some(q) != self.seed && self.is_live(q) && self.has(q, i))
+        (0..self.peers.len())
+            .any(|q| q != p && Some(q) != self.seed && self.is_live(q) && self.has(q, i))
     }
 
     /// Whether nothing is in flight to non-seed peers and no live non-seed peer holds a
@@ -145,14 +155,20 @@ impl Sched {
 
     /// Whether any live peer could serve some missing chunk (now or after a `Busy` rest).
     pub fn can_progress(&self) -> bool {
-        (0..self.done.len()).any(|i| !self.done[i] && (0..self.peers.len()).any(|p| self.is_live(p) && self.has(p, i)))
+        (0..self.done.len()).any(|i| {
+            !self.done[i] && (0..self.peers.len()).any(|p| self.is_live(p) && self.has(p, i))
+        })
     }
 
     /// The next run of chunks to request from peer `p`, if any; marks it in flight.
     pub fn next(&mut self, p: usize, now: Instant, rng: &mut impl Rng) -> Option<Range<u64>> {
         let is_seed = Some(p) == self.seed;
         let slot = &self.peers[p];
-        let per_peer = if is_seed { 1 } else { self.limits.max_inflight_per_peer };
+        let per_peer = if is_seed {
+            1
+        } else {
+            self.limits.max_inflight_per_peer
+        };
         if slot.state != PeerState::Live
             || slot.have.is_none()
             || slot.inflight >= per_peer
@@ -162,8 +178,11 @@ impl Sched {
             return None;
         }
         let n = self.done.len();
-        let wanted = |s: &Sched, i: usize| !s.done[i] && s.has(p, i) && !(is_seed && s.elsewhere(p, i));
-        let fresh: Vec<usize> = (0..n).filter(|&i| wanted(self, i) && self.owners[i].is_empty()).collect();
+        let wanted =
+            |s: &Sched, i: usize| !s.done[i] && s.has(p, i) && !(is_seed && s.elsewhere(p, i));
+        let fresh: Vec<usize> = (0..n)
+            .filter(|&i| wanted(self, i) && self.owners[i].is_empty())
+            .collect();
         let (start, run) = if !fresh.is_empty() {
             let start = if is_seed {
                 self.seed_start(&fresh, rng)
@@ -173,9 +192,17 @@ impl Sched {
             };
             // Begin at the start of the fresh stretch it lies in, so runs stay long.
             let mut s = start;
-            let max = if is_seed { self.limits.seed_run } else { self.limits.run } as usize;
+            let max = if is_seed {
+                self.limits.seed_run
+            } else {
+                self.limits.run
+            } as usize;
             if !is_seed {
-                while s > 0 && s > start.saturating_sub(max - 1) && wanted(self, s - 1) && self.owners[s - 1].is_empty() {
+                while s > 0
+                    && s > start.saturating_sub(max - 1)
+                    && wanted(self, s - 1)
+                    && self.owners[s - 1].is_empty()
+                {
                     s -= 1;
                 }
             }
@@ -186,9 +213,7 @@ impl Sched {
             (s, e - s)
         } else if !is_seed {
             // End game: race a chunk another peer has been slow to deliver.
-            let race = |i: usize| {
-                matches!(self.owners[i].as_slice(), [(q, since)] if *q != p && now.duration_since(*since) >= self.limits.race_after)
-            };
+            let race = |i: usize| matches!(self.owners[i].as_slice(), [(q, since)] if *q != p && now.duration_since(*since) >= self.limits.race_after);
             let dup = (0..n).find(|&i| wanted(self, i) && race(i))?;
             (dup, 1)
         } else {
@@ -321,8 +346,15 @@ mod tests {
         let a = s.next(0, now, &mut r).unwrap();
         assert_eq!(a, 0..4, "the non-seed peer gets the whole run it holds");
         let b = s.next(1, now, &mut r).unwrap();
-        assert!(b.start >= 4 && b.end <= 8 && b.end - b.start <= 2, "seed serves only what others lack: {b:?}");
-        assert_eq!(s.next(1, now, &mut r), None, "one request at a time to the seed");
+        assert!(
+            b.start >= 4 && b.end <= 8 && b.end - b.start <= 2,
+            "seed serves only what others lack: {b:?}"
+        );
+        assert_eq!(
+            s.next(1, now, &mut r),
+            None,
+            "one request at a time to the seed"
+        );
         s.finish(0, a, &[0, 1, 2, 3]);
         s.finish(1, b.clone(), &[b.start]);
         assert_eq!(s.remaining(), 3);
@@ -337,16 +369,28 @@ mod tests {
         let a = s.next(0, now, &mut r).unwrap();
         let b = s.next(0, now, &mut r).unwrap();
         assert_eq!(a.end - a.start + b.end - b.start, 20);
-        assert_eq!(s.next(0, now, &mut r), None, "no duplicates from the same peer");
+        assert_eq!(
+            s.next(0, now, &mut r),
+            None,
+            "no duplicates from the same peer"
+        );
 
         let mut s = Sched::new(vec![false; 2], 3, SchedLimits::default());
         s.set_have(0, vec![true; 2]);
         s.set_have(1, vec![true; 2]);
         let a = s.next(0, now, &mut r).unwrap();
         assert_eq!(a, 0..2);
-        assert_eq!(s.next(1, now, &mut r), None, "no race while the first peer is not slow");
+        assert_eq!(
+            s.next(1, now, &mut r),
+            None,
+            "no race while the first peer is not slow"
+        );
         let later = now + SchedLimits::default().race_after;
-        assert_eq!(s.next(1, later, &mut r), Some(0..1), "end game: another peer races a slow one");
+        assert_eq!(
+            s.next(1, later, &mut r),
+            Some(0..1),
+            "end game: another peer races a slow one"
+        );
         s.bad(0);
         s.finish(0, a, &[]);
         assert_eq!(s.remaining(), 2);

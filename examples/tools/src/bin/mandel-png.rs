@@ -33,6 +33,12 @@ fn main() -> Result<()> {
         );
     }
     mandel::write_png(&img, &a.out)?;
-    println!("wrote {} ({}x{}, {} tiles)", a.out.display(), img.width, img.height, r.outputs.len());
+    println!(
+        "wrote {} ({}x{}, {} tiles)",
+        a.out.display(),
+        img.width,
+        img.height,
+        r.outputs.len()
+    );
     Ok(())
 }

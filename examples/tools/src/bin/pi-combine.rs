@@ -30,12 +30,24 @@ fn main() -> Result<()> {
         });
         println!("{v}");
     } else {
-        println!("tasks:    {}{}", e.tasks, if r.missing.is_empty() { String::new() } else { format!(" ({} without an accepted result)", r.missing.len()) });
+        println!(
+            "tasks:    {}{}",
+            e.tasks,
+            if r.missing.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} without an accepted result)", r.missing.len())
+            }
+        );
         println!("samples:  {}", e.samples);
         println!("hits:     {}", e.hits);
         println!("pi      ~ {:.9} ± {:.9} (1 standard error)", e.pi, e.stderr);
         println!("95% CI:   [{lo:.9}, {hi:.9}]");
-        println!("error:    {:+.3e} ({:+.2} standard errors)", e.pi - std::f64::consts::PI, (e.pi - std::f64::consts::PI) / e.stderr);
+        println!(
+            "error:    {:+.3e} ({:+.2} standard errors)",
+            e.pi - std::f64::consts::PI,
+            (e.pi - std::f64::consts::PI) / e.stderr
+        );
     }
     Ok(())
 }

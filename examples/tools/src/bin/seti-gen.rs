@@ -40,10 +40,21 @@ struct Args {
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    ensure!(a.fft >= 16 && a.fft.is_power_of_two(), "--fft must be a power of two >= 16");
+    ensure!(
+        a.fft >= 16 && a.fft.is_power_of_two(),
+        "--fft must be a power of two >= 16"
+    );
     ensure!(a.samples >= a.fft, "--samples must be at least --fft");
-    ensure!(a.signals <= a.count, "--signals ({}) is more than --count ({})", a.signals, a.count);
-    ensure!(a.amplitude.is_finite() && a.max_drift.is_finite() && a.max_drift >= 0.0, "bad --amplitude or --max-drift");
+    ensure!(
+        a.signals <= a.count,
+        "--signals ({}) is more than --count ({})",
+        a.signals,
+        a.count
+    );
+    ensure!(
+        a.amplitude.is_finite() && a.max_drift.is_finite() && a.max_drift >= 0.0,
+        "bad --amplitude or --max-drift"
+    );
     let p = GenParams {
         seed: a.seed,
         count: a.count,
@@ -53,19 +64,30 @@ fn main() -> Result<()> {
         amplitude: a.amplitude,
         max_drift: a.max_drift,
     };
-    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
     let truth = plan(&p);
     for f in &truth.files {
         let path = a.out.join(&f.file);
-        std::fs::write(&path, generate_file(&p, truth.windows, f)).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(&path, generate_file(&p, truth.windows, f))
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let tpath = a.out.join("truth.json");
-    std::fs::write(&tpath, serde_json::to_string_pretty(&truth)? + "\n").with_context(|| format!("cannot write {}", tpath.display()))?;
+    std::fs::write(&tpath, serde_json::to_string_pretty(&truth)? + "\n")
+        .with_context(|| format!("cannot write {}", tpath.display()))?;
     for f in &truth.files {
         if let Some(s) = &f.signal {
-            println!("{}: signal at bin {:.2}, drift {:+.2} bins, amplitude {}", f.file, s.bin, s.drift, s.amplitude);
+            println!(
+                "{}: signal at bin {:.2}, drift {:+.2} bins, amplitude {}",
+                f.file, s.bin, s.drift, s.amplitude
+            );
         }
     }
-    println!("wrote {} files of {} bytes and truth.json to {}", truth.files.len(), p.samples as u64 * 8, a.out.display());
+    println!(
+        "wrote {} files of {} bytes and truth.json to {}",
+        truth.files.len(),
+        p.samples as u64 * 8,
+        a.out.display()
+    );
     Ok(())
 }
