@@ -188,7 +188,7 @@ async fn drive<S: Store + 'static>(
             id[..8].copy_from_slice(&(w as u64 + 1).to_le_bytes());
             let worker = NodeId(id);
             let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-            let info = HelloInfo { fingerprint: fp(), slots: batch, peer_addr: None, blobs: vec![] };
+            let info = HelloInfo { fingerprint: fp(), slots: batch, observed_addr: "127.0.0.1:1".parse().unwrap(), blobs: vec![] };
             handle.call(|reply| Cmd::Hello { worker, session: w as u64, info, tx, reply }).await.unwrap();
             let mut reports = 0u64;
             loop {
@@ -283,7 +283,9 @@ async fn quic_path(s: &Sizes) -> Run {
                         .unwrap()
                     {
                         CoordMsg::Assign { assignments, .. } => break assignments,
-                        CoordMsg::Cancel { .. } => continue,
+                        CoordMsg::Cancel { .. }
+                        | CoordMsg::Reachability { .. }
+                        | CoordMsg::Punch { .. } => continue,
                         other => panic!("{other:?}"),
                     }
                 };
@@ -313,7 +315,9 @@ async fn quic_path(s: &Sizes) -> Run {
                         .unwrap()
                     {
                         CoordMsg::Ack { .. } => break,
-                        CoordMsg::Cancel { .. } => continue,
+                        CoordMsg::Cancel { .. }
+                        | CoordMsg::Reachability { .. }
+                        | CoordMsg::Punch { .. } => continue,
                         other => panic!("{other:?}"),
                     }
                 }

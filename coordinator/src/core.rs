@@ -168,6 +168,8 @@ pub(crate) struct Worker {
     pub peer_addr: Option<SocketAddr>,
     /// Where this session's connection came from, as the shell saw it.
     pub observed_addr: Option<SocketAddr>,
+    /// A dial-back to `observed_addr` succeeded this session: a super-peer, listed first.
+    pub reachable: bool,
     pub credit_fuel: u64,
     pub rep: Reputation,
     pub in_flight: BTreeSet<ReplicaId>,
@@ -298,6 +300,7 @@ impl Core {
             disconnected_ms: None,
             peer_addr: None,
             observed_addr: None,
+            reachable: false,
             credit_fuel: 0,
             rep: Reputation::default(),
             in_flight: BTreeSet::new(),
@@ -340,8 +343,10 @@ impl Core {
         w.connected = true;
         w.disconnected_ms = None;
         w.last_seen_ms = now;
-        // A new session: the shell tells us where it comes from with `observed_address`.
+        // A new session: the shell tells us where it comes from with `observed_address`,
+        // and whether it answers a dial-back with `set_reachable`.
         w.observed_addr = None;
+        w.reachable = false;
         let addr_changed = w.peer_addr != peer_addr;
         w.peer_addr = peer_addr;
         if addr_changed {
@@ -362,6 +367,26 @@ impl Core {
         if let Some(w) = self.workers.get_mut(&worker) {
             w.observed_addr = Some(addr);
         }
+    }
+
+    /// The shell's dial-back to the worker's observed address succeeded (or not): reachable
+    /// workers are listed before the others as peers (the swarm's super-peers).
+    pub fn set_reachable(&mut self, worker: NodeId, reachable: bool) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.reachable = reachable && w.connected;
+        }
+    }
+
+    /// Where `from` must be dialled from for a simultaneous open with `peer`: `Some(from's
+    /// address)` when both are connected and `peer` is not known to be directly reachable
+    /// (a reachable peer needs no help).
+    pub fn punch_target(&self, from: &NodeId, peer: &NodeId) -> Option<SocketAddr> {
+        let p = self.workers.get(peer)?;
+        let f = self.workers.get(from)?;
+        if from == peer || !p.connected || p.reachable || !f.connected {
+            return None;
+        }
+        f.peer_addr
     }
 
     /// Connected anchors: workers trusted through their agreement history.
@@ -409,6 +434,7 @@ impl Core {
     pub fn disconnect(&mut self, worker: NodeId, now: u64) {
         if let Some(w) = self.workers.get_mut(&worker) {
             w.connected = false;
+            w.reachable = false;
             w.disconnected_ms = Some(now);
             w.last_seen_ms = now;
         }
@@ -715,7 +741,14 @@ impl Core {
                 }
             }
         }
+        self.super_peers_first(&mut out);
         out
+    }
+
+    /// Reorder `peers` so directly reachable workers come first (stable otherwise): workers
+    /// behind NATs then fetch from super-peers before anyone else.
+    fn super_peers_first(&self, peers: &mut [PeerAddr]) {
+        peers.sort_by_key(|p| !self.workers.get(&p.node_id).is_some_and(|w| w.reachable));
     }
 
     /// Where to find a blob: connected workers that announced it, best first (not the
@@ -752,6 +785,7 @@ impl Core {
                 }
             }
         }
+        self.super_peers_first(&mut out);
         out
     }
 
@@ -780,6 +814,7 @@ impl Core {
                     disconnected_ms: Some(now),
                     peer_addr: peer_addrs.get(&w.node).copied(),
                     observed_addr: None,
+                    reachable: false,
                     credit_fuel: w.credit_fuel,
                     rep: w.reputation,
                     in_flight: BTreeSet::new(),

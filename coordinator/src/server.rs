@@ -183,15 +183,26 @@ impl Coordinator {
             };
             tasks.spawn(http::run(listener, hctx, cancel.clone()));
         }
+        let fetcher = Fetcher::new(endpoint.clone(), blobs.clone(), Some(blob_server.clone()));
+        // Dial-backs come from another UDP port of this host, so a NAT that only lets in
+        // what answers the worker's own traffic to us refuses them.
+        let probe = net::endpoint(&key, SocketAddr::new(addr.ip(), 0), &[])
+            .map_err(|e| tracing::warn!("no reachability probes: {e}"))
+            .ok();
+        let sessions = session::SessionCtx {
+            engine: engine.clone(),
+            fetcher: fetcher.clone(),
+            probe,
+            seed: blob_server.clone(),
+        };
         tasks.spawn(accept_loop(
             endpoint.clone(),
-            engine.clone(),
+            sessions,
             ctx,
             blob_server.clone(),
             cancel.clone(),
         ));
         tasks.spawn(ticker(engine.clone(), cfg.tick, cancel.clone()));
-        let fetcher = Fetcher::new(endpoint.clone(), blobs.clone(), Some(blob_server.clone()));
         tasks.spawn(output_fetcher(
             fetcher,
             engine.clone(),
@@ -293,7 +304,7 @@ fn load_or_create_token(dir: &Path) -> anyhow::Result<String> {
 
 async fn accept_loop(
     endpoint: quinn::Endpoint,
-    engine: EngineHandle,
+    sessions: session::SessionCtx,
     ctx: submit::SubmitCtx,
     blobs: BlobServer,
     cancel: CancellationToken,
@@ -308,8 +319,8 @@ async fn accept_loop(
                 None => break,
             },
         };
-        let (engine, ctx, blobs, cancel) = (
-            engine.clone(),
+        let (sessions, ctx, blobs, cancel) = (
+            sessions.clone(),
             ctx.clone(),
             blobs.clone(),
             cancel.child_token(),
@@ -331,7 +342,7 @@ async fn accept_loop(
             let span = tracing::info_span!("conn", node = %node.short(), %remote, alpn = %String::from_utf8_lossy(&alpn));
             async move {
                 if alpn == ALPN_COORD {
-                    match session::run(conn.clone(), node, engine, cancel).await {
+                    match session::run(conn.clone(), node, sessions, cancel).await {
                         Ok(()) => tracing::info!("worker session ended"),
                         Err(e) => tracing::info!(error = %e, "worker session ended"),
                     }
@@ -394,8 +405,10 @@ async fn output_fetcher(
             };
             let span = tracing::info_span!("output", task = %job.task, blob = %blob.id.short());
             async move {
+                // Retried for as long as the coordinator runs (the workers that hold it may be
+                // away for a while); `results` says meanwhile that outputs are being collected.
                 let mut delay = Duration::from_secs(1);
-                for attempt in 1..=30 {
+                for attempt in 1u64.. {
                     if job.peers.is_empty() {
                         tracing::warn!(
                             "no agreeing worker announced a blob address; cannot fetch the output"
@@ -416,9 +429,10 @@ async fn output_fetcher(
                             );
                             return;
                         }
-                        Err(e) => {
-                            tracing::warn!(attempt, error = %e, "cannot fetch accepted output yet")
+                        Err(e) if attempt == 1 || attempt % 10 == 0 => {
+                            tracing::warn!(attempt, error = %e, "cannot fetch accepted output yet; retrying")
                         }
+                        Err(e) => tracing::debug!(attempt, error = %e, "cannot fetch accepted output yet"),
                     }
                     tokio::select! {
                         _ = cancel.cancelled() => return,

@@ -81,11 +81,14 @@ impl SimWorker {
     async fn recv(&mut self) -> anyhow::Result<CoordMsg> {
         loop {
             let m: CoordMsg =
-                tokio::time::timeout(Duration::from_secs(10), net::read_frame(&mut self.recv))
+                tokio::time::timeout(Duration::from_secs(60), net::read_frame(&mut self.recv))
                     .await
                     .context("timed out waiting for the coordinator")??
                     .context("stream ended")?;
-            if !matches!(m, CoordMsg::Cancel { .. }) {
+            if !matches!(
+                m,
+                CoordMsg::Cancel { .. } | CoordMsg::Reachability { .. } | CoordMsg::Punch { .. }
+            ) {
                 return Ok(m);
             }
         }
@@ -133,7 +136,7 @@ async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String, Strin
     )
     .await?;
     let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut raw))
         .await
         .context("HTTP response timed out")??;
     let raw = String::from_utf8(raw)?;

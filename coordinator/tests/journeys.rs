@@ -85,20 +85,33 @@ fn scientist_runs_primes_to_1e7_on_three_worker_processes_and_gets_664579() {
 
 #[test]
 fn job_completes_when_a_worker_is_killed_with_sigkill_mid_job() {
-    let mut c = Cluster::start(3);
+    // Mid-job by construction, whatever the machine's speed: while worker 0 is the only
+    // worker, no task can reach its quorum of two distinct workers, so the job is running
+    // when the kill lands. Worker 0 is paused (SIGSTOP) first so the figures read below are
+    // the ones it dies with.
+    let mut c = Cluster::start(1);
     let job = c.primes_job(20, 5_000_000, 10);
     let id = c.submit(&job);
-    let s = c.wait_until("the first accepted result", Duration::from_secs(120), |s| {
-        job_of(s, id)["tasks_done"].as_u64().unwrap() >= 1
-    });
-    assert_eq!(
-        job_of(&s, id)["state"],
-        "running",
-        "the kill must land mid-job"
+    c.wait_until(
+        "worker 0 to report a replica",
+        Duration::from_secs(120),
+        |s| job_of(s, id)["replicas_reported"].as_u64().unwrap() >= 1,
     );
-    let victim = &mut c.workers[0];
-    eprintln!("killing {}", victim.name);
-    victim.kill9();
+    c.workers[0].signal(libc::SIGSTOP);
+    let s = c.status();
+    let j = job_of(&s, id);
+    assert_eq!(j["state"], "running", "the kill must land mid-job: {s}");
+    assert_eq!(
+        j["tasks_done"], 0,
+        "one worker alone cannot reach a quorum: {s}"
+    );
+    eprintln!(
+        "killing worker-0 holding {} replicas, {} reported",
+        j["replicas_in_flight"], j["replicas_reported"]
+    );
+    c.workers[0].kill9();
+    c.start_worker(1);
+    c.start_worker(2);
     let s = c.wait_until("the job to end", Duration::from_secs(240), |s| {
         job_of(s, id)["state"] != "running"
     });
@@ -110,57 +123,81 @@ fn job_completes_when_a_worker_is_killed_with_sigkill_mid_job() {
 
 #[test]
 fn job_completes_without_losing_or_double_crediting_results_across_coordinator_kill9_and_restart() {
-    let mut c = Cluster::start(3);
-    let job = c.primes_job(20, 5_000_000, 30);
-    let id = c.submit(&job);
-    let before = c.wait_until("some accepted results", Duration::from_secs(120), |s| {
-        job_of(s, id)["tasks_done"].as_u64().unwrap() >= 2
-    });
-    let done_before = job_of(&before, id)["tasks_done"].as_u64().unwrap();
-    assert_eq!(
-        job_of(&before, id)["state"],
-        "running",
-        "the kill must land mid-job"
+    // Two jobs, so the crash lands with accepted results on record *and* mid-job, by
+    // construction: job A (quorum 2) completes on the two workers; job B needs three agreeing
+    // workers, so with two it can only collect votes until a third worker joins after the
+    // restart.
+    let mut c = Cluster::start(2);
+    let job_a = c.primes_job(6, 1_000_000, 30);
+    let id_a = c.submit(&job_a);
+    let job_b = with_quorum(&c.primes_job(12, 1_000_000, 30), 3);
+    let id_b = c.submit(&job_b);
+    let before = c.wait_until(
+        "job A done and votes on job B",
+        Duration::from_secs(120),
+        |s| {
+            job_of(s, id_a)["state"] == "done"
+                && job_of(s, id_b)["replicas_reported"].as_u64().unwrap() >= 2
+        },
     );
+    let b = job_of(&before, id_b);
+    assert_eq!(
+        b["state"], "running",
+        "the kill must land mid-job: {before}"
+    );
+    assert_eq!(b["tasks_done"], 0, "two workers cannot meet a quorum of 3");
     c.coord.as_mut().unwrap().kill9();
-    std::thread::sleep(Duration::from_millis(500));
     c.start_coordinator();
     // Nothing accepted before the crash is lost.
     let after = c.status();
-    assert!(
-        job_of(&after, id)["tasks_done"].as_u64().unwrap() >= done_before,
+    assert_eq!(
+        job_of(&after, id_a)["tasks_done"],
+        6,
         "accepted results lost: {before} vs {after}"
     );
+    assert_eq!(job_of(&after, id_a)["state"], "done", "{after}");
+    c.start_worker(2);
     let s = c.wait_until(
-        "the job to end after the restart",
+        "job B to end after the restart",
         Duration::from_secs(240),
-        |s| job_of(s, id)["state"] != "running",
+        |s| job_of(s, id_b)["state"] != "running",
     );
-    assert_eq!(job_of(&s, id)["state"], "done", "{s}");
-    let (sum, results) = c.results(id);
-    assert_eq!(sum, 5_761_455, "primes below 10^8");
-    let agreeing = check_quorum(&results, 20);
-    let workers = s["workers"].as_array().unwrap();
-    let valid: u64 = workers.iter().map(|w| w["valid"].as_u64().unwrap()).sum();
+    assert_eq!(job_of(&s, id_b)["state"], "done", "{s}");
+    let (sum_a, results_a) = c.results(id_a);
+    assert_eq!(sum_a, 412_849, "primes below 6*10^6");
+    let (sum_b, results_b) = c.results(id_b);
+    assert_eq!(sum_b, 788_060, "primes below 1.2*10^7");
+    let agreeing = check_quorum(&results_a, 6) + check_quorum(&results_b, 12);
+    for t in results_b["tasks"].as_array().unwrap() {
+        assert!(
+            t["agreeing_workers"].as_array().unwrap().len() >= 3,
+            "job B accepted without its quorum of 3: {t}"
+        );
+    }
+    let (valid, credit, expected_a) = common::credit_figures(&s, &results_a);
+    let (_, _, expected_b) = common::credit_figures(&s, &results_b);
     assert_eq!(
         valid, agreeing,
         "each agreeing replica credited exactly once"
     );
-    let credit: f64 = workers.iter().map(|w| w["credit"].as_f64().unwrap()).sum();
-    let expected: f64 = results["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| {
-            t["fuel_used"].as_f64().unwrap()
-                * t["agreeing_workers"].as_array().unwrap().len() as f64
-                / 1e9
-        })
-        .sum();
+    let expected = expected_a + expected_b;
     assert!(
         (credit - expected).abs() < 1e-6,
         "credit {credit} != valid fuel {expected}: something was credited twice or lost"
     );
+}
+
+/// A copy of job file `job` (same directory) with another quorum.
+fn with_quorum(job: &std::path::Path, quorum: u32) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(job).unwrap();
+    assert!(text.contains("quorum = 2\n"), "{text}");
+    let out = job.with_file_name(format!("job-quorum-{quorum}.toml"));
+    std::fs::write(
+        &out,
+        text.replace("quorum = 2\n", &format!("quorum = {quorum}\n")),
+    )
+    .unwrap();
+    out
 }
 
 #[test]
@@ -185,10 +222,10 @@ fn worker_killed_with_sigkill_reports_results_it_finished_while_the_coordinator_
     let outbox = w0.join("outbox");
     let t0 = Instant::now();
     let saved: Vec<tasks::wire::Report> = loop {
-        if !saved_reports(&outbox).is_empty() {
-            // Let a group commit that is being written finish.
-            std::thread::sleep(Duration::from_millis(300));
-            break saved_reports(&outbox);
+        // Segments appear by rename, whole: a non-empty list is a complete one.
+        let saved = saved_reports(&outbox);
+        if !saved.is_empty() {
+            break saved;
         }
         if t0.elapsed() > Duration::from_secs(60) {
             c.dump_logs();

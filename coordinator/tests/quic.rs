@@ -52,7 +52,7 @@ fn fuel_for(a: &Assignment) -> u64 {
 /// `peergrid/blob/1`.
 struct SimWorker {
     _key: NodeKey,
-    ep: quinn::Endpoint,
+    _ep: quinn::Endpoint,
     conn: quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -72,6 +72,7 @@ impl SimWorker {
         let ep = net::endpoint(&key, "127.0.0.1:0".parse()?, &[ALPN_BLOB])?;
         let server = worker::swarm::BlobServer::new(blobs.clone(), Default::default());
         let accept = ep.clone();
+        let on_session = server.clone();
         tokio::spawn(async move {
             while let Some(inc) = accept.accept().await {
                 let server = server.clone();
@@ -84,6 +85,10 @@ impl SimWorker {
         });
         let addr = ticket.socket_addrs()?[0];
         let conn = net::connect(&ep, addr, ticket.node_id, ALPN_COORD).await?;
+        // As the protocol asks: answer the coordinator's blob requests on the session
+        // connection (that is how it collects outputs).
+        let c = conn.clone();
+        tokio::spawn(async move { on_session.serve_connection(c).await });
         let (mut send, mut recv) = conn.open_bi().await?;
         let hello = WorkerMsg::Hello {
             agent: "sim".into(),
@@ -97,7 +102,7 @@ impl SimWorker {
         assert!(matches!(welcome, CoordMsg::Welcome { .. }), "{welcome:?}");
         Ok(SimWorker {
             _key: key,
-            ep,
+            _ep: ep,
             conn,
             send,
             recv,
@@ -110,12 +115,14 @@ impl SimWorker {
     async fn recv(&mut self) -> anyhow::Result<CoordMsg> {
         loop {
             let m: CoordMsg =
-                tokio::time::timeout(Duration::from_secs(10), net::read_frame(&mut self.recv))
+                tokio::time::timeout(Duration::from_secs(60), net::read_frame(&mut self.recv))
                     .await
                     .context("timed out waiting for the coordinator")??
                     .context("stream ended")?;
             match m {
                 CoordMsg::Cancel { replicas } => self.cancels.extend(replicas),
+                // Unsolicited news about our address and dial orders: not what we wait for.
+                CoordMsg::Reachability { .. } | CoordMsg::Punch { .. } => {}
                 other => return Ok(other),
             }
         }
@@ -205,6 +212,7 @@ async fn agreeing_workers_finish_job_and_results_carry_verified_outputs() -> any
     // Never two replicas of one task on one worker.
     for w in [&wa, &wb] {
         let mut tasks: Vec<_> = w.iter().map(|x| x.task.id).collect();
+        tasks.sort_unstable();
         tasks.dedup();
         assert_eq!(tasks.len(), w.len());
     }
@@ -295,7 +303,7 @@ async fn garbage_frame_closes_only_that_connection() -> anyhow::Result<()> {
     let mut bad = SimWorker::join(&coord.ticket).await?;
     // A length prefix followed by bytes that are no WorkerMsg.
     bad.send.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await?;
-    let err = tokio::time::timeout(Duration::from_secs(10), bad.conn.closed()).await?;
+    let err = tokio::time::timeout(Duration::from_secs(60), bad.conn.closed()).await?;
     assert_eq!(
         net::close_code_of(&err),
         Some(CloseCode::Protocol),
@@ -304,7 +312,7 @@ async fn garbage_frame_closes_only_that_connection() -> anyhow::Result<()> {
     // An oversized frame gets its own code.
     let mut big = SimWorker::join(&coord.ticket).await?;
     big.send.write_all(&u32::MAX.to_be_bytes()).await?;
-    let err = tokio::time::timeout(Duration::from_secs(10), big.conn.closed()).await?;
+    let err = tokio::time::timeout(Duration::from_secs(60), big.conn.closed()).await?;
     assert_eq!(net::close_code_of(&err), Some(CloseCode::FrameTooLarge));
     // Everyone else carries on.
     let w = good.request(2).await?;
@@ -404,8 +412,16 @@ async fn restart_mid_job_keeps_accepted_results_in_flight_replicas_and_credit_on
         credit_a.credit
     );
     assert_eq!(credit_a.valid, 2);
-    // New work after restart gets fresh replica ids.
-    let _ = b.ep.local_addr();
+    // New work after restart gets fresh replica ids, never one issued before the crash.
+    let before: Vec<u64> = [&t0a, &t0b, &t1a, &t1b].map(|x| x.replica).to_vec();
+    let more = tempfile::tempdir()?;
+    client.submit(&job_file(more.path(), 2, 0)?).await?;
+    let fresh: Vec<u64> = a.request(2).await?.iter().map(|x| x.replica).collect();
+    assert_eq!(fresh.len(), 2);
+    assert!(
+        fresh.iter().all(|r| !before.contains(r)),
+        "replica ids reused after restart: {fresh:?} vs {before:?}"
+    );
     client.close().await;
     coord.shutdown().await?;
     Ok(())

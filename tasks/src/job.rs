@@ -75,7 +75,7 @@ pub mod limits {
     pub const MAX_ARG_LEN: usize = 4096;
 }
 
-/// The job file as written (see DESIGN.md "Job file").
+/// The job file as written (see README.md, "Job file").
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobFile {

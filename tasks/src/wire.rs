@@ -37,10 +37,27 @@
 //!    servable), [`WorkerMsg::Abandon`] (replicas it will not finish, e.g. on Ctrl-C: they
 //!    are reissued at once), [`WorkerMsg::BadPeer`] (a peer served a chunk that failed
 //!    verification), [`CoordMsg::Cancel`] (stop these replicas: the task is decided).
+//! 5. Addresses are what the network shows: the coordinator hands peers the address a
+//!    worker's session *comes from* (the QUIC remote address, also in `Welcome`), never the
+//!    `peer_addr` a worker announces (kept for logs). After `Welcome` the coordinator dials
+//!    that address back from another socket and tells the worker the outcome in
+//!    [`CoordMsg::Reachability`]; reachable workers are listed first as peers
+//!    (super-peers). Before dialling a peer, a worker sends [`WorkerMsg::Punch`]; if the
+//!    peer is not reachable, the coordinator sends it [`CoordMsg::Punch`] with the
+//!    requester's observed address and both dial each other at once (simultaneous open
+//!    through both NATs).
+//! 6. **The coordinator opens streams too.** A worker serves `peergrid/blob/1` requests on
+//!    bi-streams the coordinator opens on the session connection (the worker's session
+//!    stream is the one the worker opened): that is how the coordinator collects outputs
+//!    from workers it could not dial, e.g. behind a NAT.
 //!
 //! Small outputs (at most [`INLINE_OUTPUT_MAX`] bytes) travel inline in the report; larger
 //! ones stay in the worker's blob store, named by `output_hash`, and the coordinator fetches
-//! the accepted one over `peergrid/blob/1`.
+//! the accepted one over `peergrid/blob/1` framing, on the session connection (6.) or by
+//! dialling the worker.
+//!
+//! Every blob connection serves both ways: whichever side dialled, each side may open
+//! request streams and the other answers them (so one punched connection serves both).
 //!
 //! ## Submitter requests (`peergrid/submit/1`)
 //! Every request carries the coordinator's submit token; a wrong token gets
@@ -167,6 +184,12 @@ pub enum WorkerMsg {
     },
     /// Several reports in one frame (a worker flushing its queue).
     Reports(Vec<Report>),
+    /// "I am about to dial `peer` for blobs": if `peer` is not directly reachable, the
+    /// coordinator asks it ([`CoordMsg::Punch`]) to dial this worker at the same moment, so
+    /// both NATs open a mapping (a simultaneous open). Rate-limited by the coordinator.
+    Punch {
+        peer: NodeId,
+    },
 }
 
 /// One replica's result.
@@ -203,6 +226,16 @@ pub enum CoordMsg {
     },
     /// Stop working on these replicas (the task is decided or the job cancelled).
     Cancel { replicas: Vec<ReplicaId> },
+    /// What the coordinator learnt of the worker's address: `reachable` when a dial-back to
+    /// `observed_addr` from another socket of the coordinator succeeded (the worker is a
+    /// super-peer: it serves workers behind NATs).
+    Reachability {
+        observed_addr: SocketAddr,
+        reachable: bool,
+    },
+    /// Dial `peer` at `addr` now (over `peergrid/blob/1`, from the same socket as this
+    /// session): it is dialling you at the same moment, so both NATs open a mapping.
+    Punch { peer: NodeId, addr: SocketAddr },
 }
 
 /// One replica to run.
@@ -616,6 +649,7 @@ mod tests {
             list(any::<u64>()).prop_map(|replicas| WorkerMsg::Abandon { replicas }),
             (node_id(), blob_id()).prop_map(|(peer, blob)| WorkerMsg::BadPeer { peer, blob }),
             list(report()).prop_map(WorkerMsg::Reports),
+            node_id().prop_map(|peer| WorkerMsg::Punch { peer }),
         ]
     }
 
@@ -681,6 +715,13 @@ mod tests {
             (prop::option::of(any::<u64>()), text())
                 .prop_map(|(replica, reason)| CoordMsg::Rejected { replica, reason }),
             list(any::<u64>()).prop_map(|replicas| CoordMsg::Cancel { replicas }),
+            (socket_addr(), any::<bool>()).prop_map(|(observed_addr, reachable)| {
+                CoordMsg::Reachability {
+                    observed_addr,
+                    reachable,
+                }
+            }),
+            (node_id(), socket_addr()).prop_map(|(peer, addr)| CoordMsg::Punch { peer, addr }),
         ]
     }
 

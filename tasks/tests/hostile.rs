@@ -124,6 +124,9 @@ fn worker_msgs() -> Vec<WorkerMsg> {
                 ..report()
             },
         ]),
+        WorkerMsg::Punch {
+            peer: NodeId([8; 32]),
+        },
     ]
 }
 
@@ -166,6 +169,14 @@ fn coord_msgs() -> Vec<CoordMsg> {
             reason: "replica 5 is not assigned to this worker".into(),
         },
         CoordMsg::Cancel { replicas: vec![8] },
+        CoordMsg::Reachability {
+            observed_addr: "198.51.100.7:4433".parse().unwrap(),
+            reachable: false,
+        },
+        CoordMsg::Punch {
+            peer: NodeId([7; 32]),
+            addr: "203.0.113.9:5000".parse().unwrap(),
+        },
     ]
 }
 
@@ -587,8 +598,28 @@ fn every_wire_decoder_survives_arbitrary_and_mutated_bytes() {
             assert_eq!(checked.is_err(), len as usize > MAX_FRAME);
         },
     );
-    // Every sample still round-trips (the mutations above start from real encodings).
-    for (_, f) in valid_frames() {
+    // Every sample still round-trips through its own decoder (the mutations above start from
+    // real encodings), and the variants cover 33 of them as the FAULT line says.
+    fn own<T: Serialize + DeserializeOwned>(f: &[u8]) -> Result<Vec<u8>, DecodeError> {
+        let (m, used) = wire::decode_frame::<T>(f)?;
+        assert_eq!(used, f.len(), "a sample frame is consumed whole");
+        Ok(wire::encode_frame(&m).unwrap())
+    }
+    assert_eq!(valid_frames().len(), 33);
+    for (kind, f) in valid_frames() {
+        let again = match kind {
+            0 => own::<WorkerMsg>(f),
+            1 => own::<CoordMsg>(f),
+            2 => own::<SubmitRequest>(f),
+            3 => own::<SubmitResponse>(f),
+            4 => own::<BlobRequest>(f),
+            _ => own::<BlobResponse>(f),
+        };
+        assert_eq!(
+            again.as_ref(),
+            Ok(f),
+            "sample of decoder {kind} does not round-trip"
+        );
         all_frames(f);
     }
     fault_line("wire decoders (6 message types + outbox Report): arbitrary bytes (0-2 KiB) as bodies and frames", f1, ok1);

@@ -200,8 +200,15 @@ pub async fn run(
     let fetcher = Fetcher::new(endpoint.clone(), store.clone(), Some(server.clone()));
     tracing::info!(node = %key.node_id(), coordinator = %cfg.ticket, slots = cfg.slots, addr = %endpoint.local_addr()?, fingerprint = %sandbox.fingerprint(), "worker starting");
 
+    let (punch_tx, punch_rx) = mpsc::channel(PUNCH_QUEUE);
+    fetcher.set_rendezvous(punch_tx);
     let conns = CancellationToken::new();
-    let accept = tokio::spawn(accept_peers(endpoint.clone(), server, conns.clone()));
+    let accept = tokio::spawn(accept_peers(
+        endpoint.clone(),
+        server.clone(),
+        fetcher.clone(),
+        conns.clone(),
+    ));
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let executor = Executor::start(cfg.slots, sandbox.clone(), done_tx);
     let mut daemon = Daemon {
@@ -209,6 +216,7 @@ pub async fn run(
         endpoint: endpoint.clone(),
         sandbox,
         store,
+        server,
         fetcher,
         outbox,
         executor,
@@ -225,7 +233,7 @@ pub async fn run(
         saving: 0,
         task_secs: None,
     };
-    let result = daemon.run(done_rx, shutdown).await;
+    let result = daemon.run(done_rx, punch_rx, shutdown).await;
     conns.cancel();
     accept.abort();
     endpoint.close(
@@ -237,9 +245,18 @@ pub async fn run(
     result
 }
 
-async fn accept_peers(endpoint: quinn::Endpoint, server: BlobServer, cancel: CancellationToken) {
+/// Punch requests waiting for the session (more are dropped: the dial goes ahead anyway).
+const PUNCH_QUEUE: usize = 64;
+
+async fn accept_peers(
+    endpoint: quinn::Endpoint,
+    server: BlobServer,
+    fetcher: Fetcher,
+    cancel: CancellationToken,
+) {
     while let Some(incoming) = endpoint.accept().await {
         let server = server.clone();
+        let fetcher = fetcher.clone();
         let cancel = cancel.clone();
         tokio::spawn(async move {
             let conn = match incoming.await {
@@ -249,6 +266,11 @@ async fn accept_peers(endpoint: quinn::Endpoint, server: BlobServer, cancel: Can
                     return;
                 }
             };
+            // Blob connections serve both ways: a peer that dialled us (perhaps punching
+            // through its NAT) can be asked for chunks on the same connection.
+            if let Some(node) = tasks::net::remote_node_id(&conn) {
+                fetcher.adopt(node, conn.clone());
+            }
             tokio::select! {
                 _ = cancel.cancelled() => {}
                 _ = server.serve_connection(conn) => {}
@@ -263,6 +285,8 @@ struct Session {
     inbox: mpsc::Receiver<anyhow::Result<CoordMsg>>,
     conn: quinn::Connection,
     coordinator: PeerAddr,
+    /// Where the coordinator sees us (our NAT's public address, if any).
+    observed_addr: std::net::SocketAddr,
 }
 
 /// A task's blobs fetched and its module loaded, ready for a slot.
@@ -280,6 +304,8 @@ struct Daemon {
     endpoint: quinn::Endpoint,
     sandbox: Sandbox,
     store: BlobStore,
+    /// Also answers the coordinator's blob requests on the session connection.
+    server: BlobServer,
     fetcher: Fetcher,
     outbox: Outbox,
     executor: Executor,
@@ -353,6 +379,7 @@ impl Daemon {
     async fn run(
         &mut self,
         mut done_rx: mpsc::UnboundedReceiver<Done>,
+        mut punch_rx: mpsc::Receiver<tasks::NodeId>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let (prep_tx, mut prep_rx) = mpsc::unbounded_channel::<Prepared>();
@@ -388,6 +415,11 @@ impl Daemon {
                     }
                 }
                 Some((seg, res)) = saved_rx.recv() => self.on_saved(seg, res).await,
+                Some(peer) = punch_rx.recv() => {
+                    if self.session.as_ref().is_some_and(|s| s.coordinator.node_id != peer) {
+                        self.send(&WorkerMsg::Punch { peer }).await;
+                    }
+                }
                 msg = next_msg(&mut self.session) => match msg {
                     Some(Ok(msg)) => self.on_msg(msg, &prep_tx).await,
                     Some(Err(e)) => {
@@ -407,7 +439,7 @@ impl Daemon {
                         Ok(session) => {
                             backoff.reset();
                             last_error = None;
-                            tracing::info!(coordinator = %self.cfg.ticket.addr, "connected to coordinator");
+                            tracing::info!(coordinator = %self.cfg.ticket.addr, observed_addr = %session.observed_addr, "connected to coordinator");
                             self.session = Some(session);
                             self.request_outstanding = false;
                             self.next_request = Instant::now();
@@ -431,8 +463,9 @@ impl Daemon {
                     let tx = conn_tx.clone();
                     let hello = self.hello();
                     let (endpoint, ticket) = (self.endpoint.clone(), self.cfg.ticket.clone());
+                    let server = self.server.clone();
                     tokio::spawn(async move {
-                        let _ = tx.send(open_session(endpoint, ticket, hello).await).await;
+                        let _ = tx.send(open_session(endpoint, ticket, hello, server).await).await;
                     });
                 }
                 _ = tick.tick() => {
@@ -628,6 +661,20 @@ impl Daemon {
                     }
                 }
             }
+            CoordMsg::Reachability {
+                observed_addr,
+                reachable,
+            } => {
+                if reachable {
+                    tracing::info!(%observed_addr, "directly reachable: serving other workers as a super-peer");
+                } else {
+                    tracing::info!(%observed_addr, "not directly reachable (NAT or firewall): peers reach us by hole punching through the coordinator");
+                }
+            }
+            CoordMsg::Punch { peer, addr } => {
+                let fetcher = self.fetcher.clone();
+                tokio::spawn(async move { fetcher.punch(peer, addr).await });
+            }
         }
     }
 
@@ -795,6 +842,7 @@ async fn open_session(
     endpoint: quinn::Endpoint,
     ticket: Ticket,
     hello: WorkerMsg,
+    server: BlobServer,
 ) -> anyhow::Result<Session> {
     let addr = *ticket
         .socket_addrs()
@@ -808,13 +856,15 @@ async fn open_session(
         tokio::time::timeout(Duration::from_secs(10), tasks::net::read_frame(&mut recv))
             .await
             .context("no welcome from the coordinator within 10 s")??;
-    match welcome {
-        Some(CoordMsg::Welcome { observed_addr, .. }) => {
-            tracing::debug!(%observed_addr, "welcomed")
-        }
+    let observed_addr = match welcome {
+        Some(CoordMsg::Welcome { observed_addr, .. }) => observed_addr,
         Some(other) => anyhow::bail!("coordinator answered hello with {other:?}"),
         None => anyhow::bail!("coordinator closed the session before welcoming us"),
-    }
+    };
+    // The coordinator collects outputs on streams it opens on this connection (it may not
+    // be able to dial us): answer them as blob requests while the session lives.
+    let c = conn.clone();
+    tokio::spawn(async move { server.serve_connection(c).await });
     let (tx, inbox) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -840,6 +890,7 @@ async fn open_session(
             node_id: ticket.node_id,
             addr,
         },
+        observed_addr,
     })
 }
 

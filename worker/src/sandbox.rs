@@ -1,6 +1,6 @@
 //! The deterministic wasmtime sandbox: runs one untrusted task module under the guest ABI
-//! of DESIGN.md and reports a [`RunResult`] that every honest worker with the same
-//! [`EngineFingerprint`] reproduces bit for bit.
+//! described in README.md ("Writing a task") and reports a [`RunResult`] that every honest
+//! worker with the same [`EngineFingerprint`] reproduces bit for bit.
 //!
 //! The API is blocking: call it from a dedicated thread or `spawn_blocking`.
 //!

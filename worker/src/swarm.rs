@@ -79,7 +79,15 @@ struct ServerInner {
     busy_answers: AtomicU64,
     /// Seed mode: who got each chunk last, and when.
     recent: Mutex<HashMap<(BlobId, u64), (NodeId, Instant)>>,
+    /// Seed mode: directly reachable nodes (super-peers), served before the others.
+    super_peers: Mutex<std::collections::HashSet<NodeId>>,
+    /// Seed mode: per blob, when super-peers began and last took a chunk of it.
+    super_fetch: Mutex<HashMap<BlobId, (Instant, Instant)>>,
 }
+
+/// Seed mode: how long super-peers fetching a blob keep the others waiting for them, at most
+/// (a super-peer that never finishes must not starve anyone).
+const SUPER_PRIORITY_MAX: Duration = Duration::from_secs(30);
 
 impl BlobServer {
     pub fn new(store: BlobStore, limits: ServeLimits) -> BlobServer {
@@ -92,12 +100,27 @@ impl BlobServer {
                 bytes_sent: AtomicU64::new(0),
                 busy_answers: AtomicU64::new(0),
                 recent: Mutex::new(HashMap::new()),
+                super_peers: Mutex::new(Default::default()),
+                super_fetch: Mutex::new(HashMap::new()),
             }),
         }
     }
 
     pub fn store(&self) -> &BlobStore {
         &self.inner.store
+    }
+
+    /// Seed mode: `node` is (or no longer is) a directly reachable worker. While super-peers
+    /// are fetching a blob from this seed, other nodes get `Busy` for it and take its chunks
+    /// from the super-peers (for at most [`SUPER_PRIORITY_MAX`] per blob): workers behind
+    /// NATs then cost the seed nothing, as in the classic hybrid P2P systems.
+    pub fn set_super_peer(&self, node: NodeId, reachable: bool) {
+        let mut set = self.inner.super_peers.lock().unwrap();
+        if reachable {
+            set.insert(node);
+        } else {
+            set.remove(&node);
+        }
     }
 
     /// Chunk payload bytes uploaded so far (the coordinator's `coordinator_bytes_sent`).
@@ -273,6 +296,9 @@ impl BlobServer {
             return true;
         };
         let now = Instant::now();
+        if !self.super_first(peer, id, now, window) {
+            return false;
+        }
         let mut recent = self.inner.recent.lock().unwrap();
         let taken = run.clone().any(|i| {
             recent
@@ -289,6 +315,30 @@ impl BlobServer {
             recent.insert((id, i), (peer, now));
         }
         true
+    }
+}
+
+impl BlobServer {
+    /// Seed mode: whether `peer` may take chunks of `id` now as far as super-peers go:
+    /// super-peers always; others unless a super-peer took a chunk of it within `window`
+    /// (and super-peers began on it less than [`SUPER_PRIORITY_MAX`] ago).
+    fn super_first(&self, peer: NodeId, id: BlobId, now: Instant, window: Duration) -> bool {
+        let is_super = self.inner.super_peers.lock().unwrap().contains(&peer);
+        let mut fetch = self.inner.super_fetch.lock().unwrap();
+        if is_super {
+            let e = fetch.entry(id).or_insert((now, now));
+            if now.duration_since(e.1) >= window {
+                *e = (now, now); // a new round of distribution
+            }
+            e.1 = now;
+            if fetch.len() > 4096 {
+                fetch.retain(|_, (_, last)| now.duration_since(*last) < window);
+            }
+            return true;
+        }
+        !fetch.get(&id).is_some_and(|(first, last)| {
+            now.duration_since(*last) < window && now.duration_since(*first) < SUPER_PRIORITY_MAX
+        })
     }
 }
 

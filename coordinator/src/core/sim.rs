@@ -641,6 +641,64 @@ fn peers_list_announcing_workers_then_the_coordinator() {
 }
 
 #[test]
+fn reachable_workers_are_listed_first_and_only_unreachable_peers_are_punched() {
+    let mut core = Core::new(CoreConfig::default());
+    core.add_job(manifest("a", 4, 1, 2, 600), 0);
+    let module = BlobRef::of(b"module").id;
+    let (nat, public, fetcher) = (node(1), node(2), node(3));
+    for (w, addr, blobs) in [
+        (nat, "198.51.100.7:4000", vec![module]),
+        (public, "203.0.113.5:4000", vec![module]),
+        (fetcher, "192.0.2.9:4000", vec![]),
+    ] {
+        core.hello(
+            w,
+            &fp(Kind::Honest),
+            1,
+            Some(addr.parse().unwrap()),
+            &blobs,
+            0,
+        );
+    }
+    // Before any dial-back, holders come in the coordinator's rotation order; once `public`
+    // answered one, it is listed first.
+    core.set_reachable(public, true);
+    core.set_reachable(nat, false);
+    for rotate in 0..4 {
+        let holders = core.holders_of(&module, Some(&fetcher), 8, rotate);
+        let ids: Vec<NodeId> = holders.iter().map(|p| p.node_id).collect();
+        assert_eq!(
+            ids,
+            vec![public, nat],
+            "super-peers first, whatever the rotation"
+        );
+    }
+    // A punch is coordinated only towards a connected peer that is not reachable, and it
+    // carries the requester's address as the coordinator saw it.
+    assert_eq!(
+        core.punch_target(&fetcher, &nat),
+        Some("192.0.2.9:4000".parse().unwrap())
+    );
+    assert_eq!(core.punch_target(&fetcher, &public), None);
+    assert_eq!(core.punch_target(&fetcher, &fetcher), None);
+    core.disconnect(nat, 1);
+    assert_eq!(core.punch_target(&fetcher, &nat), None, "not connected");
+    // A new session forgets reachability until the next dial-back.
+    core.hello(
+        public,
+        &fp(Kind::Honest),
+        1,
+        Some("203.0.113.5:4001".parse().unwrap()),
+        &[module],
+        2,
+    );
+    assert_eq!(
+        core.punch_target(&fetcher, &public),
+        Some("192.0.2.9:4000".parse().unwrap())
+    );
+}
+
+#[test]
 fn workers_of_one_public_address_block_never_share_a_task_but_loopback_workers_do() {
     let mut core = Core::new(CoreConfig::default());
     core.add_job(manifest("a", 1, 2, 6, 600), 0);
@@ -727,8 +785,13 @@ fn a_banned_workers_votes_on_undecided_tasks_are_discounted_and_its_work_reissue
     assert!(notices.iter().any(|n| matches!(n, Notice::Cancel { worker, replicas } if *worker == liar && replicas == &vec![lies[1].replica])));
     let w = core.request_work(hx, 1, 3).assignments.remove(0);
     assert_eq!(w.task.id, lies[1].task.id);
-    // A late lie from the banned worker does not count.
+    // A late lie from the banned worker on the still undecided task 1 does not count: it is
+    // recorded, but as a discounted vote, in no group.
     core.report(liar, lies[1].replica, wrong(lies[1].task.id), 4);
+    assert_eq!(core.task_phase(lies[1].task.id), Some(TaskPhase::Pending));
+    let t = core.tally(lies[1].task.id);
+    assert_eq!((t.discounted, t.reported), (1, 0));
+    assert!(t.groups.is_empty(), "{t:?}");
     core.report(hy, y.replica, truth(y.task.id), 5);
     assert_eq!(
         core.report(hx, w.replica, truth(w.task.id), 6),

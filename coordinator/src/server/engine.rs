@@ -33,7 +33,9 @@ pub const RESULTS_INLINE_BUDGET: usize = 4 << 20;
 pub struct HelloInfo {
     pub fingerprint: EngineFingerprint,
     pub slots: u32,
-    pub peer_addr: Option<std::net::SocketAddr>,
+    /// Where the session comes from (QUIC's remote address): what peers are handed and
+    /// what the one-operator rule judges. The address a worker announces is only logged.
+    pub observed_addr: std::net::SocketAddr,
     pub blobs: Vec<BlobId>,
 }
 
@@ -73,6 +75,18 @@ pub enum Cmd {
         peer: NodeId,
         blob: BlobId,
     },
+    /// `from` is about to dial `peer`: ask `peer` to dial back at once if it is not
+    /// directly reachable (simultaneous open).
+    Punch {
+        from: NodeId,
+        peer: NodeId,
+    },
+    /// The dial-back to session `session` of `worker` succeeded or not.
+    Reachable {
+        worker: NodeId,
+        session: u64,
+        reachable: bool,
+    },
     CreateJob {
         manifest: JobManifest,
         reply: oneshot::Sender<(JobId, u32)>,
@@ -94,6 +108,46 @@ pub enum Cmd {
         output: Output,
     },
     Tick,
+}
+
+/// Punch requests a worker may have forwarded per window (it dials a few peers per blob).
+const PUNCHES_PER_WINDOW: u32 = 32;
+const PUNCH_WINDOW_MS: u64 = 10_000;
+
+/// Inline outputs of reported, undecided replicas, by output hash, oldest evicted first
+/// beyond [`PENDING_OUTPUT_BYTES`]: workers do not keep small outputs, so this is where an
+/// output accepted without its report (a re-evaluation) comes from.
+#[derive(Default)]
+struct PendingOutputs {
+    bytes: HashMap<BlobId, Vec<u8>>,
+    order: std::collections::VecDeque<BlobId>,
+    total: usize,
+}
+
+/// Memory the coordinator spends on [`PendingOutputs`].
+const PENDING_OUTPUT_BYTES: usize = 64 << 20;
+
+impl PendingOutputs {
+    fn keep(&mut self, hash: BlobId, output: Vec<u8>) {
+        if output.is_empty() || self.bytes.contains_key(&hash) {
+            return;
+        }
+        self.total += output.len();
+        self.bytes.insert(hash, output);
+        self.order.push_back(hash);
+        while self.total > PENDING_OUTPUT_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(b) = self.bytes.remove(&old) {
+                self.total -= b.len();
+            }
+        }
+    }
+
+    fn get(&self, hash: &BlobId) -> Option<Vec<u8>> {
+        self.bytes.get(hash).cloned()
+    }
 }
 
 /// An accepted output the shell must fetch from agreeing workers.
@@ -161,6 +215,13 @@ pub struct Engine<S: Store = SqliteStore> {
     pub store: S,
     blobs: worker::blobs::BlobStore,
     sessions: HashMap<NodeId, (u64, mpsc::UnboundedSender<CoordMsg>)>,
+    /// Punch requests per requesting worker in the current window: (window start, count).
+    /// One entry per connected worker at most (removed with the session).
+    punches: HashMap<NodeId, (u64, u32)>,
+    /// Inline outputs of undecided reports, by hash (bounded).
+    pending_outputs: PendingOutputs,
+    /// Tasks of the current batch whose accepted output the report path took care of.
+    outputs_handled: std::collections::HashSet<TaskId>,
     fetches: mpsc::UnboundedSender<FetchJob>,
     /// Statistics: batches committed and commands applied.
     pub batches: u64,
@@ -179,6 +240,9 @@ impl<S: Store> Engine<S> {
             store,
             blobs,
             sessions: HashMap::new(),
+            punches: HashMap::new(),
+            outputs_handled: Default::default(),
+            pending_outputs: PendingOutputs::default(),
             fetches,
             batches: 0,
             commands: 0,
@@ -215,8 +279,9 @@ impl<S: Store> Engine<S> {
         for cmd in cmds {
             self.commands += 1;
             self.apply(cmd, now, &mut replies, &mut extra, &mut fetch);
-            self.collect_notices(&mut sends);
+            self.collect_notices(&mut sends, &mut extra, &mut fetch);
         }
+        self.outputs_handled.clear();
         let mut muts = self.core.take_mutations();
         muts.append(&mut extra);
         crate::store::fold(&mut muts);
@@ -236,7 +301,35 @@ impl<S: Store> Engine<S> {
         Ok(())
     }
 
-    fn collect_notices(&mut self, sends: &mut Vec<(NodeId, CoordMsg)>) {
+    /// Forward a punch request to `peer` (see [`Cmd::Punch`]), at most
+    /// [`PUNCHES_PER_WINDOW`] per requester per [`PUNCH_WINDOW_MS`]: a worker cannot make
+    /// the coordinator flood others with dial orders.
+    fn punch(&mut self, from: NodeId, peer: NodeId, now: u64) {
+        let Some(addr) = self.core.punch_target(&from, &peer) else {
+            return;
+        };
+        let Some((_, tx)) = self.sessions.get(&peer) else {
+            return;
+        };
+        let (start, count) = self.punches.entry(from).or_insert((now, 0));
+        if now.saturating_sub(*start) >= PUNCH_WINDOW_MS {
+            (*start, *count) = (now, 0);
+        }
+        if *count >= PUNCHES_PER_WINDOW {
+            tracing::debug!(node = %from.short(), "punch request over the rate limit; dropped");
+            return;
+        }
+        *count += 1;
+        tracing::debug!(from = %from.short(), peer = %peer.short(), %addr, "coordinating a simultaneous open");
+        let _ = tx.send(CoordMsg::Punch { peer: from, addr });
+    }
+
+    fn collect_notices(
+        &mut self,
+        sends: &mut Vec<(NodeId, CoordMsg)>,
+        extra: &mut Vec<Mutation>,
+        fetch: &mut Vec<FetchJob>,
+    ) {
         for n in self.core.take_notices() {
             match n {
                 Notice::Cancel { worker, replicas } => {
@@ -249,6 +342,14 @@ impl<S: Store> Engine<S> {
                     ..
                 } => {
                     tracing::debug!(%task, replica, digest = %result.digest(), "task accepted");
+                    // Accepted by another path than the report carrying its output (e.g. a
+                    // re-evaluation after a ban): the output still has to be kept.
+                    if !self.outputs_handled.contains(&task) {
+                        match self.output_at_hand(&result, None) {
+                            Some(output) => extra.push(Mutation::TaskOutput { task, output }),
+                            None => fetch.push(self.fetch_job(task, result)),
+                        }
+                    }
                 }
                 Notice::Failed { task, reason } => tracing::info!(%task, %reason, "task failed"),
                 Notice::JobEnded { job, state } => tracing::info!(%job, ?state, "job ended"),
@@ -276,11 +377,13 @@ impl<S: Store> Engine<S> {
                     worker,
                     &info.fingerprint,
                     info.slots,
-                    info.peer_addr,
+                    Some(info.observed_addr),
                     &info.blobs,
                     now,
                 );
+                self.core.observed_address(worker, info.observed_addr);
                 self.sessions.insert(worker, (session, tx));
+                self.punches.remove(&worker);
                 replies.push(Reply::Unit(reply));
             }
             Cmd::Disconnected { worker, session } => {
@@ -290,6 +393,7 @@ impl<S: Store> Engine<S> {
                     .is_some_and(|(s, _)| *s == session)
                 {
                     self.sessions.remove(&worker);
+                    self.punches.remove(&worker);
                     self.core.disconnect(worker, now);
                 }
             }
@@ -322,6 +426,20 @@ impl<S: Store> Engine<S> {
             Cmd::HaveBlobs { worker, blobs } => self.core.have_blobs(worker, &blobs),
             Cmd::Abandon { worker, replicas } => self.core.abandon(worker, &replicas, now),
             Cmd::BadPeer { peer, blob } => self.core.bad_peer(peer, blob),
+            Cmd::Punch { from, peer } => self.punch(from, peer, now),
+            Cmd::Reachable {
+                worker,
+                session,
+                reachable,
+            } => {
+                if self
+                    .sessions
+                    .get(&worker)
+                    .is_some_and(|(s, _)| *s == session)
+                {
+                    self.core.set_reachable(worker, reachable);
+                }
+            }
             Cmd::CreateJob { manifest, reply } => {
                 let created = self.core.add_job(manifest, now);
                 tracing::info!(job = %created.0, tasks = created.1, "job created");
@@ -373,23 +491,34 @@ impl<S: Store> Engine<S> {
             }
             ReportOutcome::Recorded {
                 accepted: false, ..
-            } => Ok(r.replica),
+            } => {
+                // Undecided: keep its inline output, in case the task is accepted later by a
+                // path that brings no output (a re-evaluation after a ban).
+                if let Some(bytes) = r.output {
+                    self.pending_outputs.keep(r.result.output_hash, bytes);
+                }
+                Ok(r.replica)
+            }
             ReportOutcome::Recorded { accepted: true, .. } => {
                 let task = task.expect("recorded replicas exist");
-                let output = match r.output {
-                    Some(bytes) => Some(Output::Inline(bytes)),
-                    None if r.result.output_len == 0 => Some(Output::Inline(Vec::new())),
-                    None if self.blobs.has(&r.result.output_hash) => {
-                        Some(Output::Blob(r.result.output_hash))
-                    }
-                    None => None,
-                };
-                match output {
+                self.outputs_handled.insert(task);
+                match self.output_at_hand(&r.result, r.output) {
                     Some(output) => extra.push(Mutation::TaskOutput { task, output }),
                     None => fetch.push(self.fetch_job(task, r.result)),
                 }
                 Ok(r.replica)
             }
+        }
+    }
+
+    /// An accepted result's output if the coordinator has it (inline, empty, or already in
+    /// its blob store); `None`: it must be fetched from the agreeing workers.
+    fn output_at_hand(&self, result: &RunResult, inline: Option<Vec<u8>>) -> Option<Output> {
+        match inline.or_else(|| self.pending_outputs.get(&result.output_hash)) {
+            Some(bytes) => Some(Output::Inline(bytes)),
+            None if result.output_len == 0 => Some(Output::Inline(Vec::new())),
+            None if self.blobs.has(&result.output_hash) => Some(Output::Blob(result.output_hash)),
+            None => None,
         }
     }
 

@@ -6,8 +6,10 @@
 //! first is acknowledged, and they are committed together with other sessions' reports.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
@@ -16,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tasks::net::{self, FrameError};
 use tasks::wire::{CloseCode, CoordMsg, WorkerMsg};
 use tasks::NodeId;
+use worker::swarm::{BlobServer, Fetcher};
 
 use super::engine::{Cmd, EngineHandle, HelloInfo};
 
@@ -44,13 +47,37 @@ pub enum SessionError {
     EngineGone,
 }
 
+/// What every session shares besides the engine.
+#[derive(Clone)]
+pub struct SessionCtx {
+    pub engine: EngineHandle,
+    /// The coordinator's blob fetcher: a session's connection is lent to it, so accepted
+    /// outputs are collected over the connection the worker holds (works behind NATs).
+    pub fetcher: Fetcher,
+    /// A second, client-only endpoint (another UDP port): a dial-back from it to a worker's
+    /// observed address tells whether the worker is directly reachable. `None`: no probing.
+    pub probe: Option<quinn::Endpoint>,
+    /// The coordinator's seed: serves reachable workers (super-peers) first.
+    pub seed: BlobServer,
+}
+
+/// How long the dial-back to a worker may take before it counts as unreachable.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The address a connection comes from, with IPv4-mapped IPv6 written as IPv4 (a dual-stack
+/// socket reports those), so address blocks and peers compare equal across families.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// Serve one worker connection until it closes or `cancel` fires.
 pub async fn run(
     conn: quinn::Connection,
     worker: NodeId,
-    engine: EngineHandle,
+    ctx: SessionCtx,
     cancel: CancellationToken,
 ) -> Result<(), SessionError> {
+    let engine = ctx.engine.clone();
     let (mut send, mut recv) = tokio::select! {
         biased;
         _ = cancel.cancelled() => return Ok(()),
@@ -64,11 +91,12 @@ pub async fn run(
             peer_addr,
             blobs,
         })) => {
-            tracing::info!(%agent, fingerprint = %fingerprint, slots, "worker joined");
+            let observed_addr = canonical(conn.remote_address());
+            tracing::info!(%agent, fingerprint = %fingerprint, slots, %observed_addr, announced = ?peer_addr, "worker joined");
             HelloInfo {
                 fingerprint,
                 slots,
-                peer_addr,
+                observed_addr,
                 blobs,
             }
         }
@@ -84,7 +112,9 @@ pub async fn run(
         }
     };
     let session = SESSIONS.fetch_add(1, Ordering::Relaxed);
+    let observed_addr = hello.observed_addr;
     let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+    let probe_tx = out_tx.clone();
     engine
         .call(|reply| Cmd::Hello {
             worker,
@@ -100,10 +130,39 @@ pub async fn run(
             &mut send,
             &CoordMsg::Welcome {
                 agent: super::AGENT.into(),
-                observed_addr: conn.remote_address(),
+                observed_addr,
             },
         )
         .await?;
+        // Outputs are collected over this connection: the worker serves blob requests on
+        // streams we open on it, wherever it is.
+        ctx.fetcher.adopt(worker, conn.clone());
+        if let Some(probe) = ctx.probe.clone() {
+            let (engine, cancel, seed) = (engine.clone(), cancel.clone(), ctx.seed.clone());
+            let session_conn = conn.clone();
+            tokio::spawn(async move {
+                let reachable = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = dial_back(&probe, observed_addr, worker) => r,
+                };
+                tracing::info!(%observed_addr, reachable, "dial-back to the worker's observed address");
+                if session_conn.close_reason().is_some() {
+                    return; // the session ended meanwhile
+                }
+                seed.set_super_peer(worker, reachable);
+                let _ = probe_tx.send(CoordMsg::Reachability {
+                    observed_addr,
+                    reachable,
+                });
+                engine
+                    .send(Cmd::Reachable {
+                        worker,
+                        session,
+                        reachable,
+                    })
+                    .await;
+            });
+        }
         // Reader task: frames in, messages out (bounded: back-pressure).
         let (in_tx, mut in_rx) = mpsc::channel::<Result<WorkerMsg, FrameError>>(MAX_PIPELINE);
         let reader = tokio::spawn(async move {
@@ -167,6 +226,7 @@ pub async fn run(
         outcome
     }
     .await;
+    ctx.seed.set_super_peer(worker, false);
     engine.send(Cmd::Disconnected { worker, session }).await;
     result
 }
@@ -215,6 +275,7 @@ async fn dispatch(engine: &EngineHandle, worker: NodeId, msg: WorkerMsg) -> Disp
         }
         WorkerMsg::HaveBlobs { blobs } => engine.send(Cmd::HaveBlobs { worker, blobs }).await,
         WorkerMsg::Abandon { replicas } => engine.send(Cmd::Abandon { worker, replicas }).await,
+        WorkerMsg::Punch { peer } => engine.send(Cmd::Punch { from: worker, peer }).await,
         WorkerMsg::BadPeer { peer, blob } => {
             tracing::warn!(peer = %peer.short(), blob = %blob.short(), "worker reports a peer serving bad data");
             engine.send(Cmd::BadPeer { peer, blob }).await
@@ -244,4 +305,19 @@ async fn reports(
         return Dispatch::Gone;
     }
     Dispatch::Reply(Box::pin(async move { rx.await.unwrap_or_default() }))
+}
+
+/// Whether `worker` answers at `addr` from a socket it never sent to: true for a public
+/// address (or a NAT with a forwarded port), false behind a NAT that filters by sender.
+async fn dial_back(probe: &quinn::Endpoint, addr: SocketAddr, worker: NodeId) -> bool {
+    match net::connect_timeout(probe, addr, worker, tasks::wire::ALPN_BLOB, PROBE_TIMEOUT).await {
+        Ok(c) => {
+            net::close(&c, CloseCode::Done, "reachability probe");
+            true
+        }
+        Err(e) => {
+            tracing::debug!(%addr, error = %e, "dial-back failed");
+            false
+        }
+    }
 }

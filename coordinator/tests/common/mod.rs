@@ -21,6 +21,13 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Send `sig` (e.g. `libc::SIGSTOP` to pause the process where it is, `SIGCONT` to resume).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "signal {sig} to {}", self.name);
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

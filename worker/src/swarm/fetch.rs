@@ -108,6 +108,9 @@ struct FetcherInner {
     conns: Mutex<HashMap<NodeId, quinn::Connection>>,
     /// One download per blob at a time; others wait for it.
     active: Mutex<HashMap<BlobId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Told the node id of every peer we are about to dial (the daemon forwards it to the
+    /// coordinator as [`tasks::wire::WorkerMsg::Punch`]): bounded, dropped when full.
+    rendezvous: Mutex<Option<tokio::sync::mpsc::Sender<NodeId>>>,
 }
 
 impl Fetcher {
@@ -131,6 +134,7 @@ impl Fetcher {
                 opts,
                 conns: Mutex::new(HashMap::new()),
                 active: Mutex::new(HashMap::new()),
+                rendezvous: Mutex::new(None),
             }),
         }
     }
@@ -179,27 +183,95 @@ impl Fetcher {
         result
     }
 
-    async fn conn(&self, peer: &PeerAddr) -> Result<quinn::Connection, String> {
-        if let Some(c) = self.inner.conns.lock().unwrap().get(&peer.node_id) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
+    /// Before each new dial, send the peer's node id to `tx` (see
+    /// [`tasks::wire::WorkerMsg::Punch`]): the coordinator then has a peer behind a NAT dial
+    /// us at the same moment.
+    pub fn set_rendezvous(&self, tx: tokio::sync::mpsc::Sender<NodeId>) {
+        *self.inner.rendezvous.lock().unwrap() = Some(tx);
+    }
+
+    /// Use `conn` (to `node`, dialled by either side) for requests to `node`, unless a live
+    /// connection to it is already in use. Requests may go both ways on a blob connection;
+    /// the coordinator also lends its session connections here to collect outputs.
+    pub fn adopt(&self, node: NodeId, conn: quinn::Connection) {
+        let mut conns = self.inner.conns.lock().unwrap();
+        match conns.get(&node) {
+            Some(c) if c.close_reason().is_none() => {}
+            _ => {
+                conns.insert(node, conn);
             }
         }
-        let c = net::connect_timeout(
+        // Closed connections of other peers go too: the map stays as big as the live set.
+        if conns.len() > 64 {
+            conns.retain(|_, c| c.close_reason().is_none());
+        }
+    }
+
+    /// Dial `peer` at `addr` because the coordinator asked (it is dialling us at the same
+    /// moment: a simultaneous open through both NATs). The connection, if any, serves both
+    /// ways and is adopted for our own requests.
+    pub async fn punch(&self, peer: NodeId, addr: std::net::SocketAddr) {
+        match net::connect_timeout(
+            &self.inner.endpoint,
+            addr,
+            peer,
+            ALPN_BLOB,
+            self.inner.opts.connect_timeout,
+        )
+        .await
+        {
+            Ok(c) => {
+                tracing::debug!(peer = %peer.short(), %addr, "punched through");
+                self.adopt(peer, c.clone());
+                self.serve_on(c);
+            }
+            Err(e) => tracing::debug!(peer = %peer.short(), %addr, error = %e, "punch failed"),
+        }
+    }
+
+    /// Answer the peer's requests on a connection we dialled (blob connections serve both
+    /// ways), for as long as it lives.
+    fn serve_on(&self, conn: quinn::Connection) {
+        if let Some(server) = self.inner.server.clone() {
+            tokio::spawn(async move { server.serve_connection(conn).await });
+        }
+    }
+
+    fn live(&self, node: &NodeId) -> Option<quinn::Connection> {
+        let conns = self.inner.conns.lock().unwrap();
+        conns
+            .get(node)
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
+    async fn conn(&self, peer: &PeerAddr) -> Result<quinn::Connection, String> {
+        if let Some(c) = self.live(&peer.node_id) {
+            return Ok(c);
+        }
+        let rendezvous = self.inner.rendezvous.lock().unwrap().clone();
+        if let Some(tx) = rendezvous {
+            let _ = tx.try_send(peer.node_id);
+        }
+        let dialled = net::connect_timeout(
             &self.inner.endpoint,
             peer.addr,
             peer.node_id,
             ALPN_BLOB,
             self.inner.opts.connect_timeout,
         )
-        .await
-        .map_err(|e| e.to_string())?;
-        self.inner
-            .conns
-            .lock()
-            .unwrap()
-            .insert(peer.node_id, c.clone());
-        Ok(c)
+        .await;
+        match dialled {
+            Ok(c) => {
+                // A punched connection may have arrived meanwhile: keep the first.
+                self.adopt(peer.node_id, c.clone());
+                self.serve_on(c);
+                self.live(&peer.node_id)
+                    .ok_or_else(|| "connection closed at once".to_string())
+            }
+            // The peer's own dial (a punch) may have got through where ours did not.
+            Err(e) => self.live(&peer.node_id).ok_or_else(|| e.to_string()),
+        }
     }
 }
 
