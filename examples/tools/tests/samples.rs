@@ -215,14 +215,22 @@ fn mandelbrot_tiles_assemble_into_a_full_size_png() {
     );
 }
 
-/// The committed job file's tiles: 64 tiles of 256x256 in a 2048x2048 image (first and last
-/// tile only, to stay fast), within the job's fuel and output limits.
+/// The committed job file's tiles: 64 tiles of 256x256 in a 2048x2048 image. Its 64 tasks are
+/// tiles 0..63 of one 8x8 grid, so they cover the image if a tile's index places it as
+/// `(i % 8, i / 8)`; three tiles (first, a middle one, last) are run to check that placement
+/// and that they fit the job's fuel and output limits.
 #[test]
 fn mandelbrot_job_tiles_cover_the_image() {
-    let outs = run_job(
-        &examples_dir().join("mandelbrot/job.toml"),
-        Some(&[0, 27, 63]),
-    );
+    let job = examples_dir().join("mandelbrot/job.toml");
+    let spec = JobSpec::from_file(&job).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(spec.tasks.len(), 64);
+    for (i, t) in spec.tasks.iter().enumerate() {
+        let mut want = vec![i.to_string()];
+        want.extend(["8", "8", "2048", "2048", "1000"].map(String::from));
+        assert_eq!(t.args, want, "task {i}");
+    }
+    let outs = run_job(&job, Some(&[0, 27, 63]));
+    assert_eq!(outs.len(), 3);
     for (i, o) in &outs {
         let t = mandel::parse_tile(&o.output).unwrap();
         assert_eq!(

@@ -5,7 +5,7 @@
 //! keep the CPU duty cycle, or stops the guest when cancelled. None of this touches fuel,
 //! so a paused or throttled run produces exactly the result of an uninterrupted one.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,10 @@ struct Inner {
     cancelled: AtomicBool,
     /// 0 = no limit, else percent of CPU time.
     cpu_limit: AtomicU8,
+    /// Epoch ticks reached by guests run under this control.
+    ticks: AtomicU64,
+    /// Guests blocked by a pause right now.
+    held: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
 }
@@ -85,6 +89,18 @@ impl RunControl {
         }
     }
 
+    /// How many epoch ticks guests run under this control have reached so far. It grows only
+    /// while a guest executes (a paused guest reaches no tick), so it shows that a run is
+    /// under way and, together with [`held`](Self::held), that a pause took hold.
+    pub fn ticks(&self) -> u64 {
+        self.inner.ticks.load(Ordering::SeqCst)
+    }
+
+    /// How many guests run under this control are held by [`pause`](Self::pause) right now.
+    pub fn held(&self) -> usize {
+        self.inner.held.load(Ordering::SeqCst)
+    }
+
     fn notify(&self) {
         let _g = self.inner.lock.lock().expect("run control lock poisoned");
         self.inner.wake.notify_all();
@@ -92,6 +108,7 @@ impl RunControl {
 
     /// Called at every epoch tick of a run; `ran_since` is when the guest last resumed.
     pub(crate) fn on_epoch(&self, ran_since: &mut Instant) -> anyhow::Result<UpdateDeadline> {
+        self.inner.ticks.fetch_add(1, Ordering::SeqCst);
         if self.is_cancelled() {
             return Err(CancelTrap.into());
         }
@@ -104,6 +121,7 @@ impl RunControl {
         if self.is_paused() {
             // Flags are checked under the lock that `resume`/`cancel` notify under: no lost wake-up.
             let mut g = self.inner.lock.lock().expect("run control lock poisoned");
+            self.inner.held.fetch_add(1, Ordering::SeqCst);
             while self.is_paused() && !self.is_cancelled() {
                 g = self
                     .inner
@@ -112,6 +130,7 @@ impl RunControl {
                     .expect("run control lock poisoned")
                     .0;
             }
+            self.inner.held.fetch_sub(1, Ordering::SeqCst);
         }
         if self.is_cancelled() {
             return Err(CancelTrap.into());

@@ -145,11 +145,36 @@ mod tests {
 
     #[test]
     fn determinism_switch_changes_the_fingerprint() {
+        const REST: &str = "relaxed-simd-det,no-threads,no-gc,fuel,stack=524288,clock=fixed,random=blake3-xof,poll=virtual,abi=wasip1";
         let (_, on) = build(true).unwrap();
         let (_, off) = build(false).unwrap();
+        // Exactly one component differs, and it names the NaN setting each way.
+        assert_eq!(on.settings, format!("nan-canon,{REST}"));
+        assert_eq!(off.settings, format!("no-nan-canon,{REST}"));
+        assert_eq!(on.settings, settings(true));
+        assert_eq!(off.settings, settings(false));
+        let arch = format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS);
+        for fp in [&on, &off] {
+            assert_eq!(fp.engine, ENGINE);
+            assert_eq!(fp.arch, arch);
+        }
         assert_ne!(on, off);
-        assert!(on.settings.contains("nan-canon"));
-        assert_eq!(on.engine, ENGINE);
-        assert_eq!(on, build(true).unwrap().1);
+        assert_eq!(on, build(true).unwrap().1, "the fingerprint is stable");
+    }
+
+    #[test]
+    fn engine_name_is_the_locked_wasmtime_version() {
+        let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock"))
+            .expect("the workspace's Cargo.lock");
+        let version = lock
+            .split("[[package]]")
+            .find_map(|p| {
+                let mut lines = p.trim().lines();
+                (lines.next()? == "name = \"wasmtime\"").then(|| lines.next())?
+            })
+            .and_then(|l| l.strip_prefix("version = \""))
+            .and_then(|v| v.strip_suffix('"'))
+            .expect("wasmtime in Cargo.lock");
+        assert_eq!(ENGINE, format!("wasmtime {version}"));
     }
 }

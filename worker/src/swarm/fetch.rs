@@ -340,56 +340,65 @@ impl Download {
         }
     }
 
-    /// Peers in the order to try for the outboard: everyone before the seed.
+    /// The outboard from the first peer that has it: every peer but the seed asked at once
+    /// (a peer behind a NAT may take a punch or a connect timeout to answer; the others need
+    /// not wait for it), then the seed.
     async fn outboard(&mut self) -> Result<(Outboard, Vec<PeerState>), FetchError> {
-        let mut states = vec![PeerState::Live; self.peers.len()];
+        let n = self.peers.len();
+        let mut states = vec![PeerState::Live; n];
         let (mut not_found, mut unreachable, mut bad) = (0, 0, 0);
-        for p in 0..self.peers.len() {
-            let conn = match self.f.conn(&self.peers[p]).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(peer = %self.peers[p].node_id.short(), error = %e, "peer unreachable");
-                    states[p] = PeerState::Gone;
-                    unreachable += 1;
-                    continue;
-                }
-            };
-            let req = BlobRequest::Outboard { id: self.blob.id };
-            let t = self.opts().request_timeout;
-            match tokio::time::timeout(t, net::request::<_, BlobResponse>(&conn, &req)).await {
-                Ok(Ok((BlobResponse::Outboard { size, cvs }, _))) => {
-                    if size != self.blob.size {
-                        states[p] = PeerState::Bad;
-                        bad += 1;
-                        self.flag_bad(p, "outboard for a different size");
-                        continue;
-                    }
-                    match Outboard::verify(self.blob, cvs) {
-                        Ok(ob) => return Ok((ob, states)),
-                        Err(e) => {
+        let seed = (n > 1).then(|| n - 1);
+        let groups: [Vec<usize>; 2] = [
+            (0..n).filter(|p| Some(*p) != seed).collect(),
+            seed.into_iter().collect(),
+        ];
+        for group in groups {
+            let mut asks = JoinSet::new();
+            for p in group {
+                let (f, peer, id) = (self.f.clone(), self.peers[p].clone(), self.blob.id);
+                asks.spawn(async move { (p, ask_outboard(&f, &peer, id).await) });
+            }
+            while let Some(joined) = asks.join_next().await {
+                let Ok((p, answer)) = joined else { continue };
+                match answer {
+                    Ok(Some((size, cvs))) => {
+                        if size != self.blob.size {
                             states[p] = PeerState::Bad;
                             bad += 1;
-                            self.flag_bad(p, &e.to_string());
+                            self.flag_bad(p, "outboard for a different size");
+                            continue;
+                        }
+                        match Outboard::verify(self.blob, cvs) {
+                            // The others may still be connecting: they stay live for chunks.
+                            Ok(ob) => return Ok((ob, states)),
+                            Err(e) => {
+                                states[p] = PeerState::Bad;
+                                bad += 1;
+                                self.flag_bad(p, &e.to_string());
+                            }
                         }
                     }
+                    Ok(None) => not_found += 1,
+                    Err(Failure::Gone(e)) => {
+                        tracing::debug!(peer = %self.peers[p].node_id.short(), error = %e, "peer unreachable");
+                        states[p] = PeerState::Gone;
+                        unreachable += 1;
+                    }
+                    Err(Failure::Transient(e)) => {
+                        tracing::debug!(peer = %self.peers[p].node_id.short(), error = %e, "Outboard request failed");
+                        unreachable += 1;
+                    }
+                    Err(Failure::Bad(e)) => {
+                        states[p] = PeerState::Bad;
+                        bad += 1;
+                        self.flag_bad(p, &e);
+                    }
                 }
-                Ok(Ok((BlobResponse::NotFound, _))) | Ok(Ok((BlobResponse::Busy { .. }, _))) => {
-                    not_found += 1
-                }
-                Ok(Ok((other, _))) => {
-                    tracing::debug!(peer = %self.peers[p].node_id.short(), answer = ?other, "unexpected answer to Outboard");
-                    not_found += 1;
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(peer = %self.peers[p].node_id.short(), error = %e, "Outboard request failed");
-                    unreachable += 1;
-                }
-                Err(_) => unreachable += 1,
             }
         }
         Err(FetchError::Unavailable {
             blob: self.blob.id,
-            tried: self.peers.len(),
+            tried: n,
             not_found,
             unreachable,
             bad,
@@ -587,7 +596,11 @@ impl Download {
                             .entry(self.peers[p].node_id)
                             .or_insert(0) += bytes;
                     }
-                    sched.finish(p, run.clone(), &got);
+                    // What the store holds of the run counts as done whoever brought it (a
+                    // racing peer, or a write settled after a failed read): the scheduler
+                    // must never hand out a chunk that is already here.
+                    let held: Vec<u64> = run.clone().filter(|j| partial.has_chunk(*j)).collect();
+                    sched.finish(p, run.clone(), &held);
                     if Some(p) == seed {
                         last_seed_done = now;
                         // Look again at what the crowd holds before going back to the seed.
@@ -641,6 +654,32 @@ fn classify(conn: &quinn::Connection, e: impl std::fmt::Display) -> Failure {
     }
 }
 
+/// A peer's answer to `Outboard`: `Some((size, cvs))`, or `None` when it has none (or is
+/// busy).
+async fn ask_outboard(
+    f: &Fetcher,
+    peer: &PeerAddr,
+    id: BlobId,
+) -> Result<Option<(u64, Vec<[u8; 32]>)>, Failure> {
+    let conn = f.conn(peer).await.map_err(Failure::Gone)?;
+    let t = f.inner.opts.request_timeout;
+    match tokio::time::timeout(
+        t,
+        net::request::<_, BlobResponse>(&conn, &BlobRequest::Outboard { id }),
+    )
+    .await
+    {
+        Err(_) => Err(Failure::Transient("Outboard timed out".into())),
+        Ok(Err(e)) => Err(classify(&conn, e)),
+        Ok(Ok((BlobResponse::Outboard { size, cvs }, _))) => Ok(Some((size, cvs))),
+        Ok(Ok((BlobResponse::NotFound, _))) | Ok(Ok((BlobResponse::Busy { .. }, _))) => Ok(None),
+        Ok(Ok((other, _))) => {
+            tracing::debug!(peer = %peer.node_id.short(), answer = ?other, "unexpected answer to Outboard");
+            Ok(None)
+        }
+    }
+}
+
 async fn ask_have(f: &Fetcher, peer: &PeerAddr, id: BlobId) -> Result<Option<Vec<bool>>, Failure> {
     let conn = f.conn(peer).await.map_err(Failure::Gone)?;
     let t = f.inner.opts.request_timeout;
@@ -672,6 +711,9 @@ async fn get_chunks(
     run: Range<u64>,
     got: &mut Vec<u64>,
 ) -> Result<Reply, Failure> {
+    if run.clone().all(|j| partial.has_chunk(j)) {
+        return Ok(Reply::Done); // another peer's answer covered it meanwhile
+    }
     let conn = f.conn(peer).await.map_err(Failure::Gone)?;
     let blob = partial.blob();
     let t = f.inner.opts.request_timeout;
@@ -724,14 +766,17 @@ async fn get_chunks(
         let r = blob.chunk_range(i);
         let mut buf = spare.take().unwrap_or_default();
         buf.resize((r.end - r.start) as usize, 0);
-        match tokio::time::timeout(t, recv.read_exact(&mut buf)).await {
-            Err(_) => return Err(Failure::Transient(format!("chunk {i} timed out"))),
-            Ok(Err(e)) => return Err(classify(&conn, e)),
-            Ok(Ok(())) => {}
-        }
+        let read = match tokio::time::timeout(t, recv.read_exact(&mut buf)).await {
+            Err(_) => Err(Failure::Transient(format!("chunk {i} timed out"))),
+            Ok(Err(e)) => Err(classify(&conn, e)),
+            Ok(Ok(())) => Ok(()),
+        };
+        // The chunk before this one is settled on every path, so what was written is
+        // counted as received even when this read failed.
         if let Some((j, handle)) = pending.take() {
             settle(j, handle.await, got)?;
         }
+        read?;
         let p = partial.clone();
         pending = Some((
             i,
