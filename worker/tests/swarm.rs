@@ -294,7 +294,7 @@ async fn blob_nobody_has_fails_with_a_clear_error_after_trying_every_peer() -> a
     );
     assert!(!msg.contains('\n'));
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(60),
         "a silent peer costs its timeout, not a hang"
     );
     assert!(!me.store.has(&wanted.id));
