@@ -47,6 +47,7 @@ SUITES=(
     "worker poison poison"
     "tasks hostile hostile-decoders"
     "coordinator hostile hostile-peers"
+    "coordinator redteam redteam"
 )
 present() { [ -f "$1/tests/$2.rs" ]; }
 # Package selection for a suite: the whole workspace when the test target's name is unique

@@ -177,7 +177,8 @@ async fn drive<S: Store + 'static>(
     dir: &tempfile::TempDir,
 ) -> Run {
     let blobs = worker::blobs::BlobStore::open(&dir.path().join("blobs"), None).unwrap();
-    let (handle, _fetches, thread) = engine::spawn(core, store, blobs, 16384).unwrap();
+    let (handle, _fetches, thread) =
+        engine::spawn(core, store, blobs, 16384, Default::default()).unwrap();
     let start = Instant::now();
     let mut set = tokio::task::JoinSet::new();
     for w in 0..s.workers {

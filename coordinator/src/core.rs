@@ -52,6 +52,12 @@ pub struct CoreConfig {
     pub open_scan_limit: usize,
     /// The coordinator's own blob server, listed last in every assignment.
     pub seed: Option<PeerAddr>,
+    /// Distinct accusers (each holding an assignment that needs the blob) whose `BadPeer`
+    /// reports delist a holder of a blob: one worker alone can never delist an honest one.
+    pub bad_peer_accusers: usize,
+    /// List only the coordinator as a blob source: every worker fetches everything from it.
+    /// A baseline for measuring the swarm (`serve --central-only`); wastes upload otherwise.
+    pub central_only: bool,
     pub policy: TrustPolicy,
 }
 
@@ -63,6 +69,8 @@ impl Default for CoreConfig {
             max_peers: 4,
             open_scan_limit: 256,
             seed: None,
+            bad_peer_accusers: tasks::limits::BAD_PEER_ACCUSERS,
+            central_only: false,
             policy: TrustPolicy::default(),
         }
     }
@@ -112,6 +120,9 @@ pub(crate) struct TaskSlot {
     pub queued: bool,
     /// For accepted tasks: the fingerprint and digest later reports are judged against.
     pub accepted: Option<(u32, ResultDigest)>,
+    /// Its partner replicas go out only once `Core::issued` reaches this (see
+    /// `TrustPolicy::partner_spread`). Not persisted.
+    pub ready_at: u64,
 }
 
 impl TaskSlot {
@@ -122,6 +133,7 @@ impl TaskSlot {
             replicas: Vec::new(),
             queued: false,
             accepted: None,
+            ready_at: 0,
         }
     }
 }
@@ -156,6 +168,10 @@ pub(crate) struct Replica {
     pub anchor: bool,
     /// Its worker's address block when it got the replica.
     pub block: Option<AddressBlock>,
+    /// For a lost replica: the first replica id allocated after it was lost. A task replica
+    /// at or above it is a reissue, and a late report then earns nothing. Not persisted
+    /// (restored as `replica + 1`: stricter).
+    pub lost_mark: ReplicaId,
 }
 
 #[derive(Debug)]
@@ -178,6 +194,11 @@ pub(crate) struct Worker {
     pub anchor: bool,
     /// Its reported replicas of tasks still pending.
     pub undecided: u32,
+    /// Replicas it lost (deadline, abandon, disconnect) not yet made up for by valid
+    /// results: each costs capacity (see `TrustPolicy::allowance`). Not persisted.
+    pub lost: u64,
+    /// Blobs it is listed as a holder of (bounded by `limits::MAX_HAVE_BLOBS_PER_WORKER`).
+    pub holding: usize,
 }
 
 impl Worker {
@@ -215,6 +236,13 @@ pub struct Core {
     pub(crate) newly_banned: Vec<NodeId>,
     next_replica: ReplicaId,
     next_job: u64,
+    /// Replicas assigned so far (this run): the clock of `TaskSlot::ready_at`.
+    pub(crate) issued: u64,
+    /// Seeded from the policy's seed: who gets a partner replica is the coordinator's
+    /// unpredictable (but reproducible) choice.
+    pub(crate) rng: rand::rngs::StdRng,
+    /// `BadPeer` accusers per (blob, accused holder), until the holder is delisted.
+    pub(crate) accusations: BTreeMap<(BlobId, NodeId), BTreeSet<NodeId>>,
     pub(crate) mutations: Vec<Mutation>,
     pub(crate) notices: Vec<Notice>,
 }
@@ -222,6 +250,7 @@ pub struct Core {
 impl Core {
     pub fn new(cfg: CoreConfig) -> Core {
         Core {
+            rng: rand::SeedableRng::seed_from_u64(cfg.policy.seed),
             cfg,
             jobs: BTreeMap::new(),
             running: Vec::new(),
@@ -237,6 +266,8 @@ impl Core {
             newly_banned: Vec::new(),
             next_replica: 1,
             next_job: 1,
+            issued: 0,
+            accusations: BTreeMap::new(),
             mutations: Vec::new(),
             notices: Vec::new(),
         }
@@ -307,6 +338,8 @@ impl Core {
             last_seen_ms: now,
             anchor: false,
             undecided: 0,
+            lost: 0,
+            holding: 0,
         })
     }
 
@@ -339,7 +372,8 @@ impl Core {
         let fpi = self.intern_fp(fp);
         let w = self.worker_entry(worker, now);
         w.fp = Some(fpi);
-        w.slots = slots.max(1);
+        // A claim, not a fact: clamped, and capacity follows delivered results anyway.
+        w.slots = slots.clamp(1, tasks::limits::MAX_WORKER_SLOTS);
         w.connected = true;
         w.disconnected_ms = None;
         w.last_seen_ms = now;
@@ -401,12 +435,24 @@ impl Core {
             .is_some_and(|w| self.cfg.policy.is_banned(&w.rep))
     }
 
-    /// The worker now holds and serves these blobs.
+    /// The worker now holds and serves these blobs. At most
+    /// [`tasks::limits::MAX_HAVE_BLOBS_PER_MSG`] of one message are taken, and a worker is
+    /// listed for at most [`tasks::limits::MAX_HAVE_BLOBS_PER_WORKER`] blobs: one identity
+    /// cannot grow the tracker without bound.
     pub fn have_blobs(&mut self, worker: NodeId, blobs: &[BlobId]) {
-        for b in blobs {
+        let Some(holding) = self.workers.get(&worker).map(|w| w.holding) else {
+            return;
+        };
+        let room = tasks::limits::MAX_HAVE_BLOBS_PER_WORKER.saturating_sub(holding);
+        let mut added = 0;
+        for b in blobs.iter().take(tasks::limits::MAX_HAVE_BLOBS_PER_MSG) {
+            if added >= room {
+                break;
+            }
             let h = self.holders.entry(*b).or_default();
             if !h.contains(&worker) {
                 h.push(worker);
+                added += 1;
                 self.mutations.push(Mutation::BlobLocation {
                     blob: *b,
                     worker,
@@ -414,13 +460,48 @@ impl Core {
                 });
             }
         }
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.holding += added;
+        }
     }
 
-    /// A peer reported that `peer` served bad data for `blob`: stop pointing others at it.
-    pub fn bad_peer(&mut self, peer: NodeId, blob: BlobId) {
+    /// `accuser` reports that `peer` served bad data for `blob`. The accusation counts only
+    /// if `accuser` holds an in-flight replica whose task needs `blob` (so it was handed
+    /// holders of it) and `peer` is listed as a holder; `peer` stops being listed once
+    /// [`CoreConfig::bad_peer_accusers`] distinct accusers agree. Returns whether it
+    /// counted.
+    pub fn bad_peer(&mut self, accuser: NodeId, peer: NodeId, blob: BlobId) -> bool {
+        if accuser == peer || !self.holders.get(&blob).is_some_and(|h| h.contains(&peer)) {
+            return false;
+        }
+        let needs = self.workers.get(&accuser).is_some_and(|w| {
+            w.in_flight.iter().any(|r| {
+                self.replicas.get(r).is_some_and(|rep| {
+                    self.jobs.get(&rep.task.job).is_some_and(|j| {
+                        j.manifest.module.id == blob
+                            || j.manifest
+                                .tasks
+                                .get(rep.task.index as usize)
+                                .is_some_and(|t| t.input.is_some_and(|i| i.id == blob))
+                    })
+                })
+            })
+        });
+        if !needs {
+            return false;
+        }
+        let accusers = self.accusations.entry((blob, peer)).or_default();
+        accusers.insert(accuser);
+        if accusers.len() < self.cfg.bad_peer_accusers.max(1) {
+            return true;
+        }
+        self.accusations.remove(&(blob, peer));
         if let Some(h) = self.holders.get_mut(&blob) {
             if let Some(pos) = h.iter().position(|n| *n == peer) {
                 h.swap_remove(pos);
+                if let Some(w) = self.workers.get_mut(&peer) {
+                    w.holding = w.holding.saturating_sub(1);
+                }
                 self.mutations.push(Mutation::BlobLocation {
                     blob,
                     worker: peer,
@@ -428,6 +509,7 @@ impl Core {
                 });
             }
         }
+        true
     }
 
     /// The worker's session ended. Its replicas stay assigned for the grace period.
@@ -493,7 +575,8 @@ impl Core {
         self.settle_bans(now);
     }
 
-    /// Take an in-flight replica away from its worker (it was not reported in time).
+    /// Take an in-flight replica away from its worker (it was not reported in time). The loss
+    /// counts against the worker's capacity, and the task is never reissued to it.
     fn lose(&mut self, r: ReplicaId, now: u64) {
         let Some(rep) = self.replicas.get_mut(&r) else {
             return;
@@ -502,10 +585,13 @@ impl Core {
             return;
         }
         rep.phase = ReplicaPhase::Lost;
+        rep.lost_mark = self.next_replica;
         let (task, worker, deadline) = (rep.task, rep.worker, rep.deadline_ms);
         self.deadlines.remove(&(deadline, r));
         if let Some(w) = self.workers.get_mut(&worker) {
             w.in_flight.remove(&r);
+            // Losing work is not free: it costs capacity until valid results make up for it.
+            w.lost = w.lost.saturating_add(1);
         }
         self.mutations.push(Mutation::Phase {
             replica: r,
@@ -729,7 +815,7 @@ impl Core {
         };
         let mut out = Vec::new();
         for (id, at) in f.iter().rev() {
-            if out.len() >= limit || now.saturating_sub(*at) >= FETCHING_FOR_MS {
+            if now.saturating_sub(*at) >= FETCHING_FOR_MS {
                 break;
             }
             if id == exclude || self.holders.get(blob).is_some_and(|h| h.contains(id)) {
@@ -742,6 +828,7 @@ impl Core {
             }
         }
         self.super_peers_first(&mut out);
+        out.truncate(limit);
         out
     }
 
@@ -779,13 +866,13 @@ impl Core {
             if let Some(w) = self.workers.get(&id) {
                 if let (true, Some(addr)) = (w.connected, w.peer_addr) {
                     out.push(PeerAddr { node_id: id, addr });
-                    if out.len() >= limit {
-                        break;
-                    }
                 }
             }
         }
+        // Super-peers first, then cut: a worker behind a NAT always hears of the holders it
+        // can reach without help.
         self.super_peers_first(&mut out);
+        out.truncate(limit);
         out
     }
 
@@ -821,11 +908,16 @@ impl Core {
                     last_seen_ms: w.last_seen_ms,
                     anchor: false,
                     undecided: 0,
+                    lost: 0,
+                    holding: 0,
                 },
             );
         }
         for (blob, worker) in snap.blob_locations {
             core.holders.entry(blob).or_default().push(worker);
+            if let Some(w) = core.workers.get_mut(&worker) {
+                w.holding += 1;
+            }
         }
         for j in snap.jobs {
             core.insert_job(j.job, Arc::new(j.manifest), j.state);
@@ -904,6 +996,7 @@ impl Core {
                     verdict: r.verdict,
                     anchor,
                     block,
+                    lost_mark: r.replica + 1,
                 },
             );
         }

@@ -50,6 +50,11 @@ struct ServeArgs {
     /// (e.g. 127.0.0.1:8080) or a trusted network.
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
+    /// Hand out only this coordinator as the source of every blob, so workers never fetch
+    /// from each other: a baseline for measuring the peer-to-peer swarm (it multiplies the
+    /// coordinator's upload by the number of workers).
+    #[arg(long)]
+    central_only: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -96,6 +101,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = ServeConfig::new(a.data_dir, a.listen);
     cfg.advertise = a.advertise;
     cfg.http = a.http;
+    cfg.core.central_only = a.central_only;
     let running = server::Coordinator::start(cfg).await?;
     println!("ticket: {}", running.ticket);
     println!("submit token: {}", running.token);
@@ -113,7 +119,14 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
             running.addr
         );
     }
-    tokio::signal::ctrl_c().await?;
-    tracing::info!("Ctrl-C: shutting down (committing, closing connections)");
-    running.shutdown().await
+    server::run_until(running, async {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => tracing::info!("Ctrl-C: shutting down (committing, closing connections)"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for Ctrl-C; serving until the engine stops");
+                std::future::pending::<()>().await
+            }
+        }
+    })
+    .await
 }

@@ -93,6 +93,8 @@ pub struct RunningCoordinator {
     tasks: JoinSet<()>,
     engine: Option<EngineHandle>,
     engine_thread: Option<engine::EngineThread>,
+    /// Cancelled when the engine stopped abnormally (store error, panic).
+    died: CancellationToken,
 }
 
 impl std::fmt::Debug for RunningCoordinator {
@@ -163,11 +165,24 @@ impl Coordinator {
         });
         let snapshot = store.load()?;
         let core = Core::restore(core_cfg, snapshot, engine::now_ms());
-        let (engine, fetches, engine_thread) = engine::spawn(core, store, blobs.clone(), 4096)?;
+        let died = CancellationToken::new();
+        let (engine, fetches, engine_thread) =
+            engine::spawn(core, store, blobs.clone(), 4096, died.clone())?;
 
         let blob_server = BlobServer::new(blobs.clone(), ServeLimits::seed());
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
+        // A dead engine ends everything: no session, submitter or blob request is served
+        // by a coordinator that can no longer record anything.
+        {
+            let (died, cancel) = (died.clone(), cancel.clone());
+            tasks.spawn(async move {
+                tokio::select! {
+                    _ = died.cancelled() => cancel.cancel(),
+                    _ = cancel.cancelled() => {}
+                }
+            });
+        }
         let bs = blob_server.clone();
         let bytes_sent: Arc<dyn Fn() -> u64 + Send + Sync> = Arc::new(move || bs.bytes_sent());
         let ctx = submit::SubmitCtx {
@@ -230,6 +245,7 @@ impl Coordinator {
             tasks,
             engine: Some(engine),
             engine_thread: Some(engine_thread),
+            died,
         })
     }
 }
@@ -238,6 +254,13 @@ impl RunningCoordinator {
     /// Blob payload bytes this coordinator uploaded so far.
     pub fn bytes_sent(&self) -> u64 {
         self.blob_server.bytes_sent()
+    }
+
+    /// Resolves when the engine stopped abnormally (a store error or a panic): the
+    /// coordinator has stopped serving and must be shut down (and, by a supervisor,
+    /// restarted from its committed state).
+    pub async fn engine_died(&self) {
+        self.died.cancelled().await
     }
 
     /// The engine, for in-process callers (tests, benchmarks).
@@ -278,10 +301,28 @@ impl RunningCoordinator {
     }
 }
 
-/// Run a coordinator until `shutdown` resolves, then stop it gracefully.
+/// Run a coordinator until `shutdown` resolves, then stop it gracefully. If the engine dies
+/// first (store error, panic), stop at once and return that error.
 pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let running = Coordinator::start(cfg).await?;
-    shutdown.await;
+    run_until(running, shutdown).await
+}
+
+/// Serve until `shutdown` resolves (graceful stop, `Ok`) or the engine dies (an `Err`
+/// naming why, so `coordinator serve` exits non-zero and a supervisor restarts it).
+pub async fn run_until(
+    running: RunningCoordinator,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let died = tokio::select! {
+        _ = shutdown => false,
+        _ = running.engine_died() => true,
+    };
+    if died {
+        tracing::error!("the engine stopped; shutting down");
+        running.shutdown().await?;
+        anyhow::bail!("the coordinator's engine stopped (see the log above); restart it to resume from its committed state");
+    }
     tracing::info!("shutting down");
     running.shutdown().await
 }
@@ -310,6 +351,11 @@ async fn accept_loop(
     cancel: CancellationToken,
 ) {
     let mut conns = JoinSet::new();
+    // Open connections per remote IP, bounded by `limits::MAX_CONNECTIONS_PER_IP`.
+    let per_ip = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        IpAddr,
+        usize,
+    >::new()));
     loop {
         let incoming = tokio::select! {
             biased;
@@ -319,6 +365,11 @@ async fn accept_loop(
                 None => break,
             },
         };
+        let Some(slot) = IpSlot::take(&per_ip, incoming.remote_address().ip()) else {
+            tracing::warn!(remote = %incoming.remote_address(), "refusing connection: too many from this address");
+            incoming.refuse();
+            continue;
+        };
         let (sessions, ctx, blobs, cancel) = (
             sessions.clone(),
             ctx.clone(),
@@ -326,6 +377,7 @@ async fn accept_loop(
             cancel.child_token(),
         );
         conns.spawn(async move {
+            let _slot = slot;
             let remote = incoming.remote_address();
             let conn = match incoming.await {
                 Ok(c) => c,
@@ -368,6 +420,54 @@ async fn accept_loop(
     })
     .await;
     conns.abort_all();
+}
+
+/// One connection's place in the per-IP count; given back when dropped.
+struct IpSlot {
+    map: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+    /// `None`: not counted (this host).
+    ip: Option<IpAddr>,
+}
+
+impl IpSlot {
+    fn take(
+        map: &Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+        ip: IpAddr,
+    ) -> Option<IpSlot> {
+        let ip = ip.to_canonical();
+        // This host itself (the demo, tests and benchmarks run their workers beside the
+        // coordinator, on 127.0.0.1) is not limited; nobody else can come from there.
+        if ip == IpAddr::V4(Ipv4Addr::LOCALHOST) || ip == IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+        {
+            return Some(IpSlot {
+                map: map.clone(),
+                ip: None,
+            });
+        }
+        let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= tasks::limits::MAX_CONNECTIONS_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            map: map.clone(),
+            ip: Some(ip),
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let Some(ip) = self.ip else { return };
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    }
 }
 
 async fn ticker(engine: EngineHandle, every: Duration, cancel: CancellationToken) {

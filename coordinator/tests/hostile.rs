@@ -3,7 +3,7 @@
 //! code, while well-behaved clients in the same test keep working; a worker reporting for a
 //! replica it was not given, a submitter without the token and a peer presenting the wrong key
 //! are refused with one clear log line each (read from the processes' stderr); a peer reported
-//! for serving bad data is no longer handed out to other workers.
+//! for serving bad data by two workers handed it is no longer handed out to other workers.
 //!
 //! Prints `FAULT|hostile|...` lines for FAULTS.md.
 
@@ -437,15 +437,23 @@ async fn peer_reported_for_bad_data_is_no_longer_handed_out_for_that_blob() -> a
         .peers
         .iter()
         .any(|p| p.node_id == poisoner.key.node_id());
-    // A fetches from it, the chunks fail verification, A reports it.
-    net::write_frame(
-        &mut a.send,
-        &WorkerMsg::BadPeer {
-            peer: poisoner.key.node_id(),
-            blob: module,
-        },
-    )
-    .await?;
+    // A fetches from it, the chunks fail verification, A reports it; so does A2, also handed
+    // the poisoner for the module (one accuser alone never delists a holder: issue 17).
+    let mut a2 = SimWorker::join(&ticket, vec![]).await?;
+    let before2 = a2.request(1).await?;
+    anyhow::ensure!(before2.len() == 1, "a2 got no work");
+    for w in [&mut a, &mut a2] {
+        net::write_frame(
+            &mut w.send,
+            &WorkerMsg::BadPeer {
+                peer: poisoner.key.node_id(),
+                blob: module,
+            },
+        )
+        .await?;
+        // Answered after the accusation was applied (one session's messages are in order).
+        w.request(0).await?;
+    }
     let lines = log_lines(|| c.coordinator_logs(), "peer serving bad data");
     // Other workers are no longer pointed at it (it is still connected).
     let mut b = SimWorker::join(&ticket, vec![]).await?;
@@ -456,7 +464,7 @@ async fn peer_reported_for_bad_data_is_no_longer_handed_out_for_that_blob() -> a
     let still_connected = poisoner.conn.close_reason().is_none();
     let met = listed_before && !listed_after && !lines.is_empty();
     fault(
-        "worker reports a peer that served corrupt chunks (WorkerMsg::BadPeer)",
+        "two workers report a peer that served corrupt chunks (WorkerMsg::BadPeer)",
         &format!("listed as a peer for the module before: {listed_before}, after: {listed_after} (in {} new assignments); poisoner still connected: {still_connected}; coordinator log: {}", after.len(), lines.first().map(|l| trim_log(l)).unwrap_or_else(|| "NONE".into())),
         "corrupter no longer handed out for that blob",
         met,

@@ -65,7 +65,9 @@ pub mod defaults {
     pub const DEADLINE_SECS: u64 = 600;
 }
 
-/// Hard limits on what a job may ask for.
+/// Hard limits on what a job may ask for. Every number of a job is checked against these
+/// at submission (job file and network manifest alike), so the coordinator never does
+/// arithmetic on absurd values (`deadline_secs = i64::MAX` once overflowed its clock).
 pub mod limits {
     pub const MAX_TASKS: u64 = 10_000_000;
     pub const MAX_MEMORY_MB: u32 = 4096;
@@ -73,6 +75,11 @@ pub mod limits {
     pub const MAX_REPLICAS: u32 = 64;
     pub const MAX_ARGS: usize = 256;
     pub const MAX_ARG_LEN: usize = 4096;
+    /// 10^15 instructions: days of CPU per replica, far beyond any sane task, and small
+    /// enough that credit sums (fuel × replicas × tasks) stay meaningful in a u64.
+    pub const MAX_FUEL: u64 = 1_000_000_000_000_000;
+    /// 30 days: a replica not reported within a month is lost anyway.
+    pub const MAX_DEADLINE_SECS: u64 = 30 * 24 * 3600;
 }
 
 /// The job file as written (see README.md, "Job file").
@@ -183,6 +190,61 @@ pub struct JobLimits {
     pub deadline_secs: u64,
 }
 
+impl JobLimits {
+    /// Check every number against [`limits`]: `Err` is one line naming the key, the value
+    /// and the allowed range.
+    pub fn check(&self) -> Result<(), String> {
+        if self.quorum == 0 {
+            return Err("`quorum` must be at least 1".into());
+        }
+        if self.max_replicas < self.quorum {
+            return Err(format!(
+                "`quorum` ({}) is larger than `max_replicas` ({}): no task could ever be accepted; raise max_replicas or lower quorum",
+                self.quorum, self.max_replicas
+            ));
+        }
+        if self.max_replicas > limits::MAX_REPLICAS {
+            return Err(format!(
+                "`max_replicas` ({}) is above the limit of {}",
+                self.max_replicas,
+                limits::MAX_REPLICAS
+            ));
+        }
+        if self.fuel == 0 {
+            return Err("`fuel` is 0: every task would run out of fuel at once; give it an instruction budget such as 20_000_000_000".into());
+        }
+        if self.fuel > limits::MAX_FUEL {
+            return Err(format!(
+                "`fuel` ({}) is above the limit of {}",
+                self.fuel,
+                limits::MAX_FUEL
+            ));
+        }
+        if self.memory_mb == 0 || self.memory_mb > limits::MAX_MEMORY_MB {
+            return Err(format!(
+                "`memory_mb` ({}) must be between 1 and {}",
+                self.memory_mb,
+                limits::MAX_MEMORY_MB
+            ));
+        }
+        if self.max_output > limits::MAX_OUTPUT {
+            return Err(format!(
+                "`max_output` ({}) must be at most {} bytes",
+                self.max_output,
+                limits::MAX_OUTPUT
+            ));
+        }
+        if self.deadline_secs == 0 || self.deadline_secs > limits::MAX_DEADLINE_SECS {
+            return Err(format!(
+                "`deadline_secs` ({}) must be between 1 and {} (30 days)",
+                self.deadline_secs,
+                limits::MAX_DEADLINE_SECS
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for JobLimits {
     fn default() -> Self {
         JobLimits {
@@ -230,40 +292,15 @@ impl JobSpec {
         if file.name.trim().is_empty() {
             return Err(invalid("`name` is empty; give the job a name".into()));
         }
-        if file.quorum == 0 {
-            return Err(invalid("`quorum` must be at least 1".into()));
-        }
-        if file.max_replicas < file.quorum {
-            return Err(invalid(format!(
-                "`quorum` ({}) is larger than `max_replicas` ({}): no task could ever be accepted; raise max_replicas or lower quorum",
-                file.quorum, file.max_replicas
-            )));
-        }
-        if file.max_replicas > limits::MAX_REPLICAS {
-            return Err(invalid(format!(
-                "`max_replicas` ({}) is above the limit of {}",
-                file.max_replicas,
-                limits::MAX_REPLICAS
-            )));
-        }
-        if file.fuel == 0 {
-            return Err(invalid("`fuel` is 0: every task would run out of fuel at once; give it an instruction budget such as 20_000_000_000".into()));
-        }
-        if file.memory_mb == 0 || file.memory_mb > limits::MAX_MEMORY_MB {
-            return Err(invalid(format!(
-                "`memory_mb` must be between 1 and {}",
-                limits::MAX_MEMORY_MB
-            )));
-        }
-        if file.max_output > limits::MAX_OUTPUT {
-            return Err(invalid(format!(
-                "`max_output` must be at most {} bytes",
-                limits::MAX_OUTPUT
-            )));
-        }
-        if file.deadline_secs == 0 {
-            return Err(invalid("`deadline_secs` must be at least 1".into()));
-        }
+        let job_limits = JobLimits {
+            quorum: file.quorum,
+            max_replicas: file.max_replicas,
+            fuel: file.fuel,
+            memory_mb: file.memory_mb,
+            max_output: file.max_output,
+            deadline_secs: file.deadline_secs,
+        };
+        job_limits.check().map_err(invalid)?;
         let module = base.join(&file.module);
         if !module.is_file() {
             return Err(invalid(format!(
@@ -330,14 +367,7 @@ impl JobSpec {
             path: path.to_path_buf(),
             name: file.name,
             module,
-            limits: JobLimits {
-                quorum: file.quorum,
-                max_replicas: file.max_replicas,
-                fuel: file.fuel,
-                memory_mb: file.memory_mb,
-                max_output: file.max_output,
-                deadline_secs: file.deadline_secs,
-            },
+            limits: job_limits,
             tasks,
         })
     }
@@ -535,6 +565,11 @@ mod tests {
             ("name = \"x\"\nmodule = \"m.wasm\"", "no tasks"),
             ("name = \"x\"\nmodule = \"m.wasm\"\n[[task]]\ninput = \"inputs/9.bin\"", "input"),
             ("name = [1", "line 1"),
+            ("name = \"x\"\nmodule = \"m.wasm\"\ndeadline_secs = 9223372036854775807\n[tasks]\ncount = 1", "`deadline_secs` (9223372036854775807) must be between 1 and 2592000"),
+            ("name = \"x\"\nmodule = \"m.wasm\"\nfuel = 9223372036854775807\n[tasks]\ncount = 1", "above the limit of 1000000000000000"),
+            ("name = \"x\"\nmodule = \"m.wasm\"\nmemory_mb = 4294967295\n[tasks]\ncount = 1", "between 1 and 4096"),
+            ("name = \"x\"\nmodule = \"m.wasm\"\nmax_output = 9223372036854775807\n[tasks]\ncount = 1", "at most 268435456"),
+            ("name = \"x\"\nmodule = \"m.wasm\"\n[tasks]\ncount = 9223372036854775807", "above the limit of 10000000"),
         ];
         for (text, want) in cases {
             let err = parse(&d, text).unwrap_err().to_string();

@@ -7,11 +7,13 @@
 //! - [`outcome`]: what running a task produced ([`RunResult`]), the result digest, the engine fingerprint.
 //! - [`identity`]: ed25519 node keys, [`NodeId`], tickets, and the pinned-key TLS configs.
 //! - [`wire`]: the protocol spec: messages, framing, ALPNs, close codes.
+//! - [`limits`]: every resource limit a node enforces on its peers, with the reasons.
 //! - `net` (feature `net`): async QUIC helpers: endpoints with pinned keys, frame I/O.
 
 pub mod blob;
 pub mod identity;
 pub mod job;
+pub mod limits;
 pub mod outcome;
 pub mod wire;
 

@@ -34,8 +34,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// A connection with no traffic (keep-alives included) for this long is dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bi-streams a peer may have open at once on one connection.
-pub const MAX_BIDI_STREAMS: u32 = 256;
+/// Bi-streams a peer may have open at once on one connection (see [`crate::limits`]).
+pub const MAX_BIDI_STREAMS: u32 = crate::limits::MAX_BIDI_STREAMS;
 
 /// Why an endpoint could not be made or a connection could not be established.
 #[derive(Debug, thiserror::Error)]
@@ -67,14 +67,21 @@ pub enum NetError {
     },
 }
 
-/// The transport settings every peergrid connection uses.
+/// The transport settings every peergrid connection uses. Every resource a peer can make
+/// us hold is bounded explicitly (numbers and reasons in [`crate::limits`]): receive windows
+/// per stream and per connection, bi-streams open at once, and no uni-streams at all (no
+/// protocol uses them).
 pub fn transport_config() -> Arc<TransportConfig> {
+    use crate::limits;
     let mut t = TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(Some(
         IdleTimeout::try_from(IDLE_TIMEOUT).expect("30s fits a QUIC varint"),
     ));
-    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_BIDI_STREAMS));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(limits::MAX_BIDI_STREAMS));
+    t.max_concurrent_uni_streams(VarInt::from_u32(limits::MAX_UNI_STREAMS));
+    t.stream_receive_window(VarInt::from_u32(limits::STREAM_RECEIVE_WINDOW));
+    t.receive_window(VarInt::from_u32(limits::CONNECTION_RECEIVE_WINDOW));
     Arc::new(t)
 }
 

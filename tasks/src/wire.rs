@@ -51,6 +51,22 @@
 //!    stream is the one the worker opened): that is how the coordinator collects outputs
 //!    from workers it could not dial, e.g. behind a NAT.
 //!
+//! 7. **Every worker message is a claim the coordinator checks** (joining is open). `slots`
+//!    is clamped to [`crate::limits::MAX_WORKER_SLOTS`], and how many replicas a worker may
+//!    hold follows the results it delivered, not what it claims. A report whose `fuel_used`
+//!    exceeds the task's `fuel` or whose `output_len` exceeds its `max_output` is
+//!    [`CoordMsg::Rejected`]; so is a late report for a replica that was lost (deadline,
+//!    abandon, disconnect) and has since been reissued. Losing replicas costs the worker
+//!    capacity, and a lost replica goes to any other worker before (as a last resort) the
+//!    one that lost it; one worker's losses count once towards failing a task. A
+//!    `BadPeer` accusation counts only from a worker that was handed that peer for that
+//!    blob, and a peer is delisted only after [`crate::limits::BAD_PEER_ACCUSERS`] distinct
+//!    accusers. Blob lists (`Hello`, `HaveBlobs`) beyond
+//!    [`crate::limits::MAX_HAVE_BLOBS_PER_MSG`] per message or
+//!    [`crate::limits::MAX_HAVE_BLOBS_PER_WORKER`] per worker are ignored. A connection that
+//!    sends no `Hello` within [`crate::limits::HELLO_TIMEOUT`] is closed. Transport limits
+//!    (receive windows, stream counts, connections per address) are in [`crate::limits`].
+//!
 //! Small outputs (at most [`INLINE_OUTPUT_MAX`] bytes) travel inline in the report; larger
 //! ones stay in the worker's blob store, named by `output_hash`, and the coordinator fetches
 //! the accepted one over `peergrid/blob/1` framing, on the session connection (6.) or by
@@ -160,11 +176,13 @@ pub enum WorkerMsg {
         /// Worker software version, for logs.
         agent: String,
         fingerprint: EngineFingerprint,
-        /// Tasks it runs at once.
+        /// Tasks it runs at once: a claim, clamped to
+        /// [`crate::limits::MAX_WORKER_SLOTS`]; capacity follows delivered results.
         slots: u32,
         /// Where peers can reach its blob server, if anywhere.
         peer_addr: Option<SocketAddr>,
-        /// Blobs it holds and serves.
+        /// Blobs it holds and serves (at most [`crate::limits::MAX_HAVE_BLOBS_PER_MSG`]
+        /// are taken).
         blobs: Vec<BlobId>,
     },
     /// Ask for up to `max` assignments.
@@ -172,12 +190,18 @@ pub enum WorkerMsg {
         max: u32,
     },
     Report(Report),
+    /// Blobs now held and servable (at most [`crate::limits::MAX_HAVE_BLOBS_PER_MSG`] per
+    /// message are taken).
     HaveBlobs {
         blobs: Vec<BlobId>,
     },
+    /// Replicas the worker will not finish: reissued to other workers at once; they count
+    /// against the worker's capacity like missed deadlines.
     Abandon {
         replicas: Vec<ReplicaId>,
     },
+    /// `peer` served data for `blob` that failed verification. Counts only if this worker
+    /// was handed `peer` for `blob`; see step 7 of the session.
     BadPeer {
         peer: NodeId,
         blob: BlobId,

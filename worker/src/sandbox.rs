@@ -40,7 +40,21 @@
 //!
 //! Compile and link failures, a missing or mistyped `_start`, and unknown imports are found by
 //! [`Sandbox::load`]; [`Sandbox::run_bytes`] reports them as `invalid_module`.
+//!
+//! # Compilation
+//! [`Sandbox::load`] first checks the module against the deterministic size and shape
+//! limits of [`admit`](self::admit) (size, function, import and export counts, function body
+//! size) without compiling anything; a module over a limit is `invalid_module` with a
+//! reason naming the limit, on every worker alike. It then compiles at most once per module
+//! hash at a time (concurrent loads of the same new module wait for the one compilation, and
+//! its outcome, success or failure, is remembered), on a dedicated thread at the lowest OS
+//! priority (`SCHED_IDLE` on Linux, nice 19 elsewhere; Cranelift runs on that thread only,
+//! not on a parallel pool), and under a wall-clock budget ([`COMPILE_WALL_BUDGET`] by
+//! default): a compilation still running at the budget is refused as `invalid_module`.
+//! That budget is host-dependent, so it is only a last-resort safety net: the deterministic
+//! limits are sized so that no admitted module should come near it.
 
+pub mod admit;
 pub mod cache;
 pub mod control;
 pub mod engine;
@@ -49,7 +63,8 @@ pub mod wasi;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use tasks::{BlobId, EngineFingerprint, RunResult, TaskManifest};
@@ -66,6 +81,13 @@ pub const STDERR_CAP: usize = 64 * 1024;
 /// How many compiled modules the in-memory cache keeps.
 const MEMORY_CACHE_ENTRIES: usize = 64;
 
+/// How many modules that failed to load are remembered (so they are not compiled again).
+const FAILED_CACHE_ENTRIES: usize = 256;
+
+/// The default wall-clock budget of one compilation: a last-resort safety net (host-
+/// dependent, unlike the deterministic limits of [`admit`]).
+pub const COMPILE_WALL_BUDGET: Duration = Duration::from_secs(60);
+
 /// How a [`Sandbox`] is set up.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
@@ -74,6 +96,9 @@ pub struct SandboxConfig {
     /// Full determinism (the default). `false` turns NaN canonicalization off; only for
     /// measuring what it costs. It changes the fingerprint, so such results never mix.
     pub deterministic: bool,
+    /// Wall-clock budget of one compilation ([`COMPILE_WALL_BUDGET`] by default); a
+    /// compilation that takes longer is refused as `invalid_module`. A safety net only.
+    pub compile_budget: Duration,
 }
 
 impl Default for SandboxConfig {
@@ -81,8 +106,20 @@ impl Default for SandboxConfig {
         SandboxConfig {
             cache_dir: None,
             deterministic: true,
+            compile_budget: COMPILE_WALL_BUDGET,
         }
     }
+}
+
+/// Compilation counters of a [`Sandbox`] (for tests and diagnostics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CompileStats {
+    /// Compilations started (cache misses that reached the compiler).
+    pub compiles: u64,
+    /// Of those, how many ran on a thread at idle priority.
+    pub at_idle_priority: u64,
+    /// Compilations refused for exceeding the wall-clock budget.
+    pub budget_refusals: u64,
 }
 
 /// Why the sandbox or a module could not be set up.
@@ -211,7 +248,62 @@ struct Inner {
     fingerprint: EngineFingerprint,
     disk: Option<cache::DiskCache>,
     memory: Mutex<HashMap<BlobId, LoadedModule>>,
+    /// Why recently seen modules failed to load.
+    failed: Mutex<HashMap<BlobId, String>>,
+    /// Loads in progress, one per module hash (single flight).
+    inflight: Mutex<HashMap<BlobId, Arc<Flight>>>,
+    compile_budget: Duration,
+    compiles: AtomicU64,
+    compiles_at_idle: AtomicU64,
+    budget_refusals: AtomicU64,
     ticker: EpochTicker,
+}
+
+/// One load in progress; other loads of the same module wait for its outcome.
+#[derive(Default)]
+struct Flight {
+    outcome: Mutex<Option<Result<LoadedModule, String>>>,
+    done: Condvar,
+}
+
+impl Flight {
+    fn finish(&self, outcome: Result<LoadedModule, String>) {
+        *self.outcome.lock().expect("flight lock poisoned") = Some(outcome);
+        self.done.notify_all();
+    }
+
+    fn wait(&self) -> Result<LoadedModule, String> {
+        let mut g = self.outcome.lock().expect("flight lock poisoned");
+        loop {
+            if let Some(o) = &*g {
+                return o.clone();
+            }
+            g = self.done.wait(g).expect("flight lock poisoned");
+        }
+    }
+}
+
+/// Ends a flight even if the leader panics, so no follower waits forever.
+struct FlightGuard<'a> {
+    inner: &'a Inner,
+    id: BlobId,
+    flight: Arc<Flight>,
+    outcome: Option<Result<LoadedModule, String>>,
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        let outcome = self
+            .outcome
+            .take()
+            .unwrap_or_else(|| Err("loading the module panicked".into()));
+        self.flight.finish(outcome);
+        self.inner
+            .inflight
+            .lock()
+            .expect("inflight lock poisoned")
+            .remove(&self.id);
+    }
 }
 
 impl Sandbox {
@@ -231,6 +323,12 @@ impl Sandbox {
                 fingerprint,
                 disk,
                 memory: Mutex::new(HashMap::new()),
+                failed: Mutex::new(HashMap::new()),
+                inflight: Mutex::new(HashMap::new()),
+                compile_budget: cfg.compile_budget,
+                compiles: AtomicU64::new(0),
+                compiles_at_idle: AtomicU64::new(0),
+                budget_refusals: AtomicU64::new(0),
                 ticker,
             }),
         })
@@ -246,6 +344,15 @@ impl Sandbox {
         self.inner.disk.as_ref().map(|d| d.path(id))
     }
 
+    /// Compilation counters so far.
+    pub fn compile_stats(&self) -> CompileStats {
+        CompileStats {
+            compiles: self.inner.compiles.load(Ordering::SeqCst),
+            at_idle_priority: self.inner.compiles_at_idle.load(Ordering::SeqCst),
+            budget_refusals: self.inner.budget_refusals.load(Ordering::SeqCst),
+        }
+    }
+
     /// The shared engine (for tools and benchmarks).
     pub fn engine(&self) -> &wasmtime::Engine {
         &self.inner.engine
@@ -253,35 +360,70 @@ impl Sandbox {
 
     /// Compile `module` (or load it from the on-disk cache, keyed by its blake3 and the
     /// fingerprint), link it against the guest ABI and check it is a command (`_start`).
-    /// Loaded modules are also kept in memory.
+    /// Loaded modules are also kept in memory; see "Compilation" in the module doc for the
+    /// limits, the single flight and the priority.
     pub fn load(&self, module: &[u8]) -> Result<LoadedModule, SandboxError> {
+        let invalid = |reason: String| SandboxError::InvalidModule { reason };
         // Binary modules only (wasmtime would also parse the text format; tasks are binaries).
         if !module.starts_with(b"\0asm") {
-            return Err(SandboxError::InvalidModule {
-                reason: "not a WebAssembly binary (no `\\0asm` header)".into(),
-            });
+            return Err(invalid(
+                "not a WebAssembly binary (no `\\0asm` header)".into(),
+            ));
         }
+        // Deterministic limits first, before hashing or compiling anything.
+        admit::check(module).map_err(invalid)?;
         let id = BlobId::of(module);
-        if let Some(m) = self
-            .inner
-            .memory
-            .lock()
-            .expect("module cache poisoned")
-            .get(&id)
-        {
-            return Ok(m.clone());
-        }
-        let (compiled, from_disk) = self.compile_or_fetch(id, module)?;
-        let loaded = self.link(id, compiled, from_disk)?;
-        let mut mem = self.inner.memory.lock().expect("module cache poisoned");
-        if mem.len() >= MEMORY_CACHE_ENTRIES {
-            // Any entry will do: the disk cache makes reloading cheap.
-            if let Some(k) = mem.keys().next().copied() {
-                mem.remove(&k);
+        let inner = &*self.inner;
+        let flight = {
+            let mut inflight = inner.inflight.lock().expect("inflight lock poisoned");
+            // Checked under the inflight lock: a finished leader has filled these caches
+            // before leaving the inflight map, so a module is never compiled twice.
+            if let Some(m) = inner.memory.lock().expect("module cache poisoned").get(&id) {
+                return Ok(m.clone());
             }
-        }
-        mem.insert(id, loaded.clone());
-        Ok(loaded)
+            if let Some(r) = inner.failed.lock().expect("failed cache poisoned").get(&id) {
+                return Err(invalid(r.clone()));
+            }
+            match inflight.get(&id) {
+                Some(f) => Err(f.clone()),
+                None => {
+                    let f = Arc::new(Flight::default());
+                    inflight.insert(id, f.clone());
+                    Ok(f)
+                }
+            }
+        };
+        let flight = match flight {
+            Ok(f) => f,
+            // Another load of this module is compiling it: wait for its outcome.
+            Err(leader) => return leader.wait().map_err(invalid),
+        };
+        let mut guard = FlightGuard {
+            inner,
+            id,
+            flight,
+            outcome: None,
+        };
+        let outcome = self
+            .compile_or_fetch(id, module)
+            .and_then(|(compiled, from_disk)| self.link(id, compiled, from_disk));
+        let shared = match &outcome {
+            Ok(loaded) => {
+                insert_bounded(&inner.memory, id, loaded.clone(), MEMORY_CACHE_ENTRIES);
+                Ok(loaded.clone())
+            }
+            Err(e) => {
+                let reason = match e {
+                    SandboxError::InvalidModule { reason } => reason.clone(),
+                    other => other.to_string(),
+                };
+                insert_bounded(&inner.failed, id, reason.clone(), FAILED_CACHE_ENTRIES);
+                Err(reason)
+            }
+        };
+        guard.outcome = Some(shared);
+        drop(guard);
+        outcome
     }
 
     fn compile_or_fetch(&self, id: BlobId, module: &[u8]) -> Result<(Module, bool), SandboxError> {
@@ -291,15 +433,50 @@ impl Sandbox {
                 return Ok((m, true));
             }
         }
-        let compiled = Module::new(engine, module).map_err(|e| SandboxError::InvalidModule {
-            reason: one_line(&e),
-        })?;
+        let compiled = self
+            .compile_at_idle_priority(module)
+            .map_err(|reason| SandboxError::InvalidModule { reason })?;
         if let Some(disk) = &self.inner.disk {
             if let Err(e) = disk.put(&id, &compiled) {
                 tracing::warn!(module = %id, "could not write the compile cache: {e}");
             }
         }
         Ok((compiled, false))
+    }
+
+    /// Compile on a fresh thread at the lowest OS priority, waiting at most the compile
+    /// budget. Past the budget the compilation is refused and left to finish (its result is
+    /// dropped): Cranelift cannot be interrupted, and the thread only gets idle CPU.
+    fn compile_at_idle_priority(&self, module: &[u8]) -> Result<Module, String> {
+        let inner = &*self.inner;
+        inner.compiles.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = mpsc::sync_channel(1);
+        let engine = inner.engine.clone();
+        let bytes = module.to_vec();
+        std::thread::Builder::new()
+            .name("wasm-compile".into())
+            .spawn(move || {
+                let idle = lowest_priority();
+                let _ = tx.send((Module::new(&engine, &bytes), idle));
+            })
+            .map_err(|e| format!("cannot start a compiler thread: {e}"))?;
+        match rx.recv_timeout(inner.compile_budget) {
+            Ok((compiled, idle)) => {
+                if idle {
+                    inner.compiles_at_idle.fetch_add(1, Ordering::SeqCst);
+                }
+                compiled.map_err(|e| one_line(&e))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                inner.budget_refusals.fetch_add(1, Ordering::SeqCst);
+                Err(format!(
+                    "compiling the module took longer than the {:?} wall-clock compile budget \
+                     (COMPILE_WALL_BUDGET); refused (a host-dependent safety net)",
+                    inner.compile_budget
+                ))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err("the compiler thread panicked".into()),
+        }
     }
 
     fn link(
@@ -373,6 +550,41 @@ impl Sandbox {
             }
         }
     }
+}
+
+/// Insert into a bounded cache, evicting any entry when full.
+fn insert_bounded<V>(cache: &Mutex<HashMap<BlobId, V>>, id: BlobId, v: V, cap: usize) {
+    let mut c = cache.lock().expect("module cache poisoned");
+    if c.len() >= cap && !c.contains_key(&id) {
+        if let Some(k) = c.keys().next().copied() {
+            c.remove(&k);
+        }
+    }
+    c.insert(id, v);
+}
+
+/// Put the calling thread at the lowest priority the OS offers (`SCHED_IDLE` on Linux, nice
+/// 19 as a fallback and elsewhere), as the task slots do. Returns whether it is at
+/// `SCHED_IDLE` now.
+fn lowest_priority() -> bool {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread with valid arguments.
+    unsafe {
+        let param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+        }
+        libc::sched_getscheduler(0) == libc::SCHED_IDLE
+    }
+    #[cfg(all(unix, not(target_os = "linux")))]
+    // SAFETY: as above.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+        false
+    }
+    #[cfg(not(unix))]
+    false
 }
 
 /// An error chain on one line, capped (it is shown to users, never hashed).

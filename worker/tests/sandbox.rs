@@ -505,3 +505,287 @@ fn run_spec_from_manifest_uses_argv_limits_and_task_seed() {
     assert_eq!(s.seed, m.id.random_seed());
     assert_eq!(s.input, b"in");
 }
+
+// ---- Issue 17, item 4: the sandbox's limits ----
+
+fn le_input(words: &[u32]) -> Vec<u8> {
+    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+#[test]
+fn random_get_is_bounded_by_guest_memory_and_paid_for_per_byte() {
+    let wasm = fixture("random_get");
+    let with_len = |len: u32, fuel: u64| RunSpec {
+        input: le_input(&[len]),
+        fuel,
+        ..spec()
+    };
+    // 1 MiB of random bytes costs at least 1 MiB of fuel.
+    let small = run_twice(&wasm, &with_len(16, 1_000_000_000));
+    assert_eq!(small.result.status, Status::Ok, "{:?}", small.error);
+    let big = run_twice(&wasm, &with_len(1 << 20, 1_000_000_000));
+    assert_eq!(big.result.status, Status::Ok, "{:?}", big.error);
+    assert_eq!(big.output[0], 0, "random_get succeeded");
+    assert_ne!(&big.output[1..], &[0u8; 16][..]);
+    assert_eq!(
+        &big.output[1..],
+        &small.output[1..],
+        "the stream does not depend on how much is asked for"
+    );
+    assert!(
+        big.result.fuel_used >= small.result.fuel_used + (1 << 20) - 16,
+        "1 MiB of random_get must cost >= 1 MiB of fuel: {} vs {}",
+        big.result.fuel_used,
+        small.result.fuel_used
+    );
+    // A guest that cannot pay stops with out_of_fuel, its whole budget used.
+    let poor = run_twice(&wasm, &with_len(1 << 20, 500_000));
+    assert_eq!(poor.result.status, Status::OutOfFuel);
+    assert_eq!(poor.result.fuel_used, 500_000);
+    // A length beyond guest memory (2 MiB) traps at once: no 4 GiB host allocation.
+    for len in [(2 << 20) - 15, u32::MAX] {
+        let start = Instant::now();
+        let out = run_twice(&wasm, &with_len(len, 1_000_000_000));
+        assert_eq!(
+            out.result.status,
+            Status::Trap,
+            "len {len}: {:?}",
+            out.error
+        );
+        assert_eq!(out.result.trap, "host error");
+        assert!(out.error.unwrap().contains("random_get"));
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "len {len} took {:?}",
+            start.elapsed()
+        );
+    }
+}
+
+#[test]
+fn stdio_host_calls_are_paid_for_per_byte_and_per_iovec() {
+    let wasm = fixture("stdio_cost");
+    let probe = |mode: u32, n: u32, extra: &[u8]| {
+        let mut input = le_input(&[mode, n]);
+        input.extend_from_slice(extra);
+        run_twice(&wasm, &RunSpec { input, ..spec() })
+    };
+    let fuel = |o: &RunOutput| o.result.fuel_used;
+
+    // fd_write: 1 MiB to stderr costs >= 1 MiB of fuel more than 1 byte does.
+    let (one, mib) = (probe(0, 1, b""), probe(0, 1 << 20, b""));
+    assert_eq!((one.result.status, one.output[0]), (Status::Ok, 0));
+    assert_eq!((mib.result.status, mib.output[0]), (Status::Ok, 0));
+    assert_eq!(mib.stderr.len(), worker::sandbox::STDERR_CAP);
+    assert!(
+        fuel(&mib) >= fuel(&one) + (1 << 20) - 1,
+        "{} vs {}",
+        fuel(&mib),
+        fuel(&one)
+    );
+
+    // 100k empty iovecs before the one that is written cost >= 10 fuel each.
+    let iovecs = probe(1, 100_000, b"");
+    assert_eq!((iovecs.result.status, iovecs.output[0]), (Status::Ok, 0));
+    assert!(fuel(&iovecs) >= fuel(&one) + 1_000_000, "{}", fuel(&iovecs));
+
+    // fd_read: 1 MiB of stdin costs >= 1 MiB of fuel more than 1 byte does.
+    let input = vec![7u8; 1 << 20];
+    let (r1, rmib) = (probe(2, 1, &input[..1]), probe(2, 1 << 20, &input));
+    for (r, n) in [(&r1, 1u32), (&rmib, 1 << 20)] {
+        assert_eq!(
+            (r.result.status, r.output[0]),
+            (Status::Ok, 0),
+            "{:?}",
+            r.error
+        );
+        assert_eq!(u32::from_le_bytes(r.output[4..8].try_into().unwrap()), n);
+    }
+    assert!(
+        fuel(&rmib) >= fuel(&r1) + (1 << 20) - 1,
+        "{} vs {}",
+        fuel(&rmib),
+        fuel(&r1)
+    );
+
+    // Flooding the (truncating) stderr with 1 MiB writes ends out_of_fuel, and soon.
+    let start = Instant::now();
+    let flood = probe(3, 1 << 20, b"");
+    assert_eq!(flood.result.status, Status::OutOfFuel);
+    assert!(start.elapsed() < Duration::from_secs(60));
+
+    // path_open never reads the path (there is no directory to open it in): EBADF, even
+    // for a path far beyond memory.
+    const EBADF: u8 = 8;
+    for n in [16, u32::MAX] {
+        let out = probe(4, n, b"");
+        assert_eq!(
+            (out.result.status, out.output[0]),
+            (Status::Ok, EBADF),
+            "{:?}",
+            out.error
+        );
+    }
+}
+
+#[test]
+fn tables_count_against_memory_mb() {
+    let with_mb = |memory_mb| RunSpec {
+        memory_mb,
+        ..spec()
+    };
+    // A declared table of 1 Mi elements (8 MiB at 8 bytes each) does not fit 4 MiB.
+    let huge =
+        wat::parse_str(r#"(module (table 1048576 funcref) (func (export "_start")))"#).unwrap();
+    let out = run_twice(&huge, &with_mb(4));
+    assert_eq!(out.result.status, Status::MemoryLimit, "{:?}", out.error);
+    assert_eq!(run_twice(&huge, &with_mb(16)).result.status, Status::Ok);
+
+    // Growing a table until refused is memory_limit, like growing memory.
+    // (4 MiB: the budget, not the per-table element cap, is what refuses it.)
+    let out = run_twice(&fixture("table_bomb"), &with_mb(4));
+    assert_eq!(out.result.status, Status::MemoryLimit, "{:?}", out.error);
+
+    // Memory and tables share one budget: 15 MiB of memory plus a 2 MiB table exceed 16 MiB.
+    let both = wat::parse_str(
+        r#"(module (memory (export "memory") 240) (table 262144 funcref) (func (export "_start")))"#,
+    )
+    .unwrap();
+    let out = run_twice(&both, &with_mb(16));
+    assert_eq!(out.result.status, Status::MemoryLimit, "{:?}", out.error);
+    assert_eq!(run_twice(&both, &with_mb(18)).result.status, Status::Ok);
+}
+
+/// `(module (memory ...) (func (export "_start")) <n more functions> ...)` as text.
+fn many_functions(n: usize, body: &str) -> Vec<u8> {
+    let mut text = String::from(r#"(module (memory (export "memory") 1) (func (export "_start"))"#);
+    for _ in 0..n {
+        text.push_str(&format!("(func {body})"));
+    }
+    text.push(')');
+    wat::parse_str(&text).unwrap()
+}
+
+#[test]
+fn modules_over_the_size_and_shape_limits_are_refused_before_compiling() {
+    use worker::sandbox::admit;
+    let sb = Sandbox::new(SandboxConfig::default()).unwrap();
+    let refused = |wasm: &[u8], limit: &str| {
+        let out = sb.run_bytes(wasm, &spec(), &RunControl::default()).unwrap();
+        assert_eq!(out.result.status, Status::InvalidModule, "{limit}");
+        let reason = out.error.unwrap();
+        assert!(reason.contains(limit), "{limit}: {reason}");
+    };
+
+    // More functions than MAX_FUNCTIONS (each empty: cheap to compile, so without the limit
+    // this module would load and run).
+    refused(
+        &many_functions(admit::MAX_FUNCTIONS as usize, ""),
+        "MAX_FUNCTIONS",
+    );
+
+    let mut text = String::from(r#"(module (func $f) (func (export "_start"))"#);
+    for i in 0..admit::MAX_EXPORTS {
+        text.push_str(&format!(r#"(export "e{i}" (func $f))"#));
+    }
+    text.push(')');
+    refused(&wat::parse_str(&text).unwrap(), "MAX_EXPORTS");
+
+    let mut text = String::new();
+    for i in 0..=admit::MAX_IMPORTS {
+        text.push_str(&format!(
+            r#"(import "wasi_snapshot_preview1" "sched_yield" (func $y{i} (result i32)))"#
+        ));
+    }
+    let wasm = wat::parse_str(format!(
+        r#"(module {text} (memory (export "memory") 1) (func (export "_start")))"#
+    ))
+    .unwrap();
+    refused(&wasm, "MAX_IMPORTS");
+
+    let body = "nop ".repeat(admit::MAX_FUNCTION_BYTES as usize);
+    refused(&many_functions(1, &body), "MAX_FUNCTION_BYTES");
+
+    // A valid module padded past MAX_MODULE_BYTES with a custom section.
+    let mut wasm = fixture("echo");
+    let pad = admit::MAX_MODULE_BYTES + 1 - wasm.len();
+    wasm.push(0); // custom section
+    let mut size = pad as u32 + 2; // name length byte + name + payload
+    let name_and_payload = size;
+    loop {
+        let b = (size & 0x7f) as u8;
+        size >>= 7;
+        wasm.push(if size == 0 { b } else { b | 0x80 });
+        if size == 0 {
+            break;
+        }
+    }
+    wasm.extend_from_slice(&[1, b'x']);
+    wasm.resize(wasm.len() + name_and_payload as usize - 2, 0);
+    assert!(wasm.len() > admit::MAX_MODULE_BYTES);
+    refused(&wasm, "MAX_MODULE_BYTES");
+
+    assert_eq!(sb.compile_stats().compiles, 0, "nothing was compiled");
+    host_still_fine();
+}
+
+#[test]
+fn concurrent_loads_of_a_new_module_compile_it_once_at_idle_priority() {
+    let sb = Sandbox::new(SandboxConfig::default()).unwrap();
+    // Enough code that compiling takes a while, so the loads overlap.
+    let wasm = many_functions(3000, "(drop (i32.mul (i32.const 7) (i32.const 6)))");
+    let barrier = std::sync::Barrier::new(4);
+    let ids = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    sb.load(&wasm).unwrap().id()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    assert!(ids.iter().all(|id| *id == BlobId::of(&wasm)));
+    let stats = sb.compile_stats();
+    assert_eq!(stats.compiles, 1, "{stats:?}");
+    assert_eq!(
+        stats.at_idle_priority, 1,
+        "compiled at SCHED_IDLE: {stats:?}"
+    );
+
+    // A module that fails to load is remembered too: loading it again compiles nothing.
+    let bad = fixture("bad_import");
+    for _ in 0..3 {
+        assert!(sb.load(&bad).is_err());
+    }
+    assert_eq!(sb.compile_stats().compiles, 2);
+    let out = sb.run_bytes(&bad, &spec(), &RunControl::default()).unwrap();
+    assert_eq!(out.result.status, Status::InvalidModule);
+    assert_eq!(sb.compile_stats().compiles, 2);
+}
+
+#[test]
+fn a_compilation_over_the_wall_budget_is_invalid_module() {
+    let sb = Sandbox::new(SandboxConfig {
+        compile_budget: Duration::from_nanos(1),
+        ..SandboxConfig::default()
+    })
+    .unwrap();
+    let wasm = many_functions(3000, "(drop (i32.mul (i32.const 7) (i32.const 6)))");
+    let out = sb
+        .run_bytes(&wasm, &spec(), &RunControl::default())
+        .unwrap();
+    assert_eq!(out.result.status, Status::InvalidModule);
+    let reason = out.error.unwrap();
+    assert!(reason.contains("COMPILE_WALL_BUDGET"), "{reason}");
+    assert_eq!(sb.compile_stats().budget_refusals, 1);
+    // The default budget is generous: the same module loads.
+    assert!(Sandbox::new(SandboxConfig::default())
+        .unwrap()
+        .load(&wasm)
+        .is_ok());
+}

@@ -3,10 +3,14 @@
 //! Rules:
 //! - a worker never holds two replicas of one task; the one exception is a worker whose
 //!   earlier replica of the task was *lost* (deadline, disconnect, abandon), and only as the
-//!   last resort when nothing else fits — otherwise a pool as small as the quorum stalls.
-//!   The validator counts one vote and one verdict per worker and task regardless;
-//! - a worker holds at most [`TrustPolicy::in_flight_cap`](super::trust::TrustPolicy::in_flight_cap)
-//!   replicas: workers that disagree repeatedly get less or no work;
+//!   very last resort, when no fresh, open or held-back task fits it — otherwise a pool as
+//!   small as the quorum stalls. Every other worker gets a lost replica first. Losses cost
+//!   the worker capacity and count once per worker towards failing the task, so taking and
+//!   losing a task over and over neither fails it nor is free. The validator counts one
+//!   vote and one verdict per worker and task regardless;
+//! - a worker holds at most [`TrustPolicy::allowance`](super::trust::TrustPolicy::allowance)
+//!   replicas: capacity follows delivered results (not the slots it claims), losses shrink
+//!   it, and workers that disagree repeatedly get less or no work;
 //! - a task never has replicas on two different workers of one address block (/24, /48;
 //!   publicly routed addresses only) when
 //!   [`TrustPolicy::distinct_address_blocks`](super::trust::TrustPolicy::distinct_address_blocks)
@@ -16,6 +20,10 @@
 //!   goes to an anchor (trusted worker) first: while anchors are connected, other workers
 //!   take a fresh task instead, and such tasks only when no fresh task is left
 //!   ([`TrustPolicy::prefer_anchors`](super::trust::TrustPolicy::prefer_anchors));
+//! - a fresh task's partner replicas become due only after a seeded random number (1 to
+//!   [`TrustPolicy::partner_spread`](super::trust::TrustPolicy::partner_spread)) of further
+//!   assignments while other work is left, so consecutive requesters do not systematically
+//!   share tasks (one operator cannot capture quorums by asking in step with itself);
 //! - tasks already under way come first (they finish sooner), and among them those whose
 //!   leading fingerprint matches the worker's; a task whose replicas ran on another engine
 //!   goes to a mismatched worker only when nothing else is left in that job;
@@ -23,6 +31,8 @@
 //!   one;
 //! - each assignment lists up to `max_peers` connected workers that announced its blobs,
 //!   then the coordinator itself.
+
+use std::net::SocketAddr;
 
 use tasks::wire::{Assignment, JobState, PeerAddr};
 use tasks::{BlobId, JobId, NodeId, TaskId};
@@ -64,13 +74,13 @@ impl Core {
         let Some(fp) = w.fp.filter(|_| w.connected) else {
             return empty;
         };
-        let cap = self.cfg.policy.in_flight_cap(&w.rep, w.slots);
-        let held = w.in_flight.len() as u32
-            + if self.cfg.policy.cap_counts_undecided {
+        let cap = self.cfg.policy.allowance(&w.rep, w.slots, w.lost);
+        let held =
+            (w.in_flight.len() as u32).saturating_add(if self.cfg.policy.cap_counts_undecided {
                 w.undecided
             } else {
                 0
-            };
+            });
         let want = max.min(cap.saturating_sub(held)) as usize;
         let me = Me {
             id: worker,
@@ -127,8 +137,9 @@ impl Core {
         let my_block = me.block.filter(|_| self.cfg.policy.distinct_address_blocks);
         // 1. Open tasks (already issued, need more replicas).
         let mut fallback = None;
-        let mut lost_fallback = None;
         let mut deferred = None;
+        let mut held_back = None;
+        let mut lost_fallback = None;
         let mut stale = Vec::new();
         let mut chosen = None;
         for (pos, &index) in j.open.iter().enumerate().take(scan) {
@@ -145,11 +156,8 @@ impl Core {
                 .map(|r| &self.replicas[r])
                 .filter(|r| r.worker == worker)
                 .peekable();
-            let only_lost = mine.peek().is_some() && mine.all(|r| r.phase == ReplicaPhase::Lost);
-            let has_mine = slot
-                .replicas
-                .iter()
-                .any(|r| self.replicas[r].worker == worker);
+            let has_mine = mine.peek().is_some();
+            let only_lost = has_mine && mine.all(|r| r.phase == ReplicaPhase::Lost);
             if has_mine && !only_lost {
                 continue;
             }
@@ -180,9 +188,19 @@ impl Core {
                 }
             };
             if has_mine {
-                // Its earlier replica of this task was lost: a last resort (small pools).
+                // It lost its earlier replica of this task: only as the very last resort
+                // (a pool as small as the quorum would stall otherwise). Its loss was
+                // counted, and counts once however often it repeats.
                 if lost_fallback.is_none() {
                     lost_fallback = Some(pos);
+                }
+                continue;
+            }
+            if slot.ready_at > self.issued && !me.trusted {
+                // A partner replica not yet due: not for whoever happens to ask next (an
+                // anchor, with its long agreeing record, may take it at once).
+                if held_back.is_none() {
+                    held_back = Some(pos);
                 }
                 continue;
             }
@@ -226,10 +244,11 @@ impl Core {
             j.next_fresh += 1;
             return Some(index);
         }
-        // 3. An open task better left to an anchor (none is fresh any more); 4. one whose
-        // replicas ran on another engine; 5. one whose replica on this very worker was lost
-        // (otherwise a pool as small as the quorum could stall).
-        if let Some(pos) = deferred.or(fallback).or(lost_fallback) {
+        // 3. An open task better left to an anchor (none is fresh any more); 4. a partner
+        // replica not yet due; 5. one whose replicas ran on another engine; 6. one whose
+        // replica on this very worker was lost (otherwise a pool as small as the quorum
+        // could stall).
+        if let Some(pos) = deferred.or(held_back).or(fallback).or(lost_fallback) {
             return Some(take_open(j, pos, &stale));
         }
         for p in stale.into_iter().rev() {
@@ -267,7 +286,8 @@ impl Core {
             .manifest
             .task(task.job, task.index)
             .expect("index in range");
-        let deadline_ms = now + limits.deadline_secs.saturating_mul(1000);
+        // Saturating: the core must never panic on a number a submitter chose.
+        let deadline_ms = now.saturating_add(limits.deadline_secs.saturating_mul(1000));
         self.replicas.insert(
             replica,
             super::Replica {
@@ -280,6 +300,7 @@ impl Core {
                 verdict: None,
                 anchor,
                 block,
+                lost_mark: 0,
             },
         );
         self.deadlines.insert((deadline_ms, replica));
@@ -296,11 +317,25 @@ impl Core {
             assigned_ms: now,
             deadline_ms,
         });
+        self.issued += 1;
         // Still short of replicas (quorum > 1 on a fresh task): keep it at the front of the
-        // open queue so the next worker completes it.
+        // open queue so it completes soon — but due only after a seeded random number of
+        // further assignments, so the next worker to ask (maybe the same operator under
+        // another identity) does not systematically get its partner replica.
+        let spread = self.cfg.policy.partner_spread;
+        let fresh = self.jobs[&task.job].tasks[task.index as usize]
+            .replicas
+            .len()
+            == 1;
+        let ready_at = if spread > 0 && fresh {
+            self.issued + rand::Rng::gen_range(&mut self.rng, 1..=u64::from(spread))
+        } else {
+            0
+        };
         if let Need::More { n, .. } = self.need(task) {
             let job = self.jobs.get_mut(&task.job).expect("known");
             let slot = &mut job.tasks[task.index as usize];
+            slot.ready_at = slot.ready_at.max(ready_at);
             if n > 0 && !slot.queued {
                 slot.queued = true;
                 job.open.push_front(task.index);
@@ -332,6 +367,11 @@ impl Core {
         for b in blobs {
             self.note_fetching(b, worker, now);
         }
+        // Workers behind the requester's own NAT (the same public address) cannot be reached
+        // through it (few NATs hairpin): listing them would only cost connect timeouts.
+        let me = self.workers.get(&worker).and_then(|w| w.peer_addr);
+        peers.retain(|p| !behind_one_nat(me, p.addr) && !self.cfg.central_only);
+        self.super_peers_first(&mut peers);
         if let Some(seed) = &self.cfg.seed {
             peers.push(seed.clone());
         }
@@ -342,4 +382,11 @@ impl Core {
             peers,
         }
     }
+}
+
+/// Whether two observed addresses are one public address (a NAT shared by both): a public
+/// IP (see [`super::trust::address_block`]) with different ports. Loopback and private
+/// addresses (one host, a LAN) reach each other directly.
+fn behind_one_nat(me: Option<SocketAddr>, other: SocketAddr) -> bool {
+    me.is_some_and(|me| me.ip() == other.ip() && super::trust::address_block(&me).is_some())
 }

@@ -99,8 +99,24 @@ pub struct TrustPolicy {
     /// addresses are exempt (see [`address_block`]), so LAN and test setups are unaffected.
     pub distinct_address_blocks: bool,
     pub adaptive: Option<Adaptive>,
-    /// Seed of the spot-check rolls (deterministic, so the core stays a pure function).
+    /// Seed of the spot-check rolls and of who gets a task's partner replicas
+    /// (deterministic, so the core stays a pure function).
     pub seed: u64,
+    /// Capacity follows delivered results, not the `slots` a worker claims: a worker may
+    /// hold `new_in_flight + in_flight_per_valid × valid − in_flight_per_loss × losses`
+    /// replicas (at least 1, at most the slot-based cap above). A newcomer claiming
+    /// `u32::MAX` slots holds `new_in_flight`; every replica it lets lapse or abandons
+    /// shrinks that, down to one at a time.
+    pub new_in_flight: u32,
+    pub in_flight_per_valid: u32,
+    pub in_flight_per_loss: u32,
+    /// A task's partner replicas (the ones that complete its quorum) are handed out only
+    /// after 1..=`partner_spread` (a seeded random draw) further assignments, while other
+    /// work is left: the worker asking right after another never systematically gets the
+    /// partner of its task (a second identity cannot capture quorums by asking in step).
+    /// Anchors are exempt (they may take a partner replica at once, as `prefer_anchors`
+    /// wants). 0 = off.
+    pub partner_spread: u32,
 }
 
 impl Default for TrustPolicy {
@@ -118,6 +134,10 @@ impl Default for TrustPolicy {
             distinct_address_blocks: true,
             adaptive: None,
             seed: 0x5eed,
+            new_in_flight: 8,
+            in_flight_per_valid: 2,
+            in_flight_per_loss: 2,
+            partner_spread: 4,
         }
     }
 }
@@ -187,11 +207,18 @@ impl TrustPolicy {
             && self.standing(rep) == Standing::Good
     }
 
-    /// Most replicas this worker may hold in flight (0 = banned from work).
+    /// Most replicas this worker may hold in flight (0 = banned from work), with no losses.
     pub fn in_flight_cap(&self, rep: &Reputation, slots: u32) -> u32 {
-        match self.standing(rep) {
-            Standing::Banned => 0,
-            Standing::Probation => 1,
+        self.allowance(rep, slots, 0)
+    }
+
+    /// Most replicas this worker may hold in flight (0 = banned from work), given its
+    /// claimed `slots` and `losses` (replicas it lost that valid results have not yet made
+    /// up for): what it earned by delivering, never more than its slots allow.
+    pub fn allowance(&self, rep: &Reputation, slots: u32, losses: u64) -> u32 {
+        let cap = match self.standing(rep) {
+            Standing::Banned => return 0,
+            Standing::Probation => return 1,
             Standing::Good => {
                 let cap = slots.max(1).saturating_mul(self.in_flight_per_slot.max(1));
                 match self.unproven_in_flight {
@@ -199,7 +226,12 @@ impl TrustPolicy {
                     _ => cap,
                 }
             }
-        }
+        };
+        let earned = u64::from(self.new_in_flight)
+            .saturating_add(u64::from(self.in_flight_per_valid).saturating_mul(rep.valid));
+        let owed = u64::from(self.in_flight_per_loss).saturating_mul(losses);
+        let earned = earned.saturating_sub(owed).max(1);
+        cap.min(u32::try_from(earned).unwrap_or(u32::MAX))
     }
 
     /// Replicas that must agree for this fresh task, given the worker its first replica goes
@@ -288,7 +320,11 @@ mod tests {
     fn repeated_disagreement_reduces_then_stops_work() {
         let p = TrustPolicy::default();
         let mut r = Reputation::default();
-        assert_eq!(p.in_flight_cap(&r, 4), 4 * p.in_flight_per_slot);
+        assert_eq!(
+            p.in_flight_cap(&r, 4),
+            p.new_in_flight,
+            "newcomers start small"
+        );
         r.record_invalid();
         assert_eq!(p.in_flight_cap(&r, 4), 1, "probation after a wrong answer");
         r.record_invalid();
@@ -298,13 +334,43 @@ mod tests {
             0,
             "banned after repeated wrong answers"
         );
-        for _ in 0..20 {
+        for _ in 0..200 {
             r.record_valid();
         }
         assert_eq!(
             p.in_flight_cap(&r, 4),
             4 * p.in_flight_per_slot,
             "trust can be earned back"
+        );
+    }
+
+    #[test]
+    fn capacity_follows_delivered_results_not_claimed_slots() {
+        let p = TrustPolicy::default();
+        let mut r = Reputation::default();
+        assert_eq!(p.allowance(&r, u32::MAX, 0), p.new_in_flight);
+        for _ in 0..10 {
+            r.record_valid();
+        }
+        assert_eq!(
+            p.allowance(&r, u32::MAX, 0),
+            p.new_in_flight + 10 * p.in_flight_per_valid
+        );
+        assert_eq!(
+            p.allowance(&r, 1, 0),
+            p.in_flight_per_slot.min(28),
+            "slots still cap"
+        );
+        assert_eq!(
+            p.allowance(&r, u32::MAX, 1_000),
+            1,
+            "losses shrink it to one"
+        );
+        let new = Reputation::default();
+        assert_eq!(
+            p.allowance(&new, 8, 4),
+            1,
+            "a newcomer losing 4 is down to one"
         );
     }
 

@@ -13,9 +13,14 @@
 //!   cancelled, and those tasks are re-examined and get replacement replicas;
 //! - a task **fails** when no group can reach quorum within `max_replicas` counted replicas
 //!   (reported by workers not banned + in flight; lost ones do not count), or when
-//!   `max_replicas` replicas were lost without result. A failed task's replicas get no verdict (nobody is known to be right);
+//!   `max_replicas` *distinct workers* lost a replica of it without result (one worker's
+//!   losses count once, so one identity cannot fail tasks by letting them lapse). A failed
+//!   task's replicas get no verdict (nobody is known to be right);
 //! - a report arriving after the decision (late, or for a cancelled replica) is judged
-//!   against the accepted result the same way.
+//!   against the accepted result the same way — except a report for a replica that was
+//!   *lost and since reissued*: it is rejected and earns neither credit nor trust;
+//! - a report's claims are checked against the job: `fuel_used` above the task's `fuel` or
+//!   `output_len` above its `max_output` is rejected; credit sums saturate.
 
 use tasks::wire::ReplicaId;
 use tasks::{NodeId, ResultDigest, RunResult, TaskId};
@@ -117,6 +122,7 @@ impl Core {
             return t;
         };
         let mut reporters: Vec<NodeId> = Vec::new();
+        let mut losers: Vec<NodeId> = Vec::new();
         let policy = &self.cfg.policy;
         for r in &slot.replicas {
             let Some(rep) = self.replicas.get(r) else {
@@ -164,7 +170,12 @@ impl Core {
                         None => t.outstanding.push((rep.fp, 1, a)),
                     }
                 }
-                ReplicaPhase::Lost => t.lost += 1,
+                // One loss per worker: a worker's repeated losses cannot fail a task.
+                ReplicaPhase::Lost if !losers.contains(&rep.worker) => {
+                    losers.push(rep.worker);
+                    t.lost += 1;
+                }
+                ReplicaPhase::Lost => {}
                 ReplicaPhase::Cancelled => {}
             }
         }
@@ -192,7 +203,14 @@ impl Core {
         if let Some(g) = t
             .groups
             .iter()
-            .filter(|g| g.replicas.len() as u32 >= if g.anchored { q } else { q + extra })
+            .filter(|g| {
+                g.replicas.len() as u32
+                    >= if g.anchored {
+                        q
+                    } else {
+                        q.saturating_add(extra)
+                    }
+            })
             .max_by_key(|g| (g.replicas.len(), std::cmp::Reverse(g.key.0), g.key.1))
         {
             let mut agreeing = g.replicas.clone();
@@ -368,8 +386,10 @@ impl Core {
             let was_banned = self.cfg.policy.is_banned(&w.rep);
             match verdict {
                 Verdict::Valid => {
-                    w.credit_fuel += fuel;
+                    w.credit_fuel = w.credit_fuel.saturating_add(fuel);
                     w.rep.record_valid();
+                    // A delivered result makes up for one lost replica.
+                    w.lost = w.lost.saturating_sub(1);
                 }
                 Verdict::Invalid => w.rep.record_invalid(),
             }
@@ -472,6 +492,35 @@ impl Core {
                 "replica {replica} is not assigned to this worker"
             ));
         }
+        if rep.phase != ReplicaPhase::Reported {
+            // Claims are checked against what the job allowed, before anything is recorded.
+            let limits = self.jobs[&rep.task.job].manifest.limits;
+            if result.fuel_used > limits.fuel {
+                return ReportOutcome::Rejected(format!(
+                    "replica {replica}: fuel_used {} exceeds the task's fuel {}",
+                    result.fuel_used, limits.fuel
+                ));
+            }
+            if result.output_len > limits.max_output {
+                return ReportOutcome::Rejected(format!(
+                    "replica {replica}: output_len {} exceeds the task's max_output {}",
+                    result.output_len, limits.max_output
+                ));
+            }
+            if rep.phase == ReplicaPhase::Lost {
+                let mark = rep.lost_mark;
+                let reissued = self.jobs[&rep.task.job].tasks[rep.task.index as usize]
+                    .replicas
+                    .iter()
+                    .any(|r| *r >= mark);
+                if reissued {
+                    return ReportOutcome::Rejected(format!(
+                        "replica {replica} was lost (deadline passed, abandoned or worker gone) and has been reissued: a late report earns nothing"
+                    ));
+                }
+            }
+        }
+        let rep = self.replicas.get_mut(&replica).expect("checked above");
         if rep.phase == ReplicaPhase::Reported {
             let same = rep.result.as_ref().is_some_and(|(d, _)| *d == digest);
             return if same {

@@ -71,7 +71,10 @@ pub enum Cmd {
         worker: NodeId,
         replicas: Vec<ReplicaId>,
     },
+    /// `from` says `peer` served bad data for `blob` (an accusation; see
+    /// [`Core::bad_peer`]).
     BadPeer {
+        from: NodeId,
         peer: NodeId,
         blob: BlobId,
     },
@@ -425,7 +428,11 @@ impl<S: Store> Engine<S> {
             }
             Cmd::HaveBlobs { worker, blobs } => self.core.have_blobs(worker, &blobs),
             Cmd::Abandon { worker, replicas } => self.core.abandon(worker, &replicas, now),
-            Cmd::BadPeer { peer, blob } => self.core.bad_peer(peer, blob),
+            Cmd::BadPeer { from, peer, blob } => {
+                if !self.core.bad_peer(from, peer, blob) {
+                    tracing::info!(node = %from.short(), peer = %peer.short(), blob = %blob.short(), "uncorroborated bad-peer report ignored: the reporter holds no assignment needing that blob, or the peer is not listed for it");
+                }
+            }
             Cmd::Punch { from, peer } => self.punch(from, peer, now),
             Cmd::Reachable {
                 worker,
@@ -595,16 +602,20 @@ impl<S: Store> Engine<S> {
     }
 }
 
-/// The engine's thread; joins with the store error that stopped it, if any.
+/// The engine's thread; joins with the store error that stopped it, if any (or the panic).
 pub type EngineThread = std::thread::JoinHandle<Result<(), crate::store::StoreError>>;
 
 /// Spawn the engine on its own thread. Returns its handle, the receiver of output fetches,
-/// and the thread's join handle.
+/// and the thread's join handle. `died` is cancelled when the engine stops *abnormally* (a
+/// store error or a panic), so the shell can stop serving instead of lingering as a
+/// coordinator that answers every request with "shutting down"; a normal stop (every
+/// sender dropped) leaves it alone.
 pub fn spawn<S: Store + 'static>(
     core: Core,
     store: S,
     blobs: worker::blobs::BlobStore,
     queue: usize,
+    died: tokio_util::sync::CancellationToken,
 ) -> Result<
     (
         EngineHandle,
@@ -620,11 +631,25 @@ pub fn spawn<S: Store + 'static>(
     let thread = std::thread::Builder::new()
         .name("coordinator-engine".into())
         .spawn(move || {
-            let r = engine.run(rx);
-            if let Err(e) = &r {
-                tracing::error!(error = %e, "store failed; the coordinator stops accepting work (restart it to resume from committed state)");
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.run(rx)));
+            match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "store failed; the engine stopped and the coordinator stops serving (restart it to resume from committed state)");
+                    died.cancel();
+                    Err(e)
+                }
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(panic = %what, "the engine panicked; the coordinator stops serving (restart it to resume from committed state)");
+                    died.cancel();
+                    std::panic::resume_unwind(panic)
+                }
             }
-            r
         })
         .expect("spawn engine thread");
     Ok((EngineHandle { tx }, frx, thread))

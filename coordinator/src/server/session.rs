@@ -41,6 +41,8 @@ pub enum SessionError {
     Accept(quinn::ConnectionError),
     #[error("first message was not Hello")]
     NoHello,
+    #[error("no Hello within {0:?}")]
+    HelloTimeout(Duration),
     #[error(transparent)]
     Frame(#[from] FrameError),
     #[error("coordinator is shutting down")]
@@ -78,12 +80,27 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> Result<(), SessionError> {
     let engine = ctx.engine.clone();
-    let (mut send, mut recv) = tokio::select! {
+    // The session stream and its Hello must come within HELLO_TIMEOUT: a connection that
+    // never says Hello must not hold a session slot (and its buffers) for ever.
+    let opened = tokio::select! {
         biased;
         _ = cancel.cancelled() => return Ok(()),
-        s = conn.accept_bi() => s.map_err(SessionError::Accept)?,
+        s = tokio::time::timeout(tasks::limits::HELLO_TIMEOUT, async {
+            let (send, mut recv) = conn.accept_bi().await.map_err(SessionError::Accept)?;
+            let first = net::read_frame::<WorkerMsg>(&mut recv).await;
+            Ok::<_, SessionError>((send, recv, first))
+        }) => s,
     };
-    let hello = match net::read_frame::<WorkerMsg>(&mut recv).await {
+    let Ok(opened) = opened else {
+        tracing::warn!(
+            "closing worker connection: no Hello within {:?}",
+            tasks::limits::HELLO_TIMEOUT
+        );
+        net::close(&conn, CloseCode::Protocol, "no Hello in time");
+        return Err(SessionError::HelloTimeout(tasks::limits::HELLO_TIMEOUT));
+    };
+    let (mut send, mut recv, first) = opened?;
+    let hello = match first {
         Ok(Some(WorkerMsg::Hello {
             agent,
             fingerprint,
@@ -97,7 +114,7 @@ pub async fn run(
                 fingerprint,
                 slots,
                 observed_addr,
-                blobs,
+                blobs: bounded_blobs(blobs),
             }
         }
         Ok(_) => {
@@ -273,12 +290,21 @@ async fn dispatch(engine: &EngineHandle, worker: NodeId, msg: WorkerMsg) -> Disp
             }
             return reports(engine, worker, rs).await;
         }
-        WorkerMsg::HaveBlobs { blobs } => engine.send(Cmd::HaveBlobs { worker, blobs }).await,
+        WorkerMsg::HaveBlobs { blobs } => {
+            let blobs = bounded_blobs(blobs);
+            engine.send(Cmd::HaveBlobs { worker, blobs }).await
+        }
         WorkerMsg::Abandon { replicas } => engine.send(Cmd::Abandon { worker, replicas }).await,
         WorkerMsg::Punch { peer } => engine.send(Cmd::Punch { from: worker, peer }).await,
         WorkerMsg::BadPeer { peer, blob } => {
             tracing::warn!(peer = %peer.short(), blob = %blob.short(), "worker reports a peer serving bad data");
-            engine.send(Cmd::BadPeer { peer, blob }).await
+            engine
+                .send(Cmd::BadPeer {
+                    from: worker,
+                    peer,
+                    blob,
+                })
+                .await
         }
     };
     if sent {
@@ -286,6 +312,20 @@ async fn dispatch(engine: &EngineHandle, worker: NodeId, msg: WorkerMsg) -> Disp
     } else {
         Dispatch::Gone
     }
+}
+
+/// A blob list from a worker, cut to [`tasks::limits::MAX_HAVE_BLOBS_PER_MSG`] (the rest is
+/// ignored, with a warning): one message cannot make the engine do unbounded work.
+fn bounded_blobs(mut blobs: Vec<tasks::BlobId>) -> Vec<tasks::BlobId> {
+    if blobs.len() > tasks::limits::MAX_HAVE_BLOBS_PER_MSG {
+        tracing::warn!(
+            announced = blobs.len(),
+            kept = tasks::limits::MAX_HAVE_BLOBS_PER_MSG,
+            "worker announced too many blobs in one message; the rest are ignored"
+        );
+        blobs.truncate(tasks::limits::MAX_HAVE_BLOBS_PER_MSG);
+    }
+    blobs
 }
 
 async fn reports(

@@ -218,27 +218,15 @@ async fn respond(
     })
 }
 
-/// The same rules a job file is checked against, for manifests from the network.
+/// The same rules a job file is checked against, for manifests from the network: every
+/// number within [`limits`] (see [`tasks::job::JobLimits::check`]), so nothing absurd ever
+/// reaches the scheduling core.
 pub fn validate(m: &JobManifest) -> Result<(), String> {
     let l = &m.limits;
     if m.name.trim().is_empty() {
         return Err("job name is empty".into());
     }
-    if l.quorum == 0 || l.max_replicas < l.quorum || l.max_replicas > limits::MAX_REPLICAS {
-        return Err(format!(
-            "need 1 <= quorum ({}) <= max_replicas ({}) <= {}",
-            l.quorum,
-            l.max_replicas,
-            limits::MAX_REPLICAS
-        ));
-    }
-    if l.fuel == 0 || l.deadline_secs == 0 {
-        return Err("fuel and deadline_secs must be positive".into());
-    }
-    if l.memory_mb == 0 || l.memory_mb > limits::MAX_MEMORY_MB || l.max_output > limits::MAX_OUTPUT
-    {
-        return Err("memory_mb or max_output out of range".into());
-    }
+    l.check()?;
     if m.tasks.is_empty() || m.tasks.len() as u64 > limits::MAX_TASKS {
         return Err(format!("a job needs 1..={} tasks", limits::MAX_TASKS));
     }

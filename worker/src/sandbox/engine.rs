@@ -36,6 +36,9 @@ pub fn build(deterministic: bool) -> Result<(Engine, EngineFingerprint), Sandbox
     c.wasm_gc(false);
     c.max_wasm_stack(MAX_WASM_STACK);
     c.cranelift_opt_level(OptLevel::Speed);
+    // Compile on the calling thread only: the sandbox compiles on a thread at idle priority,
+    // and a parallel pool would run Cranelift at normal priority. Codegen is unaffected.
+    c.parallel_compilation(false);
     let engine = Engine::new(&c).map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
     let fingerprint = EngineFingerprint {
         engine: ENGINE.to_string(),
@@ -53,7 +56,7 @@ pub fn settings(deterministic: bool) -> String {
         "no-nan-canon"
     };
     format!(
-        "{nan},relaxed-simd-det,no-threads,no-gc,fuel,stack={MAX_WASM_STACK},clock=fixed,random=blake3-xof,poll=virtual,abi=wasip1"
+        "{nan},relaxed-simd-det,no-threads,no-gc,fuel,stack={MAX_WASM_STACK},clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1"
     )
 }
 
@@ -145,7 +148,7 @@ mod tests {
 
     #[test]
     fn determinism_switch_changes_the_fingerprint() {
-        const REST: &str = "relaxed-simd-det,no-threads,no-gc,fuel,stack=524288,clock=fixed,random=blake3-xof,poll=virtual,abi=wasip1";
+        const REST: &str = "relaxed-simd-det,no-threads,no-gc,fuel,stack=524288,clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1";
         let (_, on) = build(true).unwrap();
         let (_, off) = build(false).unwrap();
         // Exactly one component differs, and it names the NaN setting each way.

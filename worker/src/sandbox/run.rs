@@ -12,43 +12,84 @@ use super::control::CancelTrap;
 use super::wasi::{self, CappedPipe};
 use super::{one_line, Cancelled, LoadedModule, RunControl, RunOutput, RunSpec, STDERR_CAP};
 
-/// Most table elements a guest may have (per table).
+/// Most table elements a guest may have (per table), whatever its memory budget.
 pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+
+/// What one table element costs against the `memory_mb` budget: a pointer. Fixed (not
+/// `size_of::<usize>()`) so the limit is the same on every host.
+pub const TABLE_ELEMENT_BYTES: usize = 8;
 
 /// The per-run store data.
 pub struct StoreState {
     pub(crate) wasi: WasiP1Ctx,
+    pub(crate) io: wasi::GuestIo,
     pub(crate) limits: Limits,
 }
 
-/// The memory/table limiter. Refusing a grow makes `memory.grow` return -1, deterministically;
-/// the refusal is remembered for the `memory_limit` classification.
+/// The memory/table limiter. Linear memory and tables share one budget, `memory_mb`: a
+/// table of n elements counts n × [`TABLE_ELEMENT_BYTES`]. Refusing a grow makes
+/// `memory.grow`/`table.grow` return -1 (or instantiation fail), deterministically; the
+/// refusal is remembered for the `memory_limit` classification.
 pub struct Limits {
     max_memory: usize,
+    /// Bytes of linear memory (one memory per instance).
+    memory_bytes: usize,
+    /// Elements over all tables.
+    table_elements: usize,
     pub(crate) memory_denied: bool,
+}
+
+impl Limits {
+    pub(crate) fn new(memory_mb: u32) -> Limits {
+        Limits {
+            max_memory: (memory_mb as usize).saturating_mul(1 << 20),
+            memory_bytes: 0,
+            table_elements: 0,
+            memory_denied: false,
+        }
+    }
+
+    fn used(&self, memory_bytes: usize, table_elements: usize) -> usize {
+        memory_bytes.saturating_add(table_elements.saturating_mul(TABLE_ELEMENT_BYTES))
+    }
 }
 
 impl ResourceLimiter for Limits {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> anyhow::Result<bool> {
-        if desired > self.max_memory {
+        let memory = self
+            .memory_bytes
+            .saturating_sub(current)
+            .saturating_add(desired);
+        if desired > self.max_memory || self.used(memory, self.table_elements) > self.max_memory {
             self.memory_denied = true;
             return Ok(false);
         }
+        self.memory_bytes = memory;
         Ok(true)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> anyhow::Result<bool> {
-        Ok(desired <= MAX_TABLE_ELEMENTS)
+        let elements = self
+            .table_elements
+            .saturating_sub(current)
+            .saturating_add(desired);
+        if desired > MAX_TABLE_ELEMENTS || self.used(self.memory_bytes, elements) > self.max_memory
+        {
+            self.memory_denied = true;
+            return Ok(false);
+        }
+        self.table_elements = elements;
+        Ok(true)
     }
 
     fn instances(&self) -> usize {
@@ -79,10 +120,8 @@ pub(crate) fn run(
     let stderr = CappedPipe::truncating(STDERR_CAP);
     let state = StoreState {
         wasi: wasi::context(spec, &stdout, &stderr),
-        limits: Limits {
-            max_memory: (spec.memory_mb as usize).saturating_mul(1 << 20),
-            memory_denied: false,
-        },
+        io: wasi::guest_io(spec, &stdout, &stderr),
+        limits: Limits::new(spec.memory_mb),
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);
@@ -142,10 +181,8 @@ pub(crate) fn instantiate_only(
     let stderr = CappedPipe::truncating(1024);
     let state = StoreState {
         wasi: wasi::context(spec, &stdout, &stderr),
-        limits: Limits {
-            max_memory: (spec.memory_mb as usize).saturating_mul(1 << 20),
-            memory_denied: false,
-        },
+        io: wasi::guest_io(spec, &stdout, &stderr),
+        limits: Limits::new(spec.memory_mb),
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);

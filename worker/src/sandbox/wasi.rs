@@ -3,6 +3,18 @@
 //! environment, no preopened directories, no network; fixed clocks; a `random_get` stream
 //! derived from the task's seed; `poll_oneoff` in virtual time (every timer has already
 //! expired, every stream is ready), so `sleep` neither waits nor depends on the host.
+//!
+//! # Bounded host work
+//! Every host call that copies guest-sized data is ours, not wasmtime-wasi's: `random_get`,
+//! `fd_write`, `fd_read`, `args_get`/`args_sizes_get`, `poll_oneoff` and `path_open`. Each
+//! one checks the guest's pointers and lengths against the guest's own memory *before* doing
+//! any work (a length beyond it traps, like any out-of-bounds pointer: `trap`/`host error`),
+//! never allocates host memory proportional to a guest-chosen length (it works in place in
+//! guest memory, or in pieces of at most [`HOST_CHUNK`] bytes), and charges fuel for the
+//! work: [`FUEL_PER_HOST_BYTE`] per byte produced or copied and [`FUEL_PER_IOVEC`] per
+//! iovec inspected. A guest that cannot pay stops with `out_of_fuel` before the work is done.
+//! (wasmtime-wasi's own `random_get` allocates the requested length, up to 4 GiB, before any
+//! check; its `path_open` copies the path before looking at the directory fd.)
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -10,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use wasmtime::{Caller, Engine, Extern, Linker};
+use wasmtime::{Caller, Engine, Extern, Linker, Memory, Trap};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
@@ -26,19 +38,69 @@ pub const WALL_CLOCK_SECS: u64 = 1_767_225_600;
 pub const MONOTONIC_NANOS: u64 = 1_000_000_000;
 /// Fuel charged per `poll_oneoff` subscription (host work must cost the guest something).
 const POLL_FUEL_PER_SUBSCRIPTION: u64 = 100;
+/// Fuel charged per byte a host call produces or copies (`random_get`, `fd_write`,
+/// `fd_read`, `args_get`).
+pub const FUEL_PER_HOST_BYTE: u64 = 1;
+/// Fuel charged per iovec a host call inspects (`fd_write`, `fd_read`).
+pub const FUEL_PER_IOVEC: u64 = 10;
+/// Fuel charged for any of our host calls, whatever it does.
+pub const FUEL_PER_HOST_CALL: u64 = 10;
+/// The largest piece a host call produces at once (`random_get` fills guest memory in
+/// pieces of this size; nothing is ever allocated for the whole requested length).
+pub const HOST_CHUNK: usize = 64 * 1024;
 
-/// The linker every module is linked against: WASI preview 1 (sync), with `poll_oneoff`
-/// replaced by the virtual-time version.
+const WASI: &str = "wasi_snapshot_preview1";
+
+/// The linker every module is linked against: WASI preview 1 (sync), with the calls that
+/// copy guest-sized data (and `poll_oneoff`, in virtual time) replaced by ours.
 pub fn linker(engine: &Engine) -> anyhow::Result<Linker<StoreState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut StoreState| &mut s.wasi)?;
     linker.allow_shadowing(true);
-    linker.func_wrap("wasi_snapshot_preview1", "poll_oneoff", poll_oneoff)?;
+    linker.func_wrap(WASI, "poll_oneoff", poll_oneoff)?;
+    linker.func_wrap(WASI, "random_get", random_get)?;
+    linker.func_wrap(WASI, "fd_write", fd_write)?;
+    linker.func_wrap(WASI, "fd_read", fd_read)?;
+    linker.func_wrap(WASI, "args_get", args_get)?;
+    linker.func_wrap(WASI, "args_sizes_get", args_sizes_get)?;
+    linker.func_wrap(WASI, "path_open", path_open)?;
     linker.allow_shadowing(false);
     Ok(linker)
 }
 
-/// The WASI context of one run.
+/// What our own host calls serve: stdin, argv, stdout/stderr and the `random_get` stream.
+pub struct GuestIo {
+    stdin: Vec<u8>,
+    stdin_pos: usize,
+    /// Each argument with its terminating NUL.
+    args: Vec<Vec<u8>>,
+    stdout: CappedPipe,
+    stderr: CappedPipe,
+    random: XofRng,
+}
+
+/// The guest I/O of one run.
+pub fn guest_io(spec: &RunSpec, stdout: &CappedPipe, stderr: &CappedPipe) -> GuestIo {
+    GuestIo {
+        stdin: spec.input.clone(),
+        stdin_pos: 0,
+        args: spec
+            .argv
+            .iter()
+            .map(|a| {
+                let mut v = a.as_bytes().to_vec();
+                v.push(0);
+                v
+            })
+            .collect(),
+        stdout: stdout.clone(),
+        stderr: stderr.clone(),
+        random: XofRng::new(&spec.seed, "random_get"),
+    }
+}
+
+/// The WASI context of one run (what our own calls do not cover: fd_fdstat_get, clocks,
+/// proc_exit, ...). Stdin is served by [`GuestIo`]; the context's stdin is empty.
 pub fn context(spec: &RunSpec, stdout: &CappedPipe, stderr: &CappedPipe) -> WasiP1Ctx {
     let insecure_seed = {
         let mut r = XofRng::new(&spec.seed, "insecure-seed");
@@ -46,7 +108,7 @@ pub fn context(spec: &RunSpec, stdout: &CappedPipe, stderr: &CappedPipe) -> Wasi
     };
     WasiCtxBuilder::new()
         .args(&spec.argv)
-        .stdin(MemoryInputPipe::new(Bytes::from(spec.input.clone())))
+        .stdin(MemoryInputPipe::new(Bytes::new()))
         .stdout(stdout.clone())
         .stderr(stderr.clone())
         .wall_clock(FixedWallClock)
@@ -237,8 +299,228 @@ impl RngCore for XofRng {
 }
 
 const ERRNO_SUCCESS: i32 = 0;
+const ERRNO_BADF: i32 = 8;
 const ERRNO_FAULT: i32 = 21;
 const ERRNO_INVAL: i32 = 28;
+const IOVEC_SIZE: usize = 8;
+
+/// Raised by a host call given a pointer or length outside the guest's memory (or a
+/// misaligned one): WASI says such a call traps.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: pointer out of bounds or misaligned")]
+pub struct BadPointer(&'static str);
+
+/// Take `fuel` from the guest before doing the work it pays for; a guest that cannot pay
+/// stops with `out_of_fuel` (its whole budget used) and the work is not done.
+fn charge(caller: &mut Caller<'_, StoreState>, fuel: u64) -> anyhow::Result<()> {
+    let have = caller.get_fuel()?;
+    if have < fuel {
+        caller.set_fuel(0)?;
+        return Err(Trap::OutOfFuel.into());
+    }
+    caller.set_fuel(have - fuel)?;
+    Ok(())
+}
+
+fn guest_memory(caller: &mut Caller<'_, StoreState>, call: &'static str) -> anyhow::Result<Memory> {
+    match caller.get_export("memory") {
+        Some(Extern::Memory(m)) => Ok(m),
+        _ => Err(anyhow::anyhow!("{call}: the module exports no memory")),
+    }
+}
+
+/// `[ptr, ptr + len)` if it lies inside a guest memory of `mem_len` bytes and `ptr` is
+/// `align`-aligned.
+fn span(
+    call: &'static str,
+    mem_len: usize,
+    ptr: i32,
+    len: usize,
+    align: usize,
+) -> Result<std::ops::Range<usize>, BadPointer> {
+    let at = ptr as u32 as usize;
+    match at.checked_add(len) {
+        Some(end) if end <= mem_len && at.is_multiple_of(align) => Ok(at..end),
+        _ => Err(BadPointer(call)),
+    }
+}
+
+fn read_u32(mem: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(mem[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// The first non-empty buffer of an iovec array (what WASI preview 1 reads or writes; an
+/// all-empty array gives an empty buffer), and how many iovecs were inspected. Traps on an
+/// array outside guest memory; the caller checks the part of the buffer it uses.
+fn first_iovec(
+    call: &'static str,
+    mem: &[u8],
+    iovs: i32,
+    iovs_len: i32,
+) -> Result<((usize, usize), u64), BadPointer> {
+    let n = iovs_len as u32 as usize;
+    let array = span(call, mem.len(), iovs, n.saturating_mul(IOVEC_SIZE), 4)?;
+    for i in 0..n {
+        let at = array.start + i * IOVEC_SIZE;
+        let (buf, len) = (read_u32(mem, at) as usize, read_u32(mem, at + 4) as usize);
+        if len != 0 {
+            return Ok(((buf, len), i as u64 + 1));
+        }
+    }
+    Ok(((0, 0), n as u64))
+}
+
+/// `random_get(buf, len)`: `len` bytes of the task's seeded stream, written in place.
+fn random_get(mut caller: Caller<'_, StoreState>, buf: i32, len: i32) -> anyhow::Result<i32> {
+    const CALL: &str = "random_get";
+    let memory = guest_memory(&mut caller, CALL)?;
+    let len = len as u32 as usize;
+    // Bounds first: a length beyond guest memory is refused before any work or charge.
+    let range = span(CALL, memory.data_size(&caller), buf, len, 1)?;
+    charge(
+        &mut caller,
+        FUEL_PER_HOST_CALL.saturating_add(FUEL_PER_HOST_BYTE.saturating_mul(len as u64)),
+    )?;
+    let (mem, state) = memory.data_and_store_mut(&mut caller);
+    for piece in mem[range].chunks_mut(HOST_CHUNK) {
+        state.io.random.fill_bytes(piece);
+    }
+    Ok(ERRNO_SUCCESS)
+}
+
+/// `fd_write(fd, iovs, iovs_len, nwritten)` on stdout (1) and stderr (2); any other fd is
+/// `EBADF` (there are no files or sockets). Writes the first non-empty iovec, as
+/// wasmtime-wasi does.
+fn fd_write(
+    mut caller: Caller<'_, StoreState>,
+    fd: i32,
+    iovs: i32,
+    iovs_len: i32,
+    nwritten: i32,
+) -> anyhow::Result<i32> {
+    const CALL: &str = "fd_write";
+    charge(&mut caller, FUEL_PER_HOST_CALL)?;
+    let pipe = match fd {
+        1 => caller.data().io.stdout.clone(),
+        2 => caller.data().io.stderr.clone(),
+        _ => return Ok(ERRNO_BADF),
+    };
+    let memory = guest_memory(&mut caller, CALL)?;
+    let mem = memory.data(&caller);
+    let ((buf, len), inspected) = first_iovec(CALL, mem, iovs, iovs_len)?;
+    let bytes = span(CALL, mem.len(), buf as i32, len, 1)?;
+    let out = span(CALL, mem.len(), nwritten, 4, 4)?;
+    charge(
+        &mut caller,
+        FUEL_PER_IOVEC
+            .saturating_mul(inspected)
+            .saturating_add(FUEL_PER_HOST_BYTE.saturating_mul(len as u64)),
+    )?;
+    let mem = memory.data_mut(&mut caller);
+    // The pipe copies at most its remaining room (stdout: the write that crosses the cap
+    // stops the guest; stderr: the excess is dropped).
+    pipe.push(&mem[bytes])?;
+    mem[out].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(ERRNO_SUCCESS)
+}
+
+/// `fd_read(fd, iovs, iovs_len, nread)` on stdin (0); any other fd is `EBADF`. Reads into
+/// the first non-empty iovec, as wasmtime-wasi does; 0 bytes at the end of the input.
+fn fd_read(
+    mut caller: Caller<'_, StoreState>,
+    fd: i32,
+    iovs: i32,
+    iovs_len: i32,
+    nread: i32,
+) -> anyhow::Result<i32> {
+    const CALL: &str = "fd_read";
+    charge(&mut caller, FUEL_PER_HOST_CALL)?;
+    if fd != 0 {
+        return Ok(ERRNO_BADF);
+    }
+    let memory = guest_memory(&mut caller, CALL)?;
+    let mem = memory.data(&caller);
+    let ((buf, len), inspected) = first_iovec(CALL, mem, iovs, iovs_len)?;
+    let io = &caller.data().io;
+    let n = len.min(io.stdin.len() - io.stdin_pos);
+    // Only the part actually filled must be inside memory.
+    let dest = span(CALL, mem.len(), buf as i32, n, 1)?;
+    let out = span(CALL, mem.len(), nread, 4, 4)?;
+    charge(
+        &mut caller,
+        FUEL_PER_IOVEC
+            .saturating_mul(inspected)
+            .saturating_add(FUEL_PER_HOST_BYTE.saturating_mul(n as u64)),
+    )?;
+    let (mem, state) = memory.data_and_store_mut(&mut caller);
+    let io = &mut state.io;
+    mem[dest].copy_from_slice(&io.stdin[io.stdin_pos..io.stdin_pos + n]);
+    io.stdin_pos += n;
+    mem[out].copy_from_slice(&(n as u32).to_le_bytes());
+    Ok(ERRNO_SUCCESS)
+}
+
+/// `args_sizes_get(argc, argv_buf_size)`.
+fn args_sizes_get(mut caller: Caller<'_, StoreState>, argc: i32, size: i32) -> anyhow::Result<i32> {
+    const CALL: &str = "args_sizes_get";
+    charge(&mut caller, FUEL_PER_HOST_CALL)?;
+    let memory = guest_memory(&mut caller, CALL)?;
+    let (mem, state) = memory.data_and_store_mut(&mut caller);
+    let count = state.io.args.len() as u32;
+    let bytes: usize = state.io.args.iter().map(Vec::len).sum();
+    let (a, s) = (
+        span(CALL, mem.len(), argc, 4, 4)?,
+        span(CALL, mem.len(), size, 4, 4)?,
+    );
+    mem[a].copy_from_slice(&count.to_le_bytes());
+    mem[s].copy_from_slice(&(bytes as u32).to_le_bytes());
+    Ok(ERRNO_SUCCESS)
+}
+
+/// `args_get(argv, argv_buf)`: the pointer array and the NUL-terminated arguments.
+fn args_get(mut caller: Caller<'_, StoreState>, argv: i32, argv_buf: i32) -> anyhow::Result<i32> {
+    const CALL: &str = "args_get";
+    let memory = guest_memory(&mut caller, CALL)?;
+    let io = &caller.data().io;
+    let bytes: usize = io.args.iter().map(Vec::len).sum();
+    let count = io.args.len();
+    let mem_len = memory.data_size(&caller);
+    let ptrs = span(CALL, mem_len, argv, count * 4, 4)?;
+    let buf = span(CALL, mem_len, argv_buf, bytes, 1)?;
+    charge(
+        &mut caller,
+        FUEL_PER_HOST_CALL
+            .saturating_add(FUEL_PER_HOST_BYTE.saturating_mul((bytes + 4 * count) as u64)),
+    )?;
+    let (mem, state) = memory.data_and_store_mut(&mut caller);
+    let (mut p, mut b) = (ptrs.start, buf.start);
+    for arg in &state.io.args {
+        mem[p..p + 4].copy_from_slice(&(b as u32).to_le_bytes());
+        mem[b..b + arg.len()].copy_from_slice(arg);
+        p += 4;
+        b += arg.len();
+    }
+    Ok(ERRNO_SUCCESS)
+}
+
+/// `path_open(...)`: there are no preopened directories, so every directory fd is bad. The
+/// path is never read (wasmtime-wasi copies it, whatever its length, before checking the fd).
+#[allow(clippy::too_many_arguments)]
+fn path_open(
+    mut caller: Caller<'_, StoreState>,
+    _dirfd: i32,
+    _dirflags: i32,
+    _path: i32,
+    _path_len: i32,
+    _oflags: i32,
+    _rights_base: i64,
+    _rights_inheriting: i64,
+    _fdflags: i32,
+    _fd_out: i32,
+) -> anyhow::Result<i32> {
+    charge(&mut caller, FUEL_PER_HOST_CALL)?;
+    Ok(ERRNO_BADF)
+}
 const SUBSCRIPTION_SIZE: usize = 48;
 const EVENT_SIZE: usize = 32;
 
@@ -258,8 +540,10 @@ fn poll_oneoff(
     if n == 0 {
         return Ok(ERRNO_INVAL);
     }
-    let fuel = caller.get_fuel()?;
-    caller.set_fuel(fuel.saturating_sub(POLL_FUEL_PER_SUBSCRIPTION.saturating_mul(n as u64)))?;
+    charge(
+        &mut caller,
+        POLL_FUEL_PER_SUBSCRIPTION.saturating_mul(n as u64),
+    )?;
     let mem = memory.data_mut(&mut caller);
     let (subs, events, nevents_ptr) = (
         subs as u32 as usize,

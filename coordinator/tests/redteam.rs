@@ -1,0 +1,701 @@
+//! Red team (issue 17, "an open pool"): joining as a worker is open, so every worker message
+//! is hostile input. Each test is one attack by a hostile client speaking the real protocol
+//! over real QUIC against a real coordinator (in-process, or the `coordinator serve` binary),
+//! and asserts the grid holds.
+//!
+//! Prints one `FAULT|redteam|<attack>|<what happened>|<target>|<met yes/no>` line per attack
+//! for FAULTS.md. No test depends on machine speed: waits are for observable states, with
+//! generous hang guards.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use coordinator::client::{Client, ClientError};
+use coordinator::server::{Coordinator, RunningCoordinator, ServeConfig};
+use tasks::net;
+use tasks::wire::{self, Assignment, CoordMsg, ErrorCode, WorkerMsg, ALPN_BLOB, ALPN_COORD};
+use tasks::{BlobId, EngineFingerprint, JobSpec, NodeKey, RunResult, Status, Ticket};
+
+/// A hang guard, not a speed claim: generous so a loaded machine never trips it.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn fault(attack: &str, happened: &str, target: &str, met: bool) {
+    println!(
+        "FAULT|redteam|{attack}|{happened}|{target}|{}",
+        if met { "yes" } else { "no" }
+    );
+}
+
+fn fp() -> EngineFingerprint {
+    EngineFingerprint {
+        engine: "redteam".into(),
+        arch: "x86_64-linux".into(),
+        settings: "det".into(),
+    }
+}
+
+/// The honest output of a task.
+fn output_for(a: &Assignment) -> Vec<u8> {
+    format!("out of {}\n", a.task.args.join(" ")).into_bytes()
+}
+
+fn result_of(out: &[u8], fuel: u64) -> RunResult {
+    RunResult {
+        status: Status::Ok,
+        exit_code: 0,
+        trap: String::new(),
+        fuel_used: fuel,
+        output_hash: BlobId::of(out),
+        output_len: out.len() as u64,
+    }
+}
+
+/// A worker speaking `peergrid/coord/1` by hand; it serves blob requests on its session
+/// connection and on its own endpoint, as the protocol asks.
+struct SimWorker {
+    key: NodeKey,
+    _ep: quinn::Endpoint,
+    _conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    _dir: tempfile::TempDir,
+    cancels: Vec<u64>,
+}
+
+impl SimWorker {
+    async fn join(ticket: &Ticket, slots: u32) -> anyhow::Result<SimWorker> {
+        Self::join_with(NodeKey::generate(), ticket, slots, vec![]).await
+    }
+
+    async fn join_with(
+        key: NodeKey,
+        ticket: &Ticket,
+        slots: u32,
+        blobs: Vec<BlobId>,
+    ) -> anyhow::Result<SimWorker> {
+        let dir = tempfile::tempdir()?;
+        let store = worker::blobs::BlobStore::open(dir.path(), None)?;
+        let ep = net::endpoint(&key, "127.0.0.1:0".parse()?, &[ALPN_BLOB])?;
+        let server = worker::swarm::BlobServer::new(store, Default::default());
+        let accept = ep.clone();
+        let on_session = server.clone();
+        tokio::spawn(async move {
+            while let Some(inc) = accept.accept().await {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    if let Ok(c) = inc.await {
+                        server.serve_connection(c).await;
+                    }
+                });
+            }
+        });
+        let addr = ticket.socket_addrs()?[0];
+        let conn = net::connect(&ep, addr, ticket.node_id, ALPN_COORD).await?;
+        let c = conn.clone();
+        tokio::spawn(async move { on_session.serve_connection(c).await });
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello = WorkerMsg::Hello {
+            agent: "redteam".into(),
+            fingerprint: fp(),
+            slots,
+            peer_addr: Some(ep.local_addr()?),
+            blobs,
+        };
+        net::write_frame(&mut send, &hello).await?;
+        let welcome: CoordMsg = tokio::time::timeout(PATIENCE, net::read_frame(&mut recv))
+            .await??
+            .context("no welcome")?;
+        anyhow::ensure!(matches!(welcome, CoordMsg::Welcome { .. }), "{welcome:?}");
+        Ok(SimWorker {
+            key,
+            _ep: ep,
+            _conn: conn,
+            send,
+            recv,
+            _dir: dir,
+            cancels: vec![],
+        })
+    }
+
+    fn id(&self) -> tasks::NodeId {
+        self.key.node_id()
+    }
+
+    async fn send(&mut self, msg: &WorkerMsg) -> anyhow::Result<()> {
+        net::write_frame(&mut self.send, msg).await?;
+        Ok(())
+    }
+
+    /// The next answer, skipping unsolicited messages (cancels are remembered).
+    async fn recv(&mut self) -> anyhow::Result<CoordMsg> {
+        loop {
+            let m: CoordMsg = tokio::time::timeout(PATIENCE, net::read_frame(&mut self.recv))
+                .await
+                .context("timed out waiting for the coordinator")??
+                .context("stream ended")?;
+            match m {
+                CoordMsg::Cancel { replicas } => self.cancels.extend(replicas),
+                CoordMsg::Reachability { .. } | CoordMsg::Punch { .. } => {}
+                other => return Ok(other),
+            }
+        }
+    }
+
+    async fn request(&mut self, max: u32) -> anyhow::Result<Vec<Assignment>> {
+        self.send(&WorkerMsg::RequestWork { max }).await?;
+        match self.recv().await? {
+            CoordMsg::Assign { assignments, .. } => Ok(assignments),
+            other => anyhow::bail!("expected Assign, got {other:?}"),
+        }
+    }
+
+    /// Report `result` with its output inline.
+    async fn report_raw(
+        &mut self,
+        replica: u64,
+        result: RunResult,
+        output: Option<Vec<u8>>,
+    ) -> anyhow::Result<CoordMsg> {
+        self.send(&WorkerMsg::Report(wire::Report {
+            replica,
+            result,
+            output,
+            wall_ms: 1,
+        }))
+        .await?;
+        self.recv().await
+    }
+
+    /// Report an assignment honestly.
+    async fn report(&mut self, a: &Assignment) -> anyhow::Result<CoordMsg> {
+        let out = output_for(a);
+        self.report_raw(a.replica, result_of(&out, 1_000_000), Some(out))
+            .await
+    }
+}
+
+async fn start_with(
+    dir: &std::path::Path,
+    f: impl FnOnce(&mut ServeConfig),
+) -> anyhow::Result<RunningCoordinator> {
+    let listen: SocketAddr = "127.0.0.1:0".parse()?;
+    let mut cfg = ServeConfig::new(dir, listen);
+    f(&mut cfg);
+    Coordinator::start(cfg).await
+}
+
+/// A job directory with a (never executed) module and `n` tasks.
+fn job_file(dir: &std::path::Path, n: usize, extra: &str) -> anyhow::Result<JobSpec> {
+    std::fs::write(dir.join("m.wasm"), b"\0asm\x01\0\0\0 redteam")?;
+    let toml = format!(
+        "name = \"redteam\"\nmodule = \"m.wasm\"\nquorum = 2\nmax_replicas = 6\ndeadline_secs = 600\n{extra}[tasks]\ncount = {n}\nargs = [\"t{{i}}\"]\n"
+    );
+    std::fs::write(dir.join("job.toml"), toml)?;
+    Ok(JobSpec::from_file(&dir.join("job.toml"))?)
+}
+
+async fn wait_for<T, F, Fut>(mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(t) = f().await? {
+            return Ok(t);
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "timed out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// 1a. A job with absurd numbers (`deadline_secs = i64::MAX` and friends) is refused at
+/// submission with a one-line error naming the key and its limit; the coordinator keeps
+/// serving (it used to accept it, then its engine overflowed on the first work request and
+/// the process lingered answering "coordinator is shutting down").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_job_numbers_are_refused_at_submit_and_the_coordinator_keeps_serving(
+) -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let jobdir = tempfile::tempdir()?;
+    let coord = start_with(data.path(), |_| {}).await?;
+    let client = Client::connect(&coord.ticket, &coord.token).await?;
+    let spec = job_file(jobdir.path(), 2, "")?;
+    let (manifest, blobs) = spec.load_blobs()?;
+    let big = 9_223_372_036_854_775_807u64;
+    type Edit = fn(&mut tasks::JobManifest, u64);
+    let cases: [(&str, Edit); 4] = [
+        ("deadline_secs", |m, v| m.limits.deadline_secs = v),
+        ("fuel", |m, v| m.limits.fuel = v),
+        ("max_output", |m, v| m.limits.max_output = v),
+        ("memory_mb", |m, v| m.limits.memory_mb = v as u32),
+    ];
+    let mut refused = 0;
+    for (key, edit) in cases {
+        let mut m = manifest.clone();
+        edit(
+            &mut m,
+            if key == "memory_mb" {
+                u32::MAX as u64
+            } else {
+                big
+            },
+        );
+        match client.submit_manifest(m, &blobs).await {
+            Err(ClientError::Server {
+                code: ErrorCode::BadRequest,
+                message,
+            }) if message.contains(key)
+                && ["limit", "between", "at most"]
+                    .iter()
+                    .any(|s| message.contains(s))
+                && !message.contains('\n') =>
+            {
+                refused += 1
+            }
+            other => anyhow::bail!("{key} = absurd: {other:?}"),
+        }
+    }
+    // Still alive: a worker gets work from a sane job, the submitter gets status.
+    let (job, _) = client.submit(&spec).await?;
+    let mut w = SimWorker::join(&coord.ticket, 1).await?;
+    let got = w.request(1).await?;
+    let alive = got.len() == 1 && client.status(Some(job)).await.is_ok();
+    fault(
+        "absurd job numbers (deadline_secs=i64::MAX, fuel, max_output, memory_mb)",
+        &format!("{refused}/4 refused at submit with a one-line error; coordinator still serving: {alive}"),
+        "all refused, engine alive",
+        refused == 4 && alive,
+    );
+    assert_eq!(refused, 4);
+    assert!(alive);
+    client.close().await;
+    coord.shutdown().await?;
+    Ok(())
+}
+
+/// 1b. A dead engine (here: its store fails, because another process holds the database's
+/// write lock past the busy timeout) ends `coordinator serve` with a clear error and a
+/// non-zero exit, so a supervisor restarts it, instead of a zombie that keeps its port.
+#[test]
+fn a_dead_engine_ends_coordinator_serve_with_an_error_and_nonzero_exit() -> anyhow::Result<()> {
+    let mut c = common::Cluster::start(0);
+    let db = c.data().join(coordinator::store::SqliteStore::FILE);
+    let lock = rusqlite::Connection::open(&db)?;
+    lock.busy_timeout(PATIENCE)?;
+    lock.execute_batch("BEGIN EXCLUSIVE")?;
+    let jobdir = tempfile::tempdir()?;
+    let spec = job_file(jobdir.path(), 2, "")?;
+    let ticket: Ticket = c.ticket.parse()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    // Creating a job must commit: the engine's transaction times out on the lock.
+    let submitted = rt.block_on(async {
+        let client = Client::connect(&ticket, &c.token).await?;
+        let r = client.submit(&spec).await;
+        client.close().await;
+        anyhow::Ok(r)
+    })?;
+    anyhow::ensure!(submitted.is_err(), "a job was created without a commit");
+    let proc = c.coord.as_mut().expect("started");
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = proc.child.try_wait()? {
+            break Some(s);
+        }
+        if t0.elapsed() > PATIENCE {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    lock.execute_batch("ROLLBACK")?;
+    let logs = c.coordinator_logs();
+    let err_line = logs
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or("")
+        .to_string();
+    let exited_nonzero = status.is_some_and(|s| !s.success());
+    fault(
+        "engine dies (store error) under `coordinator serve`",
+        &format!("process exited: {status:?}; last words: {err_line:?}"),
+        "exits non-zero with a clear error",
+        exited_nonzero && err_line.contains("store"),
+    );
+    assert!(exited_nonzero, "serve did not exit: {status:?}\n{logs}");
+    assert!(err_line.contains("store"), "no clear error line:\n{logs}");
+    Ok(())
+}
+
+/// Job counters from `status`.
+async fn job_status(client: &Client, job: tasks::JobId) -> anyhow::Result<wire::JobStatus> {
+    let s = client.status(Some(job)).await?;
+    s.jobs.into_iter().next().context("no job in status")
+}
+
+async fn credit_of(client: &Client, node: tasks::NodeId) -> anyhow::Result<(f64, u64)> {
+    let s = client.status(None).await?;
+    Ok(s.workers
+        .iter()
+        .find(|w| w.node_id == node)
+        .map_or((0.0, 0), |w| (w.credit, w.valid)))
+}
+
+/// 4. Unchecked claims: a report claiming more fuel than the job allows or a longer output
+/// than `max_output` is rejected with a clear reason; a late report for a replica that was
+/// abandoned and reissued earns no credit or trust.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inflated_claims_and_late_reports_after_reissue_earn_nothing() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let jobdir = tempfile::tempdir()?;
+    let coord = start_with(data.path(), |_| {}).await?;
+    let client = Client::connect(&coord.ticket, &coord.token).await?;
+    let (job, _) = client
+        .submit(&job_file(jobdir.path(), 1, "fuel = 5000000\n")?)
+        .await?;
+    let mut liar = SimWorker::join(&coord.ticket, 1).await?;
+    let a = liar.request(1).await?.remove(0);
+    let out = output_for(&a);
+    let mut refused = Vec::new();
+    // Fuel beyond the job's budget (credit is fuel: this is a credit theft).
+    let m = liar
+        .report_raw(a.replica, result_of(&out, u64::MAX), Some(out.clone()))
+        .await?;
+    refused.push(matches!(&m, CoordMsg::Rejected { reason, .. } if reason.contains("fuel_used")));
+    // An output longer than max_output (the coordinator would fetch it).
+    let mut r = result_of(&out, 1_000_000);
+    r.output_len = u64::MAX;
+    let m = liar.report_raw(a.replica, r, None).await?;
+    refused.push(matches!(&m, CoordMsg::Rejected { reason, .. } if reason.contains("output_len")));
+    // Abandon it, let an honest worker take it over, then report late.
+    liar.send(&WorkerMsg::Abandon {
+        replicas: vec![a.replica],
+    })
+    .await?;
+    liar.request(0).await?; // answered after the abandon was committed
+    let mut honest = SimWorker::join(&coord.ticket, 1).await?;
+    let b = honest.request(1).await?;
+    anyhow::ensure!(b.len() == 1 && b[0].task.id == a.task.id, "reissued: {b:?}");
+    let m = liar.report(&a).await?;
+    refused.push(matches!(&m, CoordMsg::Rejected { reason, .. } if reason.contains("reissued")));
+    let (credit, valid) = credit_of(&client, liar.id()).await?;
+    let st = job_status(&client, job).await?;
+    let met = refused.iter().all(|x| *x) && credit == 0.0 && valid == 0;
+    fault(
+        "inflated fuel_used / output_len, late report after abandon+reissue",
+        &format!(
+            "refused {}/3 ({refused:?}); liar credit {credit}, valid {valid}; task still pending: {}",
+            refused.iter().filter(|x| **x).count(),
+            st.tasks_done == 0
+        ),
+        "all refused, no credit or trust",
+        met,
+    );
+    assert!(met, "{refused:?} credit {credit} valid {valid}");
+    client.close().await;
+    coord.shutdown().await?;
+    Ok(())
+}
+
+/// 2. Self-declared capacity: a worker claiming `u32::MAX` slots gets a newcomer's small
+/// allowance, which grows only with valid results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_slots_do_not_buy_capacity_delivered_results_do() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let jobdir = tempfile::tempdir()?;
+    let coord = start_with(data.path(), |_| {}).await?;
+    let client = Client::connect(&coord.ticket, &coord.token).await?;
+    let policy = coordinator::core::trust::TrustPolicy::default();
+    let n = policy.new_in_flight as usize;
+    client.submit(&job_file(jobdir.path(), n, "")?).await?;
+    let mut greedy = SimWorker::join(&coord.ticket, u32::MAX).await?;
+    let first = greedy.request(u32::MAX).await?;
+    // An honest partner completes the quorums; both deliver.
+    let mut partner = SimWorker::join(&coord.ticket, 4).await?;
+    let mut partner_work = Vec::new();
+    while partner_work.len() < first.len() {
+        let got = partner.request(64).await?;
+        anyhow::ensure!(!got.is_empty(), "the partner got no work");
+        partner_work.extend(got);
+    }
+    for a in &first {
+        anyhow::ensure!(matches!(greedy.report(a).await?, CoordMsg::Ack { .. }));
+    }
+    for a in &partner_work {
+        anyhow::ensure!(matches!(partner.report(a).await?, CoordMsg::Ack { .. }));
+    }
+    let jobdir2 = tempfile::tempdir()?;
+    client.submit(&job_file(jobdir2.path(), 500, "")?).await?;
+    let second = greedy.request(u32::MAX).await?;
+    let grown = policy.new_in_flight as usize + first.len() * policy.in_flight_per_valid as usize;
+    let met = first.len() == n && second.len() == grown;
+    fault(
+        "Hello with slots = u32::MAX, then asks for 256 at a time",
+        &format!(
+            "got {} as a newcomer, {} after {} valid results",
+            first.len(),
+            second.len(),
+            first.len()
+        ),
+        &format!("newcomer {n}, then {grown} (grows with results)"),
+        met,
+    );
+    assert!(met, "first {} second {}", first.len(), second.len());
+    client.close().await;
+    coord.shutdown().await?;
+    Ok(())
+}
+
+/// 3. Free losses: one worker taking a task and abandoning it over and over (it used to get
+/// it back each time, and six losses failed the task) cannot fail it: its losses count once.
+/// Every loss costs it capacity; honest workers then finish everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoning_over_and_over_fails_no_task_and_costs_the_worker_capacity() -> anyhow::Result<()>
+{
+    let data = tempfile::tempdir()?;
+    let coord = start_with(data.path(), |_| {}).await?;
+    let client = Client::connect(&coord.ticket, &coord.token).await?;
+    // quorum 2, max_replicas 6: before the fix, six abandonments by one worker failed it.
+    let dir_a = tempfile::tempdir()?;
+    let (job_a, _) = client.submit(&job_file(dir_a.path(), 1, "")?).await?;
+    let mut saboteur = SimWorker::join(&coord.ticket, 64).await?;
+    let mut taken = 0;
+    for _ in 0..12 {
+        let got = saboteur.request(256).await?;
+        taken += got.len();
+        if got.is_empty() {
+            continue;
+        }
+        saboteur
+            .send(&WorkerMsg::Abandon {
+                replicas: got.iter().map(|a| a.replica).collect(),
+            })
+            .await?;
+    }
+    let failed_after_attack = job_status(&client, job_a).await?.tasks_failed;
+    // Its capacity after the losses, on a fresh job with plenty of work.
+    let dir_b = tempfile::tempdir()?;
+    let (job_b, _) = client.submit(&job_file(dir_b.path(), 12, "")?).await?;
+    let grant = saboteur.request(256).await?;
+    saboteur
+        .send(&WorkerMsg::Abandon {
+            replicas: grant.iter().map(|a| a.replica).collect(),
+        })
+        .await?;
+    saboteur.request(0).await?;
+    // Two honest workers finish both jobs.
+    let mut h1 = SimWorker::join(&coord.ticket, 4).await?;
+    let mut h2 = SimWorker::join(&coord.ticket, 4).await?;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let (a, b) = loop {
+        for h in [&mut h1, &mut h2] {
+            for x in h.request(8).await? {
+                h.report(&x).await?;
+            }
+        }
+        let (a, b) = (
+            job_status(&client, job_a).await?,
+            job_status(&client, job_b).await?,
+        );
+        if a.state != wire::JobState::Running && b.state != wire::JobState::Running {
+            break (a, b);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "jobs never ended: {a:?} {b:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let met = failed_after_attack == 0
+        && grant.len() <= 1
+        && a.state == wire::JobState::Done
+        && b.state == wire::JobState::Done;
+    fault(
+        "take-and-abandon one task 12 times (quorum 2, max_replicas 6), one identity",
+        &format!(
+            "took it {taken} times; failed by the attack: {failed_after_attack}; then granted {} of 12 fresh tasks; jobs then {:?}/{:?}",
+            grant.len(),
+            a.state,
+            b.state
+        ),
+        "no task failed; capacity shrinks to 1",
+        met,
+    );
+    assert!(met);
+    client.close().await;
+    coord.shutdown().await?;
+    Ok(())
+}
+
+/// 7. Resource limits on the QUIC layer: a connection that never says Hello is closed; no
+/// uni-stream can be opened; one address gets at most `MAX_CONNECTIONS_PER_IP` connections
+/// at once (and a new one once it closes one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_uni_streams_and_connection_floods_are_bounded() -> anyhow::Result<()> {
+    use tasks::limits;
+    let data = tempfile::tempdir()?;
+    let coord = start_with(data.path(), |_| {}).await?;
+    let addr = coord.ticket.socket_addrs()?[0];
+    let id = coord.ticket.node_id;
+    // a. Connect on the worker ALPN and say nothing.
+    let ep = net::endpoint(&NodeKey::generate(), "127.0.0.1:0".parse()?, &[])?;
+    let silent = net::connect(&ep, addr, id, ALPN_COORD).await?;
+    let t0 = std::time::Instant::now();
+    let closed = tokio::time::timeout(PATIENCE, silent.closed()).await;
+    let silent_closed = closed.is_ok();
+    let after = t0.elapsed();
+    // b. A uni-stream is never granted (the coordinator allows none).
+    let conn = net::connect(&ep, addr, id, ALPN_BLOB).await?;
+    let uni = tokio::time::timeout(Duration::from_secs(2), conn.open_uni()).await;
+    let uni_refused = uni.is_err();
+    // c. A flood of connections from one address (127.0.0.2: the coordinator's own address
+    // is exempt).
+    let flood_ep = net::endpoint(&NodeKey::generate(), "127.0.0.2:0".parse()?, &[])?;
+    let mut held = Vec::new();
+    for _ in 0..limits::MAX_CONNECTIONS_PER_IP {
+        held.push(net::connect(&flood_ep, addr, id, ALPN_BLOB).await?);
+    }
+    let over = net::connect(&flood_ep, addr, id, ALPN_BLOB).await;
+    // An established connection may still be refused after the handshake completes on our
+    // side: look at whether it is closed.
+    let over_refused = match over {
+        Err(_) => true,
+        Ok(c) => tokio::time::timeout(PATIENCE, c.closed()).await.is_ok(),
+    };
+    net::close(&held.pop().expect("held"), wire::CloseCode::Done, "bye");
+    let reopened = wait_for(|| async {
+        Ok(match net::connect(&flood_ep, addr, id, ALPN_BLOB).await {
+            Ok(c) => {
+                // Refused connections close at once; an accepted one stays up.
+                let closed = tokio::time::timeout(Duration::from_millis(500), c.closed()).await;
+                closed.is_err().then_some(c)
+            }
+            Err(_) => None,
+        })
+    })
+    .await
+    .is_ok();
+    let met = silent_closed && uni_refused && over_refused && reopened;
+    fault(
+        "silent connection, uni-stream, connection flood from one IP",
+        &format!(
+            "silent conn closed: {silent_closed} (after {:.1}s; limit {:?}); uni-stream granted: {}; connection {} from one IP refused: {over_refused}; one more after closing one: {reopened}",
+            after.as_secs_f64(),
+            limits::HELLO_TIMEOUT,
+            !uni_refused,
+            limits::MAX_CONNECTIONS_PER_IP + 1
+        ),
+        "all bounded",
+        met,
+    );
+    assert!(met);
+    drop(held);
+    coord.shutdown().await?;
+    Ok(())
+}
+
+/// 5. Unverified accusations: `BadPeer` from a worker that holds no assignment needing the
+/// blob, or from one worker alone, never delists an honest holder; a second, independent
+/// accuser (also handed that holder for that blob) does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_alone_cannot_delist_an_honest_blob_holder() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let jobdir = tempfile::tempdir()?;
+    let coord = start_with(data.path(), |_| {}).await?;
+    let client = Client::connect(&coord.ticket, &coord.token).await?;
+    let spec = job_file(jobdir.path(), 20, "")?;
+    let module = spec.load_blobs()?.0.module.id;
+    client.submit(&spec).await?;
+    let holder = SimWorker::join_with(NodeKey::generate(), &coord.ticket, 1, vec![module]).await?;
+    let lists_holder = |a: &Assignment| a.peers.iter().any(|p| p.node_id == holder.id());
+    let mut liar = SimWorker::join(&coord.ticket, 1).await?;
+    let mut bystander = SimWorker::join(&coord.ticket, 1).await?;
+    let accuse = WorkerMsg::BadPeer {
+        peer: holder.id(),
+        blob: module,
+    };
+    // Without an assignment: ignored.
+    bystander.send(&accuse).await?;
+    bystander.request(0).await?;
+    // With one, repeatedly: one accuser.
+    let given = liar.request(1).await?;
+    anyhow::ensure!(given.len() == 1 && lists_holder(&given[0]), "{given:?}");
+    for _ in 0..5 {
+        liar.send(&accuse).await?;
+    }
+    liar.request(0).await?;
+    let mut second = SimWorker::join(&coord.ticket, 1).await?;
+    let s = second.request(1).await?;
+    let still_listed = s.len() == 1 && lists_holder(&s[0]);
+    // A second, independent accuser that was handed the holder: delisted.
+    second.send(&accuse).await?;
+    second.request(0).await?;
+    let mut third = SimWorker::join(&coord.ticket, 1).await?;
+    let t = third.request(1).await?;
+    let delisted = t.len() == 1 && !lists_holder(&t[0]);
+    let met = still_listed && delisted;
+    fault(
+        "BadPeer against an honest holder: bystander, then one accuser 5 times, then a second",
+        &format!("holder still listed after the lone accuser: {still_listed}; delisted after a second accuser: {delisted}"),
+        "one worker alone never delists",
+        met,
+    );
+    assert!(met);
+    client.close().await;
+    coord.shutdown().await?;
+    Ok(())
+}
+
+/// 6. Quorum capture: two identities of one operator ask for work in step (B right after A)
+/// among honest workers; B used to get the partner replica of each of A's tasks. Now who
+/// gets a partner replica is the coordinator's seeded random choice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_asking_in_step_do_not_capture_quorums() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let jobdir = tempfile::tempdir()?;
+    let coord = start_with(data.path(), |_| {}).await?;
+    let client = Client::connect(&coord.ticket, &coord.token).await?;
+    let (job, _) = client.submit(&job_file(jobdir.path(), 60, "")?).await?;
+    let mut ws = Vec::new();
+    for _ in 0..5 {
+        ws.push(SimWorker::join(&coord.ticket, 1).await?);
+    }
+    let (a, b) = (ws[0].id(), ws[1].id());
+    let mut holders: std::collections::BTreeMap<tasks::TaskId, Vec<tasks::NodeId>> =
+        Default::default();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        for w in ws.iter_mut() {
+            for x in w.request(1).await? {
+                holders.entry(x.task.id).or_default().push(w.id());
+                w.report(&x).await?;
+            }
+        }
+        let st = job_status(&client, job).await?;
+        if st.state != wire::JobState::Running {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "job never ended: {st:?}"
+        );
+    }
+    let of_a = holders.values().filter(|h| h.contains(&a)).count();
+    let paired = holders
+        .values()
+        .filter(|h| h.contains(&a) && h.contains(&b))
+        .count();
+    let met = of_a > 0 && paired * 3 < of_a;
+    fault(
+        "two identities asking in step (A then B) among 3 honest workers",
+        &format!("B shared {paired} of A's {of_a} tasks"),
+        "< 1/3 (no systematic pairing)",
+        met,
+    );
+    assert!(met, "B shared {paired} of A's {of_a} tasks");
+    client.close().await;
+    coord.shutdown().await?;
+    Ok(())
+}
