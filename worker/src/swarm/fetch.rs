@@ -340,9 +340,10 @@ impl Download {
         }
     }
 
-    /// The outboard from the first peer that has it: every peer but the seed asked at once
-    /// (a peer behind a NAT may take a punch or a connect timeout to answer; the others need
-    /// not wait for it), then the seed.
+    /// The outboard from the first peer that has it, peers in list order (the seed last),
+    /// "happy eyeballs" style: the next peer is asked as soon as the previous one failed or
+    /// has not answered within [`OUTBOARD_STAGGER`] (a peer behind a NAT may take a punch or
+    /// a whole connect timeout; the others need not wait for it).
     async fn outboard(&mut self) -> Result<(Outboard, Vec<PeerState>), FetchError> {
         let n = self.peers.len();
         let mut states = vec![PeerState::Live; n];
@@ -354,12 +355,25 @@ impl Download {
         ];
         for group in groups {
             let mut asks = JoinSet::new();
-            for p in group {
-                let (f, peer, id) = (self.f.clone(), self.peers[p].clone(), self.blob.id);
-                asks.spawn(async move { (p, ask_outboard(&f, &peer, id).await) });
-            }
-            while let Some(joined) = asks.join_next().await {
-                let Ok((p, answer)) = joined else { continue };
+            let mut queue = group.into_iter();
+            loop {
+                if asks.is_empty() {
+                    let Some(p) = queue.next() else { break };
+                    let (f, peer, id) = (self.f.clone(), self.peers[p].clone(), self.blob.id);
+                    asks.spawn(async move { (p, ask_outboard(&f, &peer, id).await) });
+                }
+                let joined = tokio::select! {
+                    j = asks.join_next() => j,
+                    _ = tokio::time::sleep(OUTBOARD_STAGGER) => {
+                        if let Some(p) = queue.next() {
+                            let (f, peer, id) =
+                                (self.f.clone(), self.peers[p].clone(), self.blob.id);
+                            asks.spawn(async move { (p, ask_outboard(&f, &peer, id).await) });
+                        }
+                        continue;
+                    }
+                };
+                let Some(Ok((p, answer))) = joined else { continue };
                 match answer {
                     Ok(Some((size, cvs))) => {
                         if size != self.blob.size {
@@ -653,6 +667,9 @@ fn classify(conn: &quinn::Connection, e: impl std::fmt::Display) -> Failure {
         Failure::Transient(e.to_string())
     }
 }
+
+/// How long the outboard phase waits for one peer before asking the next one as well.
+const OUTBOARD_STAGGER: Duration = Duration::from_millis(300);
 
 /// A peer's answer to `Outboard`: `Some((size, cvs))`, or `None` when it has none (or is
 /// busy).
