@@ -2,13 +2,13 @@
 # Runs every Peergrid benchmark in release mode and writes BENCHMARKS.md: one table of medians
 # over several runs, each result beside the baseline measured in the same run.
 #
-#   bash bench.sh            # full sizes (~15-25 min on 2 cores, after the build)
+#   bash bench.sh            # full sizes (~20-30 min on 2 cores, after the build)
 #   bash bench.sh --smoke    # tiny sizes, one run each: checks the script and the benches
 #   bash bench.sh --table-only   # rebuild the table from the logs in bench-out/ without running
 #   BENCH_NOTE="..." adds a line to the notes (say how a --table-only table was put together).
 #   options: --runs N (repeats of the cheap benches, default 3), --out FILE (default BENCHMARKS.md)
 #
-# Every bench prints `BENCH|what|result|baseline|ratio|target|met` lines (e2e, scale) or a human
+# Every bench prints `BENCH|what|result|baseline|ratio|target|met` lines (e2e, scale, netswarm) or a human
 # table that this script turns into such lines (sandbox, swarm, ingest). For a bench run N
 # times, the row whose result is the median is kept (its baseline comes from the same run).
 # Raw logs: bench-out/<bench>.<run>.log.
@@ -79,6 +79,9 @@ run_bench worker sandbox 1 PEERGRID_BENCH_RUNS="$RUNS"
 run_bench worker swarm 1 PEERGRID_BENCH_RUNS="$RUNS"
 run_bench coordinator ingest "$RUNS"
 run_bench coordinator e2e "$RUNS"
+# netswarm (real processes in network namespaces; needs root, else one `skipped` line)
+# interleaves swarm and --central-only runs and takes the medians itself.
+run_bench coordinator netswarm 1 PEERGRID_BENCH_RUNS="$RUNS"
 # scale is minutes per run: once.
 run_bench coordinator scale 1
 TOTAL=$((SECONDS - T0))
@@ -225,7 +228,7 @@ PROFILE_NOTES = """
 """
 
 parsers = {"sandbox": parse_sandbox, "swarm": parse_swarm, "ingest": parse_ingest}
-order = ["sandbox", "swarm", "ingest", "e2e", "scale"]
+order = ["sandbox", "swarm", "ingest", "e2e", "netswarm", "scale"]
 rows = {}      # what -> list of (result, fields)
 seen = []      # first-seen order
 runs_of = {}
@@ -296,7 +299,7 @@ mem_gib = sh("free -g | awk '/Mem:/{print $2}'")
 out.append(f"- machine: `nproc` {sh('nproc')}, {cpu_model()}, {mem_gib} GiB RAM; {sh('uname -sr')}")
 out.append(f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; commit {sh('git rev-parse --short HEAD') or '?'}"
            f"{' (with uncommitted changes)' if sh('git status --porcelain --untracked-files=no') else ''}; {sh('rustc --version')}")
-out.append(f"- medians of {os.environ['BENCH_RUNS']} runs (sandbox and swarm take the median inside the bench; ingest and e2e are run "
+out.append(f"- medians of {os.environ['BENCH_RUNS']} runs (sandbox, swarm and netswarm take the median inside the bench; ingest and e2e are run "
            f"{os.environ['BENCH_RUNS']} times; scale once); noisy shared 2-core machine: other builds may run at the same time.")
 out.append(f"- total bench time: {int(os.environ['BENCH_TOTAL']) // 60} min {int(os.environ['BENCH_TOTAL']) % 60} s; raw logs in `bench-out/`.")
 if os.environ.get("BENCH_NOTE"):
@@ -316,6 +319,35 @@ if misses:
 else:
     out.append("- none")
 out.append("")
+# netswarm's own table (medians of its interleaved runs) and its per-run lines.
+ns_logs = sorted(glob.glob(f"{logs}/netswarm.*.log"))
+if ns_logs:
+    text = open(ns_logs[-1], encoding="utf-8", errors="replace").read()
+    out.append("### Swarm on simulated networks (netswarm)")
+    out.append("")
+    out.append("`cargo bench --workspace --bench netswarm` (run by `bench.sh` with `PEERGRID_BENCH_RUNS`): real "
+               "`coordinator serve` and `worker join` processes in network namespaces (`netsim`), one primes job "
+               "over an ~8 MiB module (4 tasks per worker, quorum 2), the swarm and `serve --central-only` interleaved "
+               "in one run, medians. Copies: `coordinator_bytes_sent` (status --json) during the job over the module "
+               "size; on the wire: what the coordinator's interface sent (QUIC and control traffic included); "
+               "distribution time: from the start of `coordinator submit` (job upload included) until every worker's "
+               "`blobs/<module blake3 hex>` exists.")
+    out.append("")
+    table = [l for l in text.splitlines() if l.startswith("|")]
+    skipped = [l for l in text.splitlines() if l.startswith("netswarm: skipped")]
+    if table:
+        out.extend(table)
+    elif skipped:
+        out.append(f"- {skipped[0]}")
+    else:
+        out.append("- no table in the log (the bench failed; see bench-out/)")
+    per_run = [l for l in text.splitlines() if l.startswith("netswarm: run ") or l.startswith("netswarm: target ")]
+    if per_run:
+        out.append("")
+        out.append("Per run:")
+        out.append("")
+        out.extend(f"    {l}" for l in per_run)
+    out.append("")
 out.append(PROFILE_NOTES.strip())
 out.append("")
 open(os.environ["BENCH_OUT"], "w").write("\n".join(out) + "\n")

@@ -49,10 +49,11 @@
 //! hash at a time (concurrent loads of the same new module wait for the one compilation, and
 //! its outcome, success or failure, is remembered), on a dedicated thread at the lowest OS
 //! priority (`SCHED_IDLE` on Linux, nice 19 elsewhere; Cranelift runs on that thread only,
-//! not on a parallel pool), and under a wall-clock budget ([`COMPILE_WALL_BUDGET`] by
-//! default): a compilation still running at the budget is refused as `invalid_module`.
-//! That budget is host-dependent, so it is only a last-resort safety net: the deterministic
-//! limits are sized so that no admitted module should come near it.
+//! not on a parallel pool). An optional wall-clock budget ([`SandboxConfig::compile_budget`],
+//! off by default) refuses a compilation still running at the budget as `invalid_module`.
+//! It is host-dependent: on a busy machine an idle-priority compiler can be starved for
+//! minutes, and two overloaded workers would then agree on a wrong `invalid_module`; so it
+//! is off, and such refusals are never remembered. The deterministic limits are the guard.
 
 pub mod admit;
 pub mod cache;
@@ -84,8 +85,8 @@ const MEMORY_CACHE_ENTRIES: usize = 64;
 /// How many modules that failed to load are remembered (so they are not compiled again).
 const FAILED_CACHE_ENTRIES: usize = 256;
 
-/// The default wall-clock budget of one compilation: a last-resort safety net (host-
-/// dependent, unlike the deterministic limits of [`admit`]).
+/// A wall-clock budget for one compilation, for callers that set one (host-dependent,
+/// unlike the deterministic limits of [`admit`]; off by default, see the module doc).
 pub const COMPILE_WALL_BUDGET: Duration = Duration::from_secs(60);
 
 /// How a [`Sandbox`] is set up.
@@ -96,9 +97,9 @@ pub struct SandboxConfig {
     /// Full determinism (the default). `false` turns NaN canonicalization off; only for
     /// measuring what it costs. It changes the fingerprint, so such results never mix.
     pub deterministic: bool,
-    /// Wall-clock budget of one compilation ([`COMPILE_WALL_BUDGET`] by default); a
-    /// compilation that takes longer is refused as `invalid_module`. A safety net only.
-    pub compile_budget: Duration,
+    /// Wall-clock budget of one compilation (`None`, the default: no budget); a compilation
+    /// that takes longer is refused as `invalid_module`, and not remembered.
+    pub compile_budget: Option<Duration>,
 }
 
 impl Default for SandboxConfig {
@@ -106,7 +107,7 @@ impl Default for SandboxConfig {
         SandboxConfig {
             cache_dir: None,
             deterministic: true,
-            compile_budget: COMPILE_WALL_BUDGET,
+            compile_budget: None,
         }
     }
 }
@@ -252,7 +253,7 @@ struct Inner {
     failed: Mutex<HashMap<BlobId, String>>,
     /// Loads in progress, one per module hash (single flight).
     inflight: Mutex<HashMap<BlobId, Arc<Flight>>>,
-    compile_budget: Duration,
+    compile_budget: Option<Duration>,
     compiles: AtomicU64,
     compiles_at_idle: AtomicU64,
     budget_refusals: AtomicU64,
@@ -417,7 +418,10 @@ impl Sandbox {
                     SandboxError::InvalidModule { reason } => reason.clone(),
                     other => other.to_string(),
                 };
-                insert_bounded(&inner.failed, id, reason.clone(), FAILED_CACHE_ENTRIES);
+                // A budget refusal says how busy this host was, not what the module is.
+                if !reason.contains("COMPILE_WALL_BUDGET") {
+                    insert_bounded(&inner.failed, id, reason.clone(), FAILED_CACHE_ENTRIES);
+                }
                 Err(reason)
             }
         };
@@ -460,7 +464,11 @@ impl Sandbox {
                 let _ = tx.send((Module::new(&engine, &bytes), idle));
             })
             .map_err(|e| format!("cannot start a compiler thread: {e}"))?;
-        match rx.recv_timeout(inner.compile_budget) {
+        let received = match inner.compile_budget {
+            Some(budget) => rx.recv_timeout(budget),
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        match received {
             Ok((compiled, idle)) => {
                 if idle {
                     inner.compiles_at_idle.fetch_add(1, Ordering::SeqCst);

@@ -771,7 +771,7 @@ fn concurrent_loads_of_a_new_module_compile_it_once_at_idle_priority() {
 #[test]
 fn a_compilation_over_the_wall_budget_is_invalid_module() {
     let sb = Sandbox::new(SandboxConfig {
-        compile_budget: Duration::from_nanos(1),
+        compile_budget: Some(Duration::from_nanos(1)),
         ..SandboxConfig::default()
     })
     .unwrap();
@@ -783,7 +783,13 @@ fn a_compilation_over_the_wall_budget_is_invalid_module() {
     let reason = out.error.unwrap();
     assert!(reason.contains("COMPILE_WALL_BUDGET"), "{reason}");
     assert_eq!(sb.compile_stats().budget_refusals, 1);
-    // The default budget is generous: the same module loads.
+    // A refusal is not remembered: the next load tries again (and is refused again here).
+    let again = sb
+        .run_bytes(&wasm, &spec(), &RunControl::default())
+        .unwrap();
+    assert_eq!(again.result.status, Status::InvalidModule);
+    assert_eq!(sb.compile_stats().budget_refusals, 2);
+    // By default there is no budget: the same module loads.
     assert!(Sandbox::new(SandboxConfig::default())
         .unwrap()
         .load(&wasm)
