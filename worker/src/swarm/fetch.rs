@@ -373,7 +373,9 @@ impl Download {
                         continue;
                     }
                 };
-                let Some(Ok((p, answer))) = joined else { continue };
+                let Some(Ok((p, answer))) = joined else {
+                    continue;
+                };
                 match answer {
                     Ok(Some((size, cvs))) => {
                         if size != self.blob.size {
