@@ -238,6 +238,12 @@ fn print_status(r: &StatusReport) {
                 j.replicas_in_flight
             );
         }
+        for j in r.jobs.iter().filter(|j| j.outputs_collecting > 0) {
+            println!(
+                "job {}: {} accepted outputs are still being collected from their workers (offline workers are retried until they return)",
+                j.id, j.outputs_collecting
+            );
+        }
     }
     println!();
     if r.workers.is_empty() {

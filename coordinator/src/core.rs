@@ -748,6 +748,8 @@ impl Core {
             tasks_failed: j.failed,
             replicas_in_flight: j.in_flight,
             replicas_reported: j.reported,
+            // Known to the engine, which runs the fetches (see `Engine::status`).
+            outputs_collecting: 0,
         }
     }
 

@@ -362,6 +362,9 @@ pub struct JobStatus {
     pub replicas_in_flight: u32,
     /// Replicas reported so far.
     pub replicas_reported: u32,
+    /// Accepted tasks whose output the coordinator is still pulling from the agreeing
+    /// workers (they may be offline): `results` leaves those `.out` files out until it has them.
+    pub outputs_collecting: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -807,7 +810,7 @@ mod tests {
 
     fn status_report() -> impl Strategy<Value = StatusReport> {
         let job =
-            (job_id(), text(), job_state(), any::<[u32; 5]>()).prop_map(|(id, name, state, n)| {
+            (job_id(), text(), job_state(), any::<[u32; 6]>()).prop_map(|(id, name, state, n)| {
                 JobStatus {
                     id,
                     name,
@@ -817,6 +820,7 @@ mod tests {
                     tasks_failed: n[2],
                     replicas_in_flight: n[3],
                     replicas_reported: n[4],
+                    outputs_collecting: n[5],
                 }
             });
         // Any finite credit (NaN would not compare equal to itself).

@@ -221,6 +221,7 @@ fn submit_responses() -> Vec<SubmitResponse> {
                 tasks_failed: 0,
                 replicas_in_flight: 4,
                 replicas_reported: 7,
+                outputs_collecting: 0,
             }],
             workers: vec![WorkerStatus {
                 node_id: NodeId([1; 32]),

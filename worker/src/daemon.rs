@@ -31,6 +31,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::blobs::BlobStore;
+use crate::priority::Priority;
 use crate::sandbox::{LoadedModule, RunControl, RunSpec, Sandbox, SandboxConfig};
 use crate::swarm::{BlobServer, Fetcher, ServeLimits};
 use executor::{Done, Executor, Job, Module};
@@ -53,6 +54,11 @@ pub struct JoinArgs {
     /// Only compute while the machine is otherwise idle; pause tasks when it is busy.
     #[arg(long)]
     pub idle_only: bool,
+    /// Scheduling priority of tasks and compilation: `idle` only uses CPU time nobody else
+    /// wants; `normal` is for machines dedicated to the grid, where other load must not
+    /// starve the tasks.
+    #[arg(long, value_enum, default_value_t = Priority::Idle)]
+    pub priority: Priority,
     /// Use at most this percentage of each slot's CPU time (duty-cycle throttling).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub cpu_limit: Option<u8>,
@@ -70,6 +76,7 @@ pub struct WorkerConfig {
     pub slots: usize,
     pub listen: SocketAddr,
     pub idle_only: bool,
+    pub priority: Priority,
     pub cpu_limit: Option<u8>,
     pub disk_limit_bytes: Option<u64>,
 }
@@ -82,6 +89,7 @@ impl WorkerConfig {
             slots: default_slots(),
             listen: "0.0.0.0:0".parse().expect("valid"),
             idle_only: false,
+            priority: Priority::Idle,
             cpu_limit: None,
             disk_limit_bytes: Some(4 << 30),
         }
@@ -160,6 +168,7 @@ pub async fn join(args: JoinArgs) -> anyhow::Result<()> {
         cfg.listen = l;
     }
     cfg.idle_only = args.idle_only;
+    cfg.priority = args.priority;
     cfg.cpu_limit = args.cpu_limit;
     cfg.disk_limit_bytes = Some(args.disk_limit_mb << 20);
     let shutdown = CancellationToken::new();
@@ -188,6 +197,7 @@ pub async fn run(
     let key = NodeKey::load_or_create(&cfg.data_dir)?;
     let sandbox = Sandbox::new(SandboxConfig {
         cache_dir: Some(cfg.data_dir.join("cache")),
+        priority: cfg.priority,
         ..SandboxConfig::default()
     })
     .context("starting the sandbox")?;
@@ -210,7 +220,7 @@ pub async fn run(
         conns.clone(),
     ));
     let (done_tx, done_rx) = mpsc::unbounded_channel();
-    let executor = Executor::start(cfg.slots, sandbox.clone(), done_tx);
+    let executor = Executor::start(cfg.slots, cfg.priority, sandbox.clone(), done_tx);
     let mut daemon = Daemon {
         cfg,
         endpoint: endpoint.clone(),
@@ -794,13 +804,18 @@ impl Daemon {
             Some(avg) => avg * 0.8 + secs * 0.2,
             None => secs,
         });
+        // Every output is kept here as a blob, served to the coordinator on request: a large
+        // one is only ever fetched, and a small one (sent inline) can still be fetched if the
+        // coordinator accepts the task by a path that did not carry the report (LRU-evicted
+        // like any blob under --disk-limit-mb).
+        if !out.output.is_empty() {
+            if let Err(e) = self.store.put(&out.output) {
+                tracing::error!(replica = done.replica, "cannot store an output: {e}");
+            }
+        }
         let output = if out.result.output_len <= wire::INLINE_OUTPUT_MAX {
             Some(out.output)
         } else {
-            // Large outputs stay here, served as a blob to the coordinator on request.
-            if let Err(e) = self.store.put(&out.output) {
-                tracing::error!(replica = done.replica, "cannot store a large output: {e}");
-            }
             let blobs = vec![out.result.output_hash];
             self.send(&WorkerMsg::HaveBlobs { blobs }).await;
             None

@@ -68,6 +68,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
+pub use crate::priority::Priority;
 use tasks::{BlobId, EngineFingerprint, RunResult, TaskManifest};
 use wasmtime::{InstancePre, Linker, Module};
 
@@ -100,6 +101,8 @@ pub struct SandboxConfig {
     /// Wall-clock budget of one compilation (`None`, the default: no budget); a compilation
     /// that takes longer is refused as `invalid_module`, and not remembered.
     pub compile_budget: Option<Duration>,
+    /// Priority of the compiler threads ([`Priority::Idle`] by default, like the task slots).
+    pub priority: Priority,
 }
 
 impl Default for SandboxConfig {
@@ -108,6 +111,7 @@ impl Default for SandboxConfig {
             cache_dir: None,
             deterministic: true,
             compile_budget: None,
+            priority: Priority::Idle,
         }
     }
 }
@@ -254,6 +258,7 @@ struct Inner {
     /// Loads in progress, one per module hash (single flight).
     inflight: Mutex<HashMap<BlobId, Arc<Flight>>>,
     compile_budget: Option<Duration>,
+    priority: Priority,
     compiles: AtomicU64,
     compiles_at_idle: AtomicU64,
     budget_refusals: AtomicU64,
@@ -327,6 +332,7 @@ impl Sandbox {
                 failed: Mutex::new(HashMap::new()),
                 inflight: Mutex::new(HashMap::new()),
                 compile_budget: cfg.compile_budget,
+                priority: cfg.priority,
                 compiles: AtomicU64::new(0),
                 compiles_at_idle: AtomicU64::new(0),
                 budget_refusals: AtomicU64::new(0),
@@ -457,10 +463,11 @@ impl Sandbox {
         let (tx, rx) = mpsc::sync_channel(1);
         let engine = inner.engine.clone();
         let bytes = module.to_vec();
+        let priority = inner.priority;
         std::thread::Builder::new()
             .name("wasm-compile".into())
             .spawn(move || {
-                let idle = lowest_priority();
+                let idle = crate::priority::set_current_thread(priority);
                 let _ = tx.send((Module::new(&engine, &bytes), idle));
             })
             .map_err(|e| format!("cannot start a compiler thread: {e}"))?;
@@ -569,30 +576,6 @@ fn insert_bounded<V>(cache: &Mutex<HashMap<BlobId, V>>, id: BlobId, v: V, cap: u
         }
     }
     c.insert(id, v);
-}
-
-/// Put the calling thread at the lowest priority the OS offers (`SCHED_IDLE` on Linux, nice
-/// 19 as a fallback and elsewhere), as the task slots do. Returns whether it is at
-/// `SCHED_IDLE` now.
-fn lowest_priority() -> bool {
-    #[cfg(target_os = "linux")]
-    // SAFETY: plain syscalls on the calling thread with valid arguments.
-    unsafe {
-        let param = libc::sched_param { sched_priority: 0 };
-        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            libc::setpriority(libc::PRIO_PROCESS, tid, 19);
-        }
-        libc::sched_getscheduler(0) == libc::SCHED_IDLE
-    }
-    #[cfg(all(unix, not(target_os = "linux")))]
-    // SAFETY: as above.
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-        false
-    }
-    #[cfg(not(unix))]
-    false
 }
 
 /// An error chain on one line, capped (it is shown to users, never hashed).

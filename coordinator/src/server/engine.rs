@@ -226,6 +226,11 @@ pub struct Engine<S: Store = SqliteStore> {
     /// Tasks of the current batch whose accepted output the report path took care of.
     outputs_handled: std::collections::HashSet<TaskId>,
     fetches: mpsc::UnboundedSender<FetchJob>,
+    /// Accepted tasks whose output is being fetched from their workers (at most one entry
+    /// per accepted task), shown by `status` as `outputs_collecting`.
+    collecting: std::collections::HashSet<TaskId>,
+    /// `Results` asked in the current batch, answered after its commit.
+    results_wanted: Vec<(JobId, oneshot::Sender<Result<Option<JobResults>, String>>)>,
     /// Statistics: batches committed and commands applied.
     pub batches: u64,
     pub commands: u64,
@@ -247,6 +252,8 @@ impl<S: Store> Engine<S> {
             outputs_handled: Default::default(),
             pending_outputs: PendingOutputs::default(),
             fetches,
+            collecting: Default::default(),
+            results_wanted: Vec::new(),
             batches: 0,
             commands: 0,
         }
@@ -293,12 +300,16 @@ impl<S: Store> Engine<S> {
         for r in replies {
             r.send();
         }
+        for (job, reply) in std::mem::take(&mut self.results_wanted) {
+            let _ = reply.send(self.results(job));
+        }
         for (worker, msg) in sends {
             if let Some((_, tx)) = self.sessions.get(&worker) {
                 let _ = tx.send(msg);
             }
         }
         for f in fetch {
+            self.collecting.insert(f.task);
             let _ = self.fetches.send(f);
         }
         Ok(())
@@ -453,15 +464,18 @@ impl<S: Store> Engine<S> {
                 replies.push(Reply::Job(reply, created));
             }
             // Sent after the commit, so a status never shows what a crash could still undo.
-            Cmd::Status { job, reply } => replies.push(Reply::Status(reply, self.core.status(job))),
-            Cmd::Results { job, reply } => {
-                let _ = reply.send(self.results(job));
-            }
+            Cmd::Status { job, reply } => replies.push(Reply::Status(reply, self.status(job))),
+            // Read from the store after the batch's commit, like a status: results never
+            // miss a decision (or its output) that this batch made.
+            Cmd::Results { job, reply } => self.results_wanted.push((job, reply)),
             Cmd::Cancel { job, reply } => {
                 let ok = self.core.cancel_job(job, now);
                 replies.push(Reply::Bool(reply, ok));
             }
-            Cmd::OutputStored { task, output } => extra.push(Mutation::TaskOutput { task, output }),
+            Cmd::OutputStored { task, output } => {
+                self.collecting.remove(&task);
+                extra.push(Mutation::TaskOutput { task, output })
+            }
             Cmd::Tick => self.core.tick(now),
         }
     }
@@ -529,6 +543,15 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// The core's status, with the outputs still being collected per job.
+    fn status(&self, job: Option<JobId>) -> Option<StatusReport> {
+        let mut report = self.core.status(job)?;
+        for j in &mut report.jobs {
+            j.outputs_collecting = self.collecting.iter().filter(|t| t.job == j.id).count() as u32;
+        }
+        Some(report)
+    }
+
     /// Where to fetch an accepted output: the agreeing workers' blob servers.
     pub fn fetch_job(&self, task: TaskId, result: RunResult) -> FetchJob {
         let peers = self.core.agreeing_peers(task).into_iter().collect();
@@ -549,6 +572,7 @@ impl<S: Store> Engine<S> {
                 }])?;
             } else {
                 let f = self.fetch_job(task, result);
+                self.collecting.insert(task);
                 let _ = self.fetches.send(f);
             }
         }

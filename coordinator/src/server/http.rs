@@ -297,6 +297,7 @@ mod tests {
                 tasks_failed: 0,
                 replicas_in_flight: 2,
                 replicas_reported: 2,
+                outputs_collecting: 1,
             }],
             workers: vec![WorkerStatus {
                 node_id: tasks::NodeKey::generate().node_id(),

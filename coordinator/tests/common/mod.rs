@@ -95,6 +95,15 @@ pub struct Cluster {
     pub spawned: usize,
 }
 
+impl Drop for Cluster {
+    /// A failed test shows (and with `PEERGRID_KEEP_LOGS` keeps) the logs of its processes.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+    }
+}
+
 impl Cluster {
     pub fn start(workers: usize) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
@@ -184,6 +193,11 @@ impl Cluster {
                 "1",
                 "--listen",
                 "127.0.0.1:0",
+                // The tests are about the protocol, not about politeness: at the default
+                // idle priority, any other load on the machine (a build, another test
+                // binary) starves the tasks, and no progress-paced test can make progress.
+                "--priority",
+                "normal",
                 "--data-dir",
             ])
             .arg(self.worker_dir(i))
@@ -259,7 +273,6 @@ impl Cluster {
                 return s;
             }
             if t0.elapsed() > timeout {
-                self.dump_logs();
                 panic!("timed out waiting for {what}; last status: {s}");
             }
             std::thread::sleep(Duration::from_millis(200));

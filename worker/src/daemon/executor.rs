@@ -1,11 +1,13 @@
-//! Task slots: dedicated OS threads at the lowest scheduling priority that run sandboxed
-//! tasks, so the volunteer's own work always comes first.
+//! Task slots: dedicated OS threads that run sandboxed tasks, by default at the lowest
+//! scheduling priority so the volunteer's own work always comes first (see
+//! [`crate::priority`]).
 
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tasks::wire::ReplicaId;
 
+use crate::priority::Priority;
 use crate::sandbox::{Cancelled, LoadedModule, RunControl, RunOutput, RunSpec, Sandbox};
 
 /// What a slot runs.
@@ -43,6 +45,7 @@ pub struct Executor {
 impl Executor {
     pub fn start(
         slots: usize,
+        priority: Priority,
         sandbox: Sandbox,
         done: tokio::sync::mpsc::UnboundedSender<Done>,
     ) -> Executor {
@@ -56,7 +59,7 @@ impl Executor {
                 std::thread::Builder::new()
                     .name(format!("slot-{i}"))
                     .spawn(move || {
-                        lower_priority();
+                        crate::priority::set_current_thread(priority);
                         loop {
                             let idle_since = Instant::now();
                             let job = match rx.lock().map(|r| r.recv()) {
@@ -106,49 +109,5 @@ impl Drop for Executor {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
-    }
-}
-
-/// Put the calling thread at the lowest priority the OS offers: `SCHED_IDLE` on Linux (it
-/// only gets CPU nobody else wants), and nice 19 as a fallback elsewhere.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    unsafe {
-        // SAFETY: plain syscalls on the calling thread with valid arguments.
-        let param = libc::sched_param { sched_priority: 0 };
-        if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            libc::setpriority(libc::PRIO_PROCESS, tid, 19);
-        }
-    }
-    #[cfg(all(unix, not(target_os = "linux")))]
-    unsafe {
-        // SAFETY: as above.
-        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
-    }
-}
-
-/// Is the calling thread at idle priority? (For tests.)
-pub fn current_policy_is_idle() -> bool {
-    #[cfg(target_os = "linux")]
-    unsafe {
-        // SAFETY: reads the calling thread's policy.
-        return libc::sched_getscheduler(0) == libc::SCHED_IDLE;
-    }
-    #[allow(unreachable_code)]
-    false
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn slot_threads_run_at_idle_priority() {
-        let ok = std::thread::spawn(|| {
-            super::lower_priority();
-            super::current_policy_is_idle()
-        })
-        .join()
-        .unwrap();
-        assert!(ok);
     }
 }
