@@ -9,7 +9,7 @@
 //!   uploads ≤ 1.2 copies of the module);
 //! - **nat**: 8 public workers, 4 behind a port-preserving NAT (`MASQUERADE`) and 4 behind a
 //!   port-randomizing one (`MASQUERADE --random-fully`) (target ≤ 1.5 copies). The NAT boxes
-//!   drop unsolicited packets to themselves, as home routers do (see [`home_nat_site`]).
+//!   drop unsolicited packets to themselves, as home routers do (netsim's default).
 //!
 //! Each is run with the swarm and with `serve --central-only` (the coordinator lists only
 //! itself as a blob source: every worker fetches everything from it), interleaved in one
@@ -32,24 +32,25 @@
 //! namespaces, iptables): otherwise prints one `netswarm: skipped: <reason>` line and exits 0.
 //! Env: `PEERGRID_BENCH_SMOKE=1` (6 public workers / 3+2+2, 1 run), `PEERGRID_BENCH_RUNS`,
 //! `PEERGRID_BENCH_KEEP_LOGS=DIR` (keep every run's logs).
+//!
+//! The processes are started as in `tests/multihost.rs`, by the same code: `netgrid` (shared
+//! with it) and netsim.
+
+/// Peergrid's processes on netsim hosts (the bench includes this one file of the tests'
+/// `common`, nothing else).
+#[path = "../tests/common/netgrid.rs"]
+mod netgrid;
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use netsim::{Host, Lab, Nat, Proc};
 use serde_json::Value;
 
-const PRIMES_WASM: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../examples/primes/primes.wasm"
-);
-/// Random bytes appended to the primes module as a custom section.
-const PADDING: usize = 8 << 20;
 const CLI_GUARD: Duration = Duration::from_secs(90);
 const START_GUARD: Duration = Duration::from_secs(120);
 const RUN_GUARD: Duration = Duration::from_secs(300);
@@ -58,74 +59,6 @@ const NAT_TARGET: f64 = 1.5;
 
 fn coordinator_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_coordinator"))
-}
-
-/// The `worker` binary beside the coordinator's, rebuilt (whole workspace, same profile) when
-/// missing or older than one of its sources: `cargo bench` does not build it.
-fn worker_bin() -> Result<PathBuf> {
-    let coord = coordinator_bin();
-    let path = coord.with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX));
-    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let dep_info = std::fs::read_to_string(path.with_extension("d")).unwrap_or_default();
-    let sources: Vec<&str> = dep_info
-        .split_once(": ")
-        .map(|(_, list)| list.split_whitespace().collect())
-        .unwrap_or_default();
-    let built = mtime(&path);
-    let stale = built.is_none()
-        || sources.is_empty()
-        || sources
-            .iter()
-            .any(|s| mtime(Path::new(s)).is_none_or(|m| Some(m) > built));
-    if stale {
-        eprintln!("netswarm: building the worker binary (missing, or older than its sources)");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--workspace", "--bin", "worker"]);
-        if coord
-            .parent()
-            .and_then(|p| p.file_name())
-            .is_some_and(|n| n == "release")
-        {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().context("running cargo build for the worker")?;
-        if !status.success() {
-            bail!("building the worker binary failed");
-        }
-    }
-    if !path.exists() {
-        bail!("no worker binary at {}", path.display());
-    }
-    Ok(path)
-}
-
-/// The primes module with `PADDING` random bytes appended as a custom section.
-fn padded_primes() -> Result<Vec<u8>> {
-    let mut wasm = std::fs::read(PRIMES_WASM).context("examples/primes/primes.wasm")?;
-    let name = b"peergrid-padding";
-    let mut payload = vec![0u8; PADDING];
-    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut payload);
-    let mut section = Vec::with_capacity(PADDING + 32);
-    leb(&mut section, name.len() as u64);
-    section.extend_from_slice(name);
-    section.extend_from_slice(&payload);
-    wasm.push(0);
-    leb(&mut wasm, section.len() as u64);
-    wasm.extend_from_slice(&section);
-    Ok(wasm)
-}
-
-fn leb(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
@@ -173,12 +106,8 @@ struct Bench {
 }
 
 fn cli(b: &Bench, ticket: &str, token: &str, cmd: &str, args: &[&str]) -> Result<Value> {
-    let mut c = b.sci.command(coordinator_bin());
-    c.arg(cmd)
-        .args(["--to", ticket, "--token", token])
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .env("NO_COLOR", "1");
+    let mut c = netgrid::cli(&coordinator_bin(), &b.sci, ticket, token, cmd);
+    c.args(args);
     let out = netsim::run_with_timeout(&mut c, CLI_GUARD)?;
     if !out.status.success() {
         bail!(
@@ -209,12 +138,7 @@ fn run_once(b: &Bench, hosts: &[Host], mode: Mode, tag: &str) -> Result<Run> {
         _ => None,
     };
     if let Some(keep) = keep {
-        let _ = std::fs::create_dir_all(&keep);
-        for e in std::fs::read_dir(dir.path())?.flatten() {
-            if e.path().extension().is_some_and(|x| x == "log") {
-                let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
-            }
-        }
+        netgrid::keep_logs(dir.path(), &keep);
     }
     result
 }
@@ -222,49 +146,26 @@ fn run_once(b: &Bench, hosts: &[Host], mode: Mode, tag: &str) -> Result<Run> {
 fn run_in(b: &Bench, hosts: &[Host], mode: Mode, dir: &Path) -> Result<Run> {
     let log = |name: &str| File::create(dir.join(name));
     // On an early return the processes are killed as their `Proc`s drop (workers first).
-    let data = dir.join("coord");
-    let mut cmd = b.coord_host.command(coordinator_bin());
-    cmd.args(["serve", "--data-dir"])
-        .arg(&data)
-        .args(["--listen", "0.0.0.0:7100", "--advertise"])
-        .arg(b.coord_host.ip.to_string())
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(log("coordinator.out.log")?)
-        .stderr(log("coordinator.log")?);
-    if mode == Mode::Central {
-        cmd.arg("--central-only");
-    }
-    let mut coord = Proc::spawn("coordinator", &mut cmd)?;
-    let t0 = Instant::now();
-    let (ticket, token) = loop {
-        let read = |f: &str| std::fs::read_to_string(data.join(f)).unwrap_or_default();
-        let (t, k) = (read("ticket"), read("submit-token"));
-        if !t.trim().is_empty() && !k.trim().is_empty() {
-            break (t.trim().to_string(), k.trim().to_string());
-        }
-        if let Some(s) = coord.exited() {
-            bail!("coordinator serve exited ({s}) before writing its ticket");
-        }
-        if t0.elapsed() > START_GUARD {
-            bail!("coordinator wrote no ticket within {START_GUARD:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let extra: &[&str] = match mode {
+        Mode::Central => &["--central-only"],
+        Mode::Swarm => &[],
     };
+    let (mut coord, ticket, token) = netgrid::start_coordinator(
+        &coordinator_bin(),
+        &b.coord_host,
+        dir,
+        "info",
+        extra,
+        START_GUARD,
+    )?;
 
     let mut workers: Vec<(Proc, PathBuf)> = Vec::new();
     for (i, h) in hosts.iter().enumerate() {
         let wdir = dir.join(format!("worker-{i}"));
-        let mut cmd = h.command(&b.worker);
-        cmd.args(["join", &ticket, "--data-dir"])
-            .arg(&wdir)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log(&format!("worker-{i}-{}.log", h.name))?);
-        workers.push((Proc::spawn(&format!("worker-{i}"), &mut cmd)?, wdir));
+        let log = log(&format!("worker-{i}-{}.log", h.name))?;
+        let name = format!("worker-{i}");
+        let p = netgrid::spawn_worker(&b.worker, h, &ticket, &wdir, "info", log, &name)?;
+        workers.push((p, wdir));
     }
     let t1 = Instant::now();
     loop {
@@ -302,17 +203,10 @@ fn run_in(b: &Bench, hosts: &[Host], mode: Mode, dir: &Path) -> Result<Run> {
     let wire0 = b.coord_host.tx_bytes()?;
 
     let (out, err) = (dir.join("submit.out.log"), dir.join("submit.log"));
-    let mut c = b.sci.command(coordinator_bin());
-    c.args(["submit", "--to", &ticket, "--token", &token])
-        .arg(jd.join("job.toml"))
-        .args(["--wait", "--json"])
-        .env("RUST_LOG", "warn")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(File::create(&out)?)
-        .stderr(File::create(&err)?);
+    let bin = coordinator_bin();
+    let job_file = jd.join("job.toml");
     let t0 = Instant::now();
-    let mut sub = Proc::spawn("submit", &mut c)?;
+    let mut sub = netgrid::spawn_submit(&bin, &b.sci, &ticket, &token, &job_file, &out, &err)?;
     let mut held: Vec<Option<f64>> = vec![None; workers.len()];
     let code = loop {
         let now = t0.elapsed().as_secs_f64();
@@ -338,11 +232,7 @@ fn run_in(b: &Bench, hosts: &[Host], mode: Mode, dir: &Path) -> Result<Run> {
         }
     }
     let text = std::fs::read_to_string(&out).unwrap_or_default();
-    let v: Value = text
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .unwrap_or(Value::Null);
+    let v = netgrid::last_json(&text).unwrap_or(Value::Null);
     if !code.success() || v["state"] != "done" {
         bail!(
             "the job did not complete ({code}): {v} {}",
@@ -392,41 +282,6 @@ fn ratio_str(a: f64, b: f64) -> String {
     }
 }
 
-/// A netsim NAT site whose box also drops unsolicited packets addressed to itself (a home
-/// router's INPUT firewall), as in `tests/multihost.rs`: without it a peer's early punch
-/// packet leaves a confirmed conntrack entry on the box and MASQUERADE then moves the LAN
-/// host's mapping to another port, so no simultaneous open succeeds.
-fn home_nat_site(
-    lab: &mut Lab,
-    name: &str,
-    block: usize,
-    nat: Nat,
-    lan: [u8; 3],
-    hosts: usize,
-) -> Result<netsim::NatSite> {
-    let site = lab.nat_site(name, block, nat, lan, hosts)?;
-    let t = Duration::from_secs(30);
-    site.router.run_ok(
-        "iptables",
-        [
-            "-A",
-            "INPUT",
-            "-i",
-            "wan0",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "ESTABLISHED,RELATED",
-            "-j",
-            "ACCEPT",
-        ],
-        t,
-    )?;
-    site.router
-        .run_ok("iptables", ["-A", "INPUT", "-i", "wan0", "-j", "DROP"], t)?;
-    Ok(site)
-}
-
 fn build_lab(lab: &mut Lab, smoke: bool) -> Result<(Host, Host, Vec<Topology>)> {
     let coord = lab.public_host("coord", 0)?;
     let sci = lab.public_host("sci", 2)?;
@@ -434,8 +289,8 @@ fn build_lab(lab: &mut Lab, smoke: bool) -> Result<(Host, Host, Vec<Topology>)> 
     let public: Vec<Host> = (0..n_pub)
         .map(|i| lab.public_host(&format!("p{i}"), i % 3))
         .collect::<Result<_>>()?;
-    let easy = home_nat_site(lab, "easy", 1, Nat::PortPreserving, [192, 168, 1], n_nat)?;
-    let hard = home_nat_site(lab, "hard", 2, Nat::RandomPorts, [10, 0, 7], n_nat)?;
+    let easy = lab.nat_site("easy", 1, Nat::PortPreserving, [192, 168, 1], n_nat)?;
+    let hard = lab.nat_site("hard", 2, Nat::RandomPorts, [10, 0, 7], n_nat)?;
     let half = n_pub / 2;
     let mut mixed: Vec<Host> = public[..half].to_vec();
     mixed.extend(easy.hosts.iter().cloned());
@@ -481,12 +336,13 @@ fn main() {
 }
 
 fn bench(lab: &mut Lab, smoke: bool, runs: usize) -> Result<()> {
-    let worker = worker_bin()?;
+    let worker =
+        netsim::workspace_bin(&coordinator_bin(), "worker", |l| eprintln!("netswarm: {l}"))?;
     let (coord_host, sci, topologies) = build_lab(lab, smoke)?;
     let files = tempfile::Builder::new()
         .prefix("netswarm-module-")
         .tempdir()?;
-    let wasm = padded_primes()?;
+    let wasm = netgrid::padded_primes()?;
     let module = files.path().join("primes.wasm");
     std::fs::write(&module, &wasm)?;
     let b = Bench {

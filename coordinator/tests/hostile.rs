@@ -12,15 +12,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use common::simworker::{fingerprint, Options, Peer, SimWorker, PATIENCE};
 use common::{worker_bin, Cluster};
 use coordinator::client::{Client, ClientError};
 use tasks::net;
-use tasks::wire::{self, Assignment, CloseCode, CoordMsg, WorkerMsg};
+use tasks::wire::{CloseCode, CoordMsg, WorkerMsg};
 use tasks::wire::{ALPN_BLOB, ALPN_COORD, ALPN_SUBMIT, MAX_FRAME};
-use tasks::{BlobId, EngineFingerprint, JobSpec, NodeKey, RunResult, Status, Ticket};
-
-/// A hang guard, not a speed claim: generous so a loaded machine never trips it.
-const PATIENCE: Duration = Duration::from_secs(60);
+use tasks::{BlobId, EngineFingerprint, JobSpec, NodeKey, Ticket};
 
 fn fault(scenario: &str, figures: &str, target: &str, met: bool) {
     println!(
@@ -29,86 +27,22 @@ fn fault(scenario: &str, figures: &str, target: &str, met: bool) {
     );
 }
 
-/// A worker speaking `peergrid/coord/1` by hand.
-struct SimWorker {
-    key: NodeKey,
-    _ep: quinn::Endpoint,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+/// A simulated worker announcing `blobs` and an address where it answers nobody (not
+/// directly reachable).
+async fn join(ticket: &Ticket, blobs: Vec<BlobId>) -> anyhow::Result<SimWorker> {
+    let opts = Options {
+        agent: "hostile-test".into(),
+        fingerprint: fingerprint("sim"),
+        slots: 2,
+        blobs,
+        peer: Peer::Silent,
+        ..Options::default()
+    };
+    SimWorker::join_with(ticket, opts).await
 }
 
-impl SimWorker {
-    async fn join(ticket: &Ticket, blobs: Vec<BlobId>) -> anyhow::Result<SimWorker> {
-        let key = NodeKey::generate();
-        let ep = net::endpoint(&key, "127.0.0.1:0".parse()?, &[ALPN_BLOB])?;
-        let conn = net::connect(&ep, ticket.socket_addrs()?[0], ticket.node_id, ALPN_COORD).await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
-        let fingerprint = EngineFingerprint {
-            engine: "sim".into(),
-            arch: "x86_64-linux".into(),
-            settings: "det".into(),
-        };
-        let hello = WorkerMsg::Hello {
-            agent: "hostile-test".into(),
-            fingerprint,
-            slots: 2,
-            peer_addr: Some(ep.local_addr()?),
-            blobs,
-        };
-        net::write_frame(&mut send, &hello).await?;
-        let welcome: CoordMsg = net::read_frame(&mut recv).await?.context("no welcome")?;
-        anyhow::ensure!(matches!(welcome, CoordMsg::Welcome { .. }), "{welcome:?}");
-        Ok(SimWorker {
-            key,
-            _ep: ep,
-            conn,
-            send,
-            recv,
-        })
-    }
-
-    async fn recv(&mut self) -> anyhow::Result<CoordMsg> {
-        loop {
-            let m = tokio::time::timeout(PATIENCE, net::read_frame::<CoordMsg>(&mut self.recv))
-                .await??
-                .context("stream ended")?;
-            if !matches!(
-                m,
-                CoordMsg::Cancel { .. } | CoordMsg::Reachability { .. } | CoordMsg::Punch { .. }
-            ) {
-                return Ok(m);
-            }
-        }
-    }
-
-    async fn request(&mut self, max: u32) -> anyhow::Result<Vec<Assignment>> {
-        net::write_frame(&mut self.send, &WorkerMsg::RequestWork { max }).await?;
-        match self.recv().await? {
-            CoordMsg::Assign { assignments, .. } => Ok(assignments),
-            other => anyhow::bail!("expected Assign, got {other:?}"),
-        }
-    }
-
-    async fn report(&mut self, replica: u64, out: &[u8]) -> anyhow::Result<CoordMsg> {
-        let result = RunResult {
-            status: Status::Ok,
-            exit_code: 0,
-            trap: String::new(),
-            fuel_used: 1000,
-            output_hash: BlobId::of(out),
-            output_len: out.len() as u64,
-        };
-        let report = wire::Report {
-            replica,
-            result,
-            output: Some(out.to_vec()),
-            wall_ms: 1,
-        };
-        net::write_frame(&mut self.send, &WorkerMsg::Report(report)).await?;
-        self.recv().await
-    }
-}
+/// Fuel claimed by every report here (`SimWorker::report_output`).
+const FUEL: u64 = 1000;
 
 /// Open a fresh connection on `alpn`, send `bytes` on a new stream (after `hello` on the
 /// coordinator ALPN), and wait for the coordinator to close the connection.
@@ -180,12 +114,13 @@ async fn garbage_and_oversized_frames_on_every_alpn_close_only_that_connection(
     let jobdir = tempfile::tempdir()?;
     let client = Client::connect(&ticket, &c.token).await?;
     let (job_id, _) = client.submit(&job(jobdir.path(), 20)?).await?;
-    let mut good = SimWorker::join(&ticket, vec![]).await?;
+    let mut good = join(&ticket, vec![]).await?;
     let garbage: &[u8] = &[0, 0, 0, 3, 0xff, 0xff, 0xff];
     let oversized = ((MAX_FRAME + 1) as u32).to_be_bytes();
     let huge = u32::MAX.to_be_bytes();
     // (scenario, alpn, hello first, bytes, expected close code)
-    let cases: Vec<(&str, &[u8], bool, &[u8], CloseCode)> = vec![
+    type Case<'a> = (&'a str, &'a [u8], bool, &'a [u8], CloseCode);
+    let cases: Vec<Case> = vec![
         (
             "coord: garbage instead of Hello",
             ALPN_COORD,
@@ -294,12 +229,12 @@ async fn unassigned_report_wrong_token_and_wrong_key_are_refused_with_one_clear_
     client.submit(&job(jobdir.path(), 2)?).await?;
 
     // 1. A worker reports for a replica given to someone else, and for one that never existed.
-    let mut owner = SimWorker::join(&ticket, vec![]).await?;
-    let mut thief = SimWorker::join(&ticket, vec![]).await?;
+    let mut owner = join(&ticket, vec![]).await?;
+    let mut thief = join(&ticket, vec![]).await?;
     let given = owner.request(1).await?;
     let replica = given[0].replica;
-    let stolen = thief.report(replica, b"x").await?;
-    let unknown = thief.report(987_654, b"x").await?;
+    let stolen = thief.report_output(replica, b"x".to_vec(), FUEL).await?;
+    let unknown = thief.report_output(987_654, b"x".to_vec(), FUEL).await?;
     let refused = matches!(stolen, CoordMsg::Rejected { replica: Some(r), .. } if r == replica)
         && matches!(unknown, CoordMsg::Rejected { .. });
     let thief_id = thief.key.node_id().short();
@@ -310,7 +245,10 @@ async fn unassigned_report_wrong_token_and_wrong_key_are_refused_with_one_clear_
             && l.contains(&thief_id)
     }) && lines.iter().any(|l| l.contains("unknown replica 987654"));
     // ... and the rightful owner's report still counts.
-    let owner_ok = matches!(owner.report(replica, b"x").await?, CoordMsg::Ack { .. });
+    let owner_ok = matches!(
+        owner.report_output(replica, b"x".to_vec(), FUEL).await?,
+        CoordMsg::Ack { .. }
+    );
     fault(
         "worker reports for a replica it was not given (and for an unknown one)",
         &format!("refused with Rejected: {refused}; owner's report still accepted: {owner_ok}; coordinator log: {}", lines.first().map(|l| trim_log(l)).unwrap_or_else(|| "NONE".into())),
@@ -430,8 +368,8 @@ async fn peer_reported_for_bad_data_is_no_longer_handed_out_for_that_blob() -> a
     let module = BlobId::of(&std::fs::read(&spec.module)?);
     client.submit(&spec).await?;
     // The poisoner announces the module; an honest worker sees it listed as a peer.
-    let poisoner = SimWorker::join(&ticket, vec![module]).await?;
-    let mut a = SimWorker::join(&ticket, vec![]).await?;
+    let poisoner = join(&ticket, vec![module]).await?;
+    let mut a = join(&ticket, vec![]).await?;
     let before = a.request(1).await?;
     let listed_before = before[0]
         .peers
@@ -439,7 +377,7 @@ async fn peer_reported_for_bad_data_is_no_longer_handed_out_for_that_blob() -> a
         .any(|p| p.node_id == poisoner.key.node_id());
     // A fetches from it, the chunks fail verification, A reports it; so does A2, also handed
     // the poisoner for the module (one accuser alone never delists a holder: issue 17).
-    let mut a2 = SimWorker::join(&ticket, vec![]).await?;
+    let mut a2 = join(&ticket, vec![]).await?;
     let before2 = a2.request(1).await?;
     anyhow::ensure!(before2.len() == 1, "a2 got no work");
     for w in [&mut a, &mut a2] {
@@ -456,7 +394,7 @@ async fn peer_reported_for_bad_data_is_no_longer_handed_out_for_that_blob() -> a
     }
     let lines = log_lines(|| c.coordinator_logs(), "peer serving bad data");
     // Other workers are no longer pointed at it (it is still connected).
-    let mut b = SimWorker::join(&ticket, vec![]).await?;
+    let mut b = join(&ticket, vec![]).await?;
     let after = b.request(2).await?;
     let listed_after = after
         .iter()

@@ -2,16 +2,18 @@
 //! in-process with HTTP on loopback, a job submitted with the real `Client`, two simulated
 //! workers agreeing on it over real QUIC, and plain HTTP/1.1 requests over a TcpStream.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use common::simworker::{fuel_for, output_for, Options, Peer, SimWorker};
 use coordinator::client::Client;
 use coordinator::server::{Coordinator, RunningCoordinator, ServeConfig};
 use serde_json::Value;
-use tasks::net;
-use tasks::wire::{self, Assignment, CoordMsg, WorkerMsg, ALPN_COORD};
-use tasks::{BlobId, EngineFingerprint, JobSpec, NodeKey, RunResult, Status, Ticket};
+use tasks::wire;
+use tasks::{BlobId, JobSpec, Ticket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn start(dir: &std::path::Path, http: SocketAddr) -> anyhow::Result<RunningCoordinator> {
@@ -31,99 +33,14 @@ fn job_file(dir: &std::path::Path, n: usize) -> anyhow::Result<JobSpec> {
     Ok(JobSpec::from_file(&dir.join("job.toml"))?)
 }
 
-fn output_for(a: &Assignment) -> Vec<u8> {
-    format!("out of {}\n", a.task.args.join(" ")).into_bytes()
-}
-
-fn fuel_for(a: &Assignment) -> u64 {
-    1_000_000 + a.task.id.index as u64
-}
-
-/// A worker that speaks `peergrid/coord/1` by hand and reports small outputs inline.
-struct SimWorker {
-    _ep: quinn::Endpoint,
-    _conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-}
-
-impl SimWorker {
-    async fn join(ticket: &Ticket) -> anyhow::Result<SimWorker> {
-        let ep = net::endpoint(&NodeKey::generate(), "127.0.0.1:0".parse()?, &[])?;
-        let conn = net::connect(&ep, ticket.socket_addrs()?[0], ticket.node_id, ALPN_COORD).await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
-        let fingerprint = EngineFingerprint {
-            engine: "wasmtime test".into(),
-            arch: "x86_64-linux".into(),
-            settings: "det".into(),
-        };
-        let hello = WorkerMsg::Hello {
-            agent: "sim".into(),
-            fingerprint,
-            slots: 4,
-            peer_addr: None,
-            blobs: vec![],
-        };
-        net::write_frame(&mut send, &hello).await?;
-        let welcome: CoordMsg = net::read_frame(&mut recv).await?.context("no welcome")?;
-        anyhow::ensure!(
-            matches!(welcome, CoordMsg::Welcome { .. }),
-            "expected Welcome, got {welcome:?}"
-        );
-        Ok(SimWorker {
-            _ep: ep,
-            _conn: conn,
-            send,
-            recv,
-        })
-    }
-
-    async fn recv(&mut self) -> anyhow::Result<CoordMsg> {
-        loop {
-            let m: CoordMsg =
-                tokio::time::timeout(Duration::from_secs(60), net::read_frame(&mut self.recv))
-                    .await
-                    .context("timed out waiting for the coordinator")??
-                    .context("stream ended")?;
-            if !matches!(
-                m,
-                CoordMsg::Cancel { .. } | CoordMsg::Reachability { .. } | CoordMsg::Punch { .. }
-            ) {
-                return Ok(m);
-            }
-        }
-    }
-
-    async fn work(&mut self, max: u32) -> anyhow::Result<Vec<Assignment>> {
-        net::write_frame(&mut self.send, &WorkerMsg::RequestWork { max }).await?;
-        let CoordMsg::Assign { assignments, .. } = self.recv().await? else {
-            anyhow::bail!("expected Assign")
-        };
-        for a in &assignments {
-            let out = output_for(a);
-            let result = RunResult {
-                status: Status::Ok,
-                exit_code: 0,
-                trap: String::new(),
-                fuel_used: fuel_for(a),
-                output_hash: BlobId::of(&out),
-                output_len: out.len() as u64,
-            };
-            let report = wire::Report {
-                replica: a.replica,
-                result,
-                output: Some(out),
-                wall_ms: 1,
-            };
-            net::write_frame(&mut self.send, &WorkerMsg::Report(report)).await?;
-            let ack = self.recv().await?;
-            anyhow::ensure!(
-                matches!(ack, CoordMsg::Ack { .. }),
-                "expected Ack, got {ack:?}"
-            );
-        }
-        Ok(assignments)
-    }
+/// A simulated worker without a peer side (no address announced, nothing served); it
+/// reports small outputs inline.
+async fn join(ticket: &Ticket) -> anyhow::Result<SimWorker> {
+    let opts = Options {
+        peer: Peer::None,
+        ..Options::default()
+    };
+    SimWorker::join_with(ticket, opts).await
 }
 
 /// One `GET` over a fresh connection: (status code, content type, body).
@@ -187,8 +104,8 @@ async fn http_status_api_mirrors_status_json_and_results_without_outputs() -> an
     let client = Client::connect(&coord.ticket, &coord.token).await?;
     let (job, n) = client.submit(&job_file(jobdir.path(), 3)?).await?;
     assert_eq!(n, 3);
-    let mut a = SimWorker::join(&coord.ticket).await?;
-    let mut b = SimWorker::join(&coord.ticket).await?;
+    let mut a = join(&coord.ticket).await?;
+    let mut b = join(&coord.ticket).await?;
     let wa = a.work(8).await?;
     let wb = b.work(8).await?;
     assert_eq!(wa.len() + wb.len(), 6, "quorum 2 × 3 tasks");

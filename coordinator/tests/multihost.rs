@@ -24,8 +24,8 @@
 //!   both sides must succeed at least once; a port-randomizing side is expected to fail
 //!   (reported, not asserted).
 //!
-//! NAT boxes get a home router's INPUT firewall on top of netsim's (see [`home_nat_site`]:
-//! without it no simultaneous open succeeds even between two port-preserving NATs).
+//! NAT boxes are netsim's, with a home router's INPUT firewall (without it no simultaneous
+//! open succeeds even between two port-preserving NATs: see netsim's module doc).
 //!
 //! The scenarios run one at a time (a process-wide lock taken by [`Grid::new`]): a grid is a
 //! coordinator and up to 8 workers, and several at once on a loaded 2-core CI machine make
@@ -41,29 +41,27 @@
 //! failure. `PEERGRID_KEEP_LOGS=DIR` keeps every log of a failed scenario,
 //! `PEERGRID_KEEP_ALL_LOGS=DIR` those of passing ones too, and `PEERGRID_TEST_LOG` sets
 //! RUST_LOG of the coordinator and workers (default `info`); `PEERGRID_NETSIM_PLAIN_NAT=1`
-//! leaves the NAT boxes without the INPUT firewall the scenarios add (see [`home_nat_site`]).
+//! makes the NAT boxes without their INPUT firewall (`Lab::set_nat_input_firewall(false)`).
 //! Run: `cargo test --workspace --test multihost` (the summary lines go to stderr uncaptured).
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::process::Output;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use common::netgrid;
+use common::{coordinator_bin, worker_bin};
 use netsim::{Host, Lab, Nat, Proc};
 use serde_json::Value;
 
-const PRIMES_WASM: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../examples/primes/primes.wasm"
-);
 const MANDELBROT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/mandelbrot");
 
-/// Random bytes appended to the primes module as a custom section.
-const PADDING: usize = 8 << 20;
 /// Hang guards: nothing waits on time passing, only on observable states, and gives up
 /// after these.
 const CLI_GUARD: Duration = Duration::from_secs(90);
@@ -78,55 +76,6 @@ const NAT_BOUND: f64 = 3.5;
 /// rest itself (its own copy to the seeder, at most one more per fetcher in the worst case),
 /// but never loop on chunks.
 const SEEDER_LEAVES_MAX: f64 = 5.0;
-
-fn coordinator_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_coordinator"))
-}
-
-/// The `worker` binary beside ours. `cargo test --workspace --test multihost` does not
-/// rebuild it, so when it is missing or older than one of its sources (per cargo's dep-info
-/// file) it is rebuilt here, with `--workspace` so that the shared dependencies resolve as in
-/// every other build (no second wasmtime).
-fn worker_bin() -> PathBuf {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let coord = coordinator_bin();
-        let path = coord.with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX));
-        let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        // Cargo's dep-info beside the binary lists the sources it was built from.
-        let dep_info = std::fs::read_to_string(path.with_extension("d")).unwrap_or_default();
-        let sources: Vec<&str> = dep_info
-            .split_once(": ")
-            .map(|(_, list)| list.split_whitespace().collect())
-            .unwrap_or_default();
-        let built = mtime(&path);
-        let stale = built.is_none()
-            || sources.is_empty()
-            || sources
-                .iter()
-                .any(|s| mtime(Path::new(s)).is_none_or(|m| Some(m) > built));
-        if stale {
-            summary("building the worker binary (missing, or older than its sources)");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--workspace", "--bin", "worker"]);
-            if coord
-                .parent()
-                .and_then(|p| p.file_name())
-                .is_some_and(|n| n == "release")
-            {
-                cmd.arg("--release");
-            }
-            let status = cmd
-                .status()
-                .expect("running cargo build for the worker binary");
-            assert!(status.success(), "building the worker binary failed");
-        }
-        assert!(path.exists(), "no worker binary at {}", path.display());
-        path
-    })
-    .clone()
-}
 
 fn log_level() -> String {
     std::env::var("PEERGRID_TEST_LOG").unwrap_or_else(|_| "info".into())
@@ -186,7 +135,18 @@ impl Grid {
     fn new(scenario: &'static str) -> Option<Grid> {
         let serial = serial();
         let mut lab = netsim::lab_or_skip()?;
-        worker_bin();
+        // For comparison: NAT boxes without a home router's INPUT firewall.
+        if std::env::var_os("PEERGRID_NETSIM_PLAIN_NAT").is_some_and(|v| v != "0") {
+            lab.set_nat_input_firewall(false);
+        }
+        // `cargo test --workspace --test multihost` does not rebuild the worker binary: once
+        // per process, rebuild it when it is older than its sources (`worker_bin` then finds
+        // it).
+        static FRESH_WORKER: OnceLock<()> = OnceLock::new();
+        FRESH_WORKER.get_or_init(|| {
+            netsim::workspace_bin(&coordinator_bin(), "worker", summary)
+                .unwrap_or_else(|e| panic!("the worker binary: {e:#}"));
+        });
         let coord_host = lab.public_host("coord", 0).expect("coordinator host");
         let sci = lab.public_host("sci", 2).expect("scientist host");
         let mut g = Grid {
@@ -221,38 +181,18 @@ impl Grid {
     }
 
     fn start_coordinator(&mut self) {
-        let data = self.path("coord");
-        let mut cmd = self.coord_host.command(coordinator_bin());
-        cmd.args(["serve", "--data-dir"])
-            .arg(&data)
-            .args(["--listen", "0.0.0.0:7100", "--advertise"])
-            .arg(self.coord_host.ip.to_string())
-            .env("RUST_LOG", log_level())
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(self.log("coordinator.out.log"))
-            .stderr(self.log("coordinator.log"));
-        let mut p = Proc::spawn("coordinator", &mut cmd).unwrap();
-        let t0 = Instant::now();
-        loop {
-            let read = |f: &str| std::fs::read_to_string(data.join(f)).unwrap_or_default();
-            let (t, k) = (read("ticket"), read("submit-token"));
-            if !t.trim().is_empty() && !k.trim().is_empty() {
-                self.ticket = t.trim().to_string();
-                self.token = k.trim().to_string();
-                break;
-            }
-            if let Some(s) = p.exited() {
-                self.coord = Some(p);
-                panic!("coordinator serve exited ({s}) before writing its ticket");
-            }
-            if t0.elapsed() > START_GUARD {
-                self.coord = Some(p);
-                panic!("coordinator wrote no ticket within {START_GUARD:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (p, ticket, token) = netgrid::start_coordinator(
+            &coordinator_bin(),
+            &self.coord_host,
+            self.dir.path(),
+            &log_level(),
+            &[],
+            START_GUARD,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
         self.coord = Some(p);
+        self.ticket = ticket;
+        self.token = token;
         assert!(
             self.ticket
                 .ends_with(&format!("@{}:7100", self.coord_host.ip)),
@@ -296,15 +236,17 @@ impl Grid {
         let log = format!("worker-{i}-{name}-{}.log", self.spawned);
         let log_path = self.path(&log);
         self.workers[i].logs.push(log_path);
-        let mut cmd = self.workers[i].host.command(worker_bin());
-        cmd.args(["join", &self.ticket, "--data-dir"])
-            .arg(&dir)
-            .env("RUST_LOG", &self.worker_log)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(self.log(&log));
-        self.workers[i].proc = Some(Proc::spawn(&format!("worker-{i}"), &mut cmd).unwrap());
+        let p = netgrid::spawn_worker(
+            &worker_bin(),
+            &self.workers[i].host,
+            &self.ticket,
+            &dir,
+            &self.worker_log,
+            self.log(&log),
+            &format!("worker-{i}"),
+        )
+        .unwrap();
+        self.workers[i].proc = Some(p);
     }
 
     fn kill_worker(&mut self, i: usize) {
@@ -316,12 +258,14 @@ impl Grid {
     /// The submitter CLI (`coordinator CMD --to TICKET --token TOKEN ARGS...`) on the
     /// scientist's host.
     fn cli(&self, cmd: &str, args: &[&str]) -> Output {
-        let mut c = self.sci.command(coordinator_bin());
-        c.arg(cmd)
-            .args(["--to", &self.ticket, "--token", &self.token])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .env("NO_COLOR", "1");
+        let mut c = netgrid::cli(
+            &coordinator_bin(),
+            &self.sci,
+            &self.ticket,
+            &self.token,
+            cmd,
+        );
+        c.args(args);
         netsim::run_with_timeout(&mut c, CLI_GUARD)
             .unwrap_or_else(|e| panic!("coordinator {cmd}: {e:#}"))
     }
@@ -473,17 +417,18 @@ impl Grid {
         self.spawned += 1;
         let out = self.path(&format!("submit-{}.out.log", self.spawned));
         let err = self.path(&format!("submit-{}.log", self.spawned));
-        let mut c = self.sci.command(coordinator_bin());
-        c.args(["submit", "--to", &self.ticket, "--token", &self.token])
-            .arg(job)
-            .args(["--wait", "--json"])
-            .env("RUST_LOG", "warn")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap());
+        let proc = netgrid::spawn_submit(
+            &coordinator_bin(),
+            &self.sci,
+            &self.ticket,
+            &self.token,
+            job,
+            &out,
+            &err,
+        )
+        .unwrap();
         Submission {
-            proc: Proc::spawn("submit", &mut c).unwrap(),
+            proc,
             out,
             err,
             t0: Instant::now(),
@@ -496,10 +441,7 @@ impl Grid {
             if let Some(code) = s.finished() {
                 let out = std::fs::read_to_string(&s.out).unwrap_or_default();
                 let err = std::fs::read_to_string(&s.err).unwrap_or_default();
-                let v: Value = out
-                    .lines()
-                    .rev()
-                    .find_map(|l| serde_json::from_str(l).ok())
+                let v = netgrid::last_json(&out)
                     .unwrap_or_else(|| panic!("submit printed no JSON ({code}): {out} {err}"));
                 assert!(
                     code.success() && v["state"] == "done" && v["tasks_failed"] == 0,
@@ -562,6 +504,9 @@ impl Grid {
             self.scenario,
             self.dir.path().display()
         );
+        if let Some(keep) = &keep {
+            netgrid::keep_logs(self.dir.path(), keep);
+        }
         let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
             .unwrap()
             .flatten()
@@ -570,10 +515,6 @@ impl Grid {
             .collect();
         logs.sort();
         for p in logs {
-            if let Some(keep) = &keep {
-                let _ = std::fs::create_dir_all(keep);
-                let _ = std::fs::copy(&p, keep.join(p.file_name().unwrap()));
-            }
             let text = std::fs::read_to_string(&p).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(12).collect();
             eprintln!("--- {} (last lines)", p.display());
@@ -601,13 +542,7 @@ impl Drop for Grid {
             self.dump_logs();
         } else if let Some(keep) = std::env::var_os("PEERGRID_KEEP_ALL_LOGS") {
             // For a look at a passing run too.
-            let keep = PathBuf::from(keep).join(self.scenario);
-            let _ = std::fs::create_dir_all(&keep);
-            for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
-                if e.path().extension().is_some_and(|x| x == "log") {
-                    let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
-                }
-            }
+            netgrid::keep_logs(self.dir.path(), &PathBuf::from(keep).join(self.scenario));
         }
     }
 }
@@ -633,92 +568,17 @@ impl Submission {
     }
 }
 
-/// A NAT site whose box also drops unsolicited packets addressed to itself, as a home
-/// router's firewall does (INPUT from the WAN: replies only).
-///
-/// Without it (netsim's `nat_site` filters only FORWARD), a peer's first packet of a
-/// simultaneous open that reaches the box before the LAN host's own packet went out is
-/// accepted by the box itself (no socket: ICMP port unreachable) and leaves a *confirmed*
-/// conntrack entry for that 4-tuple; the LAN host's packet to the same peer then collides
-/// with it and MASQUERADE gives it another source port, so the punch fails even between two
-/// port-preserving NATs. Dropped in INPUT, the packet leaves no entry (conntrack confirms
-/// only accepted packets) and the mapping keeps its port.
-fn home_nat_site(
-    lab: &mut Lab,
-    name: &str,
-    block: usize,
-    nat: Nat,
-    lan: [u8; 3],
-    hosts: usize,
-) -> netsim::NatSite {
-    let site = lab.nat_site(name, block, nat, lan, hosts).unwrap();
-    // For comparison: the box exactly as netsim makes it.
-    if std::env::var_os("PEERGRID_NETSIM_PLAIN_NAT").is_some_and(|v| v != "0") {
-        return site;
-    }
-    let t = Duration::from_secs(30);
-    site.router
-        .run_ok(
-            "iptables",
-            [
-                "-A",
-                "INPUT",
-                "-i",
-                "wan0",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ],
-            t,
-        )
-        .expect("NAT box INPUT rule");
-    site.router
-        .run_ok("iptables", ["-A", "INPUT", "-i", "wan0", "-j", "DROP"], t)
-        .expect("NAT box INPUT rule");
-    site
-}
-
 // ---- jobs ----
 
-/// The primes module with an 8 MiB custom section of random bytes appended: still valid,
-/// same behaviour (engines ignore custom sections), 33 chunks of fresh data.
-fn padded_primes(dir: &Path) -> usize {
-    let mut wasm = std::fs::read(PRIMES_WASM).expect("examples/primes/primes.wasm");
-    let name = b"peergrid-padding";
-    let mut payload = vec![0u8; PADDING];
-    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut payload);
-    let mut section = Vec::with_capacity(PADDING + 32);
-    leb(&mut section, name.len() as u64);
-    section.extend_from_slice(name);
-    section.extend_from_slice(&payload);
-    wasm.push(0); // custom section id
-    leb(&mut wasm, section.len() as u64);
-    wasm.extend_from_slice(&section);
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("primes.wasm"), &wasm).unwrap();
-    wasm.len()
-}
-
-fn leb(out: &mut Vec<u8>, mut v: u64) {
-    loop {
-        let byte = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(byte);
-            return;
-        }
-        out.push(byte | 0x80);
-    }
-}
-
-/// A primes job over the padded module: task i counts the primes in [i*block, (i+1)*block).
+/// A primes job over the padded module ([`netgrid::padded_primes`]: the primes module with an
+/// 8 MiB custom section of random bytes appended): task i counts the primes in [i*block, (i+1)*block).
 /// Returns (job file, module size).
 fn primes_job(g: &Grid, count: u32, block: u64, deadline_secs: u64) -> (PathBuf, usize) {
     let jd = g.path("job");
-    let size = padded_primes(&jd);
+    let wasm = netgrid::padded_primes().unwrap();
+    std::fs::create_dir_all(&jd).unwrap();
+    std::fs::write(jd.join("primes.wasm"), &wasm).unwrap();
+    let size = wasm.len();
     let toml = format!(
         "name = \"primes\"\nmodule = \"primes.wasm\"\nquorum = 2\nmax_replicas = 6\nfuel = 200_000_000\nmemory_mb = 32\nmax_output = 64\ndeadline_secs = {deadline_secs}\n[tasks]\ncount = {count}\nargs = [\"block\", \"{{i}}\", \"{block}\"]\n"
     );
@@ -869,8 +729,14 @@ fn nat_sites() {
         return;
     };
     let public = g.lab.public_host("pub", 0).unwrap();
-    let easy = home_nat_site(&mut g.lab, "easy", 1, Nat::PortPreserving, [192, 168, 1], 3);
-    let hard = home_nat_site(&mut g.lab, "hard", 2, Nat::RandomPorts, [10, 0, 7], 3);
+    let easy = g
+        .lab
+        .nat_site("easy", 1, Nat::PortPreserving, [192, 168, 1], 3)
+        .unwrap();
+    let hard = g
+        .lab
+        .nat_site("hard", 2, Nat::RandomPorts, [10, 0, 7], 3)
+        .unwrap();
     let mut idx = vec![g.start_worker(&public)];
     for h in easy.hosts.iter().chain(&hard.hosts) {
         idx.push(g.start_worker(h));
@@ -907,8 +773,14 @@ fn mandelbrot_outputs() {
     };
     let p0 = g.lab.public_host("pub0", 0).unwrap();
     let p1 = g.lab.public_host("pub1", 1).unwrap();
-    let easy = home_nat_site(&mut g.lab, "easy", 1, Nat::PortPreserving, [192, 168, 1], 2);
-    let hard = home_nat_site(&mut g.lab, "hard", 2, Nat::RandomPorts, [192, 168, 1], 2);
+    let easy = g
+        .lab
+        .nat_site("easy", 1, Nat::PortPreserving, [192, 168, 1], 2)
+        .unwrap();
+    let hard = g
+        .lab
+        .nat_site("hard", 2, Nat::RandomPorts, [192, 168, 1], 2)
+        .unwrap();
     let mut idx = vec![g.start_worker(&p0), g.start_worker(&p1)];
     for h in easy.hosts.iter().chain(&hard.hosts) {
         idx.push(g.start_worker(h));
@@ -1113,7 +985,7 @@ fn hole_punching_between_nat_sites() {
     let mut kind: BTreeMap<String, Nat> = BTreeMap::new();
     let mut hosts: Vec<Vec<Host>> = Vec::new();
     for (name, block, nat, lan) in sites {
-        hosts.push(home_nat_site(&mut g.lab, name, block, nat, lan, 2).hosts);
+        hosts.push(g.lab.nat_site(name, block, nat, lan, 2).unwrap().hosts);
         kind.insert(name.to_string(), nat);
     }
     // The sites join in three waves, each once the previous one holds the module, so that

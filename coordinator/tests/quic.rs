@@ -1,174 +1,18 @@
 //! Real QUIC on loopback: a coordinator started in-process, a submitter using `Client`, and
-//! simulated workers that speak the wire protocol (no wasm).
+//! simulated workers that speak the wire protocol (no wasm; [`SimWorker`] with its default
+//! options: tasks whose first argument is `big` output too much to travel inline).
+
+mod common;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Context;
+use common::simworker::{fuel_for, output_for, result_of, SimWorker};
 use coordinator::client::{Client, ClientError};
 use coordinator::server::{Coordinator, RunningCoordinator, ServeConfig};
 use tasks::net;
-use tasks::wire::{
-    self, Assignment, CloseCode, CoordMsg, JobState, TaskState, WorkerMsg, ALPN_BLOB, ALPN_COORD,
-    INLINE_OUTPUT_MAX,
-};
-use tasks::{BlobId, EngineFingerprint, JobId, JobSpec, NodeKey, RunResult, Status, Ticket};
-
-fn fp() -> EngineFingerprint {
-    EngineFingerprint {
-        engine: "wasmtime test".into(),
-        arch: "x86_64-linux".into(),
-        settings: "det".into(),
-    }
-}
-
-/// The honest output of a task: big for args[0] == "big", small otherwise.
-fn output_for(a: &Assignment) -> Vec<u8> {
-    if a.task.args.first().map(String::as_str) == Some("big") {
-        (0..(INLINE_OUTPUT_MAX as usize * 5 + 123))
-            .map(|i| (i % 251) as u8)
-            .collect()
-    } else {
-        format!("out of {}\n", a.task.args.join(" ")).into_bytes()
-    }
-}
-
-fn result_of(out: &[u8], fuel: u64) -> RunResult {
-    RunResult {
-        status: Status::Ok,
-        exit_code: 0,
-        trap: String::new(),
-        fuel_used: fuel,
-        output_hash: BlobId::of(out),
-        output_len: out.len() as u64,
-    }
-}
-
-fn fuel_for(a: &Assignment) -> u64 {
-    1_000_000 + a.task.id.index as u64
-}
-
-/// A worker that speaks `peergrid/coord/1` by hand and serves its outputs over
-/// `peergrid/blob/1`.
-struct SimWorker {
-    _key: NodeKey,
-    _ep: quinn::Endpoint,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    blobs: worker::blobs::BlobStore,
-    _dir: tempfile::TempDir,
-    cancels: Vec<u64>,
-}
-
-impl SimWorker {
-    async fn join(ticket: &Ticket) -> anyhow::Result<SimWorker> {
-        Self::join_as(NodeKey::generate(), ticket).await
-    }
-
-    async fn join_as(key: NodeKey, ticket: &Ticket) -> anyhow::Result<SimWorker> {
-        let dir = tempfile::tempdir()?;
-        let blobs = worker::blobs::BlobStore::open(dir.path(), None)?;
-        let ep = net::endpoint(&key, "127.0.0.1:0".parse()?, &[ALPN_BLOB])?;
-        let server = worker::swarm::BlobServer::new(blobs.clone(), Default::default());
-        let accept = ep.clone();
-        let on_session = server.clone();
-        tokio::spawn(async move {
-            while let Some(inc) = accept.accept().await {
-                let server = server.clone();
-                tokio::spawn(async move {
-                    if let Ok(c) = inc.await {
-                        server.serve_connection(c).await;
-                    }
-                });
-            }
-        });
-        let addr = ticket.socket_addrs()?[0];
-        let conn = net::connect(&ep, addr, ticket.node_id, ALPN_COORD).await?;
-        // As the protocol asks: answer the coordinator's blob requests on the session
-        // connection (that is how it collects outputs).
-        let c = conn.clone();
-        tokio::spawn(async move { on_session.serve_connection(c).await });
-        let (mut send, mut recv) = conn.open_bi().await?;
-        let hello = WorkerMsg::Hello {
-            agent: "sim".into(),
-            fingerprint: fp(),
-            slots: 4,
-            peer_addr: Some(ep.local_addr()?),
-            blobs: vec![],
-        };
-        net::write_frame(&mut send, &hello).await?;
-        let welcome: CoordMsg = net::read_frame(&mut recv).await?.context("no welcome")?;
-        assert!(matches!(welcome, CoordMsg::Welcome { .. }), "{welcome:?}");
-        Ok(SimWorker {
-            _key: key,
-            _ep: ep,
-            conn,
-            send,
-            recv,
-            blobs,
-            _dir: dir,
-            cancels: vec![],
-        })
-    }
-
-    async fn recv(&mut self) -> anyhow::Result<CoordMsg> {
-        loop {
-            let m: CoordMsg =
-                tokio::time::timeout(Duration::from_secs(60), net::read_frame(&mut self.recv))
-                    .await
-                    .context("timed out waiting for the coordinator")??
-                    .context("stream ended")?;
-            match m {
-                CoordMsg::Cancel { replicas } => self.cancels.extend(replicas),
-                // Unsolicited news about our address and dial orders: not what we wait for.
-                CoordMsg::Reachability { .. } | CoordMsg::Punch { .. } => {}
-                other => return Ok(other),
-            }
-        }
-    }
-
-    async fn request(&mut self, max: u32) -> anyhow::Result<Vec<Assignment>> {
-        net::write_frame(&mut self.send, &WorkerMsg::RequestWork { max }).await?;
-        match self.recv().await? {
-            CoordMsg::Assign { assignments, .. } => Ok(assignments),
-            other => anyhow::bail!("expected Assign, got {other:?}"),
-        }
-    }
-
-    /// Run an assignment honestly and report it: small outputs inline, large ones stored
-    /// and served as a blob.
-    async fn report(&mut self, a: &Assignment) -> anyhow::Result<CoordMsg> {
-        let out = output_for(a);
-        let result = result_of(&out, fuel_for(a));
-        let inline = if out.len() as u64 <= INLINE_OUTPUT_MAX {
-            Some(out)
-        } else {
-            self.blobs.put(&out)?;
-            None
-        };
-        self.report_raw(a.replica, result, inline).await
-    }
-
-    async fn report_raw(
-        &mut self,
-        replica: u64,
-        result: RunResult,
-        output: Option<Vec<u8>>,
-    ) -> anyhow::Result<CoordMsg> {
-        net::write_frame(
-            &mut self.send,
-            &WorkerMsg::Report(wire::Report {
-                replica,
-                result,
-                output,
-                wall_ms: 1,
-            }),
-        )
-        .await?;
-        self.recv().await
-    }
-}
+use tasks::wire::{CloseCode, CoordMsg, JobState, TaskState, INLINE_OUTPUT_MAX};
+use tasks::{JobId, JobSpec, NodeKey};
 
 async fn start(dir: &std::path::Path) -> anyhow::Result<RunningCoordinator> {
     let listen: SocketAddr = "127.0.0.1:0".parse()?;

@@ -13,14 +13,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use common::simworker::{fingerprint, output_for, result_of, Options, SimWorker, PATIENCE};
 use coordinator::client::{Client, ClientError};
 use coordinator::server::{Coordinator, RunningCoordinator, ServeConfig};
 use tasks::net;
 use tasks::wire::{self, Assignment, CoordMsg, ErrorCode, WorkerMsg, ALPN_BLOB, ALPN_COORD};
-use tasks::{BlobId, EngineFingerprint, JobSpec, NodeKey, RunResult, Status, Ticket};
-
-/// A hang guard, not a speed claim: generous so a loaded machine never trips it.
-const PATIENCE: Duration = Duration::from_secs(60);
+use tasks::{BlobId, JobSpec, NodeKey, Ticket};
 
 fn fault(attack: &str, happened: &str, target: &str, met: bool) {
     println!(
@@ -29,152 +27,27 @@ fn fault(attack: &str, happened: &str, target: &str, met: bool) {
     );
 }
 
-fn fp() -> EngineFingerprint {
-    EngineFingerprint {
-        engine: "redteam".into(),
-        arch: "x86_64-linux".into(),
-        settings: "det".into(),
-    }
+/// A red-team worker claiming `slots`, serving blobs: the shared [`SimWorker`] introducing
+/// itself as `redteam`, claiming 1 000 000 fuel per task.
+async fn join(ticket: &Ticket, slots: u32) -> anyhow::Result<SimWorker> {
+    join_holding(ticket, slots, vec![]).await
 }
 
-/// The honest output of a task.
-fn output_for(a: &Assignment) -> Vec<u8> {
-    format!("out of {}\n", a.task.args.join(" ")).into_bytes()
-}
-
-fn result_of(out: &[u8], fuel: u64) -> RunResult {
-    RunResult {
-        status: Status::Ok,
-        exit_code: 0,
-        trap: String::new(),
-        fuel_used: fuel,
-        output_hash: BlobId::of(out),
-        output_len: out.len() as u64,
-    }
-}
-
-/// A worker speaking `peergrid/coord/1` by hand; it serves blob requests on its session
-/// connection and on its own endpoint, as the protocol asks.
-struct SimWorker {
-    key: NodeKey,
-    _ep: quinn::Endpoint,
-    _conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    _dir: tempfile::TempDir,
-    cancels: Vec<u64>,
-}
-
-impl SimWorker {
-    async fn join(ticket: &Ticket, slots: u32) -> anyhow::Result<SimWorker> {
-        Self::join_with(NodeKey::generate(), ticket, slots, vec![]).await
-    }
-
-    async fn join_with(
-        key: NodeKey,
-        ticket: &Ticket,
-        slots: u32,
-        blobs: Vec<BlobId>,
-    ) -> anyhow::Result<SimWorker> {
-        let dir = tempfile::tempdir()?;
-        let store = worker::blobs::BlobStore::open(dir.path(), None)?;
-        let ep = net::endpoint(&key, "127.0.0.1:0".parse()?, &[ALPN_BLOB])?;
-        let server = worker::swarm::BlobServer::new(store, Default::default());
-        let accept = ep.clone();
-        let on_session = server.clone();
-        tokio::spawn(async move {
-            while let Some(inc) = accept.accept().await {
-                let server = server.clone();
-                tokio::spawn(async move {
-                    if let Ok(c) = inc.await {
-                        server.serve_connection(c).await;
-                    }
-                });
-            }
-        });
-        let addr = ticket.socket_addrs()?[0];
-        let conn = net::connect(&ep, addr, ticket.node_id, ALPN_COORD).await?;
-        let c = conn.clone();
-        tokio::spawn(async move { on_session.serve_connection(c).await });
-        let (mut send, mut recv) = conn.open_bi().await?;
-        let hello = WorkerMsg::Hello {
-            agent: "redteam".into(),
-            fingerprint: fp(),
-            slots,
-            peer_addr: Some(ep.local_addr()?),
-            blobs,
-        };
-        net::write_frame(&mut send, &hello).await?;
-        let welcome: CoordMsg = tokio::time::timeout(PATIENCE, net::read_frame(&mut recv))
-            .await??
-            .context("no welcome")?;
-        anyhow::ensure!(matches!(welcome, CoordMsg::Welcome { .. }), "{welcome:?}");
-        Ok(SimWorker {
-            key,
-            _ep: ep,
-            _conn: conn,
-            send,
-            recv,
-            _dir: dir,
-            cancels: vec![],
-        })
-    }
-
-    fn id(&self) -> tasks::NodeId {
-        self.key.node_id()
-    }
-
-    async fn send(&mut self, msg: &WorkerMsg) -> anyhow::Result<()> {
-        net::write_frame(&mut self.send, msg).await?;
-        Ok(())
-    }
-
-    /// The next answer, skipping unsolicited messages (cancels are remembered).
-    async fn recv(&mut self) -> anyhow::Result<CoordMsg> {
-        loop {
-            let m: CoordMsg = tokio::time::timeout(PATIENCE, net::read_frame(&mut self.recv))
-                .await
-                .context("timed out waiting for the coordinator")??
-                .context("stream ended")?;
-            match m {
-                CoordMsg::Cancel { replicas } => self.cancels.extend(replicas),
-                CoordMsg::Reachability { .. } | CoordMsg::Punch { .. } => {}
-                other => return Ok(other),
-            }
-        }
-    }
-
-    async fn request(&mut self, max: u32) -> anyhow::Result<Vec<Assignment>> {
-        self.send(&WorkerMsg::RequestWork { max }).await?;
-        match self.recv().await? {
-            CoordMsg::Assign { assignments, .. } => Ok(assignments),
-            other => anyhow::bail!("expected Assign, got {other:?}"),
-        }
-    }
-
-    /// Report `result` with its output inline.
-    async fn report_raw(
-        &mut self,
-        replica: u64,
-        result: RunResult,
-        output: Option<Vec<u8>>,
-    ) -> anyhow::Result<CoordMsg> {
-        self.send(&WorkerMsg::Report(wire::Report {
-            replica,
-            result,
-            output,
-            wall_ms: 1,
-        }))
-        .await?;
-        self.recv().await
-    }
-
-    /// Report an assignment honestly.
-    async fn report(&mut self, a: &Assignment) -> anyhow::Result<CoordMsg> {
-        let out = output_for(a);
-        self.report_raw(a.replica, result_of(&out, 1_000_000), Some(out))
-            .await
-    }
+/// [`join`], announcing it holds `blobs`.
+async fn join_holding(
+    ticket: &Ticket,
+    slots: u32,
+    blobs: Vec<BlobId>,
+) -> anyhow::Result<SimWorker> {
+    let opts = Options {
+        agent: "redteam".into(),
+        fingerprint: fingerprint("redteam"),
+        slots,
+        blobs,
+        fuel: |_| 1_000_000,
+        ..Options::default()
+    };
+    SimWorker::join_with(ticket, opts).await
 }
 
 async fn start_with(
@@ -261,7 +134,7 @@ async fn absurd_job_numbers_are_refused_at_submit_and_the_coordinator_keeps_serv
     }
     // Still alive: a worker gets work from a sane job, the submitter gets status.
     let (job, _) = client.submit(&spec).await?;
-    let mut w = SimWorker::join(&coord.ticket, 1).await?;
+    let mut w = join(&coord.ticket, 1).await?;
     let got = w.request(1).await?;
     let alive = got.len() == 1 && client.status(Some(job)).await.is_ok();
     fault(
@@ -355,7 +228,7 @@ async fn inflated_claims_and_late_reports_after_reissue_earn_nothing() -> anyhow
     let (job, _) = client
         .submit(&job_file(jobdir.path(), 1, "fuel = 5000000\n")?)
         .await?;
-    let mut liar = SimWorker::join(&coord.ticket, 1).await?;
+    let mut liar = join(&coord.ticket, 1).await?;
     let a = liar.request(1).await?.remove(0);
     let out = output_for(&a);
     let mut refused = Vec::new();
@@ -375,7 +248,7 @@ async fn inflated_claims_and_late_reports_after_reissue_earn_nothing() -> anyhow
     })
     .await?;
     liar.request(0).await?; // answered after the abandon was committed
-    let mut honest = SimWorker::join(&coord.ticket, 1).await?;
+    let mut honest = join(&coord.ticket, 1).await?;
     let b = honest.request(1).await?;
     anyhow::ensure!(b.len() == 1 && b[0].task.id == a.task.id, "reissued: {b:?}");
     let m = liar.report(&a).await?;
@@ -410,10 +283,10 @@ async fn claimed_slots_do_not_buy_capacity_delivered_results_do() -> anyhow::Res
     let policy = coordinator::core::trust::TrustPolicy::default();
     let n = policy.new_in_flight as usize;
     client.submit(&job_file(jobdir.path(), n, "")?).await?;
-    let mut greedy = SimWorker::join(&coord.ticket, u32::MAX).await?;
+    let mut greedy = join(&coord.ticket, u32::MAX).await?;
     let first = greedy.request(u32::MAX).await?;
     // An honest partner completes the quorums; both deliver.
-    let mut partner = SimWorker::join(&coord.ticket, 4).await?;
+    let mut partner = join(&coord.ticket, 4).await?;
     let mut partner_work = Vec::new();
     while partner_work.len() < first.len() {
         let got = partner.request(64).await?;
@@ -460,7 +333,7 @@ async fn abandoning_over_and_over_fails_no_task_and_costs_the_worker_capacity() 
     // quorum 2, max_replicas 6: before the fix, six abandonments by one worker failed it.
     let dir_a = tempfile::tempdir()?;
     let (job_a, _) = client.submit(&job_file(dir_a.path(), 1, "")?).await?;
-    let mut saboteur = SimWorker::join(&coord.ticket, 64).await?;
+    let mut saboteur = join(&coord.ticket, 64).await?;
     let mut taken = 0;
     for _ in 0..12 {
         let got = saboteur.request(256).await?;
@@ -486,8 +359,8 @@ async fn abandoning_over_and_over_fails_no_task_and_costs_the_worker_capacity() 
         .await?;
     saboteur.request(0).await?;
     // Two honest workers finish both jobs.
-    let mut h1 = SimWorker::join(&coord.ticket, 4).await?;
-    let mut h2 = SimWorker::join(&coord.ticket, 4).await?;
+    let mut h1 = join(&coord.ticket, 4).await?;
+    let mut h2 = join(&coord.ticket, 4).await?;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let (a, b) = loop {
         for h in [&mut h1, &mut h2] {
@@ -608,10 +481,10 @@ async fn one_worker_alone_cannot_delist_an_honest_blob_holder() -> anyhow::Resul
     let spec = job_file(jobdir.path(), 20, "")?;
     let module = spec.load_blobs()?.0.module.id;
     client.submit(&spec).await?;
-    let holder = SimWorker::join_with(NodeKey::generate(), &coord.ticket, 1, vec![module]).await?;
+    let holder = join_holding(&coord.ticket, 1, vec![module]).await?;
     let lists_holder = |a: &Assignment| a.peers.iter().any(|p| p.node_id == holder.id());
-    let mut liar = SimWorker::join(&coord.ticket, 1).await?;
-    let mut bystander = SimWorker::join(&coord.ticket, 1).await?;
+    let mut liar = join(&coord.ticket, 1).await?;
+    let mut bystander = join(&coord.ticket, 1).await?;
     let accuse = WorkerMsg::BadPeer {
         peer: holder.id(),
         blob: module,
@@ -626,13 +499,13 @@ async fn one_worker_alone_cannot_delist_an_honest_blob_holder() -> anyhow::Resul
         liar.send(&accuse).await?;
     }
     liar.request(0).await?;
-    let mut second = SimWorker::join(&coord.ticket, 1).await?;
+    let mut second = join(&coord.ticket, 1).await?;
     let s = second.request(1).await?;
     let still_listed = s.len() == 1 && lists_holder(&s[0]);
     // A second, independent accuser that was handed the holder: delisted.
     second.send(&accuse).await?;
     second.request(0).await?;
-    let mut third = SimWorker::join(&coord.ticket, 1).await?;
+    let mut third = join(&coord.ticket, 1).await?;
     let t = third.request(1).await?;
     let delisted = t.len() == 1 && !lists_holder(&t[0]);
     let met = still_listed && delisted;
@@ -660,7 +533,7 @@ async fn identities_asking_in_step_do_not_capture_quorums() -> anyhow::Result<()
     let (job, _) = client.submit(&job_file(jobdir.path(), 60, "")?).await?;
     let mut ws = Vec::new();
     for _ in 0..5 {
-        ws.push(SimWorker::join(&coord.ticket, 1).await?);
+        ws.push(join(&coord.ticket, 1).await?);
     }
     let (a, b) = (ws[0].id(), ws[1].id());
     let mut holders: std::collections::BTreeMap<tasks::TaskId, Vec<tasks::NodeId>> =

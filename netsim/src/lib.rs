@@ -28,15 +28,29 @@
 //!   it. The box masquerades LAN traffic leaving its public interface, either
 //!   port-preserving ([`Nat::PortPreserving`], plain `MASQUERADE`: an "easy" NAT) or with a
 //!   random port per flow ([`Nat::RandomPorts`], `MASQUERADE --random-fully`: a "hard",
-//!   symmetric NAT), and like a home router drops inbound packets that belong to no flow the
-//!   LAN started. No hairpinning. The router knows no route to private ranges, so a private
-//!   address is unreachable from outside its site; two sites may use the same LAN range.
+//!   symmetric NAT), and like a home router's firewall drops inbound packets that belong to
+//!   no flow the LAN started: both those it would forward to the LAN (FORWARD) and those
+//!   addressed to the box itself (INPUT; see "The NAT box's INPUT firewall" below). No
+//!   hairpinning. The router knows no route to private ranges, so a private address is
+//!   unreachable from outside its site; two sites may use the same LAN range.
 //! - Every namespace has `lo` up; the router and NAT boxes forward (`ip_forward=1`).
 //!
 //! Names are unique per lab (`nsim<pid>x<n>-<host>`), so labs of parallel tests never meet;
 //! the interfaces live only inside the lab's namespaces (nothing is added to the machine's
 //! own namespace), so their names are short and fixed (`eth0`, `wan0`, `lan0`, `br<n>`, `v<n>`,
 //! `l<n>`).
+//!
+//! # The NAT box's INPUT firewall
+//!
+//! A home router also drops unsolicited packets addressed to itself (INPUT from the WAN:
+//! replies only), and so does every NAT box here unless [`Lab::set_nat_input_firewall`]
+//! turned that off before [`Lab::nat_site`]. It matters to hole punching: without it, a
+//! peer's first packet of a simultaneous open that reaches the box before the LAN host's own
+//! packet went out is accepted by the box itself (no socket: ICMP port unreachable) and leaves
+//! a *confirmed* conntrack entry for that 4-tuple; the LAN host's packet to the same peer then
+//! collides with it and MASQUERADE gives it another source port, so the punch fails even
+//! between two port-preserving NATs. Dropped in INPUT, the packet leaves no entry (conntrack
+//! confirms only accepted packets) and the mapping keeps its port.
 //!
 //! # Shaping and measuring
 //!
@@ -48,9 +62,10 @@
 //!
 //! [`Host::command`] is `ip netns exec <ns> PROGRAM`; [`Proc::spawn`] starts it as a child
 //! killed (SIGKILL) when dropped; [`run_with_timeout`] runs one to completion with a hang
-//! guard. Dropping the [`Lab`] kills every process still inside its namespaces and deletes
-//! the namespaces (their links go with them) — also when a test panics. Namespaces left by
-//! a test process that died without unwinding (SIGKILL) are removed by the next
+//! guard; [`workspace_bin`] finds (and rebuilds when stale) a binary of the cargo workspace
+//! to run in hosts. Dropping the [`Lab`] kills every process still inside its namespaces and
+//! deletes the namespaces (their links go with them) — also when a test panics. Namespaces
+//! left by a test process that died without unwinding (SIGKILL) are removed by the next
 //! [`Lab::new`].
 //!
 //! # Requirements
@@ -64,7 +79,7 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::io::Read;
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -127,6 +142,8 @@ pub struct Lab {
     next_octet: [u8; 3],
     /// Counter for the router's veth ends (`v<n>`).
     links: u32,
+    /// Whether NAT boxes made from now on get the home router's INPUT firewall.
+    nat_input_firewall: bool,
 }
 
 static LABS: AtomicU32 = AtomicU32::new(0);
@@ -168,6 +185,7 @@ impl Lab {
             names: HashSet::new(),
             next_octet: [10; 3],
             links: 0,
+            nat_input_firewall: true,
         };
         lab.build_router().map_err(|e| {
             anyhow!(
@@ -193,6 +211,13 @@ impl Lab {
     /// The router's namespace (to inspect it, e.g. `ip -n NS route`).
     pub fn router_ns(&self) -> &str {
         &self.router
+    }
+
+    /// Whether the NAT boxes of sites made from now on drop unsolicited packets addressed to
+    /// themselves, as home routers do (default: yes; see "The NAT box's INPUT firewall" in
+    /// the module doc for why it matters).
+    pub fn set_nat_input_firewall(&mut self, on: bool) {
+        self.nat_input_firewall = on;
     }
 
     fn build_router(&mut self) -> Result<()> {
@@ -311,7 +336,9 @@ impl Lab {
 
     /// A NAT site: a NAT box (namespace `<name>`) with the next free address of public block
     /// `block`, and `hosts` hosts (`<name>-h0`, `<name>-h1`, ...) on the private LAN
-    /// `lan` (`[10, x, y]` or `[192, 168, x]`) behind it.
+    /// `lan` (`[10, x, y]` or `[192, 168, x]`) behind it. Like a home router, the box lets in
+    /// from the outside only replies to flows the LAN started, both to the LAN and to itself
+    /// (the latter unless [`Lab::set_nat_input_firewall`] turned it off).
     pub fn nat_site(
         &mut self,
         name: &str,
@@ -384,6 +411,25 @@ impl Lab {
             &ns,
             &["-A", "FORWARD", "-i", "wan0", "-o", "lan0", "-j", "DROP"],
         )?;
+        // ... and none to the box itself either (see the module doc: hole punching needs it).
+        if self.nat_input_firewall {
+            iptables(
+                &ns,
+                &[
+                    "-A",
+                    "INPUT",
+                    "-i",
+                    "wan0",
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "ESTABLISHED,RELATED",
+                    "-j",
+                    "ACCEPT",
+                ],
+            )?;
+            iptables(&ns, &["-A", "INPUT", "-i", "wan0", "-j", "DROP"])?;
+        }
         let router = Host {
             name: name.to_string(),
             ns: ns.clone(),
@@ -641,6 +687,56 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> 
         stdout: out_t.join().unwrap_or_default(),
         stderr: err_t.join().unwrap_or_default(),
     })
+}
+
+/// The binary `name` of this cargo workspace, in the same target directory as `beside`
+/// (typically `env!("CARGO_BIN_EXE_<a binary of the crate under test>")`). `cargo test` and
+/// `cargo bench` build only the binaries of the package under test, so when it is missing or
+/// older than one of the sources its dep-info file lists, it is rebuilt first with
+/// `cargo build --workspace --bin NAME` (`--release` beside a release binary): with
+/// `--workspace`, so that shared dependencies resolve with the same features as in every
+/// other build and are not built a second time. `announce` gets a line to show before such a
+/// build.
+pub fn workspace_bin(beside: &Path, name: &str, announce: impl FnOnce(&str)) -> Result<PathBuf> {
+    let path = beside.with_file_name(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    // Cargo's dep-info beside the binary lists the sources it was built from.
+    let dep_info = std::fs::read_to_string(path.with_extension("d")).unwrap_or_default();
+    let sources: Vec<&str> = dep_info
+        .split_once(": ")
+        .map(|(_, list)| list.split_whitespace().collect())
+        .unwrap_or_default();
+    let built = mtime(&path);
+    let stale = built.is_none()
+        || sources.is_empty()
+        || sources
+            .iter()
+            .any(|s| mtime(Path::new(s)).is_none_or(|m| Some(m) > built));
+    if stale {
+        announce(&format!(
+            "building the {name} binary (missing, or older than its sources)"
+        ));
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--workspace", "--bin", name]);
+        if beside
+            .parent()
+            .and_then(|p| p.file_name())
+            .is_some_and(|n| n == "release")
+        {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .with_context(|| format!("running cargo build for the {name} binary"))?;
+        if !status.success() {
+            bail!("building the {name} binary failed");
+        }
+    }
+    if !path.exists() {
+        bail!("no {name} binary at {}", path.display());
+    }
+    Ok(path)
 }
 
 fn addr(block: [u8; 3], host: u8) -> Ipv4Addr {

@@ -117,9 +117,10 @@ pub enum Cmd {
 const PUNCHES_PER_WINDOW: u32 = 32;
 const PUNCH_WINDOW_MS: u64 = 10_000;
 
-/// Inline outputs of reported, undecided replicas, by output hash, oldest evicted first
-/// beyond [`PENDING_OUTPUT_BYTES`]: workers do not keep small outputs, so this is where an
-/// output accepted without its report (a re-evaluation) comes from.
+/// Inline outputs of recorded reports, by output hash, oldest evicted first beyond
+/// [`PENDING_OUTPUT_BYTES`]: where every accepted small output comes from, whichever event
+/// accepted its task. Past the bound, it is fetched from the agreeing workers, which keep
+/// every output as a blob.
 #[derive(Default)]
 struct PendingOutputs {
     bytes: HashMap<BlobId, Vec<u8>>,
@@ -223,8 +224,6 @@ pub struct Engine<S: Store = SqliteStore> {
     punches: HashMap<NodeId, (u64, u32)>,
     /// Inline outputs of undecided reports, by hash (bounded).
     pending_outputs: PendingOutputs,
-    /// Tasks of the current batch whose accepted output the report path took care of.
-    outputs_handled: std::collections::HashSet<TaskId>,
     fetches: mpsc::UnboundedSender<FetchJob>,
     /// Accepted tasks whose output is being fetched from their workers (at most one entry
     /// per accepted task), shown by `status` as `outputs_collecting`.
@@ -249,7 +248,6 @@ impl<S: Store> Engine<S> {
             blobs,
             sessions: HashMap::new(),
             punches: HashMap::new(),
-            outputs_handled: Default::default(),
             pending_outputs: PendingOutputs::default(),
             fetches,
             collecting: Default::default(),
@@ -288,10 +286,9 @@ impl<S: Store> Engine<S> {
         let mut sends: Vec<(NodeId, CoordMsg)> = Vec::new();
         for cmd in cmds {
             self.commands += 1;
-            self.apply(cmd, now, &mut replies, &mut extra, &mut fetch);
+            self.apply(cmd, now, &mut replies, &mut extra);
             self.collect_notices(&mut sends, &mut extra, &mut fetch);
         }
-        self.outputs_handled.clear();
         let mut muts = self.core.take_mutations();
         muts.append(&mut extra);
         crate::store::fold(&mut muts);
@@ -309,7 +306,6 @@ impl<S: Store> Engine<S> {
             }
         }
         for f in fetch {
-            self.collecting.insert(f.task);
             let _ = self.fetches.send(f);
         }
         Ok(())
@@ -356,12 +352,18 @@ impl<S: Store> Engine<S> {
                     ..
                 } => {
                     tracing::debug!(%task, replica, digest = %result.digest(), "task accepted");
-                    // Accepted by another path than the report carrying its output (e.g. a
-                    // re-evaluation after a ban): the output still has to be kept.
-                    if !self.outputs_handled.contains(&task) {
-                        match self.output_at_hand(&result, None) {
-                            Some(output) => extra.push(Mutation::TaskOutput { task, output }),
-                            None => fetch.push(self.fetch_job(task, result)),
+                    // Whatever accepted it (the report completing the quorum, or a
+                    // re-evaluation after a loss, a deadline or a lifted ban), the accepted
+                    // result's output is kept: inline outputs of every recorded report are in
+                    // `pending_outputs` by hash, so the bytes are those of the accepted
+                    // result, never those of the report that happened to trigger it.
+                    match self.output_at_hand(&result, None) {
+                        Some(output) => extra.push(Mutation::TaskOutput { task, output }),
+                        None => {
+                            // Counted as collecting from now on, so a status in this very
+                            // batch already shows it.
+                            self.collecting.insert(task);
+                            fetch.push(self.fetch_job(task, result));
                         }
                     }
                 }
@@ -371,14 +373,7 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    fn apply(
-        &mut self,
-        cmd: Cmd,
-        now: u64,
-        replies: &mut Vec<Reply>,
-        extra: &mut Vec<Mutation>,
-        fetch: &mut Vec<FetchJob>,
-    ) {
+    fn apply(&mut self, cmd: Cmd, now: u64, replies: &mut Vec<Reply>, extra: &mut Vec<Mutation>) {
         match cmd {
             Cmd::Hello {
                 worker,
@@ -424,7 +419,7 @@ impl<S: Store> Engine<S> {
                 let mut acked = Vec::new();
                 let mut msgs = Vec::new();
                 for r in reports {
-                    match self.report(worker, r, now, extra, fetch) {
+                    match self.report(worker, r, now) {
                         Ok(replica) => acked.push(replica),
                         Err((replica, reason)) => msgs.push(CoordMsg::Rejected {
                             replica: Some(replica),
@@ -480,15 +475,14 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    /// One report: check the inline output, feed the core, keep the output of an accepted
-    /// task (inline now, or fetched later).
+    /// One report: check the inline output, feed the core, and keep the inline output by its
+    /// hash. If the report completes an acceptance, [`Engine::collect_notices`] takes the
+    /// accepted result's output from there (or fetches it).
     fn report(
         &mut self,
         worker: NodeId,
         r: Report,
         now: u64,
-        extra: &mut Vec<Mutation>,
-        fetch: &mut Vec<FetchJob>,
     ) -> Result<ReplicaId, (ReplicaId, String)> {
         if let Some(out) = &r.output {
             if out.len() as u64 > INLINE_OUTPUT_MAX
@@ -502,7 +496,6 @@ impl<S: Store> Engine<S> {
                 ));
             }
         }
-        let task = self.core.replica(r.replica).map(|(_, t, _)| t);
         match self.core.report(worker, r.replica, r.result.clone(), now) {
             ReportOutcome::Rejected(reason) => {
                 // A worker reporting for a replica it was not given (or changing a committed
@@ -510,22 +503,12 @@ impl<S: Store> Engine<S> {
                 tracing::warn!(node = %worker.short(), replica = r.replica, "report rejected: {reason}");
                 Err((r.replica, reason))
             }
-            ReportOutcome::Recorded {
-                accepted: false, ..
-            } => {
-                // Undecided: keep its inline output, in case the task is accepted later by a
-                // path that brings no output (a re-evaluation after a ban).
+            ReportOutcome::Recorded { .. } => {
+                // Kept whether or not this report decided its task: an acceptance (now, or
+                // later by a path that brings no report) looks the accepted result's bytes
+                // up here by hash.
                 if let Some(bytes) = r.output {
                     self.pending_outputs.keep(r.result.output_hash, bytes);
-                }
-                Ok(r.replica)
-            }
-            ReportOutcome::Recorded { accepted: true, .. } => {
-                let task = task.expect("recorded replicas exist");
-                self.outputs_handled.insert(task);
-                match self.output_at_hand(&r.result, r.output) {
-                    Some(output) => extra.push(Mutation::TaskOutput { task, output }),
-                    None => fetch.push(self.fetch_job(task, r.result)),
                 }
                 Ok(r.replica)
             }
@@ -678,3 +661,5 @@ pub fn spawn<S: Store + 'static>(
         .expect("spawn engine thread");
     Ok((EngineHandle { tx }, frx, thread))
 }
+#[cfg(test)]
+mod tests;

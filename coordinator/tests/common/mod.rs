@@ -3,6 +3,9 @@
 //! on what `status --json` and `results.json` say.
 #![allow(dead_code)]
 
+pub mod netgrid;
+pub mod simworker;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -44,31 +47,16 @@ pub fn coordinator_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_coordinator"))
 }
 
-/// The `worker` binary: built beside ours by `cargo test --workspace`; built on demand otherwise.
+/// The `worker` binary: built beside ours by `cargo test --workspace`; rebuilt (with
+/// `--workspace`, once per test process) when it is missing or older than its sources, so a
+/// test never runs a stale worker.
 pub fn worker_bin() -> PathBuf {
-    let path = coordinator_bin().with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX));
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "worker", "--bin", "worker"]);
-        // Same profile as this test binary (`.../target/<profile>/deps/<test>`).
-        if coordinator_bin()
-            .parent()
-            .and_then(|p| p.file_name())
-            .is_some_and(|n| n == "release")
-        {
-            cmd.arg("--release");
-        }
-        let status = cmd
-            .status()
-            .expect("running cargo build for the worker binary");
-        assert!(
-            status.success(),
-            "building the worker binary failed; run `cargo build --workspace` first"
-        );
-    }
-    assert!(path.exists(), "no worker binary at {}", path.display());
-    path
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        netsim::workspace_bin(&coordinator_bin(), "worker", |line| eprintln!("{line}"))
+            .unwrap_or_else(|e| panic!("{e:#}; run `cargo build --workspace` first"))
+    })
+    .clone()
 }
 
 pub fn log_file(dir: &Path, name: &str) -> Stdio {
