@@ -52,7 +52,7 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use common::netgrid;
@@ -139,14 +139,6 @@ impl Grid {
         if std::env::var_os("PEERGRID_NETSIM_PLAIN_NAT").is_some_and(|v| v != "0") {
             lab.set_nat_input_firewall(false);
         }
-        // `cargo test --workspace --test multihost` does not rebuild the worker binary: once
-        // per process, rebuild it when it is older than its sources (`worker_bin` then finds
-        // it).
-        static FRESH_WORKER: OnceLock<()> = OnceLock::new();
-        FRESH_WORKER.get_or_init(|| {
-            netsim::workspace_bin(&coordinator_bin(), "worker", summary)
-                .unwrap_or_else(|e| panic!("the worker binary: {e:#}"));
-        });
         let coord_host = lab.public_host("coord", 0).expect("coordinator host");
         let sci = lab.public_host("sci", 2).expect("scientist host");
         let mut g = Grid {
