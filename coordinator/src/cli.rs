@@ -92,7 +92,7 @@ async fn connect(to: &str, token: &str) -> anyhow::Result<Client> {
 /// Run `coordinator submit`; returns the process exit code.
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {
     let spec = JobSpec::from_file(&args.job)?;
-    let client = connect(&args.to, &args.token).await?;
+    let mut client = connect(&args.to, &args.token).await?;
     let (job, tasks) = client.submit(&spec).await?;
     if !args.wait {
         if args.json {
@@ -111,7 +111,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {
         eprintln!("submitted job {job} ({}: {tasks} tasks, quorum {}); waiting for results (Ctrl-C stops waiting, not the job)", spec.name, spec.limits.quorum);
     }
     let end = tokio::select! {
-        r = wait_for_job(&client, job, !args.json) => r?,
+        r = wait_for_job(&mut client, job, !args.json) => r?,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("stopped waiting; job {job} keeps running: `coordinator status --to ... --token ... {job}`");
             return Ok(130);
@@ -154,9 +154,18 @@ fn summary_line(s: &JobStatus) -> String {
     line
 }
 
+/// How long [`wait_for_job`] keeps trying to reach a coordinator that went away.
+const RECONNECT_PATIENCE: Duration = Duration::from_secs(30 * 60);
+
 /// Poll a job until it ends, drawing a progress bar (or, without a terminal, a line every
-/// few seconds) when `show` is set.
-pub async fn wait_for_job(client: &Client, job: JobId, show: bool) -> anyhow::Result<JobStatus> {
+/// few seconds) when `show` is set. A coordinator that goes away (a restart, a move to the
+/// address its ticket's name now gives) is waited for, reconnecting with back-off for up to
+/// [`RECONNECT_PATIENCE`]: the job keeps running there meanwhile.
+pub async fn wait_for_job(
+    client: &mut Client,
+    job: JobId,
+    show: bool,
+) -> anyhow::Result<JobStatus> {
     let tty = std::io::stderr().is_terminal();
     let bar = if show && tty {
         let b = indicatif::ProgressBar::new(0);
@@ -171,8 +180,40 @@ pub async fn wait_for_job(client: &Client, job: JobId, show: bool) -> anyhow::Re
     };
     let started = Instant::now();
     let mut last_line = Instant::now();
+    let mut lost: Option<Instant> = None;
+    let mut backoff = Duration::from_millis(500);
     loop {
-        let report = client.status(Some(job)).await?;
+        let report = match client.status(Some(job)).await {
+            Ok(r) => r,
+            Err(e) if Client::is_unreachable(&e) => {
+                let since = *lost.get_or_insert_with(Instant::now);
+                anyhow::ensure!(
+                    since.elapsed() < RECONNECT_PATIENCE,
+                    "lost the coordinator {:.0} min ago and could not reach it since ({e}); job {job} may still be running: `coordinator status {job}` once it is back",
+                    since.elapsed().as_secs_f64() / 60.0
+                );
+                if let Some(b) = &bar {
+                    b.suspend(|| eprintln!("lost the coordinator ({e}); reconnecting in {backoff:?} (job {job} keeps running there)"));
+                } else {
+                    eprintln!("lost the coordinator ({e}); reconnecting in {backoff:?} (job {job} keeps running there)");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                match client.reconnect().await {
+                    Ok(c) => *client = c,
+                    Err(e) if Client::is_unreachable(&e) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if lost.take().is_some() {
+            backoff = Duration::from_millis(500);
+            if show {
+                eprintln!("reconnected to the coordinator");
+            }
+        }
         let s = report
             .jobs
             .into_iter()
@@ -420,14 +461,14 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<i32> {
     }
     eprintln!("{} workers joined over QUIC on loopback", args.workers);
 
-    let client = Client::connect(&coord.ticket, &coord.token).await?;
+    let mut client = Client::connect(&coord.ticket, &coord.token).await?;
     let (job, tasks) = client.submit(&spec).await?;
     eprintln!(
         "submitted job {job}: {} ({tasks} tasks, quorum {}, up to {} replicas each)",
         spec.name, spec.limits.quorum, spec.limits.max_replicas
     );
     let end = tokio::select! {
-        r = wait_for_job(&client, job, true) => r?,
+        r = wait_for_job(&mut client, job, true) => r?,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("interrupted; stopping the demo");
             shutdown.cancel();

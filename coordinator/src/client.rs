@@ -63,9 +63,24 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
+    /// A new connection to the same coordinator (same ticket, resolved again, same token):
+    /// after it restarted, or moved to the address its ticket's name now gives.
+    pub async fn reconnect(&self) -> Result<Client, ClientError> {
+        Client::connect(&self.ticket, &self.token).await
+    }
+
+    /// Whether `e` says the coordinator could not be reached (it may come back), rather than
+    /// that it refused the request.
+    pub fn is_unreachable(e: &ClientError) -> bool {
+        matches!(
+            e,
+            ClientError::Connect(_) | ClientError::Frame(_) | ClientError::Resolve { .. }
+        )
+    }
+
     /// Connect to the coordinator named by `ticket` (its key is pinned) and check the token.
     pub async fn connect(ticket: &Ticket, token: &str) -> Result<Client, ClientError> {
-        let addrs = ticket.socket_addrs().map_err(|e| ClientError::Resolve {
+        let addrs = ticket.resolve().await.map_err(|e| ClientError::Resolve {
             addr: ticket.addr.clone(),
             reason: e.to_string(),
         })?;

@@ -312,6 +312,7 @@ impl Core {
             credit_fuel: w.credit_fuel,
             reputation: w.rep,
             last_seen_ms: w.last_seen_ms,
+            lost: w.lost,
         }
     }
 
@@ -593,6 +594,7 @@ impl Core {
             // Losing work is not free: it costs capacity until valid results make up for it.
             w.lost = w.lost.saturating_add(1);
         }
+        self.persist_worker(worker);
         self.mutations.push(Mutation::Phase {
             replica: r,
             phase: ReplicaPhase::Lost,
@@ -910,7 +912,7 @@ impl Core {
                     last_seen_ms: w.last_seen_ms,
                     anchor: false,
                     undecided: 0,
-                    lost: 0,
+                    lost: w.lost,
                     holding: 0,
                 },
             );

@@ -103,6 +103,9 @@ pub struct WorkerRecord {
     pub credit_fuel: u64,
     pub reputation: Reputation,
     pub last_seen_ms: u64,
+    /// Replicas it lost (deadline passed, abandoned, gone) not yet made up for by valid
+    /// results: each costs it capacity.
+    pub lost: u64,
 }
 
 impl WorkerRecord {

@@ -17,6 +17,10 @@
 //! - `seeder_leaves`: the first worker to hold the module (its uplink throttled) is killed
 //!   with SIGKILL while it serves the module to the others; the job still completes (and
 //!   the coordinator does not serve the module over and over: ≤ 5 copies).
+//! - `coordinator_moves`: the ticket names the coordinator (`--advertise NAME`, resolved
+//!   through each host's `/etc/hosts`); mid-job the coordinator is killed and started on a
+//!   host in another /24 with the same data dir, the name is pointed there, and the workers
+//!   (2 public, 2 behind NAT) and the scientist follow it; the job completes.
 //! - `hole_punching_between_nat_sites`: no public worker; two port-preserving and two
 //!   port-randomizing NAT sites (2 workers each), joining in three waves so that every pair
 //!   kind has a holder of the module to punch to. From the workers' debug logs it tallies
@@ -66,7 +70,8 @@ const MANDELBROT_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/m
 /// after these.
 const CLI_GUARD: Duration = Duration::from_secs(90);
 const START_GUARD: Duration = Duration::from_secs(90);
-const JOB_GUARD: Duration = Duration::from_secs(300);
+// A loaded 2-core CI host ran `coordinator_moves` in 250 s.
+const JOB_GUARD: Duration = Duration::from_secs(600);
 /// Copies of the module the coordinator may upload: loose bounds that still prove the swarm
 /// works (with `--central-only` the coordinator would upload one copy per worker: 6 and 7).
 /// The targets (≤ 1.2 public, ≤ 1.5 with NAT sites) are measured by `benches/netswarm.rs`.
@@ -123,6 +128,13 @@ struct Grid {
     counted: BTreeSet<Ipv4Addr>,
     /// RUST_LOG of the workers started from now on.
     worker_log: String,
+    /// The name the ticket gives instead of the coordinator's address ([`Grid::with_name`]),
+    /// and every host that resolves it (through its own `/etc/hosts`).
+    coord_name: Option<&'static str>,
+    named: Vec<Host>,
+    /// Where the name points now.
+    name_ip: Option<Ipv4Addr>,
+    coordinators: usize,
     lab: Lab,
     dir: tempfile::TempDir,
     /// Last: released after the processes, the lab and the files are gone.
@@ -133,6 +145,12 @@ impl Grid {
     /// A lab with the coordinator on a public host of block 0 and the scientist on one of
     /// block 2, or `None` (after printing `skipped: ...`) when no lab can be made here.
     fn new(scenario: &'static str) -> Option<Grid> {
+        Grid::with_name(scenario, None)
+    }
+
+    /// Like [`Grid::new`], but the coordinator advertises `name` (when given), which every
+    /// host of the grid resolves to the coordinator's host ([`Grid::point_name`] moves it).
+    fn with_name(scenario: &'static str, coord_name: Option<&'static str>) -> Option<Grid> {
         let serial = serial();
         let mut lab = netsim::lab_or_skip()?;
         // For comparison: NAT boxes without a home router's INPUT firewall.
@@ -153,6 +171,10 @@ impl Grid {
             spawned: 0,
             counted: BTreeSet::new(),
             worker_log: log_level(),
+            coord_name,
+            named: Vec::new(),
+            name_ip: None,
+            coordinators: 0,
             lab,
             dir: tempfile::Builder::new()
                 .prefix(&format!("multihost-{scenario}-"))
@@ -160,8 +182,26 @@ impl Grid {
                 .unwrap(),
             _serial: serial,
         };
+        if coord_name.is_some() {
+            g.named = vec![g.coord_host.clone(), g.sci.clone()];
+            let ip = g.coord_host.ip;
+            g.point_name(ip);
+        }
         g.start_coordinator();
         Some(g)
+    }
+
+    /// Make the coordinator's name resolve to `ip` on every host that uses it (each host's
+    /// `/etc/hosts`, rewritten in place: running processes see it at their next lookup).
+    fn point_name(&mut self, ip: Ipv4Addr) {
+        let name = self
+            .coord_name
+            .expect("a grid whose ticket names its coordinator");
+        self.name_ip = Some(ip);
+        for h in &self.named {
+            h.set_hosts(&[(ip, name)])
+                .unwrap_or_else(|e| panic!("{e:#}"));
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -172,31 +212,53 @@ impl Grid {
         File::create(self.path(name)).expect("log file")
     }
 
+    /// `coordinator serve` on `coord_host` (data dir `DIR/coord`, whatever the host).
     fn start_coordinator(&mut self) {
-        let (p, ticket, token) = netgrid::start_coordinator(
+        self.coordinators += 1;
+        let advertise = match self.coord_name {
+            Some(name) => name.to_string(),
+            None => self.coord_host.ip.to_string(),
+        };
+        let log = match self.coordinators {
+            1 => "coordinator".to_string(),
+            n => format!("coordinator-{n}"),
+        };
+        let (p, ticket, token) = netgrid::start_coordinator_as(
             &coordinator_bin(),
             &self.coord_host,
             self.dir.path(),
             &log_level(),
+            &advertise,
+            &log,
             &[],
             START_GUARD,
         )
         .unwrap_or_else(|e| panic!("{e:#}"));
         self.coord = Some(p);
-        self.ticket = ticket;
-        self.token = token;
         assert!(
-            self.ticket
-                .ends_with(&format!("@{}:7100", self.coord_host.ip)),
-            "the ticket names the advertised address: {}",
+            ticket.ends_with(&format!("@{advertise}:7100")),
+            "the ticket names the advertised address: {ticket}"
+        );
+        assert!(
+            self.ticket.is_empty() || self.ticket == ticket,
+            "a restarted coordinator keeps its ticket: {} then {ticket}",
             self.ticket
         );
+        self.ticket = ticket;
+        self.token = token;
     }
 
     /// `worker join TICKET --data-dir W` on `host`; returns its index. Its key is made here
     /// first, so its node id is known without parsing logs.
     fn start_worker(&mut self, host: &Host) -> usize {
         let i = self.workers.len();
+        if let Some(name) = self.coord_name {
+            // Resolves the name as the coordinator's other hosts do.
+            let ip = self.name_ip.expect("the name points somewhere");
+            host.set_hosts(&[(ip, name)])
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            self.named.push(host.clone());
+        }
         let dir = self.path(&format!("worker-{i}-{}", host.name));
         let node = tasks::NodeKey::load_or_create(&dir)
             .expect("worker key")
@@ -391,8 +453,12 @@ impl Grid {
 
     /// Wait until the coordinator lists workers `idx` as connected.
     fn wait_connected(&self, idx: &[usize]) {
+        self.wait_connected_within(idx, START_GUARD);
+    }
+
+    fn wait_connected_within(&self, idx: &[usize], guard: Duration) {
         let want: Vec<&str> = idx.iter().map(|&i| self.workers[i].node.as_str()).collect();
-        self.wait_status("workers to connect", START_GUARD, |s| {
+        self.wait_status("workers to connect", guard, |s| {
             let on: BTreeSet<&str> = s["workers"]
                 .as_array()
                 .unwrap()
@@ -571,8 +637,10 @@ fn primes_job(g: &Grid, count: u32, block: u64, deadline_secs: u64) -> (PathBuf,
     std::fs::create_dir_all(&jd).unwrap();
     std::fs::write(jd.join("primes.wasm"), &wasm).unwrap();
     let size = wasm.len();
+    // About 160 fuel per number sieved; never less than the small jobs' 2e8.
+    let fuel = (block * 200).max(200_000_000);
     let toml = format!(
-        "name = \"primes\"\nmodule = \"primes.wasm\"\nquorum = 2\nmax_replicas = 6\nfuel = 200_000_000\nmemory_mb = 32\nmax_output = 64\ndeadline_secs = {deadline_secs}\n[tasks]\ncount = {count}\nargs = [\"block\", \"{{i}}\", \"{block}\"]\n"
+        "name = \"primes\"\nmodule = \"primes.wasm\"\nquorum = 2\nmax_replicas = 6\nfuel = {fuel}\nmemory_mb = 32\nmax_output = 64\ndeadline_secs = {deadline_secs}\n[tasks]\ncount = {count}\nargs = [\"block\", \"{{i}}\", \"{block}\"]\n"
     );
     let path = jd.join("job.toml");
     std::fs::write(&path, toml).unwrap();
@@ -713,6 +781,78 @@ fn public_swarm() {
         copies <= PUBLIC_BOUND,
         "public-swarm: the coordinator uploaded {copies:.2} copies of the module to 6 workers (bound <= {PUBLIC_BOUND}): the peers did not serve each other"
     );
+}
+
+/// The coordinator's address changes in the middle of a job, as after a move or a new lease:
+/// it is killed (SIGKILL) and started again on another host, in another /24, with the same
+/// data dir (same key, store and blobs), and the name its ticket gives is pointed at the new
+/// address (what an operator does in DNS; here each host's `/etc/hosts`). The workers, public
+/// and behind NAT, find it again through the name (they resolve it at every reconnection), so
+/// does the scientist's CLI, and the job completes with every output and the same ticket.
+#[test]
+fn coordinator_moves() {
+    const NAME: &str = "coordinator.peergrid.test";
+    let Some(mut g) = Grid::with_name("coordinator-moves", Some(NAME)) else {
+        return;
+    };
+    let public = [
+        g.lab.public_host("w0", 0).unwrap(),
+        g.lab.public_host("w1", 2).unwrap(),
+    ];
+    let site = g
+        .lab
+        .nat_site("home", 2, Nat::PortPreserving, [192, 168, 5], 2)
+        .unwrap();
+    let new_home = g.lab.public_host("coord2", 1).unwrap();
+    let mut idx = Vec::new();
+    for h in public.iter().chain(&site.hosts) {
+        idx.push(g.start_worker(h));
+    }
+    g.wait_connected(&idx);
+    // 16 tasks of ~0.5 s each (idle 2-core host) on 4 workers with quorum 2: the move lands
+    // after 2 are accepted, with 14 still to do (seconds of work, against status polls 0.3 s
+    // apart).
+    let (count, block) = (16u32, 30_000_000u64);
+    let (job, _) = primes_job(&g, count, block, 600);
+    // `submit --wait` rides out the move: it reconnects through the name.
+    let mut sub = g.submit(&job);
+    let job_of = |s: &Value| s["jobs"][0].clone();
+    let before = g.wait_status("2 accepted tasks", JOB_GUARD, |s| {
+        let j = job_of(s);
+        // (Null until the submitter's job is there.)
+        j["tasks_done"].as_u64() >= Some(2) || j["state"].as_str().is_some_and(|st| st != "running")
+    });
+    let done_before = job_of(&before)["tasks_done"].as_u64().unwrap();
+    assert_eq!(
+        job_of(&before)["state"],
+        "running",
+        "the move must land mid-job; make the tasks longer"
+    );
+    let old = g.coord_host.ip;
+    g.coord.take().expect("coordinator running").kill();
+    g.named.push(new_home.clone());
+    g.coord_host = new_home;
+    let new = g.coord_host.ip;
+    g.point_name(new);
+    g.start_coordinator();
+    let t0 = Instant::now();
+    g.wait_connected_within(&idx, JOB_GUARD);
+    let reconnect = t0.elapsed().as_secs_f64();
+    let end = g.finish(&mut sub);
+    let id = end["id"].as_u64().unwrap();
+    let out = g.path("results");
+    let results = g.results(id, &out);
+    check_primes(&g, &results, &out, count, block);
+    let said = std::fs::read_to_string(&sub.err).unwrap_or_default();
+    assert!(
+        said.contains("reconnecting"),
+        "submit --wait says it lost the coordinator: {said}"
+    );
+    summary(&format!(
+        "coordinator-moves: the coordinator moved from {old} to {new} under the name {NAME} after {done_before}/{count} tasks; all 4 workers (2 public, 2 behind NAT) were back {reconnect:.1} s after the restart; `submit --wait` reconnected; {}/{count} accepted, every output downloaded, {:.1} s total",
+        end["tasks_done"],
+        g.elapsed()
+    ));
 }
 
 #[test]

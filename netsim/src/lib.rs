@@ -52,7 +52,10 @@
 //! between two port-preserving NATs. Dropped in INPUT, the packet leaves no entry (conntrack
 //! confirms only accepted packets) and the mapping keeps its port.
 //!
-//! # Shaping and measuring
+//! # Names, shaping and measuring
+//!
+//! [`Host::set_hosts`] gives a host its own `/etc/hosts` (names for the lab's addresses, which
+//! can be repointed while processes run: an address change under a stable name).
 //!
 //! [`Host::limit_upload`] caps what a host sends (a `tbf` qdisc); [`Host::tx_bytes`] is what
 //! its interface has sent; [`Host::count_sent_to`] / [`Host::sent_to`] count what it sends to
@@ -551,6 +554,23 @@ impl Host {
         Ok(out)
     }
 
+    /// Give this host its own `/etc/hosts`: `localhost` and the `(address, name)` pairs. It is
+    /// `/etc/netns/<ns>/hosts`, which `ip netns exec` mounts over `/etc/hosts` for the
+    /// processes it starts (so write it before [`Host::command`]); a later call rewrites the
+    /// file in place, and processes already running resolve the new addresses from their
+    /// next lookup on (the C library reads `/etc/hosts` at each one). Removed with the lab.
+    pub fn set_hosts(&self, entries: &[(Ipv4Addr, &str)]) -> Result<()> {
+        let dir = netns_etc(&self.ns);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut text = String::from("127.0.0.1\tlocalhost\n");
+        for (addr, name) in entries {
+            text += &format!("{addr}\t{name}\n");
+        }
+        let path = dir.join("hosts");
+        // Truncate and write the same inode: a bind mount follows the inode, not the name.
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
     /// `ip netns exec <ns> program`: add arguments, stdio, environment, then spawn it with
     /// [`Proc::spawn`] or run it with [`run_with_timeout`].
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
@@ -863,6 +883,12 @@ fn remove_namespace(ns: &str) {
         .args(["netns", "del", ns])
         .stderr(Stdio::null())
         .status();
+    let _ = std::fs::remove_dir_all(netns_etc(ns));
+}
+
+/// Where `ip netns exec` finds a namespace's own `/etc` files ([`Host::set_hosts`]).
+fn netns_etc(ns: &str) -> PathBuf {
+    Path::new("/etc/netns").join(ns)
 }
 
 /// Remove namespaces of labs whose test process is gone (killed before it could unwind).

@@ -219,10 +219,17 @@ impl Ticket {
         }
     }
 
-    /// Resolve the address to socket addresses (may do DNS).
+    /// Resolve the address to socket addresses (may do DNS; blocks the calling thread).
     pub fn socket_addrs(&self) -> std::io::Result<Vec<std::net::SocketAddr>> {
         use std::net::ToSocketAddrs;
         Ok(self.addr.to_socket_addrs()?.collect())
+    }
+
+    /// [`Ticket::socket_addrs`] off the async threads. Called at every (re)connection, so a
+    /// coordinator named in its ticket can move: the name is looked up afresh each time.
+    #[cfg(feature = "net")]
+    pub async fn resolve(&self) -> std::io::Result<Vec<std::net::SocketAddr>> {
+        Ok(tokio::net::lookup_host(self.addr.as_str()).await?.collect())
     }
 }
 

@@ -860,7 +860,8 @@ async fn open_session(
     server: BlobServer,
 ) -> anyhow::Result<Session> {
     let addr = *ticket
-        .socket_addrs()
+        .resolve()
+        .await
         .with_context(|| format!("resolving {}", ticket.addr))?
         .first()
         .with_context(|| format!("{} resolves to no address", ticket.addr))?;

@@ -69,6 +69,11 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (blob, worker)
     ) WITHOUT ROWID;
     "#,
+    // 2: replicas a worker lost and has not yet made up for (they cost it capacity); kept
+    // across restarts, so a coordinator restart does not wipe a worker's record of losses.
+    r#"
+    ALTER TABLE workers ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// Bring the database up to the newest schema.

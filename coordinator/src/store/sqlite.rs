@@ -247,9 +247,10 @@ impl SqliteStore {
             }
             Mutation::Worker(w) => {
                 tx.prepare_cached(
-                    "INSERT INTO workers (node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, trust, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                    "INSERT INTO workers (node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, trust, last_seen_ms, lost) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                      ON CONFLICT (node) DO UPDATE SET fingerprint = excluded.fingerprint, credit_fuel = excluded.credit_fuel, valid = excluded.valid,
-                     invalid = excluded.invalid, consecutive_valid = excluded.consecutive_valid, trust = excluded.trust, last_seen_ms = excluded.last_seen_ms",
+                     invalid = excluded.invalid, consecutive_valid = excluded.consecutive_valid, trust = excluded.trust, last_seen_ms = excluded.last_seen_ms,
+                     lost = excluded.lost",
                 )?
                 .execute(params![
                     &w.node.0[..],
@@ -259,7 +260,8 @@ impl SqliteStore {
                     w.reputation.invalid as i64,
                     w.reputation.consecutive_valid as i64,
                     w.reputation.score(),
-                    w.last_seen_ms as i64
+                    w.last_seen_ms as i64,
+                    w.lost as i64
                 ])?;
             }
             Mutation::BlobLocation {
@@ -381,7 +383,7 @@ impl Store for SqliteStore {
                 }),
             });
         }
-        let mut st = c.prepare("SELECT node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, last_seen_ms, peer_addr FROM workers")?;
+        let mut st = c.prepare("SELECT node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, last_seen_ms, peer_addr, lost FROM workers")?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
             let node = NodeId(id32(r.get(0)?, "worker")?);
@@ -395,6 +397,7 @@ impl Store for SqliteStore {
                     consecutive_valid: r.get::<_, i64>(5)? as u64,
                 },
                 last_seen_ms: r.get::<_, i64>(6)? as u64,
+                lost: r.get::<_, i64>(8)? as u64,
             });
             if let Some(addr) = r.get::<_, Option<String>>(7)?.and_then(|s| s.parse().ok()) {
                 snap.peer_addrs.push((node, addr));
@@ -641,5 +644,40 @@ mod tests {
         assert!(c
             .iter()
             .all(|x| x.replica > b.iter().map(|y| y.replica).max().unwrap()));
+    }
+
+    /// A worker's unmade-up losses cost it capacity; a coordinator restart must not wipe
+    /// them (a hostile worker would otherwise wait for one to start losing work afresh).
+    #[test]
+    fn losses_survive_a_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(SqliteStore::FILE);
+        let mut store = SqliteStore::open(&p).unwrap();
+        let mut core = Core::new(CoreConfig::default());
+        let manifest = JobManifest {
+            name: "j".into(),
+            module: BlobRef::of(b"m"),
+            limits: JobLimits::default(),
+            tasks: (0..3)
+                .map(|i| TaskEntry {
+                    args: vec![i.to_string()],
+                    input: None,
+                })
+                .collect(),
+        };
+        core.add_job(manifest, 0);
+        let w = NodeId([7; 32]);
+        core.hello(w, &fp(), 4, None, &[BlobId::of(b"m")], 0);
+        let given = core.request_work(w, 2, 0).assignments;
+        assert_eq!(given.len(), 2);
+        let replicas: Vec<_> = given.iter().map(|a| a.replica).collect();
+        core.abandon(w, &replicas, 1);
+        assert_eq!(core.workers[&w].lost, 2);
+        store.commit(&core.take_mutations()).unwrap();
+        drop(store);
+
+        let mut store = SqliteStore::open(&p).unwrap();
+        let again = Core::restore(CoreConfig::default(), store.load().unwrap(), 2);
+        assert_eq!(again.workers[&w].lost, 2, "the losses are remembered");
     }
 }

@@ -64,19 +64,48 @@ pub fn start_coordinator(
     extra: &[&str],
     guard: Duration,
 ) -> Result<(Proc, String, String)> {
+    let advertise = host.ip.to_string();
+    start_coordinator_as(
+        bin,
+        host,
+        dir,
+        rust_log,
+        &advertise,
+        "coordinator",
+        extra,
+        guard,
+    )
+}
+
+/// [`start_coordinator`] advertising `advertise` (an address or a name the hosts resolve),
+/// with its logs in `<log>.log` and `<log>.out.log`. The data dir is `DIR/coord` whatever
+/// the host: a coordinator restarted on another host keeps its key, store and blobs.
+#[allow(clippy::too_many_arguments)]
+pub fn start_coordinator_as(
+    bin: &Path,
+    host: &Host,
+    dir: &Path,
+    rust_log: &str,
+    advertise: &str,
+    log: &str,
+    extra: &[&str],
+    guard: Duration,
+) -> Result<(Proc, String, String)> {
     let data = dir.join("coord");
-    let log = |name: &str| File::create(dir.join(name)).with_context(|| format!("log file {name}"));
+    let file =
+        |name: String| File::create(dir.join(&name)).with_context(|| format!("log file {name}"));
     let mut cmd = host.command(bin);
     cmd.args(["serve", "--data-dir"])
         .arg(&data)
-        .args(["--listen", "0.0.0.0:7100", "--advertise"])
-        .arg(host.ip.to_string())
+        .args(["--listen", "0.0.0.0:7100", "--advertise", advertise])
         .env("RUST_LOG", rust_log)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
-        .stdout(log("coordinator.out.log")?)
-        .stderr(log("coordinator.log")?)
+        .stdout(file(format!("{log}.out.log"))?)
+        .stderr(file(format!("{log}.log"))?)
         .args(extra);
+    // A restarted coordinator writes its ticket again: wait for the new one.
+    let _ = std::fs::remove_file(data.join("ticket"));
     let mut coord = Proc::spawn("coordinator", &mut cmd)?;
     let t0 = Instant::now();
     loop {
