@@ -31,7 +31,8 @@
 //! `BENCH|what|result|baseline|ratio|target|met` lines for `bench.sh`. Needs root (network
 //! namespaces, iptables): otherwise prints one `netswarm: skipped: <reason>` line and exits 0.
 //! Env: `PEERGRID_BENCH_SMOKE=1` (6 public workers / 3+2+2, 1 run), `PEERGRID_BENCH_RUNS`,
-//! `PEERGRID_BENCH_KEEP_LOGS=DIR` (keep every run's logs).
+//! `PEERGRID_BENCH_KEEP_LOGS=DIR` (keep every run's logs), `PEERGRID_BENCH_ONLY=public|nat`
+//! (one topology).
 //!
 //! The processes are started as in `tests/multihost.rs`, by the same code: `netgrid` (shared
 //! with it) and netsim.
@@ -338,7 +339,13 @@ fn main() {
 fn bench(lab: &mut Lab, smoke: bool, runs: usize) -> Result<()> {
     let worker =
         netsim::workspace_bin(&coordinator_bin(), "worker", |l| eprintln!("netswarm: {l}"))?;
-    let (coord_host, sci, topologies) = build_lab(lab, smoke)?;
+    let (coord_host, sci, mut topologies) = build_lab(lab, smoke)?;
+    if let Ok(only) = std::env::var("PEERGRID_BENCH_ONLY") {
+        topologies.retain(|t| t.key == only);
+        if topologies.is_empty() {
+            bail!("PEERGRID_BENCH_ONLY={only}: no such topology (public, nat)");
+        }
+    }
     let files = tempfile::Builder::new()
         .prefix("netswarm-module-")
         .tempdir()?;

@@ -169,7 +169,18 @@ impl Coordinator {
         let (engine, fetches, engine_thread) =
             engine::spawn(core, store, blobs.clone(), 4096, died.clone())?;
 
-        let blob_server = BlobServer::new(blobs.clone(), ServeLimits::seed());
+        let blob_server = BlobServer::new(
+            blobs.clone(),
+            if cfg.core.central_only {
+                // Every worker fetches everything from here: nothing to super-seed.
+                ServeLimits {
+                    seed_window: None,
+                    ..ServeLimits::seed()
+                }
+            } else {
+                ServeLimits::seed()
+            },
+        );
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         // A dead engine ends everything: no session, submitter or blob request is served
