@@ -411,9 +411,17 @@ impl Sandbox {
             flight,
             outcome: None,
         };
-        let outcome = self
-            .compile_or_fetch(id, module)
-            .and_then(|(compiled, from_disk)| self.link(id, compiled, from_disk));
+        // A budget refusal says how busy this host was, not what the module is: never
+        // remembered as the module's failure.
+        let mut remember = true;
+        let outcome = match self.compile_or_fetch(id, module) {
+            Ok((compiled, from_disk)) => self.link(id, compiled, from_disk),
+            Err(Refusal::Invalid(reason)) => Err(SandboxError::InvalidModule { reason }),
+            Err(Refusal::Transient(reason)) => {
+                remember = false;
+                Err(SandboxError::InvalidModule { reason })
+            }
+        };
         let shared = match &outcome {
             Ok(loaded) => {
                 insert_bounded(&inner.memory, id, loaded.clone(), MEMORY_CACHE_ENTRIES);
@@ -424,8 +432,7 @@ impl Sandbox {
                     SandboxError::InvalidModule { reason } => reason.clone(),
                     other => other.to_string(),
                 };
-                // A budget refusal says how busy this host was, not what the module is.
-                if !reason.contains("COMPILE_WALL_BUDGET") {
+                if remember {
                     insert_bounded(&inner.failed, id, reason.clone(), FAILED_CACHE_ENTRIES);
                 }
                 Err(reason)
@@ -436,16 +443,14 @@ impl Sandbox {
         outcome
     }
 
-    fn compile_or_fetch(&self, id: BlobId, module: &[u8]) -> Result<(Module, bool), SandboxError> {
+    fn compile_or_fetch(&self, id: BlobId, module: &[u8]) -> Result<(Module, bool), Refusal> {
         let engine = &self.inner.engine;
         if let Some(disk) = &self.inner.disk {
             if let Some(m) = disk.get(engine, &id) {
                 return Ok((m, true));
             }
         }
-        let compiled = self
-            .compile_at_idle_priority(module)
-            .map_err(|reason| SandboxError::InvalidModule { reason })?;
+        let compiled = self.compile_at_idle_priority(module)?;
         if let Some(disk) = &self.inner.disk {
             if let Err(e) = disk.put(&id, &compiled) {
                 tracing::warn!(module = %id, "could not write the compile cache: {e}");
@@ -457,7 +462,7 @@ impl Sandbox {
     /// Compile on a fresh thread at the lowest OS priority, waiting at most the compile
     /// budget. Past the budget the compilation is refused and left to finish (its result is
     /// dropped): Cranelift cannot be interrupted, and the thread only gets idle CPU.
-    fn compile_at_idle_priority(&self, module: &[u8]) -> Result<Module, String> {
+    fn compile_at_idle_priority(&self, module: &[u8]) -> Result<Module, Refusal> {
         let inner = &*self.inner;
         inner.compiles.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = mpsc::sync_channel(1);
@@ -470,7 +475,7 @@ impl Sandbox {
                 let idle = crate::priority::set_current_thread(priority);
                 let _ = tx.send((Module::new(&engine, &bytes), idle));
             })
-            .map_err(|e| format!("cannot start a compiler thread: {e}"))?;
+            .map_err(|e| Refusal::Transient(format!("cannot start a compiler thread: {e}")))?;
         let received = match inner.compile_budget {
             Some(budget) => rx.recv_timeout(budget),
             None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
@@ -480,17 +485,19 @@ impl Sandbox {
                 if idle {
                     inner.compiles_at_idle.fetch_add(1, Ordering::SeqCst);
                 }
-                compiled.map_err(|e| one_line(&e))
+                compiled.map_err(|e| Refusal::Invalid(one_line(&e)))
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 inner.budget_refusals.fetch_add(1, Ordering::SeqCst);
-                Err(format!(
+                Err(Refusal::Transient(format!(
                     "compiling the module took longer than the {:?} wall-clock compile budget \
                      (COMPILE_WALL_BUDGET); refused (a host-dependent safety net)",
                     inner.compile_budget
-                ))
+                )))
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err("the compiler thread panicked".into()),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(Refusal::Invalid("the compiler thread panicked".into()))
+            }
         }
     }
 
@@ -576,6 +583,15 @@ fn insert_bounded<V>(cache: &Mutex<HashMap<BlobId, V>>, id: BlobId, v: V, cap: u
         }
     }
     c.insert(id, v);
+}
+
+/// Why a module was not compiled.
+enum Refusal {
+    /// What the module is (it fails the same way everywhere): remembered.
+    Invalid(String),
+    /// What this host was at that moment (over the wall-clock budget, no thread to spare):
+    /// never remembered as the module's failure.
+    Transient(String),
 }
 
 /// An error chain on one line, capped (it is shown to users, never hashed).
