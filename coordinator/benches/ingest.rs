@@ -176,7 +176,7 @@ async fn drive<S: Store + 'static>(
     store: S,
     dir: &tempfile::TempDir,
 ) -> Run {
-    let blobs = worker::blobs::BlobStore::open(&dir.path().join("blobs"), None).unwrap();
+    let blobs = blobs::BlobStore::open(&dir.path().join("blobs"), None).unwrap();
     let (handle, _fetches, thread) =
         engine::spawn(core, store, blobs, 16384, Default::default()).unwrap();
     let start = Instant::now();

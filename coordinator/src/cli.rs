@@ -1,8 +1,10 @@
 //! The submitter-facing subcommands: `submit`, `status`, `results`, `demo`.
 //!
 //! Built on [`crate::client::Client`]; the demo also starts a coordinator
-//! ([`crate::server::Coordinator::start`]) and workers ([`worker::daemon::run`]) in this
-//! process, on loopback, with real QUIC and the real embedded store.
+//! ([`crate::server::Coordinator::start`]) and workers (`worker::daemon::run`) in this
+//! process, on loopback, with real QUIC and the real embedded store. The demo is the only
+//! part of the coordinator that links the worker (and so wasmtime): it needs the cargo
+//! feature `demo` (on by default); without it, `coordinator demo` says so and exits.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -402,10 +404,21 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
+#[cfg(feature = "demo")]
 const DEMO_JOB: &str = include_str!("../../examples/mandelbrot/job.toml");
+#[cfg(feature = "demo")]
 const DEMO_WASM: &[u8] = include_bytes!("../../examples/mandelbrot/mandelbrot.wasm");
 
+/// `coordinator demo` in a coordinator built without the feature `demo`: a one-line error.
+#[cfg(not(feature = "demo"))]
+pub async fn demo(_args: DemoArgs) -> anyhow::Result<i32> {
+    anyhow::bail!(
+        "this coordinator was built without the demo (cargo feature `demo`, which links the worker and wasmtime)"
+    )
+}
+
 /// Run `coordinator demo`; returns the process exit code.
+#[cfg(feature = "demo")]
 pub async fn demo(args: DemoArgs) -> anyhow::Result<i32> {
     anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
     let started = Instant::now();

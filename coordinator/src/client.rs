@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
+use blobs::swarm::FetchError;
 use tasks::job::JobError;
 use tasks::net::{self, FrameError, NetError};
 use tasks::wire::{
@@ -18,7 +19,6 @@ use tasks::wire::{
     TaskState, ALPN_SUBMIT,
 };
 use tasks::{BlobId, BlobRef, JobId, JobManifest, JobSpec, NodeKey, Ticket};
-use worker::swarm::FetchError;
 
 /// Why a client call failed. Every message is one line saying what to do.
 #[derive(Debug, thiserror::Error)]
@@ -208,11 +208,7 @@ impl Client {
             SubmitResponse::Results(r) => r,
             other => return Err(Self::not_found(job, other)),
         };
-        let mut store: Option<(
-            tempfile::TempDir,
-            worker::blobs::BlobStore,
-            worker::swarm::Fetcher,
-        )> = None;
+        let mut store: Option<(tempfile::TempDir, blobs::BlobStore, blobs::swarm::Fetcher)> = None;
         let seed = [PeerAddr {
             node_id: self.ticket.node_id,
             addr: self.addr,
@@ -239,9 +235,9 @@ impl Client {
             }
             if store.is_none() {
                 let dir = tempfile::tempdir().map_err(|e| ClientError::Io(e.to_string()))?;
-                let bs = worker::blobs::BlobStore::open(dir.path(), None)
+                let bs = blobs::BlobStore::open(dir.path(), None)
                     .map_err(|e| ClientError::Io(e.to_string()))?;
-                let f = worker::swarm::Fetcher::new(self.endpoint.clone(), bs.clone(), None);
+                let f = blobs::swarm::Fetcher::new(self.endpoint.clone(), bs.clone(), None);
                 store = Some((dir, bs, f));
             }
             let (_, bs, fetcher) = store.as_ref().expect("created above");

@@ -2,7 +2,7 @@
 //!
 //! - `peergrid/coord/1` → [`session`] (worker sessions),
 //! - `peergrid/submit/1` → [`submit`] (submitter requests, token-guarded),
-//! - `peergrid/blob/1` → [`worker::swarm::BlobServer`] on the coordinator's blob store (the
+//! - `peergrid/blob/1` → [`blobs::swarm::BlobServer`] on the coordinator's blob store (the
 //!   coordinator is the first seed of every blob).
 //!
 //! Optionally, [`http`] serves a read-only status API over HTTP (`--http ADDR`).
@@ -27,11 +27,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use blobs::swarm::{BlobServer, Fetcher, ServeLimits};
+use blobs::BlobStore;
 use tasks::net;
 use tasks::wire::{CloseCode, PeerAddr, ALPN_BLOB, ALPN_COORD, ALPN_SUBMIT};
 use tasks::{BlobRef, NodeId, NodeKey, Ticket};
-use worker::blobs::BlobStore;
-use worker::swarm::{BlobServer, Fetcher, ServeLimits};
 
 use crate::core::{Core, CoreConfig};
 use crate::store::{Output, SqliteStore, Store};

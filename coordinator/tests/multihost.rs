@@ -1104,8 +1104,9 @@ fn hole_punching_between_nat_sites() {
     let Some(mut g) = Grid::new("punch") else {
         return;
     };
-    // `punched through` / `punch failed` are debug lines of the worker's swarm.
-    g.worker_log = format!("{},worker=debug", log_level());
+    // `punched through` / `punch failed` are debug lines of the swarm (the `blobs` crate; the
+    // worker's own lines are wanted too).
+    g.worker_log = format!("{},worker=debug,blobs=debug", log_level());
     // Two sites of each kind, in different /24s where possible (a task's replicas never go
     // to two workers of one /24) and with overlapping private ranges, as at home.
     let sites = [

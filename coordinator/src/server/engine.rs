@@ -217,7 +217,7 @@ impl Reply {
 pub struct Engine<S: Store = SqliteStore> {
     pub core: Core,
     pub store: S,
-    blobs: worker::blobs::BlobStore,
+    blobs: blobs::BlobStore,
     sessions: HashMap<NodeId, (u64, mpsc::UnboundedSender<CoordMsg>)>,
     /// Punch requests per requesting worker in the current window: (window start, count).
     /// One entry per connected worker at most (removed with the session).
@@ -239,7 +239,7 @@ impl<S: Store> Engine<S> {
     pub fn new(
         core: Core,
         store: S,
-        blobs: worker::blobs::BlobStore,
+        blobs: blobs::BlobStore,
         fetches: mpsc::UnboundedSender<FetchJob>,
     ) -> Self {
         Engine {
@@ -620,7 +620,7 @@ pub type EngineThread = std::thread::JoinHandle<Result<(), crate::store::StoreEr
 pub fn spawn<S: Store + 'static>(
     core: Core,
     store: S,
-    blobs: worker::blobs::BlobStore,
+    blobs: blobs::BlobStore,
     queue: usize,
     died: tokio_util::sync::CancellationToken,
 ) -> Result<

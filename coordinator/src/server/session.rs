@@ -15,10 +15,10 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use blobs::swarm::{BlobServer, Fetcher};
 use tasks::net::{self, FrameError};
 use tasks::wire::{CloseCode, CoordMsg, WorkerMsg};
 use tasks::NodeId;
-use worker::swarm::{BlobServer, Fetcher};
 
 use super::engine::{Cmd, EngineHandle, HelloInfo};
 

@@ -19,7 +19,7 @@ pub const MAX_PUT_BLOB: u64 = 1 << 30;
 #[derive(Clone)]
 pub struct SubmitCtx {
     pub engine: EngineHandle,
-    pub blobs: worker::blobs::BlobStore,
+    pub blobs: blobs::BlobStore,
     pub token_hash: blake3::Hash,
     pub bytes_sent: Arc<dyn Fn() -> u64 + Send + Sync>,
 }

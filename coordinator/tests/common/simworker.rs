@@ -118,7 +118,7 @@ pub struct SimWorker {
     pub send: quinn::SendStream,
     pub recv: quinn::RecvStream,
     /// Its blob store: outputs too large to send inline go here (served with [`Peer::Serve`]).
-    pub blobs: worker::blobs::BlobStore,
+    pub blobs: blobs::BlobStore,
     _dir: tempfile::TempDir,
     /// Replicas the coordinator cancelled, remembered by [`SimWorker::recv`].
     pub cancels: Vec<u64>,
@@ -147,13 +147,13 @@ impl SimWorker {
     /// Connect, say Hello and wait for the Welcome.
     pub async fn join_with(ticket: &Ticket, o: Options) -> anyhow::Result<SimWorker> {
         let dir = tempfile::tempdir()?;
-        let blobs = worker::blobs::BlobStore::open(dir.path(), None)?;
+        let blobs = blobs::BlobStore::open(dir.path(), None)?;
         let alpns: &[&[u8]] = match o.peer {
             Peer::Serve | Peer::Silent => &[ALPN_BLOB],
             Peer::None => &[],
         };
         let ep = net::endpoint(&o.key, "127.0.0.1:0".parse()?, alpns)?;
-        let server = worker::swarm::BlobServer::new(blobs.clone(), Default::default());
+        let server = blobs::swarm::BlobServer::new(blobs.clone(), Default::default());
         if o.peer == Peer::Serve {
             let accept = ep.clone();
             let server = server.clone();

@@ -92,7 +92,7 @@ struct Harness {
 impl Harness {
     fn new(policy: TrustPolicy) -> Harness {
         let dir = tempfile::tempdir().expect("temp dir");
-        let blobs = worker::blobs::BlobStore::open(&dir.path().join(crate::server::BLOB_DIR), None)
+        let blobs = blobs::BlobStore::open(&dir.path().join(crate::server::BLOB_DIR), None)
             .expect("blob store");
         let mut store = SqliteStore::open(&dir.path().join(SqliteStore::FILE)).expect("store");
         let cfg = CoreConfig {

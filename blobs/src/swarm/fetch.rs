@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 
 use super::sched::{PeerState, Sched, SchedLimits};
 use super::BlobServer;
-use crate::blobs::{BlobStore, PartialBlob, StoreError};
+use crate::store::{BlobStore, PartialBlob, StoreError};
 
 /// Timeouts and limits of downloads.
 #[derive(Debug, Clone)]

@@ -22,7 +22,7 @@ use tasks::{BlobId, NodeId};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use crate::blobs::{BlobStore, StoreError};
+use crate::store::{BlobStore, StoreError};
 
 pub use fetch::{FetchError, FetchOptions, FetchReport, Fetcher};
 
