@@ -8,7 +8,9 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+#[cfg(feature = "demo")]
 use std::sync::atomic::Ordering;
+#[cfg(feature = "demo")]
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -3,6 +3,8 @@
 //! `run(smoke = true)` is called. Only functional facts are asserted (jobs complete, every
 //! task is accepted with the right output, numbers are finite), never timing.
 
+// e2e runs real workers in this process: it needs the worker crate (feature `demo`).
+#[cfg(feature = "demo")]
 #[allow(dead_code)]
 #[path = "../benches/e2e.rs"]
 mod e2e;
@@ -10,6 +12,7 @@ mod e2e;
 #[path = "../benches/scale.rs"]
 mod scale;
 
+#[cfg(feature = "demo")]
 #[test]
 fn e2e_bench_smoke_runs_a_tiny_job_to_completion() {
     let r = e2e::run(true).expect("e2e smoke run");
