@@ -15,7 +15,7 @@
 pub mod adversary;
 pub mod scheduler;
 #[cfg(test)]
-mod sim;
+pub(crate) mod sim;
 pub mod trust;
 pub mod validator;
 

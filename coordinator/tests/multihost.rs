@@ -647,6 +647,42 @@ fn primes_job(g: &Grid, count: u32, block: u64, deadline_secs: u64) -> (PathBuf,
     (path, size)
 }
 
+/// What [`run_primes_measured`] saw.
+struct Measured {
+    /// The module's size.
+    size: usize,
+    /// From submit until `submit --wait` reported the job done.
+    secs: f64,
+    /// Copies of the module the coordinator uploaded meanwhile ([`Grid::copies`]).
+    copies: f64,
+    wire: String,
+    /// Where `coordinator results` wrote the outputs, and its results.json.
+    out: PathBuf,
+    results: Value,
+}
+
+/// Submit a [`primes_job`] of `count` tasks, wait for it with `submit --wait`, measure what the
+/// coordinator uploaded meanwhile, and download the results.
+fn run_primes_measured(g: &mut Grid, count: u32, block: u64) -> Measured {
+    let (job, size) = primes_job(g, count, block, 600);
+    let before = g.meter();
+    let t0 = Instant::now();
+    let mut sub = g.submit(&job);
+    let end = g.finish(&mut sub);
+    let secs = t0.elapsed().as_secs_f64();
+    let (copies, wire) = g.copies(&before, size);
+    let out = g.path("results");
+    let results = g.results(end["id"].as_u64().unwrap(), &out);
+    Measured {
+        size,
+        secs,
+        copies,
+        wire,
+        out,
+        results,
+    }
+}
+
 /// π(n - 1): primes below n.
 fn primes_below(n: u64) -> u64 {
     let n = n as usize;
@@ -760,16 +796,14 @@ fn public_swarm() {
     let idx: Vec<usize> = hosts.iter().map(|h| g.start_worker(h)).collect();
     g.wait_connected(&idx);
     let (count, block) = (12, 100_000);
-    let (job, size) = primes_job(&g, count, block, 600);
-    let before = g.meter();
-    let t0 = Instant::now();
-    let mut sub = g.submit(&job);
-    let end = g.finish(&mut sub);
-    let secs = t0.elapsed().as_secs_f64();
-    let (copies, wire) = g.copies(&before, size);
-    let id = end["id"].as_u64().unwrap();
-    let out = g.path("results");
-    let results = g.results(id, &out);
+    let Measured {
+        size,
+        secs,
+        copies,
+        wire,
+        out,
+        results,
+    } = run_primes_measured(&mut g, count, block);
     summary(&format!(
         "public-swarm: {copies:.2} copies ({wire}) of the {:.1} MiB module from the coordinator (bound <= {PUBLIC_BOUND}; central-only: 6; benchmark target 1.2), 6 public workers, {count} tasks, {secs:.1} s job, {:.1} s total",
         size as f64 / (1 << 20) as f64,
@@ -875,16 +909,14 @@ fn nat_sites() {
     }
     g.wait_connected(&idx);
     let (count, block) = (12, 100_000);
-    let (job, size) = primes_job(&g, count, block, 600);
-    let before = g.meter();
-    let t0 = Instant::now();
-    let mut sub = g.submit(&job);
-    let end = g.finish(&mut sub);
-    let secs = t0.elapsed().as_secs_f64();
-    let (copies, wire) = g.copies(&before, size);
-    let id = end["id"].as_u64().unwrap();
-    let out = g.path("results");
-    let results = g.results(id, &out);
+    let Measured {
+        size,
+        secs,
+        copies,
+        wire,
+        out,
+        results,
+    } = run_primes_measured(&mut g, count, block);
     let natted = check_distinct_addresses(&g, &results);
     summary(&format!(
         "nat-sites: {copies:.2} copies ({wire}) of the {:.1} MiB module from the coordinator (bound <= {NAT_BOUND}; central-only: 7; benchmark target 1.5), 1 public + 3 behind MASQUERADE + 3 behind MASQUERADE --random-fully, {count} tasks ({natted} with a NATed replica), {secs:.1} s job, {:.1} s total",

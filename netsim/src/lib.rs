@@ -392,46 +392,11 @@ impl Lab {
             masq.push("--random-fully");
         }
         iptables(&ns, &masq)?;
-        // A home router's firewall: from the outside, only replies to the LAN's own flows.
-        iptables(
-            &ns,
-            &[
-                "-A",
-                "FORWARD",
-                "-i",
-                "wan0",
-                "-o",
-                "lan0",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ],
-        )?;
-        iptables(
-            &ns,
-            &["-A", "FORWARD", "-i", "wan0", "-o", "lan0", "-j", "DROP"],
-        )?;
+        // A home router's firewall: from the outside, only replies to the LAN's own flows ...
+        replies_only(&ns, "FORWARD", &["-i", "wan0", "-o", "lan0"])?;
         // ... and none to the box itself either (see the module doc: hole punching needs it).
         if self.nat_input_firewall {
-            iptables(
-                &ns,
-                &[
-                    "-A",
-                    "INPUT",
-                    "-i",
-                    "wan0",
-                    "-m",
-                    "conntrack",
-                    "--ctstate",
-                    "ESTABLISHED,RELATED",
-                    "-j",
-                    "ACCEPT",
-                ],
-            )?;
-            iptables(&ns, &["-A", "INPUT", "-i", "wan0", "-j", "DROP"])?;
+            replies_only(&ns, "INPUT", &["-i", "wan0"])?;
         }
         let router = Host {
             name: name.to_string(),
@@ -788,6 +753,24 @@ fn run_setup(program: &str, args: &[&str]) -> Result<()> {
 
 fn ip(args: &[&str]) -> Result<()> {
     run_setup("ip", args)
+}
+
+/// In namespace `ns`, of the packets in `chain` that `matches` selects, let through only those
+/// of flows already established (replies), and drop the rest.
+fn replies_only(ns: &str, chain: &str, matches: &[&str]) -> Result<()> {
+    let accept = [
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "ESTABLISHED,RELATED",
+        "-j",
+        "ACCEPT",
+    ];
+    let mut args = vec!["-A", chain];
+    args.extend_from_slice(matches);
+    iptables(ns, &[&args[..], &accept[..]].concat())?;
+    args.extend_from_slice(&["-j", "DROP"]);
+    iptables(ns, &args)
 }
 
 /// `iptables -w` (waits for the xtables lock other labs may hold) inside namespace `ns`.

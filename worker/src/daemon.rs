@@ -804,18 +804,32 @@ impl Daemon {
             Some(avg) => avg * 0.8 + secs * 0.2,
             None => secs,
         });
-        // Every output is kept here as a blob, served to the coordinator on request: a large
-        // one is only ever fetched, and a small one (sent inline) can still be fetched if the
-        // coordinator accepts the task by a path that did not carry the report (LRU-evicted
-        // like any blob under --disk-limit-mb).
-        if !out.output.is_empty() {
-            if let Err(e) = self.store.put(&out.output) {
-                tracing::error!(replica = done.replica, "cannot store an output: {e}");
-            }
-        }
+        // Every output is kept here as a blob, served to the coordinator on request (LRU-evicted
+        // like any blob under --disk-limit-mb). A large one travels only that way, so it is
+        // stored before it is announced. A small one travels inline in the report; the copy
+        // kept here only serves a coordinator that lost it (e.g. evicted from its pending
+        // outputs), so it is written off the daemon's loop, which a tiny task must not wait on.
         let output = if out.result.output_len <= wire::INLINE_OUTPUT_MAX {
+            if !out.output.is_empty() {
+                let (store, bytes, replica) =
+                    (self.store.clone(), out.output.clone(), done.replica);
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = store.put(&bytes) {
+                        tracing::warn!(replica, "cannot keep a copy of an output: {e}");
+                    }
+                });
+            }
             Some(out.output)
         } else {
+            if let Err(e) = self.store.put(&out.output) {
+                // Reported, it could never be collected: hand the replica back instead.
+                tracing::error!(replica = done.replica, "cannot store a large output ({e}); handing the task back (check the data dir's disk)");
+                self.send(&WorkerMsg::Abandon {
+                    replicas: vec![done.replica],
+                })
+                .await;
+                return;
+            }
             let blobs = vec![out.result.output_hash];
             self.send(&WorkerMsg::HaveBlobs { blobs }).await;
             None

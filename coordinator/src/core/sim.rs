@@ -63,7 +63,14 @@ fn truth(task: TaskId) -> RunResult {
     }
 }
 
-fn manifest(name: &str, n: u32, quorum: u32, max_replicas: u32, deadline_secs: u64) -> JobManifest {
+/// A job of `n` tasks (task i gets the argument `i`) over the module `b"module"`.
+pub(crate) fn manifest(
+    name: &str,
+    n: u32,
+    quorum: u32,
+    max_replicas: u32,
+    deadline_secs: u64,
+) -> JobManifest {
     JobManifest {
         name: name.into(),
         module: BlobRef::of(b"module"),

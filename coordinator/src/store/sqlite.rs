@@ -654,20 +654,12 @@ mod tests {
         let p = d.path().join(SqliteStore::FILE);
         let mut store = SqliteStore::open(&p).unwrap();
         let mut core = Core::new(CoreConfig::default());
-        let manifest = JobManifest {
-            name: "j".into(),
-            module: BlobRef::of(b"m"),
-            limits: JobLimits::default(),
-            tasks: (0..3)
-                .map(|i| TaskEntry {
-                    args: vec![i.to_string()],
-                    input: None,
-                })
-                .collect(),
-        };
+        let d = JobLimits::default();
+        let manifest =
+            crate::core::sim::manifest("j", 3, d.quorum, d.max_replicas, d.deadline_secs);
         core.add_job(manifest, 0);
         let w = NodeId([7; 32]);
-        core.hello(w, &fp(), 4, None, &[BlobId::of(b"m")], 0);
+        core.hello(w, &fp(), 4, None, &[BlobId::of(b"module")], 0);
         let given = core.request_work(w, 2, 0).assignments;
         assert_eq!(given.len(), 2);
         let replicas: Vec<_> = given.iter().map(|a| a.replica).collect();

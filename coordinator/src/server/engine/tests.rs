@@ -10,9 +10,8 @@ use super::*;
 
 use crate::core::trust::TrustPolicy;
 use crate::core::CoreConfig;
-use tasks::job::{JobLimits, TaskEntry};
 use tasks::wire::{Assignment, JobStatus};
-use tasks::{BlobRef, Status};
+use tasks::Status;
 
 const START_MS: u64 = 1_000_000;
 const DEADLINE_SECS: u64 = 600;
@@ -52,22 +51,7 @@ fn output_bytes(seed: u8, len: usize) -> Vec<u8> {
 }
 
 fn manifest(tasks: u32, quorum: u32, max_replicas: u32) -> JobManifest {
-    JobManifest {
-        name: "outputs".into(),
-        module: BlobRef::of(b"module"),
-        limits: JobLimits {
-            quorum,
-            max_replicas,
-            deadline_secs: DEADLINE_SECS,
-            ..JobLimits::default()
-        },
-        tasks: (0..tasks)
-            .map(|i| TaskEntry {
-                args: vec![i.to_string()],
-                input: None,
-            })
-            .collect(),
-    }
+    crate::core::sim::manifest("outputs", tasks, quorum, max_replicas, DEADLINE_SECS)
 }
 
 /// The default policy, with partner replicas due at once (`partner_spread: 0`) so who gets
