@@ -12,6 +12,8 @@
 #   poison    worker/tests/poison.rs        peers serving corrupt chunks (real QUIC)
 #   hostile   tasks/tests/hostile.rs        property tests: every wire decoder and the job file parser
 #             coordinator/tests/hostile.rs  garbage frames on every ALPN, refusals and their log lines
+#   redteam   coordinator/tests/redteam.rs  hostile clients on the real protocol (claims, capacity, floods, accusations)
+#             coordinator/tests/sybil.rs    colluders and Sybil swarms over real QUIC, under serve's default policy
 # Raw logs: faults-out/<suite>.log.
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -48,6 +50,7 @@ SUITES=(
     "tasks hostile hostile-decoders"
     "coordinator hostile hostile-peers"
     "coordinator redteam redteam"
+    "coordinator sybil sybil"
 )
 present() { [ -f "$1/tests/$2.rs" ]; }
 # Package selection for a suite: the whole workspace when the test target's name is unique
@@ -100,7 +103,7 @@ python3 - <<'PY' || { echo "faults.sh: building the table failed" >&2; exit 1; }
 import datetime, glob, os, subprocess
 
 logs = os.environ["F_LOGS"]
-order = ["crash", "saboteurs", "poison", "hostile-decoders", "hostile-peers"]
+order = ["crash", "saboteurs", "poison", "hostile-decoders", "hostile-peers", "redteam", "sybil"]
 
 def sh(cmd):
     try:

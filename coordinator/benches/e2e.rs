@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use coordinator::client::Client;
+use coordinator::core::trust::TrustPolicy;
 use coordinator::server::{Coordinator, ServeConfig};
 use tasks::job::{JobLimits, TaskEntry};
 use tasks::wire::{JobState, JobStatus, TaskState};
@@ -203,22 +204,29 @@ pub fn run(smoke: bool) -> anyhow::Result<Report> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let e = rt.block_on(end_to_end(&s, &module))?;
+    let e = rt.block_on(end_to_end(&s, &module, TrustPolicy::trusting()))?;
     let tps = e.accepted as f64 / e.elapsed.as_secs_f64();
-    println!(
-        "{:<44} {:>10.0} tasks/s  ({}/{} accepted, {} failed in {:.2} s{})",
-        "end to end, quorum 2",
-        tps,
-        e.accepted,
-        s.tasks,
-        e.failed,
-        e.elapsed.as_secs_f64(),
-        if e.finished {
-            String::new()
-        } else {
-            format!("; STOPPED at the {} s limit", s.limit.as_secs())
-        }
-    );
+    let show = |what: &str, e: &E2e, tps: f64| {
+        println!(
+            "{:<44} {:>10.0} tasks/s  ({}/{} accepted, {} failed in {:.2} s{})",
+            what,
+            tps,
+            e.accepted,
+            s.tasks,
+            e.failed,
+            e.elapsed.as_secs_f64(),
+            if e.finished {
+                String::new()
+            } else {
+                format!("; STOPPED at the {} s limit", s.limit.as_secs())
+            }
+        )
+    };
+    show("end to end, quorum 2, trusting policy", &e, tps);
+    // What the open pool's defences (serve's default) cost honest workers, same run.
+    let o = rt.block_on(end_to_end(&s, &module, TrustPolicy::open_pool()))?;
+    let open_tps = o.accepted as f64 / o.elapsed.as_secs_f64();
+    show("end to end, quorum 2, open policy (default)", &o, open_tps);
     match e.latency_mean_us {
         Some(l) => println!(
             "{:<44} {:>10.1} µs mean over {} replicas (WorkerStats)",
@@ -259,6 +267,20 @@ pub fn run(smoke: bool) -> anyhow::Result<Report> {
         target: ">= 10000 tasks/s".into(),
         met: Some(tps >= 10_000.0),
     }];
+    rows.push(Row {
+        what: format!(
+            "e2e tiny tasks/s under serve's default open policy ({} workers x {} slots)",
+            s.workers, s.slots
+        ),
+        result: open_tps,
+        unit: "tasks/s",
+        baseline: Some((
+            tps,
+            format!("{} tasks/s (trusting policy, same run)", fmt_num(tps, "")),
+        )),
+        target: "-".into(),
+        met: None,
+    });
     if let Some(l) = e.latency_mean_us {
         rows.push(Row {
             what: "task start latency, warm cache (mean)".into(),
@@ -345,13 +367,11 @@ struct E2e {
     latency_count: u64,
 }
 
-async fn end_to_end(s: &Sizes, module: &[u8]) -> anyhow::Result<E2e> {
+async fn end_to_end(s: &Sizes, module: &[u8], policy: TrustPolicy) -> anyhow::Result<E2e> {
     let tmp = tempfile::Builder::new().prefix("peergrid-e2e-").tempdir()?;
-    let coord = Coordinator::start(ServeConfig::new(
-        tmp.path().join("coordinator"),
-        "127.0.0.1:0".parse()?,
-    ))
-    .await?;
+    let mut cfg = ServeConfig::new(tmp.path().join("coordinator"), "127.0.0.1:0".parse()?);
+    cfg.core.policy = policy;
+    let coord = Coordinator::start(cfg).await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut workers = Vec::new();
     for i in 0..s.workers {

@@ -283,6 +283,18 @@ fn print_status(r: &StatusReport) {
                 j.replicas_in_flight
             );
         }
+        let connected = r.workers.iter().filter(|w| w.connected).count();
+        for j in r.jobs.iter().filter(|j| {
+            j.state == JobState::Running
+                && j.replicas_reported > 0
+                && j.replicas_in_flight == 0
+                && j.tasks_done + j.tasks_failed < j.tasks_total
+        }) {
+            println!(
+                "job {}: results are in but nothing is running and tasks wait for agreement: more workers are needed (serve's default open policy wants quorum + 1 agreeing workers of one engine before anyone has a record; {connected} connected)",
+                j.id
+            );
+        }
         for j in r.jobs.iter().filter(|j| j.outputs_collecting > 0) {
             println!(
                 "job {}: {} accepted outputs are still being collected from their workers (offline workers are retried until they return)",

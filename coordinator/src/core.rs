@@ -59,6 +59,12 @@ pub struct CoreConfig {
     /// A baseline for measuring the swarm (`serve --central-only`); wastes upload otherwise.
     pub central_only: bool,
     pub policy: TrustPolicy,
+    /// Engines whose workers may join (`EngineFingerprint::engine`, with this release's
+    /// settings: [`tasks::release::accepted`]); `None`: any engine. A fingerprint is a
+    /// worker's claim and results are compared only within a class, so colluders that invent
+    /// an engine would be compared only with each other: `coordinator serve` accepts this
+    /// release's engine ([`tasks::release::ENGINE`]) unless its config says otherwise.
+    pub engines: Option<Vec<String>>,
 }
 
 impl Default for CoreConfig {
@@ -72,6 +78,7 @@ impl Default for CoreConfig {
             bad_peer_accusers: tasks::limits::BAD_PEER_ACCUSERS,
             central_only: false,
             policy: TrustPolicy::default(),
+            engines: None,
         }
     }
 }
@@ -99,6 +106,11 @@ pub enum Notice {
     JobEnded {
         job: JobId,
         state: JobState,
+    },
+    /// This worker was refused work because its hand (replicas and undecided votes) was
+    /// full, and a vote of it was just decided: tell it to ask again now.
+    Room {
+        worker: NodeId,
     },
 }
 
@@ -194,6 +206,9 @@ pub(crate) struct Worker {
     pub anchor: bool,
     /// Its reported replicas of tasks still pending.
     pub undecided: u32,
+    /// Its last request was refused only because its hand was full: the next decided vote
+    /// sends it [`Notice::Room`].
+    pub waiting_for_room: bool,
     /// Replicas it lost (deadline, abandon, disconnect) not yet made up for by valid
     /// results: each costs capacity (see `TrustPolicy::allowance`). Not persisted.
     pub lost: u64,
@@ -286,8 +301,35 @@ impl Core {
         std::mem::take(&mut self.notices)
     }
 
+    /// Whether a worker with this fingerprint may join: an engine the configuration accepts
+    /// ([`CoreConfig::engines`]), of a known class or with room for a new one
+    /// ([`tasks::limits::MAX_ENGINE_FINGERPRINTS`]). The error says why, in one line.
+    pub fn admits_fingerprint(&self, fp: &EngineFingerprint) -> Result<(), String> {
+        if let Some(engines) = &self.cfg.engines {
+            if !tasks::release::accepted(fp, engines) {
+                return Err(format!(
+                    "engine {:?} with settings {:?} is not one this coordinator accepts ({}, with this release's settings): run the worker release the project names",
+                    fp.engine,
+                    fp.settings,
+                    engines.join(", ")
+                ));
+            }
+        }
+        if self.fingerprints.len() >= tasks::limits::MAX_ENGINE_FINGERPRINTS
+            && !self.fp_index.contains_key(&fp.class_id())
+        {
+            return Err(format!(
+                "the coordinator already knows {} engine classes: run a worker release others run",
+                self.fingerprints.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The index of `fp`'s class ([`EngineFingerprint::class_id`]: results are compared within
+    /// it), recording the class on first sight with `fp` as its example.
     pub(crate) fn intern_fp(&mut self, fp: &EngineFingerprint) -> u32 {
-        let short = fp.short_id();
+        let short = fp.class_id();
         if let Some(&i) = self.fp_index.get(&short) {
             return i;
         }
@@ -339,6 +381,7 @@ impl Core {
             last_seen_ms: now,
             anchor: false,
             undecided: 0,
+            waiting_for_room: false,
             lost: 0,
             holding: 0,
         })
@@ -912,6 +955,7 @@ impl Core {
                     last_seen_ms: w.last_seen_ms,
                     anchor: false,
                     undecided: 0,
+                    waiting_for_room: false,
                     lost: w.lost,
                     holding: 0,
                 },

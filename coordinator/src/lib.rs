@@ -11,9 +11,11 @@
 //!   [`server::submit`] requests, blob seeding.
 //! - [`client`]: the submitter library ([`client::Client`]).
 //! - [`cli`]: `submit`, `status`, `results`, `demo` subcommands.
+//! - [`config`]: `serve --config FILE` (scheduler and trust policy, TOML).
 
 pub mod cli;
 pub mod client;
+pub mod config;
 pub mod core;
 pub mod server;
 pub mod store;

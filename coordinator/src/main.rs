@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use coordinator::cli;
+use coordinator::config;
 use coordinator::server::{self, ServeConfig};
 
 /// Peergrid coordinator: publishes tasks, hands out replicas, accepts results by quorum.
@@ -46,8 +47,9 @@ struct ServeArgs {
     advertise: Option<String>,
     /// TCP address for a read-only HTTP status API (default: none). `GET /` is a page of jobs
     /// and workers; `/status`, `/jobs/ID` and `/jobs/ID/results` are JSON; `/health` says ok.
-    /// It needs no token and shows job names, worker ids and credit: bind it to localhost
-    /// (e.g. 127.0.0.1:8080) or a trusted network.
+    /// Results need the submit token (`Authorization: Bearer TOKEN`); the rest is public and
+    /// shows job names, worker ids and credit: bind it to localhost (e.g. 127.0.0.1:8080) or a
+    /// trusted network.
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
     /// Hand out only this coordinator as the source of every blob, so workers never fetch
@@ -55,6 +57,15 @@ struct ServeArgs {
     /// coordinator's upload by the number of workers).
     #[arg(long)]
     central_only: bool,
+    /// TOML file with the scheduler and trust policy settings (`[policy]`, `[scheduler]`);
+    /// every key optional. See README "Running an open pool".
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Trust policy preset (overrides the config file's `preset`). `open` (the default) is
+    /// safe when anyone may join: it needs quorum + 1 workers before the first result is
+    /// accepted. `trusting` is for a pool of your own machines.
+    #[arg(long, value_enum, value_name = "PRESET")]
+    policy: Option<config::Preset>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -98,10 +109,22 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(a: ServeArgs) -> anyhow::Result<()> {
+    let file = match &a.config {
+        Some(path) => config::ConfigFile::load(path)?,
+        None => config::ConfigFile::default(),
+    };
+    let eff = file.effective(a.policy)?;
     let mut cfg = ServeConfig::new(a.data_dir, a.listen);
     cfg.advertise = a.advertise;
     cfg.http = a.http;
-    cfg.core.central_only = a.central_only;
+    cfg.core = eff.core;
+    cfg.core.central_only |= a.central_only;
+    tracing::info!(
+        preset = eff.preset.name(),
+        seed = if eff.fixed_seed { "fixed" } else { "random" },
+        policy = ?cfg.core.policy,
+        "trust policy"
+    );
     let running = server::Coordinator::start(cfg).await?;
     println!("ticket: {}", running.ticket);
     println!("submit token: {}", running.token);
@@ -111,7 +134,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         running.data_dir.join(server::TOKEN_FILE).display()
     );
     if let Some(http) = running.http_addr {
-        println!("status page: http://{http}/ (read-only, no token: JSON at /status, /jobs/ID, /jobs/ID/results)");
+        println!("status page: http://{http}/ (read-only, public: JSON at /status and /jobs/ID; /jobs/ID/results needs the submit token as Authorization: Bearer)");
     }
     if running.ticket_host_guessed {
         println!(

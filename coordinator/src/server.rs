@@ -58,7 +58,7 @@ pub struct ServeConfig {
     /// How often deadlines and grace periods are checked.
     pub tick: Duration,
     /// TCP address of the read-only HTTP status API ([`http`]); `None` (the default): no
-    /// HTTP server. It needs no token, so bind it to localhost or a trusted network.
+    /// HTTP server. Only results need the submit token: bind it to localhost or a trusted network.
     pub http: Option<SocketAddr>,
 }
 
@@ -205,6 +205,7 @@ impl Coordinator {
         if let Some(listener) = http_listener {
             let hctx = http::HttpCtx {
                 engine: engine.clone(),
+                token_hash: blake3::hash(token.as_bytes()),
                 bytes_sent,
             };
             tasks.spawn(http::run(listener, hctx, cancel.clone()));
@@ -237,9 +238,9 @@ impl Coordinator {
         ));
         tracing::info!(%ticket, %addr, "coordinator listening");
         if let Some(h) = http_addr {
-            tracing::info!(http = %h, "HTTP status API listening (read-only, no token)");
+            tracing::info!(http = %h, "HTTP status API listening (read-only; results need the submit token)");
             if !h.ip().is_loopback() {
-                tracing::warn!(http = %h, "the HTTP status API needs no token: anyone who can reach it sees job names, worker ids and credit");
+                tracing::warn!(http = %h, "the HTTP status API is public but for results: anyone who can reach it sees job names, worker ids and credit");
             }
         }
         Ok(RunningCoordinator {

@@ -153,6 +153,13 @@ pub enum Mutation {
         replica: ReplicaId,
         verdict: Verdict,
     },
+    /// A report judged valid after its task was accepted (late, or from a replica the
+    /// acceptance cancelled that ran to the end anyway): its worker is credited, so it joins
+    /// the task's agreeing workers and `results` names everyone credited for the task.
+    LateAgreement {
+        task: TaskId,
+        worker: NodeId,
+    },
     /// Adaptive replication chose a quorum other than the job's for this task.
     TaskQuorum {
         task: TaskId,

@@ -12,13 +12,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use common::simworker::{fingerprint, Options, Peer, SimWorker, PATIENCE};
+use common::simworker::{release_fingerprint, Options, Peer, SimWorker, PATIENCE};
 use common::{worker_bin, Cluster};
 use coordinator::client::{Client, ClientError};
 use tasks::net;
 use tasks::wire::{CloseCode, CoordMsg, WorkerMsg};
 use tasks::wire::{ALPN_BLOB, ALPN_COORD, ALPN_SUBMIT, MAX_FRAME};
-use tasks::{BlobId, EngineFingerprint, JobSpec, NodeKey, Ticket};
+use tasks::{BlobId, JobSpec, NodeKey, Ticket};
 
 fn fault(scenario: &str, figures: &str, target: &str, met: bool) {
     println!(
@@ -32,7 +32,8 @@ fn fault(scenario: &str, figures: &str, target: &str, met: bool) {
 async fn join(ticket: &Ticket, blobs: Vec<BlobId>) -> anyhow::Result<SimWorker> {
     let opts = Options {
         agent: "hostile-test".into(),
-        fingerprint: fingerprint("sim"),
+        // The engine `coordinator serve` admits by default.
+        fingerprint: release_fingerprint(),
         slots: 2,
         blobs,
         peer: Peer::Silent,
@@ -57,11 +58,7 @@ async fn hostile_conn(
     let conn = net::connect(&ep, ticket.socket_addrs()?[0], ticket.node_id, alpn).await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     if hello {
-        let fingerprint = EngineFingerprint {
-            engine: "sim".into(),
-            arch: "x".into(),
-            settings: "s".into(),
-        };
+        let fingerprint = release_fingerprint();
         net::write_frame(
             &mut send,
             &WorkerMsg::Hello {
@@ -109,7 +106,7 @@ fn log_lines(read: impl Fn() -> String, needle: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_oversized_frames_on_every_alpn_close_only_that_connection(
 ) -> anyhow::Result<()> {
-    let c = Cluster::start(0);
+    let c = Cluster::start_trusting(0); // one good worker takes a replica after every case
     let ticket: Ticket = c.ticket.parse()?;
     let jobdir = tempfile::tempdir()?;
     let client = Client::connect(&ticket, &c.token).await?;

@@ -45,11 +45,22 @@ async fn join(ticket: &Ticket) -> anyhow::Result<SimWorker> {
 
 /// One `GET` over a fresh connection: (status code, content type, body).
 async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String, String)> {
+    get_as(addr, path, None).await
+}
+
+/// `GET path`, with `Authorization: Bearer TOKEN` when a token is given.
+async fn get_as(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, String, String)> {
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await?;
     let mut raw = Vec::new();
@@ -77,7 +88,15 @@ async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String, Strin
 }
 
 async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Value)> {
-    let (code, ctype, body) = get(addr, path).await?;
+    get_json_as(addr, path, None).await
+}
+
+async fn get_json_as(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, Value)> {
+    let (code, ctype, body) = get_as(addr, path, token).await?;
     anyhow::ensure!(
         ctype.starts_with("application/json"),
         "{path}: content type {ctype:?}"
@@ -150,8 +169,20 @@ async fn http_status_api_mirrors_status_json_and_results_without_outputs() -> an
     assert_eq!(code, 200);
     assert_eq!(&j, &jobs[0]);
 
-    // /jobs/ID/results: the results.json shape, with hashes and no output bytes.
-    let (code, r) = get_json(http, &format!("/jobs/{job}/results")).await?;
+    // /jobs/ID/results needs the submit token: 401 without it or with a wrong one.
+    let path = format!("/jobs/{job}/results");
+    for token in [None, Some("not-the-token")] {
+        let (code, e) = get_json_as(http, &path, token).await?;
+        assert_eq!(code, 401, "{token:?}");
+        assert!(
+            e["error"]
+                .as_str()
+                .is_some_and(|m| m.contains("submit token")),
+            "{e}"
+        );
+    }
+    // With it: the results.json shape, with hashes and no output bytes.
+    let (code, r) = get_json_as(http, &path, Some(&coord.token)).await?;
     assert_eq!(code, 200);
     assert_eq!(r["job"], job.0);
     assert_eq!(r["state"], "done");
@@ -177,12 +208,12 @@ async fn http_status_api_mirrors_status_json_and_results_without_outputs() -> an
         e["error"].as_str().is_some_and(|m| m.contains("999999")),
         "{e}"
     );
-    let (code, _) = get_json(http, "/jobs/999999/results").await?;
+    let (code, _) = get_json_as(http, "/jobs/999999/results", Some(&coord.token)).await?;
     assert_eq!(code, 404);
     let (code, e) = get_json(http, "/jobs/abc").await?;
     assert_eq!(code, 400);
     assert!(e["error"].is_string(), "{e}");
-    let (code, _) = get_json(http, "/jobs/abc/results").await?;
+    let (code, _) = get_json_as(http, "/jobs/abc/results", Some(&coord.token)).await?;
     assert_eq!(code, 400);
     let (code, _) = get_json(http, "/nope").await?;
     assert_eq!(code, 404);

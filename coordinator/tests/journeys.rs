@@ -86,7 +86,7 @@ fn job_completes_when_a_worker_is_killed_with_sigkill_mid_job() {
     // worker, no task can reach its quorum of two distinct workers, so the job is running
     // when the kill lands. Worker 0 is paused (SIGSTOP) first so the figures read below are
     // the ones it dies with.
-    let mut c = Cluster::start(1);
+    let mut c = Cluster::start_trusting(1);
     let job = c.primes_job(20, 5_000_000, 10);
     let id = c.submit(&job);
     c.wait_until(
@@ -124,7 +124,7 @@ fn job_completes_without_losing_or_double_crediting_results_across_coordinator_k
     // construction: job A (quorum 2) completes on the two workers; job B needs three agreeing
     // workers, so with two it can only collect votes until a third worker joins after the
     // restart.
-    let mut c = Cluster::start(2);
+    let mut c = Cluster::start_trusting(2);
     let job_a = c.primes_job(6, 1_000_000, 30);
     let id_a = c.submit(&job_a);
     let job_b = with_quorum(&c.primes_job(12, 1_000_000, 30), 3);
@@ -199,7 +199,7 @@ fn with_quorum(job: &std::path::Path, quorum: u32) -> std::path::PathBuf {
 
 #[test]
 fn worker_killed_with_sigkill_reports_results_it_finished_while_the_coordinator_was_down() {
-    let mut c = Cluster::start(2);
+    let mut c = Cluster::start_trusting(2);
     let job = c.primes_job(4, 250_000_000, 120);
     let id = c.submit(&job);
     // Worker 0 holds work once it has fetched the module (each task then runs for seconds).
@@ -293,4 +293,56 @@ fn saved_reports(outbox: &std::path::Path) -> Vec<tasks::wire::Report> {
         }
     }
     out
+}
+
+/// An open pool (serve's default policy) with fewer workers than it needs before anyone has a
+/// record (quorum + 1): the two workers' agreeing reports are in, nothing is accepted (and
+/// newcomers' undecided votes fill their allowance, so they idle), and `coordinator status`
+/// says why; a third worker joins and the job completes.
+///
+/// Where the two stall depends on the coordinator's randomized partner draw: each newcomer
+/// holds 2 undecided votes, and when their hands cover all 3 tasks between them the liveness
+/// rule lets each take one more replica of a task under way (6 reports); when both hold the
+/// same two tasks the third is never started (4 reports). Either way no task can be accepted.
+#[test]
+fn an_open_pool_short_of_workers_says_so_and_finishes_when_a_third_joins() {
+    let mut c = Cluster::start(2);
+    let job = c.primes_job(3, 1_000_000, 60);
+    let id = c.submit(&job);
+    let said = format!("job {id}: results are in but nothing is running");
+    let mut text = String::new();
+    // Between rounds (2 reports in, the next replicas not yet issued) status says the same for
+    // a moment: wait for both hands to be full (at least 4 reports) as well.
+    let s = c.wait_until(
+        "both hands full and status saying more workers are needed",
+        Duration::from_secs(240),
+        |s| {
+            let j = job_of(s, id);
+            j["replicas_reported"].as_u64() >= Some(4)
+                && j["replicas_in_flight"].as_u64() == Some(0)
+                && {
+                    text = String::from_utf8_lossy(&c.cli(&["status"]).stdout).into_owned();
+                    text.contains(&said)
+                }
+        },
+    );
+    assert!(
+        text.contains("more workers are needed") && text.contains("2 connected"),
+        "{text}"
+    );
+    let j = job_of(&s, id);
+    assert_eq!(j["tasks_done"], 0, "2 workers cannot meet quorum + 1: {s}");
+    let reported = j["replicas_reported"].as_u64().unwrap_or(0);
+    assert!(
+        (4..=6).contains(&reported),
+        "each of 2 newcomers holds 2 undecided votes, at most one more each: {s}"
+    );
+    c.start_worker(2);
+    let s = c.wait_until("the job to end", Duration::from_secs(240), |s| {
+        job_of(s, id)["state"] != "running"
+    });
+    assert_eq!(job_of(&s, id)["state"], "done", "{s}");
+    let (sum, results) = c.results(id);
+    assert_eq!(sum, 216_816, "primes below 3*10^6");
+    check_quorum(&results, 3);
 }

@@ -572,3 +572,133 @@ async fn identities_asking_in_step_do_not_capture_quorums() -> anyhow::Result<()
     coord.shutdown().await?;
     Ok(())
 }
+
+/// 7. Hello claims the coordinator would keep: an agent or engine fingerprint longer than
+/// `MAX_HELLO_TEXT` is refused, and one client inventing a new engine fingerprint per Hello
+/// stops at `MAX_ENGINE_FINGERPRINTS` (the table of engines is kept for good), while workers
+/// of a known engine still join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_text_and_invented_engine_fingerprints_are_bounded() -> anyhow::Result<()> {
+    use tasks::limits::{MAX_ENGINE_FINGERPRINTS, MAX_HELLO_TEXT};
+    let data = tempfile::tempdir()?;
+    let coord = start_with(data.path(), |_| {}).await?;
+    let long = SimWorker::join_with(
+        &coord.ticket,
+        Options {
+            agent: "x".repeat(MAX_HELLO_TEXT + 1),
+            ..Options::default()
+        },
+    )
+    .await;
+    let long_refused = long.is_err();
+    // One identity, reconnecting with a fresh fingerprint each time.
+    let key = NodeKey::generate();
+    let mut joined = 0usize;
+    let mut refused_at = None;
+    for i in 0..MAX_ENGINE_FINGERPRINTS + 8 {
+        let o = Options {
+            key: key.clone(),
+            fingerprint: fingerprint(&format!("invented {i}")),
+            ..Options::default()
+        };
+        match SimWorker::join_with(&coord.ticket, o).await {
+            Ok(w) => {
+                joined += 1;
+                w.conn.close(0u32.into(), b"next");
+            }
+            Err(_) => {
+                refused_at = Some(i);
+                break;
+            }
+        }
+    }
+    // A known engine still joins.
+    let known = SimWorker::join_with(
+        &coord.ticket,
+        Options {
+            fingerprint: fingerprint("invented 0"),
+            ..Options::default()
+        },
+    )
+    .await
+    .is_ok();
+    let met = long_refused && refused_at == Some(MAX_ENGINE_FINGERPRINTS) && known;
+    fault(
+        "Hello with a 257-byte agent; one identity inventing a new engine fingerprint per Hello",
+        &format!(
+            "long agent refused: {long_refused}; invented fingerprints accepted: {joined}, refused from the {}th on; a worker of a known engine joins after: {known}",
+            refused_at.map_or("(never)".into(), |i| (i + 1).to_string())
+        ),
+        &format!("long text refused; at most {MAX_ENGINE_FINGERPRINTS} engines kept; known engines unaffected"),
+        met,
+    );
+    assert!(met);
+    coord.shutdown().await?;
+    Ok(())
+}
+
+/// 8. An invented engine: results are compared only within an engine class, so colluders
+/// claiming an engine of their own would be compared only with each other. A coordinator
+/// configured as `serve` is by default (this release's engine only) refuses them with a
+/// line saying why; and a worker claiming another architecture stays in the class of this
+/// release's portable settings, so its results are still compared with everyone's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invented_engines_are_refused_and_another_arch_is_still_compared() -> anyhow::Result<()> {
+    use tasks::release;
+    let data = tempfile::tempdir()?;
+    let jobdir = tempfile::tempdir()?;
+    let coord = start_with(data.path(), |c| {
+        c.core.engines = Some(vec![release::ENGINE.to_string()]);
+    })
+    .await?;
+    let invented = SimWorker::join_with(&coord.ticket, Options::default()).await;
+    let invented_refused = invented.is_err();
+    let why = invented.err().map(|e| format!("{e:#}")).unwrap_or_default();
+    let release_fp = |arch: &str| tasks::EngineFingerprint {
+        engine: release::ENGINE.into(),
+        arch: arch.into(),
+        settings: release::settings(true),
+    };
+    let mut a = SimWorker::join_with(
+        &coord.ticket,
+        Options {
+            fingerprint: release_fp("x86_64-linux"),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let mut b = SimWorker::join_with(
+        &coord.ticket,
+        Options {
+            fingerprint: release_fp("riscv64-linux"),
+            ..Options::default()
+        },
+    )
+    .await?;
+    let client = Client::connect(&coord.ticket, &coord.token).await?;
+    let (job, _) = client.submit(&job_file(jobdir.path(), 1, "")?).await?;
+    for w in [&mut a, &mut b] {
+        for x in w.request(1).await? {
+            w.report(&x).await?;
+        }
+    }
+    let st = wait_for(|| async {
+        let st = job_status(&client, job).await?;
+        Ok((st.state != wire::JobState::Running).then_some(st))
+    })
+    .await?;
+    let compared = st.tasks_done == 1;
+    let met = invented_refused && compared;
+    fault(
+        "worker claiming an engine of its own; worker claiming another architecture",
+        &format!(
+            "invented engine refused: {invented_refused} ({why}); x86_64 and riscv64 claims of this release agreed on a task and it was accepted: {compared}"
+        ),
+        "invented engines refused; architecture claims do not split the class",
+        met,
+    );
+    assert!(met, "{st:?} / {why}");
+    client.close().await;
+    coord.shutdown().await?;
+    Ok(())
+}

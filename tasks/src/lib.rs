@@ -15,6 +15,7 @@ pub mod identity;
 pub mod job;
 pub mod limits;
 pub mod outcome;
+pub mod release;
 pub mod wire;
 
 pub use blob::{BlobId, BlobRef};

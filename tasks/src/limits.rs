@@ -36,6 +36,18 @@ pub const MAX_CONNECTIONS_PER_IP: usize = 32;
 /// must not hold a session slot. 10 s is ten times a slow link's handshake round trips.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Bytes of a `Hello`'s `agent` and of each engine fingerprint field (engine, arch,
+/// settings). Real ones are a few dozen; the coordinator keeps them (in memory and in its
+/// store), so a longer one is refused rather than stored.
+pub const MAX_HELLO_TEXT: usize = 256;
+
+/// Distinct engine fingerprints the coordinator keeps. Results are compared only within one
+/// fingerprint, and every fingerprint ever seen is kept, so a client inventing one per
+/// `Hello` would grow that table without bound: beyond this many, a worker with a new
+/// fingerprint is refused (workers of the engines already known are not affected). A pool
+/// runs a handful (releases × architectures × settings).
+pub const MAX_ENGINE_FINGERPRINTS: usize = 256;
+
 /// Task slots a worker may claim in `Hello`. It is a claim, not a fact: capacity follows
 /// delivered results (the coordinator's trust policy), and this caps what a claim can ask
 /// for. 256 covers the largest single machine volunteers run.

@@ -116,7 +116,7 @@ impl std::fmt::Debug for ResultDigest {
 }
 
 /// What determines a worker's results beyond the task itself: results are only compared
-/// between workers whose fingerprints are equal.
+/// between workers of one class ([`EngineFingerprint::class_id`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct EngineFingerprint {
     /// e.g. `wasmtime 38.0.4`
@@ -138,8 +138,31 @@ impl EngineFingerprint {
         hex::encode(&h.finalize().as_bytes()[..8])
     }
 
+    /// Settings under which results are identical on every architecture: NaN bit patterns
+    /// canonicalized and relaxed SIMD deterministic (the sandbox's default).
+    pub fn portable(&self) -> bool {
+        let has = |s: &str| self.settings.split(',').any(|x| x == s);
+        has("nan-canon") && has("relaxed-simd-det")
+    }
+
+    /// The class whose results are compared with each other: engine and settings, and the
+    /// architecture only when the settings are not [`portable`](Self::portable). So a worker
+    /// cannot keep out of comparison with the others by claiming another architecture.
+    pub fn class_id(&self) -> String {
+        if !self.portable() {
+            return self.short_id();
+        }
+        let mut h = blake3::Hasher::new();
+        for part in [&self.engine, "*any-arch*", &self.settings] {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        hex::encode(&h.finalize().as_bytes()[..8])
+    }
+
+    /// Results of the two are compared: same [`class_id`](Self::class_id).
     pub fn compatible(&self, other: &EngineFingerprint) -> bool {
-        self == other
+        self.class_id() == other.class_id()
     }
 }
 

@@ -260,6 +260,10 @@ pub enum CoordMsg {
     /// Dial `peer` at `addr` now (over `peergrid/blob/1`, from the same socket as this
     /// session): it is dialling you at the same moment, so both NATs open a mapping.
     Punch { peer: NodeId, addr: SocketAddr },
+    /// Your hand has room again: a request refused because your replicas and votes awaiting
+    /// a decision filled your allowance may be repeated now (sent once per such refusal,
+    /// when one of those votes is decided), rather than after `retry_after_ms`.
+    Room,
 }
 
 /// One replica to run.
@@ -749,6 +753,7 @@ mod tests {
                 }
             }),
             (node_id(), socket_addr()).prop_map(|(peer, addr)| CoordMsg::Punch { peer, addr }),
+            Just(CoordMsg::Room),
         ]
     }
 

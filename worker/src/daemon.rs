@@ -649,6 +649,10 @@ impl Daemon {
                     self.start_preparing(a, prep_tx.clone());
                 }
             }
+            CoordMsg::Room => {
+                // A vote of ours was decided after the coordinator refused us at a full hand.
+                self.next_request = Instant::now();
+            }
             CoordMsg::Ack { replicas } => {
                 let known = replicas
                     .iter()

@@ -595,7 +595,7 @@ enum Refusal {
 }
 
 /// An error chain on one line, capped (it is shown to users, never hashed).
-pub(crate) fn one_line(e: &anyhow::Error) -> String {
+pub(crate) fn one_line(e: &wasmtime::Error) -> String {
     let mut s = format!("{e:#}").replace('\n', " ");
     if s.len() > 1000 {
         let mut cut = 1000;

@@ -456,7 +456,7 @@ pub fn run(sc: &Scenario) -> Outcome {
                     }
                 }
                 Notice::Failed { .. } => out.failed += 1,
-                Notice::JobEnded { .. } => {}
+                Notice::JobEnded { .. } | Notice::Room { .. } => {}
             }
         }
         core.take_mutations();

@@ -50,6 +50,12 @@ struct Me {
     fp: u32,
     trusted: bool,
     block: Option<super::trust::AddressBlock>,
+    /// It has room for a fresh task. Without room (its hand full of replicas and votes
+    /// awaiting a decision) it may still take one replica of a task already under way, but
+    /// only in a job with no replica in flight anywhere: a stalled job, as when a pool of
+    /// quorum + 1 workers holds each other's missing votes, which would otherwise wait for
+    /// ever. In a busy job a full hand waits (a greedy liar gains nothing from this).
+    fresh_ok: bool,
 }
 
 /// The answer to a work request.
@@ -75,18 +81,25 @@ impl Core {
             return empty;
         };
         let cap = self.cfg.policy.allowance(&w.rep, w.slots, w.lost);
-        let held =
-            (w.in_flight.len() as u32).saturating_add(if self.cfg.policy.cap_counts_undecided {
-                w.undecided
-            } else {
-                0
-            });
-        let want = max.min(cap.saturating_sub(held)) as usize;
+        let in_flight = w.in_flight.len() as u32;
+        let held = in_flight.saturating_add(if self.cfg.policy.cap_counts_undecided {
+            w.undecided
+        } else {
+            0
+        });
+        let room = cap.saturating_sub(held);
+        let stalled = room == 0 && in_flight < cap;
+        let want = if room > 0 {
+            max.min(room)
+        } else {
+            max.min(u32::from(stalled))
+        } as usize;
         let me = Me {
             id: worker,
             fp,
             trusted: self.cfg.policy.is_trusted(&w.rep),
             block: w.block(),
+            fresh_ok: room > 0,
         };
         let mut out = Vec::with_capacity(want);
         let mut decidable = Vec::new();
@@ -112,7 +125,10 @@ impl Core {
         self.settle_bans(now);
         // Refused only because the worker's hand is full (its reports are on their way): it
         // may ask again soon. No work at all, or a banned worker: the full wait.
-        let at_cap = want == 0 && cap > 0 && !self.running.is_empty();
+        let at_cap = out.is_empty() && room == 0 && cap > 0 && !self.running.is_empty();
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.waiting_for_room = at_cap;
+        }
         let retry_after_ms = match (out.is_empty(), at_cap) {
             (false, _) => 0,
             (true, true) => self.cfg.retry_after_ms.min(AT_CAP_RETRY_MS),
@@ -130,7 +146,7 @@ impl Core {
         let (worker, fp) = (me.id, me.fp);
         let scan = self.cfg.open_scan_limit;
         let j = self.jobs.get(&job)?;
-        if j.state != JobState::Running {
+        if j.state != JobState::Running || (!me.fresh_ok && j.in_flight > 0) {
             return None;
         }
         let defer_to_anchors = self.cfg.policy.prefer_anchors && !me.trusted && self.anchors > 0;
@@ -235,7 +251,7 @@ impl Core {
             return Some(take_open(j, pos, &stale));
         }
         // 2. A fresh task.
-        if (j.next_fresh as usize) < j.tasks.len() {
+        if me.fresh_ok && (j.next_fresh as usize) < j.tasks.len() {
             for p in stale.into_iter().rev() {
                 let i = j.open.remove(p).expect("in range");
                 j.tasks[i as usize].queued = false;
@@ -248,7 +264,14 @@ impl Core {
         // replica not yet due; 5. one whose replicas ran on another engine; 6. one whose
         // replica on this very worker was lost (otherwise a pool as small as the quorum
         // could stall).
-        if let Some(pos) = deferred.or(held_back).or(fallback).or(lost_fallback) {
+        // (Not for a worker without room for a fresh task while fresh ones are left.)
+        let fresh_left = (j.next_fresh as usize) < j.tasks.len();
+        if let Some(pos) = deferred
+            .or(held_back)
+            .or(fallback)
+            .or(lost_fallback)
+            .filter(|_| me.fresh_ok || !fresh_left)
+        {
             return Some(take_open(j, pos, &stale));
         }
         for p in stale.into_iter().rev() {

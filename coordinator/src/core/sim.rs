@@ -1081,3 +1081,66 @@ fn a_banned_workers_votes_on_undecided_tasks_are_discounted_and_its_work_reissue
         }
     );
 }
+
+/// One task (quorum 2 of at most 6) on a core with this dispute margin (and no other
+/// defence in the way); `take(w, lie)` gives worker `w` a replica and reports it.
+struct Contest {
+    core: Core,
+    ws: Vec<NodeId>,
+}
+
+impl Contest {
+    fn new(dispute_margin: u32) -> Contest {
+        let mut core = Core::new(CoreConfig {
+            policy: TrustPolicy {
+                dispute_margin,
+                untrusted_extra: 0,
+                partner_spread: 0,
+                distinct_address_blocks: false,
+                ..TrustPolicy::default()
+            },
+            ..CoreConfig::default()
+        });
+        core.add_job(manifest("a", 1, 2, 6, 10), 0);
+        let ws: Vec<NodeId> = (1..=5).map(node).collect();
+        for w in &ws {
+            core.hello(*w, &fp(Kind::Honest), 1, None, &[], 0);
+        }
+        Contest { core, ws }
+    }
+
+    fn take(&mut self, w: usize, lie: bool) -> TaskId {
+        let a = self
+            .core
+            .request_work(self.ws[w], 1, 1)
+            .assignments
+            .remove(0);
+        let mut r = truth(a.task.id);
+        if lie {
+            r.output_hash = tasks::BlobId::of(b"collude");
+        }
+        self.core.report(self.ws[w], a.replica, r, 2);
+        a.task.id
+    }
+}
+
+#[test]
+fn a_contested_result_needs_the_dispute_margin_over_its_rival() {
+    let mut c = Contest::new(2);
+    let task = c.take(0, false);
+    c.take(1, true);
+    c.take(2, false);
+    // 2 agree, 1 contradicts: a plain quorum, but a lead of 1 only.
+    assert_eq!(c.core.task_phase(task), Some(TaskPhase::Pending));
+    c.take(3, false);
+    // 3 against 1: accepted, the dissenter judged invalid.
+    assert_eq!(c.core.task_phase(task), Some(TaskPhase::Accepted));
+    assert_eq!(c.core.reputation(&c.ws[1]).map(|r| r.invalid), Some(1));
+    assert_eq!(c.core.reputation(&c.ws[0]).map(|r| r.valid), Some(1));
+    // Without the margin, the same reports are accepted at 2 against 1.
+    let mut c = Contest::new(0);
+    let task = c.take(0, false);
+    c.take(1, true);
+    c.take(2, false);
+    assert_eq!(c.core.task_phase(task), Some(TaskPhase::Accepted));
+}

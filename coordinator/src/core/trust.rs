@@ -15,10 +15,20 @@
 //! - [`address_block`]: the /24 (IPv4) or /48 (IPv6) a worker connects from, so that one
 //!   task never has replicas on two workers of one block (one operator, one botnet subnet).
 //!
-//! Presets: [`TrustPolicy::default`] is what a real coordinator runs (safe for small and
-//! private pools: it never asks for more replicas than a fixed quorum needs when everyone
-//! agrees), [`TrustPolicy::hardened`] is for open pools that must resist colluding
-//! saboteurs, [`TrustPolicy::fixed_quorum`] is the plain policy the theory describes.
+//! Presets (`coordinator serve --policy` or `[policy] preset` in its config file):
+//! - [`TrustPolicy::open_pool`] (`open`) is what `coordinator serve` runs unless told
+//!   otherwise: anyone may join, so it assumes some workers lie and collude. It caps votes
+//!   awaiting a decision, asks one more agreeing replica from workers without a record, bans
+//!   at the first caught lie and settles contested tasks by a margin. Needs quorum + 1
+//!   workers of one engine before the first task can be accepted.
+//! - [`TrustPolicy::trusting`] (`trusting`, also `Default`, which the core's own tests and
+//!   an embedded [`ServeConfig`](crate::server::ServeConfig) use) is for private pools whose
+//!   workers are all yours: never more replicas than the quorum when everyone agrees, deep
+//!   prefetch. Greedy colluders overrun it (FAULTS.md).
+//! - [`TrustPolicy::hardened`] (`hardened`) is the open policy without the dispute margin and
+//!   with newcomers at one replica: slower for honest workers.
+//! - [`TrustPolicy::fixed_quorum`] (`fixed-quorum`) is the plain policy the theory
+//!   describes, for comparison.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -117,6 +127,9 @@ pub struct TrustPolicy {
     /// Anchors are exempt (they may take a partner replica at once, as `prefer_anchors`
     /// wants). 0 = off.
     pub partner_spread: u32,
+    /// A result that other reports on the same engine contradict is accepted only when its
+    /// group outnumbers the largest contradicting group by this many (0 or 1 = plain quorum).
+    pub dispute_margin: u32,
 }
 
 impl Default for TrustPolicy {
@@ -138,6 +151,7 @@ impl Default for TrustPolicy {
             in_flight_per_valid: 2,
             in_flight_per_loss: 2,
             partner_spread: 4,
+            dispute_margin: 0,
         }
     }
 }
@@ -163,6 +177,29 @@ impl TrustPolicy {
             prefer_anchors: false,
             distinct_address_blocks: false,
             ..TrustPolicy::default()
+        }
+    }
+
+    /// The policy for private pools (= `Default`): see the module doc.
+    pub fn trusting() -> TrustPolicy {
+        TrustPolicy::default()
+    }
+
+    /// What `coordinator serve` runs by default: safe for an open pool. [`hardened`]'s
+    /// defences (ban at the first caught lie, one more agreeing replica without an anchor,
+    /// votes awaiting a decision count against a prefetch of 2 per slot), plus: a contested
+    /// result needs a lead of 2 over its rival ([`dispute_margin`]), which stops the cascade
+    /// in which colluders that won a few early quorums get the honest dissenters banned; and
+    /// newcomers may hold 2 replicas (not 1), which costs no safety in the saboteur
+    /// simulation and gives honest newcomers both their slots.
+    ///
+    /// [`hardened`]: TrustPolicy::hardened
+    /// [`dispute_margin`]: TrustPolicy::dispute_margin
+    pub fn open_pool() -> TrustPolicy {
+        TrustPolicy {
+            unproven_in_flight: Some(2),
+            dispute_margin: 2,
+            ..TrustPolicy::hardened()
         }
     }
 

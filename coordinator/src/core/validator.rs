@@ -4,7 +4,11 @@
 //! - results are grouped by (engine fingerprint, digest); only equal fingerprints are compared;
 //! - a task is **accepted** when one group reaches the task's quorum — plus
 //!   [`TrustPolicy::untrusted_extra`](super::trust::TrustPolicy::untrusted_extra) when none of
-//!   the group's workers was an anchor when it reported. Replicas of that group are `valid`
+//!   the group's workers was an anchor when it reported; and, when reports on the same engine
+//!   contradict it, only if it outnumbers the largest contradicting group by
+//!   [`TrustPolicy::dispute_margin`](super::trust::TrustPolicy::dispute_margin) (a contested
+//!   task gets more replicas until one side leads by that much, or fails at
+//!   `max_replicas`). Replicas of that group are `valid`
 //!   and earn `RunResult::credit()`; reported replicas with the same fingerprint and another
 //!   digest are `invalid` (their workers lose trust); replicas of other fingerprints get no
 //!   verdict; replicas still in flight are cancelled;
@@ -18,7 +22,8 @@
 //!   task's replicas get no verdict (nobody is known to be right);
 //! - a report arriving after the decision (late, or for a cancelled replica) is judged
 //!   against the accepted result the same way — except a report for a replica that was
-//!   *lost and since reissued*: it is rejected and earns neither credit nor trust;
+//!   *lost and since reissued*: it is rejected and earns neither credit nor trust. A late
+//!   report judged valid is credited, and its worker joins the task's agreeing workers;
 //! - a report's claims are checked against the job: `fuel_used` above the task's `fuel` or
 //!   `output_len` above its `max_output` is rejected; credit sums saturate.
 
@@ -198,18 +203,29 @@ impl Core {
             .untrusted_extra
             .min(limits.max_replicas.saturating_sub(q));
         let t = self.tally(task);
+        let margin = self.cfg.policy.dispute_margin;
+        // The largest group that disagrees with `g` on the same engine.
+        let rival = |g: &Group| -> u32 {
+            t.groups
+                .iter()
+                .filter(|o| o.key.0 == g.key.0 && o.key.1 != g.key.1)
+                .map(|o| o.replicas.len() as u32)
+                .max()
+                .unwrap_or(0)
+        };
         // Deterministic choice when (unusually) two groups reach quorum: the larger, then the
         // smaller fingerprint index.
         if let Some(g) = t
             .groups
             .iter()
             .filter(|g| {
-                g.replicas.len() as u32
-                    >= if g.anchored {
-                        q
-                    } else {
-                        q.saturating_add(extra)
-                    }
+                let n = g.replicas.len() as u32;
+                let r = rival(g);
+                n >= if g.anchored {
+                    q
+                } else {
+                    q.saturating_add(extra)
+                } && (r == 0 || n >= r.saturating_add(margin))
             })
             .max_by_key(|g| (g.replicas.len(), std::cmp::Reverse(g.key.0), g.key.1))
         {
@@ -243,11 +259,20 @@ impl Core {
         }
         // Up to the quorum, assume the missing replicas can go to anchors (the scheduler
         // prefers them); beyond it, an unanchored lead needs the extra replicas now.
-        let target = if lead_anchored || lead < q {
+        let base = if lead_anchored || lead < q {
             q
         } else {
             q + extra
         };
+        // A contested lead must also outnumber its largest rival by the margin.
+        let contested = t
+            .groups
+            .iter()
+            .filter(|g| Some(g.key.0) == lead_fp)
+            .map(|g| (g.replicas.len() as u32, rival(g)))
+            .max()
+            .map_or(0, |(_, r)| if r > 0 { r.saturating_add(margin) } else { 0 });
+        let target = base.max(contested);
         let n = target.saturating_sub(lead).min(remaining);
         if n == 0 && t.in_flight == 0 {
             return Need::Fail(format!(
@@ -417,6 +442,9 @@ impl Core {
             if rep.phase == ReplicaPhase::Reported {
                 if let Some(w) = self.workers.get_mut(&rep.worker) {
                     w.undecided = w.undecided.saturating_sub(1);
+                    if std::mem::take(&mut w.waiting_for_room) && w.connected {
+                        self.notices.push(Notice::Room { worker: w.id });
+                    }
                 }
             }
         }
@@ -577,6 +605,10 @@ impl Core {
             TaskPhase::Accepted => {
                 let (fp, d) = slot.accepted.expect("accepted tasks keep their digest");
                 self.judge(replica, fp, d);
+                if self.replicas[&replica].verdict == Some(Verdict::Valid) {
+                    self.mutations
+                        .push(Mutation::LateAgreement { task, worker });
+                }
                 ReportOutcome::Recorded {
                     accepted: false,
                     duplicate: false,

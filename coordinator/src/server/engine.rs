@@ -46,7 +46,9 @@ pub enum Cmd {
         session: u64,
         info: HelloInfo,
         tx: mpsc::UnboundedSender<CoordMsg>,
-        reply: oneshot::Sender<()>,
+        /// `Some(why)`: refused (an engine not accepted, or no room for another engine
+        /// class); nothing was recorded.
+        reply: oneshot::Sender<Option<String>>,
     },
     Disconnected {
         worker: NodeId,
@@ -192,22 +194,22 @@ pub fn now_ms() -> u64 {
 
 /// Effects that must wait for the batch's commit.
 enum Reply {
-    Unit(oneshot::Sender<()>),
     Work(oneshot::Sender<Work>, Work),
     Msgs(oneshot::Sender<Vec<CoordMsg>>, Vec<CoordMsg>),
     Job(oneshot::Sender<(JobId, u32)>, (JobId, u32)),
     Bool(oneshot::Sender<bool>, bool),
+    Refusal(oneshot::Sender<Option<String>>, Option<String>),
     Status(oneshot::Sender<Option<StatusReport>>, Option<StatusReport>),
 }
 
 impl Reply {
     fn send(self) {
         let _ = match self {
-            Reply::Unit(tx) => tx.send(()).map_err(|_| ()),
             Reply::Work(tx, w) => tx.send(w).map_err(|_| ()),
             Reply::Msgs(tx, m) => tx.send(m).map_err(|_| ()),
             Reply::Job(tx, j) => tx.send(j).map_err(|_| ()),
             Reply::Bool(tx, b) => tx.send(b).map_err(|_| ()),
+            Reply::Refusal(tx, r) => tx.send(r).map_err(|_| ()),
             Reply::Status(tx, s) => tx.send(s).map_err(|_| ()),
         };
     }
@@ -369,6 +371,7 @@ impl<S: Store> Engine<S> {
                 }
                 Notice::Failed { task, reason } => tracing::info!(%task, %reason, "task failed"),
                 Notice::JobEnded { job, state } => tracing::info!(%job, ?state, "job ended"),
+                Notice::Room { worker } => sends.push((worker, CoordMsg::Room)),
             }
         }
     }
@@ -382,6 +385,11 @@ impl<S: Store> Engine<S> {
                 tx,
                 reply,
             } => {
+                if let Err(why) = self.core.admits_fingerprint(&info.fingerprint) {
+                    tracing::warn!(%worker, fingerprint = %info.fingerprint, "worker refused: {why}");
+                    replies.push(Reply::Refusal(reply, Some(why)));
+                    return;
+                }
                 self.core.hello(
                     worker,
                     &info.fingerprint,
@@ -393,7 +401,7 @@ impl<S: Store> Engine<S> {
                 self.core.observed_address(worker, info.observed_addr);
                 self.sessions.insert(worker, (session, tx));
                 self.punches.remove(&worker);
-                replies.push(Reply::Unit(reply));
+                replies.push(Reply::Refusal(reply, None));
             }
             Cmd::Disconnected { worker, session } => {
                 if self

@@ -7,16 +7,19 @@
 //! | `GET /`                   | a small HTML page: jobs, workers and credit, links to the JSON |
 //! | `GET /status`             | the JSON of `coordinator status --json`                       |
 //! | `GET /jobs/{id}`          | one job's status object (`{"id", "name", "state", ...}`)      |
-//! | `GET /jobs/{id}/results`  | the `results.json` shape, without output bytes                |
+//! | `GET /jobs/{id}/results`  | the `results.json` shape, without output bytes; **needs the submit token** (`Authorization: Bearer TOKEN`) |
 //! | `GET /health`             | `200 ok`                                                      |
 //!
 //! Errors are `{"error": "..."}` with 400 (malformed job id), 404 (unknown job or route) or
 //! 503 (the engine has stopped).
 //!
-//! **No token.** Unlike the submit protocol, anyone who can reach the address can read job
-//! names, job progress, worker node ids and their credit (never outputs, blobs or the submit
-//! token, and nothing can be changed). Bind it to localhost or a trusted network; without
-//! `--http` no HTTP server runs.
+//! **Public except results.** Anyone who can reach the address can read job names, job
+//! progress, worker node ids and their credit (never outputs, blobs or the submit token, and
+//! nothing can be changed). A job's results (accepted digests, fuel, agreeing workers: what a
+//! colluder would need to copy an accepted answer) need the submit token, as over QUIC:
+//! `curl -H "Authorization: Bearer $(cat DATA/submit-token)" http://ADDR/jobs/1/results`;
+//! without it the answer is 401. Bind it to localhost or a trusted network; without `--http`
+//! no HTTP server runs.
 
 use std::fmt::Write as _;
 use std::future::IntoFuture;
@@ -25,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -43,6 +46,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct HttpCtx {
     pub engine: EngineHandle,
+    /// blake3 of the submit token: `/jobs/ID/results` needs it (compared in constant time).
+    pub token_hash: blake3::Hash,
     /// Blob payload bytes the coordinator uploaded so far (`coordinator_bytes_sent`).
     pub bytes_sent: Arc<dyn Fn() -> u64 + Send + Sync>,
 }
@@ -146,7 +151,29 @@ async fn job(State(ctx): State<HttpCtx>, Path(id): Path<String>) -> Response {
     }
 }
 
-async fn results(State(ctx): State<HttpCtx>, Path(id): Path<String>) -> Response {
+/// Whether the request carries `Authorization: Bearer <submit token>`.
+fn authorized(ctx: &HttpCtx, headers: &HeaderMap) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| blake3::hash(t.trim().as_bytes()) == ctx.token_hash)
+}
+
+async fn results(
+    State(ctx): State<HttpCtx>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&ctx, &headers) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "results need the submit token: send Authorization: Bearer <the coordinator's DATA/submit-token>",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
     let job = match id.parse::<JobId>() {
         Ok(j) => j,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
@@ -273,7 +300,7 @@ fn render(r: &StatusReport) -> String {
     let _ = writeln!(
         h,
         "<p>coordinator has served {} bytes of blob data</p>\n\
-         <p>JSON: <a href=\"/status\">/status</a> · <code>/jobs/ID</code> · <code>/jobs/ID/results</code> · <a href=\"/health\">/health</a></p>\n\
+         <p>JSON: <a href=\"/status\">/status</a> · <code>/jobs/ID</code> · <code>/jobs/ID/results</code> (needs the submit token: <code>Authorization: Bearer TOKEN</code>) · <a href=\"/health\">/health</a></p>\n\
          </body></html>",
         r.coordinator_bytes_sent
     );

@@ -47,6 +47,10 @@ pub enum SessionError {
     Frame(#[from] FrameError),
     #[error("coordinator is shutting down")]
     EngineGone,
+    #[error("worker stopped reading: no write progress in {0:?}")]
+    WriteTimeout(Duration),
+    #[error("Hello refused: {0}")]
+    HelloRefused(String),
 }
 
 /// What every session shares besides the engine.
@@ -65,6 +69,27 @@ pub struct SessionCtx {
 
 /// How long the dial-back to a worker may take before it counts as unreachable.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long one message to a worker may take to leave: a worker that stops reading its
+/// session stream (the QUIC window full) is closed after this, so neither the session nor the
+/// queue of messages for it (cancels, punch orders) waits on it for ever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Write one message to the worker within [`WRITE_TIMEOUT`], or close the connection.
+async fn send_to(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    msg: &CoordMsg,
+) -> Result<(), SessionError> {
+    match tokio::time::timeout(WRITE_TIMEOUT, net::write_frame(send, msg)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => {
+            tracing::warn!("closing worker connection: it has not read its session stream for {WRITE_TIMEOUT:?}");
+            net::close(conn, CloseCode::Overloaded, "not reading");
+            Err(SessionError::WriteTimeout(WRITE_TIMEOUT))
+        }
+    }
+}
 
 /// The address a connection comes from, with IPv4-mapped IPv6 written as IPv4 (a dual-stack
 /// socket reports those), so address blocks and peers compare equal across families.
@@ -108,6 +133,17 @@ pub async fn run(
             peer_addr,
             blobs,
         })) => {
+            let long = |t: &str| t.len() > tasks::limits::MAX_HELLO_TEXT;
+            if long(&agent)
+                || long(&fingerprint.engine)
+                || long(&fingerprint.arch)
+                || long(&fingerprint.settings)
+            {
+                const WHY: &str = "agent or engine fingerprint longer than 256 bytes";
+                tracing::warn!(remote = %conn.remote_address(), "closing worker connection: {WHY}");
+                net::close(&conn, CloseCode::Rejected, WHY);
+                return Err(SessionError::HelloRefused(WHY.into()));
+            }
             let observed_addr = canonical(conn.remote_address());
             tracing::info!(%agent, fingerprint = %fingerprint, slots, %observed_addr, announced = ?peer_addr, "worker joined");
             HelloInfo {
@@ -132,7 +168,7 @@ pub async fn run(
     let observed_addr = hello.observed_addr;
     let (out_tx, mut out_rx) = mpsc::unbounded_channel();
     let probe_tx = out_tx.clone();
-    engine
+    let refusal = engine
         .call(|reply| Cmd::Hello {
             worker,
             session,
@@ -142,8 +178,13 @@ pub async fn run(
         })
         .await
         .ok_or(SessionError::EngineGone)?;
+    if let Some(why) = refusal {
+        net::close(&conn, CloseCode::Rejected, &why);
+        return Err(SessionError::HelloRefused(why));
+    }
     let result = async {
-        net::write_frame(
+        send_to(
+            &conn,
             &mut send,
             &CoordMsg::Welcome {
                 agent: super::AGENT.into(),
@@ -203,10 +244,10 @@ pub async fn run(
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break Ok(()),
-                Some(msg) = out_rx.recv() => net::write_frame(&mut send, &msg).await?,
+                Some(msg) = out_rx.recv() => send_to(&conn, &mut send, &msg).await?,
                 Some(msgs) = pending.next(), if !pending.is_empty() => {
                     for m in msgs {
-                        net::write_frame(&mut send, &m).await?;
+                        send_to(&conn, &mut send, &m).await?;
                     }
                 }
                 msg = in_rx.recv(), if pending.len() < MAX_PIPELINE => match msg {
@@ -214,7 +255,7 @@ pub async fn run(
                         // The worker finished its side: answer what is pending, then end.
                         while let Some(msgs) = pending.next().await {
                             for m in msgs {
-                                net::write_frame(&mut send, &m).await?;
+                                send_to(&conn, &mut send, &m).await?;
                             }
                         }
                         break Ok(());

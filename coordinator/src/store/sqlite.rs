@@ -186,6 +186,21 @@ impl SqliteStore {
                         (*verdict == Verdict::Valid) as i64
                     ])?;
             }
+            Mutation::LateAgreement { task, worker } => {
+                let agreeing: Option<Option<Vec<u8>>> = tx
+                    .prepare_cached("SELECT agreeing FROM tasks WHERE job = ?1 AND idx = ?2 AND state = 'accepted'")?
+                    .query_row(params![task.job.0 as i64, task.index], |r| r.get(0))
+                    .optional()?;
+                if let Some(agreeing) = agreeing {
+                    let mut agreeing: Vec<NodeId> =
+                        dec(&agreeing.unwrap_or_default(), "agreeing workers")?;
+                    if !agreeing.contains(worker) {
+                        agreeing.push(*worker);
+                        tx.prepare_cached("UPDATE tasks SET agreeing = ?3 WHERE job = ?1 AND idx = ?2")?
+                            .execute(params![task.job.0 as i64, task.index, enc(&agreeing)])?;
+                    }
+                }
+            }
             Mutation::TaskQuorum { task, quorum } => {
                 tx.prepare_cached(
                     "INSERT INTO tasks (job, idx, state, quorum) VALUES (?1, ?2, 'pending', ?3) ON CONFLICT (job, idx) DO UPDATE SET quorum = excluded.quorum",
@@ -644,6 +659,59 @@ mod tests {
         assert!(c
             .iter()
             .all(|x| x.replica > b.iter().map(|y| y.replica).max().unwrap()));
+    }
+
+    /// A report judged valid after its task was accepted joins the task's agreeing workers
+    /// (it is credited, so `results` must name it), once, and only on an accepted task.
+    #[test]
+    fn a_late_agreement_joins_the_agreeing_workers_once() {
+        let d = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&d.path().join(SqliteStore::FILE)).unwrap();
+        let limits = JobLimits::default();
+        let manifest = crate::core::sim::manifest("j", 2, 2, limits.max_replicas, 60);
+        let job = JobId(1);
+        let (t0, t1) = (TaskId { job, index: 0 }, TaskId { job, index: 1 });
+        let ws = [NodeId([1; 32]), NodeId([2; 32]), NodeId([3; 32])];
+        store
+            .commit(&[
+                Mutation::PutJob {
+                    job,
+                    manifest: std::sync::Arc::new(manifest),
+                    created_ms: 0,
+                },
+                Mutation::Decided {
+                    task: t0,
+                    decision: Decision::Accepted {
+                        digest: ResultDigest([9; 32]),
+                        result: result(0),
+                        fingerprint: "f".into(),
+                        agreeing: ws[..2].to_vec(),
+                    },
+                    decided_ms: 1,
+                    output: Some(Output::Inline(vec![1])),
+                },
+            ])
+            .unwrap();
+        store
+            .commit(&[
+                Mutation::LateAgreement {
+                    task: t0,
+                    worker: ws[2],
+                },
+                Mutation::LateAgreement {
+                    task: t0,
+                    worker: ws[2],
+                },
+                // Task 1 is not accepted: nothing to join.
+                Mutation::LateAgreement {
+                    task: t1,
+                    worker: ws[2],
+                },
+            ])
+            .unwrap();
+        let results = store.task_results(job).unwrap();
+        assert_eq!(results.len(), 1, "{results:?}");
+        assert_eq!(results[0].0.agreeing_workers, ws.to_vec());
     }
 
     /// A worker's unmade-up losses cost it capacity; a coordinator restart must not wipe

@@ -81,6 +81,8 @@ pub struct Cluster {
     pub token: String,
     /// Processes started so far (names log files uniquely).
     pub spawned: usize,
+    /// `serve --policy` of every (re)start; `None`: serve's default (the open-pool policy).
+    pub policy: Option<&'static str>,
 }
 
 impl Drop for Cluster {
@@ -93,7 +95,19 @@ impl Drop for Cluster {
 }
 
 impl Cluster {
+    /// A coordinator with `serve`'s default (open-pool) policy and `workers` workers. The
+    /// open policy accepts nothing before quorum + 1 workers of one engine agree: use
+    /// [`Cluster::start_trusting`] for fewer.
     pub fn start(workers: usize) -> Cluster {
+        Self::start_with(workers, None)
+    }
+
+    /// A scientist's own machines: `serve --policy trusting` (a quorum of 2 needs 2 workers).
+    pub fn start_trusting(workers: usize) -> Cluster {
+        Self::start_with(workers, Some("trusting"))
+    }
+
+    fn start_with(workers: usize, policy: Option<&'static str>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let port = free_udp_port();
         let mut c = Cluster {
@@ -104,6 +118,7 @@ impl Cluster {
             ticket: String::new(),
             token: String::new(),
             spawned: 0,
+            policy,
         };
         c.start_coordinator();
         for i in 0..workers {
@@ -125,6 +140,7 @@ impl Cluster {
             .args(["serve", "--data-dir"])
             .arg(&data)
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(self.policy.map(|p| ["--policy", p]).iter().flatten())
             .env(
                 "RUST_LOG",
                 std::env::var("PEERGRID_TEST_LOG").unwrap_or_else(|_| "info".into()),

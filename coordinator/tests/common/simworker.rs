@@ -7,6 +7,7 @@
 //! worker's observed address on `peergrid/blob/1`, and lists workers that answer first.
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -50,11 +51,15 @@ pub struct Options {
     pub output: fn(&Assignment) -> Vec<u8>,
     /// The fuel it claims for one.
     pub fuel: fn(&Assignment) -> u64,
+    /// Local address its endpoint binds; `None`: 127.0.0.1, any port. (Linux routes all of
+    /// 127.0.0.0/8 to the loopback interface, so a test can give each worker an address of
+    /// its own.)
+    pub bind: Option<SocketAddr>,
 }
 
 impl Default for Options {
     /// A fresh key, agent `sim`, engine `wasmtime test`, 4 slots, no blobs, serving its
-    /// blobs, [`output_for`] and [`fuel_for`].
+    /// blobs, [`output_for`] and [`fuel_for`], bound to 127.0.0.1.
     fn default() -> Options {
         Options {
             key: NodeKey::generate(),
@@ -65,7 +70,18 @@ impl Default for Options {
             peer: Peer::Serve,
             output: output_for,
             fuel: fuel_for,
+            bind: None,
         }
+    }
+}
+
+/// This release's engine fingerprint (x86_64-linux, deterministic settings): the one
+/// `coordinator serve` admits by default (`tasks::release`).
+pub fn release_fingerprint() -> EngineFingerprint {
+    EngineFingerprint {
+        engine: tasks::release::ENGINE.into(),
+        arch: "x86_64-linux".into(),
+        settings: tasks::release::settings(true),
     }
 }
 
@@ -122,6 +138,9 @@ pub struct SimWorker {
     _dir: tempfile::TempDir,
     /// Replicas the coordinator cancelled, remembered by [`SimWorker::recv`].
     pub cancels: Vec<u64>,
+    /// `Room` messages (a vote of ours was decided after we were refused at a full hand: ask
+    /// again now) seen by [`SimWorker::recv`].
+    pub rooms: u64,
     output: fn(&Assignment) -> Vec<u8>,
     fuel: fn(&Assignment) -> u64,
 }
@@ -152,7 +171,8 @@ impl SimWorker {
             Peer::Serve | Peer::Silent => &[ALPN_BLOB],
             Peer::None => &[],
         };
-        let ep = net::endpoint(&o.key, "127.0.0.1:0".parse()?, alpns)?;
+        let bind = o.bind.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let ep = net::endpoint(&o.key, bind, alpns)?;
         let server = blobs::swarm::BlobServer::new(blobs.clone(), Default::default());
         if o.peer == Peer::Serve {
             let accept = ep.clone();
@@ -203,6 +223,7 @@ impl SimWorker {
             blobs,
             _dir: dir,
             cancels: vec![],
+            rooms: 0,
             output: o.output,
             fuel: o.fuel,
         })
@@ -218,7 +239,8 @@ impl SimWorker {
     }
 
     /// The next answer, skipping unsolicited messages (cancels are remembered in
-    /// `cancels`; news about our address and dial orders are dropped).
+    /// `cancels`, `Room` counted in `rooms`; news about our address and dial orders are
+    /// dropped).
     pub async fn recv(&mut self) -> anyhow::Result<CoordMsg> {
         loop {
             let m: CoordMsg = tokio::time::timeout(PATIENCE, net::read_frame(&mut self.recv))
@@ -227,6 +249,7 @@ impl SimWorker {
                 .context("stream ended")?;
             match m {
                 CoordMsg::Cancel { replicas } => self.cancels.extend(replicas),
+                CoordMsg::Room => self.rooms += 1,
                 CoordMsg::Reachability { .. } | CoordMsg::Punch { .. } => {}
                 other => return Ok(other),
             }

@@ -107,7 +107,7 @@ impl RunControl {
     }
 
     /// Called at every epoch tick of a run; `ran_since` is when the guest last resumed.
-    pub(crate) fn on_epoch(&self, ran_since: &mut Instant) -> anyhow::Result<UpdateDeadline> {
+    pub(crate) fn on_epoch(&self, ran_since: &mut Instant) -> wasmtime::Result<UpdateDeadline> {
         self.inner.ticks.fetch_add(1, Ordering::SeqCst);
         if self.is_cancelled() {
             return Err(CancelTrap.into());

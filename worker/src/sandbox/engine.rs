@@ -13,11 +13,12 @@ use wasmtime::{Config, Engine, OptLevel};
 
 use super::SandboxError;
 
-/// The wasmtime this worker is built with (kept in step with Cargo.lock).
-pub const ENGINE: &str = "wasmtime 38.0.4";
+/// The wasmtime this worker is built with (kept in step with Cargo.lock): this release's
+/// engine as coordinators know it.
+pub use tasks::release::ENGINE;
 
 /// Maximum wasm stack: fixed, so where unbounded recursion overflows is deterministic.
-pub const MAX_WASM_STACK: usize = 512 * 1024;
+pub use tasks::release::MAX_WASM_STACK;
 
 /// How often the epoch advances: the latency of pause, cancel and the CPU duty cycle.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -26,14 +27,21 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 pub fn build(deterministic: bool) -> Result<(Engine, EngineFingerprint), SandboxError> {
     let mut c = Config::new();
     // Budget by instructions, not time: fuel is deterministic; epochs only pause/cancel.
+    // Wasmtime 48's default costs: 1 per operator, plus 1 per byte or element for
+    // `memory.fill/copy/init` and `table.fill/copy/init/grow` (38 charged those 1 each).
     c.consume_fuel(true);
     c.epoch_interruption(true);
     c.cranelift_nan_canonicalization(deterministic);
     c.wasm_relaxed_simd(true);
     c.relaxed_simd_deterministic(true);
     c.wasm_threads(false);
-    // Its heap would bypass the memory limiter; no wasm32-wasip1 toolchain emits it.
+    // Its heap is a second memory, which the one-memory limiter (`run::Limits`) does not
+    // account for; no wasm32-wasip1 toolchain emits it.
     c.wasm_gc(false);
+    // Exception objects live in that GC heap. Wasmtime 48 turns exceptions and typed function
+    // references on by default (38 had both off): off, so the modules we accept stay the same.
+    c.wasm_exceptions(false);
+    c.wasm_function_references(false);
     c.max_wasm_stack(MAX_WASM_STACK);
     c.cranelift_opt_level(OptLevel::Speed);
     // Compile on the calling thread only: the sandbox compiles on a thread at idle priority,
@@ -48,16 +56,9 @@ pub fn build(deterministic: bool) -> Result<(Engine, EngineFingerprint), Sandbox
     Ok((engine, fingerprint))
 }
 
-/// The determinism settings as a stable string.
+/// The determinism settings as a stable string (this release's, see [`tasks::release`]).
 pub fn settings(deterministic: bool) -> String {
-    let nan = if deterministic {
-        "nan-canon"
-    } else {
-        "no-nan-canon"
-    };
-    format!(
-        "{nan},relaxed-simd-det,no-threads,no-gc,fuel,stack={MAX_WASM_STACK},clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1"
-    )
+    tasks::release::settings(deterministic)
 }
 
 /// A background thread that advances the engine's epoch every [`EPOCH_TICK`] while at least
@@ -148,7 +149,7 @@ mod tests {
 
     #[test]
     fn determinism_switch_changes_the_fingerprint() {
-        const REST: &str = "relaxed-simd-det,no-threads,no-gc,fuel,stack=524288,clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1";
+        const REST: &str = "relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,stack=524288,clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1";
         let (_, on) = build(true).unwrap();
         let (_, off) = build(false).unwrap();
         // Exactly one component differs, and it names the NaN setting each way.
@@ -163,6 +164,35 @@ mod tests {
         }
         assert_ne!(on, off);
         assert_eq!(on, build(true).unwrap().1, "the fingerprint is stable");
+    }
+
+    #[test]
+    fn proposals_left_off_are_refused() {
+        let (engine, _) = build(true).unwrap();
+        let compiles = |wat: &str| wasmtime::Module::new(&engine, wat::parse_str(wat).unwrap());
+        // What a wasm32-wasip1 toolchain emits (bulk memory, SIMD, multi-value) compiles.
+        compiles(
+            r#"(module (memory 1)
+                (func (result i32 i32)
+                    (memory.fill (i32.const 0) (i32.const 1) (i32.const 8))
+                    (drop (i8x16.splat (i32.const 1)))
+                    (i32.const 1) (i32.const 2)))"#,
+        )
+        .expect("an ordinary module compiles");
+        // Each refused for the proposal being off (the error names it).
+        for (proposal, wat) in [
+            ("threads", "(module (memory 1 1 shared))"),
+            ("gc", "(module (type (struct)))"),
+            ("gc", "(module (rec (type (func)) (type (func))))"),
+            ("exceptions", "(module (tag))"),
+            (
+                "function references",
+                "(module (type $t (func)) (func (param (ref null $t))))",
+            ),
+        ] {
+            let e = compiles(wat).expect_err(wat);
+            assert!(format!("{e:#}").contains(proposal), "{wat}: {e:#}");
+        }
     }
 
     #[test]

@@ -60,7 +60,7 @@ impl ResourceLimiter for Limits {
         current: usize,
         desired: usize,
         _maximum: Option<usize>,
-    ) -> anyhow::Result<bool> {
+    ) -> wasmtime::Result<bool> {
         let memory = self
             .memory_bytes
             .saturating_sub(current)
@@ -78,7 +78,7 @@ impl ResourceLimiter for Limits {
         current: usize,
         desired: usize,
         _maximum: Option<usize>,
-    ) -> anyhow::Result<bool> {
+    ) -> wasmtime::Result<bool> {
         let elements = self
             .table_elements
             .saturating_sub(current)
@@ -175,7 +175,7 @@ pub(crate) fn instantiate_only(
     engine: &Engine,
     module: &LoadedModule,
     spec: &RunSpec,
-) -> anyhow::Result<Duration> {
+) -> wasmtime::Result<Duration> {
     let start = Instant::now();
     let stdout = CappedPipe::trapping(1024);
     let stderr = CappedPipe::truncating(1024);
@@ -194,7 +194,7 @@ pub(crate) fn instantiate_only(
 
 /// Status, exit code, trap kind and human detail of a run that did not return normally.
 fn classify(
-    e: &anyhow::Error,
+    e: &wasmtime::Error,
     overflowed: bool,
     memory_denied: bool,
     instantiated: bool,

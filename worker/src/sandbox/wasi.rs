@@ -13,8 +13,9 @@
 //! guest memory, or in pieces of at most [`HOST_CHUNK`] bytes), and charges fuel for the
 //! work: [`FUEL_PER_HOST_BYTE`] per byte produced or copied and [`FUEL_PER_IOVEC`] per
 //! iovec inspected. A guest that cannot pay stops with `out_of_fuel` before the work is done.
-//! (wasmtime-wasi's own `random_get` allocates the requested length, up to 4 GiB, before any
-//! check; its `path_open` copies the path before looking at the directory fd.)
+//! (wasmtime-wasi's own `random_get` allocates the requested length, up to its 64 MiB
+//! `max_random_size` default in wasmtime-wasi 48, before checking the guest pointer, and charges
+//! no fuel for it; its `path_open` copies the path before looking at the directory fd.)
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -27,7 +28,7 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
-use wasmtime_wasi::{HostMonotonicClock, HostWallClock, RngCore, WasiCtxBuilder};
+use wasmtime_wasi::{HostMonotonicClock, HostWallClock, Rng, WasiCtxBuilder};
 
 use super::run::StoreState;
 use super::RunSpec;
@@ -53,7 +54,7 @@ const WASI: &str = "wasi_snapshot_preview1";
 
 /// The linker every module is linked against: WASI preview 1 (sync), with the calls that
 /// copy guest-sized data (and `poll_oneoff`, in virtual time) replaced by ours.
-pub fn linker(engine: &Engine) -> anyhow::Result<Linker<StoreState>> {
+pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<StoreState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut StoreState| &mut s.wasi)?;
     linker.allow_shadowing(true);
@@ -278,21 +279,20 @@ impl XofRng {
     }
 }
 
-impl RngCore for XofRng {
-    fn next_u32(&mut self) -> u32 {
+// wasmtime-wasi takes a `rand_core` 0.10 `Rng`, which every infallible `TryRng` is.
+impl rand_core::TryRng for XofRng {
+    type Error = std::convert::Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
         let mut b = [0; 4];
         self.0.fill(&mut b);
-        u32::from_le_bytes(b)
+        Ok(u32::from_le_bytes(b))
     }
-    fn next_u64(&mut self) -> u64 {
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
         let mut b = [0; 8];
         self.0.fill(&mut b);
-        u64::from_le_bytes(b)
+        Ok(u64::from_le_bytes(b))
     }
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        self.0.fill(dest);
-    }
-    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand::Error> {
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), Self::Error> {
         self.0.fill(dest);
         Ok(())
     }
@@ -312,7 +312,7 @@ pub struct BadPointer(&'static str);
 
 /// Take `fuel` from the guest before doing the work it pays for; a guest that cannot pay
 /// stops with `out_of_fuel` (its whole budget used) and the work is not done.
-fn charge(caller: &mut Caller<'_, StoreState>, fuel: u64) -> anyhow::Result<()> {
+fn charge(caller: &mut Caller<'_, StoreState>, fuel: u64) -> wasmtime::Result<()> {
     let have = caller.get_fuel()?;
     if have < fuel {
         caller.set_fuel(0)?;
@@ -322,10 +322,15 @@ fn charge(caller: &mut Caller<'_, StoreState>, fuel: u64) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn guest_memory(caller: &mut Caller<'_, StoreState>, call: &'static str) -> anyhow::Result<Memory> {
+fn guest_memory(
+    caller: &mut Caller<'_, StoreState>,
+    call: &'static str,
+) -> wasmtime::Result<Memory> {
     match caller.get_export("memory") {
         Some(Extern::Memory(m)) => Ok(m),
-        _ => Err(anyhow::anyhow!("{call}: the module exports no memory")),
+        _ => Err(wasmtime::format_err!(
+            "{call}: the module exports no memory"
+        )),
     }
 }
 
@@ -371,7 +376,7 @@ fn first_iovec(
 }
 
 /// `random_get(buf, len)`: `len` bytes of the task's seeded stream, written in place.
-fn random_get(mut caller: Caller<'_, StoreState>, buf: i32, len: i32) -> anyhow::Result<i32> {
+fn random_get(mut caller: Caller<'_, StoreState>, buf: i32, len: i32) -> wasmtime::Result<i32> {
     const CALL: &str = "random_get";
     let memory = guest_memory(&mut caller, CALL)?;
     let len = len as u32 as usize;
@@ -397,7 +402,7 @@ fn fd_write(
     iovs: i32,
     iovs_len: i32,
     nwritten: i32,
-) -> anyhow::Result<i32> {
+) -> wasmtime::Result<i32> {
     const CALL: &str = "fd_write";
     charge(&mut caller, FUEL_PER_HOST_CALL)?;
     let pipe = match fd {
@@ -432,7 +437,7 @@ fn fd_read(
     iovs: i32,
     iovs_len: i32,
     nread: i32,
-) -> anyhow::Result<i32> {
+) -> wasmtime::Result<i32> {
     const CALL: &str = "fd_read";
     charge(&mut caller, FUEL_PER_HOST_CALL)?;
     if fd != 0 {
@@ -461,7 +466,11 @@ fn fd_read(
 }
 
 /// `args_sizes_get(argc, argv_buf_size)`.
-fn args_sizes_get(mut caller: Caller<'_, StoreState>, argc: i32, size: i32) -> anyhow::Result<i32> {
+fn args_sizes_get(
+    mut caller: Caller<'_, StoreState>,
+    argc: i32,
+    size: i32,
+) -> wasmtime::Result<i32> {
     const CALL: &str = "args_sizes_get";
     charge(&mut caller, FUEL_PER_HOST_CALL)?;
     let memory = guest_memory(&mut caller, CALL)?;
@@ -478,7 +487,7 @@ fn args_sizes_get(mut caller: Caller<'_, StoreState>, argc: i32, size: i32) -> a
 }
 
 /// `args_get(argv, argv_buf)`: the pointer array and the NUL-terminated arguments.
-fn args_get(mut caller: Caller<'_, StoreState>, argv: i32, argv_buf: i32) -> anyhow::Result<i32> {
+fn args_get(mut caller: Caller<'_, StoreState>, argv: i32, argv_buf: i32) -> wasmtime::Result<i32> {
     const CALL: &str = "args_get";
     let memory = guest_memory(&mut caller, CALL)?;
     let io = &caller.data().io;
@@ -517,7 +526,7 @@ fn path_open(
     _rights_inheriting: i64,
     _fdflags: i32,
     _fd_out: i32,
-) -> anyhow::Result<i32> {
+) -> wasmtime::Result<i32> {
     charge(&mut caller, FUEL_PER_HOST_CALL)?;
     Ok(ERRNO_BADF)
 }
@@ -532,7 +541,7 @@ fn poll_oneoff(
     events: i32,
     nsubs: i32,
     nevents_ptr: i32,
-) -> anyhow::Result<i32> {
+) -> wasmtime::Result<i32> {
     let Some(Extern::Memory(memory)) = caller.get_export("memory") else {
         return Ok(ERRNO_FAULT);
     };

@@ -1,0 +1,36 @@
+//! The engine this release's workers run, named the way their fingerprints name it: what a
+//! coordinator of the same release accepts by default (`coordinator serve`'s `[engines]`).
+//!
+//! A fingerprint is a worker's own claim. Results are compared only within one engine class
+//! ([`EngineFingerprint::class_id`]), so a group of colluders that invented an engine of
+//! their own would only ever be compared with each other: the coordinator therefore accepts
+//! the engines its operator names (by default this release's), with this release's settings.
+
+use crate::EngineFingerprint;
+
+/// The wasmtime this release's worker is built with (the worker's tests check it against
+/// the version it links).
+pub const ENGINE: &str = "wasmtime 48.0.8";
+
+/// Maximum wasm stack of the sandbox: fixed, so where unbounded recursion overflows is
+/// deterministic (part of the settings string).
+pub const MAX_WASM_STACK: usize = 512 * 1024;
+
+/// The sandbox's determinism settings as a stable string; `deterministic = false` only turns
+/// NaN canonicalization off.
+pub fn settings(deterministic: bool) -> String {
+    let nan = if deterministic {
+        "nan-canon"
+    } else {
+        "no-nan-canon"
+    };
+    format!(
+        "{nan},relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,stack={MAX_WASM_STACK},clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1"
+    )
+}
+
+/// Whether `fp` is an engine in `engines` running with one of this release's settings.
+pub fn accepted(fp: &EngineFingerprint, engines: &[String]) -> bool {
+    engines.iter().any(|e| *e == fp.engine)
+        && (fp.settings == settings(true) || fp.settings == settings(false))
+}
