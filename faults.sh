@@ -50,7 +50,7 @@ SUITES=(
     "tasks hostile hostile-decoders"
     "coordinator hostile hostile-peers"
     "coordinator redteam redteam"
-    "coordinator sybil sybil"
+    "coordinator sybil sybil --include-ignored"
 )
 present() { [ -f "$1/tests/$2.rs" ]; }
 # Package selection for a suite: the whole workspace when the test target's name is unique
@@ -81,7 +81,9 @@ for s in "${SUITES[@]}"; do
         SKIPPED+=("$1/tests/$2.rs")
         continue
     fi
-    cmd="cargo test ${PROFILE[*]} $(sel "$2" "$1") --test $2 -- --nocapture --test-threads=1"
+    # A fourth word (e.g. --include-ignored: scenarios whose target is missed still print
+    # their row) goes to the test binary.
+    cmd="cargo test ${PROFILE[*]} $(sel "$2" "$1") --test $2 -- --nocapture --test-threads=1 ${4:-}"
     CMDS+=("$cmd")
     echo "== $cmd"
     start=$SECONDS

@@ -122,6 +122,7 @@ pub struct PolicySection {
     pub in_flight_per_loss: Option<u32>,
     pub partner_spread: Option<u32>,
     pub dispute_margin: Option<u32>,
+    pub anchors_decide: Option<bool>,
     /// Adaptive replication: `{ min_consecutive_valid = 20, spot_check_one_in = 10 }`.
     pub adaptive: Option<AdaptiveSection>,
 }
@@ -237,6 +238,9 @@ impl ConfigFile {
         }
         if let Some(v) = p.dispute_margin {
             pol.dispute_margin = range("policy.dispute_margin", v.into(), 0, 16)? as u32;
+        }
+        if let Some(v) = p.anchors_decide {
+            pol.anchors_decide = v;
         }
         if let Some(a) = p.adaptive {
             pol.adaptive = Some(Adaptive {

@@ -202,8 +202,9 @@ pub(crate) struct Worker {
     pub rep: Reputation,
     pub in_flight: BTreeSet<ReplicaId>,
     pub last_seen_ms: u64,
-    /// Counted in `Core::anchors` (connected and trusted).
-    pub anchor: bool,
+    /// Counted in `Core::anchors` (connected and trusted), and in `Core::anchors_by_fp`
+    /// under this fingerprint.
+    pub anchor: Option<u32>,
     /// Its reported replicas of tasks still pending.
     pub undecided: u32,
     /// Its last request was refused only because its hand was full: the next decided vote
@@ -247,6 +248,8 @@ pub struct Core {
     pub(crate) fetching: HashMap<BlobId, VecDeque<(NodeId, u64)>>,
     /// Connected anchors (trusted workers).
     pub(crate) anchors: usize,
+    /// Connected anchors per engine fingerprint (entries at zero removed).
+    pub(crate) anchors_by_fp: BTreeMap<u32, usize>,
     /// Workers banned by verdicts not yet settled (see `settle_bans`).
     pub(crate) newly_banned: Vec<NodeId>,
     next_replica: ReplicaId,
@@ -278,6 +281,7 @@ impl Core {
             holders: HashMap::new(),
             fetching: HashMap::new(),
             anchors: 0,
+            anchors_by_fp: BTreeMap::new(),
             newly_banned: Vec::new(),
             next_replica: 1,
             next_job: 1,
@@ -379,7 +383,7 @@ impl Core {
             rep: Reputation::default(),
             in_flight: BTreeSet::new(),
             last_seen_ms: now,
-            anchor: false,
+            anchor: None,
             undecided: 0,
             waiting_for_room: false,
             lost: 0,
@@ -392,15 +396,25 @@ impl Core {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        let want = w.connected && self.cfg.policy.is_trusted(&w.rep);
-        if want != w.anchor {
-            w.anchor = want;
-            if want {
-                self.anchors += 1;
-            } else {
-                self.anchors -= 1;
+        let want =
+            (w.connected && self.cfg.policy.is_trusted(&w.rep)).then_some(w.fp.unwrap_or(u32::MAX));
+        if want == w.anchor {
+            return;
+        }
+        if let Some(fp) = w.anchor.take() {
+            self.anchors -= 1;
+            if let Some(n) = self.anchors_by_fp.get_mut(&fp) {
+                *n -= 1;
+                if *n == 0 {
+                    self.anchors_by_fp.remove(&fp);
+                }
             }
         }
+        if let Some(fp) = want {
+            self.anchors += 1;
+            *self.anchors_by_fp.entry(fp).or_insert(0) += 1;
+        }
+        w.anchor = want;
     }
 
     /// A worker session began (or resumed after a reconnect).
@@ -470,6 +484,11 @@ impl Core {
     /// Connected anchors: workers trusted through their agreement history.
     pub fn anchors_connected(&self) -> usize {
         self.anchors
+    }
+
+    /// Connected anchors whose engine has fingerprint `fp`.
+    pub(crate) fn anchors_of(&self, fp: u32) -> usize {
+        self.anchors_by_fp.get(&fp).copied().unwrap_or(0)
     }
 
     /// Whether the policy has banned this worker (no work, votes on undecided tasks void).
@@ -953,7 +972,7 @@ impl Core {
                     rep: w.reputation,
                     in_flight: BTreeSet::new(),
                     last_seen_ms: w.last_seen_ms,
-                    anchor: false,
+                    anchor: None,
                     undecided: 0,
                     waiting_for_room: false,
                     lost: w.lost,

@@ -985,7 +985,6 @@ async fn sybil_swarm_from_one_address_gets_max_connections_per_ip_and_the_honest
 /// address, join and a second job starts. Loopback addresses are exempt from the /24 rule
 /// (`trust::address_block`), so this tests the trust policy (anchors, margin, bans), not the
 /// address rule.
-#[ignore = "target missed: 300 colluding newcomers outvote 6 anchors (median 94% wrong); see issue 17 note"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sybil_swarm_from_many_addresses_cannot_outvote_an_established_pool() -> anyhow::Result<()>
 {

@@ -189,9 +189,18 @@ impl Core {
             }
             let (lead, anchor_wanted) = match self.need(task) {
                 Need::More {
+                    anchors_only: true,
+                    n,
+                    ..
+                } if n > 0 && !me.trusted => {
+                    // Anchors decide this task: it stays queued for one.
+                    continue;
+                }
+                Need::More {
                     n,
                     fp,
                     anchor_wanted,
+                    ..
                 } if n > 0 => (fp, anchor_wanted),
                 Need::More { .. } => {
                     stale.push(pos);

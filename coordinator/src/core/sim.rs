@@ -1144,3 +1144,76 @@ fn a_contested_result_needs_the_dispute_margin_over_its_rival() {
     c.take(2, false);
     assert_eq!(c.core.task_phase(task), Some(TaskPhase::Accepted));
 }
+
+/// Anchors decide (the open pool's default): once anchors are connected, newcomers that agree
+/// among themselves cannot get a result accepted; the task's next replica waits for an anchor
+/// (no newcomer may take it), and `quorum + untrusted_extra` agreeing anchors win over the
+/// newcomers' rival result, whose workers are then banned.
+#[test]
+fn newcomers_agreeing_on_a_lie_cannot_outvote_anchors_when_anchors_decide() {
+    let mut core = Core::new(CoreConfig {
+        policy: TrustPolicy {
+            anchors_decide: true,
+            untrusted_extra: 1,
+            dispute_margin: 2,
+            trust_min_valid: 1,
+            ban_min_invalid: 1,
+            ban_score: f64::INFINITY,
+            partner_spread: 0,
+            distinct_address_blocks: false,
+            ..TrustPolicy::default()
+        },
+        ..CoreConfig::default()
+    });
+    let anchors: Vec<NodeId> = (1..=3).map(node).collect();
+    let sybils: Vec<NodeId> = (10..=12).map(node).collect();
+    let module = [BlobId::of(b"module")];
+    for w in anchors.iter().chain(&sybils) {
+        core.hello(*w, &fp(Kind::Honest), 1, None, &module, 0);
+    }
+    // Warm-up: no anchor yet, so three agreeing newcomers (quorum 2 + 1) accept, and each
+    // becomes an anchor (one agreeing result suffices here).
+    let (warm, _) = core.add_job(manifest("warm-up", 1, 2, 6, 600), 0);
+    for &a in &anchors {
+        let got = core.request_work(a, 1, 1).assignments;
+        assert_eq!(got.len(), 1, "warm-up replica for {a:?}");
+        core.report(a, got[0].replica, truth(got[0].task.id), 2);
+    }
+    assert_eq!(
+        core.task_phase(TaskId {
+            job: warm,
+            index: 0
+        }),
+        Some(TaskPhase::Accepted)
+    );
+    assert_eq!(core.anchors_connected(), 3);
+
+    let (job, _) = core.add_job(manifest("attacked", 1, 2, 6, 600), 3);
+    let task = TaskId { job, index: 0 };
+    let lie = RunResult {
+        output_hash: BlobId::of(b"lie"),
+        ..truth(task)
+    };
+    for &s in &sybils[..2] {
+        let got = core.request_work(s, 1, 4).assignments;
+        assert_eq!(got.len(), 1);
+        core.report(s, got[0].replica, lie.clone(), 5);
+    }
+    // Two newcomers agree: no longer enough, and the next replica is for anchors only.
+    assert_eq!(core.task_phase(task), Some(TaskPhase::Pending));
+    assert!(
+        core.request_work(sybils[2], 1, 6).assignments.is_empty(),
+        "a newcomer must not take the replica that anchors decide"
+    );
+    for (i, &a) in anchors.iter().enumerate() {
+        assert_eq!(core.task_phase(task), Some(TaskPhase::Pending));
+        let got = core.request_work(a, 1, 7 + i as u64).assignments;
+        assert_eq!(got.len(), 1, "anchor {i} gets the deciding replica");
+        core.report(a, got[0].replica, truth(task), 8 + i as u64);
+    }
+    assert_eq!(core.task_phase(task), Some(TaskPhase::Accepted));
+    for s in &sybils[..2] {
+        assert!(core.is_banned(s), "{s:?} contradicted three anchors");
+    }
+    assert!(anchors.iter().all(|a| !core.is_banned(a)));
+}

@@ -130,6 +130,14 @@ pub struct TrustPolicy {
     /// A result that other reports on the same engine contradict is accepted only when its
     /// group outnumbers the largest contradicting group by this many (0 or 1 = plain quorum).
     pub dispute_margin: u32,
+    /// While anchors of a task's engine are connected, anchors decide: a result no anchor
+    /// agreed with is not accepted (its task waits for an anchor's replica, given to anchors
+    /// only), and a result that `quorum + untrusted_extra` anchors agree with is accepted over rivals that no
+    /// anchor agreed with (the workers of those rivals are then caught and banned). A swarm
+    /// of new identities, however many addresses it comes from, cannot outvote an
+    /// established pool. With no anchor connected (a pool's cold start), or none left that
+    /// could take another replica of the task, the other rules apply alone.
+    pub anchors_decide: bool,
 }
 
 impl Default for TrustPolicy {
@@ -152,6 +160,7 @@ impl Default for TrustPolicy {
             in_flight_per_loss: 2,
             partner_spread: 4,
             dispute_margin: 0,
+            anchors_decide: false,
         }
     }
 }
@@ -191,14 +200,18 @@ impl TrustPolicy {
     /// result needs a lead of 2 over its rival ([`dispute_margin`]), which stops the cascade
     /// in which colluders that won a few early quorums get the honest dissenters banned; and
     /// newcomers may hold 2 replicas (not 1), which costs no safety in the saboteur
-    /// simulation and gives honest newcomers both their slots.
+    /// simulation and gives honest newcomers both their slots; and anchors decide while any
+    /// are connected ([`anchors_decide`]), so a swarm of fresh identities cannot outvote an
+    /// established pool.
     ///
     /// [`hardened`]: TrustPolicy::hardened
     /// [`dispute_margin`]: TrustPolicy::dispute_margin
+    /// [`anchors_decide`]: TrustPolicy::anchors_decide
     pub fn open_pool() -> TrustPolicy {
         TrustPolicy {
             unproven_in_flight: Some(2),
             dispute_margin: 2,
+            anchors_decide: true,
             ..TrustPolicy::hardened()
         }
     }

@@ -12,6 +12,11 @@
 //!   and earn `RunResult::credit()`; reported replicas with the same fingerprint and another
 //!   digest are `invalid` (their workers lose trust); replicas of other fingerprints get no
 //!   verdict; replicas still in flight are cancelled;
+//! - with [`TrustPolicy::anchors_decide`](super::trust::TrustPolicy::anchors_decide) (the
+//!   open pool's default), while an anchor of the task's engine is connected that could take
+//!   a replica of it: a group no anchor is part of is not accepted (the task's next replica
+//!   goes to anchors only, one at a time), and a group with `quorum + untrusted_extra`
+//!   anchors wins over rivals no anchor is part of;
 //! - a worker that becomes banned (caught contradicting accepted results) loses its vote on
 //!   every undecided task: its reports there stop counting, its in-flight replicas are
 //!   cancelled, and those tasks are re-examined and get replacement replicas;
@@ -54,6 +59,8 @@ pub(crate) struct Group {
     pub replicas: Vec<ReplicaId>,
     /// One of them was reported by an anchor.
     pub anchored: bool,
+    /// How many of them were reported by anchors.
+    pub anchors: u32,
 }
 
 /// Counts of one task's replicas, by fingerprint class. Replicas per task are few (at most
@@ -68,6 +75,9 @@ pub(crate) struct Tally {
     pub lost: u32,
     /// Reports of banned workers, not counted.
     pub discounted: u32,
+    /// Distinct workers holding a replica of the task (any phase) that are anchors now, by
+    /// fingerprint: how many of the connected anchors could not take another replica.
+    pub anchors_on_task: Vec<(u32, u32)>,
 }
 
 impl Tally {
@@ -109,10 +119,14 @@ pub(crate) enum Need {
     Fail(String),
     /// `n` more replicas, preferably on fingerprint `fp`. `anchor_wanted`: the next replica
     /// would complete the quorum of a result no anchor is part of, so it should go to one.
+    /// `anchors_only`: anchors decide this task (see
+    /// [`TrustPolicy::anchors_decide`](super::trust::TrustPolicy::anchors_decide)); no
+    /// other worker may take its next replica.
     More {
         n: u32,
         fp: Option<u32>,
         anchor_wanted: bool,
+        anchors_only: bool,
     },
 }
 
@@ -128,11 +142,21 @@ impl Core {
         };
         let mut reporters: Vec<NodeId> = Vec::new();
         let mut losers: Vec<NodeId> = Vec::new();
+        let mut holders: Vec<NodeId> = Vec::new();
         let policy = &self.cfg.policy;
         for r in &slot.replicas {
             let Some(rep) = self.replicas.get(r) else {
                 continue;
             };
+            if !holders.contains(&rep.worker) {
+                holders.push(rep.worker);
+                if let Some(fp) = self.workers.get(&rep.worker).and_then(|w| w.anchor) {
+                    match t.anchors_on_task.iter_mut().find(|(f, _)| *f == fp) {
+                        Some((_, n)) => *n += 1,
+                        None => t.anchors_on_task.push((fp, 1)),
+                    }
+                }
+            }
             match rep.phase {
                 ReplicaPhase::Reported => {
                     // One vote per worker: a worker that got a task again after losing its
@@ -159,11 +183,13 @@ impl Core {
                         Some(g) => {
                             g.replicas.push(*r);
                             g.anchored |= rep.anchor;
+                            g.anchors += u32::from(rep.anchor);
                         }
                         None => t.groups.push(Group {
                             key,
                             replicas: vec![*r],
                             anchored: rep.anchor,
+                            anchors: u32::from(rep.anchor),
                         }),
                     }
                 }
@@ -213,6 +239,31 @@ impl Core {
                 .max()
                 .unwrap_or(0)
         };
+        // The largest group that disagrees with `g` on the same engine and that an anchor
+        // agreed with.
+        let anchored_rival = |g: &Group| -> u32 {
+            t.groups
+                .iter()
+                .filter(|o| o.key.0 == g.key.0 && o.key.1 != g.key.1 && o.anchors > 0)
+                .map(|o| o.replicas.len() as u32)
+                .max()
+                .unwrap_or(0)
+        };
+        let decide = self.cfg.policy.anchors_decide;
+        // Anchors decide on engine `fp` while one is connected that could still take a replica
+        // of this task, or one is computing one.
+        let gated = |fp: u32| -> bool {
+            let busy = t
+                .anchors_on_task
+                .iter()
+                .find(|(f, _)| *f == fp)
+                .map_or(0, |(_, n)| *n as usize);
+            let in_flight = t
+                .outstanding
+                .iter()
+                .any(|&(f, _, anchors)| f == fp && anchors > 0);
+            decide && (self.anchors_of(fp) > busy || in_flight)
+        };
         // Deterministic choice when (unusually) two groups reach quorum: the larger, then the
         // smaller fingerprint index.
         if let Some(g) = t
@@ -220,6 +271,13 @@ impl Core {
             .iter()
             .filter(|g| {
                 let n = g.replicas.len() as u32;
+                if decide && g.anchors >= q.saturating_add(extra) && anchored_rival(g) == 0 {
+                    // `quorum + untrusted_extra` anchors agree and no anchor disagrees.
+                    return true;
+                }
+                if g.anchors == 0 && gated(g.key.0) {
+                    return false;
+                }
                 let r = rival(g);
                 n >= if g.anchored {
                     q
@@ -257,6 +315,24 @@ impl Core {
                 limits.max_replicas
             ));
         }
+        // Anchors decide: with enough replicas issued to decide and no anchor among them (or
+        // results that disagree), the next one goes to an anchor, one at a time, until
+        // `quorum + untrusted_extra` anchors agree or an anchored result wins the usual way.
+        let disputed = |fp: u32| t.groups.iter().filter(|g| g.key.0 == fp).count() > 1;
+        if let Some(fp) =
+            lead_fp.filter(|&fp| lead >= q && gated(fp) && (disputed(fp) || !lead_anchored))
+        {
+            let anchor_in_flight = t
+                .outstanding
+                .iter()
+                .any(|&(f, _, anchors)| f == fp && anchors > 0);
+            return Need::More {
+                n: u32::from(!anchor_in_flight && remaining > 0),
+                fp: Some(fp),
+                anchor_wanted: true,
+                anchors_only: true,
+            };
+        }
         // Up to the quorum, assume the missing replicas can go to anchors (the scheduler
         // prefers them); beyond it, an unanchored lead needs the extra replicas now.
         let base = if lead_anchored || lead < q {
@@ -286,6 +362,7 @@ impl Core {
             n,
             fp: lead_fp,
             anchor_wanted: !lead_anchored && lead < q,
+            anchors_only: false,
         }
     }
 

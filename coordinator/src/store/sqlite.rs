@@ -196,8 +196,14 @@ impl SqliteStore {
                         dec(&agreeing.unwrap_or_default(), "agreeing workers")?;
                     if !agreeing.contains(worker) {
                         agreeing.push(*worker);
-                        tx.prepare_cached("UPDATE tasks SET agreeing = ?3 WHERE job = ?1 AND idx = ?2")?
-                            .execute(params![task.job.0 as i64, task.index, enc(&agreeing)])?;
+                        tx.prepare_cached(
+                            "UPDATE tasks SET agreeing = ?3 WHERE job = ?1 AND idx = ?2",
+                        )?
+                        .execute(params![
+                            task.job.0 as i64,
+                            task.index,
+                            enc(&agreeing)
+                        ])?;
                     }
                 }
             }
