@@ -82,7 +82,7 @@ pub mod limits {
     pub const MAX_DEADLINE_SECS: u64 = 30 * 24 * 3600;
 }
 
-/// The job file as written (see README.md, "Job file").
+/// The job file as written (every key: docs/job-file.md).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobFile {

@@ -1,5 +1,5 @@
 //! The deterministic wasmtime sandbox: runs one untrusted task module under the guest ABI
-//! described in README.md ("Writing a task") and reports a [`RunResult`] that every honest
+//! described in docs/guest-abi.md and reports a [`RunResult`] that every honest
 //! worker with the same [`EngineFingerprint`] reproduces bit for bit.
 //!
 //! The API is blocking: call it from a dedicated thread or `spawn_blocking`.

@@ -1,4 +1,4 @@
-//! The guest's world (README.md, "Writing a task") on WASI preview 1: stdin is the input, argv
+//! The guest's world (docs/guest-abi.md) on WASI preview 1: stdin is the input, argv
 //! the task's, stdout captured up to the cap, stderr captured for diagnostics; no
 //! environment, no preopened directories, no network; fixed clocks; a `random_get` stream
 //! derived from the task's seed; `poll_oneoff` in virtual time (every timer has already
