@@ -12,8 +12,8 @@
 //!   and earn `RunResult::credit()`; reported replicas with the same fingerprint and another
 //!   digest are `invalid` (their workers lose trust); replicas of other fingerprints get no
 //!   verdict; replicas still in flight are cancelled;
-//! - with [`TrustPolicy::anchors_decide`](super::trust::TrustPolicy::anchors_decide) (the
-//!   open pool's default), while an anchor of the task's engine is connected that could take
+//! - with [`TrustPolicy::anchors_decide`](super::trust::TrustPolicy::anchors_decide)
+//!   (opt-in), while an anchor of the task's engine is connected that could take
 //!   a replica of it: a group no anchor is part of is not accepted (the task's next replica
 //!   goes to anchors only, one at a time), and a group with `quorum + untrusted_extra`
 //!   anchors wins over rivals no anchor is part of;
@@ -326,12 +326,15 @@ impl Core {
                 .outstanding
                 .iter()
                 .any(|&(f, _, anchors)| f == fp && anchors > 0);
-            return Need::More {
-                n: u32::from(!anchor_in_flight && remaining > 0),
-                fp: Some(fp),
-                anchor_wanted: true,
-                anchors_only: true,
-            };
+            // With `max_replicas` reached and no anchor computing, the rules below fail it.
+            if anchor_in_flight || remaining > 0 {
+                return Need::More {
+                    n: u32::from(!anchor_in_flight),
+                    fp: Some(fp),
+                    anchor_wanted: true,
+                    anchors_only: true,
+                };
+            }
         }
         // Up to the quorum, assume the missing replicas can go to anchors (the scheduler
         // prefers them); beyond it, an unanchored lead needs the extra replicas now.
