@@ -387,6 +387,17 @@ fn metrics_parse_with_the_prometheus_parser_and_count_the_real_job() -> Result<(
         coord_bytes >= module,
         "coordinator sent {coord_bytes} bytes, the module is {module}"
     );
+    // The blob server counted every upload against the worker that took it.
+    let (code, _, body) = get(grid.http, "/overview")?;
+    assert_eq!(code, 200);
+    let o: Value = serde_json::from_str(&body)?;
+    let per_worker: u64 = o["workers"]
+        .as_array()
+        .context("workers")?
+        .iter()
+        .map(|w| w["blob_bytes_from_coordinator"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(per_worker as f64, coord_bytes, "{o}");
     // Whatever a worker holds of the module and did not get from the coordinator, a peer
     // gave it: at most one module's worth with two workers.
     let peers = value(&m, "peergrid_peer_blob_bytes_estimate", &[])?;

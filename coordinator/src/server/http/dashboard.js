@@ -160,7 +160,8 @@ function renderTasks(page) {
 
 function renderChart() {
   const svg = document.getElementById("chart");
-  const W = 400, H = 170, PAD = 4;
+  // TOP leaves room for the scale label above the highest point.
+  const W = 400, H = 170, PAD = 4, TOP = 20;
   svg.replaceChildren();
   const ns = "http://www.w3.org/2000/svg";
   const line = (y, cls) => {
@@ -170,12 +171,12 @@ function renderChart() {
     l.setAttribute("stroke", "#e4e7ec");
     return l;
   };
-  for (const f of [0.25, 0.5, 0.75]) svg.append(line(PAD + (H - 2 * PAD) * f));
+  for (const f of [0, 0.5, 1]) svg.append(line(TOP + (H - TOP - PAD) * f));
   if (samples.length === 0) return;
   const max = Math.max(1, ...samples.map((s) => Math.max(s.coord, s.peer)));
   const t0 = samples[0].t, t1 = Math.max(samples[samples.length - 1].t, t0 + 1);
   const x = (t) => ((t - t0) / (t1 - t0)) * W;
-  const y = (v) => H - PAD - (v / max) * (H - 2 * PAD);
+  const y = (v) => H - PAD - (v / max) * (H - TOP - PAD);
   for (const [key, color] of [["coord", "#3b6fd8"], ["peer", "#2e9e5b"]]) {
     const pts = samples.map((s) => `${x(s.t).toFixed(1)},${y(s[key]).toFixed(1)}`);
     if (pts.length === 1) pts.push(`${W},${y(samples[0][key]).toFixed(1)}`);
@@ -183,7 +184,9 @@ function renderChart() {
     p.setAttribute("points", pts.join(" "));
     p.setAttribute("fill", "none");
     p.setAttribute("stroke", color);
-    p.setAttribute("stroke-width", "2");
+    // Peers dashed and thinner: equal totals still show both lines.
+    p.setAttribute("stroke-width", key === "coord" ? "3" : "2");
+    if (key === "peer") p.setAttribute("stroke-dasharray", "6 4");
     p.setAttribute("vector-effect", "non-scaling-stroke");
     p.setAttribute("data-series", key);
     svg.append(p);
@@ -191,7 +194,8 @@ function renderChart() {
   const label = document.createElementNS(ns, "text");
   label.setAttribute("x", 4); label.setAttribute("y", 14);
   label.setAttribute("font-size", "11"); label.setAttribute("fill", "#667085");
-  label.textContent = bytes(max);
+  const span = Math.round((t1 - t0) / 1000);
+  label.textContent = `${bytes(max)} · last ${span} s`;
   svg.append(label);
 }
 
