@@ -79,6 +79,9 @@ struct ServerInner {
     limits: ServeLimits,
     uploads: Arc<Semaphore>,
     bytes_sent: AtomicU64,
+    /// Chunk payload bytes uploaded per requesting node, for the first
+    /// [`MAX_TRACKED_PEERS`] nodes (node ids are free to make: the map must stay bounded).
+    sent_to: Mutex<HashMap<NodeId, u64>>,
     busy_answers: AtomicU64,
     /// Seed mode: who got each chunk last, and when.
     recent: Mutex<HashMap<(BlobId, u64), (NodeId, Instant)>>,
@@ -92,6 +95,10 @@ struct ServerInner {
 /// (a super-peer that never finishes must not starve anyone).
 const SUPER_PRIORITY_MAX: Duration = Duration::from_secs(30);
 
+/// Most requesting nodes [`BlobServer::bytes_sent_to`] keeps a count for; bytes to further
+/// nodes are only in the total.
+pub const MAX_TRACKED_PEERS: usize = 16_384;
+
 impl BlobServer {
     pub fn new(store: BlobStore, limits: ServeLimits) -> BlobServer {
         let uploads = Arc::new(Semaphore::new(limits.max_concurrent_uploads.max(1)));
@@ -101,6 +108,7 @@ impl BlobServer {
                 limits,
                 uploads,
                 bytes_sent: AtomicU64::new(0),
+                sent_to: Mutex::new(HashMap::new()),
                 busy_answers: AtomicU64::new(0),
                 recent: Mutex::new(HashMap::new()),
                 super_peers: Mutex::new(Default::default()),
@@ -129,6 +137,12 @@ impl BlobServer {
     /// Chunk payload bytes uploaded so far (the coordinator's `coordinator_bytes_sent`).
     pub fn bytes_sent(&self) -> u64 {
         self.inner.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// Chunk payload bytes uploaded so far to each requesting node (the first
+    /// [`MAX_TRACKED_PEERS`] nodes that took any).
+    pub fn bytes_sent_to(&self) -> HashMap<NodeId, u64> {
+        self.inner.sent_to.lock().unwrap().clone()
     }
 
     /// `Busy` answers given so far.
@@ -270,6 +284,12 @@ impl BlobServer {
         let len = (end * cs).min(size) - start * cs;
         tracing::trace!(blob = %id.short(), start, count, "uploading chunks");
         net::write_frame(send, &BlobResponse::Chunks { start, count, len }).await?;
+        // Counted per requester once the upload ends, however it ends.
+        let mut sent = SentTo {
+            server: &self.inner,
+            peer,
+            bytes: 0,
+        };
         // One chunk at a time: an upload holds at most one chunk in memory.
         for i in start..end {
             // A page-cache read of one chunk: cheaper inline than a hop to the blocking pool.
@@ -286,8 +306,34 @@ impl BlobServer {
             self.inner
                 .bytes_sent
                 .fetch_add(data.len() as u64, Ordering::Relaxed);
+            sent.bytes += data.len() as u64;
         }
         Ok(send.finish()?)
+    }
+}
+
+/// Adds an upload's bytes to its requester's count when dropped.
+struct SentTo<'a> {
+    server: &'a ServerInner,
+    peer: Option<NodeId>,
+    bytes: u64,
+}
+
+impl Drop for SentTo<'_> {
+    fn drop(&mut self) {
+        let (Some(peer), true) = (self.peer, self.bytes > 0) else {
+            return;
+        };
+        let mut map = self
+            .server
+            .sent_to
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&peer) {
+            *n += self.bytes;
+        } else if map.len() < MAX_TRACKED_PEERS {
+            map.insert(peer, self.bytes);
+        }
     }
 }
 

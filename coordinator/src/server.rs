@@ -203,10 +203,12 @@ impl Coordinator {
             bytes_sent: bytes_sent.clone(),
         };
         if let Some(listener) = http_listener {
+            let bs = blob_server.clone();
             let hctx = http::HttpCtx {
                 engine: engine.clone(),
                 token_hash: blake3::hash(token.as_bytes()),
                 bytes_sent,
+                bytes_sent_to: Arc::new(move || bs.bytes_sent_to()),
             };
             tasks.spawn(http::run(listener, hctx, cancel.clone()));
         }

@@ -218,19 +218,56 @@ async fn http_status_api_mirrors_status_json_and_results_without_outputs() -> an
     let (code, _) = get_json(http, "/nope").await?;
     assert_eq!(code, 404);
 
-    // The page: both tables and links to the JSON.
+    // The page: the dashboard, whose script (from this server) fills it in from the JSON
+    // routes (tests/dashboard.rs runs it in a browser).
     let (code, ctype, page) = get(http, "/").await?;
     assert_eq!(code, 200);
     assert!(ctype.starts_with("text/html"), "{ctype}");
     assert!(
-        page.contains("httpjob")
-            && page.contains(&format!("/jobs/{job}/results"))
+        page.contains("<script src=\"/dashboard.js\"></script>")
+            && page.contains("/jobs/ID/results")
             && page.contains("/status")
+            && page.contains("/metrics"),
+        "{page}"
     );
+    let (code, ctype, js) = get(http, "/dashboard.js").await?;
+    assert_eq!(code, 200);
+    assert!(ctype.starts_with("text/javascript"), "{ctype}");
+    assert!(js.contains("/overview") && js.contains("/tasks"));
+    // The overview it polls: the same jobs and workers as /status.
+    let (code, o) = get_json(http, "/overview").await?;
+    assert_eq!(code, 200);
+    assert_eq!(o["jobs"][0]["id"], job.0);
+    assert_eq!(o["jobs"][0]["tasks_done"], 3);
+    assert_eq!(o["jobs"][0]["tasks_pending"], 0);
+    assert_eq!(o["verdicts_valid"], 6);
     assert!(via_quic
         .workers
         .iter()
-        .all(|w| page.contains(&w.node_id.to_string())));
+        .all(|w| o["workers"].as_array().is_some_and(|l| l
+            .iter()
+            .any(|x| x["node_id"] == w.node_id.to_string()
+                && x["standing"] == "newcomer"
+                && x["valid"] == 3))));
+    // A job's tasks: state, agreement and fuel, no digests.
+    let (code, t) = get_json(http, &format!("/jobs/{job}/tasks")).await?;
+    assert_eq!(code, 200);
+    let rows = t["tasks"].as_array().context("tasks")?;
+    assert_eq!(rows.len(), 3);
+    for r in rows {
+        let idx = r["index"].as_u64().context("index")? as u32;
+        let a = wa
+            .iter()
+            .find(|x| x.task.id.index == idx)
+            .context("task was assigned")?;
+        assert_eq!(r["state"], "accepted");
+        assert_eq!(
+            (r["agreeing"].as_u64(), r["quorum"].as_u64()),
+            (Some(2), Some(2))
+        );
+        assert_eq!(r["fuel_used"].as_u64(), Some(fuel_for(a)));
+        assert!(r.get("output_hash").is_none(), "{r}");
+    }
 
     // It stops with the coordinator.
     client.close().await;

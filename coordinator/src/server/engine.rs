@@ -21,6 +21,9 @@ use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, RunResult, Ta
 use crate::core::{Core, Notice, ReportOutcome, Work};
 use crate::store::{Mutation, Output, SqliteStore, Store};
 
+pub mod overview;
+pub use overview::{EngineStats, Overview, TasksPage};
+
 /// Most commands applied per transaction.
 pub const MAX_BATCH: usize = 8192;
 
@@ -113,6 +116,19 @@ pub enum Cmd {
         output: Output,
     },
     Tick,
+    /// Jobs with task counts, workers with their standing, and validation totals: the
+    /// dashboard and `/metrics` (see [`overview`]). Answered after the batch's commit.
+    Overview {
+        reply: oneshot::Sender<Overview>,
+    },
+    /// Up to `limit` of a job's tasks from index `offset`: state, replica counts and
+    /// agreement, never digests or outputs. `None`: no such job.
+    Tasks {
+        job: JobId,
+        offset: u32,
+        limit: u32,
+        reply: oneshot::Sender<Option<TasksPage>>,
+    },
 }
 
 /// Punch requests a worker may have forwarded per window (it dials a few peers per blob).
@@ -168,9 +184,16 @@ pub struct FetchJob {
 #[derive(Clone)]
 pub struct EngineHandle {
     pub tx: mpsc::Sender<Cmd>,
+    /// Counters and the commit-latency histogram, read without asking the engine.
+    pub stats: std::sync::Arc<EngineStats>,
 }
 
 impl EngineHandle {
+    /// Commands waiting in the engine's inbox (sent, not yet taken into a batch).
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity().saturating_sub(self.tx.capacity())
+    }
+
     /// Send a command and wait for its answer; `None` when the engine has stopped.
     pub async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Option<T> {
         let (tx, rx) = oneshot::channel();
@@ -200,6 +223,8 @@ enum Reply {
     Bool(oneshot::Sender<bool>, bool),
     Refusal(oneshot::Sender<Option<String>>, Option<String>),
     Status(oneshot::Sender<Option<StatusReport>>, Option<StatusReport>),
+    Overview(oneshot::Sender<Overview>, Box<Overview>),
+    Tasks(oneshot::Sender<Option<TasksPage>>, Option<TasksPage>),
 }
 
 impl Reply {
@@ -211,6 +236,8 @@ impl Reply {
             Reply::Bool(tx, b) => tx.send(b).map_err(|_| ()),
             Reply::Refusal(tx, r) => tx.send(r).map_err(|_| ()),
             Reply::Status(tx, s) => tx.send(s).map_err(|_| ()),
+            Reply::Overview(tx, o) => tx.send(*o).map_err(|_| ()),
+            Reply::Tasks(tx, t) => tx.send(t).map_err(|_| ()),
         };
     }
 }
@@ -235,6 +262,11 @@ pub struct Engine<S: Store = SqliteStore> {
     /// Statistics: batches committed and commands applied.
     pub batches: u64,
     pub commands: u64,
+    /// Shared with every [`EngineHandle`]: what `/metrics` reads.
+    pub stats: std::sync::Arc<EngineStats>,
+    /// Contested tasks of ended jobs (they cannot change any more), so the overview does
+    /// not walk finished jobs' replicas again on every poll.
+    ended_contested: HashMap<JobId, u32>,
 }
 
 impl<S: Store> Engine<S> {
@@ -256,6 +288,8 @@ impl<S: Store> Engine<S> {
             results_wanted: Vec::new(),
             batches: 0,
             commands: 0,
+            stats: Default::default(),
+            ended_contested: HashMap::new(),
         }
     }
 
@@ -294,7 +328,9 @@ impl<S: Store> Engine<S> {
         let mut muts = self.core.take_mutations();
         muts.append(&mut extra);
         crate::store::fold(&mut muts);
+        let started = std::time::Instant::now();
         self.store.commit(&muts)?;
+        self.stats.committed(started.elapsed(), self.commands);
         self.batches += 1;
         for r in replies {
             r.send();
@@ -429,10 +465,13 @@ impl<S: Store> Engine<S> {
                 for r in reports {
                     match self.report(worker, r, now) {
                         Ok(replica) => acked.push(replica),
-                        Err((replica, reason)) => msgs.push(CoordMsg::Rejected {
-                            replica: Some(replica),
-                            reason,
-                        }),
+                        Err((replica, reason)) => {
+                            self.stats.report_rejected();
+                            msgs.push(CoordMsg::Rejected {
+                                replica: Some(replica),
+                                reason,
+                            })
+                        }
                     }
                 }
                 if !acked.is_empty() {
@@ -480,6 +519,20 @@ impl<S: Store> Engine<S> {
                 extra.push(Mutation::TaskOutput { task, output })
             }
             Cmd::Tick => self.core.tick(now),
+            // Like a status: sent after the commit.
+            Cmd::Overview { reply } => {
+                let o = Box::new(self.overview(now));
+                replies.push(Reply::Overview(reply, o));
+            }
+            Cmd::Tasks {
+                job,
+                offset,
+                limit,
+                reply,
+            } => {
+                let page = self.tasks(job, offset, limit);
+                replies.push(Reply::Tasks(reply, page));
+            }
         }
     }
 
@@ -643,6 +696,7 @@ pub fn spawn<S: Store + 'static>(
     let (ftx, frx) = mpsc::unbounded_channel();
     let mut engine = Engine::new(core, store, blobs, ftx);
     engine.resume_fetches()?;
+    let stats = engine.stats.clone();
     let thread = std::thread::Builder::new()
         .name("coordinator-engine".into())
         .spawn(move || {
@@ -667,7 +721,7 @@ pub fn spawn<S: Store + 'static>(
             }
         })
         .expect("spawn engine thread");
-    Ok((EngineHandle { tx }, frx, thread))
+    Ok((EngineHandle { tx, stats }, frx, thread))
 }
 #[cfg(test)]
 mod tests;

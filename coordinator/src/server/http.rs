@@ -4,40 +4,48 @@
 //!
 //! | route                     | answer                                                        |
 //! |---------------------------|---------------------------------------------------------------|
-//! | `GET /`                   | a small HTML page: jobs, workers and credit, links to the JSON |
+//! | `GET /`                   | the live dashboard ([`dashboard`]): jobs with progress bars, a job's tasks, workers and their standing, coordinator-vs-peer blob bytes over time; its script polls `/overview` and `/jobs/{id}/tasks` |
+//! | `GET /dashboard.js`       | the dashboard's script (served from the binary; no CDN)       |
+//! | `GET /metrics`            | Prometheus text format ([`metrics`]): tasks by state, replicas in flight, verdicts, rejected reports, contested tasks, workers by standing, blob bytes, engine queue depth, store commit latency |
 //! | `GET /status`             | the JSON of `coordinator status --json`                       |
+//! | `GET /overview`           | `{"now_ms", "jobs": [status fields + "tasks_pending", "tasks_contested"], "workers": [{"node_id", "connected", "credit", "valid", "invalid", "standing", "in_flight", "slots", "last_seen_ms", "reachable", "blob_bytes_held", "blob_bytes_from_coordinator", "blob_bytes_from_peers_estimate"}], "verdicts_valid", "verdicts_invalid", "coordinator_bytes_sent", "peer_bytes_estimate", "engine": {"queue_depth", "queue_capacity", "batches", "commands"}}` |
 //! | `GET /jobs/{id}`          | one job's status object (`{"id", "name", "state", ...}`)      |
+//! | `GET /jobs/{id}/tasks?offset=N&limit=M` | `{"job", "name", "state", "tasks_total", "offset", "tasks": [{"index", "state", "quorum", "replicas", "in_flight", "reported", "agreeing", "disagreeing", "contested", "lost", "fuel_used"}]}`, at most 1000 tasks (default 200) from `offset`; no digests |
 //! | `GET /jobs/{id}/results`  | the `results.json` shape, without output bytes; **needs the submit token** (`Authorization: Bearer TOKEN`) |
 //! | `GET /health`             | `200 ok`                                                      |
 //!
-//! Errors are `{"error": "..."}` with 400 (malformed job id), 404 (unknown job or route) or
-//! 503 (the engine has stopped).
+//! Errors are `{"error": "..."}` with 400 (malformed job id or query), 404 (unknown job or
+//! route) or 503 (the engine has stopped).
 //!
-//! **Public except results.** Anyone who can reach the address can read job names, job
-//! progress, worker node ids and their credit (never outputs, blobs or the submit token, and
-//! nothing can be changed). A job's results (accepted digests, fuel, agreeing workers: what a
-//! colluder would need to copy an accepted answer) need the submit token, as over QUIC:
+//! **Public except results.** Anyone who can reach the address can read job names, job and
+//! task progress (replica counts, agreement, fuel), worker node ids, their credit and
+//! standing, and the metrics (never digests, outputs, blobs or the submit token, and nothing
+//! can be changed). A job's results (accepted digests, agreeing workers: what a colluder would
+//! need to copy an accepted answer) need the submit token, as over QUIC:
 //! `curl -H "Authorization: Bearer $(cat DATA/submit-token)" http://ADDR/jobs/1/results`;
 //! without it the answer is 401. Bind it to localhost or a trusted network; without `--http`
 //! no HTTP server runs.
 
-use std::fmt::Write as _;
+pub mod dashboard;
+pub mod metrics;
+
+use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
-use tasks::wire::{JobState, StatusReport};
-use tasks::JobId;
+use tasks::wire::StatusReport;
+use tasks::{JobId, NodeId};
 
-use super::engine::{Cmd, EngineHandle};
+use super::engine::{Cmd, EngineHandle, Overview};
 
 /// How long in-flight HTTP requests may take to finish once the coordinator stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -50,6 +58,8 @@ pub struct HttpCtx {
     pub token_hash: blake3::Hash,
     /// Blob payload bytes the coordinator uploaded so far (`coordinator_bytes_sent`).
     pub bytes_sent: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Blob payload bytes the coordinator uploaded to each node so far.
+    pub bytes_sent_to: Arc<dyn Fn() -> HashMap<NodeId, u64> + Send + Sync>,
 }
 
 /// Bind the HTTP listener. The error is one line naming the flag, the address and the cause,
@@ -78,10 +88,14 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 /// The routes, for embedding or for tests that drive the router directly.
 pub fn router(ctx: HttpCtx) -> Router {
     Router::new()
-        .route("/", get(index))
+        .route("/", get(dashboard::page))
+        .route("/dashboard.js", get(dashboard::script))
+        .route("/metrics", get(metrics::page))
         .route("/health", get(|| async { "ok" }))
         .route("/status", get(status))
+        .route("/overview", get(overview))
         .route("/jobs/:id", get(job))
+        .route("/jobs/:id/tasks", get(tasks))
         .route("/jobs/:id/results", get(results))
         .fallback(not_found)
         .with_state(ctx)
@@ -206,139 +220,133 @@ async fn not_found(uri: Uri) -> Response {
     error(
         StatusCode::NOT_FOUND,
         format!(
-            "no page {}; try /, /status, /jobs/ID, /jobs/ID/results or /health",
+            "no page {}; try /, /metrics, /status, /overview, /jobs/ID, /jobs/ID/tasks, /jobs/ID/results or /health",
             uri.path()
         ),
     )
 }
 
-async fn index(State(ctx): State<HttpCtx>) -> Response {
-    match report(&ctx, None).await {
-        Some(Some(r)) => ([(header::CACHE_CONTROL, "no-store")], Html(render(&r))).into_response(),
-        Some(None) => error(StatusCode::INTERNAL_SERVER_ERROR, "no status"),
+/// The engine's [`Overview`] with the blob server's per-worker counters joined in.
+pub struct Gathered {
+    pub overview: Overview,
+    /// Per worker of `overview.workers`, in order: blob bytes the coordinator uploaded to it.
+    pub from_coordinator: Vec<u64>,
+    /// Per worker: job blob bytes it holds that it did not get from the coordinator (from
+    /// peers, or kept from an earlier session). An estimate: workers do not report transfers.
+    pub from_peers_estimate: Vec<u64>,
+    pub coordinator_bytes_sent: u64,
+}
+
+/// `None`: the engine has stopped.
+async fn gather(ctx: &HttpCtx) -> Option<Gathered> {
+    let overview = ctx.engine.call(|reply| Cmd::Overview { reply }).await?;
+    let sent_to = (ctx.bytes_sent_to)();
+    let from_coordinator: Vec<u64> = overview
+        .workers
+        .iter()
+        .map(|w| sent_to.get(&w.node_id).copied().unwrap_or(0))
+        .collect();
+    let from_peers_estimate = overview
+        .workers
+        .iter()
+        .zip(&from_coordinator)
+        .map(|(w, c)| w.blob_bytes_held.saturating_sub(*c))
+        .collect();
+    Some(Gathered {
+        overview,
+        from_coordinator,
+        from_peers_estimate,
+        coordinator_bytes_sent: (ctx.bytes_sent)(),
+    })
+}
+
+/// `/overview`'s JSON. `None`: the engine has stopped.
+async fn overview_value(ctx: &HttpCtx) -> Option<serde_json::Value> {
+    let g = gather(ctx).await?;
+    let mut value = serde_json::to_value(&g.overview).ok()?;
+    if let Some(list) = value.get_mut("workers").and_then(|w| w.as_array_mut()) {
+        for (i, json) in list.iter_mut().enumerate() {
+            if let Some(obj) = json.as_object_mut() {
+                obj.insert(
+                    "blob_bytes_from_coordinator".into(),
+                    g.from_coordinator[i].into(),
+                );
+                obj.insert(
+                    "blob_bytes_from_peers_estimate".into(),
+                    g.from_peers_estimate[i].into(),
+                );
+            }
+        }
+    }
+    let obj = value.as_object_mut()?;
+    obj.insert(
+        "coordinator_bytes_sent".into(),
+        g.coordinator_bytes_sent.into(),
+    );
+    obj.insert(
+        "peer_bytes_estimate".into(),
+        g.from_peers_estimate.iter().sum::<u64>().into(),
+    );
+    obj.insert(
+        "engine".into(),
+        serde_json::json!({
+            "queue_depth": ctx.engine.queue_depth(),
+            "queue_capacity": ctx.engine.tx.max_capacity(),
+            "batches": ctx.engine.stats.batches(),
+            "commands": ctx.engine.stats.commands(),
+        }),
+    );
+    Some(value)
+}
+
+async fn overview(State(ctx): State<HttpCtx>) -> Response {
+    match overview_value(&ctx).await {
+        Some(v) => ([(header::CACHE_CONTROL, "no-store")], Json(v)).into_response(),
         None => gone(),
     }
 }
 
-fn state_name(s: JobState) -> &'static str {
-    match s {
-        JobState::Running => "running",
-        JobState::Done => "done",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-    }
+/// `?offset=N&limit=M` of `/jobs/{id}/tasks`.
+#[derive(Debug, serde::Deserialize)]
+struct TasksQuery {
+    #[serde(default)]
+    offset: u32,
+    #[serde(default = "default_tasks_limit")]
+    limit: u32,
 }
 
-/// Job names come from submitters: escape everything that lands in the page.
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
+fn default_tasks_limit() -> u32 {
+    200
 }
 
-/// The human-readable page: what `coordinator status` prints, as two tables.
-fn render(r: &StatusReport) -> String {
-    let mut h = String::from(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"10\">\
-         <title>Peergrid coordinator</title>\
-         <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
-         td,th{padding:.2em .8em;border-bottom:1px solid #ddd;text-align:right}\
-         td.l,th.l{text-align:left}code{font-size:90%}</style></head><body>\n\
-         <h1>Peergrid coordinator</h1>\n",
-    );
-    let _ = writeln!(h, "<h2>Jobs</h2>");
-    if r.jobs.is_empty() {
-        h.push_str("<p>no jobs</p>\n");
-    } else {
-        h.push_str(
-            "<table><tr><th>job</th><th class=\"l\">name</th><th class=\"l\">state</th><th>tasks</th><th>done</th>\
-             <th>failed</th><th>in flight</th><th class=\"l\">json</th></tr>\n",
+async fn tasks(
+    State(ctx): State<HttpCtx>,
+    Path(id): Path<String>,
+    query: Result<Query<TasksQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let job = match id.parse::<JobId>() {
+        Ok(j) => j,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let Ok(Query(q)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "offset and limit must be whole numbers, e.g. ?offset=0&limit=200",
         );
-        for j in &r.jobs {
-            let _ = writeln!(
-                h,
-                "<tr><td>{id}</td><td class=\"l\">{name}</td><td class=\"l\">{state}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-                 <td class=\"l\"><a href=\"/jobs/{id}\">status</a> <a href=\"/jobs/{id}/results\">results</a></td></tr>",
-                j.tasks_total,
-                j.tasks_done,
-                j.tasks_failed,
-                j.replicas_in_flight,
-                id = j.id,
-                name = esc(&j.name),
-                state = state_name(j.state),
-            );
-        }
-        h.push_str("</table>\n");
-    }
-    h.push_str("<h2>Workers</h2>\n");
-    if r.workers.is_empty() {
-        h.push_str("<p>no workers have joined yet</p>\n");
-    } else {
-        h.push_str("<table><tr><th class=\"l\">worker</th><th class=\"l\">connected</th><th>credit</th><th>valid</th><th>invalid</th></tr>\n");
-        for w in &r.workers {
-            let _ = writeln!(
-                h,
-                "<tr><td class=\"l\"><code>{}</code></td><td class=\"l\">{}</td><td>{:.3}</td><td>{}</td><td>{}</td></tr>",
-                esc(&w.node_id.to_string()),
-                if w.connected { "yes" } else { "no" },
-                w.credit,
-                w.valid,
-                w.invalid
-            );
-        }
-        h.push_str("</table>\n");
-    }
-    let _ = writeln!(
-        h,
-        "<p>coordinator has served {} bytes of blob data</p>\n\
-         <p>JSON: <a href=\"/status\">/status</a> · <code>/jobs/ID</code> · <code>/jobs/ID/results</code> (needs the submit token: <code>Authorization: Bearer TOKEN</code>) · <a href=\"/health\">/health</a></p>\n\
-         </body></html>",
-        r.coordinator_bytes_sent
-    );
-    h
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tasks::wire::{JobStatus, WorkerStatus};
-
-    #[test]
-    fn page_escapes_job_names_and_links_each_job() {
-        let r = StatusReport {
-            jobs: vec![JobStatus {
-                id: JobId(7),
-                name: "<script>x</script>".into(),
-                state: JobState::Running,
-                tasks_total: 3,
-                tasks_done: 1,
-                tasks_failed: 0,
-                replicas_in_flight: 2,
-                replicas_reported: 2,
-                outputs_collecting: 1,
-            }],
-            workers: vec![WorkerStatus {
-                node_id: tasks::NodeKey::generate().node_id(),
-                connected: true,
-                credit: 1.5,
-                valid: 3,
-                invalid: 0,
-            }],
-            coordinator_bytes_sent: 42,
-        };
-        let page = render(&r);
-        assert!(!page.contains("<script>"));
-        assert!(page.contains("&lt;script&gt;x&lt;/script&gt;"));
-        assert!(page.contains("href=\"/jobs/7/results\""));
-        assert!(page.contains("1.500"));
+    };
+    let (offset, limit) = (q.offset, q.limit);
+    match ctx
+        .engine
+        .call(|reply| Cmd::Tasks {
+            job,
+            offset,
+            limit,
+            reply,
+        })
+        .await
+    {
+        Some(Some(page)) => ([(header::CACHE_CONTROL, "no-store")], Json(page)).into_response(),
+        Some(None) => error(StatusCode::NOT_FOUND, format!("no job {job}")),
+        None => gone(),
     }
 }
