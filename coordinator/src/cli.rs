@@ -229,20 +229,15 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {
 }
 
 fn summary_line(s: &JobStatus) -> String {
-    let state = match s.state {
-        JobState::Done => "done",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-        JobState::Running => "running",
-    };
+    let state = state_name(s.state);
     let mut line = format!(
         "job {} {state}: {}/{} tasks accepted, {} failed, {} replicas reported",
         s.id, s.tasks_done, s.tasks_total, s.tasks_failed, s.replicas_reported
     );
     if s.tasks_failed > 0 {
         line.push_str(&format!(
-            " — failed tasks reached no quorum; see `coordinator results {}` for reasons",
-            s.id
+            " — failed tasks reached no quorum; see `coordinator results {}` for reasons, `coordinator retry {}` runs them again",
+            s.id, s.id
         ));
     }
     line
