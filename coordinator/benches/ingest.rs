@@ -144,6 +144,17 @@ impl Store for NullStore {
     > {
         Ok(vec![])
     }
+    fn task_results_range(
+        &mut self,
+        _: tasks::JobId,
+        _: u32,
+        _: u32,
+    ) -> Result<
+        Vec<(tasks::wire::TaskResult, Option<coordinator::store::Output>)>,
+        coordinator::store::StoreError,
+    > {
+        Ok(vec![])
+    }
     fn outputs_missing(
         &mut self,
     ) -> Result<Vec<(tasks::TaskId, RunResult, Vec<NodeId>)>, coordinator::store::StoreError> {

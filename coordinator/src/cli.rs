@@ -1,4 +1,5 @@
-//! The submitter-facing subcommands: `submit`, `status`, `results`, `demo`.
+//! The submitter-facing subcommands: `submit`, `status`, `results`, `jobs`, `cancel`,
+//! `retry`, `demo`.
 //!
 //! Built on [`crate::client::Client`]; the demo also starts a coordinator
 //! ([`crate::server::Coordinator::start`]) and workers (`worker::daemon::run`) in this
@@ -15,20 +16,79 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tasks::wire::{JobResults, JobState, JobStatus, StatusReport, TaskState};
+use tasks::wire::{JobResults, JobState, JobStatus, StatusReport, TaskResult, TaskState};
 use tasks::{JobId, JobSpec, Ticket};
 
 use crate::client::Client;
 
-/// `coordinator submit`.
+/// The environment variable submitter commands read the submit token from when neither
+/// `--token` nor `--token-file` is given.
+pub const TOKEN_ENV: &str = "PEERGRID_TOKEN";
+
+/// Which coordinator a submitter command talks to, and its submit token.
 #[derive(Debug, Clone, clap::Args)]
-pub struct SubmitArgs {
+pub struct Target {
     /// The coordinator's ticket (`peergrid1:<node-id>@<host:port>`, from its `ticket` file).
     #[arg(long = "to", value_name = "TICKET")]
     pub to: String,
-    /// The coordinator's submit token (from its `<data-dir>/submit-token` file).
+    /// The coordinator's submit token. Other users of this machine can read it in `ps`:
+    /// prefer --token-file or the PEERGRID_TOKEN environment variable.
     #[arg(long, value_name = "TOKEN")]
-    pub token: String,
+    pub token: Option<String>,
+    /// File holding the submit token, e.g. the coordinator's `<data-dir>/submit-token`
+    /// (a trailing newline is ignored). Used when --token is not given.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Target {
+    /// The submit token: `--token`, else `--token-file`'s contents, else `$PEERGRID_TOKEN`.
+    pub fn token(&self) -> anyhow::Result<String> {
+        resolve_token(
+            self.token.as_deref(),
+            self.token_file.as_deref(),
+            std::env::var(TOKEN_ENV).ok().as_deref(),
+        )
+    }
+}
+
+/// The submit token from the first source given, in this order: the `--token` value, the
+/// `--token-file` file (its trailing newline trimmed), the `PEERGRID_TOKEN` value.
+pub fn resolve_token(
+    token: Option<&str>,
+    file: Option<&Path>,
+    env: Option<&str>,
+) -> anyhow::Result<String> {
+    if let Some(t) = token {
+        anyhow::ensure!(!t.trim().is_empty(), "--token is empty: give the coordinator's submit token (from its <data-dir>/submit-token)");
+        return Ok(t.to_string());
+    }
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read the token file {} (--token-file): give the coordinator's <data-dir>/submit-token",
+                path.display()
+            )
+        })?;
+        let t = text.trim_end_matches(['\n', '\r']);
+        anyhow::ensure!(
+            !t.trim().is_empty(),
+            "the token file {} is empty: give the coordinator's <data-dir>/submit-token",
+            path.display()
+        );
+        return Ok(t.to_string());
+    }
+    if let Some(t) = env.filter(|t| !t.trim().is_empty()) {
+        return Ok(t.to_string());
+    }
+    anyhow::bail!("no submit token: give --token-file FILE (the coordinator's <data-dir>/submit-token), --token TOKEN, or set the {TOKEN_ENV} environment variable")
+}
+
+/// `coordinator submit`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub target: Target,
     /// The job file (TOML).
     #[arg(value_name = "JOB.toml")]
     pub job: PathBuf,
@@ -43,12 +103,8 @@ pub struct SubmitArgs {
 /// `coordinator status`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StatusArgs {
-    /// The coordinator's ticket.
-    #[arg(long = "to", value_name = "TICKET")]
-    pub to: String,
-    /// The coordinator's submit token.
-    #[arg(long, value_name = "TOKEN")]
-    pub token: String,
+    #[command(flatten)]
+    pub target: Target,
     /// One job (default: all jobs).
     #[arg(value_name = "JOB_ID")]
     pub job: Option<JobId>,
@@ -60,18 +116,50 @@ pub struct StatusArgs {
 /// `coordinator results`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ResultsArgs {
-    /// The coordinator's ticket.
-    #[arg(long = "to", value_name = "TICKET")]
-    pub to: String,
-    /// The coordinator's submit token.
-    #[arg(long, value_name = "TOKEN")]
-    pub token: String,
+    #[command(flatten)]
+    pub target: Target,
     /// The job whose results to download.
     #[arg(value_name = "JOB_ID")]
     pub job: JobId,
     /// Directory for `<task-index>.out` files and `results.json`.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+}
+
+/// `coordinator jobs`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobsArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Print JSON (`{"jobs": [...]}`, each job with the keys of `status --json`) instead of
+    /// a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `coordinator cancel`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// The job to cancel (see `coordinator jobs`).
+    #[arg(value_name = "JOB_ID")]
+    pub job: JobId,
+}
+
+/// `coordinator retry`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RetryArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// The job whose failed tasks to reissue (see `coordinator jobs`).
+    #[arg(value_name = "JOB_ID")]
+    pub job: JobId,
+    /// Reissue the tasks that failed (no quorum within max_replicas, or too many replicas
+    /// lost), each with a fresh replica budget. The default, and the only kind: accepted
+    /// tasks are never touched.
+    #[arg(long)]
+    pub failed: bool,
 }
 
 /// `coordinator demo`.
@@ -88,15 +176,17 @@ pub struct DemoArgs {
     pub out: PathBuf,
 }
 
-async fn connect(to: &str, token: &str) -> anyhow::Result<Client> {
-    let ticket: Ticket = to.parse()?;
-    Ok(Client::connect(&ticket, token).await?)
+async fn connect(target: &Target) -> anyhow::Result<Client> {
+    // The token first: a missing one is the user's to fix before any network wait.
+    let token = target.token()?;
+    let ticket: Ticket = target.to.parse()?;
+    Ok(Client::connect(&ticket, &token).await?)
 }
 
 /// Run `coordinator submit`; returns the process exit code.
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {
     let spec = JobSpec::from_file(&args.job)?;
-    let mut client = connect(&args.to, &args.token).await?;
+    let mut client = connect(&args.target).await?;
     let (job, tasks) = client.submit(&spec).await?;
     if !args.wait {
         if args.json {
@@ -117,7 +207,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {
     let end = tokio::select! {
         r = wait_for_job(&mut client, job, !args.json) => r?,
         _ = tokio::signal::ctrl_c() => {
-            eprintln!("stopped waiting; job {job} keeps running: `coordinator status --to ... --token ... {job}`");
+            eprintln!("stopped waiting; job {job} keeps running: `coordinator status --to ... --token-file ... {job}`");
             return Ok(130);
         }
     };
@@ -139,20 +229,15 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {
 }
 
 fn summary_line(s: &JobStatus) -> String {
-    let state = match s.state {
-        JobState::Done => "done",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-        JobState::Running => "running",
-    };
+    let state = state_name(s.state);
     let mut line = format!(
         "job {} {state}: {}/{} tasks accepted, {} failed, {} replicas reported",
         s.id, s.tasks_done, s.tasks_total, s.tasks_failed, s.replicas_reported
     );
     if s.tasks_failed > 0 {
         line.push_str(&format!(
-            " — failed tasks reached no quorum; see `coordinator results {}` for reasons",
-            s.id
+            " — failed tasks reached no quorum; see `coordinator results {}` for reasons, `coordinator retry {}` runs them again",
+            s.id, s.id
         ));
     }
     line
@@ -249,7 +334,7 @@ pub async fn wait_for_job(
 
 /// Run `coordinator status`; returns the process exit code.
 pub async fn status(args: StatusArgs) -> anyhow::Result<i32> {
-    let client = connect(&args.to, &args.token).await?;
+    let client = connect(&args.target).await?;
     let report = client.status(args.job).await?;
     client.close().await;
     if args.json {
@@ -327,15 +412,16 @@ fn print_status(r: &StatusReport) {
     );
 }
 
-/// Run `coordinator results`; returns the process exit code.
+/// Run `coordinator results`: the job's results page by page, each page's outputs written
+/// before the next is asked for (memory stays bounded whatever the job's size); returns
+/// the process exit code.
 pub async fn results(args: ResultsArgs) -> anyhow::Result<i32> {
-    let client = connect(&args.to, &args.token).await?;
-    let res = client.collect(args.job, OUTPUT_PATIENCE).await?;
+    let client = connect(&args.target).await?;
+    let w = download_results(&client, args.job, &args.out, results_page_size()).await?;
     client.close().await;
-    let w = write_results(&res, &args.out)?;
     eprintln!(
         "job {}: wrote {} verified outputs and results.json to {} ({} pending, {} failed)",
-        res.job,
+        args.job,
         w.written,
         args.out.display(),
         w.pending,
@@ -347,6 +433,229 @@ pub async fn results(args: ResultsArgs) -> anyhow::Result<i32> {
             w.collecting
         );
     }
+    Ok(0)
+}
+
+/// Tasks asked for per results page. The coordinator caps a page at
+/// [`tasks::wire::MAX_RESULTS_PAGE`] tasks and a few MiB.
+const RESULTS_PAGE: u32 = tasks::wire::MAX_RESULTS_PAGE;
+
+/// Test knob, deliberately undocumented: tasks per results page request, so a test can make
+/// a small job span many pages.
+const RESULTS_PAGE_ENV: &str = "PEERGRID_RESULTS_PAGE";
+
+fn results_page_size() -> u32 {
+    std::env::var(RESULTS_PAGE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(RESULTS_PAGE)
+}
+
+/// One task of `results.json`, as `serde_json::to_string_pretty` prints it inside the
+/// document (four spaces deep): the output itself lives in its `.out` file.
+fn task_json(t: &TaskResult) -> anyhow::Result<String> {
+    let mut v = serde_json::to_value(t)?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("output");
+    }
+    let text = serde_json::to_string_pretty(&v)?;
+    Ok(text
+        .lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// Download a job's results into `dir` page by page (`page` tasks per request): every
+/// accepted output at hand to `DIR/<index>.out`, and `DIR/results.json` written as a stream
+/// (the same document [`write_results`] writes; renamed into place once complete). Accepted
+/// outputs the coordinator is still collecting from the workers are asked for again for up
+/// to [`OUTPUT_PATIENCE`] once the job has ended. A progress bar shows on a terminal.
+pub async fn download_results(
+    client: &Client,
+    job: JobId,
+    dir: &Path,
+    page: u32,
+) -> anyhow::Result<Written> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let final_path = dir.join("results.json");
+    let part = dir.join("results.json.part");
+    let file =
+        std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?;
+    let mut json = std::io::BufWriter::new(file);
+    let bar = if std::io::stderr().is_terminal() && std::io::stdout().is_terminal() {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} tasks ({eta} left) {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let until = Instant::now() + OUTPUT_PATIENCE;
+    let mut outputs = crate::client::OutputFetcher::default();
+    let mut w = Written::default();
+    let mut first = 0u32;
+    let mut wrote_any = false;
+    let mut header = false;
+    let write_err = |e: std::io::Error| anyhow::anyhow!("writing {}: {e}", part.display());
+    loop {
+        let mut p = client.results_page(job, first, page).await?;
+        // Accepted outputs still on their way to the coordinator: once the job has ended
+        // they will come, so ask for this page again (running jobs are downloaded as they
+        // are).
+        loop {
+            let mut missing = false;
+            for t in &mut p.tasks {
+                missing |= !client.fill_output(t, &mut outputs).await?;
+            }
+            if !missing || p.state == JobState::Running || Instant::now() >= until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            p = client.results_page(job, first, page).await?;
+        }
+        if !header {
+            header = true;
+            bar.set_length(u64::from(p.tasks_total));
+            let head = serde_json::json!({ "job": p.job, "name": p.name, "state": p.state });
+            write!(
+                json,
+                "{{\n  \"job\": {},\n  \"name\": {},\n  \"state\": {},\n  \"tasks\": [",
+                head["job"], head["name"], head["state"]
+            )
+            .map_err(write_err)?;
+        }
+        let n = p.tasks.len() as u32;
+        for mut t in p.tasks {
+            match t.status {
+                TaskState::Accepted => match t.output.take() {
+                    Some(out) => {
+                        let path = dir.join(format!("{}.out", t.index));
+                        std::fs::write(&path, out)
+                            .with_context(|| format!("writing {}", path.display()))?;
+                        w.written += 1;
+                    }
+                    None => w.collecting += 1,
+                },
+                TaskState::Pending => w.pending += 1,
+                TaskState::Failed => w.failed += 1,
+            }
+            t.output = None;
+            json.write_all(if wrote_any { b",\n" } else { b"\n" })
+                .map_err(write_err)?;
+            json.write_all(task_json(&t)?.as_bytes())
+                .map_err(write_err)?;
+            wrote_any = true;
+        }
+        first = first.saturating_add(n);
+        bar.set_position(u64::from(first));
+        bar.set_message(format!("{} outputs written", w.written));
+        if n == 0 || first >= p.tasks_total {
+            break;
+        }
+    }
+    json.write_all(if wrote_any { b"\n  ]\n}\n" } else { b"]\n}\n" })
+        .map_err(write_err)?;
+    json.into_inner()
+        .map_err(|e| anyhow::anyhow!("writing {}: {}", part.display(), e.error()))?
+        .sync_all()
+        .map_err(write_err)?;
+    std::fs::rename(&part, &final_path)
+        .with_context(|| format!("renaming {} to results.json", part.display()))?;
+    bar.finish_and_clear();
+    Ok(w)
+}
+
+/// Run `coordinator jobs`; returns the process exit code.
+pub async fn jobs(args: JobsArgs) -> anyhow::Result<i32> {
+    let client = connect(&args.target).await?;
+    let report = client.status(None).await?;
+    client.close().await;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "jobs": report.jobs }))?
+        );
+    } else if report.jobs.is_empty() {
+        println!("no jobs");
+    } else {
+        println!(
+            "{:>6}  {:<16} {:<9} {:>8} {:>8} {:>8}",
+            "JOB", "NAME", "STATE", "TASKS", "DONE", "FAILED"
+        );
+        for j in &report.jobs {
+            println!(
+                "{:>6}  {:<16} {:<9} {:>8} {:>8} {:>8}",
+                j.id.to_string(),
+                j.name,
+                state_name(j.state),
+                j.tasks_total,
+                j.tasks_done,
+                j.tasks_failed
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn state_name(s: JobState) -> &'static str {
+    match s {
+        JobState::Running => "running",
+        JobState::Done => "done",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+/// Run `coordinator cancel`; returns the process exit code.
+pub async fn cancel(args: CancelArgs) -> anyhow::Result<i32> {
+    let client = connect(&args.target).await?;
+    let job = args.job;
+    let report = client.status(Some(job)).await?;
+    let s = report
+        .jobs
+        .into_iter()
+        .find(|j| j.id == job)
+        .with_context(|| format!("the coordinator does not list job {job}"))?;
+    if s.state != JobState::Running {
+        client.close().await;
+        anyhow::bail!(
+            "job {job} has already ended ({}): there is nothing to cancel",
+            state_name(s.state)
+        );
+    }
+    client.cancel(job).await?;
+    client.close().await;
+    eprintln!(
+        "cancelled job {job} ({}): {} of {} tasks had been accepted; workers are told to stop the rest",
+        s.name, s.tasks_done, s.tasks_total
+    );
+    Ok(0)
+}
+
+/// Run `coordinator retry`; returns the process exit code.
+pub async fn retry(args: RetryArgs) -> anyhow::Result<i32> {
+    // `--failed` is the only kind of retry there is (see RetryArgs).
+    let _ = args.failed;
+    let client = connect(&args.target).await?;
+    let job = args.job;
+    let n = client.retry(job).await?;
+    client.close().await;
+    if n == 0 {
+        eprintln!("job {job} has no failed tasks: nothing to retry");
+    } else {
+        eprintln!(
+            "job {job}: {n} failed tasks are pending again, each with a fresh replica budget; follow it with `coordinator status {job}`"
+        );
+    }
+    println!("{n}");
     Ok(0)
 }
 

@@ -15,8 +15,8 @@ use blobs::swarm::FetchError;
 use tasks::job::JobError;
 use tasks::net::{self, FrameError, NetError};
 use tasks::wire::{
-    ErrorCode, JobResults, PeerAddr, StatusReport, SubmitBody, SubmitRequest, SubmitResponse,
-    TaskState, ALPN_SUBMIT,
+    ErrorCode, JobResults, PeerAddr, ResultsPage, StatusReport, SubmitBody, SubmitRequest,
+    SubmitResponse, TaskResult, TaskState, ALPN_SUBMIT,
 };
 use tasks::{BlobId, BlobRef, JobId, JobManifest, JobSpec, NodeKey, Ticket};
 
@@ -45,6 +45,17 @@ pub enum ClientError {
     Fetch { index: u32, reason: String },
     #[error("local I/O: {0}")]
     Io(String),
+}
+
+/// Disk the temporary store of fetched outputs may use ([`Client::fill_output`]); the least
+/// recently fetched go first.
+const OUTPUT_CACHE_BYTES: u64 = 256 << 20;
+
+/// Where [`Client::fill_output`] keeps outputs fetched as blobs: a temporary store, made on
+/// first use and removed on drop.
+#[derive(Default)]
+pub struct OutputFetcher {
+    store: Option<(tempfile::TempDir, blobs::BlobStore, blobs::swarm::Fetcher)>,
 }
 
 /// A connection to one coordinator's submit service.
@@ -202,69 +213,117 @@ impl Client {
 
     /// A job's results with every accepted output filled in: inline ones checked against
     /// their hash, the others fetched from the coordinator over `peergrid/blob/1` (verified
-    /// chunk by chunk).
+    /// chunk by chunk). One request and one frame: a job of some ten thousand tasks
+    /// overflows it; [`Client::results_page`] reads any job page by page.
     pub async fn results(&self, job: JobId) -> Result<JobResults, ClientError> {
         let mut results = match self.call(SubmitBody::Results { job }).await? {
             SubmitResponse::Results(r) => r,
             other => return Err(Self::not_found(job, other)),
         };
-        let mut store: Option<(tempfile::TempDir, blobs::BlobStore, blobs::swarm::Fetcher)> = None;
+        let mut outputs = OutputFetcher::default();
+        for t in &mut results.tasks {
+            self.fill_output(t, &mut outputs).await?;
+        }
+        Ok(results)
+    }
+
+    /// Up to `max` task results of a job from index `first` on (the coordinator may send
+    /// fewer, at least one unless `first` is past the end), outputs not filled in: see
+    /// [`Client::fill_output`].
+    pub async fn results_page(
+        &self,
+        job: JobId,
+        first: u32,
+        max: u32,
+    ) -> Result<ResultsPage, ClientError> {
+        match self
+            .call(SubmitBody::ResultsPage { job, first, max })
+            .await?
+        {
+            SubmitResponse::ResultsPage(p) => {
+                let consecutive = p.tasks.iter().zip(first..).all(|(t, i)| t.index == i);
+                if p.first != first.min(p.tasks_total)
+                    || p.tasks.len() as u64 > u64::from(max.max(1))
+                    || !consecutive
+                    || (p.tasks.is_empty() && first < p.tasks_total)
+                {
+                    return Err(ClientError::Unexpected(format!(
+                        "a results page from {first} holds {} tasks from {}",
+                        p.tasks.len(),
+                        p.first
+                    )));
+                }
+                Ok(p)
+            }
+            other => Err(Self::not_found(job, other)),
+        }
+    }
+
+    /// Fill in an accepted task's `output`: an inline one is checked against its hash, any
+    /// other fetched from the coordinator over `peergrid/blob/1` (verified chunk by chunk)
+    /// into `outputs`' temporary store. Leaves `output` empty (and returns false) when the
+    /// coordinator is still collecting it from the agreeing workers; true otherwise.
+    pub async fn fill_output(
+        &self,
+        t: &mut TaskResult,
+        outputs: &mut OutputFetcher,
+    ) -> Result<bool, ClientError> {
+        if t.status != TaskState::Accepted {
+            t.output = None;
+            return Ok(true);
+        }
+        let (Some(hash), Some(len)) = (t.output_hash, t.output_len) else {
+            return Ok(true);
+        };
+        if let Some(out) = &t.output {
+            if BlobId::of(out) != hash || out.len() as u64 != len {
+                return Err(ClientError::Verify {
+                    index: t.index,
+                    reason: "inline output does not match output_hash".into(),
+                });
+            }
+            return Ok(true);
+        }
+        if len == 0 {
+            t.output = Some(Vec::new());
+            return Ok(true);
+        }
+        if outputs.store.is_none() {
+            let dir = tempfile::tempdir().map_err(|e| ClientError::Io(e.to_string()))?;
+            // Capped: a download of a large job keeps only recent outputs on disk.
+            let bs = blobs::BlobStore::open(dir.path(), Some(OUTPUT_CACHE_BYTES))
+                .map_err(|e| ClientError::Io(e.to_string()))?;
+            let f = blobs::swarm::Fetcher::new(self.endpoint.clone(), bs.clone(), None);
+            outputs.store = Some((dir, bs, f));
+        }
+        let (_, bs, fetcher) = outputs.store.as_ref().expect("created above");
         let seed = [PeerAddr {
             node_id: self.ticket.node_id,
             addr: self.addr,
         }];
-        for t in &mut results.tasks {
-            if t.status != TaskState::Accepted {
-                continue;
+        let blob = BlobRef {
+            id: hash,
+            size: len,
+        };
+        match fetcher.fetch(blob, &seed).await {
+            Ok(_) => {}
+            // Accepted, but the coordinator is still pulling the output from the agreeing
+            // workers: leave `output` empty; ask again later.
+            Err(FetchError::Unavailable {
+                tried, not_found, ..
+            }) if tried == not_found => return Ok(false),
+            Err(e) => {
+                return Err(ClientError::Fetch {
+                    index: t.index,
+                    reason: e.to_string(),
+                })
             }
-            let (Some(hash), Some(len)) = (t.output_hash, t.output_len) else {
-                continue;
-            };
-            if let Some(out) = &t.output {
-                if BlobId::of(out) != hash || out.len() as u64 != len {
-                    return Err(ClientError::Verify {
-                        index: t.index,
-                        reason: "inline output does not match output_hash".into(),
-                    });
-                }
-                continue;
-            }
-            if len == 0 {
-                t.output = Some(Vec::new());
-                continue;
-            }
-            if store.is_none() {
-                let dir = tempfile::tempdir().map_err(|e| ClientError::Io(e.to_string()))?;
-                let bs = blobs::BlobStore::open(dir.path(), None)
-                    .map_err(|e| ClientError::Io(e.to_string()))?;
-                let f = blobs::swarm::Fetcher::new(self.endpoint.clone(), bs.clone(), None);
-                store = Some((dir, bs, f));
-            }
-            let (_, bs, fetcher) = store.as_ref().expect("created above");
-            let blob = BlobRef {
-                id: hash,
-                size: len,
-            };
-            match fetcher.fetch(blob, &seed).await {
-                Ok(_) => {}
-                // Accepted, but the coordinator is still pulling the output from the agreeing
-                // workers: leave `output` empty; `collect` asks again.
-                Err(FetchError::Unavailable {
-                    tried, not_found, ..
-                }) if tried == not_found => continue,
-                Err(e) => {
-                    return Err(ClientError::Fetch {
-                        index: t.index,
-                        reason: e.to_string(),
-                    })
-                }
-            }
-            t.output = Some(bs.read(&hash).map_err(|e| ClientError::Fetch {
-                index: t.index,
-                reason: e.to_string(),
-            })?);
         }
-        Ok(results)
+        t.output = Some(bs.read(&hash).map_err(|e| ClientError::Fetch {
+            index: t.index,
+            reason: e.to_string(),
+        })?);
+        Ok(true)
     }
 
     /// Like [`Client::results`], but when the job has ended and some accepted outputs are still
@@ -289,6 +348,15 @@ impl Client {
                 return Ok(r);
             }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Send a job's failed tasks back to pending with a fresh replica budget (accepted tasks
+    /// are never touched; a job that had ended runs again). Returns how many went back.
+    pub async fn retry(&self, job: JobId) -> Result<u32, ClientError> {
+        match self.call(SubmitBody::Retry { job }).await? {
+            SubmitResponse::Retried { tasks, .. } => Ok(tasks),
+            other => Err(Self::not_found(job, other)),
         }
     }
 

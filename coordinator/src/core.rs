@@ -114,6 +114,15 @@ pub enum Notice {
     },
 }
 
+/// Why [`Core::retry_failed`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RetryError {
+    #[error("no such job")]
+    UnknownJob,
+    #[error("the job was cancelled: submit it again to run it")]
+    Cancelled,
+}
+
 /// Lifecycle of a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TaskPhase {
@@ -742,6 +751,69 @@ impl Core {
         true
     }
 
+    /// Send a job's failed tasks back to pending with a fresh replica budget: their earlier
+    /// replicas (all ended: a task fails only with none in flight) stop counting and are
+    /// forgotten, so a late report of one is refused as unknown. Accepted tasks are never
+    /// touched. A job that had ended runs again. Returns how many tasks went back (0: the job
+    /// had no failed task, and nothing changes).
+    pub fn retry_failed(&mut self, job: JobId, now: u64) -> Result<u32, RetryError> {
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return Err(RetryError::UnknownJob);
+        };
+        if j.state == JobState::Cancelled {
+            return Err(RetryError::Cancelled);
+        }
+        let failed: Vec<u32> = (0..j.tasks.len() as u32)
+            .filter(|&i| j.tasks[i as usize].phase == TaskPhase::Failed)
+            .collect();
+        if failed.is_empty() {
+            return Ok(0);
+        }
+        // Replicas allocated from here on belong to the new attempt: the store keeps the
+        // mark, so a restart attaches only those (see `restore`).
+        let replicas_from = self.next_replica;
+        let mut forget = Vec::new();
+        for &index in &failed {
+            let slot = &mut j.tasks[index as usize];
+            slot.phase = TaskPhase::Pending;
+            slot.accepted = None;
+            slot.queued = false;
+            slot.ready_at = 0;
+            forget.append(&mut slot.replicas);
+            self.mutations.push(Mutation::Retried {
+                task: TaskId { job, index },
+                replicas_from,
+            });
+        }
+        j.failed -= failed.len() as u32;
+        if j.state != JobState::Running {
+            j.state = JobState::Running;
+            self.running.push(job);
+            self.mutations.push(Mutation::JobState {
+                job,
+                state: JobState::Running,
+            });
+        }
+        for r in forget {
+            if let Some(rep) = self.replicas.remove(&r) {
+                // Failing cancelled every in-flight replica; this is a guard, not a path.
+                if rep.phase == ReplicaPhase::InFlight {
+                    self.deadlines.remove(&(rep.deadline_ms, r));
+                    if let Some(w) = self.workers.get_mut(&rep.worker) {
+                        w.in_flight.remove(&r);
+                    }
+                    if let Some(j) = self.jobs.get_mut(&job) {
+                        j.in_flight -= 1;
+                    }
+                }
+            }
+        }
+        for index in &failed {
+            self.reevaluate(TaskId { job, index: *index }, now);
+        }
+        Ok(failed.len() as u32)
+    }
+
     pub(crate) fn cancel_replicas(&mut self, ids: &[ReplicaId]) {
         let mut by_worker: BTreeMap<NodeId, Vec<ReplicaId>> = BTreeMap::new();
         for &r in ids {
@@ -989,7 +1061,11 @@ impl Core {
         for j in snap.jobs {
             core.insert_job(j.job, Arc::new(j.manifest), j.state);
         }
+        let mut retried: HashMap<TaskId, ReplicaId> = HashMap::new();
         for t in snap.tasks {
+            if let Some(from) = t.replicas_from {
+                retried.insert(t.task, from);
+            }
             let Some(job) = core.jobs.get_mut(&t.task.job) else {
                 continue;
             };
@@ -1027,8 +1103,16 @@ impl Core {
             let Some(slot) = job.tasks.get_mut(r.task.index as usize) else {
                 continue;
             };
-            slot.replicas.push(r.replica);
             job.next_fresh = job.next_fresh.max(r.task.index + 1);
+            if retried.get(&r.task).is_some_and(|&from| r.replica < from) {
+                // An earlier attempt of a retried task: forgotten, as `retry_failed` does;
+                // its report still counts in the job's reported replicas.
+                if r.phase == ReplicaPhase::Reported {
+                    job.reported += 1;
+                }
+                continue;
+            }
+            slot.replicas.push(r.replica);
             match r.phase {
                 ReplicaPhase::InFlight => {
                     job.in_flight += 1;

@@ -28,6 +28,12 @@ enum Cmd {
     Status(cli::StatusArgs),
     /// Download a job's accepted outputs and results.json.
     Results(cli::ResultsArgs),
+    /// List the coordinator's jobs.
+    Jobs(cli::JobsArgs),
+    /// Cancel a running job: nothing more is scheduled, workers stop its replicas.
+    Cancel(cli::CancelArgs),
+    /// Reissue a job's failed tasks (no quorum reached, or too many replicas lost).
+    Retry(cli::RetryArgs),
     /// Run a coordinator and N workers in this process on loopback and a sample job end to end.
     Demo(cli::DemoArgs),
 }
@@ -96,6 +102,9 @@ fn main() -> std::process::ExitCode {
             Cmd::Submit(a) => cli::submit(a).await,
             Cmd::Status(a) => cli::status(a).await,
             Cmd::Results(a) => cli::results(a).await,
+            Cmd::Jobs(a) => cli::jobs(a).await,
+            Cmd::Cancel(a) => cli::cancel(a).await,
+            Cmd::Retry(a) => cli::retry(a).await,
             Cmd::Demo(a) => cli::demo(a).await,
         }
     });

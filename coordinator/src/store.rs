@@ -176,6 +176,12 @@ pub enum Mutation {
         task: TaskId,
         output: Output,
     },
+    /// A failed task went back to pending (`coordinator retry`): replicas of it with ids
+    /// below `replicas_from` belong to earlier attempts and no longer count.
+    Retried {
+        task: TaskId,
+        replicas_from: ReplicaId,
+    },
     Worker(WorkerRecord),
     BlobLocation {
         blob: BlobId,
@@ -255,6 +261,8 @@ pub struct TaskRow {
     pub task: TaskId,
     pub quorum: Option<u32>,
     pub decision: Option<Decision>,
+    /// Set once the task was retried: its replicas below this id are of earlier attempts.
+    pub replicas_from: Option<ReplicaId>,
 }
 
 #[derive(Debug, Clone)]
@@ -291,6 +299,14 @@ pub trait Store: Send {
     /// The results of a job's decided tasks (pending tasks are absent), with inline outputs.
     fn task_results(&mut self, job: JobId)
         -> Result<Vec<(TaskResult, Option<Output>)>, StoreError>;
+    /// Like [`Store::task_results`], for the tasks with `first <= index < end` only: what a
+    /// page of results reads, so no request ever loads a whole large job.
+    fn task_results_range(
+        &mut self,
+        job: JobId,
+        first: u32,
+        end: u32,
+    ) -> Result<Vec<(TaskResult, Option<Output>)>, StoreError>;
     /// Accepted tasks whose output is neither inline nor in the blob store yet.
     fn outputs_missing(&mut self) -> Result<Vec<(TaskId, RunResult, Vec<NodeId>)>, StoreError>;
 }

@@ -79,8 +79,10 @@
 //! Every request carries the coordinator's submit token; a wrong token gets
 //! [`SubmitResponse::Error`] with [`ErrorCode::Unauthorized`]. A job is uploaded as:
 //! `MissingBlobs` (which blobs the coordinator lacks) → `PutBlob` for each missing one →
-//! `CreateJob`. `Status`, `Results` and `Cancel` read or end jobs; outputs that are not
-//! inline are fetched over `peergrid/blob/1`.
+//! `CreateJob`. `Status`, `Results` and `Cancel` read or end jobs; `Retry` sends a job's
+//! failed tasks back to pending. `Results` answers in one frame, which a job of some ten
+//! thousand tasks overflows: `ResultsPage` reads a job's results page by page instead.
+//! Outputs that are not inline are fetched over `peergrid/blob/1`.
 //!
 //! ## Blob exchange (`peergrid/blob/1`)
 //! `Outboard` returns a blob's size and chunk chaining values (verified by the requester
@@ -309,16 +311,59 @@ pub enum SubmitBody {
     Cancel {
         job: JobId,
     },
+    /// Reissue the job's failed tasks with a fresh replica budget (accepted tasks are never
+    /// touched); answered with [`SubmitResponse::Retried`].
+    Retry {
+        job: JobId,
+    },
+    /// Up to `max` task results from index `first` on, answered with
+    /// [`SubmitResponse::ResultsPage`]: how a job of any size is downloaded in bounded
+    /// frames (`Results` answers in one frame, which a large job overflows).
+    ResultsPage {
+        job: JobId,
+        first: u32,
+        max: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum SubmitResponse {
     Ok,
-    Missing { blobs: Vec<BlobRef> },
-    JobCreated { job: JobId, tasks: u32 },
+    Missing {
+        blobs: Vec<BlobRef>,
+    },
+    JobCreated {
+        job: JobId,
+        tasks: u32,
+    },
     Status(StatusReport),
     Results(JobResults),
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    /// `tasks` failed tasks went back to pending (0: the job had none).
+    Retried {
+        job: JobId,
+        tasks: u32,
+    },
+    ResultsPage(ResultsPage),
+}
+
+/// Most task results one [`SubmitBody::ResultsPage`] answer carries.
+pub const MAX_RESULTS_PAGE: u32 = 4096;
+
+/// One page of a job's results: consecutive tasks from `first` on (pending ones included).
+/// It may hold fewer than asked for (the coordinator keeps every page well inside
+/// [`MAX_FRAME`]), but at least one task unless `first` is past the last task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultsPage {
+    pub job: JobId,
+    pub name: String,
+    pub state: JobState,
+    pub tasks_total: u32,
+    pub first: u32,
+    pub tasks: Vec<TaskResult>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -800,6 +845,9 @@ mod tests {
             prop::option::of(job_id()).prop_map(|job| SubmitBody::Status { job }),
             job_id().prop_map(|job| SubmitBody::Results { job }),
             job_id().prop_map(|job| SubmitBody::Cancel { job }),
+            job_id().prop_map(|job| SubmitBody::Retry { job }),
+            (job_id(), any::<u32>(), any::<u32>())
+                .prop_map(|(job, first, max)| SubmitBody::ResultsPage { job, first, max }),
         ];
         (text(), body).prop_map(|(token, body)| SubmitRequest { token, body })
     }
@@ -915,6 +963,24 @@ mod tests {
                 tasks,
             },
         );
+        let page = (
+            job_id(),
+            text(),
+            job_state(),
+            any::<u32>(),
+            any::<u32>(),
+            list(task_result()),
+        )
+            .prop_map(
+                |(job, name, state, tasks_total, first, tasks)| ResultsPage {
+                    job,
+                    name,
+                    state,
+                    tasks_total,
+                    first,
+                    tasks,
+                },
+            );
         prop_oneof![
             Just(SubmitResponse::Ok),
             list(blob_ref()).prop_map(|blobs| SubmitResponse::Missing { blobs }),
@@ -923,6 +989,9 @@ mod tests {
             status_report().prop_map(SubmitResponse::Status),
             results.prop_map(SubmitResponse::Results),
             (code, text()).prop_map(|(code, message)| SubmitResponse::Error { code, message }),
+            (job_id(), any::<u32>())
+                .prop_map(|(job, tasks)| SubmitResponse::Retried { job, tasks }),
+            page.prop_map(SubmitResponse::ResultsPage),
         ]
     }
 
@@ -1267,6 +1336,43 @@ mod tests {
                 message: "no".into(),
             },
             "00000005 05 00 026e6f",
+        );
+        // Appended variants keep every earlier index: Retry is 6, ResultsPage 7.
+        golden(
+            SubmitRequest {
+                token: "t".into(),
+                body: SubmitBody::Retry { job: JobId(3) },
+            },
+            "00000004 0174 06 03",
+        );
+        golden(
+            SubmitRequest {
+                token: "t".into(),
+                body: SubmitBody::ResultsPage {
+                    job: JobId(3),
+                    first: 2,
+                    max: 100,
+                },
+            },
+            "00000006 0174 07 03 02 64",
+        );
+        golden(
+            SubmitResponse::Retried {
+                job: JobId(3),
+                tasks: 2,
+            },
+            "00000003 06 03 02",
+        );
+        golden(
+            SubmitResponse::ResultsPage(ResultsPage {
+                job: JobId(3),
+                name: "j".into(),
+                state: JobState::Running,
+                tasks_total: 9,
+                first: 8,
+                tasks: vec![],
+            }),
+            "00000008 07 03 016a 00 09 08 00",
         );
         golden(
             SubmitResponse::Results(JobResults {

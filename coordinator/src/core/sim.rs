@@ -1145,7 +1145,7 @@ fn a_contested_result_needs_the_dispute_margin_over_its_rival() {
     assert_eq!(c.core.task_phase(task), Some(TaskPhase::Accepted));
 }
 
-/// Anchors decide (the open pool's default): once anchors are connected, newcomers that agree
+/// Anchors decide (opt-in `anchors_decide`): once anchors are connected, newcomers that agree
 /// among themselves cannot get a result accepted; the task's next replica waits for an anchor
 /// (no newcomer may take it), and `quorum + untrusted_extra` agreeing anchors win over the
 /// newcomers' rival result, whose workers are then banned.
@@ -1216,4 +1216,215 @@ fn newcomers_agreeing_on_a_lie_cannot_outvote_anchors_when_anchors_decide() {
         assert!(core.is_banned(s), "{s:?} contradicted three anchors");
     }
     assert!(anchors.iter().all(|a| !core.is_banned(a)));
+}
+
+/// A core for the retry tests: plain quorum, every replica due at once.
+fn retry_core() -> Core {
+    Core::new(CoreConfig {
+        policy: TrustPolicy {
+            untrusted_extra: 0,
+            partner_spread: 0,
+            distinct_address_blocks: false,
+            ..TrustPolicy::default()
+        },
+        ..CoreConfig::default()
+    })
+}
+
+/// Hand out and report work until nobody gets any: worker `i` reports `answer(i, task)`.
+fn work_until_idle(
+    core: &mut Core,
+    ws: &[NodeId],
+    now: u64,
+    answer: impl Fn(usize, TaskId) -> RunResult,
+) {
+    for _ in 0..1_000 {
+        let mut any = false;
+        for (i, w) in ws.iter().enumerate() {
+            for a in core.request_work(*w, 4, now).assignments {
+                any = true;
+                core.report(*w, a.replica, answer(i, a.task.id), now);
+            }
+        }
+        if !any {
+            return;
+        }
+    }
+    panic!("the core kept handing out work");
+}
+
+/// Worker 1 contradicts worker 0 on every task but the last, so with quorum 2 of at most 2
+/// replicas those tasks fail.
+fn lie_on_all_but_last(last: u32) -> impl Fn(usize, TaskId) -> RunResult {
+    move |i, t| {
+        let mut r = truth(t);
+        if i == 1 && t.index != last {
+            r.output_hash = BlobId::of(b"wrong");
+        }
+        r
+    }
+}
+
+#[test]
+fn retry_sends_failed_tasks_back_with_a_fresh_budget_and_never_touches_accepted_ones() {
+    let mut core = retry_core();
+    let (job, _) = core.add_job(manifest("a", 3, 2, 2, 600), 0);
+    let ws = [node(1), node(2)];
+    for w in ws {
+        core.hello(w, &fp(Kind::Honest), 2, None, &[], 0);
+    }
+    work_until_idle(&mut core, &ws, 1, lie_on_all_but_last(2));
+    let s = &core.status(Some(job)).unwrap().jobs[0];
+    assert_eq!(
+        (s.state, s.tasks_done, s.tasks_failed),
+        (JobState::Failed, 1, 2)
+    );
+    let accepted = TaskId { job, index: 2 };
+    let valid_before = core.reputation(&ws[0]).unwrap().valid;
+    core.take_mutations();
+
+    assert_eq!(core.retry_failed(job, 2), Ok(2));
+    let muts = core.take_mutations();
+    let retried: Vec<u32> = muts
+        .iter()
+        .filter_map(|m| match m {
+            Mutation::Retried { task, .. } => Some(task.index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(retried, vec![0, 1], "only the failed tasks go back");
+    assert!(muts.contains(&Mutation::JobState {
+        job,
+        state: JobState::Running
+    }));
+    let s = &core.status(Some(job)).unwrap().jobs[0];
+    assert_eq!(
+        (s.state, s.tasks_done, s.tasks_failed),
+        (JobState::Running, 1, 0)
+    );
+    assert_eq!(
+        core.task_phase(TaskId { job, index: 0 }),
+        Some(TaskPhase::Pending)
+    );
+    assert_eq!(core.task_phase(accepted), Some(TaskPhase::Accepted));
+
+    // A fresh budget: the two disagreeing reports no longer count, so two new agreeing
+    // replicas (max_replicas 2) decide each task, and the accepted task gets no replica.
+    let mut given = Vec::new();
+    for _ in 0..1_000 {
+        let mut any = false;
+        for w in ws {
+            for a in core.request_work(w, 4, 3).assignments {
+                any = true;
+                given.push(a.task.id);
+                core.report(w, a.replica, truth(a.task.id), 3);
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    given.sort_unstable_by_key(|t| t.index);
+    assert_eq!(
+        given.iter().map(|t| t.index).collect::<Vec<_>>(),
+        vec![0, 0, 1, 1],
+        "two replicas of each retried task, none of the accepted one"
+    );
+    let s = &core.status(Some(job)).unwrap().jobs[0];
+    assert_eq!(
+        (s.state, s.tasks_done, s.tasks_failed),
+        (JobState::Done, 3, 0)
+    );
+    assert_eq!(core.reputation(&ws[0]).unwrap().valid, valid_before + 2);
+
+    // Nothing failed: nothing to retry, nothing changes.
+    core.take_mutations();
+    assert_eq!(core.retry_failed(job, 4), Ok(0));
+    assert!(core.take_mutations().is_empty());
+    assert_eq!(core.job_state(job), Some(JobState::Done));
+    assert_eq!(core.retry_failed(JobId(99), 4), Err(RetryError::UnknownJob));
+}
+
+#[test]
+fn a_cancelled_job_is_not_retried() {
+    let mut core = retry_core();
+    let (job, _) = core.add_job(manifest("a", 2, 2, 2, 600), 0);
+    let ws = [node(1), node(2)];
+    for w in ws {
+        core.hello(w, &fp(Kind::Honest), 2, None, &[], 0);
+    }
+    // Task 0 fails, then the job is cancelled before task 1 is decided.
+    for w in ws {
+        let a = core.request_work(w, 1, 1).assignments;
+        for a in a {
+            let mut r = truth(a.task.id);
+            if w == ws[1] {
+                r.output_hash = BlobId::of(b"wrong");
+            }
+            core.report(w, a.replica, r, 1);
+        }
+    }
+    assert_eq!(core.status(Some(job)).unwrap().jobs[0].tasks_failed, 1);
+    assert!(core.cancel_job(job, 2));
+    core.take_mutations();
+    assert_eq!(core.retry_failed(job, 3), Err(RetryError::Cancelled));
+    assert!(core.take_mutations().is_empty());
+}
+
+#[test]
+fn a_retry_survives_a_restart_and_earlier_attempts_stay_forgotten() {
+    use crate::store::{SqliteStore, Store};
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join(SqliteStore::FILE);
+    let mut store = SqliteStore::open(&p).unwrap();
+    let mut core = retry_core();
+    let (job, _) = core.add_job(manifest("a", 3, 2, 2, 600), 0);
+    let ws = [node(1), node(2)];
+    for w in ws {
+        core.hello(w, &fp(Kind::Honest), 2, None, &[], 0);
+    }
+    work_until_idle(&mut core, &ws, 1, lie_on_all_but_last(2));
+    store.commit(&core.take_mutations()).unwrap();
+    assert_eq!(core.retry_failed(job, 2), Ok(2));
+    // One new replica of task 0 goes out (and is in flight) before the restart.
+    let a = core.request_work(ws[0], 1, 3).assignments.remove(0);
+    store.commit(&core.take_mutations()).unwrap();
+    let mut before = core.status(None).unwrap();
+    for w in &mut before.workers {
+        w.connected = false;
+    }
+    drop((core, store));
+
+    let mut store = SqliteStore::open(&p).unwrap();
+    let cfg = retry_core().config().clone();
+    let mut core = Core::restore(cfg, store.load().unwrap(), 4);
+    assert!(
+        core.take_mutations().is_empty(),
+        "restoring changes nothing durable"
+    );
+    assert_eq!(core.status(None).unwrap(), before);
+    assert_eq!(core.job_state(job), Some(JobState::Running));
+    for w in ws {
+        core.hello(w, &fp(Kind::Honest), 2, None, &[], 5);
+    }
+    // The in-flight replica of the new attempt is still reportable; the rest is handed out.
+    core.report(ws[0], a.replica, truth(a.task.id), 5);
+    work_until_idle(&mut core, &ws, 6, |_, t| truth(t));
+    store.commit(&core.take_mutations()).unwrap();
+    let s = &core.status(Some(job)).unwrap().jobs[0];
+    assert_eq!(
+        (s.state, s.tasks_done, s.tasks_failed),
+        (JobState::Done, 3, 0)
+    );
+    let results = store.task_results(job).unwrap();
+    assert_eq!(results.len(), 3);
+    assert!(results.iter().all(
+        |(t, _)| t.status == tasks::wire::TaskState::Accepted && t.agreeing_workers.len() == 2
+    ));
+    // The same again from the database alone.
+    drop((core, store));
+    let mut store = SqliteStore::open(&p).unwrap();
+    let core = Core::restore(retry_core().config().clone(), store.load().unwrap(), 7);
+    assert_eq!(core.job_state(job), Some(JobState::Done));
+    assert_eq!(store.task_results_range(job, 1, 3).unwrap().len(), 2);
 }

@@ -13,12 +13,12 @@ use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
 
 use tasks::wire::{
-    CoordMsg, JobResults, JobState, PeerAddr, ReplicaId, Report, StatusReport, TaskResult,
-    TaskState, INLINE_OUTPUT_MAX,
+    CoordMsg, JobResults, JobState, PeerAddr, ReplicaId, Report, ResultsPage, StatusReport,
+    TaskResult, TaskState, INLINE_OUTPUT_MAX, MAX_RESULTS_PAGE,
 };
 use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, RunResult, TaskId};
 
-use crate::core::{Core, Notice, ReportOutcome, Work};
+use crate::core::{Core, Notice, ReportOutcome, RetryError, Work};
 use crate::store::{Mutation, Output, SqliteStore, Store};
 
 pub mod overview;
@@ -30,6 +30,10 @@ pub const MAX_BATCH: usize = 8192;
 /// Results responses carry inline outputs up to this many bytes in total; the rest are
 /// copied into the blob store and fetched by hash.
 pub const RESULTS_INLINE_BUDGET: usize = 4 << 20;
+
+/// A page of results carries at most about this many bytes (fields and inline outputs), far
+/// inside a frame ([`tasks::wire::MAX_FRAME`]).
+pub const RESULTS_PAGE_BUDGET: usize = 4 << 20;
 
 /// A worker's hello, as the engine needs it.
 #[derive(Debug, Clone)]
@@ -110,6 +114,18 @@ pub enum Cmd {
     Cancel {
         job: JobId,
         reply: oneshot::Sender<bool>,
+    },
+    /// `coordinator retry`: the job's failed tasks back to pending.
+    Retry {
+        job: JobId,
+        reply: oneshot::Sender<Result<u32, RetryError>>,
+    },
+    /// One page of a job's results (see [`tasks::wire::SubmitBody::ResultsPage`]).
+    ResultsPage {
+        job: JobId,
+        first: u32,
+        max: u32,
+        reply: oneshot::Sender<Result<Option<ResultsPage>, String>>,
     },
     OutputStored {
         task: TaskId,
@@ -225,6 +241,10 @@ enum Reply {
     Status(oneshot::Sender<Option<StatusReport>>, Option<StatusReport>),
     Overview(oneshot::Sender<Overview>, Box<Overview>),
     Tasks(oneshot::Sender<Option<TasksPage>>, Option<TasksPage>),
+    Retry(
+        oneshot::Sender<Result<u32, RetryError>>,
+        Result<u32, RetryError>,
+    ),
 }
 
 impl Reply {
@@ -238,6 +258,7 @@ impl Reply {
             Reply::Status(tx, s) => tx.send(s).map_err(|_| ()),
             Reply::Overview(tx, o) => tx.send(*o).map_err(|_| ()),
             Reply::Tasks(tx, t) => tx.send(t).map_err(|_| ()),
+            Reply::Retry(tx, r) => tx.send(r).map_err(|_| ()),
         };
     }
 }
@@ -259,6 +280,14 @@ pub struct Engine<S: Store = SqliteStore> {
     collecting: std::collections::HashSet<TaskId>,
     /// `Results` asked in the current batch, answered after its commit.
     results_wanted: Vec<(JobId, oneshot::Sender<Result<Option<JobResults>, String>>)>,
+    /// `ResultsPage` asked in the current batch (job, first, max), answered after its commit.
+    #[allow(clippy::type_complexity)]
+    pages_wanted: Vec<(
+        JobId,
+        u32,
+        u32,
+        oneshot::Sender<Result<Option<ResultsPage>, String>>,
+    )>,
     /// Statistics: batches committed and commands applied.
     pub batches: u64,
     pub commands: u64,
@@ -286,6 +315,7 @@ impl<S: Store> Engine<S> {
             fetches,
             collecting: Default::default(),
             results_wanted: Vec::new(),
+            pages_wanted: Vec::new(),
             batches: 0,
             commands: 0,
             stats: Default::default(),
@@ -337,6 +367,9 @@ impl<S: Store> Engine<S> {
         }
         for (job, reply) in std::mem::take(&mut self.results_wanted) {
             let _ = reply.send(self.results(job));
+        }
+        for (job, first, max, reply) in std::mem::take(&mut self.pages_wanted) {
+            let _ = reply.send(self.results_page(job, first, max));
         }
         for (worker, msg) in sends {
             if let Some((_, tx)) = self.sessions.get(&worker) {
@@ -514,6 +547,19 @@ impl<S: Store> Engine<S> {
                 let ok = self.core.cancel_job(job, now);
                 replies.push(Reply::Bool(reply, ok));
             }
+            Cmd::Retry { job, reply } => {
+                let r = self.core.retry_failed(job, now);
+                if let Ok(n) = r {
+                    tracing::info!(%job, tasks = n, "failed tasks reissued");
+                }
+                replies.push(Reply::Retry(reply, r));
+            }
+            Cmd::ResultsPage {
+                job,
+                first,
+                max,
+                reply,
+            } => self.pages_wanted.push((job, first, max, reply)),
             Cmd::OutputStored { task, output } => {
                 self.collecting.remove(&task);
                 extra.push(Mutation::TaskOutput { task, output })
@@ -665,6 +711,81 @@ impl<S: Store> Engine<S> {
             job,
             name: manifest.name.clone(),
             state,
+            tasks,
+        }))
+    }
+}
+
+fn pending_result(index: u32) -> TaskResult {
+    TaskResult {
+        index,
+        status: TaskState::Pending,
+        outcome: None,
+        output_hash: None,
+        output_len: None,
+        fuel_used: None,
+        agreeing_workers: Vec::new(),
+        reason: None,
+        output: None,
+    }
+}
+
+impl<S: Store> Engine<S> {
+    /// Tasks `first ..` of a job, at most `max` (and [`MAX_RESULTS_PAGE`]), cut short before
+    /// the page would pass [`RESULTS_PAGE_BUDGET`] bytes; at least one task unless `first` is
+    /// past the end. Reads only that range from the store. Inline outputs travel in the page.
+    fn results_page(
+        &mut self,
+        job: JobId,
+        first: u32,
+        max: u32,
+    ) -> Result<Option<ResultsPage>, String> {
+        let Some(manifest) = self.core.job_manifest(job) else {
+            return Ok(None);
+        };
+        let state = self.core.job_state(job).unwrap_or(JobState::Running);
+        let total = manifest.tasks.len() as u32;
+        let first = first.min(total);
+        let end = first
+            .saturating_add(max.clamp(1, MAX_RESULTS_PAGE))
+            .min(total);
+        let decided = self
+            .store
+            .task_results_range(job, first, end)
+            .map_err(|e| e.to_string())?;
+        let mut decided = decided.into_iter().peekable();
+        let mut used = manifest.name.len() + 64;
+        let mut tasks = Vec::new();
+        for index in first..end {
+            let mut t = match decided.next_if(|(t, _)| t.index == index) {
+                Some((mut t, output)) => {
+                    if let Some(Output::Inline(bytes)) = output {
+                        t.output = Some(bytes);
+                    }
+                    t
+                }
+                None => pending_result(index),
+            };
+            // Postcard's size of the task, generously: fixed fields, workers, reason, output.
+            let size = 128
+                + 33 * t.agreeing_workers.len()
+                + t.reason.as_ref().map_or(0, |r| r.len())
+                + t.output.as_ref().map_or(0, |o| o.len());
+            if !tasks.is_empty() && used + size > RESULTS_PAGE_BUDGET {
+                break;
+            }
+            used += size;
+            if t.status != TaskState::Accepted {
+                t.output = None;
+            }
+            tasks.push(t);
+        }
+        Ok(Some(ResultsPage {
+            job,
+            name: manifest.name.clone(),
+            state,
+            tasks_total: total,
+            first,
             tasks,
         }))
     }

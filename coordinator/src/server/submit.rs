@@ -11,6 +11,7 @@ use tasks::wire::{CloseCode, ErrorCode, SubmitBody, SubmitRequest, SubmitRespons
 use tasks::{BlobRef, JobManifest};
 
 use super::engine::{Cmd, EngineHandle};
+use crate::core::RetryError;
 
 /// Largest blob a submitter may upload in one `PutBlob` (held in memory while verified).
 pub const MAX_PUT_BLOB: u64 = 1 << 30;
@@ -212,6 +213,35 @@ async fn respond(
             match ctx.engine.call(|reply| Cmd::Cancel { job, reply }).await {
                 Some(true) => SubmitResponse::Ok,
                 Some(false) => error(ErrorCode::NotFound, format!("no job {job}")),
+                None => gone(),
+            }
+        }
+        SubmitBody::Retry { job } => {
+            match ctx.engine.call(|reply| Cmd::Retry { job, reply }).await {
+                Some(Ok(tasks)) => SubmitResponse::Retried { job, tasks },
+                Some(Err(RetryError::UnknownJob)) => {
+                    error(ErrorCode::NotFound, format!("no job {job}"))
+                }
+                Some(Err(e @ RetryError::Cancelled)) => {
+                    error(ErrorCode::BadRequest, format!("job {job}: {e}"))
+                }
+                None => gone(),
+            }
+        }
+        SubmitBody::ResultsPage { job, first, max } => {
+            match ctx
+                .engine
+                .call(|reply| Cmd::ResultsPage {
+                    job,
+                    first,
+                    max,
+                    reply,
+                })
+                .await
+            {
+                Some(Ok(Some(p))) => SubmitResponse::ResultsPage(p),
+                Some(Ok(None)) => error(ErrorCode::NotFound, format!("no job {job}")),
+                Some(Err(e)) => error(ErrorCode::Internal, e),
                 None => gone(),
             }
         }

@@ -74,6 +74,11 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE workers ADD COLUMN lost INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 3: a retried task (`coordinator retry`) is pending again; its replicas with ids below
+    // this belong to earlier attempts and are not attached to it on restart.
+    r#"
+    ALTER TABLE tasks ADD COLUMN replicas_from INTEGER;
+    "#,
 ];
 
 /// Bring the database up to the newest schema.

@@ -266,6 +266,15 @@ impl SqliteStore {
                 )?
                 .execute(params![task.job.0 as i64, task.index, inline, blob])?;
             }
+            Mutation::Retried {
+                task,
+                replicas_from,
+            } => {
+                tx.prepare_cached(
+                    "UPDATE tasks SET state = 'pending', reason = NULL, decided_ms = NULL, replicas_from = ?3 WHERE job = ?1 AND idx = ?2",
+                )?
+                .execute(params![task.job.0 as i64, task.index, *replicas_from as i64])?;
+            }
             Mutation::Worker(w) => {
                 tx.prepare_cached(
                     "INSERT INTO workers (node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, trust, last_seen_ms, lost) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
@@ -356,7 +365,7 @@ impl Store for SqliteStore {
                 .map_err(|e| StoreError::Corrupt(format!("fingerprint: {e}")))?;
             snap.fingerprints.push((r.get(0)?, fp));
         }
-        let mut st = c.prepare("SELECT job, idx, state, quorum, digest, result, fingerprint, agreeing, reason FROM tasks")?;
+        let mut st = c.prepare("SELECT job, idx, state, quorum, digest, result, fingerprint, agreeing, reason, replicas_from FROM tasks")?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
             let state: String = r.get(2)?;
@@ -374,6 +383,7 @@ impl Store for SqliteStore {
                     r.get(7)?,
                     r.get(8)?,
                 )?,
+                replicas_from: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
             });
         }
         let mut st = c.prepare("SELECT id, job, idx, worker, fingerprint, assigned_ms, deadline_ms, phase, result, verdict FROM replicas ORDER BY id")?;
@@ -451,10 +461,20 @@ impl Store for SqliteStore {
         &mut self,
         job: JobId,
     ) -> Result<Vec<(TaskResult, Option<Output>)>, StoreError> {
+        self.task_results_range(job, 0, u32::MAX)
+    }
+
+    fn task_results_range(
+        &mut self,
+        job: JobId,
+        first: u32,
+        end: u32,
+    ) -> Result<Vec<(TaskResult, Option<Output>)>, StoreError> {
+        // The primary key (job, idx) makes this a range scan of just the page.
         let mut st = self.conn.prepare_cached(
-            "SELECT idx, state, digest, result, fingerprint, agreeing, reason, output, output_blob FROM tasks WHERE job = ?1 AND state != 'pending' ORDER BY idx",
+            "SELECT idx, state, digest, result, fingerprint, agreeing, reason, output, output_blob FROM tasks WHERE job = ?1 AND idx >= ?2 AND idx < ?3 AND state != 'pending' ORDER BY idx",
         )?;
-        let mut rows = st.query([job.0 as i64])?;
+        let mut rows = st.query(params![job.0 as i64, first as i64, end as i64])?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
             let index: u32 = r.get(0)?;
