@@ -20,6 +20,8 @@ use tasks::{JobId, JobSpec, Ticket};
 
 use crate::client::Client;
 
+pub mod failures;
+
 /// `coordinator submit`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SubmitArgs {
@@ -251,11 +253,18 @@ pub async fn wait_for_job(
 pub async fn status(args: StatusArgs) -> anyhow::Result<i32> {
     let client = connect(&args.to, &args.token).await?;
     let report = client.status(args.job).await?;
+    let failed = match args.job {
+        Some(job) if !args.json => failures::brief(&client, job).await,
+        _ => Vec::new(),
+    };
     client.close().await;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_status(&report);
+        for line in failed {
+            println!("{line}");
+        }
     }
     Ok(0)
 }
@@ -331,8 +340,9 @@ fn print_status(r: &StatusReport) {
 pub async fn results(args: ResultsArgs) -> anyhow::Result<i32> {
     let client = connect(&args.to, &args.token).await?;
     let res = client.collect(args.job, OUTPUT_PATIENCE).await?;
+    let failed = failures::fetch(&client, args.job).await;
     client.close().await;
-    let w = write_results(&res, &args.out)?;
+    let w = write_results_with(&res, &failed, &args.out)?;
     eprintln!(
         "job {}: wrote {} verified outputs and results.json to {} ({} pending, {} failed)",
         res.job,
@@ -369,6 +379,16 @@ pub struct Written {
 /// Write `DIR/<index>.out` for every accepted task whose output is at hand, and
 /// `DIR/results.json`.
 pub fn write_results(res: &JobResults, dir: &Path) -> anyhow::Result<Written> {
+    write_results_with(res, &[], dir)
+}
+
+/// [`write_results`], with the stderr (and exit code or trap) of the tasks in `failed`
+/// added to their entries in `results.json`.
+pub fn write_results_with(
+    res: &JobResults,
+    failed: &[tasks::wire::TaskFailure],
+    dir: &Path,
+) -> anyhow::Result<Written> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut json = res.clone();
     let mut w = Written::default();
@@ -397,6 +417,7 @@ pub fn write_results(res: &JobResults, dir: &Path) -> anyhow::Result<Written> {
             }
         }
     }
+    failures::annotate(&mut value, failed);
     let path = dir.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&value)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;

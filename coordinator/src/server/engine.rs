@@ -13,10 +13,10 @@ use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
 
 use tasks::wire::{
-    CoordMsg, JobResults, JobState, PeerAddr, ReplicaId, Report, StatusReport, TaskResult,
-    TaskState, INLINE_OUTPUT_MAX,
+    CoordMsg, FailurePage, JobResults, JobState, PeerAddr, ReplicaId, Report, StatusReport,
+    TaskResult, TaskState, INLINE_OUTPUT_MAX, MAX_FAILURES_PER_PAGE,
 };
-use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, RunResult, TaskId};
+use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, RunResult, Status, TaskId};
 
 use crate::core::{Core, Notice, ReportOutcome, Work};
 use crate::store::{Mutation, Output, SqliteStore, Store};
@@ -113,6 +113,21 @@ pub enum Cmd {
         output: Output,
     },
     Tick,
+    /// The stderr tail of `worker`'s replica (already cut to
+    /// [`tasks::limits::MAX_STDERR_TAIL`]): kept only if the replica is the worker's and its
+    /// recorded result is not `ok`, and only the first one sent.
+    Stderr {
+        worker: NodeId,
+        replica: ReplicaId,
+        stderr: Vec<u8>,
+    },
+    /// A page of the job's tasks that did not end `ok`, with their stderr; `None`: no such job.
+    Failures {
+        job: JobId,
+        after: Option<u32>,
+        max: u32,
+        reply: oneshot::Sender<Result<Option<FailurePage>, String>>,
+    },
 }
 
 /// Punch requests a worker may have forwarded per window (it dials a few peers per blob).
@@ -163,6 +178,14 @@ pub struct FetchJob {
     pub result: RunResult,
     pub peers: Vec<PeerAddr>,
 }
+
+/// A `Failures` request waiting for its batch's commit.
+type FailuresWanted = (
+    JobId,
+    Option<u32>,
+    u32,
+    oneshot::Sender<Result<Option<FailurePage>, String>>,
+);
 
 /// Handle to the engine thread.
 #[derive(Clone)]
@@ -232,6 +255,8 @@ pub struct Engine<S: Store = SqliteStore> {
     collecting: std::collections::HashSet<TaskId>,
     /// `Results` asked in the current batch, answered after its commit.
     results_wanted: Vec<(JobId, oneshot::Sender<Result<Option<JobResults>, String>>)>,
+    /// `Failures` asked in the current batch, answered after its commit.
+    failures_wanted: Vec<FailuresWanted>,
     /// Statistics: batches committed and commands applied.
     pub batches: u64,
     pub commands: u64,
@@ -254,6 +279,7 @@ impl<S: Store> Engine<S> {
             fetches,
             collecting: Default::default(),
             results_wanted: Vec::new(),
+            failures_wanted: Vec::new(),
             batches: 0,
             commands: 0,
         }
@@ -301,6 +327,17 @@ impl<S: Store> Engine<S> {
         }
         for (job, reply) in std::mem::take(&mut self.results_wanted) {
             let _ = reply.send(self.results(job));
+        }
+        for (job, after, max, reply) in std::mem::take(&mut self.failures_wanted) {
+            let page = match self.core.job_manifest(job) {
+                None => Ok(None),
+                Some(_) => self
+                    .store
+                    .task_failures(job, after, max.clamp(1, MAX_FAILURES_PER_PAGE))
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
+            };
+            let _ = reply.send(page);
         }
         for (worker, msg) in sends {
             if let Some((_, tx)) = self.sessions.get(&worker) {
@@ -480,6 +517,30 @@ impl<S: Store> Engine<S> {
                 extra.push(Mutation::TaskOutput { task, output })
             }
             Cmd::Tick => self.core.tick(now),
+            Cmd::Stderr {
+                worker,
+                replica,
+                stderr,
+            } => match self.core.replica_result(replica) {
+                Some((owner, task, Some(result)))
+                    if owner == worker && result.status != Status::Ok && !stderr.is_empty() =>
+                {
+                    extra.push(Mutation::ReplicaStderr {
+                        replica,
+                        task,
+                        stderr,
+                    })
+                }
+                _ => {
+                    tracing::debug!(node = %worker.short(), replica, "stderr ignored: not a replica of this worker with a reported non-ok result")
+                }
+            },
+            Cmd::Failures {
+                job,
+                after,
+                max,
+                reply,
+            } => self.failures_wanted.push((job, after, max, reply)),
         }
     }
 
