@@ -96,12 +96,10 @@ fn main() -> std::process::ExitCode {
     };
     init_logs(cli.log_format, default_filter);
     if let Cmd::Completions { shell } = cli.cmd {
-        clap_complete::generate(
-            shell,
-            &mut Cli::command(),
-            "coordinator",
-            &mut std::io::stdout(),
-        );
+        // Into a buffer first: clap_complete panics on a write error (`| head`).
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "coordinator", &mut script);
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
         return std::process::ExitCode::SUCCESS;
     }
     let rt = match tokio::runtime::Runtime::new() {

@@ -168,12 +168,10 @@ fn main() -> ExitCode {
         Command::Pause(args) => control(args, socket::Request::Pause),
         Command::Resume(args) => control(args, socket::Request::Resume),
         Command::Completions(args) => {
-            clap_complete::generate(
-                args.shell,
-                &mut Cli::command(),
-                "worker",
-                &mut std::io::stdout(),
-            );
+            // Into a buffer first: clap_complete panics on a write error (`| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "worker", &mut script);
+            let _ = std::io::stdout().write_all(&script);
             Ok(ExitCode::SUCCESS)
         }
     };
