@@ -155,6 +155,19 @@ impl Store for NullStore {
     > {
         Ok(vec![])
     }
+    fn task_failures(
+        &mut self,
+        job: tasks::JobId,
+        _: Option<u32>,
+        _: u32,
+    ) -> Result<tasks::wire::FailurePage, coordinator::store::StoreError> {
+        Ok(tasks::wire::FailurePage {
+            job,
+            total: 0,
+            failures: vec![],
+            more: false,
+        })
+    }
     fn outputs_missing(
         &mut self,
     ) -> Result<Vec<(tasks::TaskId, RunResult, Vec<NodeId>)>, coordinator::store::StoreError> {

@@ -16,10 +16,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tasks::wire::{JobResults, JobState, JobStatus, StatusReport, TaskResult, TaskState};
+use tasks::wire::{
+    JobResults, JobState, JobStatus, StatusReport, TaskFailure, TaskResult, TaskState,
+};
 use tasks::{JobId, JobSpec, Ticket};
 
 use crate::client::Client;
+
+pub mod failures;
 
 /// The environment variable submitter commands read the submit token from when neither
 /// `--token` nor `--token-file` is given.
@@ -336,11 +340,18 @@ pub async fn wait_for_job(
 pub async fn status(args: StatusArgs) -> anyhow::Result<i32> {
     let client = connect(&args.target).await?;
     let report = client.status(args.job).await?;
+    let failed = match args.job {
+        Some(job) if !args.json => failures::brief(&client, job).await,
+        _ => Vec::new(),
+    };
     client.close().await;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_status(&report);
+        for line in failed {
+            println!("{line}");
+        }
     }
     Ok(0)
 }
@@ -417,7 +428,8 @@ fn print_status(r: &StatusReport) {
 /// the process exit code.
 pub async fn results(args: ResultsArgs) -> anyhow::Result<i32> {
     let client = connect(&args.target).await?;
-    let w = download_results(&client, args.job, &args.out, results_page_size()).await?;
+    let failed = failures::fetch(&client, args.job).await;
+    let w = download_results(&client, args.job, &args.out, results_page_size(), &failed).await?;
     client.close().await;
     eprintln!(
         "job {}: wrote {} verified outputs and results.json to {} ({} pending, {} failed)",
@@ -454,10 +466,13 @@ fn results_page_size() -> u32 {
 
 /// One task of `results.json`, as `serde_json::to_string_pretty` prints it inside the
 /// document (four spaces deep): the output itself lives in its `.out` file.
-fn task_json(t: &TaskResult) -> anyhow::Result<String> {
+fn task_json(t: &TaskResult, failure: Option<&TaskFailure>) -> anyhow::Result<String> {
     let mut v = serde_json::to_value(t)?;
     if let Some(obj) = v.as_object_mut() {
         obj.remove("output");
+    }
+    if let Some(f) = failure {
+        failures::annotate_task(&mut v, f);
     }
     let text = serde_json::to_string_pretty(&v)?;
     Ok(text
@@ -477,8 +492,11 @@ pub async fn download_results(
     job: JobId,
     dir: &Path,
     page: u32,
+    failed: &[TaskFailure],
 ) -> anyhow::Result<Written> {
     use std::io::Write;
+    let failed: std::collections::HashMap<u32, &TaskFailure> =
+        failed.iter().map(|f| (f.index, f)).collect();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let final_path = dir.join("results.json");
     let part = dir.join("results.json.part");
@@ -550,7 +568,7 @@ pub async fn download_results(
             t.output = None;
             json.write_all(if wrote_any { b",\n" } else { b"\n" })
                 .map_err(write_err)?;
-            json.write_all(task_json(&t)?.as_bytes())
+            json.write_all(task_json(&t, failed.get(&t.index).copied())?.as_bytes())
                 .map_err(write_err)?;
             wrote_any = true;
         }
@@ -678,6 +696,16 @@ pub struct Written {
 /// Write `DIR/<index>.out` for every accepted task whose output is at hand, and
 /// `DIR/results.json`.
 pub fn write_results(res: &JobResults, dir: &Path) -> anyhow::Result<Written> {
+    write_results_with(res, &[], dir)
+}
+
+/// [`write_results`], with the stderr (and exit code or trap) of the tasks in `failed`
+/// added to their entries in `results.json`.
+pub fn write_results_with(
+    res: &JobResults,
+    failed: &[tasks::wire::TaskFailure],
+    dir: &Path,
+) -> anyhow::Result<Written> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut json = res.clone();
     let mut w = Written::default();
@@ -706,6 +734,7 @@ pub fn write_results(res: &JobResults, dir: &Path) -> anyhow::Result<Written> {
             }
         }
     }
+    failures::annotate(&mut value, failed);
     let path = dir.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&value)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;

@@ -15,8 +15,9 @@ use blobs::swarm::FetchError;
 use tasks::job::JobError;
 use tasks::net::{self, FrameError, NetError};
 use tasks::wire::{
-    ErrorCode, JobResults, PeerAddr, ResultsPage, StatusReport, SubmitBody, SubmitRequest,
-    SubmitResponse, TaskResult, TaskState, ALPN_SUBMIT,
+    ErrorCode, FailurePage, JobResults, PeerAddr, ResultsPage, StatusReport, SubmitBody,
+    SubmitRequest, SubmitResponse, TaskFailure, TaskResult, TaskState, ALPN_SUBMIT,
+    MAX_FAILURES_PER_PAGE,
 };
 use tasks::{BlobId, BlobRef, JobId, JobManifest, JobSpec, NodeKey, Ticket};
 
@@ -357,6 +358,38 @@ impl Client {
         match self.call(SubmitBody::Retry { job }).await? {
             SubmitResponse::Retried { tasks, .. } => Ok(tasks),
             other => Err(Self::not_found(job, other)),
+        }
+    }
+
+    /// One page of the job's tasks that did not end `ok`, with their stderr (see
+    /// [`SubmitBody::Failures`]).
+    pub async fn failures_page(
+        &self,
+        job: JobId,
+        after: Option<u32>,
+        max: u32,
+    ) -> Result<FailurePage, ClientError> {
+        match self.call(SubmitBody::Failures { job, after, max }).await? {
+            SubmitResponse::Failures(p) => Ok(p),
+            other => Err(Self::not_found(job, other)),
+        }
+    }
+
+    /// Every task of the job that did not end `ok`, with its stderr, page by page.
+    pub async fn failures(&self, job: JobId) -> Result<Vec<TaskFailure>, ClientError> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .failures_page(job, after, MAX_FAILURES_PER_PAGE)
+                .await?;
+            let last = page.failures.last().map(|f| f.index);
+            all.extend(page.failures);
+            match last {
+                // An index must grow from page to page, or a hostile answer could loop us.
+                Some(l) if page.more && after.is_none_or(|a| l > a) => after = Some(l),
+                _ => return Ok(all),
+            }
         }
     }
 

@@ -1223,6 +1223,13 @@ impl Core {
         self.replicas.get(&r).map(|x| (x.worker, x.task, x.phase))
     }
 
+    /// The replica's owner, task and reported result (if any).
+    pub fn replica_result(&self, r: ReplicaId) -> Option<(NodeId, TaskId, Option<&RunResult>)> {
+        self.replicas
+            .get(&r)
+            .map(|x| (x.worker, x.task, x.result.as_ref().map(|(_, res)| res)))
+    }
+
     /// The engine fingerprint a worker reported in its hello.
     pub fn worker_fingerprint(&self, worker: &NodeId) -> Option<&EngineFingerprint> {
         let fp = self.workers.get(worker)?.fp?;

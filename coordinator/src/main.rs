@@ -1,9 +1,10 @@
 //! `coordinator`: serve workers and submitters, or talk to a coordinator.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use coordinator::cli;
 use coordinator::config;
@@ -15,6 +16,17 @@ use coordinator::server::{self, ServeConfig};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// How log lines on stderr look: `text` (coloured only on a terminal, never with
+    /// NO_COLOR set) or `json` (one object per line: timestamp, level, fields.message, target).
+    #[arg(long, global = true, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -36,6 +48,12 @@ enum Cmd {
     Retry(cli::RetryArgs),
     /// Run a coordinator and N workers in this process on loopback and a sample job end to end.
     Demo(cli::DemoArgs),
+    /// Print a shell completion script, e.g. `coordinator completions bash > ~/.local/share/bash-completion/completions/coordinator`.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `coordinator serve`.
@@ -82,13 +100,14 @@ fn main() -> std::process::ExitCode {
         Cmd::Demo(_) => "warn",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(cli.log_format, default_filter);
+    if let Cmd::Completions { shell } = cli.cmd {
+        // Into a buffer first: clap_complete panics on a write error (`| head`).
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut Cli::command(), "coordinator", &mut script);
+        let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+        return std::process::ExitCode::SUCCESS;
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -106,6 +125,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Cancel(a) => cli::cancel(a).await,
             Cmd::Retry(a) => cli::retry(a).await,
             Cmd::Demo(a) => cli::demo(a).await,
+            Cmd::Completions { .. } => Ok(0), // handled above
         }
     });
     match result {
@@ -114,6 +134,25 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::from(1)
         }
+    }
+}
+
+/// Logs to stderr, filtered by RUST_LOG (else `default_filter`). Text is coloured only when
+/// stderr is a terminal and NO_COLOR is unset or empty, so log files hold no escape codes.
+fn init_logs(format: LogFormat, default_filter: &str) {
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            logs.with_ansi(colour).init()
+        }
+        LogFormat::Json => logs.json().with_ansi(false).init(),
     }
 }
 

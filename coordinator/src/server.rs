@@ -38,7 +38,12 @@ use crate::store::{Output, SqliteStore, Store};
 use engine::{Cmd, EngineHandle, FetchJob};
 
 /// This coordinator's software version, sent in `Welcome`.
-pub const AGENT: &str = concat!("peergrid-coordinator/", env!("CARGO_PKG_VERSION"));
+/// (Then the optional messages it takes, as capability words: see `tasks::wire`, step 8.)
+pub const AGENT: &str = concat!(
+    "peergrid-coordinator/",
+    env!("CARGO_PKG_VERSION"),
+    " stderr"
+);
 /// File names inside the data dir.
 pub const TICKET_FILE: &str = "ticket";
 pub const TOKEN_FILE: &str = "submit-token";

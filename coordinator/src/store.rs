@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use tasks::wire::{JobState, ReplicaId, TaskResult};
+use tasks::wire::{FailurePage, JobState, ReplicaId, TaskResult};
 use tasks::{
     BlobId, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult, TaskId,
 };
@@ -192,6 +192,13 @@ pub enum Mutation {
         worker: NodeId,
         addr: Option<SocketAddr>,
     },
+    /// The stderr tail a worker sent for its replica with a non-ok result (at most
+    /// [`tasks::limits::MAX_STDERR_TAIL`] bytes); the first one sent is kept.
+    ReplicaStderr {
+        replica: ReplicaId,
+        task: TaskId,
+        stderr: Vec<u8>,
+    },
 }
 
 /// Shrink a batch without changing its meaning, so a commit runs fewer statements: keep only
@@ -307,6 +314,15 @@ pub trait Store: Send {
         first: u32,
         end: u32,
     ) -> Result<Vec<(TaskResult, Option<Output>)>, StoreError>;
+    /// A page of the job's decided tasks that did not end `ok` (failed, or accepted with a
+    /// non-ok outcome), in index order after `after`, at most `max`, each with the stderr of
+    /// one replica of the accepted result (for a failed task: of any replica that sent one).
+    fn task_failures(
+        &mut self,
+        job: JobId,
+        after: Option<u32>,
+        max: u32,
+    ) -> Result<FailurePage, StoreError>;
     /// Accepted tasks whose output is neither inline nor in the blob store yet.
     fn outputs_missing(&mut self) -> Result<Vec<(TaskId, RunResult, Vec<NodeId>)>, StoreError>;
 }

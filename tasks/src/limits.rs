@@ -67,3 +67,10 @@ pub const MAX_HAVE_BLOBS_PER_WORKER: usize = 65_536;
 /// reports it takes before a peer stops being listed as a holder of a blob: one worker
 /// alone can never delist an honest holder.
 pub const BAD_PEER_ACCUSERS: usize = 2;
+
+/// Bytes of a failed replica's stderr a worker sends ([`crate::wire::WorkerMsg::Stderr`]):
+/// the tail, where a panic message or an error usually is. The coordinator keeps at most
+/// this much per replica (a longer one is cut to its last bytes), and only for replicas
+/// whose reported status is not `ok`: what one identity can make it store is bounded by the
+/// replicas it was assigned.
+pub const MAX_STDERR_TAIL: usize = 4096;

@@ -67,6 +67,14 @@
 //!    sends no `Hello` within [`crate::limits::HELLO_TIMEOUT`] is closed. Transport limits
 //!    (receive windows, stream counts, connections per address) are in [`crate::limits`].
 //!
+//! 8. **Capabilities.** Optional messages added within version 1 are sent only to a peer
+//!    that said it understands them, since an unknown variant is a protocol violation: a
+//!    coordinator lists them as words after its version in `Welcome.agent`
+//!    (`peergrid-coordinator/0.1.0 stderr`). [`CAP_STDERR`]: after the report of a replica
+//!    whose status is not `ok`, the worker may send [`WorkerMsg::Stderr`] with the tail of
+//!    the guest's stderr (at most [`crate::limits::MAX_STDERR_TAIL`] bytes); it is
+//!    diagnostics for the scientist, never part of the digest.
+//!
 //! Small outputs (at most [`INLINE_OUTPUT_MAX`] bytes) travel inline in the report; larger
 //! ones stay in the worker's blob store, named by `output_hash`, and the coordinator fetches
 //! the accepted one over `peergrid/blob/1` framing, on the session connection (6.) or by
@@ -124,6 +132,17 @@ pub const MAX_FRAME: usize = 8 << 20;
 pub const INLINE_OUTPUT_MAX: u64 = 64 << 10;
 /// Most chunks one `Chunks` request may ask for.
 pub const MAX_CHUNKS_PER_REQUEST: u32 = 16;
+/// Most tasks in one [`SubmitResponse::Failures`] page: with a stderr tail of at most
+/// [`crate::limits::MAX_STDERR_TAIL`] bytes each, a page stays well under [`MAX_FRAME`].
+pub const MAX_FAILURES_PER_PAGE: u32 = 512;
+
+/// Capability word in `Welcome.agent`: the coordinator takes [`WorkerMsg::Stderr`].
+pub const CAP_STDERR: &str = "stderr";
+
+/// Whether a `Welcome.agent` lists capability `cap` (a word after the version).
+pub fn has_capability(agent: &str, cap: &str) -> bool {
+    agent.split_whitespace().skip(1).any(|w| w == cap)
+}
 
 /// QUIC application close codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +234,14 @@ pub enum WorkerMsg {
     /// both NATs open a mapping (a simultaneous open). Rate-limited by the coordinator.
     Punch {
         peer: NodeId,
+    },
+    /// The tail of the guest's stderr for `replica`, whose report (sent before) has a status
+    /// other than `ok`: what the scientist reads to see why a task failed. At most
+    /// [`crate::limits::MAX_STDERR_TAIL`] bytes (the coordinator keeps no more); not part of
+    /// the digest, untrusted text. Only to a coordinator listing [`CAP_STDERR`].
+    Stderr {
+        replica: ReplicaId,
+        stderr: Vec<u8>,
     },
 }
 
@@ -324,6 +351,14 @@ pub enum SubmitBody {
         first: u32,
         max: u32,
     },
+    /// The job's tasks that did not end `ok` (no quorum, or an accepted `trap`, `exit`, ...)
+    /// with their stderr, in index order after `after`, at most `max` (capped at
+    /// [`MAX_FAILURES_PER_PAGE`]).
+    Failures {
+        job: JobId,
+        after: Option<u32>,
+        max: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -348,6 +383,7 @@ pub enum SubmitResponse {
         tasks: u32,
     },
     ResultsPage(ResultsPage),
+    Failures(FailurePage),
 }
 
 /// Most task results one [`SubmitBody::ResultsPage`] answer carries.
@@ -364,6 +400,36 @@ pub struct ResultsPage {
     pub tasks_total: u32,
     pub first: u32,
     pub tasks: Vec<TaskResult>,
+}
+
+/// A page of a job's failed tasks (the answer to [`SubmitBody::Failures`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailurePage {
+    pub job: JobId,
+    /// Decided tasks of the job that did not end `ok`, in all pages.
+    pub total: u32,
+    pub failures: Vec<TaskFailure>,
+    /// Whether more follow: ask again with `after` = the last index here.
+    pub more: bool,
+}
+
+/// A task that did not end `ok`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskFailure {
+    pub index: u32,
+    /// `accepted` (replicas agreed on a non-ok outcome) or `failed` (no quorum).
+    pub status: TaskState,
+    /// The accepted outcome's kind (`exit`, `trap`, ...).
+    pub outcome: Option<Status>,
+    /// For `exit`: the guest's exit code.
+    pub exit_code: i32,
+    /// For `trap`: the trap kind.
+    pub trap: String,
+    /// Why a task failed.
+    pub reason: Option<String>,
+    /// The stderr tail of one replica of the accepted result (for a failed task: of one
+    /// replica with a non-ok status), when a worker sent it. Untrusted bytes from a worker.
+    pub stderr: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -726,6 +792,8 @@ mod tests {
             (node_id(), blob_id()).prop_map(|(peer, blob)| WorkerMsg::BadPeer { peer, blob }),
             list(report()).prop_map(WorkerMsg::Reports),
             node_id().prop_map(|peer| WorkerMsg::Punch { peer }),
+            (any::<u64>(), bytes())
+                .prop_map(|(replica, stderr)| WorkerMsg::Stderr { replica, stderr }),
         ]
     }
 
@@ -848,6 +916,8 @@ mod tests {
             job_id().prop_map(|job| SubmitBody::Retry { job }),
             (job_id(), any::<u32>(), any::<u32>())
                 .prop_map(|(job, first, max)| SubmitBody::ResultsPage { job, first, max }),
+            (job_id(), prop::option::of(any::<u32>()), any::<u32>())
+                .prop_map(|(job, after, max)| SubmitBody::Failures { job, after, max }),
         ];
         (text(), body).prop_map(|(token, body)| SubmitRequest { token, body })
     }
@@ -946,6 +1016,29 @@ mod tests {
             )
     }
 
+    fn task_failure() -> impl Strategy<Value = TaskFailure> {
+        (
+            any::<u32>(),
+            prop::sample::select(vec![TaskState::Accepted, TaskState::Failed]),
+            prop::option::of(status()),
+            any::<i32>(),
+            text(),
+            prop::option::of(text()),
+            prop::option::of(bytes()),
+        )
+            .prop_map(
+                |(index, status, outcome, exit_code, trap, reason, stderr)| TaskFailure {
+                    index,
+                    status,
+                    outcome,
+                    exit_code,
+                    trap,
+                    reason,
+                    stderr,
+                },
+            )
+    }
+
     fn submit_response() -> impl Strategy<Value = SubmitResponse> {
         let code = prop::sample::select(vec![
             ErrorCode::Unauthorized,
@@ -992,6 +1085,14 @@ mod tests {
             (job_id(), any::<u32>())
                 .prop_map(|(job, tasks)| SubmitResponse::Retried { job, tasks }),
             page.prop_map(SubmitResponse::ResultsPage),
+            (job_id(), any::<u32>(), list(task_failure()), any::<bool>()).prop_map(
+                |(job, total, failures, more)| SubmitResponse::Failures(FailurePage {
+                    job,
+                    total,
+                    failures,
+                    more,
+                })
+            ),
         ]
     }
 
@@ -1258,6 +1359,29 @@ mod tests {
             },
             GOLDEN_BAD_PEER,
         );
+        // Variant 8 (after Punch = 7): replica 3, stderr "e".
+        golden(
+            WorkerMsg::Stderr {
+                replica: 3,
+                stderr: b"e".to_vec(),
+            },
+            "00000004 08 03 01 65",
+        );
+    }
+
+    #[test]
+    fn capabilities_are_words_after_the_version() {
+        assert!(has_capability(
+            "peergrid-coordinator/0.1.0 stderr",
+            CAP_STDERR
+        ));
+        assert!(has_capability("c/1 x stderr", CAP_STDERR));
+        assert!(!has_capability("peergrid-coordinator/0.1.0", CAP_STDERR));
+        assert!(
+            !has_capability("stderr", CAP_STDERR),
+            "the version is no capability"
+        );
+        assert!(!has_capability("c/1 stderrx", CAP_STDERR));
     }
 
     #[test]
@@ -1329,6 +1453,36 @@ mod tests {
                 },
             },
             "00000005 0174 03 01 03",
+        );
+        // SubmitBody variant 6 (after Cancel = 5): job 3, after index 7, max 2.
+        golden(
+            SubmitRequest {
+                token: "t".into(),
+                body: SubmitBody::Failures {
+                    job: JobId(3),
+                    after: Some(7),
+                    max: 2,
+                },
+            },
+            "00000007 0174 06 03 0107 02",
+        );
+        // SubmitResponse variant 6 (after Error = 5).
+        golden(
+            SubmitResponse::Failures(FailurePage {
+                job: JobId(3),
+                total: 1,
+                failures: vec![TaskFailure {
+                    index: 4,
+                    status: TaskState::Accepted,
+                    outcome: Some(Status::Exit),
+                    exit_code: 2,
+                    trap: String::new(),
+                    reason: None,
+                    stderr: Some(b"x".to_vec()),
+                }],
+                more: false,
+            }),
+            "0000000f 06 03 01 01 04 01 01 01 04 00 00 01 01 78 00",
         );
         golden(
             SubmitResponse::Error {

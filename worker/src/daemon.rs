@@ -7,7 +7,9 @@
 //! - preparation tasks that fetch a task's blobs through the swarm and load its module;
 //! - task slots ([`executor`]) on idle-priority threads;
 //! - the idle policy ([`idle`]) and `--cpu-limit` duty cycle, applied through each task's
-//!   [`RunControl`], which pauses a task without losing it.
+//!   [`RunControl`], which pauses a task without losing it;
+//! - the local control socket ([`socket`]): `worker status | pause | resume` ask the loop
+//!   for its state, or to hold every task and take no new work.
 //!
 //! The session survives coordinator restarts: tasks keep running while it is unreachable,
 //! results wait in the [`outbox`] (on disk), and the loop reconnects with exponential backoff
@@ -16,6 +18,7 @@
 pub mod executor;
 pub mod idle;
 pub mod outbox;
+pub mod socket;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -26,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tasks::wire::{self, Assignment, CoordMsg, PeerAddr, ReplicaId, Report, WorkerMsg};
-use tasks::{BlobId, NodeKey, Ticket};
+use tasks::{BlobId, NodeKey, TaskId, Ticket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -194,6 +197,15 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    // First, so a second worker on this data dir stops here, before touching anything in it.
+    let control = match socket::Listener::bind(&cfg.data_dir) {
+        Ok(l) => Some(l),
+        Err(e @ socket::ControlError::AlreadyRunning { .. }) => return Err(e.into()),
+        Err(e) => {
+            tracing::warn!("{e}; `worker status | pause | resume` cannot reach this worker");
+            None
+        }
+    };
     let key = NodeKey::load_or_create(&cfg.data_dir)?;
     let sandbox = Sandbox::new(SandboxConfig {
         cache_dir: Some(cfg.data_dir.join("cache")),
@@ -219,6 +231,11 @@ pub async fn run(
         fetcher.clone(),
         conns.clone(),
     ));
+    let (ctl_tx, ctl_rx) = mpsc::channel(8);
+    let ctl = control.map(|control| {
+        tracing::debug!(socket = %control.path().display(), "control socket listening");
+        tokio::spawn(control.serve(ctl_tx, conns.clone()))
+    });
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let executor = Executor::start(cfg.slots, cfg.priority, sandbox.clone(), done_tx);
     let mut daemon = Daemon {
@@ -239,13 +256,24 @@ pub async fn run(
         request_outstanding: false,
         next_request: Instant::now(),
         paused: false,
+        idle_busy: false,
+        held_by_command: false,
+        in_hand: HashMap::new(),
+        observed_addr: None,
+        since: Instant::now(),
+        node_id: key.node_id(),
         unsaved: Vec::new(),
+        stderr_tails: HashMap::new(),
         saving: 0,
         task_secs: None,
     };
-    let result = daemon.run(done_rx, punch_rx, shutdown).await;
+    let result = daemon.run(done_rx, punch_rx, ctl_rx, shutdown).await;
     conns.cancel();
     accept.abort();
+    // The listener ends with `conns`; dropping it removes the socket file.
+    if let Some(ctl) = ctl {
+        let _ = ctl.await;
+    }
     endpoint.close(
         wire::CloseCode::Shutdown.code().into(),
         b"worker shutting down",
@@ -297,6 +325,8 @@ struct Session {
     coordinator: PeerAddr,
     /// Where the coordinator sees us (our NAT's public address, if any).
     observed_addr: std::net::SocketAddr,
+    /// The coordinator takes [`WorkerMsg::Stderr`] (its capability [`wire::CAP_STDERR`]).
+    takes_stderr: bool,
 }
 
 /// A task's blobs fetched and its module loaded, ready for a slot.
@@ -329,9 +359,24 @@ struct Daemon {
     session: Option<Session>,
     request_outstanding: bool,
     next_request: Instant,
+    /// Tasks are held and no work is asked for: `idle_busy || held_by_command`.
     paused: bool,
+    /// `--idle-only` found the machine busy.
+    idle_busy: bool,
+    /// `worker pause` (until `worker resume`).
+    held_by_command: bool,
+    /// The task and arrival time of every replica in `controls` (for `worker status`).
+    in_hand: HashMap<ReplicaId, (TaskId, Instant)>,
+    /// Where the coordinator sees us, while connected.
+    observed_addr: Option<SocketAddr>,
+    since: Instant,
+    node_id: tasks::NodeId,
     /// Finished results not yet durable in the outbox (the next group commit).
     unsaved: Vec<Report>,
+    /// The stderr tail of reported replicas whose status is not `ok`, sent after their
+    /// report and kept until it is acknowledged (one entry per unacknowledged report at
+    /// most; not kept across restarts).
+    stderr_tails: HashMap<ReplicaId, Vec<u8>>,
     /// Reports in the group commit being written on a blocking thread (0: none).
     saving: usize,
     /// Moving average of task wall time, which sizes how much work to keep in hand.
@@ -390,6 +435,7 @@ impl Daemon {
         &mut self,
         mut done_rx: mpsc::UnboundedReceiver<Done>,
         mut punch_rx: mpsc::Receiver<tasks::NodeId>,
+        mut ctl_rx: mpsc::Receiver<socket::Call>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let (prep_tx, mut prep_rx) = mpsc::unbounded_channel::<Prepared>();
@@ -425,6 +471,26 @@ impl Daemon {
                     }
                 }
                 Some((seg, res)) = saved_rx.recv() => self.on_saved(seg, res).await,
+                Some((req, reply)) = ctl_rx.recv() => {
+                    match req {
+                        socket::Request::Status => {}
+                        socket::Request::Pause => {
+                            if !self.held_by_command {
+                                tracing::info!("paused by `worker pause`: tasks are held where they are and no new work is taken until `worker resume` (held tasks still count against their deadlines)");
+                            }
+                            self.held_by_command = true;
+                            self.apply_pause();
+                        }
+                        socket::Request::Resume => {
+                            if self.held_by_command {
+                                tracing::info!("resumed by `worker resume`");
+                            }
+                            self.held_by_command = false;
+                            self.apply_pause();
+                        }
+                    }
+                    let _ = reply.send(self.state());
+                }
                 Some(peer) = punch_rx.recv() => {
                     if self.session.as_ref().is_some_and(|s| s.coordinator.node_id != peer) {
                         self.send(&WorkerMsg::Punch { peer }).await;
@@ -450,6 +516,7 @@ impl Daemon {
                             backoff.reset();
                             last_error = None;
                             tracing::info!(coordinator = %self.cfg.ticket.addr, observed_addr = %session.observed_addr, "connected to coordinator");
+                            self.observed_addr = Some(session.observed_addr);
                             self.session = Some(session);
                             self.request_outstanding = false;
                             self.next_request = Instant::now();
@@ -496,16 +563,14 @@ impl Daemon {
                     if self.cfg.idle_only && last_idle_sample.elapsed() >= idle::SAMPLE_EVERY {
                         last_idle_sample = Instant::now();
                         let busy = idle.sample();
-                        if busy != self.paused {
-                            self.paused = busy;
+                        if busy != self.idle_busy {
+                            self.idle_busy = busy;
                             if busy {
                                 tracing::info!("paused: the machine is busy (other processes use {:.0}% of the CPUs); tasks resume when it is idle", idle.others * 100.0);
                             } else {
-                                tracing::info!("resumed: the machine is idle");
+                                tracing::info!("the machine is idle again");
                             }
-                            for c in self.controls.values() {
-                                if busy { c.pause() } else { c.resume() }
-                            }
+                            self.apply_pause();
                         }
                     }
                     if last_status.elapsed() >= Duration::from_secs(10) {
@@ -515,7 +580,11 @@ impl Daemon {
                             self.in_hand(), self.queued.len(),
                             self.stats.completed.load(Ordering::Relaxed), self.outbox.len(),
                             if self.session.is_some() { "connected" } else { "disconnected" },
-                            if self.paused { ", paused (machine busy)" } else { "" },
+                            match (self.held_by_command, self.idle_busy) {
+                                (true, _) => ", paused (worker pause)",
+                                (false, true) => ", paused (machine busy)",
+                                (false, false) => "",
+                            },
                         );
                     }
                 }
@@ -539,7 +608,88 @@ impl Daemon {
 
     fn drop_session(&mut self) {
         self.session = None;
+        self.observed_addr = None;
         self.request_outstanding = false;
+    }
+
+    /// Hold or release every task after `idle_busy` or `held_by_command` changed.
+    fn apply_pause(&mut self) {
+        let paused = self.idle_busy || self.held_by_command;
+        if paused == self.paused {
+            return;
+        }
+        self.paused = paused;
+        if !paused {
+            tracing::info!("resumed: tasks run and new work is taken");
+            self.next_request = Instant::now();
+        }
+        for c in self.controls.values() {
+            if paused {
+                c.pause()
+            } else {
+                c.resume()
+            }
+        }
+    }
+
+    /// What `worker status` shows.
+    fn state(&self) -> socket::WorkerState {
+        let now = Instant::now();
+        let mut tasks: Vec<socket::TaskInfo> = self
+            .controls
+            .iter()
+            .map(|(replica, control)| {
+                let (task, received) = self
+                    .in_hand
+                    .get(replica)
+                    .map(|(t, at)| (t.to_string(), *at))
+                    .unwrap_or_else(|| (String::from("?"), now));
+                let started = control.started();
+                let state = if started.is_some() {
+                    "running"
+                } else if self.queued.contains(replica) {
+                    "queued"
+                } else {
+                    "preparing"
+                };
+                socket::TaskInfo {
+                    replica: *replica,
+                    task,
+                    state: state.into(),
+                    in_hand_secs: now.duration_since(received).as_secs_f64(),
+                    running_secs: started.map(|s| now.duration_since(s).as_secs_f64()),
+                    ticks: control.ticks(),
+                    held: control.held() > 0,
+                }
+            })
+            .collect();
+        tasks.sort_by_key(|t| t.replica);
+        let mut pause_reasons = Vec::new();
+        if self.held_by_command {
+            pause_reasons.push(socket::PauseReason::Command);
+        }
+        if self.idle_busy {
+            pause_reasons.push(socket::PauseReason::IdlePolicy);
+        }
+        socket::WorkerState {
+            node_id: self.node_id.to_string(),
+            data_dir: self.cfg.data_dir.display().to_string(),
+            coordinator: self.cfg.ticket.addr.clone(),
+            connected: self.session.is_some(),
+            observed_addr: self.observed_addr.map(|a| a.to_string()),
+            slots: self.cfg.slots,
+            priority: format!("{:?}", self.cfg.priority).to_lowercase(),
+            cpu_limit: self.cfg.cpu_limit,
+            paused: self.paused,
+            pause_reasons,
+            tasks,
+            completed: self.stats.completed.load(Ordering::Relaxed),
+            reported: self.stats.reported.load(Ordering::Relaxed),
+            acknowledged: self.stats.acked.load(Ordering::Relaxed),
+            unacknowledged: self.outbox.len() as u64,
+            credit: None,
+            uptime_secs: self.since.elapsed().as_secs_f64(),
+        }
     }
 
     async fn send(&mut self, msg: &WorkerMsg) {
@@ -588,20 +738,37 @@ impl Daemon {
 
     /// Send reports in `Reports` frames of bounded size.
     async fn send_reports(&mut self, reports: Vec<Report>) {
-        let mut batch = Vec::new();
+        let mut batch: Vec<Report> = Vec::new();
         let mut bytes = 0;
         for r in reports {
             let size = r.output.as_ref().map_or(0, |o| o.len() as u64) + 256;
             if !batch.is_empty() && bytes + size > REPORTS_FRAME_BYTES {
+                let ids: Vec<ReplicaId> = batch.iter().map(|b| b.replica).collect();
                 self.send(&WorkerMsg::Reports(std::mem::take(&mut batch)))
                     .await;
+                self.send_stderr(&ids).await;
                 bytes = 0;
             }
             bytes += size;
             batch.push(r);
         }
         if !batch.is_empty() {
+            let ids: Vec<ReplicaId> = batch.iter().map(|b| b.replica).collect();
             self.send(&WorkerMsg::Reports(batch)).await;
+            self.send_stderr(&ids).await;
+        }
+    }
+
+    /// After their reports: the stderr tails of those that did not end `ok`, to a
+    /// coordinator that takes them.
+    async fn send_stderr(&mut self, sent: &[ReplicaId]) {
+        if !self.session.as_ref().is_some_and(|s| s.takes_stderr) {
+            return;
+        }
+        for &replica in sent {
+            if let Some(stderr) = self.stderr_tails.get(&replica).cloned() {
+                self.send(&WorkerMsg::Stderr { replica, stderr }).await;
+            }
         }
     }
 
@@ -660,11 +827,15 @@ impl Daemon {
                     .count();
                 self.stats.acked.fetch_add(known as u64, Ordering::Relaxed);
                 self.outbox.remove_all(&replicas);
+                for r in &replicas {
+                    self.stderr_tails.remove(r);
+                }
             }
             CoordMsg::Rejected { replica, reason } => {
                 tracing::warn!(?replica, "coordinator refused: {reason}");
                 if let Some(r) = replica {
                     self.outbox.remove(r);
+                    self.stderr_tails.remove(&r);
                 }
             }
             CoordMsg::Cancel { replicas } => {
@@ -701,6 +872,7 @@ impl Daemon {
         if self.controls.insert(a.replica, control).is_some() {
             return; // duplicate assignment
         }
+        self.in_hand.insert(a.replica, (a.task.id, Instant::now()));
         self.preparing += 1;
         let received = Instant::now();
         let warm = self.modules.get(&a.task.module.id).cloned();
@@ -786,6 +958,7 @@ impl Daemon {
             Err(e) => {
                 tracing::warn!(replica, task = %p.assignment.task.id, "cannot run task: {e:#}; handing it back");
                 self.controls.remove(&replica);
+                self.in_hand.remove(&replica);
                 self.send(&WorkerMsg::Abandon {
                     replicas: vec![replica],
                 })
@@ -797,6 +970,7 @@ impl Daemon {
     async fn on_done(&mut self, done: Done) {
         self.queued.retain(|r| *r != done.replica);
         self.controls.remove(&done.replica);
+        self.in_hand.remove(&done.replica);
         let out = match done.outcome {
             Ok(out) => out,
             Err(_) => return, // cancelled: abandoned or decided elsewhere
@@ -838,6 +1012,14 @@ impl Daemon {
             self.send(&WorkerMsg::HaveBlobs { blobs }).await;
             None
         };
+        if out.result.status != tasks::Status::Ok && !out.stderr.is_empty() {
+            let cut = out
+                .stderr
+                .len()
+                .saturating_sub(tasks::limits::MAX_STDERR_TAIL);
+            self.stderr_tails
+                .insert(done.replica, out.stderr[cut..].to_vec());
+        }
         self.unsaved.push(Report {
             replica: done.replica,
             result: out.result,
@@ -859,6 +1041,7 @@ impl Daemon {
             self.send(&WorkerMsg::Abandon { replicas }).await;
         }
         self.controls.clear();
+        self.in_hand.clear();
         self.queued.clear();
     }
 }
@@ -890,8 +1073,14 @@ async fn open_session(
         tokio::time::timeout(Duration::from_secs(10), tasks::net::read_frame(&mut recv))
             .await
             .context("no welcome from the coordinator within 10 s")??;
-    let observed_addr = match welcome {
-        Some(CoordMsg::Welcome { observed_addr, .. }) => observed_addr,
+    let (observed_addr, takes_stderr) = match welcome {
+        Some(CoordMsg::Welcome {
+            observed_addr,
+            agent,
+        }) => (
+            observed_addr,
+            wire::has_capability(&agent, wire::CAP_STDERR),
+        ),
         Some(other) => anyhow::bail!("coordinator answered hello with {other:?}"),
         None => anyhow::bail!("coordinator closed the session before welcoming us"),
     };
@@ -925,6 +1114,7 @@ async fn open_session(
             addr,
         },
         observed_addr,
+        takes_stderr,
     })
 }
 

@@ -1,14 +1,15 @@
 //! The `worker` command: `join` donates idle CPU to a coordinator; `exec` runs one task
-//! locally in the same sandbox.
+//! locally in the same sandbox; `status`, `pause` and `resume` talk to a running `join`.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tasks::job::{defaults, limits};
 use tasks::{JobId, Status, TaskId};
+use worker::daemon::socket::{self, PauseReason, WorkerState};
 use worker::sandbox::{RunControl, RunSpec, Sandbox, SandboxConfig};
 
 /// Peergrid worker: volunteer computing on WebAssembly.
@@ -24,6 +25,17 @@ use worker::sandbox::{RunControl, RunSpec, Sandbox, SandboxConfig};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines on stderr look: `text` (coloured only on a terminal, never with
+    /// NO_COLOR set) or `json` (one object per line: timestamp, level, fields.message, target).
+    #[arg(long, global = true, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -39,6 +51,38 @@ enum Command {
     /// status is ok, 1 for any other status, 2 when the task could not be run at all.
     /// Logs: RUST_LOG (default warn).
     Exec(ExecArgs),
+    /// Show what the running `worker join` of a data dir is doing: its connection, slots,
+    /// tasks (and for how long they ran), whether it is paused and why, results reported.
+    Status(ControlArgs),
+    /// Pause the running `worker join` of a data dir: its tasks stop where they are (no CPU
+    /// used, nothing lost) and it takes no new work, until `worker resume`.
+    ///
+    /// Paused tasks still count against their deadlines: after a long pause the coordinator
+    /// gives them to other workers.
+    Pause(ControlArgs),
+    /// Resume a worker paused by `worker pause` (with --idle-only, tasks still wait while the
+    /// machine is busy).
+    Resume(ControlArgs),
+    /// Print a shell completion script, e.g. `worker completions bash > ~/.local/share/bash-completion/completions/worker`.
+    Completions(CompletionsArgs),
+}
+
+/// Arguments of `status`, `pause` and `resume`.
+#[derive(Debug, clap::Args)]
+struct ControlArgs {
+    /// The data dir of the running `worker join` (its control socket is DIR/control.sock).
+    #[arg(long, value_name = "DIR", default_value = "peergrid-worker")]
+    data_dir: PathBuf,
+    /// Print the worker's state as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    shell: clap_complete::Shell,
 }
 
 #[derive(Debug, clap::Args)]
@@ -91,22 +135,45 @@ fn parse_task_id(s: &str) -> Result<TaskId, String> {
     Ok(TaskId { job, index })
 }
 
+/// Logs to stderr, filtered by RUST_LOG (else `default_level`). Text is coloured only when
+/// stderr is a terminal and NO_COLOR is unset or empty, so log files hold no escape codes.
+fn init_logs(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            let colour = std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+            logs.with_ansi(colour).init()
+        }
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Join(_) => "info",
-        Command::Exec(_) => "warn",
+        _ => "warn",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs(cli.log_format, default_level);
 
     let result = match cli.command {
         Command::Join(args) => join(args).map(|()| ExitCode::SUCCESS),
         Command::Exec(args) => exec(args),
+        Command::Status(args) => control(args, socket::Request::Status),
+        Command::Pause(args) => control(args, socket::Request::Pause),
+        Command::Resume(args) => control(args, socket::Request::Resume),
+        Command::Completions(args) => {
+            // Into a buffer first: clap_complete panics on a write error (`| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "worker", &mut script);
+            let _ = std::io::stdout().write_all(&script);
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
@@ -120,6 +187,87 @@ fn main() -> ExitCode {
 fn join(args: worker::daemon::JoinArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(worker::daemon::join(args))
+}
+
+/// `worker status | pause | resume`.
+fn control(args: ControlArgs, req: socket::Request) -> anyhow::Result<ExitCode> {
+    let state = socket::request(&args.data_dir, req)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&state)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    match req {
+        socket::Request::Status => print_state(&state),
+        socket::Request::Pause => {
+            let held = state.tasks.len();
+            println!("paused: {held} tasks held where they are; no new work is taken until `worker resume --data-dir {}`", args.data_dir.display());
+        }
+        socket::Request::Resume if state.paused => {
+            println!(
+                "resumed from `worker pause`; tasks still wait: --idle-only finds the machine busy"
+            )
+        }
+        socket::Request::Resume => println!("resumed: tasks run and new work is taken"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_state(s: &WorkerState) {
+    println!("worker {} (data dir {})", s.node_id, s.data_dir);
+    match (&s.observed_addr, s.connected) {
+        (Some(seen), true) => println!(
+            "coordinator: {} connected (sees us as {seen})",
+            s.coordinator
+        ),
+        (None, true) => println!("coordinator: {} connected", s.coordinator),
+        (_, false) => println!(
+            "coordinator: {} not connected (retrying; results wait in the outbox)",
+            s.coordinator
+        ),
+    }
+    let limit = s
+        .cpu_limit
+        .map(|p| format!(", each limited to {p}% of a core (--cpu-limit)"))
+        .unwrap_or_default();
+    println!("slots: {} at {} priority{limit}", s.slots, s.priority);
+    let state = if s.paused {
+        let why: Vec<&str> = s
+            .pause_reasons
+            .iter()
+            .map(|r| match r {
+                PauseReason::Command => "by `worker pause` (until `worker resume`)",
+                PauseReason::IdlePolicy => "--idle-only: the machine is busy",
+            })
+            .collect();
+        format!("paused {}", why.join(" and "))
+    } else {
+        "running".to_string()
+    };
+    println!("state: {state}");
+    println!("tasks: {} in hand", s.tasks.len());
+    for t in &s.tasks {
+        let time = match t.running_secs {
+            Some(r) => format!("running for {r:.1} s"),
+            None => format!("{} for {:.1} s", t.state, t.in_hand_secs),
+        };
+        println!(
+            "  replica {:<8} task {:<12} {time}{}",
+            t.replica,
+            t.task,
+            if t.held { " (held)" } else { "" }
+        );
+    }
+    println!(
+        "results: {} completed, {} reported, {} acknowledged, {} waiting in the outbox",
+        s.completed, s.reported, s.acknowledged, s.unacknowledged
+    );
+    match s.credit {
+        Some(c) => println!("credit: {c:.3}"),
+        None => {
+            println!("credit: the coordinator keeps it (`coordinator status` lists it per worker)")
+        }
+    }
+    println!("up for {:.0} s", s.uptime_secs);
 }
 
 fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {

@@ -13,10 +13,11 @@ use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
 
 use tasks::wire::{
-    CoordMsg, JobResults, JobState, PeerAddr, ReplicaId, Report, ResultsPage, StatusReport,
-    TaskResult, TaskState, INLINE_OUTPUT_MAX, MAX_RESULTS_PAGE,
+    CoordMsg, FailurePage, JobResults, JobState, PeerAddr, ReplicaId, Report, ResultsPage,
+    StatusReport, TaskResult, TaskState, INLINE_OUTPUT_MAX, MAX_FAILURES_PER_PAGE,
+    MAX_RESULTS_PAGE,
 };
-use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, RunResult, TaskId};
+use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, RunResult, Status, TaskId};
 
 use crate::core::{Core, Notice, ReportOutcome, RetryError, Work};
 use crate::store::{Mutation, Output, SqliteStore, Store};
@@ -145,6 +146,21 @@ pub enum Cmd {
         limit: u32,
         reply: oneshot::Sender<Option<TasksPage>>,
     },
+    /// The stderr tail of `worker`'s replica (already cut to
+    /// [`tasks::limits::MAX_STDERR_TAIL`]): kept only if the replica is the worker's and its
+    /// recorded result is not `ok`, and only the first one sent.
+    Stderr {
+        worker: NodeId,
+        replica: ReplicaId,
+        stderr: Vec<u8>,
+    },
+    /// A page of the job's tasks that did not end `ok`, with their stderr; `None`: no such job.
+    Failures {
+        job: JobId,
+        after: Option<u32>,
+        max: u32,
+        reply: oneshot::Sender<Result<Option<FailurePage>, String>>,
+    },
 }
 
 /// Punch requests a worker may have forwarded per window (it dials a few peers per blob).
@@ -195,6 +211,14 @@ pub struct FetchJob {
     pub result: RunResult,
     pub peers: Vec<PeerAddr>,
 }
+
+/// A `Failures` request waiting for its batch's commit.
+type FailuresWanted = (
+    JobId,
+    Option<u32>,
+    u32,
+    oneshot::Sender<Result<Option<FailurePage>, String>>,
+);
 
 /// Handle to the engine thread.
 #[derive(Clone)]
@@ -288,6 +312,8 @@ pub struct Engine<S: Store = SqliteStore> {
         u32,
         oneshot::Sender<Result<Option<ResultsPage>, String>>,
     )>,
+    /// `Failures` asked in the current batch, answered after its commit.
+    failures_wanted: Vec<FailuresWanted>,
     /// Statistics: batches committed and commands applied.
     pub batches: u64,
     pub commands: u64,
@@ -316,6 +342,7 @@ impl<S: Store> Engine<S> {
             collecting: Default::default(),
             results_wanted: Vec::new(),
             pages_wanted: Vec::new(),
+            failures_wanted: Vec::new(),
             batches: 0,
             commands: 0,
             stats: Default::default(),
@@ -370,6 +397,17 @@ impl<S: Store> Engine<S> {
         }
         for (job, first, max, reply) in std::mem::take(&mut self.pages_wanted) {
             let _ = reply.send(self.results_page(job, first, max));
+        }
+        for (job, after, max, reply) in std::mem::take(&mut self.failures_wanted) {
+            let page = match self.core.job_manifest(job) {
+                None => Ok(None),
+                Some(_) => self
+                    .store
+                    .task_failures(job, after, max.clamp(1, MAX_FAILURES_PER_PAGE))
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
+            };
+            let _ = reply.send(page);
         }
         for (worker, msg) in sends {
             if let Some((_, tx)) = self.sessions.get(&worker) {
@@ -579,6 +617,30 @@ impl<S: Store> Engine<S> {
                 let page = self.tasks(job, offset, limit);
                 replies.push(Reply::Tasks(reply, page));
             }
+            Cmd::Stderr {
+                worker,
+                replica,
+                stderr,
+            } => match self.core.replica_result(replica) {
+                Some((owner, task, Some(result)))
+                    if owner == worker && result.status != Status::Ok && !stderr.is_empty() =>
+                {
+                    extra.push(Mutation::ReplicaStderr {
+                        replica,
+                        task,
+                        stderr,
+                    })
+                }
+                _ => {
+                    tracing::debug!(node = %worker.short(), replica, "stderr ignored: not a replica of this worker with a reported non-ok result")
+                }
+            },
+            Cmd::Failures {
+                job,
+                after,
+                max,
+                reply,
+            } => self.failures_wanted.push((job, after, max, reply)),
         }
     }
 

@@ -337,6 +337,21 @@ async fn dispatch(engine: &EngineHandle, worker: NodeId, msg: WorkerMsg) -> Disp
         }
         WorkerMsg::Abandon { replicas } => engine.send(Cmd::Abandon { worker, replicas }).await,
         WorkerMsg::Punch { peer } => engine.send(Cmd::Punch { from: worker, peer }).await,
+        WorkerMsg::Stderr {
+            replica,
+            mut stderr,
+        } => {
+            // Only the tail is kept: cut here, so a long one never reaches the engine.
+            let cut = stderr.len().saturating_sub(tasks::limits::MAX_STDERR_TAIL);
+            stderr.drain(..cut);
+            engine
+                .send(Cmd::Stderr {
+                    worker,
+                    replica,
+                    stderr,
+                })
+                .await
+        }
         WorkerMsg::BadPeer { peer, blob } => {
             tracing::warn!(peer = %peer.short(), blob = %blob.short(), "worker reports a peer serving bad data");
             engine

@@ -209,6 +209,23 @@ async fn respond(
                 None => gone(),
             }
         }
+        SubmitBody::Failures { job, after, max } => {
+            match ctx
+                .engine
+                .call(|reply| Cmd::Failures {
+                    job,
+                    after,
+                    max,
+                    reply,
+                })
+                .await
+            {
+                Some(Ok(Some(page))) => SubmitResponse::Failures(page),
+                Some(Ok(None)) => error(ErrorCode::NotFound, format!("no job {job}")),
+                Some(Err(e)) => error(ErrorCode::Internal, e),
+                None => gone(),
+            }
+        }
         SubmitBody::Cancel { job } => {
             match ctx.engine.call(|reply| Cmd::Cancel { job, reply }).await {
                 Some(true) => SubmitResponse::Ok,

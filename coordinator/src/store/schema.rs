@@ -79,6 +79,17 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE tasks ADD COLUMN replicas_from INTEGER;
     "#,
+    // 4: the stderr tail of replicas whose result is not ok (diagnostics for the scientist,
+    // not part of any digest): at most one row per replica, bounded in size by the engine.
+    r#"
+    CREATE TABLE replica_stderr (
+        replica INTEGER PRIMARY KEY,
+        job INTEGER NOT NULL,
+        idx INTEGER NOT NULL,
+        stderr BLOB NOT NULL
+    );
+    CREATE INDEX replica_stderr_task ON replica_stderr (job, idx);
+    "#,
 ];
 
 /// Bring the database up to the newest schema.

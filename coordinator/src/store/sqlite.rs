@@ -5,7 +5,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use tasks::wire::{JobState, TaskResult, TaskState};
+use tasks::wire::{FailurePage, JobState, TaskFailure, TaskResult, TaskState};
 use tasks::{
     BlobId, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult, TaskId,
 };
@@ -315,6 +315,16 @@ impl SqliteStore {
                 tx.prepare_cached("UPDATE workers SET peer_addr = ?2 WHERE node = ?1")?
                     .execute(params![&worker.0[..], addr.map(|a| a.to_string())])?;
             }
+            Mutation::ReplicaStderr {
+                replica,
+                task,
+                stderr,
+            } => {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO replica_stderr (replica, job, idx, stderr) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![*replica as i64, task.job.0 as i64, task.index, stderr])?;
+            }
         }
         Ok(())
     }
@@ -524,6 +534,97 @@ impl Store for SqliteStore {
             out.push((tr, output));
         }
         Ok(out)
+    }
+
+    fn task_failures(
+        &mut self,
+        job: JobId,
+        after: Option<u32>,
+        max: u32,
+    ) -> Result<FailurePage, StoreError> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT idx, state, result, reason FROM tasks WHERE job = ?1 AND state IN ('accepted', 'failed') ORDER BY idx",
+        )?;
+        let mut rows = st.query([job.0 as i64])?;
+        let mut total = 0u32;
+        let mut more = false;
+        // (failure, the accepted result's encoding: its replicas' stderr is the one shown)
+        let mut page: Vec<(TaskFailure, Option<Vec<u8>>)> = Vec::new();
+        while let Some(r) = rows.next()? {
+            let index: u32 = r.get(0)?;
+            let state: String = r.get(1)?;
+            let failure = if state == "accepted" {
+                let encoded: Vec<u8> = r.get::<_, Option<Vec<u8>>>(2)?.unwrap_or_default();
+                let result: RunResult = dec(&encoded, "task result")?;
+                if result.status == tasks::Status::Ok {
+                    continue;
+                }
+                (
+                    TaskFailure {
+                        index,
+                        status: TaskState::Accepted,
+                        outcome: Some(result.status),
+                        exit_code: result.exit_code,
+                        trap: result.trap,
+                        reason: None,
+                        stderr: None,
+                    },
+                    Some(encoded),
+                )
+            } else {
+                (
+                    TaskFailure {
+                        index,
+                        status: TaskState::Failed,
+                        outcome: None,
+                        exit_code: 0,
+                        trap: String::new(),
+                        reason: r.get(3)?,
+                        stderr: None,
+                    },
+                    None,
+                )
+            };
+            total += 1;
+            if after.is_some_and(|a| index <= a) {
+                continue;
+            }
+            if page.len() < max as usize {
+                page.push(failure);
+            } else {
+                more = true;
+            }
+        }
+        drop(rows);
+        drop(st);
+        let mut failures = Vec::with_capacity(page.len());
+        for (mut f, accepted) in page {
+            f.stderr = match accepted {
+                // One replica of the accepted result: its stored result is byte-equal.
+                Some(encoded) => self
+                    .conn
+                    .prepare_cached(
+                        "SELECT s.stderr FROM replica_stderr s JOIN replicas r ON r.id = s.replica
+                         WHERE s.job = ?1 AND s.idx = ?2 AND r.result = ?3 ORDER BY s.replica LIMIT 1",
+                    )?
+                    .query_row(params![job.0 as i64, f.index, encoded], |r| r.get(0))
+                    .optional()?,
+                None => self
+                    .conn
+                    .prepare_cached(
+                        "SELECT stderr FROM replica_stderr WHERE job = ?1 AND idx = ?2 ORDER BY replica LIMIT 1",
+                    )?
+                    .query_row(params![job.0 as i64, f.index], |r| r.get(0))
+                    .optional()?,
+            };
+            failures.push(f);
+        }
+        Ok(FailurePage {
+            job,
+            total,
+            failures,
+            more,
+        })
     }
 
     fn outputs_missing(&mut self) -> Result<Vec<(TaskId, RunResult, Vec<NodeId>)>, StoreError> {

@@ -67,6 +67,7 @@ impl Executor {
                                 _ => return,
                             };
                             let queue_wait = job.received.max(idle_since).elapsed();
+                            job.control.mark_started();
                             let _span =
                                 tracing::info_span!("task", replica = job.replica).entered();
                             let outcome = match &job.module {

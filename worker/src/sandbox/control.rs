@@ -6,7 +6,7 @@
 //! so a paused or throttled run produces exactly the result of an uninterrupted one.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use wasmtime::UpdateDeadline;
@@ -34,6 +34,8 @@ struct Inner {
     held: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
+    /// When a task slot began running the guest (see [`RunControl::mark_started`]).
+    started: OnceLock<Instant>,
 }
 
 impl std::fmt::Debug for RunControl {
@@ -99,6 +101,17 @@ impl RunControl {
     /// How many guests run under this control are held by [`pause`](Self::pause) right now.
     pub fn held(&self) -> usize {
         self.inner.held.load(Ordering::SeqCst)
+    }
+
+    /// Record that a task slot begins running the guest now (the first call counts): the
+    /// worker's `status` tells running tasks from queued ones, and for how long they ran.
+    pub fn mark_started(&self) {
+        let _ = self.inner.started.set(Instant::now());
+    }
+
+    /// When a slot began running the guest; `None` while it waits for one.
+    pub fn started(&self) -> Option<Instant> {
+        self.inner.started.get().copied()
     }
 
     fn notify(&self) {
