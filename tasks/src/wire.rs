@@ -1454,7 +1454,8 @@ mod tests {
             },
             "00000005 0174 03 01 03",
         );
-        // SubmitBody variant 6 (after Cancel = 5): job 3, after index 7, max 2.
+        // SubmitBody variant 8 (after Retry = 6 and ResultsPage = 7): job 3, after index 7,
+        // max 2.
         golden(
             SubmitRequest {
                 token: "t".into(),
@@ -1464,9 +1465,9 @@ mod tests {
                     max: 2,
                 },
             },
-            "00000007 0174 06 03 0107 02",
+            "00000007 0174 08 03 0107 02",
         );
-        // SubmitResponse variant 6 (after Error = 5).
+        // SubmitResponse variant 8 (after Retried = 6 and ResultsPage = 7).
         golden(
             SubmitResponse::Failures(FailurePage {
                 job: JobId(3),
@@ -1482,7 +1483,7 @@ mod tests {
                 }],
                 more: false,
             }),
-            "0000000f 06 03 01 01 04 01 01 01 04 00 00 01 01 78 00",
+            "0000000f 08 03 01 01 04 01 01 01 04 00 00 01 01 78 00",
         );
         golden(
             SubmitResponse::Error {
