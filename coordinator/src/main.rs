@@ -69,8 +69,9 @@ struct ServeArgs {
     /// listening on all interfaces).
     #[arg(long, value_name = "HOST")]
     advertise: Option<String>,
-    /// TCP address for a read-only HTTP status API (default: none). `GET /` is a page of jobs
-    /// and workers; `/status`, `/jobs/ID` and `/jobs/ID/results` are JSON; `/health` says ok.
+    /// TCP address for a read-only HTTP server (default: none). `GET /` is a live dashboard
+    /// of jobs, tasks and workers; `/metrics` is Prometheus text; `/status`, `/overview`,
+    /// `/jobs/ID`, `/jobs/ID/tasks` and `/jobs/ID/results` are JSON; `/health` says ok.
     /// Results need the submit token (`Authorization: Bearer TOKEN`); the rest is public and
     /// shows job names, worker ids and credit: bind it to localhost (e.g. 127.0.0.1:8080) or a
     /// trusted network.
@@ -182,7 +183,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
         running.data_dir.join(server::TOKEN_FILE).display()
     );
     if let Some(http) = running.http_addr {
-        println!("status page: http://{http}/ (read-only, public: JSON at /status and /jobs/ID; /jobs/ID/results needs the submit token as Authorization: Bearer)");
+        println!("status page: http://{http}/ (the dashboard; read-only, public; Prometheus metrics at /metrics, JSON at /status, /overview, /jobs/ID and /jobs/ID/tasks; /jobs/ID/results needs the submit token as Authorization: Bearer)");
     }
     if running.ticket_host_guessed {
         println!(
