@@ -108,17 +108,23 @@ impl Grid {
 
     /// Submit a primes job of `tasks` tasks (quorum 2); its id.
     fn submit_primes(&self, tasks: u32) -> Result<u64> {
-        let jd = self.dir.path().join("job");
-        std::fs::create_dir_all(&jd)?;
-        std::fs::copy(PRIMES_WASM, jd.join("primes.wasm"))?;
-        std::fs::write(
-            jd.join("job.toml"),
-            format!(
+        let module = std::fs::read(PRIMES_WASM)?;
+        self.submit(
+            &module,
+            &format!(
                 "name = \"primes-dashboard\"\nmodule = \"primes.wasm\"\nquorum = 2\nmax_replicas = 4\n\
                  fuel = 20_000_000_000\nmemory_mb = 32\nmax_output = 64\ndeadline_secs = 600\n\
                  [tasks]\ncount = {tasks}\nargs = [\"block\", \"{{i}}\", \"20000\"]\n"
             ),
-        )?;
+        )
+    }
+
+    /// Submit a job file (`module = "primes.wasm"` names `module`'s bytes); its id.
+    fn submit(&self, module: &[u8], job_toml: &str) -> Result<u64> {
+        let jd = self.dir.path().join("job");
+        std::fs::create_dir_all(&jd)?;
+        std::fs::write(jd.join("primes.wasm"), module)?;
+        std::fs::write(jd.join("job.toml"), job_toml)?;
         let out = Command::new(coordinator_bin())
             .args([
                 "submit",
@@ -769,5 +775,78 @@ async fn a_contested_task_shows_in_tasks_overview_and_metrics() -> Result<()> {
 
     client.close().await;
     coord.shutdown().await?;
+    Ok(())
+}
+
+/// Task 0 ends ok; task 1 writes two lines to stderr and exits 2.
+const FAILING_WAT: &str = r#"(module
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "reading input\nerror: bad input, giving up\n")
+  (func (export "_start")
+    (drop (call $args_sizes_get (i32.const 0) (i32.const 4)))
+    (if (i32.eq (i32.load (i32.const 0)) (i32.const 2)) (then
+      (i32.store (i32.const 8) (i32.const 100))
+      (i32.store (i32.const 12) (i32.const 42))
+      (drop (call $fd_write (i32.const 2) (i32.const 8) (i32.const 1) (i32.const 16)))
+      (call $proc_exit (i32.const 2))))))"#;
+
+/// Why a task failed reaches the dashboard: `/jobs/ID/tasks` carries the outcome and the
+/// stderr tail the workers sent, and the page shows them in the task's row (Chromium).
+#[test]
+fn a_failed_tasks_outcome_and_stderr_show_on_the_dashboard() -> Result<()> {
+    let grid = Grid::start(2)?;
+    let module = wat::parse_str(FAILING_WAT)?;
+    let job = grid.submit(
+        &module,
+        "name = \"failing\"\nmodule = \"primes.wasm\"\nquorum = 2\nmax_replicas = 4\n\
+         fuel = 10_000_000\nmemory_mb = 16\nmax_output = 64\ndeadline_secs = 600\n\
+         [[task]]\nargs = []\n[[task]]\nargs = [\"a\"]\n",
+    )?;
+    grid.wait_done(job, 2)?;
+    // The stderr follows its report: wait for it to be stored.
+    let t0 = Instant::now();
+    let tasks = loop {
+        let (code, _, body) = get(grid.http, &format!("/jobs/{job}/tasks"))?;
+        ensure!(code == 200, "/jobs/{job}/tasks answered {code}: {body}");
+        let v: Value = serde_json::from_str(&body)?;
+        let tasks = v["tasks"].as_array().context("tasks")?.clone();
+        if tasks.get(1).is_some_and(|t| t.get("stderr").is_some()) {
+            break tasks;
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no stderr for task 1: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(tasks[0].get("failure").is_none(), "{tasks:?}");
+    assert_eq!(tasks[1]["failure"], "exit 2", "{tasks:?}");
+    assert_eq!(
+        tasks[1]["stderr"], "reading input\nerror: bad input, giving up\n",
+        "{tasks:?}"
+    );
+    let Some(bin) = chromium() else {
+        return Ok(());
+    };
+    let profile = tempfile::tempdir()?;
+    let dom = run_chromium(
+        &bin,
+        profile.path(),
+        &[
+            "--virtual-time-budget=5000".into(),
+            "--dump-dom".into(),
+            format!("http://{}/", grid.http),
+        ],
+    )?;
+    let start = dom
+        .find("data-task=\"1\"")
+        .with_context(|| format!("no row for task 1:\n{dom}"))?;
+    let end = dom[start..].find("</tr>").context("row end")? + start;
+    let row = &dom[start..end];
+    assert!(row.contains("exit 2"), "{row}");
+    assert!(row.contains("error: bad input, giving up"), "{row}");
     Ok(())
 }

@@ -345,8 +345,64 @@ async fn tasks(
         })
         .await
     {
-        Some(Some(page)) => ([(header::CACHE_CONTROL, "no-store")], Json(page)).into_response(),
+        Some(Some(page)) => {
+            let mut value = match serde_json::to_value(&page) {
+                Ok(v) => v,
+                Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            };
+            let end = page.offset.saturating_add(page.tasks.len() as u32);
+            if let Some(tasks) = value.get_mut("tasks").and_then(|t| t.as_array_mut()) {
+                annotate_failures(&ctx, job, page.offset, end, tasks).await;
+            }
+            ([(header::CACHE_CONTROL, "no-store")], Json(value)).into_response()
+        }
         Some(None) => error(StatusCode::NOT_FOUND, format!("no job {job}")),
         None => gone(),
+    }
+}
+
+/// Add `failure` (what became of it: `exit 2`, `trap (unreachable)`, the reason it failed)
+/// and `stderr` (the tail a worker sent, control characters removed) to the tasks of
+/// `offset..end` that did not end `ok`: why a task failed, for the dashboard. Diagnostics,
+/// not results: no digest or output is shown. Missing if the store cannot answer.
+async fn annotate_failures(
+    ctx: &HttpCtx,
+    job: JobId,
+    offset: u32,
+    end: u32,
+    tasks: &mut [serde_json::Value],
+) {
+    let Some(Ok(Some(page))) = ctx
+        .engine
+        .call(|reply| Cmd::Failures {
+            job,
+            after: offset.checked_sub(1),
+            max: end.saturating_sub(offset),
+            reply,
+        })
+        .await
+    else {
+        return;
+    };
+    for f in page.failures.iter().filter(|f| f.index < end) {
+        let Some(obj) = tasks
+            .get_mut((f.index - offset) as usize)
+            .and_then(|t| t.as_object_mut())
+        else {
+            continue;
+        };
+        let what = match (f.outcome, &f.reason) {
+            (Some(tasks::Status::Exit), _) => format!("exit {}", f.exit_code),
+            (Some(tasks::Status::Trap), _) => {
+                format!("trap ({})", crate::cli::failures::clean(f.trap.as_bytes()))
+            }
+            (Some(s), _) => s.as_str().to_string(),
+            (None, Some(r)) => crate::cli::failures::clean(r.as_bytes()),
+            (None, None) => "failed".to_string(),
+        };
+        obj.insert("failure".into(), what.into());
+        if let Some(e) = &f.stderr {
+            obj.insert("stderr".into(), crate::cli::failures::clean(e).into());
+        }
     }
 }

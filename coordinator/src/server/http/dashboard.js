@@ -132,6 +132,18 @@ function renderWorkers(o) {
   }
 }
 
+// Why a task did not end ok: its outcome and the last line of the stderr a worker sent (the
+// whole tail on hover). Text only, never HTML.
+function failureCell(t) {
+  if (!t.failure) return td("", "l");
+  const lines = (t.stderr || "").trim().split("\n");
+  const last = lines[lines.length - 1];
+  const cell = el("td", { class: "l failure", title: t.stderr || t.failure },
+    el("span", { class: "contested" }, t.failure));
+  if (last) cell.append(el("div", { class: "stderr" }, last));
+  return cell;
+}
+
 function renderTasks(page) {
   const body = document.getElementById("tasks");
   body.replaceChildren();
@@ -151,7 +163,8 @@ function renderTasks(page) {
       td(`${t.agreeing} / ${t.quorum}`, t.contested ? "contested" : ""),
       td(t.disagreeing),
       td(t.lost),
-      td(t.fuel_used == null ? "–" : t.fuel_used.toLocaleString("en-US"))));
+      td(t.fuel_used == null ? "–" : t.fuel_used.toLocaleString("en-US")),
+      failureCell(t)));
   }
   const shown = page.tasks.length;
   more.hidden = shown >= page.tasks_total;
