@@ -778,27 +778,13 @@ async fn a_contested_task_shows_in_tasks_overview_and_metrics() -> Result<()> {
     Ok(())
 }
 
-/// Task 0 ends ok; task 1 writes two lines to stderr and exits 2.
-const FAILING_WAT: &str = r#"(module
-  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes_get (param i32 i32) (result i32)))
-  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
-  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
-  (memory (export "memory") 1)
-  (data (i32.const 100) "reading input\nerror: bad input, giving up\n")
-  (func (export "_start")
-    (drop (call $args_sizes_get (i32.const 0) (i32.const 4)))
-    (if (i32.eq (i32.load (i32.const 0)) (i32.const 2)) (then
-      (i32.store (i32.const 8) (i32.const 100))
-      (i32.store (i32.const 12) (i32.const 42))
-      (drop (call $fd_write (i32.const 2) (i32.const 8) (i32.const 1) (i32.const 16)))
-      (call $proc_exit (i32.const 2))))))"#;
-
 /// Why a task failed reaches the dashboard: `/jobs/ID/tasks` carries the outcome and the
 /// stderr tail the workers sent, and the page shows them in the task's row (Chromium).
 #[test]
 fn a_failed_tasks_outcome_and_stderr_show_on_the_dashboard() -> Result<()> {
     let grid = Grid::start(2)?;
-    let module = wat::parse_str(FAILING_WAT)?;
+    // Task 0 ends ok; task 1 writes two lines to stderr and exits 2.
+    let module = wat::parse_str(common::FAILING_WAT)?;
     let job = grid.submit(
         &module,
         "name = \"failing\"\nmodule = \"primes.wasm\"\nquorum = 2\nmax_replicas = 4\n\

@@ -424,3 +424,28 @@ pub fn credit_figures(status: &Value, results: &Value) -> (u64, f64, f64) {
         .sum();
     (valid, credit, expected)
 }
+
+/// argc 1: prints "fine" (stderr too, which must not be reported); argc 2: stderr, exit 2;
+/// argc 3: stderr with an escape sequence, then a trap.
+pub const FAILING_WAT: &str = r#"(module
+  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "reading input\nerror: bad input, giving up\n")
+  (data (i32.const 200) "about to trap \1b[31mred\n")
+  (data (i32.const 300) "fine\n")
+  (func $write (param $fd i32) (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 8) (local.get $ptr))
+    (i32.store (i32.const 12) (local.get $len))
+    (drop (call $fd_write (local.get $fd) (i32.const 8) (i32.const 1) (i32.const 16))))
+  (func (export "_start")
+    (drop (call $args_sizes_get (i32.const 0) (i32.const 4)))
+    (if (i32.eq (i32.load (i32.const 0)) (i32.const 2)) (then
+      (call $write (i32.const 2) (i32.const 100) (i32.const 42))
+      (call $proc_exit (i32.const 2))))
+    (if (i32.eq (i32.load (i32.const 0)) (i32.const 3)) (then
+      (call $write (i32.const 2) (i32.const 200) (i32.const 23))
+      unreachable))
+    (call $write (i32.const 2) (i32.const 300) (i32.const 5))
+    (call $write (i32.const 1) (i32.const 300) (i32.const 5))))"#;
