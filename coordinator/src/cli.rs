@@ -464,6 +464,26 @@ fn results_page_size() -> u32 {
         .unwrap_or(RESULTS_PAGE)
 }
 
+/// Move an accepted task's output bytes to `DIR/<index>.out` (results.json carries its hash)
+/// and count the task in `w`.
+fn write_output(t: &mut TaskResult, dir: &Path, w: &mut Written) -> anyhow::Result<()> {
+    match t.status {
+        TaskState::Accepted => match t.output.take() {
+            Some(out) => {
+                let path = dir.join(format!("{}.out", t.index));
+                std::fs::write(&path, out)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                w.written += 1;
+            }
+            None => w.collecting += 1,
+        },
+        TaskState::Pending => w.pending += 1,
+        TaskState::Failed => w.failed += 1,
+    }
+    t.output = None;
+    Ok(())
+}
+
 /// One task of `results.json`, as `serde_json::to_string_pretty` prints it inside the
 /// document (four spaces deep): the output itself lives in its `.out` file.
 fn task_json(t: &TaskResult, failure: Option<&TaskFailure>) -> anyhow::Result<String> {
@@ -552,20 +572,7 @@ pub async fn download_results(
         }
         let n = p.tasks.len() as u32;
         for mut t in p.tasks {
-            match t.status {
-                TaskState::Accepted => match t.output.take() {
-                    Some(out) => {
-                        let path = dir.join(format!("{}.out", t.index));
-                        std::fs::write(&path, out)
-                            .with_context(|| format!("writing {}", path.display()))?;
-                        w.written += 1;
-                    }
-                    None => w.collecting += 1,
-                },
-                TaskState::Pending => w.pending += 1,
-                TaskState::Failed => w.failed += 1,
-            }
-            t.output = None;
+            write_output(&mut t, dir, &mut w)?;
             json.write_all(if wrote_any { b",\n" } else { b"\n" })
                 .map_err(write_err)?;
             json.write_all(task_json(&t, failed.get(&t.index).copied())?.as_bytes())
@@ -710,20 +717,7 @@ pub fn write_results_with(
     let mut json = res.clone();
     let mut w = Written::default();
     for t in &mut json.tasks {
-        match t.status {
-            TaskState::Accepted => match t.output.take() {
-                Some(out) => {
-                    let path = dir.join(format!("{}.out", t.index));
-                    std::fs::write(&path, out)
-                        .with_context(|| format!("writing {}", path.display()))?;
-                    w.written += 1;
-                }
-                None => w.collecting += 1,
-            },
-            TaskState::Pending => w.pending += 1,
-            TaskState::Failed => w.failed += 1,
-        }
-        t.output = None;
+        write_output(t, dir, &mut w)?;
     }
     // Outputs live in the .out files; results.json carries their hashes.
     let mut value = serde_json::to_value(&json)?;

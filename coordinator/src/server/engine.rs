@@ -745,17 +745,7 @@ impl<S: Store> Engine<S> {
         let mut tasks = Vec::with_capacity(manifest.tasks.len());
         for index in 0..manifest.tasks.len() as u32 {
             let Some((mut t, output)) = by_index.remove(&index) else {
-                tasks.push(TaskResult {
-                    index,
-                    status: TaskState::Pending,
-                    outcome: None,
-                    output_hash: None,
-                    output_len: None,
-                    fuel_used: None,
-                    agreeing_workers: Vec::new(),
-                    reason: None,
-                    output: None,
-                });
+                tasks.push(pending_result(index));
                 continue;
             };
             if let Some(Output::Inline(bytes)) = output {
