@@ -19,7 +19,7 @@ pub(crate) mod sim;
 pub mod trust;
 pub mod validator;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -645,6 +645,26 @@ impl Core {
             }
         }
         self.settle_bans(now);
+    }
+
+    /// `worker` says it still has exactly `held` (sent once, right after it connects): every
+    /// replica in flight on it that is not listed is lost now, as if abandoned, instead of
+    /// at its deadline. Those are assignments committed here whose `Assign` never reached
+    /// the worker (this coordinator or the connection died in between), or replicas a
+    /// restarted worker no longer has. Returns how many were taken back.
+    pub fn reconcile(&mut self, worker: NodeId, held: &[ReplicaId], now: u64) -> usize {
+        let Some(w) = self.workers.get(&worker) else {
+            return 0;
+        };
+        let held: HashSet<ReplicaId> = held.iter().copied().collect();
+        let gone: Vec<ReplicaId> = w
+            .in_flight
+            .iter()
+            .copied()
+            .filter(|r| !held.contains(r))
+            .collect();
+        self.abandon(worker, &gone, now);
+        gone.len()
     }
 
     /// Take an in-flight replica away from its worker (it was not reported in time). The loss

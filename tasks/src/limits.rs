@@ -74,3 +74,9 @@ pub const BAD_PEER_ACCUSERS: usize = 2;
 /// whose reported status is not `ok`: what one identity can make it store is bounded by the
 /// replicas it was assigned.
 pub const MAX_STDERR_TAIL: usize = 4096;
+
+/// Replicas one [`crate::wire::WorkerMsg::Holding`] may list (a worker holding more sends
+/// none: the coordinator then waits for deadlines, as before the message existed). A
+/// worker has at most a few dozen in hand per slot plus its unacknowledged reports; the
+/// list's frame stays under a megabyte.
+pub const MAX_HOLDING_PER_MSG: usize = 65_536;

@@ -73,7 +73,10 @@
 //!    (`peergrid-coordinator/0.1.0 stderr`). [`CAP_STDERR`]: after the report of a replica
 //!    whose status is not `ok`, the worker may send [`WorkerMsg::Stderr`] with the tail of
 //!    the guest's stderr (at most [`crate::limits::MAX_STDERR_TAIL`] bytes); it is
-//!    diagnostics for the scientist, never part of the digest.
+//!    diagnostics for the scientist, never part of the digest. [`CAP_HOLDING`]: right after
+//!    `Welcome`, before anything else, the worker sends [`WorkerMsg::Holding`] with every
+//!    replica it still has; the coordinator takes back the ones it counts as in flight there
+//!    that are not listed (an `Assign` lost when the coordinator or the connection died).
 //!
 //! Small outputs (at most [`INLINE_OUTPUT_MAX`] bytes) travel inline in the report; larger
 //! ones stay in the worker's blob store, named by `output_hash`, and the coordinator fetches
@@ -138,6 +141,8 @@ pub const MAX_FAILURES_PER_PAGE: u32 = 512;
 
 /// Capability word in `Welcome.agent`: the coordinator takes [`WorkerMsg::Stderr`].
 pub const CAP_STDERR: &str = "stderr";
+/// Capability word in `Welcome.agent`: the coordinator takes [`WorkerMsg::Holding`].
+pub const CAP_HOLDING: &str = "holding";
 
 /// Whether a `Welcome.agent` lists capability `cap` (a word after the version).
 pub fn has_capability(agent: &str, cap: &str) -> bool {
@@ -242,6 +247,17 @@ pub enum WorkerMsg {
     Stderr {
         replica: ReplicaId,
         stderr: Vec<u8>,
+    },
+    /// Every replica this worker still has (being prepared, queued, running, or finished
+    /// with its report not yet acknowledged), sent once right after `Welcome`, before any
+    /// other message of the session. The coordinator takes back at once every replica it
+    /// counts as in flight on this worker that is not listed: an assignment it committed
+    /// but never delivered (it died, or the connection did, before the `Assign` arrived),
+    /// or one a restarted worker lost. Each costs the worker as an abandoned one would. At
+    /// most [`crate::limits::MAX_HOLDING_PER_MSG`] are read. Only to a coordinator
+    /// listing [`CAP_HOLDING`].
+    Holding {
+        replicas: Vec<ReplicaId>,
     },
 }
 
@@ -794,6 +810,7 @@ mod tests {
             node_id().prop_map(|peer| WorkerMsg::Punch { peer }),
             (any::<u64>(), bytes())
                 .prop_map(|(replica, stderr)| WorkerMsg::Stderr { replica, stderr }),
+            list(any::<u64>()).prop_map(|replicas| WorkerMsg::Holding { replicas }),
         ]
     }
 
@@ -1366,6 +1383,13 @@ mod tests {
                 stderr: b"e".to_vec(),
             },
             "00000004 08 03 01 65",
+        );
+        // Variant 9: replicas [1, 300].
+        golden(
+            WorkerMsg::Holding {
+                replicas: vec![1, 300],
+            },
+            "00000005 09 02 01 ac02",
         );
     }
 

@@ -265,6 +265,7 @@ pub async fn run(
         unsaved: Vec::new(),
         stderr_tails: HashMap::new(),
         saving: 0,
+        saving_replicas: Vec::new(),
         task_secs: None,
     };
     let result = daemon.run(done_rx, punch_rx, ctl_rx, shutdown).await;
@@ -327,6 +328,8 @@ struct Session {
     observed_addr: std::net::SocketAddr,
     /// The coordinator takes [`WorkerMsg::Stderr`] (its capability [`wire::CAP_STDERR`]).
     takes_stderr: bool,
+    /// The coordinator takes [`WorkerMsg::Holding`] (its capability [`wire::CAP_HOLDING`]).
+    takes_holding: bool,
 }
 
 /// A task's blobs fetched and its module loaded, ready for a slot.
@@ -377,8 +380,10 @@ struct Daemon {
     /// report and kept until it is acknowledged (one entry per unacknowledged report at
     /// most; not kept across restarts).
     stderr_tails: HashMap<ReplicaId, Vec<u8>>,
-    /// Reports in the group commit being written on a blocking thread (0: none).
+    /// Reports in the group commit being written on a blocking thread (0: none)...
     saving: usize,
+    /// ...and their replicas.
+    saving_replicas: Vec<ReplicaId>,
     /// Moving average of task wall time, which sizes how much work to keep in hand.
     task_secs: Option<f64>,
 }
@@ -520,6 +525,7 @@ impl Daemon {
                             self.session = Some(session);
                             self.request_outstanding = false;
                             self.next_request = Instant::now();
+                            self.send_holding().await;
                             self.resend_outbox().await;
                         }
                         Err(e) => {
@@ -604,6 +610,29 @@ impl Daemon {
             peer_addr: self.endpoint.local_addr().ok(),
             blobs: self.store.list(),
         }
+    }
+
+    /// Right after `Welcome`, before anything else: every replica this worker still has, so
+    /// the coordinator takes back at once any it counts here that never arrived (an
+    /// `Assign` lost when it or the connection died) instead of waiting for their deadline.
+    async fn send_holding(&mut self) {
+        if !self.session.as_ref().is_some_and(|s| s.takes_holding) {
+            return;
+        }
+        let mut replicas: Vec<ReplicaId> = self.controls.keys().copied().collect();
+        replicas.extend(self.unsaved.iter().map(|r| r.replica));
+        replicas.extend(self.saving_replicas.iter().copied());
+        replicas.extend(self.outbox.pending().map(|r| r.replica));
+        replicas.sort_unstable();
+        replicas.dedup();
+        if replicas.len() > tasks::limits::MAX_HOLDING_PER_MSG {
+            tracing::debug!(
+                "{} replicas in hand: too many to list; the coordinator waits for deadlines",
+                replicas.len()
+            );
+            return;
+        }
+        self.send(&WorkerMsg::Holding { replicas }).await;
     }
 
     fn drop_session(&mut self) {
@@ -779,6 +808,7 @@ impl Daemon {
             return;
         }
         self.saving = self.unsaved.len();
+        self.saving_replicas = self.unsaved.iter().map(|r| r.replica).collect();
         let seg = self.outbox.segment(std::mem::take(&mut self.unsaved));
         let tx = saved_tx.clone();
         tokio::task::spawn_blocking(move || {
@@ -789,6 +819,7 @@ impl Daemon {
 
     async fn on_saved(&mut self, seg: Segment, res: std::io::Result<()>) {
         self.saving = 0;
+        self.saving_replicas.clear();
         if let Err(e) = res {
             tracing::error!("cannot save {} results to the outbox ({e}); sending them anyway, but they are lost if this worker dies before the coordinator acknowledges them", seg.reports.len());
         }
@@ -1073,13 +1104,14 @@ async fn open_session(
         tokio::time::timeout(Duration::from_secs(10), tasks::net::read_frame(&mut recv))
             .await
             .context("no welcome from the coordinator within 10 s")??;
-    let (observed_addr, takes_stderr) = match welcome {
+    let (observed_addr, takes_stderr, takes_holding) = match welcome {
         Some(CoordMsg::Welcome {
             observed_addr,
             agent,
         }) => (
             observed_addr,
             wire::has_capability(&agent, wire::CAP_STDERR),
+            wire::has_capability(&agent, wire::CAP_HOLDING),
         ),
         Some(other) => anyhow::bail!("coordinator answered hello with {other:?}"),
         None => anyhow::bail!("coordinator closed the session before welcoming us"),
@@ -1115,6 +1147,7 @@ async fn open_session(
         },
         observed_addr,
         takes_stderr,
+        takes_holding,
     })
 }
 

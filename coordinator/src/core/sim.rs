@@ -480,6 +480,37 @@ fn deadline_and_abandon_reissue_replicas() {
     assert_eq!(later[0].task.id, got[1].task.id);
 }
 
+/// A worker reconnecting after the coordinator restarted lists what it still has: an
+/// assignment committed before the crash but never delivered is reissued at once, not at
+/// its deadline; the listed ones stay with the worker and its report of them still counts.
+#[test]
+fn replicas_a_reconnecting_worker_does_not_hold_are_reissued_at_once() {
+    let mut core = Core::new(CoreConfig::default());
+    core.add_job(manifest("a", 2, 1, 4, 600), 0);
+    let (w1, w2) = (node(1), node(2));
+    core.hello(w1, &fp(Kind::Honest), 2, None, &[], 0);
+    core.hello(w2, &fp(Kind::Honest), 2, None, &[], 0);
+    let got = core.request_work(w1, 2, 0).assignments;
+    assert_eq!(got.len(), 2);
+    assert!(core.request_work(w2, 2, 1).assignments.is_empty());
+    // The `Assign` of got[1] was lost: the worker lists only got[0] (and something unknown).
+    assert_eq!(core.reconcile(w1, &[got[0].replica, 999_999], 2), 1);
+    let again = core.request_work(w2, 2, 3).assignments;
+    assert_eq!(again.len(), 1, "only the one not held is reissued");
+    assert_eq!(again[0].task.id, got[1].task.id);
+    assert_eq!(
+        core.report(w1, got[0].replica, truth(got[0].task.id), 4),
+        ReportOutcome::Recorded {
+            accepted: true,
+            duplicate: false
+        }
+    );
+    // Listing again changes nothing; another worker's list takes nothing from w1.
+    assert_eq!(core.reconcile(w1, &[], 5), 0);
+    assert_eq!(core.reconcile(w2, &[], 5), 1);
+    assert_eq!(core.reconcile(node(9), &[], 5), 0, "an unknown worker");
+}
+
 #[test]
 fn matching_fingerprint_is_preferred_for_extra_replicas() {
     let mut core = Core::new(CoreConfig::default());

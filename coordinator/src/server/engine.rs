@@ -81,6 +81,12 @@ pub enum Cmd {
         worker: NodeId,
         replicas: Vec<ReplicaId>,
     },
+    /// `worker` (just reconnected) still has exactly these replicas: the others it is
+    /// counted for are taken back (see [`Core::reconcile`]).
+    Holding {
+        worker: NodeId,
+        replicas: Vec<ReplicaId>,
+    },
     /// `from` says `peer` served bad data for `blob` (an accusation; see
     /// [`Core::bad_peer`]).
     BadPeer {
@@ -552,6 +558,12 @@ impl<S: Store> Engine<S> {
             }
             Cmd::HaveBlobs { worker, blobs } => self.core.have_blobs(worker, &blobs),
             Cmd::Abandon { worker, replicas } => self.core.abandon(worker, &replicas, now),
+            Cmd::Holding { worker, replicas } => {
+                let taken = self.core.reconcile(worker, &replicas, now);
+                if taken > 0 {
+                    tracing::info!(node = %worker.short(), taken, "the worker no longer has {taken} replicas counted as in flight there (an assignment lost with a connection or a restart): reissued at once");
+                }
+            }
             Cmd::BadPeer { from, peer, blob } => {
                 if !self.core.bad_peer(from, peer, blob) {
                     tracing::info!(node = %from.short(), peer = %peer.short(), blob = %blob.short(), "uncorroborated bad-peer report ignored: the reporter holds no assignment needing that blob, or the peer is not listed for it");

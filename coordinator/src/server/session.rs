@@ -336,6 +336,12 @@ async fn dispatch(engine: &EngineHandle, worker: NodeId, msg: WorkerMsg) -> Disp
             engine.send(Cmd::HaveBlobs { worker, blobs }).await
         }
         WorkerMsg::Abandon { replicas } => engine.send(Cmd::Abandon { worker, replicas }).await,
+        WorkerMsg::Holding { replicas } => {
+            if replicas.len() > tasks::limits::MAX_HOLDING_PER_MSG {
+                return Dispatch::Violation("too many replicas in one Holding");
+            }
+            engine.send(Cmd::Holding { worker, replicas }).await
+        }
         WorkerMsg::Punch { peer } => engine.send(Cmd::Punch { from: worker, peer }).await,
         WorkerMsg::Stderr {
             replica,
