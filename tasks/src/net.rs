@@ -85,6 +85,48 @@ pub fn transport_config() -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
+/// The key that makes this node's QUIC stateless resets: derived from its identity, so the
+/// same node restarted (same data dir) resets the connections its previous process left
+/// open. A peer that sends a keep-alive to a restarted coordinator learns at once that the
+/// connection is gone (and reconnects) instead of waiting out [`IDLE_TIMEOUT`]: a random
+/// key per process, quinn's default, makes those resets unverifiable. A blake3 keyed hash
+/// (a MAC), domain-separated from every other use of the secret.
+struct ResetKey([u8; 32]);
+
+impl ResetKey {
+    fn of(key: &NodeKey) -> ResetKey {
+        ResetKey(blake3::derive_key(
+            "peergrid 2026 quic stateless reset key",
+            &key.secret_bytes(),
+        ))
+    }
+}
+
+impl quinn_proto::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], out: &mut [u8]) {
+        out.copy_from_slice(blake3::keyed_hash(&self.0, data).as_bytes());
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(
+        &self,
+        data: &[u8],
+        signature: &[u8],
+    ) -> Result<(), quinn_proto::crypto::CryptoError> {
+        // blake3::Hash compares in constant time.
+        let ok = <[u8; 32]>::try_from(signature)
+            .is_ok_and(|sig| blake3::keyed_hash(&self.0, data) == blake3::Hash::from(sig));
+        if ok {
+            Ok(())
+        } else {
+            Err(quinn_proto::crypto::CryptoError)
+        }
+    }
+}
+
 /// The node's QUIC endpoint, bound to `bind`. It accepts connections for `server_alpns`
 /// (none: a client-only endpoint) and connects out with [`connect`].
 ///
@@ -96,16 +138,31 @@ pub fn endpoint(
 ) -> Result<quinn::Endpoint, NetError> {
     let identity = Identity::new(key)?;
     let bind_err = |source| NetError::Bind { addr: bind, source };
-    let mut ep = if server_alpns.is_empty() {
-        quinn::Endpoint::client(bind).map_err(bind_err)?
+    let server = if server_alpns.is_empty() {
+        None
     } else {
         let tls = identity.server_config(server_alpns)?;
         let crypto =
             QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport_config());
-        quinn::Endpoint::server(server, bind).map_err(bind_err)?
+        Some(server)
     };
+    let socket = std::net::UdpSocket::bind(bind).map_err(bind_err)?;
+    let reset = ResetKey::of(key);
+    // Connection ids are checked against a key before a stateless reset is considered:
+    // derive it from the identity too, or the restarted node drops the old packets unread.
+    let cid_key = u64::from_le_bytes(
+        blake3::derive_key("peergrid 2026 quic connection id key", &reset.0)[..8]
+            .try_into()
+            .expect("8 bytes"),
+    );
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let mut ep = quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+        .map_err(bind_err)?;
     let mut client = quinn::ClientConfig::new(Arc::new(PinningClient::new(identity)?));
     client.transport_config(transport_config());
     ep.set_default_client_config(client);

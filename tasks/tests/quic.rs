@@ -397,3 +397,60 @@ async fn peer_ending_the_stream_without_an_answer_is_no_response() {
     assert!(matches!(err, FrameError::NoResponse), "{err:?}");
     assert_eq!(err.close_code(), None);
 }
+
+/// A node restarted with its identity (same key, same address) resets the connections its
+/// previous process left behind: the peer's next packet gets a stateless reset it can
+/// verify, so it learns the connection is gone and reconnects instead of waiting out the
+/// 30 s idle timeout. The "previous process" runs on its own runtime, shut down abruptly:
+/// like a process killed with SIGKILL, it sends no CONNECTION_CLOSE.
+#[tokio::test]
+async fn a_restarted_node_resets_the_connections_of_its_previous_process() {
+    let key = NodeKey::generate();
+    let previous = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let old = {
+        let _in = previous.enter();
+        net::endpoint(&key, LOOPBACK.parse().unwrap(), &[ALPN_COORD]).unwrap()
+    };
+    let addr = old.local_addr().unwrap();
+    let (tx, accepted) = tokio::sync::oneshot::channel();
+    previous.spawn(async move {
+        let conn = old.accept().await.unwrap().await.unwrap();
+        let _ = tx.send(());
+        // Hold the connection (and the endpoint) until the runtime dies.
+        std::future::pending::<()>().await;
+        drop((conn, old));
+    });
+    let client = net::endpoint(&NodeKey::generate(), LOOPBACK.parse().unwrap(), &[]).unwrap();
+    let conn = net::connect(&client, addr, key.node_id(), ALPN_COORD)
+        .await
+        .unwrap();
+    accepted.await.unwrap();
+    previous.shutdown_background();
+    // The dead process's socket is closed once its runtime has dropped the driver.
+    let t0 = std::time::Instant::now();
+    let new = loop {
+        match net::endpoint(&key, addr, &[ALPN_COORD]) {
+            Ok(ep) => break ep,
+            Err(e) if t0.elapsed() < PATIENCE => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the old port stays taken: {e}"),
+        }
+    };
+    // Traffic on the old connection now reaches the new process.
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let _ = send.write_all(b"anyone there?").await;
+    let why = tokio::time::timeout(PATIENCE, conn.closed())
+        .await
+        .expect("the connection ends");
+    assert!(
+        matches!(why, quinn::ConnectionError::Reset),
+        "the restarted node's stateless reset ends the connection, not the idle timeout: {why:?}"
+    );
+    drop(new);
+}
