@@ -257,6 +257,9 @@ pub struct Core {
     pub(crate) fetching: HashMap<BlobId, VecDeque<(NodeId, u64)>>,
     /// Connected anchors (trusted workers).
     pub(crate) anchors: usize,
+    /// Slots of connected workers (each clamped as in [`Core::hello`]): the divisor of a
+    /// worker's fair share of the work left (see `scheduler`).
+    pub(crate) connected_slots: u64,
     /// Connected anchors per engine fingerprint (entries at zero removed).
     pub(crate) anchors_by_fp: BTreeMap<u32, usize>,
     /// Workers banned by verdicts not yet settled (see `settle_bans`).
@@ -290,6 +293,7 @@ impl Core {
             holders: HashMap::new(),
             fetching: HashMap::new(),
             anchors: 0,
+            connected_slots: 0,
             anchors_by_fp: BTreeMap::new(),
             newly_banned: Vec::new(),
             next_replica: 1,
@@ -439,9 +443,13 @@ impl Core {
         let fpi = self.intern_fp(fp);
         let w = self.worker_entry(worker, now);
         w.fp = Some(fpi);
+        let was = if w.connected { u64::from(w.slots) } else { 0 };
         // A claim, not a fact: clamped, and capacity follows delivered results anyway.
         w.slots = slots.clamp(1, tasks::limits::MAX_WORKER_SLOTS);
         w.connected = true;
+        let slots_now = u64::from(w.slots);
+        self.connected_slots = self.connected_slots.saturating_sub(was) + slots_now;
+        let w = self.workers.get_mut(&worker).expect("just made");
         w.disconnected_ms = None;
         w.last_seen_ms = now;
         // A new session: the shell tells us where it comes from with `observed_address`,
@@ -587,6 +595,9 @@ impl Core {
     /// The worker's session ended. Its replicas stay assigned for the grace period.
     pub fn disconnect(&mut self, worker: NodeId, now: u64) {
         if let Some(w) = self.workers.get_mut(&worker) {
+            if w.connected {
+                self.connected_slots = self.connected_slots.saturating_sub(u64::from(w.slots));
+            }
             w.connected = false;
             w.reachable = false;
             w.disconnected_ms = Some(now);

@@ -27,6 +27,12 @@
 //! - tasks already under way come first (they finish sooner), and among them those whose
 //!   leading fingerprint matches the worker's; a task whose replicas ran on another engine
 //!   goes to a mismatched worker only when nothing else is left in that job;
+//! - a worker holds at most its fair share of the work left: the replicas in flight plus
+//!   those still to issue, split over the connected workers by their slots (never fewer
+//!   than its own slots). Early in a job that is no limit at all; near its end it stops the
+//!   first workers to ask from hoarding the last tasks in deep prefetch hands while others
+//!   idle (BOINC volunteers' over-fetch complaint), so a job ends as fast as its workers
+//!   allow;
 //! - jobs take turns, one assignment each (round robin), so a big job cannot starve a small
 //!   one;
 //! - each assignment lists up to `max_peers` connected workers that announced its blobs,
@@ -80,7 +86,12 @@ impl Core {
         let Some(fp) = w.fp.filter(|_| w.connected) else {
             return empty;
         };
-        let cap = self.cfg.policy.allowance(&w.rep, w.slots, w.lost);
+        let slots = w.slots;
+        let cap = self.cfg.policy.allowance(&w.rep, slots, w.lost);
+        let cap = cap.min(self.fair_share(slots));
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return empty;
+        };
         let in_flight = w.in_flight.len() as u32;
         let held = in_flight.saturating_add(if self.cfg.policy.cap_counts_undecided {
             w.undecided
@@ -138,6 +149,25 @@ impl Core {
             assignments: out,
             retry_after_ms,
         }
+    }
+
+    /// The most replicas a worker with `slots` slots should hold now: the work left (in
+    /// flight, plus replicas still to issue: a fresh task's quorum, one for each open task)
+    /// over all connected slots, rounded up, and never below its own slots.
+    pub(crate) fn fair_share(&self, slots: u32) -> u32 {
+        let left: u64 = self
+            .running
+            .iter()
+            .filter_map(|j| self.jobs.get(j))
+            .map(|j| {
+                let fresh = (j.tasks.len() as u64).saturating_sub(u64::from(j.next_fresh));
+                fresh * u64::from(j.manifest.limits.quorum.max(1))
+                    + j.open.len() as u64
+                    + u64::from(j.in_flight)
+            })
+            .sum();
+        let share = (left * u64::from(slots)).div_ceil(self.connected_slots.max(1));
+        u32::try_from(share).unwrap_or(u32::MAX).max(slots)
     }
 
     /// Choose a task of `job` for this worker, or none. Open tasks found decidable are

@@ -511,6 +511,45 @@ fn replicas_a_reconnecting_worker_does_not_hold_are_reissued_at_once() {
     assert_eq!(core.reconcile(node(9), &[], 5), 0, "an unknown worker");
 }
 
+/// Deep prefetch hands do not let the first workers to ask hoard a job: each holds at most
+/// its share (by slots) of the work left, so the last tasks are spread over everyone
+/// instead of queued behind one worker while the others idle.
+#[test]
+fn no_worker_holds_more_than_its_fair_share_of_the_work_left() {
+    let mut core = Core::new(CoreConfig {
+        policy: TrustPolicy {
+            new_in_flight: 10_000,
+            ..TrustPolicy::trusting()
+        },
+        ..CoreConfig::default()
+    });
+    // 64 tasks at quorum 2: 128 replicas over 4 workers; w4 has twice the slots.
+    core.add_job(manifest("a", 64, 2, 4, 600), 0);
+    let slots = [2, 2, 2, 4];
+    let ws: Vec<NodeId> = (1..=4).map(node).collect();
+    for (w, s) in ws.iter().zip(slots) {
+        core.hello(*w, &fp(Kind::Honest), s, None, &[], 0);
+    }
+    // 128 replicas left over 10 slots: 26 for a 2-slot worker, 52 for the 4-slot one.
+    let got: Vec<Vec<tasks::wire::Assignment>> = ws
+        .iter()
+        .map(|w| core.request_work(*w, 1_000, 1).assignments)
+        .collect();
+    let n: Vec<usize> = got.iter().map(Vec::len).collect();
+    assert_eq!(n[..3], [26, 26, 26], "shares of 128 replicas by slots");
+    assert!(n[3] <= 52, "the 4-slot worker's share is 52: {n:?}");
+    // Near the end the share shrinks to the worker's own slots: w1 finishes everything it
+    // holds, and with 100 replicas still left elsewhere it may refill only to its share.
+    for a in &got[0] {
+        core.report(ws[0], a.replica, truth(a.task.id), 2);
+    }
+    let left = 128 - 26;
+    let share = (left as u32 * 2).div_ceil(10) as usize;
+    let again = core.request_work(ws[0], 1_000, 3).assignments.len();
+    assert!(again <= share, "{again} > its share {share}");
+    assert!(core.fair_share(2) >= 2, "never below its own slots");
+}
+
 #[test]
 fn matching_fingerprint_is_preferred_for_extra_replicas() {
     let mut core = Core::new(CoreConfig::default());
