@@ -29,7 +29,8 @@
 //!   goes to a mismatched worker only when nothing else is left in that job;
 //! - a worker holds at most its fair share of the work left: the replicas in flight plus
 //!   those still to issue, split over the connected workers by their slots (never fewer
-//!   than its own slots). Early in a job that is no limit at all; near its end it stops the
+//!   than two per slot of its own, so claimed slots or a swarm of identities that inflate
+//!   the divisor cost others no more than deep prefetch). Early in a job that is no limit at all; near its end it stops the
 //!   first workers to ask from hoarding the last tasks in deep prefetch hands while others
 //!   idle (BOINC volunteers' over-fetch complaint), so a job ends as fast as its workers
 //!   allow;
@@ -153,7 +154,8 @@ impl Core {
 
     /// The most replicas a worker with `slots` slots should hold now: the work left (in
     /// flight, plus replicas still to issue: a fresh task's quorum, one for each open task)
-    /// over all connected slots, rounded up, and never below its own slots.
+    /// over all connected slots, rounded up, and never below two per slot of its own (what
+    /// a worker needs to keep its slots busy across a round trip).
     pub(crate) fn fair_share(&self, slots: u32) -> u32 {
         let left: u64 = self
             .running
@@ -167,7 +169,9 @@ impl Core {
             })
             .sum();
         let share = (left * u64::from(slots)).div_ceil(self.connected_slots.max(1));
-        u32::try_from(share).unwrap_or(u32::MAX).max(slots)
+        u32::try_from(share)
+            .unwrap_or(u32::MAX)
+            .max(slots.saturating_mul(2))
     }
 
     /// Choose a task of `job` for this worker, or none. Open tasks found decidable are
