@@ -15,7 +15,7 @@ use blobs::swarm::FetchError;
 use tasks::job::JobError;
 use tasks::net::{self, FrameError, NetError};
 use tasks::wire::{
-    ErrorCode, FailurePage, JobResults, PeerAddr, ResultsPage, StatusReport, SubmitBody,
+    self, ErrorCode, FailurePage, JobResults, PeerAddr, ResultsPage, StatusReport, SubmitBody,
     SubmitRequest, SubmitResponse, TaskFailure, TaskResult, TaskState, ALPN_SUBMIT,
     MAX_FAILURES_PER_PAGE,
 };
@@ -26,8 +26,10 @@ use tasks::{BlobId, BlobRef, JobId, JobManifest, JobSpec, NodeKey, Ticket};
 pub enum ClientError {
     #[error("cannot resolve the ticket's address {addr}: {reason}")]
     Resolve { addr: String, reason: String },
+    // (No `#[from]` here and on `Frame`: it would make the inner error a `source` too, and
+    // `{:#}` would print its text twice.)
     #[error("cannot reach the coordinator: {0}")]
-    Connect(#[from] NetError),
+    Connect(NetError),
     #[error("the coordinator refused the submit token: use the token from its <data-dir>/submit-token file")]
     Unauthorized,
     #[error("no job {0} on this coordinator (see `coordinator status` for the job ids)")]
@@ -35,7 +37,14 @@ pub enum ClientError {
     #[error("the coordinator refused the request ({code:?}): {message}")]
     Server { code: ErrorCode, message: String },
     #[error("talking to the coordinator failed: {0}")]
-    Frame(#[from] FrameError),
+    Frame(FrameError),
+    #[error("the job's manifest is {bytes} bytes, over the {max} bytes one request may carry: split its {tasks} tasks into jobs of at most about {fits} tasks each")]
+    JobTooLarge {
+        tasks: usize,
+        bytes: usize,
+        max: usize,
+        fits: usize,
+    },
     #[error("unexpected answer from the coordinator: {0}")]
     Unexpected(String),
     #[error(transparent)]
@@ -46,6 +55,18 @@ pub enum ClientError {
     Fetch { index: u32, reason: String },
     #[error("local I/O: {0}")]
     Io(String),
+}
+
+impl From<NetError> for ClientError {
+    fn from(e: NetError) -> ClientError {
+        ClientError::Connect(e)
+    }
+}
+
+impl From<FrameError> for ClientError {
+    fn from(e: FrameError) -> ClientError {
+        ClientError::Frame(e)
+    }
 }
 
 /// Disk the temporary store of fetched outputs may use ([`Client::fill_output`]); the least
@@ -171,6 +192,18 @@ impl Client {
         manifest: JobManifest,
         blobs: &BTreeMap<BlobId, Vec<u8>>,
     ) -> Result<(JobId, u32), ClientError> {
+        // Checked before uploading anything: a job too large for one request is refused with
+        // what to do, not with a frame error after its blobs went up.
+        let bytes = wire::encode(&manifest).len() + 1024;
+        if bytes > wire::MAX_FRAME {
+            let tasks = manifest.tasks.len();
+            return Err(ClientError::JobTooLarge {
+                tasks,
+                bytes,
+                max: wire::MAX_FRAME,
+                fits: tasks * (wire::MAX_FRAME * 9 / 10) / bytes,
+            });
+        }
         let wanted = manifest.blobs();
         let missing = match self
             .call(SubmitBody::MissingBlobs { blobs: wanted })

@@ -172,6 +172,28 @@ fn the_token_comes_from_the_flag_the_file_or_the_environment_and_its_absence_is_
     );
 }
 
+/// A job file of a million tasks is valid, but its manifest is over what one request may
+/// carry: `submit` says so in one line with what to do (split it), before uploading
+/// anything, and the coordinator has no job afterwards.
+#[test]
+fn a_job_too_large_for_one_request_is_one_clear_line_and_creates_nothing() {
+    let c = Cluster::start_trusting(0);
+    let tf = token_file(&c);
+    let job = primes_job(&c, "huge", 1_000_000, 1000, 2);
+    let out = run(&c, &["submit", "--token-file", &tf, job.to_str().unwrap()], &[]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "a 1M-task job went through: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(
+        err.contains("over the 8388608 bytes one request may carry")
+            && err.contains("split its 1000000 tasks"),
+        "{err}"
+    );
+    let j = jobs_json(&c);
+    assert_eq!(j["jobs"].as_array().map(Vec::len), Some(0), "{j}");
+}
+
 #[test]
 fn jobs_lists_jobs_and_cancel_stops_a_running_one_with_clear_errors_otherwise() {
     // No workers: the job stays running until cancelled.
