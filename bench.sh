@@ -225,6 +225,52 @@ PROFILE_NOTES = """
   ramp reaches 100k with p99 ~2.5 ms. The bench's clients (an ed25519 identity + TLS
   handshake each) share the cores with the coordinator, so this is a lower bound on what the
   coordinator holds. Memory: ~62 KiB per session, 100k sessions ~6 GiB.
+
+### Determinism classes: sandbox vs native on C kernels and the samples (2026-12-03)
+
+`WORKER=$CARGO_TARGET_DIR/debug/worker examples/kernels/run.sh 3` (one run, medians of 3
+interleaved runs; whole processes timed the same way on both sides, `worker exec` with a
+warm `--cache-dir`; every sandboxed output byte-identical to the native build's). C kernels:
+`clang-14 -O2 -msimd128 --target=wasm32-wasi` vs `clang-14 -O2`; samples: committed `.wasm`
+(no SIMD) vs `rustc -O -C codegen-units=1`; seti skipped (its 8 MiB bench input is not
+generated in this tree). The `native` class is the x86-64-v2 baseline without NaN
+canonicalization, `portable` is NaN canonicalization on (what `worker join` runs today).
+Measured on the shared 2-core machine **while other builds ran** (load 4-5): the native
+medians moved 2-4x between two runs, so the ratios are indicative only. The runtime code is
+what Cranelift emits, the same in a debug or release worker.
+
+| kernel | native | sandbox, `native` class | ratio | sandbox, `portable` class | ratio |
+|---|---|---|---|---|---|
+| gemm | 0.158 s | 0.409 s | 2.60x | 0.599 s | 3.80x |
+| 2mm | 0.724 s | 2.012 s | 2.78x | 3.211 s | 4.44x |
+| heat-3d | 1.278 s | 1.871 s | 1.46x | 3.408 s | 2.67x |
+| doitgen | 0.828 s | 1.704 s | 2.06x | 3.316 s | 4.01x |
+| jacobi-2d | 0.498 s | 0.976 s | 1.96x | 1.634 s | 3.28x |
+| primes | 0.694 s | 2.539 s | 3.66x | 3.175 s | 4.57x |
+| pi | 2.917 s | 3.603 s | 1.23x | 3.220 s | 1.10x |
+| mandelbrot | 3.730 s | 7.024 s | 1.88x | 11.674 s | 3.13x |
+| **geo-mean** | | | **2.09x** | | **3.13x** |
+
+Target ≤ 1.15x for `native`: **not met**. Dropping NaN canonicalization (the `native`
+class) removes a third to a half of the time on the float kernels (portable/native 1.5-2x on
+2mm, heat-3d, doitgen, mandelbrot). What limits it next is the interruption checks: `cargo run -p worker
+--example fuel_share -- K.wasm 3` runs each kernel in-process in the `native` class's engine
+with fuel and epoch checks on or off (same machine, same load; ratios to "neither"):
+
+| kernel | fuel + epoch (sandbox) | fuel only | epoch only |
+|---|---|---|---|
+| gemm | 1.56x | 1.41x | 1.37x |
+| 2mm | 1.16x | 1.51x | 2.00x |
+| heat-3d | 1.60x | 1.46x | 1.20x |
+| doitgen | 1.47x | 1.45x | 1.43x |
+| jacobi-2d | 1.62x | 1.46x | 1.25x |
+
+Each check alone costs 1.2-1.5x on these loop nests (a load, compare and branch on every
+loop header, which also blocks Cranelift from keeping the counter in a register across the
+inner loop); together ~1.5-1.6x. Removing one of the two (fuel-based async yields for
+pause/cancel, as the issue proposes) and coarser fuel accounting are the next steps, outside
+this piece. An earlier, quieter run (that crashed on mandelbrot's >1 MiB output, since fixed) gave gemm 2.26x / 2mm 2.35x / heat-3d 1.79x / doitgen
+1.68x / jacobi-2d 1.83x / primes 2.79x / pi 1.22x (`native` class), geo-mean over those seven 1.93x.
 """
 
 parsers = {"sandbox": parse_sandbox, "swarm": parse_swarm, "ingest": parse_ingest}

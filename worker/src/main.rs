@@ -117,6 +117,13 @@ struct ExecArgs {
     /// Cache compiled modules in this directory (default: no disk cache).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
+    /// Determinism class to run in: `portable` (NaN canonicalization: results identical on
+    /// every architecture; what `worker join` runs today) or `native` (the architecture's
+    /// fixed ISA baseline without NaN canonicalization: identical on every host of this
+    /// architecture, and faster on float code).
+    #[arg(long, value_name = "CLASS", default_value = "portable",
+          value_parser = ["portable", "native"])]
+    determinism: String,
     /// Print one JSON object: {"status","exit_code","fuel_used","output_hash","output_len",
     /// "error","trap","digest","wall_ms","fingerprint","stderr"} instead of the task's output.
     #[arg(long)]
@@ -296,6 +303,7 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     };
     let sandbox = Sandbox::new(SandboxConfig {
         cache_dir: args.cache_dir.clone(),
+        deterministic: args.determinism == "portable",
         ..SandboxConfig::default()
     })
     .context("setting up the sandbox")?;

@@ -17,6 +17,19 @@ fn sandbox() -> &'static Sandbox {
     S.get_or_init(|| Sandbox::new(SandboxConfig::default()).expect("sandbox"))
 }
 
+/// The sandbox of the `native` determinism class: the fixed ISA baseline, no NaN
+/// canonicalization.
+fn sandbox_native() -> &'static Sandbox {
+    static S: OnceLock<Sandbox> = OnceLock::new();
+    S.get_or_init(|| {
+        Sandbox::new(SandboxConfig {
+            deterministic: false,
+            ..SandboxConfig::default()
+        })
+        .expect("sandbox")
+    })
+}
+
 fn wasm(name: &str) -> Vec<u8> {
     let p = examples_dir().join(name).join(format!("{name}.wasm"));
     std::fs::read(&p)
@@ -432,7 +445,8 @@ fn committed_wasm_is_what_the_source_builds_to() {
 }
 
 /// The native builds (the benchmark baseline: `rustc -O <name>.rs`) compute the same bytes as
-/// the sandboxed modules. Skipped if no host `rustc` is on PATH.
+/// the sandboxed modules, in both determinism classes (`portable`: NaN canonicalization;
+/// `native`: the ISA baseline without it). Skipped if no host `rustc` is on PATH.
 #[test]
 fn native_builds_agree_with_the_sandbox() {
     if Command::new("rustc")
@@ -491,10 +505,15 @@ fn native_builds_agree_with_the_sandbox() {
         let native = child.wait_with_output().unwrap();
         writer.join().unwrap();
         assert!(native.status.success(), "{name}");
-        let sandboxed = run(name, &args, input);
+        let sandboxed = run(name, &args, input.clone());
         assert!(
             native.stdout == sandboxed.output,
-            "{name}: native and sandboxed outputs differ"
+            "{name}: native and sandboxed (portable class) outputs differ"
+        );
+        let fast = run_in(sandbox_native(), name, &args, input);
+        assert!(
+            native.stdout == fast.output,
+            "{name}: native and sandboxed (native class) outputs differ"
         );
     }
 }

@@ -23,9 +23,191 @@ pub use tasks::release::MAX_WASM_STACK;
 /// How often the epoch advances: the latency of pause, cancel and the CPU duty cycle.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// The fixed ISA baseline this worker compiles for on its architecture: what Cranelift may
+/// assume of the CPU, whatever CPU the worker runs on. With it, the machine code of a module is
+/// byte-identical on every host of the architecture (proved by `tests/isa_baseline.rs`), so
+/// NaN bit patterns, which depend only on the instructions executed, are too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IsaBaseline {
+    /// The name the fingerprint carries (`isa=<name>` in its `arch`).
+    pub name: &'static str,
+    /// Cranelift ISA flags turned on.
+    pub enabled: &'static [&'static str],
+    /// Cranelift ISA flags explicitly turned off (so a newer default cannot slip in).
+    pub disabled: &'static [&'static str],
+    /// The CPU features the host must have, as the standard library names them.
+    pub requires: &'static [&'static str],
+}
+
+/// x86_64: x86-64-v2 (SSE3, SSSE3, SSE4.1, SSE4.2, POPCNT, CMPXCHG16B). Wasm SIMD is 128-bit,
+/// and SSE4.1 is what Cranelift needs to lower nearly all of it to single instructions
+/// (without it, many lane operations fall back to longer sequences); AVX/AVX2 (v3) would
+/// only add VEX encodings of the same 128-bit operations, and would shut out the volunteer
+/// machines without AVX (Atom, and Pentium/Celeron parts sold until ~2020). Every x86_64 CPU
+/// since 2009 has v2.
+#[cfg(target_arch = "x86_64")]
+pub const BASELINE: IsaBaseline = IsaBaseline {
+    name: "x86-64-v2",
+    enabled: &[
+        "has_sse3",
+        "has_ssse3",
+        "has_cmpxchg16b",
+        "has_sse41",
+        "has_sse42",
+        "has_popcnt",
+    ],
+    disabled: &[
+        "has_avx",
+        "has_avx2",
+        "has_fma",
+        "has_avx_vnni",
+        "has_avx512bitalg",
+        "has_avx512dq",
+        "has_avx512vl",
+        "has_avx512vbmi",
+        "has_avx512f",
+        "has_avx512vnni",
+        "has_bmi1",
+        "has_bmi2",
+        "has_lzcnt",
+    ],
+    requires: &["sse3", "ssse3", "cmpxchg16b", "sse4.1", "sse4.2", "popcnt"],
+};
+
+/// aarch64: ARMv8.0-A with its mandatory Advanced SIMD (NEON), which wasm SIMD maps onto
+/// directly, and none of the optional extensions (LSE atomics are unused without wasm
+/// threads; FP16, dot product and i8mm only serve relaxed-SIMD lowerings that determinism
+/// rules out), so every 64-bit ARM (Raspberry Pi 3 and later, Apple silicon, Graviton)
+/// qualifies. Untested here (no aarch64 machine).
+#[cfg(target_arch = "aarch64")]
+pub const BASELINE: IsaBaseline = IsaBaseline {
+    name: "armv8.0-a",
+    enabled: &[],
+    disabled: &[
+        "has_lse",
+        "has_pauth",
+        "has_fp16",
+        "has_dotprod",
+        "has_i8mm",
+        "sign_return_address",
+        "sign_return_address_all",
+        "use_bti",
+    ],
+    requires: &[],
+};
+
+/// Other architectures: no baseline is defined, so the worker refuses to start.
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+pub const BASELINE: IsaBaseline = IsaBaseline {
+    name: "undefined",
+    enabled: &[],
+    disabled: &[],
+    requires: &["a Peergrid ISA baseline for this architecture"],
+};
+
+impl IsaBaseline {
+    /// The first required CPU feature this host lacks, if any.
+    pub fn missing_on_host(&self) -> Option<&'static str> {
+        self.requires.iter().copied().find(|f| !host_has(f))
+    }
+}
+
+fn host_has(feature: &str) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match feature {
+            "sse3" => std::is_x86_feature_detected!("sse3"),
+            "ssse3" => std::is_x86_feature_detected!("ssse3"),
+            "cmpxchg16b" => std::is_x86_feature_detected!("cmpxchg16b"),
+            "sse4.1" => std::is_x86_feature_detected!("sse4.1"),
+            "sse4.2" => std::is_x86_feature_detected!("sse4.2"),
+            "popcnt" => std::is_x86_feature_detected!("popcnt"),
+            _ => false,
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = feature;
+        false
+    }
+}
+
+/// What Cranelift compiles for: the fixed [`BASELINE`] (what workers run), or the features
+/// wasmtime detects on this CPU (only to show that detection changes the code: the proof
+/// test and the benchmark).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Baseline,
+    HostDetected,
+}
+
+/// The fingerprint's `arch`: architecture, OS and the ISA the code is compiled for. Results
+/// of the portable settings are compared across architectures (their class ignores `arch`);
+/// the others only within one `arch`, so within one baseline.
+pub fn arch(isa: Isa) -> String {
+    let isa = match isa {
+        Isa::Baseline => BASELINE.name,
+        Isa::HostDetected => "host-detected",
+    };
+    format!(
+        "{}-{} isa={isa}",
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    )
+}
+
 /// Build the engine. `deterministic = false` only turns NaN canonicalization off.
+/// Compiles for the fixed [`BASELINE`]; refuses (one clear line) on a CPU that lacks it.
 pub fn build(deterministic: bool) -> Result<(Engine, EngineFingerprint), SandboxError> {
+    build_for(deterministic, Isa::Baseline)
+}
+
+/// [`build`], choosing what Cranelift compiles for. Everything that can change the machine
+/// code is fixed in [`config`] and named in the fingerprint: the wasmtime release (`engine`),
+/// the target and ISA (`arch`), and the code generation settings (`settings`: NaN
+/// canonicalization, relaxed SIMD, fuel, stack). `opt_level` is fixed at `speed`; epoch
+/// checks and wasmtime's remaining defaults are the same on every worker of a release.
+pub fn build_for(
+    deterministic: bool,
+    isa: Isa,
+) -> Result<(Engine, EngineFingerprint), SandboxError> {
+    let c = config(deterministic, isa)?;
+    let engine = Engine::new(&c).map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
+    let fingerprint = EngineFingerprint {
+        engine: ENGINE.to_string(),
+        arch: arch(isa),
+        settings: settings(deterministic),
+    };
+    Ok((engine, fingerprint))
+}
+
+/// The wasmtime configuration of [`build_for`] (public so tests can vary what must not
+/// matter, such as the allocator, and show the code stays the same).
+pub fn config(deterministic: bool, isa: Isa) -> Result<Config, SandboxError> {
     let mut c = Config::new();
+    if isa == Isa::Baseline {
+        if let Some(f) = BASELINE.missing_on_host() {
+            return Err(SandboxError::Engine(format!(
+                "this CPU lacks {f}, part of the {} baseline every {} worker compiles for (so that all compute bit-identical results): this machine cannot run Peergrid tasks",
+                BASELINE.name,
+                std::env::consts::ARCH
+            )));
+        }
+        // An explicit target turns off wasmtime's host feature detection: Cranelift starts
+        // from no optional feature at all and gets exactly the baseline's.
+        c.target(&target_lexicon::HOST.to_string())
+            .map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
+        // SAFETY: every flag enabled is a feature the host was just checked to have (and
+        // wasmtime checks again before it runs code); flags turned off are always safe.
+        unsafe {
+            for f in BASELINE.enabled {
+                c.cranelift_flag_enable(f);
+            }
+            for f in BASELINE.disabled {
+                c.cranelift_flag_set(f, "false");
+            }
+        }
+    }
     // Budget by instructions, not time: fuel is deterministic; epochs only pause/cancel.
     // Wasmtime 48's default costs: 1 per operator, plus 1 per byte or element for
     // `memory.fill/copy/init` and `table.fill/copy/init/grow` (38 charged those 1 each).
@@ -47,13 +229,7 @@ pub fn build(deterministic: bool) -> Result<(Engine, EngineFingerprint), Sandbox
     // Compile on the calling thread only: the sandbox compiles on a thread at idle priority,
     // and a parallel pool would run Cranelift at normal priority. Codegen is unaffected.
     c.parallel_compilation(false);
-    let engine = Engine::new(&c).map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
-    let fingerprint = EngineFingerprint {
-        engine: ENGINE.to_string(),
-        arch: format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS),
-        settings: settings(deterministic),
-    };
-    Ok((engine, fingerprint))
+    Ok(c)
 }
 
 /// The determinism settings as a stable string (this release's, see [`tasks::release`]).
@@ -157,7 +333,12 @@ mod tests {
         assert_eq!(off.settings, format!("no-nan-canon,{REST}"));
         assert_eq!(on.settings, settings(true));
         assert_eq!(off.settings, settings(false));
-        let arch = format!("{}-{}", std::env::consts::ARCH, std::env::consts::OS);
+        let arch = format!(
+            "{}-{} isa={}",
+            std::env::consts::ARCH,
+            std::env::consts::OS,
+            BASELINE.name
+        );
         for fp in [&on, &off] {
             assert_eq!(fp.engine, ENGINE);
             assert_eq!(fp.arch, arch);

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Sandbox vs native on the samples and on PolyBench/C-style C kernels, in both determinism
+# classes. A benchmark, not a test (never run by CI): prints one table of ratios from one run.
+#
+#   examples/kernels/run.sh [RUNS]        (default 5 runs of each, interleaved)
+#   WORKER=path/to/worker                 the worker binary (default: $CARGO_TARGET_DIR or
+#                                         target/, release if built, else debug)
+#
+# C kernels: built with `clang -O2 -msimd128 --target=wasm32-wasi` (Debian's wasi-libc) and
+# natively with `clang -O2`. Samples: the committed .wasm (examples/build.sh) against
+# `rustc -O -C codegen-units=1` natively, with examples/<name>/bench.args. Both sides are
+# timed the same way: the wall time of the whole process (native binary, or `worker exec`
+# with a warm --cache-dir, so compilation is not counted), medians of interleaved runs. Each
+# sandboxed output is checked byte-for-byte against the native one.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+RUNS=${1:-5}
+CLANG=${CLANG:-$(command -v clang || command -v clang-14 || true)}
+[ -n "$CLANG" ] || { echo "run.sh: needs clang (apt-get install clang lld wasi-libc)" >&2; exit 2; }
+if [ -z "${WORKER:-}" ]; then
+    t=${CARGO_TARGET_DIR:-$root/target}
+    if [ -x "$t/release/worker" ]; then WORKER=$t/release/worker; else WORKER=$t/debug/worker; fi
+fi
+[ -x "$WORKER" ] || { echo "run.sh: no worker binary at $WORKER (cargo build -p worker --release)" >&2; exit 2; }
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+list=()
+for k in gemm 2mm heat-3d doitgen jacobi-2d; do
+    "$CLANG" -O2 -msimd128 --target=wasm32-wasi --sysroot=/usr -isystem /usr/include/wasm32-wasi \
+        -L/usr/lib/wasm32-wasi "$here/$k.c" -o "$work/$k.wasm"
+    "$CLANG" -O2 "$here/$k.c" -o "$work/$k"
+    list+=("$k|$work/$k.wasm|$work/$k||")
+done
+for s in primes pi mandelbrot seti; do
+    d=$root/examples/$s
+    args=$(sed -n 1p "$d/bench.args")
+    input=$(sed -n 2p "$d/bench.args")
+    if [ -n "$input" ] && [ ! -f "$d/$input" ]; then
+        echo "SKIP $s: no $d/$input (examples/build.sh generates it)" >&2
+        continue
+    fi
+    rustc -O -C codegen-units=1 "$d/$s.rs" -o "$work/$s" 2>/dev/null
+    list+=("$s|$d/$s.wasm|$work/$s|$args|${input:+$d/$input}")
+done
+
+python3 - "$WORKER" "$RUNS" "$work" "${list[@]}" <<'PY'
+import math, os, statistics, subprocess, sys, time
+worker, runs, work = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def timed(cmd, stdin):
+    with open(stdin or os.devnull, "rb") as f:
+        t = time.perf_counter()
+        p = subprocess.run(cmd, stdin=f, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=True)
+        return time.perf_counter() - t, p.stdout
+rows = []
+for item in sys.argv[4:]:
+    name, wasm, native, args, inp = item.split("|")
+    args = args.split()
+    cache = os.path.join(work, "cache")
+    sb = lambda cls: [worker, "exec", wasm, "--name", name, "--cache-dir", cache,
+                      "--determinism", cls, "--fuel", "1000000000000000", "--memory-mb", "1024",
+                      "--max-output", "268435456"] + \
+                     (["--input", inp] if inp else []) + [a for x in args for a in ("--arg", x)]
+    cmds = {"native": [native] + args, "sb-native": sb("native"), "sb-portable": sb("portable")}
+    want = timed(cmds["native"], inp)[1]
+    for c in ("sb-native", "sb-portable"):  # warm the compile cache, check the output
+        out = timed(cmds[c], inp)[1]
+        if out != want:
+            sys.exit(f"{name}: {c} output differs from the native build")
+    t = {c: [] for c in cmds}
+    for _ in range(runs):
+        for c in cmds:
+            t[c].append(timed(cmds[c], inp)[0])
+    m = {c: statistics.median(v) for c, v in t.items()}
+    rows.append((name, m["native"], m["sb-native"], m["sb-portable"]))
+    print(f"{name:10} native {m['native']:.3f} s  native class {m['sb-native']:.3f} s ({m['sb-native']/m['native']:.2f}x)"
+          f"  portable class {m['sb-portable']:.3f} s ({m['sb-portable']/m['native']:.2f}x)", flush=True)
+g = lambda i: math.exp(sum(math.log(r[i] / r[1]) for r in rows) / len(rows))
+print(f"geo-mean over {len(rows)}: native class {g(2):.2f}x, portable class {g(3):.2f}x (target <= 1.15x for native)")
+print()
+print("| kernel | native | sandbox, `native` class | ratio | sandbox, `portable` class | ratio |")
+print("|---|---|---|---|---|---|")
+for n, a, b, c in rows:
+    print(f"| {n} | {a:.3f} s | {b:.3f} s | {b/a:.2f}x | {c:.3f} s | {c/a:.2f}x |")
+print(f"| **geo-mean** | | | **{g(2):.2f}x** | | **{g(3):.2f}x** |")
+PY
