@@ -198,7 +198,7 @@ fn a_checkpointing_task_killed_five_times_completes_with_the_uninterrupted_resul
         (std::fs::read(out_dir.join("0.out")).unwrap(), json)
     };
     let t = &results["tasks"][0];
-    assert_eq!(t["status"], "ok");
+    assert_eq!(t["status"], "accepted");
     let exec = Command::new(worker_bin())
         .arg("exec")
         .arg(LONGRUN_WASM)
