@@ -69,8 +69,9 @@ fn scan(b: &[u8], name: &str) -> Option<bool> {
                     leb(body, &mut p)?;
                 }
                 0x01 => {
-                    p += 2; // reftype, limits flag
-                    let flag = *body.get(p - 1)?;
+                    p += 2; // tag, reftype
+                    let flag = *body.get(p)?;
+                    p += 1;
                     leb(body, &mut p)?;
                     if flag & 1 != 0 {
                         leb(body, &mut p)?;
