@@ -16,7 +16,7 @@ set -euo pipefail
 RUSTC=${WASM_RUSTC:-/usr/bin/rustc}
 FLAGS=(-O --target wasm32-wasi -C strip=symbols -C codegen-units=1 -C debuginfo=0)
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-samples=(primes pi mandelbrot seti)
+samples=(primes pi mandelbrot seti longrun)
 if [ $# -gt 0 ]; then samples=("$@"); fi
 
 if [ ! -x "$RUSTC" ]; then
@@ -38,7 +38,7 @@ for name in "${samples[@]}"; do
     fi
     if [ -n "${BUILD_DIR:-}" ]; then
         mkdir -p "$BUILD_DIR/$name"
-        cp "$dir/$name.rs" "$BUILD_DIR/$name/"
+        cp "$dir"/*.rs "$BUILD_DIR/$name/"
         dir=$(cd "$BUILD_DIR/$name" && pwd)
     fi
     (cd "$dir" && "$RUSTC" "${FLAGS[@]}" "$name.rs" -o "$name.wasm.tmp" && mv "$name.wasm.tmp" "$name.wasm")

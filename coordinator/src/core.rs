@@ -65,6 +65,26 @@ pub struct CoreConfig {
     /// an engine would be compared only with each other: `coordinator serve` accepts this
     /// release's engine ([`tasks::release::ENGINE`]) unless its config says otherwise.
     pub engines: Option<Vec<String>>,
+    /// Tells whether a job's module imports the checkpoint API ([`tasks::module`]): such a
+    /// job's results are compared without fuel and credited with the smallest fuel among
+    /// the agreeing replicas (docs/guest-abi.md). Without a probe no job checkpoints.
+    pub checkpoint_probe: CheckpointProbe,
+}
+
+/// Whether the module with this id is a checkpointing one (see
+/// [`CoreConfig::checkpoint_probe`]); `coordinator serve` reads the module from its blob
+/// store.
+#[derive(Clone, Default)]
+pub struct CheckpointProbe(pub Option<Arc<dyn Fn(&tasks::BlobId) -> bool + Send + Sync>>);
+
+impl std::fmt::Debug for CheckpointProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "CheckpointProbe(set)"
+        } else {
+            "CheckpointProbe(none)"
+        })
+    }
 }
 
 impl Default for CoreConfig {
@@ -79,6 +99,7 @@ impl Default for CoreConfig {
             central_only: false,
             policy: TrustPolicy::default(),
             engines: None,
+            checkpoint_probe: CheckpointProbe::default(),
         }
     }
 }
@@ -173,6 +194,8 @@ pub(crate) struct Job {
     pub failed: u32,
     pub in_flight: u32,
     pub reported: u32,
+    /// Its module imports the checkpoint API: results compared without fuel.
+    pub checkpoints: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -724,6 +747,12 @@ impl Core {
 
     fn insert_job(&mut self, id: JobId, manifest: Arc<JobManifest>, state: JobState) {
         let n = manifest.tasks.len();
+        let checkpoints = self
+            .cfg
+            .checkpoint_probe
+            .0
+            .as_ref()
+            .is_some_and(|probe| probe(&manifest.module.id));
         self.jobs.insert(
             id,
             Job {
@@ -737,6 +766,7 @@ impl Core {
                 failed: 0,
                 in_flight: 0,
                 reported: 0,
+                checkpoints,
             },
         );
         if state == JobState::Running {
@@ -1162,7 +1192,10 @@ impl Core {
                 }
                 _ => {}
             }
-            let result = r.result.map(|res| (res.digest(), res));
+            let checkpoints = core.jobs.get(&r.task.job).is_some_and(|j| j.checkpoints);
+            let result = r
+                .result
+                .map(|res| (Core::digest_of(&res, checkpoints), res));
             let w = core.workers.get(&r.worker);
             let anchor = w.is_some_and(|w| core.cfg.policy.is_trusted(&w.rep));
             let block = w.and_then(|w| w.block());
@@ -1267,7 +1300,12 @@ impl Core {
         Some(&self.fingerprints[fp as usize].1)
     }
 
-    pub(crate) fn digest_of(result: &RunResult) -> ResultDigest {
-        result.digest()
+    /// The digest replicas are compared by: without fuel for a checkpointing job.
+    pub(crate) fn digest_of(result: &RunResult, checkpoints: bool) -> ResultDigest {
+        if checkpoints {
+            result.digest_without_fuel()
+        } else {
+            result.digest()
+        }
     }
 }

@@ -168,6 +168,13 @@ impl Coordinator {
             node_id: key.node_id(),
             addr: seed_addr,
         });
+        // A job whose module imports the checkpoint API is compared without fuel.
+        let probe_blobs = blobs.clone();
+        core_cfg.checkpoint_probe = crate::core::CheckpointProbe(Some(Arc::new(move |id| {
+            probe_blobs
+                .read(id)
+                .is_ok_and(|b| tasks::module::imports_module(&b, tasks::module::CHECKPOINT_MODULE))
+        })));
         let snapshot = store.load()?;
         let core = Core::restore(core_cfg, snapshot, engine::now_ms());
         let died = CancellationToken::new();

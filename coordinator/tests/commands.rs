@@ -180,7 +180,11 @@ fn a_job_too_large_for_one_request_is_one_clear_line_and_creates_nothing() {
     let c = Cluster::start_trusting(0);
     let tf = token_file(&c);
     let job = primes_job(&c, "huge", 1_000_000, 1000, 2);
-    let out = run(&c, &["submit", "--token-file", &tf, job.to_str().unwrap()], &[]);
+    let out = run(
+        &c,
+        &["submit", "--token-file", &tf, job.to_str().unwrap()],
+        &[],
+    );
     let err = stderr(&out);
     assert!(!out.status.success(), "a 1M-task job went through: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();

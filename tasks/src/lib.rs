@@ -7,6 +7,7 @@
 //! - [`outcome`]: what running a task produced ([`RunResult`]), the result digest, the engine fingerprint.
 //! - [`identity`]: ed25519 node keys, [`NodeId`], tickets, and the pinned-key TLS configs.
 //! - [`wire`]: the protocol spec: messages, framing, ALPNs, close codes.
+//! - [`module`]: whether a task module imports the checkpoint API (a checkpointing job).
 //! - [`limits`]: every resource limit a node enforces on its peers, with the reasons.
 //! - `net` (feature `net`): async QUIC helpers: endpoints with pinned keys, frame I/O.
 
@@ -14,6 +15,7 @@ pub mod blob;
 pub mod identity;
 pub mod job;
 pub mod limits;
+pub mod module;
 pub mod outcome;
 pub mod release;
 pub mod wire;

@@ -80,3 +80,10 @@ pub const MAX_STDERR_TAIL: usize = 4096;
 /// worker has at most a few dozen in hand per slot plus its unacknowledged reports; the
 /// list's frame stays under a megabyte.
 pub const MAX_HOLDING_PER_MSG: usize = 65_536;
+
+/// Largest state a guest may hand `peergrid.checkpoint` (docs/guest-abi.md). A larger one
+/// gets an error code and nothing is stored. The worker keeps one checkpoint per replica it
+/// holds, so this bounds its disk use per replica; a scientific state that needs more should
+/// be cut down (checkpoint the data, not the caches). It can never exceed the task's
+/// `memory_mb` either: the state is read from the guest's memory.
+pub const MAX_CHECKPOINT_BYTES: usize = 64 << 20;

@@ -93,6 +93,21 @@ impl RunResult {
         ResultDigest(*h.finalize().as_bytes())
     }
 
+    /// The digest of a replica of a *checkpointing* job (its module imports the checkpoint
+    /// API, [`crate::module`]): like [`digest`](Self::digest) without the fuel, which depends
+    /// on where the run was interrupted and resumed. Domain-separated from `digest`, so the
+    /// two never collide. Everything else (status, exit code, trap, output) must agree.
+    pub fn digest_without_fuel(&self) -> ResultDigest {
+        let mut h = blake3::Hasher::new_derive_key("peergrid 2026 result digest without fuel v1");
+        h.update(&[self.status.code()]);
+        h.update(&self.exit_code.to_le_bytes());
+        h.update(&(self.trap.len() as u64).to_le_bytes());
+        h.update(self.trap.as_bytes());
+        h.update(self.output_hash.as_bytes());
+        h.update(&self.output_len.to_le_bytes());
+        ResultDigest(*h.finalize().as_bytes())
+    }
+
     /// Credit earned by an accepted replica: fuel in units of 10^9 instructions.
     pub fn credit(&self) -> f64 {
         self.fuel_used as f64 / 1e9
@@ -207,6 +222,25 @@ mod tests {
         r.trap = "unreachable".into();
         assert_ne!(r.digest(), d);
         assert_eq!(base.digest(), sample().digest());
+    }
+
+    #[test]
+    fn digest_without_fuel_ignores_only_fuel() {
+        let base = sample();
+        let d = base.digest_without_fuel();
+        assert_ne!(d, base.digest(), "domain-separated");
+        let mut r = base.clone();
+        r.fuel_used += 1000;
+        assert_eq!(r.digest_without_fuel(), d);
+        let mut r = base.clone();
+        r.output_hash = BlobId::of(b"43\n");
+        assert_ne!(r.digest_without_fuel(), d);
+        let mut r = base.clone();
+        r.status = Status::OutOfFuel;
+        assert_ne!(r.digest_without_fuel(), d);
+        let mut r = base.clone();
+        r.exit_code = 3;
+        assert_ne!(r.digest_without_fuel(), d);
     }
 
     #[test]

@@ -14,7 +14,13 @@
 //! The session survives coordinator restarts: tasks keep running while it is unreachable,
 //! results wait in the [`outbox`] (on disk), and the loop reconnects with exponential backoff
 //! and jitter, then resends them (reports are idempotent).
+//!
+//! Long tasks survive the worker itself: a guest that checkpoints (docs/guest-abi.md) has its
+//! newest state and its assignment kept in [`checkpoints`], and a worker started again on the
+//! same data dir (after a restart, `kill -9` or a power cut) resumes those replicas from their
+//! newest checkpoint and lists them in `Holding`. A graceful shutdown keeps them too.
 
+pub mod checkpoints;
 pub mod executor;
 pub mod idle;
 pub mod outbox;
@@ -37,6 +43,7 @@ use crate::blobs::BlobStore;
 use crate::priority::Priority;
 use crate::sandbox::{LoadedModule, RunControl, RunSpec, Sandbox, SandboxConfig};
 use crate::swarm::{BlobServer, Fetcher, ServeLimits};
+use checkpoints::CheckpointDir;
 use executor::{Done, Executor, Job, Module};
 use outbox::{Outbox, Segment};
 
@@ -216,6 +223,14 @@ pub async fn run(
     let store = BlobStore::open(&cfg.data_dir.join("blobs"), cfg.disk_limit_bytes)
         .context("opening the blob store")?;
     let outbox = Outbox::open(&cfg.data_dir.join("outbox")).context("opening the outbox")?;
+    let checkpoints = CheckpointDir::open(&cfg.data_dir.join("checkpoints"))
+        .context("opening the checkpoint directory")?;
+    // Replicas with a checkpoint that a previous run of this worker held (restart, kill -9,
+    // power cut): resumed from their newest checkpoint before the session says what we hold.
+    let resume = checkpoints.held();
+    for a in &resume {
+        tracing::info!(replica = a.replica, task = %a.task.id, "resuming a replica held before the restart");
+    }
     let endpoint = tasks::net::endpoint(&key, cfg.listen, &[wire::ALPN_BLOB])
         .with_context(|| format!("binding {}", cfg.listen))?;
     let server = BlobServer::new(store.clone(), ServeLimits::default());
@@ -246,6 +261,8 @@ pub async fn run(
         server,
         fetcher,
         outbox,
+        checkpoints,
+        resume,
         executor,
         stats,
         modules: HashMap::new(),
@@ -351,6 +368,10 @@ struct Daemon {
     server: BlobServer,
     fetcher: Fetcher,
     outbox: Outbox,
+    /// Guest checkpoints and the replicas that have one (`checkpoints::CheckpointDir`).
+    checkpoints: CheckpointDir,
+    /// Replicas held before a restart, started first thing in `run`.
+    resume: Vec<Assignment>,
     executor: Executor,
     stats: Arc<WorkerStats>,
     /// Loaded modules by blob id (the warm path: no disk, no compile).
@@ -456,6 +477,9 @@ impl Daemon {
         let mut last_idle_sample = Instant::now();
         let mut last_status = Instant::now();
         let mut last_error: Option<String> = None;
+        for a in std::mem::take(&mut self.resume) {
+            self.start_preparing(a, prep_tx.clone());
+        }
 
         loop {
             let want_connect = self.session.is_none()
@@ -824,6 +848,10 @@ impl Daemon {
             tracing::error!("cannot save {} results to the outbox ({e}); sending them anyway, but they are lost if this worker dies before the coordinator acknowledges them", seg.reports.len());
         }
         let reports = seg.reports.clone();
+        // The results are in the outbox now (or will never be): their checkpoints are done.
+        for r in &reports {
+            self.checkpoints.release(r.replica);
+        }
         self.outbox.adopt(seg);
         self.stats
             .reported
@@ -897,6 +925,7 @@ impl Daemon {
     fn start_preparing(&mut self, a: Assignment, tx: mpsc::UnboundedSender<Prepared>) {
         let control = RunControl::default();
         control.set_cpu_limit(self.cfg.cpu_limit);
+        control.set_checkpoints(self.checkpoints.replica_store(&a));
         if self.paused {
             control.pause();
         }
@@ -990,6 +1019,7 @@ impl Daemon {
                 tracing::warn!(replica, task = %p.assignment.task.id, "cannot run task: {e:#}; handing it back");
                 self.controls.remove(&replica);
                 self.in_hand.remove(&replica);
+                self.checkpoints.release(replica);
                 self.send(&WorkerMsg::Abandon {
                     replicas: vec![replica],
                 })
@@ -1000,11 +1030,19 @@ impl Daemon {
 
     async fn on_done(&mut self, done: Done) {
         self.queued.retain(|r| *r != done.replica);
-        self.controls.remove(&done.replica);
+        let ours = self.controls.remove(&done.replica).is_some();
         self.in_hand.remove(&done.replica);
         let out = match done.outcome {
             Ok(out) => out,
-            Err(_) => return, // cancelled: abandoned or decided elsewhere
+            Err(_) => {
+                // Cancelled: decided elsewhere, or abandoned. (`abandon_all` has already
+                // released what it abandoned and keeps the rest, with their checkpoints,
+                // for the next start: not ours to release any more.)
+                if ours {
+                    self.checkpoints.release(done.replica);
+                }
+                return;
+            }
         };
         self.stats.completed.fetch_add(1, Ordering::Relaxed);
         self.stats.record_start_latency(done.queue_wait);
@@ -1033,6 +1071,7 @@ impl Daemon {
             if let Err(e) = self.store.put(&out.output) {
                 // Reported, it could never be collected: hand the replica back instead.
                 tracing::error!(replica = done.replica, "cannot store a large output ({e}); handing the task back (check the data dir's disk)");
+                self.checkpoints.release(done.replica);
                 self.send(&WorkerMsg::Abandon {
                     replicas: vec![done.replica],
                 })
@@ -1060,10 +1099,24 @@ impl Daemon {
     }
 
     async fn abandon_all(&mut self) {
-        let replicas: Vec<ReplicaId> = self.controls.keys().copied().collect();
+        let mut replicas: Vec<ReplicaId> = self.controls.keys().copied().collect();
         for c in self.controls.values() {
             c.cancel();
         }
+        // Those with a checkpoint are kept: the next start resumes them (the coordinator
+        // waits for them for its disconnect grace period, then for their deadline).
+        let (kept, gone): (Vec<ReplicaId>, Vec<ReplicaId>) =
+            replicas.iter().partition(|r| self.checkpoints.is_held(**r));
+        if !kept.is_empty() {
+            tracing::info!(
+                "keeping {} replicas with a checkpoint: the next start of this worker resumes them",
+                kept.len()
+            );
+        }
+        for r in &gone {
+            self.checkpoints.release(*r);
+        }
+        replicas = gone;
         if !replicas.is_empty() {
             tracing::info!(
                 "abandoning {} unfinished replicas so they are reissued at once",

@@ -124,8 +124,14 @@ struct ExecArgs {
     #[arg(long, value_name = "CLASS", default_value = "portable",
           value_parser = ["portable", "native"])]
     determinism: String,
+    /// Keep the task's checkpoints (docs/guest-abi.md) in this directory, so running the same
+    /// command again after an interruption (Ctrl-C, kill) resumes from the newest one; they
+    /// are deleted when the task ends. Default: checkpoints last as long as the run.
+    #[arg(long, value_name = "DIR")]
+    checkpoint_dir: Option<PathBuf>,
     /// Print one JSON object: {"status","exit_code","fuel_used","output_hash","output_len",
-    /// "error","trap","digest","wall_ms","fingerprint","stderr"} instead of the task's output.
+    /// "error","trap","digest","wall_ms","fingerprint","stderr","progress"} instead of the
+    /// task's output.
     #[arg(long)]
     json: bool,
 }
@@ -307,9 +313,35 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
         ..SandboxConfig::default()
     })
     .context("setting up the sandbox")?;
+    let control = RunControl::default();
+    // One checkpoint per (module, argv, input): another task in the same directory does not
+    // resume this one's state.
+    let ckpt = match &args.checkpoint_dir {
+        Some(dir) => {
+            let dir = worker::daemon::checkpoints::CheckpointDir::open(dir)
+                .with_context(|| format!("cannot open checkpoint dir {}", dir.display()))?;
+            let mut h = blake3::Hasher::new();
+            h.update(&module);
+            for a in &spec.argv {
+                h.update(&(a.len() as u64).to_le_bytes());
+                h.update(a.as_bytes());
+            }
+            h.update(&spec.input);
+            let key = format!("exec-{}", &h.finalize().to_hex()[..16]);
+            let store = dir.store(&key);
+            control.set_checkpoints(store.clone());
+            Some((dir, key, store))
+        }
+        None => None,
+    };
     let out = sandbox
-        .run_bytes(&module, &spec, &RunControl::default())
+        .run_bytes(&module, &spec, &control)
         .context("the run was cancelled")?;
+    let progress = ckpt.as_ref().and_then(|(_, _, s)| s.progress());
+    if let Some((dir, key, _)) = &ckpt {
+        // The task ended: its checkpoint is done with.
+        dir.remove(key);
+    }
     if let Some(p) = &args.out {
         std::fs::write(p, &out.output)
             .with_context(|| format!("cannot write output to {}", p.display()))?;
@@ -329,6 +361,7 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             "wall_ms": out.wall.as_secs_f64() * 1e3,
             "fingerprint": sandbox.fingerprint().to_string(),
             "stderr": String::from_utf8_lossy(&out.stderr),
+            "progress": progress,
         });
         println!("{json}");
     } else {

@@ -22,6 +22,8 @@
 //!   random, virtual-time `poll_oneoff`, nothing else.
 //! - [`control`](self::control): [`RunControl`]: pause, resume, cancel, CPU duty cycle.
 //! - [`run`](self::run): one run: store, limits, fuel, and the status classification.
+//! - [`checkpoint`](self::checkpoint): the guest checkpoint API (`peergrid.checkpoint`,
+//!   `restore`, `progress`) and the [`CheckpointStore`] a caller keeps states in.
 //!
 //! # Status classification
 //! Checked in this order when `_start` does not return normally:
@@ -57,6 +59,7 @@
 
 pub mod admit;
 pub mod cache;
+pub mod checkpoint;
 pub mod control;
 pub mod engine;
 pub mod run;
@@ -72,6 +75,7 @@ pub use crate::priority::Priority;
 use tasks::{BlobId, EngineFingerprint, RunResult, TaskManifest};
 use wasmtime::{InstancePre, Linker, Module};
 
+pub use checkpoint::{Checkpoint, CheckpointStore};
 pub use control::RunControl;
 
 use engine::EpochTicker;

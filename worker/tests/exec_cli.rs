@@ -145,3 +145,74 @@ fn help_explains_both_subcommands() {
         assert!(help.contains(flag), "exec --help lacks {flag}");
     }
 }
+
+/// `worker exec --checkpoint-dir`: a run killed (SIGKILL) after a checkpoint resumes from it
+/// when the same command runs again, prints what an uninterrupted run prints, and leaves no
+/// checkpoint behind.
+#[test]
+fn exec_resumes_a_killed_task_from_its_checkpoint_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck");
+    let module = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/longrun/longrun.wasm");
+    let args = ["--arg", "6000", "--arg", "50", "--arg", "40000"];
+    let cmd = |with_dir: bool| {
+        let mut c = worker();
+        c.arg("exec")
+            .arg(&module)
+            .args(args)
+            .args(["--fuel", "100000000000", "--json"]);
+        if with_dir {
+            c.arg("--checkpoint-dir").arg(&ck);
+        }
+        c
+    };
+    let mut child = cmd(true)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let ckpt = loop {
+        let found = std::fs::read_dir(&ck).ok().and_then(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "ckpt"))
+        });
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its first checkpoint"
+        );
+        assert!(t0.elapsed().as_secs() < 300, "no checkpoint within 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(ckpt.exists(), "the checkpoint outlives the killed run");
+
+    let resumed = cmd(true).output().unwrap();
+    assert_eq!(resumed.status.code(), Some(0));
+    let r = json(&resumed);
+    assert!(
+        r["stderr"]
+            .as_str()
+            .unwrap()
+            .contains("longrun: resumed at step"),
+        "{r}"
+    );
+    assert_eq!(r["progress"], 1.0);
+    let plain = json(&cmd(false).output().unwrap());
+    assert!(plain["stderr"].as_str().unwrap().contains("fresh start"));
+    assert_eq!(
+        r["output_hash"], plain["output_hash"],
+        "same output as uninterrupted"
+    );
+    assert_eq!(r["status"], "ok");
+    let left: Vec<_> = std::fs::read_dir(&ck).unwrap().flatten().collect();
+    assert!(
+        left.is_empty(),
+        "checkpoint removed when the task ended: {left:?}"
+    );
+}

@@ -1498,3 +1498,78 @@ fn a_retry_survives_a_restart_and_earlier_attempts_stay_forgotten() {
     assert_eq!(core.job_state(job), Some(JobState::Done));
     assert_eq!(store.task_results_range(job, 1, 3).unwrap().len(), 2);
 }
+
+#[test]
+fn checkpointing_jobs_agree_without_fuel_and_credit_the_smallest_fuel() {
+    let module = BlobRef::of(b"module").id;
+    let cfg = CoreConfig {
+        checkpoint_probe: CheckpointProbe(Some(std::sync::Arc::new(move |id: &BlobId| {
+            *id == module
+        }))),
+        ..CoreConfig::default()
+    };
+    let mut core = Core::new(cfg);
+    let (job, _) = core.add_job(manifest("long", 1, 2, 4, 600), 0);
+    assert!(core.jobs[&job].checkpoints);
+    let (a, b) = (node(1), node(2));
+    for w in [a, b] {
+        core.hello(w, &fp(Kind::Honest), 1, None, &[], 0);
+    }
+    let ra = core.request_work(a, 1, 0).assignments;
+    let rb = core.request_work(b, 1, 0).assignments;
+    let task = ra[0].task.id;
+    // `a` was resumed from a checkpoint (more fuel) and claims a lot more; `b` ran through.
+    let honest = truth(task);
+    let mut resumed = honest.clone();
+    resumed.fuel_used = honest.fuel_used * 3;
+    core.report(a, ra[0].replica, resumed, 1);
+    let out = core.report(b, rb[0].replica, honest.clone(), 2);
+    assert_eq!(
+        out,
+        ReportOutcome::Recorded {
+            accepted: true,
+            duplicate: false
+        },
+        "equal outputs agree whatever the fuel"
+    );
+    assert_eq!(
+        core.credit_fuel(&a),
+        honest.fuel_used,
+        "no gain by claiming more"
+    );
+    assert_eq!(core.credit_fuel(&b), honest.fuel_used);
+    let accepted = core
+        .notices
+        .iter()
+        .find_map(|n| match n {
+            Notice::Accepted { result, .. } => Some(result.clone()),
+            _ => None,
+        })
+        .expect("accepted");
+    assert_eq!(accepted.fuel_used, honest.fuel_used);
+
+    // Another output still disagrees; and a job of another module compares fuel as before.
+    let (job2, _) = core.add_job(
+        JobManifest {
+            module: BlobRef::of(b"other"),
+            ..manifest("plain", 1, 2, 4, 600)
+        },
+        3,
+    );
+    assert!(!core.jobs[&job2].checkpoints);
+    let ra = core.request_work(a, 1, 3).assignments;
+    let rb = core.request_work(b, 1, 3).assignments;
+    let t2 = ra[0].task.id;
+    let mut more = truth(t2);
+    more.fuel_used += 1;
+    core.report(a, ra[0].replica, more, 4);
+    let out = core.report(b, rb[0].replica, truth(t2), 5);
+    assert_eq!(
+        out,
+        ReportOutcome::Recorded {
+            accepted: false,
+            duplicate: false
+        },
+        "fuel still counts for a job that does not checkpoint"
+    );
+}

@@ -30,7 +30,11 @@
 //!   *lost and since reissued*: it is rejected and earns neither credit nor trust. A late
 //!   report judged valid is credited, and its worker joins the task's agreeing workers;
 //! - a report's claims are checked against the job: `fuel_used` above the task's `fuel` or
-//!   `output_len` above its `max_output` is rejected; credit sums saturate.
+//!   `output_len` above its `max_output` is rejected; credit sums saturate;
+//! - a *checkpointing* job (its module imports the checkpoint API, [`tasks::module`]) is
+//!   compared by [`RunResult::digest_without_fuel`]: a resumed replica uses more fuel than an
+//!   uninterrupted one. Its accepted result, and the credit of each valid replica, is the
+//!   smallest fuel among the replicas with the accepted digest: claiming more earns nothing.
 
 use tasks::wire::ReplicaId;
 use tasks::{NodeId, ResultDigest, RunResult, TaskId};
@@ -411,12 +415,18 @@ impl Core {
         slot.accepted = Some((fp, digest));
         job.done += 1;
         let replicas = slot.replicas.clone();
-        let result = self.replicas[&agreeing[0]]
+        let checkpoints = job.checkpoints;
+        let mut result = self.replicas[&agreeing[0]]
             .result
             .as_ref()
             .expect("reported")
             .1
             .clone();
+        if checkpoints {
+            // Fuel is not compared (resumed runs differ): the accepted result carries the
+            // smallest fuel among the agreeing replicas, so no one gains by claiming more.
+            result.fuel_used = self.min_agreeing_fuel(agreeing);
+        }
         let counted: Vec<ReplicaId> = self
             .tally(task)
             .groups
@@ -482,7 +492,23 @@ impl Core {
             Verdict::Invalid
         };
         rep.verdict = Some(verdict);
-        let (worker, fuel) = (rep.worker, result.fuel_used);
+        let (worker, mut fuel) = (rep.worker, result.fuel_used);
+        let task_replicas = &self.jobs[&task.job].tasks[task.index as usize].replicas;
+        if verdict == Verdict::Valid && self.jobs[&task.job].checkpoints {
+            // Credit: the smallest fuel reported by a replica with the accepted digest.
+            let agreeing: Vec<ReplicaId> = task_replicas
+                .iter()
+                .copied()
+                .filter(|o| {
+                    self.replicas[o]
+                        .result
+                        .as_ref()
+                        .is_some_and(|(d, _)| *d == digest)
+                        && self.replicas[o].fp == fp
+                })
+                .collect();
+            fuel = fuel.min(self.min_agreeing_fuel(&agreeing));
+        }
         self.mutations.push(Mutation::Verdict {
             replica: r,
             verdict,
@@ -504,6 +530,16 @@ impl Core {
         }
         self.sync_anchor(worker);
         self.persist_worker(worker);
+    }
+
+    /// The smallest `fuel_used` among these reported replicas (`u64::MAX` if none is).
+    fn min_agreeing_fuel(&self, agreeing: &[ReplicaId]) -> u64 {
+        agreeing
+            .iter()
+            .filter_map(|r| self.replicas.get(r)?.result.as_ref())
+            .map(|(_, res)| res.fuel_used)
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
     /// A task was decided (or its job cancelled): its reported votes are no longer undecided.
@@ -591,7 +627,12 @@ impl Core {
         result: RunResult,
         now: u64,
     ) -> ReportOutcome {
-        let digest = Core::digest_of(&result);
+        let checkpoints = self
+            .replicas
+            .get(&replica)
+            .and_then(|r| self.jobs.get(&r.task.job))
+            .is_some_and(|j| j.checkpoints);
+        let digest = Core::digest_of(&result, checkpoints);
         let Some(rep) = self.replicas.get_mut(&replica) else {
             return ReportOutcome::Rejected(format!("unknown replica {replica}"));
         };

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use wasmtime::UpdateDeadline;
 
+use super::checkpoint::CheckpointStore;
+
 /// The error the epoch callback raises to stop a cancelled guest.
 #[derive(Debug, thiserror::Error)]
 #[error("cancelled by the host")]
@@ -36,6 +38,8 @@ struct Inner {
     wake: Condvar,
     /// When a task slot began running the guest (see [`RunControl::mark_started`]).
     started: OnceLock<Instant>,
+    /// Where the guest's checkpoints go (see [`RunControl::set_checkpoints`]).
+    checkpoints: OnceLock<Arc<dyn CheckpointStore>>,
 }
 
 impl std::fmt::Debug for RunControl {
@@ -112,6 +116,18 @@ impl RunControl {
     /// When a slot began running the guest; `None` while it waits for one.
     pub fn started(&self) -> Option<Instant> {
         self.inner.started.get().copied()
+    }
+
+    /// Keep the guest's checkpoints in `store`, and resume from its newest one (the first
+    /// call counts; set it before the run starts). Without one, checkpoints last as long as
+    /// the run.
+    pub fn set_checkpoints(&self, store: Arc<dyn CheckpointStore>) {
+        let _ = self.inner.checkpoints.set(store);
+    }
+
+    /// The checkpoint store of these runs, if any.
+    pub fn checkpoints(&self) -> Option<Arc<dyn CheckpointStore>> {
+        self.inner.checkpoints.get().cloned()
     }
 
     fn notify(&self) {

@@ -8,6 +8,7 @@ use wasmtime::{Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::I32Exit;
 
+use super::checkpoint::RunCheckpoints;
 use super::control::CancelTrap;
 use super::wasi::{self, CappedPipe};
 use super::{one_line, Cancelled, LoadedModule, RunControl, RunOutput, RunSpec, STDERR_CAP};
@@ -24,6 +25,7 @@ pub struct StoreState {
     pub(crate) wasi: WasiP1Ctx,
     pub(crate) io: wasi::GuestIo,
     pub(crate) limits: Limits,
+    pub(crate) ckpt: RunCheckpoints,
 }
 
 /// The memory/table limiter. Linear memory and tables share one budget, `memory_mb`: a
@@ -118,14 +120,29 @@ pub(crate) fn run(
     let max_output = usize::try_from(spec.max_output).unwrap_or(usize::MAX);
     let stdout = CappedPipe::trapping(max_output);
     let stderr = CappedPipe::truncating(STDERR_CAP);
+    // A resumed run starts from the newest checkpoint, with the fuel the task had used
+    // when it was saved already counted (so the budget is the task's, over all its runs).
+    let mut ckpt = RunCheckpoints {
+        store: control.checkpoints(),
+        budget: spec.fuel,
+        ..RunCheckpoints::default()
+    };
+    if let Some(saved) = ckpt.store.as_ref().and_then(|s| s.load()) {
+        ckpt.fuel_base = saved.fuel_used.min(spec.fuel);
+        ckpt.newest = Some(saved.data);
+    }
+    let fuel_base = ckpt.fuel_base;
     let state = StoreState {
         wasi: wasi::context(spec, &stdout, &stderr),
         io: wasi::guest_io(spec, &stdout, &stderr),
         limits: Limits::new(spec.memory_mb),
+        ckpt,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);
-    store.set_fuel(spec.fuel).expect("fuel is enabled");
+    store
+        .set_fuel(spec.fuel - fuel_base)
+        .expect("fuel is enabled");
     store.set_epoch_deadline(1);
     let ctl = control.clone();
     let mut ran_since = Instant::now();
@@ -138,6 +155,7 @@ pub(crate) fn run(
         f.call(&mut store, ())
     });
     let remaining = store.get_fuel().unwrap_or(0);
+    // The budget was `spec.fuel - fuel_base`: this counts the earlier runs' fuel too.
     let fuel_used = spec.fuel.saturating_sub(remaining);
     let memory_denied = store.data().limits.memory_denied;
     drop(store);
@@ -183,6 +201,7 @@ pub(crate) fn instantiate_only(
         wasi: wasi::context(spec, &stdout, &stderr),
         io: wasi::guest_io(spec, &stdout, &stderr),
         limits: Limits::new(spec.memory_mb),
+        ckpt: RunCheckpoints::default(),
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);

@@ -53,7 +53,8 @@ pub const HOST_CHUNK: usize = 64 * 1024;
 const WASI: &str = "wasi_snapshot_preview1";
 
 /// The linker every module is linked against: WASI preview 1 (sync), with the calls that
-/// copy guest-sized data (and `poll_oneoff`, in virtual time) replaced by ours.
+/// copy guest-sized data (and `poll_oneoff`, in virtual time) replaced by ours, and the
+/// checkpoint API ([`super::checkpoint`], import module `peergrid`).
 pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<StoreState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut StoreState| &mut s.wasi)?;
@@ -66,6 +67,7 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<StoreState>> {
     linker.func_wrap(WASI, "args_sizes_get", args_sizes_get)?;
     linker.func_wrap(WASI, "path_open", path_open)?;
     linker.allow_shadowing(false);
+    super::checkpoint::add_to_linker(&mut linker)?;
     Ok(linker)
 }
 
@@ -309,6 +311,13 @@ const IOVEC_SIZE: usize = 8;
 #[derive(Debug, thiserror::Error)]
 #[error("{0}: pointer out of bounds or misaligned")]
 pub struct BadPointer(&'static str);
+
+impl BadPointer {
+    /// The error of host call `call`.
+    pub fn new(call: &'static str) -> BadPointer {
+        BadPointer(call)
+    }
+}
 
 /// Take `fuel` from the guest before doing the work it pays for; a guest that cannot pay
 /// stops with `out_of_fuel` (its whole budget used) and the work is not done.
