@@ -23,10 +23,10 @@
 use std::sync::Arc;
 
 use tasks::limits::MAX_CHECKPOINT_BYTES;
-use wasmtime::{Caller, Extern, Linker, Memory, Trap};
+use wasmtime::{Caller, Linker};
 
 use super::run::StoreState;
-use super::wasi::{BadPointer, FUEL_PER_HOST_BYTE, FUEL_PER_HOST_CALL};
+use super::wasi::{charge, guest_memory as memory, span, FUEL_PER_HOST_BYTE, FUEL_PER_HOST_CALL};
 
 /// The import module of the checkpoint API.
 pub const MODULE: &str = "peergrid";
@@ -77,38 +77,6 @@ pub fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
     Ok(())
 }
 
-fn charge(caller: &mut Caller<'_, StoreState>, fuel: u64) -> wasmtime::Result<()> {
-    let have = caller.get_fuel()?;
-    if have < fuel {
-        caller.set_fuel(0)?;
-        return Err(Trap::OutOfFuel.into());
-    }
-    caller.set_fuel(have - fuel)?;
-    Ok(())
-}
-
-fn memory(caller: &mut Caller<'_, StoreState>, call: &'static str) -> wasmtime::Result<Memory> {
-    match caller.get_export("memory") {
-        Some(Extern::Memory(m)) => Ok(m),
-        _ => Err(wasmtime::format_err!(
-            "{call}: the module exports no memory"
-        )),
-    }
-}
-
-fn span(
-    call: &'static str,
-    mem_len: usize,
-    ptr: i32,
-    len: usize,
-) -> Result<std::ops::Range<usize>, BadPointer> {
-    let at = ptr as u32 as usize;
-    match at.checked_add(len) {
-        Some(end) if end <= mem_len => Ok(at..end),
-        _ => Err(BadPointer::new(call)),
-    }
-}
-
 /// `checkpoint(ptr, len) -> i32`: keep `[ptr, ptr + len)` as the task's newest state.
 fn checkpoint(mut caller: Caller<'_, StoreState>, ptr: i32, len: i32) -> wasmtime::Result<i32> {
     const CALL: &str = "peergrid.checkpoint";
@@ -121,7 +89,7 @@ fn checkpoint(mut caller: Caller<'_, StoreState>, ptr: i32, len: i32) -> wasmtim
         return Ok(ERR_TOO_LARGE);
     }
     let mem = memory(&mut caller, CALL)?;
-    let range = span(CALL, mem.data_size(&caller), ptr, len)?;
+    let range = span(CALL, mem.data_size(&caller), ptr, len, 1)?;
     charge(&mut caller, FUEL_PER_HOST_BYTE.saturating_mul(len as u64))?;
     // Fuel used so far by the task over all its runs: what a run resumed from this state
     // starts its count at.
@@ -159,7 +127,7 @@ fn restore(mut caller: Caller<'_, StoreState>, ptr: i32, cap: i32) -> wasmtime::
         return Ok(-(len as i32));
     }
     let mem = memory(&mut caller, CALL)?;
-    let range = span(CALL, mem.data_size(&caller), ptr, len)?;
+    let range = span(CALL, mem.data_size(&caller), ptr, len, 1)?;
     charge(&mut caller, FUEL_PER_HOST_BYTE.saturating_mul(len as u64))?;
     let (bytes, state) = mem.data_and_store_mut(&mut caller);
     let data = state.ckpt.newest.as_ref().expect("checked above");

@@ -312,16 +312,10 @@ const IOVEC_SIZE: usize = 8;
 #[error("{0}: pointer out of bounds or misaligned")]
 pub struct BadPointer(&'static str);
 
-impl BadPointer {
-    /// The error of host call `call`.
-    pub fn new(call: &'static str) -> BadPointer {
-        BadPointer(call)
-    }
-}
 
 /// Take `fuel` from the guest before doing the work it pays for; a guest that cannot pay
 /// stops with `out_of_fuel` (its whole budget used) and the work is not done.
-fn charge(caller: &mut Caller<'_, StoreState>, fuel: u64) -> wasmtime::Result<()> {
+pub(super) fn charge(caller: &mut Caller<'_, StoreState>, fuel: u64) -> wasmtime::Result<()> {
     let have = caller.get_fuel()?;
     if have < fuel {
         caller.set_fuel(0)?;
@@ -331,7 +325,7 @@ fn charge(caller: &mut Caller<'_, StoreState>, fuel: u64) -> wasmtime::Result<()
     Ok(())
 }
 
-fn guest_memory(
+pub(super) fn guest_memory(
     caller: &mut Caller<'_, StoreState>,
     call: &'static str,
 ) -> wasmtime::Result<Memory> {
@@ -345,7 +339,7 @@ fn guest_memory(
 
 /// `[ptr, ptr + len)` if it lies inside a guest memory of `mem_len` bytes and `ptr` is
 /// `align`-aligned.
-fn span(
+pub(super) fn span(
     call: &'static str,
     mem_len: usize,
     ptr: i32,
