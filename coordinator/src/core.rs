@@ -23,7 +23,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tasks::wire::{JobState, JobStatus, PeerAddr, ReplicaId, StatusReport, WorkerStatus};
+use tasks::wire::{
+    JobState, JobStatus, PeerAddr, ProgressUpdate, ReplicaId, StatusReport, WorkerStatus,
+};
 use tasks::{
     BlobId, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult, TaskId,
 };
@@ -216,6 +218,11 @@ pub(crate) struct Replica {
     /// at or above it is a reissue, and a late report then earns nothing. Not persisted
     /// (restored as `replica + 1`: stricter).
     pub lost_mark: ReplicaId,
+    /// The deadline it was issued with (not persisted: restored as `deadline_ms`), the base
+    /// of how far progress may push `deadline_ms` back.
+    pub first_deadline_ms: u64,
+    /// What its worker last said of its progress (not persisted).
+    pub progress: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -699,6 +706,51 @@ impl Core {
             .collect();
         self.abandon(worker, &gone, now);
         gone.len()
+    }
+
+    /// `worker` says how far replicas it holds have come ([`tasks::wire::WorkerMsg::Progress`]).
+    /// Updates for replicas not in flight on it, or with a fraction outside 0..=1, are
+    /// ignored. A replica whose fraction advanced, or that is paused, has its deadline pushed
+    /// to `now` + its job's deadline, never beyond [`MAX_DEADLINE_STRETCH`] job deadlines
+    /// after it was issued. Returns how many deadlines moved. Not persisted: after a restart
+    /// the replica's last committed deadline applies again.
+    ///
+    /// [`MAX_DEADLINE_STRETCH`]: tasks::limits::MAX_DEADLINE_STRETCH
+    pub fn progress(&mut self, worker: NodeId, updates: &[ProgressUpdate], now: u64) -> usize {
+        let mut moved = 0;
+        for u in updates.iter().take(tasks::limits::MAX_PROGRESS_PER_MSG) {
+            if !(0.0..=1.0).contains(&u.fraction) {
+                continue;
+            }
+            let Some(rep) = self.replicas.get_mut(&u.replica) else {
+                continue;
+            };
+            if rep.worker != worker || rep.phase != ReplicaPhase::InFlight {
+                continue;
+            }
+            let advanced = rep.progress.is_none_or(|p| u.fraction > p);
+            if advanced {
+                rep.progress = Some(u.fraction);
+            }
+            if !(advanced || u.paused) {
+                continue;
+            }
+            let Some(job) = self.jobs.get(&rep.task.job) else {
+                continue;
+            };
+            let window = job.manifest.limits.deadline_secs.saturating_mul(1000);
+            let issued = rep.first_deadline_ms.saturating_sub(window);
+            let limit =
+                issued.saturating_add(window.saturating_mul(tasks::limits::MAX_DEADLINE_STRETCH));
+            let new = now.saturating_add(window).min(limit);
+            if new > rep.deadline_ms {
+                self.deadlines.remove(&(rep.deadline_ms, u.replica));
+                rep.deadline_ms = new;
+                self.deadlines.insert((new, u.replica));
+                moved += 1;
+            }
+        }
+        moved
     }
 
     /// Take an in-flight replica away from its worker (it was not reported in time). The loss
@@ -1212,6 +1264,8 @@ impl Core {
                     anchor,
                     block,
                     lost_mark: r.replica + 1,
+                    first_deadline_ms: r.deadline_ms,
+                    progress: None,
                 },
             );
         }

@@ -261,3 +261,90 @@ fn a_checkpointing_task_killed_five_times_completes_with_the_uninterrupted_resul
         },
     );
 }
+
+/// `worker CMD --json --data-dir DIR` (status, pause, resume) as JSON.
+fn worker_ctl(cmd: &str, dir: &Path) -> Option<Value> {
+    let out = Command::new(worker_bin())
+        .args([cmd, "--json", "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("running worker");
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).expect("worker --json prints JSON"))
+}
+
+/// The replica ids a worker holds, from `worker status --json`.
+fn held(dir: &Path) -> Vec<u64> {
+    worker_ctl("status", dir)
+        .map(|s| {
+            s["tasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|t| t["replica"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A worker paused for longer than its replica's deadline keeps the replica: its guest
+/// reports progress, the worker tells the coordinator it holds the replica paused, and the
+/// coordinator pushes the deadline back instead of reissuing the task to the idle second
+/// worker. After `worker resume` the task completes on the first worker alone. (The
+/// simulator's `progress_pushes_the_deadline_back_but_a_stall_or_the_stretch_limit_does_not`
+/// shows the other side: a replica whose progress stalls is reissued at its deadline.)
+#[test]
+fn a_worker_paused_longer_than_the_deadline_keeps_its_replica_while_it_reports_progress() {
+    const DEADLINE: u64 = 10;
+    let c = Cluster::start_trusting(2);
+    let jd = c.dir.path().join("job");
+    std::fs::create_dir_all(&jd).unwrap();
+    std::fs::copy(LONGRUN_WASM, jd.join("longrun.wasm")).unwrap();
+    let toml = format!(
+        "name = \"paused\"\nmodule = \"longrun.wasm\"\nquorum = 1\nmax_replicas = 2\nfuel = 200_000_000_000\nmemory_mb = 32\nmax_output = 256\ndeadline_secs = {DEADLINE}\n[[task]]\nargs = [\"{STEPS}\", \"{EVERY}\", \"{WORK}\"]\n"
+    );
+    std::fs::write(jd.join("job.toml"), toml).unwrap();
+    let job = c.submit(&jd.join("job.toml"));
+    let dirs = [c.worker_dir(0), c.worker_dir(1)];
+    // Whoever got it has made a checkpoint (and so reported progress).
+    let (holder, replica) = wait_for("the task to checkpoint", Duration::from_secs(300), || {
+        (0..2).find_map(|i| {
+            checkpoint_file(&dirs[i].join("checkpoints"))?;
+            Some((i, *held(&dirs[i]).first()?))
+        })
+    });
+    let other = 1 - holder;
+    let paused = worker_ctl("pause", &dirs[holder]).expect("worker pause");
+    assert_eq!(paused["paused"], true);
+    // Three deadlines long.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3 * DEADLINE) {
+        assert!(
+            held(&dirs[other]).is_empty(),
+            "the paused replica was reissued to the other worker after {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(
+        held(&dirs[holder]),
+        vec![replica],
+        "still held, same replica"
+    );
+    assert_eq!(
+        job_of(&c.status(), job)["state"],
+        "running",
+        "the job waits for the paused replica"
+    );
+    worker_ctl("resume", &dirs[holder]).expect("worker resume");
+    let s = c.wait_until("the job to finish", Duration::from_secs(900), |s| {
+        job_of(s, job)["state"] == "done"
+    });
+    assert_eq!(job_of(&s, job)["tasks_done"], 1);
+    assert!(
+        held(&dirs[other]).is_empty()
+            && checkpoint_file(&dirs[other].join("checkpoints")).is_none(),
+        "the other worker never ran it"
+    );
+}

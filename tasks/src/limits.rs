@@ -87,3 +87,12 @@ pub const MAX_HOLDING_PER_MSG: usize = 65_536;
 /// be cut down (checkpoint the data, not the caches). It can never exceed the task's
 /// `memory_mb` either: the state is read from the guest's memory.
 pub const MAX_CHECKPOINT_BYTES: usize = 64 << 20;
+
+/// Updates one [`crate::wire::WorkerMsg::Progress`] may carry (more are ignored): a worker
+/// holds at most a few dozen replicas per slot.
+pub const MAX_PROGRESS_PER_MSG: usize = 4096;
+
+/// A replica that keeps reporting progress (or is paused) has its deadline pushed back, but
+/// never past this many times its job's deadline after it was issued: a replica held for
+/// ever (a laptop that never comes back from a pause) is reissued in the end.
+pub const MAX_DEADLINE_STRETCH: u64 = 10;

@@ -77,6 +77,9 @@
 //!    `Welcome`, before anything else, the worker sends [`WorkerMsg::Holding`] with every
 //!    replica it still has; the coordinator takes back the ones it counts as in flight there
 //!    that are not listed (an `Assign` lost when the coordinator or the connection died).
+//!    [`CAP_PROGRESS`]: the worker sends [`WorkerMsg::Progress`] every few seconds for the
+//!    replicas whose guests report progress (and while paused); they are not reissued at
+//!    their deadline while they advance or are paused (bounded).
 //!
 //! Small outputs (at most [`INLINE_OUTPUT_MAX`] bytes) travel inline in the report; larger
 //! ones stay in the worker's blob store, named by `output_hash`, and the coordinator fetches
@@ -143,6 +146,8 @@ pub const MAX_FAILURES_PER_PAGE: u32 = 512;
 pub const CAP_STDERR: &str = "stderr";
 /// Capability word in `Welcome.agent`: the coordinator takes [`WorkerMsg::Holding`].
 pub const CAP_HOLDING: &str = "holding";
+/// Capability word in `Welcome.agent`: the coordinator takes [`WorkerMsg::Progress`].
+pub const CAP_PROGRESS: &str = "progress";
 
 /// Whether a `Welcome.agent` lists capability `cap` (a word after the version).
 pub fn has_capability(agent: &str, cap: &str) -> bool {
@@ -259,6 +264,26 @@ pub enum WorkerMsg {
     Holding {
         replicas: Vec<ReplicaId>,
     },
+    /// How far replicas this worker holds have come (their guests call `peergrid.progress`,
+    /// docs/guest-abi.md), and whether the worker is paused. A replica whose progress
+    /// advanced, or that is held by a pause, gets its deadline pushed back by its job's
+    /// deadline (at most to [`crate::limits::MAX_DEADLINE_STRETCH`] times the job's deadline
+    /// after it was issued): a long task that keeps working is not reissued for being slow;
+    /// one whose progress stalls is. At most [`crate::limits::MAX_PROGRESS_PER_MSG`] are
+    /// read. Only to a coordinator listing [`CAP_PROGRESS`].
+    Progress {
+        updates: Vec<ProgressUpdate>,
+    },
+}
+
+/// One replica's progress in [`WorkerMsg::Progress`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProgressUpdate {
+    pub replica: ReplicaId,
+    /// 0..=1, what the guest last reported.
+    pub fraction: f64,
+    /// The worker holds the replica paused (`worker pause` or its idle policy).
+    pub paused: bool,
 }
 
 /// One replica's result.
@@ -811,6 +836,14 @@ mod tests {
             (any::<u64>(), bytes())
                 .prop_map(|(replica, stderr)| WorkerMsg::Stderr { replica, stderr }),
             list(any::<u64>()).prop_map(|replicas| WorkerMsg::Holding { replicas }),
+            list((any::<u64>(), any::<f64>(), any::<bool>()).prop_map(
+                |(replica, fraction, paused)| ProgressUpdate {
+                    replica,
+                    fraction,
+                    paused,
+                }
+            ))
+            .prop_map(|updates| WorkerMsg::Progress { updates }),
         ]
     }
 
@@ -1390,6 +1423,17 @@ mod tests {
                 replicas: vec![1, 300],
             },
             "00000005 09 02 01 ac02",
+        );
+        // Variant 10: replica 2, fraction 0.5 (f64 little-endian), paused.
+        golden(
+            WorkerMsg::Progress {
+                updates: vec![ProgressUpdate {
+                    replica: 2,
+                    fraction: 0.5,
+                    paused: true,
+                }],
+            },
+            "0000000c 0a 01 02 000000000000e03f 01",
         );
     }
 

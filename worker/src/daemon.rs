@@ -276,6 +276,8 @@ pub async fn run(
         idle_busy: false,
         held_by_command: false,
         in_hand: HashMap::new(),
+        progress_of: HashMap::new(),
+        last_progress: Instant::now(),
         observed_addr: None,
         since: Instant::now(),
         node_id: key.node_id(),
@@ -347,6 +349,8 @@ struct Session {
     takes_stderr: bool,
     /// The coordinator takes [`WorkerMsg::Holding`] (its capability [`wire::CAP_HOLDING`]).
     takes_holding: bool,
+    /// The coordinator takes [`WorkerMsg::Progress`] (its capability [`wire::CAP_PROGRESS`]).
+    takes_progress: bool,
 }
 
 /// A task's blobs fetched and its module loaded, ready for a slot.
@@ -389,6 +393,11 @@ struct Daemon {
     idle_busy: bool,
     /// `worker pause` (until `worker resume`).
     held_by_command: bool,
+    /// Where each replica's guest reports its progress, its deadline (seconds) and the
+    /// fraction last sent to the coordinator (entries of ended replicas are pruned when
+    /// progress is next sent).
+    progress_of: HashMap<ReplicaId, (Arc<checkpoints::FileCheckpoint>, u64, Option<f64>)>,
+    last_progress: Instant,
     /// The task and arrival time of every replica in `controls` (for `worker status`).
     in_hand: HashMap<ReplicaId, (TaskId, Instant)>,
     /// Where the coordinator sees us, while connected.
@@ -550,6 +559,11 @@ impl Daemon {
                             self.request_outstanding = false;
                             self.next_request = Instant::now();
                             self.send_holding().await;
+                            // A new session: the coordinator may have restarted and
+                            // forgotten progress; say it again.
+                            for entry in self.progress_of.values_mut() {
+                                entry.2 = None;
+                            }
                             self.resend_outbox().await;
                         }
                         Err(e) => {
@@ -603,6 +617,7 @@ impl Daemon {
                             self.apply_pause();
                         }
                     }
+                    self.send_progress().await;
                     if last_status.elapsed() >= Duration::from_secs(10) {
                         last_status = Instant::now();
                         tracing::info!(
@@ -657,6 +672,50 @@ impl Daemon {
             return;
         }
         self.send(&WorkerMsg::Holding { replicas }).await;
+    }
+
+    /// Every few seconds (a third of the shortest deadline in hand, 1 to 10 s): the
+    /// progress of replicas whose guests report it, when it advanced, and of every such
+    /// replica while paused, so the coordinator does not reissue work that is being done
+    /// (or is held by a pause) for being slow.
+    async fn send_progress(&mut self) {
+        self.progress_of
+            .retain(|r, _| self.controls.contains_key(r));
+        if !self.session.as_ref().is_some_and(|s| s.takes_progress) {
+            return;
+        }
+        let every = self
+            .progress_of
+            .values()
+            .map(|(_, deadline, _)| Duration::from_secs(*deadline) / 3)
+            .min()
+            .unwrap_or(Duration::from_secs(10))
+            .clamp(Duration::from_secs(1), Duration::from_secs(10));
+        if self.last_progress.elapsed() < every {
+            return;
+        }
+        self.last_progress = Instant::now();
+        let paused = self.paused;
+        let mut updates = Vec::new();
+        for (replica, (store, _, sent)) in &mut self.progress_of {
+            let Some(fraction) = store.progress() else {
+                continue;
+            };
+            if paused || *sent != Some(fraction) {
+                *sent = Some(fraction);
+                updates.push(wire::ProgressUpdate {
+                    replica: *replica,
+                    fraction,
+                    paused,
+                });
+            }
+        }
+        if updates.is_empty() {
+            return;
+        }
+        updates.sort_by_key(|u| u.replica);
+        updates.truncate(tasks::limits::MAX_PROGRESS_PER_MSG);
+        self.send(&WorkerMsg::Progress { updates }).await;
     }
 
     fn drop_session(&mut self) {
@@ -925,7 +984,10 @@ impl Daemon {
     fn start_preparing(&mut self, a: Assignment, tx: mpsc::UnboundedSender<Prepared>) {
         let control = RunControl::default();
         control.set_cpu_limit(self.cfg.cpu_limit);
-        control.set_checkpoints(self.checkpoints.replica_store(&a));
+        let store = self.checkpoints.replica_store(&a);
+        self.progress_of
+            .insert(a.replica, (store.clone(), a.deadline_secs, None));
+        control.set_checkpoints(store);
         if self.paused {
             control.pause();
         }
@@ -1157,7 +1219,7 @@ async fn open_session(
         tokio::time::timeout(Duration::from_secs(10), tasks::net::read_frame(&mut recv))
             .await
             .context("no welcome from the coordinator within 10 s")??;
-    let (observed_addr, takes_stderr, takes_holding) = match welcome {
+    let (observed_addr, takes_stderr, takes_holding, takes_progress) = match welcome {
         Some(CoordMsg::Welcome {
             observed_addr,
             agent,
@@ -1165,6 +1227,7 @@ async fn open_session(
             observed_addr,
             wire::has_capability(&agent, wire::CAP_STDERR),
             wire::has_capability(&agent, wire::CAP_HOLDING),
+            wire::has_capability(&agent, wire::CAP_PROGRESS),
         ),
         Some(other) => anyhow::bail!("coordinator answered hello with {other:?}"),
         None => anyhow::bail!("coordinator closed the session before welcoming us"),
@@ -1201,6 +1264,7 @@ async fn open_session(
         observed_addr,
         takes_stderr,
         takes_holding,
+        takes_progress,
     })
 }
 

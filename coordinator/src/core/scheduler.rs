@@ -367,6 +367,8 @@ impl Core {
                 anchor,
                 block,
                 lost_mark: 0,
+                first_deadline_ms: deadline_ms,
+                progress: None,
             },
         );
         self.deadlines.insert((deadline_ms, replica));

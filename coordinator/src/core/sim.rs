@@ -550,6 +550,63 @@ fn no_worker_holds_more_than_its_fair_share_of_the_work_left() {
     assert!(core.fair_share(2) >= 4, "never below two per slot");
 }
 
+/// A replica whose worker keeps reporting progress (or says it is paused) is not reissued
+/// at its deadline; one whose progress stalls is; and no replica is held past
+/// `MAX_DEADLINE_STRETCH` job deadlines. Only the holder's reports count.
+#[test]
+fn progress_pushes_the_deadline_back_but_a_stall_or_the_stretch_limit_does_not() {
+    use tasks::wire::ProgressUpdate;
+    let up = |replica, fraction, paused| ProgressUpdate {
+        replica,
+        fraction,
+        paused,
+    };
+    let mut core = Core::new(CoreConfig::default());
+    // Deadline 10 s; quorum 1, one task each for two workers.
+    core.add_job(manifest("a", 2, 1, 4, 10), 0);
+    let (w1, w2, w3) = (node(1), node(2), node(3));
+    for w in [w1, w2, w3] {
+        core.hello(w, &fp(Kind::Honest), 1, None, &[], 0);
+    }
+    let a = core.request_work(w1, 1, 0).assignments.remove(0);
+    let b = core.request_work(w2, 1, 0).assignments.remove(0);
+    // Someone else's report, a bad fraction: nothing moves.
+    assert_eq!(core.progress(w2, &[up(a.replica, 0.5, false)], 5_000), 0);
+    assert_eq!(
+        core.progress(w1, &[up(a.replica, f64::NAN, false)], 5_000),
+        0
+    );
+    // w1 advances at 5 s and 12 s, w2 reports the same fraction twice (a stall).
+    assert_eq!(core.progress(w1, &[up(a.replica, 0.2, false)], 5_000), 1);
+    assert_eq!(core.progress(w2, &[up(b.replica, 0.3, false)], 5_000), 1);
+    assert_eq!(core.progress(w1, &[up(a.replica, 0.4, false)], 12_000), 1);
+    assert_eq!(core.progress(w2, &[up(b.replica, 0.3, false)], 12_000), 0);
+    core.tick(16_000);
+    let got = core.request_work(w3, 1, 16_000).assignments;
+    assert_eq!(
+        got.len(),
+        1,
+        "the stalled replica is reissued at its deadline"
+    );
+    assert_eq!(got[0].task.id, b.task.id);
+    // Paused: no progress, still kept, up to 10 deadlines after it was issued (100 s).
+    for t in (20_000..=200_000).step_by(5_000) {
+        core.progress(w1, &[up(a.replica, 0.4, true)], t);
+        core.tick(t);
+        if t < 100_000 {
+            assert!(
+                core.replicas[&a.replica].phase == ReplicaPhase::InFlight,
+                "paused replica kept at {t} ms"
+            );
+        }
+    }
+    assert_eq!(
+        core.replicas[&a.replica].phase,
+        ReplicaPhase::Lost,
+        "never held past the stretch limit"
+    );
+}
+
 #[test]
 fn matching_fingerprint_is_preferred_for_extra_replicas() {
     let mut core = Core::new(CoreConfig::default());

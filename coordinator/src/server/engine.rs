@@ -87,6 +87,11 @@ pub enum Cmd {
         worker: NodeId,
         replicas: Vec<ReplicaId>,
     },
+    /// `worker`'s replicas' progress (see [`Core::progress`]).
+    Progress {
+        worker: NodeId,
+        updates: Vec<tasks::wire::ProgressUpdate>,
+    },
     /// `from` says `peer` served bad data for `blob` (an accusation; see
     /// [`Core::bad_peer`]).
     BadPeer {
@@ -558,6 +563,9 @@ impl<S: Store> Engine<S> {
             }
             Cmd::HaveBlobs { worker, blobs } => self.core.have_blobs(worker, &blobs),
             Cmd::Abandon { worker, replicas } => self.core.abandon(worker, &replicas, now),
+            Cmd::Progress { worker, updates } => {
+                self.core.progress(worker, &updates, now);
+            }
             Cmd::Holding { worker, replicas } => {
                 let taken = self.core.reconcile(worker, &replicas, now);
                 if taken > 0 {

@@ -336,6 +336,10 @@ async fn dispatch(engine: &EngineHandle, worker: NodeId, msg: WorkerMsg) -> Disp
             engine.send(Cmd::HaveBlobs { worker, blobs }).await
         }
         WorkerMsg::Abandon { replicas } => engine.send(Cmd::Abandon { worker, replicas }).await,
+        WorkerMsg::Progress { mut updates } => {
+            updates.truncate(tasks::limits::MAX_PROGRESS_PER_MSG);
+            engine.send(Cmd::Progress { worker, updates }).await
+        }
         WorkerMsg::Holding { replicas } => {
             if replicas.len() > tasks::limits::MAX_HOLDING_PER_MSG {
                 return Dispatch::Violation("too many replicas in one Holding");

@@ -312,7 +312,6 @@ const IOVEC_SIZE: usize = 8;
 #[error("{0}: pointer out of bounds or misaligned")]
 pub struct BadPointer(&'static str);
 
-
 /// Take `fuel` from the guest before doing the work it pays for; a guest that cannot pay
 /// stops with `out_of_fuel` (its whole budget used) and the work is not done.
 pub(super) fn charge(caller: &mut Caller<'_, StoreState>, fuel: u64) -> wasmtime::Result<()> {

@@ -207,6 +207,9 @@ pub struct TaskRow {
     pub lost: u32,
     /// Fuel the accepted result used (accepted tasks only).
     pub fuel_used: Option<u64>,
+    /// The furthest progress (0..=1) a worker reported for one of its in-flight replicas
+    /// (tasks whose guests call `peergrid.progress`; docs/guest-abi.md).
+    pub progress: Option<f64>,
 }
 
 /// A slice of one job's tasks.
@@ -375,6 +378,13 @@ impl<S: Store> Engine<S> {
             contested,
             lost: t.lost,
             fuel_used,
+            progress: slot
+                .replicas
+                .iter()
+                .filter_map(|r| self.core.replicas.get(r))
+                .filter(|r| r.phase == ReplicaPhase::InFlight)
+                .filter_map(|r| r.progress)
+                .reduce(f64::max),
         })
     }
 }
