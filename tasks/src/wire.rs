@@ -836,7 +836,8 @@ mod tests {
             (any::<u64>(), bytes())
                 .prop_map(|(replica, stderr)| WorkerMsg::Stderr { replica, stderr }),
             list(any::<u64>()).prop_map(|replicas| WorkerMsg::Holding { replicas }),
-            list((any::<u64>(), any::<f64>(), any::<bool>()).prop_map(
+            // (Finite fractions: NaN is never equal to itself, so it cannot round-trip by `==`.)
+            list((any::<u64>(), -1e9..1e9f64, any::<bool>()).prop_map(
                 |(replica, fraction, paused)| ProgressUpdate {
                     replica,
                     fraction,

@@ -159,7 +159,8 @@ function renderTasks(page) {
       td(t.index),
       el("td", { class: "l" }, badge(t.state, "st-" + t.state)),
       td(t.replicas),
-      td(t.in_flight),
+      // A running task whose guest reports progress: how far its furthest replica is.
+      td(t.progress == null ? t.in_flight : `${t.in_flight} (${Math.floor(t.progress * 100)}%)`),
       td(`${t.agreeing} / ${t.quorum}`, t.contested ? "contested" : ""),
       td(t.disagreeing),
       td(t.lost),
