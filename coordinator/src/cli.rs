@@ -275,6 +275,8 @@ pub async fn wait_for_job(
     let mut last_line = Instant::now();
     let mut lost: Option<Instant> = None;
     let mut backoff = Duration::from_millis(500);
+    // Asked while the coordinator answers it (an older one does not know the request).
+    let mut ask_progress = true;
     loop {
         let report = match client.status(Some(job)).await {
             Ok(r) => r,
@@ -314,10 +316,25 @@ pub async fn wait_for_job(
             .with_context(|| format!("the coordinator no longer lists job {job}"))?;
         let ended = s.tasks_done + s.tasks_failed;
         let rate = s.tasks_done as f64 / started.elapsed().as_secs_f64().max(0.001);
-        let msg = format!(
+        let mut msg = format!(
             "accepted {}, failed {}, in flight {}, replicas {}, {:.1} tasks/s",
             s.tasks_done, s.tasks_failed, s.replicas_in_flight, s.replicas_reported, rate
         );
+        if ask_progress && show && s.state == JobState::Running {
+            match client.progress(job).await {
+                Ok(Some(p)) if p.reporting > 0 && !p.tasks.is_empty() => {
+                    let mean =
+                        p.tasks.iter().map(|t| t.fraction).sum::<f64>() / p.tasks.len() as f64;
+                    msg.push_str(&format!(
+                        ", {} running at {:.0}% on average",
+                        p.reporting,
+                        mean * 100.0
+                    ));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => ask_progress = false,
+            }
+        }
         if let Some(b) = &bar {
             b.set_length(s.tasks_total as u64);
             b.set_position(ended as u64);
@@ -344,16 +361,58 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<i32> {
         Some(job) if !args.json => failures::brief(&client, job).await,
         _ => Vec::new(),
     };
+    // Last: an older coordinator that does not know the request drops the connection.
+    let progress = match args.job {
+        Some(job) => client.progress(job).await.ok().flatten(),
+        None => None,
+    };
     client.close().await;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        if let (Some(p), Some(job)) = (&progress, v["jobs"].get_mut(0)) {
+            job["progress"] = serde_json::json!({
+                "reporting": p.reporting,
+                "tasks": p.tasks.iter().map(|t| serde_json::json!({"index": t.index, "fraction": t.fraction})).collect::<Vec<_>>(),
+            });
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print_status(&report);
+        if let Some(line) = progress.as_ref().and_then(progress_line) {
+            println!("{line}");
+        }
         for line in failed {
             println!("{line}");
         }
     }
     Ok(0)
+}
+
+/// "3 running tasks report progress (mean 41%): task 0 42%, task 5 10%, ..." (the first
+/// ten), or nothing when no running task reports it.
+fn progress_line(p: &tasks::wire::JobProgress) -> Option<String> {
+    if p.reporting == 0 || p.tasks.is_empty() {
+        return None;
+    }
+    let mean = p.tasks.iter().map(|t| t.fraction).sum::<f64>() / p.tasks.len() as f64;
+    let shown: Vec<String> = p
+        .tasks
+        .iter()
+        .take(10)
+        .map(|t| format!("task {} {:.0}%", t.index, t.fraction * 100.0))
+        .collect();
+    let more = if p.reporting as usize > shown.len() {
+        ", ..."
+    } else {
+        ""
+    };
+    Some(format!(
+        "job {}: {} running tasks report progress (mean {:.0}%): {}{more}",
+        p.job,
+        p.reporting,
+        mean * 100.0,
+        shown.join(", ")
+    ))
 }
 
 fn print_status(r: &StatusReport) {

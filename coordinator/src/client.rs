@@ -234,6 +234,21 @@ impl Client {
         }
     }
 
+    /// How far a job's running tasks are. `None` from a coordinator that predates the
+    /// request (it answers with an error it cannot name better).
+    pub async fn progress(
+        &self,
+        job: JobId,
+    ) -> Result<Option<tasks::wire::JobProgress>, ClientError> {
+        match self.call(SubmitBody::Progress { job }).await {
+            Ok(SubmitResponse::Progress(p)) => Ok(Some(p)),
+            Ok(other) => Err(Self::not_found(job, other)),
+            // An older coordinator cannot decode the request and drops the stream.
+            Err(ClientError::Frame(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// One job's status, or all jobs' when `None`.
     pub async fn status(&self, job: Option<JobId>) -> Result<StatusReport, ClientError> {
         match self.call(SubmitBody::Status { job }).await? {

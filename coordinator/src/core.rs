@@ -753,6 +753,35 @@ impl Core {
         moved
     }
 
+    /// How far `job`'s running tasks are: each task whose in-flight replicas reported
+    /// progress, at its furthest one. Walks the replicas in flight (not the job's tasks), so
+    /// it stays cheap for a job of millions of tasks.
+    pub fn job_progress(&self, job: JobId) -> Option<tasks::wire::JobProgress> {
+        self.jobs.get(&job)?;
+        let mut by_task: BTreeMap<u32, f64> = BTreeMap::new();
+        for (_, r) in &self.deadlines {
+            let Some(rep) = self.replicas.get(r) else {
+                continue;
+            };
+            if rep.task.job != job {
+                continue;
+            }
+            if let Some(p) = rep.progress {
+                let e = by_task.entry(rep.task.index).or_insert(p);
+                *e = e.max(p);
+            }
+        }
+        Some(tasks::wire::JobProgress {
+            job,
+            reporting: by_task.len() as u32,
+            tasks: by_task
+                .into_iter()
+                .take(tasks::wire::MAX_PROGRESS_TASKS)
+                .map(|(index, fraction)| tasks::wire::TaskProgress { index, fraction })
+                .collect(),
+        })
+    }
+
     /// Take an in-flight replica away from its worker (it was not reported in time). The loss
     /// counts against the worker's capacity, and the task is never reissued to it.
     fn lose(&mut self, r: ReplicaId, now: u64) {

@@ -332,6 +332,19 @@ fn a_worker_paused_longer_than_the_deadline_keeps_its_replica_while_it_reports_p
         vec![replica],
         "still held, same replica"
     );
+    // The scientist sees how far it is: `status JOB` in text and JSON.
+    let out = c.cli(&["status", &job.to_string()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("job {job}: 1 running tasks report progress")),
+        "{text}"
+    );
+    let out = c.cli(&["status", &job.to_string(), "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+    let p = &v["jobs"][0]["progress"];
+    assert_eq!(p["reporting"], 1, "{v}");
+    let f = p["tasks"][0]["fraction"].as_f64().expect("a fraction");
+    assert!(f > 0.0 && f < 1.0, "{v}");
     assert_eq!(
         job_of(&c.status(), job)["state"],
         "running",

@@ -400,6 +400,11 @@ pub enum SubmitBody {
         after: Option<u32>,
         max: u32,
     },
+    /// How far the job's running tasks are, answered with [`SubmitResponse::Progress`]
+    /// (tasks whose guests call `peergrid.progress`; docs/guest-abi.md).
+    Progress {
+        job: JobId,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -425,6 +430,29 @@ pub enum SubmitResponse {
     },
     ResultsPage(ResultsPage),
     Failures(FailurePage),
+    Progress(JobProgress),
+}
+
+/// Most tasks one [`JobProgress`] lists.
+pub const MAX_PROGRESS_TASKS: usize = 1000;
+
+/// The progress of a job's running tasks (the answer to [`SubmitBody::Progress`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobProgress {
+    pub job: JobId,
+    /// Running tasks whose workers reported progress, in index order, each at its furthest
+    /// in-flight replica (at most [`MAX_PROGRESS_TASKS`]).
+    pub tasks: Vec<TaskProgress>,
+    /// Running tasks with progress in all (`tasks` may list fewer).
+    pub reporting: u32,
+}
+
+/// One running task's progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskProgress {
+    pub index: u32,
+    /// 0..=1.
+    pub fraction: f64,
 }
 
 /// Most task results one [`SubmitBody::ResultsPage`] answer carries.
@@ -969,6 +997,7 @@ mod tests {
                 .prop_map(|(job, first, max)| SubmitBody::ResultsPage { job, first, max }),
             (job_id(), prop::option::of(any::<u32>()), any::<u32>())
                 .prop_map(|(job, after, max)| SubmitBody::Failures { job, after, max }),
+            job_id().prop_map(|job| SubmitBody::Progress { job }),
         ];
         (text(), body).prop_map(|(token, body)| SubmitRequest { token, body })
     }
@@ -1142,6 +1171,16 @@ mod tests {
                     total,
                     failures,
                     more,
+                })
+            ),
+            (job_id(), list((any::<u32>(), 0.0..=1.0f64)), any::<u32>()).prop_map(
+                |(job, tasks, reporting)| SubmitResponse::Progress(JobProgress {
+                    job,
+                    tasks: tasks
+                        .into_iter()
+                        .map(|(index, fraction)| TaskProgress { index, fraction })
+                        .collect(),
+                    reporting,
                 })
             ),
         ]

@@ -87,6 +87,11 @@ pub enum Cmd {
         worker: NodeId,
         replicas: Vec<ReplicaId>,
     },
+    /// A job's running tasks' progress (`None`: no such job).
+    JobProgress {
+        job: JobId,
+        reply: oneshot::Sender<Option<tasks::wire::JobProgress>>,
+    },
     /// `worker`'s replicas' progress (see [`Core::progress`]).
     Progress {
         worker: NodeId,
@@ -563,6 +568,9 @@ impl<S: Store> Engine<S> {
             }
             Cmd::HaveBlobs { worker, blobs } => self.core.have_blobs(worker, &blobs),
             Cmd::Abandon { worker, replicas } => self.core.abandon(worker, &replicas, now),
+            Cmd::JobProgress { job, reply } => {
+                let _ = reply.send(self.core.job_progress(job));
+            }
             Cmd::Progress { worker, updates } => {
                 self.core.progress(worker, &updates, now);
             }

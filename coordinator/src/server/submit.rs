@@ -226,6 +226,17 @@ async fn respond(
                 None => gone(),
             }
         }
+        SubmitBody::Progress { job } => {
+            match ctx
+                .engine
+                .call(|reply| Cmd::JobProgress { job, reply })
+                .await
+            {
+                Some(Some(p)) => SubmitResponse::Progress(p),
+                Some(None) => error(ErrorCode::NotFound, format!("no job {job}")),
+                None => gone(),
+            }
+        }
         SubmitBody::Cancel { job } => {
             match ctx.engine.call(|reply| Cmd::Cancel { job, reply }).await {
                 Some(true) => SubmitResponse::Ok,
