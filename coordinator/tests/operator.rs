@@ -489,3 +489,58 @@ fn systemd_units_pass_systemd_analyze_verify() {
         }
     }
 }
+
+/// A replica held far past its deadline is handed back by the worker itself, which says so:
+/// a task that never reports progress, running for ever under a 2 s deadline, is abandoned
+/// after twice that (the coordinator has reissued it by then), and its slot is free again.
+#[test]
+fn a_replica_far_past_its_deadline_is_abandoned_by_the_worker_which_says_so() {
+    const FOREVER_WAT: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "_start") (loop $l (br $l))))"#;
+    let c = Cluster::start_trusting(1);
+    let dir = c.worker_dir(0);
+    let file = job(&c, "forever", FOREVER_WAT, 1_000_000_000_000, &[&[]]);
+    let toml = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("deadline_secs = 600", "deadline_secs = 2");
+    std::fs::write(&file, toml).unwrap();
+    c.submit(&file);
+    let first = wait_state(&dir, "the task to run", |s| {
+        s["tasks"].as_array().is_some_and(|t| t.len() == 1)
+    })["tasks"][0]["replica"]
+        .as_u64()
+        .unwrap();
+    let said = format!("replica={first}");
+    let t0 = Instant::now();
+    let line = loop {
+        let logs: String = std::fs::read_dir(c.dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("worker-0-"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect();
+        if let Some(l) = logs
+            .lines()
+            .find(|l| l.contains("abandoning replica") && l.contains(&said))
+        {
+            break l.to_string();
+        }
+        assert!(
+            t0.elapsed() < PATIENCE,
+            "the worker never abandoned replica {first}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        line.contains("held 2x its 2 s deadline without reporting progress"),
+        "{line}"
+    );
+    // It no longer holds that replica (the task may come back to it as a new replica: it is
+    // the only worker).
+    wait_state(&dir, "the replica to be gone", |s| {
+        s["tasks"]
+            .as_array()
+            .is_some_and(|t| t.iter().all(|t| t["replica"].as_u64() != Some(first)))
+    });
+}

@@ -618,6 +618,7 @@ impl Daemon {
                         }
                     }
                     self.send_progress().await;
+                    self.abandon_overdue().await;
                     if last_status.elapsed() >= Duration::from_secs(10) {
                         last_status = Instant::now();
                         tracing::info!(
@@ -1158,6 +1159,52 @@ impl Daemon {
             output,
             wall_ms: out.wall.as_millis() as u64,
         });
+    }
+
+    /// Hand back replicas held far past their deadline, saying so: by then the coordinator
+    /// has reissued them, so finishing one only wastes this machine. "Far": twice the
+    /// deadline for a task that does not report progress (a moderately late report still
+    /// counts while the task was not reissued), and the coordinator's longest extension
+    /// ([`tasks::limits::MAX_DEADLINE_STRETCH`] deadlines) for one that does. Counted from
+    /// when the assignment arrived (after a restart: from the restart).
+    async fn abandon_overdue(&mut self) {
+        let now = Instant::now();
+        let overdue: Vec<(ReplicaId, TaskId, u64, bool)> = self
+            .in_hand
+            .iter()
+            .filter_map(|(replica, (task, arrived))| {
+                let (store, deadline, _) = self.progress_of.get(replica)?;
+                let reports = store.progress().is_some();
+                let limit = deadline.saturating_mul(if reports {
+                    tasks::limits::MAX_DEADLINE_STRETCH
+                } else {
+                    2
+                });
+                (now.duration_since(*arrived) > Duration::from_secs(limit))
+                    .then_some((*replica, *task, *deadline, reports))
+            })
+            .collect();
+        if overdue.is_empty() {
+            return;
+        }
+        let mut replicas = Vec::new();
+        for (replica, task, deadline, reports) in overdue {
+            tracing::warn!(
+                replica, %task,
+                "abandoning replica: held {}x its {deadline} s deadline{}; the coordinator has reissued it",
+                if reports { tasks::limits::MAX_DEADLINE_STRETCH } else { 2 },
+                if reports { " (the longest extension its progress earns)" } else { " without reporting progress" },
+            );
+            if let Some(c) = self.controls.remove(&replica) {
+                c.cancel();
+            }
+            self.in_hand.remove(&replica);
+            self.queued.retain(|r| *r != replica);
+            self.progress_of.remove(&replica);
+            self.checkpoints.release(replica);
+            replicas.push(replica);
+        }
+        self.send(&WorkerMsg::Abandon { replicas }).await;
     }
 
     async fn abandon_all(&mut self) {
