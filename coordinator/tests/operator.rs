@@ -544,3 +544,34 @@ fn a_replica_far_past_its_deadline_is_abandoned_by_the_worker_which_says_so() {
             .is_some_and(|t| t.iter().all(|t| t["replica"].as_u64() != Some(first)))
     });
 }
+
+/// `worker pause` outlives the process: a worker killed (kill -9, as when a laptop's
+/// battery dies) and started again on the same data dir comes back paused, until
+/// `worker resume`; after that a restart is not paused.
+#[test]
+fn a_pause_survives_a_restart_until_resume() {
+    let mut c = Cluster::start_trusting(1);
+    let dir = c.worker_dir(0);
+    wait_state(&dir, "the worker to answer", |_| true);
+    let out = worker_ctl("pause", &dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.restart_worker(0);
+    let s = wait_state(&dir, "the restarted worker to answer", |s| {
+        s["uptime_secs"].as_f64() < Some(60.0)
+    });
+    assert_eq!(s["paused"], true, "{s}");
+    assert_eq!(s["pause_reasons"], serde_json::json!(["command"]));
+    let out = worker_ctl("resume", &dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.restart_worker(0);
+    let s = wait_state(&dir, "the worker to answer again", |_| true);
+    assert_eq!(s["paused"], false, "resumed for good: {s}");
+}

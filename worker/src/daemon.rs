@@ -287,6 +287,12 @@ pub async fn run(
         saving_replicas: Vec::new(),
         task_secs: None,
     };
+    // `worker pause` outlives a restart (a reboot included) until `worker resume`.
+    if daemon.cfg.data_dir.join(PAUSED_FILE).exists() {
+        tracing::info!("paused by `worker pause` before this start: tasks are held and no new work is taken until `worker resume`");
+        daemon.held_by_command = true;
+        daemon.apply_pause();
+    }
     let result = daemon.run(done_rx, punch_rx, ctl_rx, shutdown).await;
     conns.cancel();
     accept.abort();
@@ -426,6 +432,9 @@ const PREFETCH_PER_SLOT: (usize, usize) = (2, 64);
 /// A `Reports` frame is cut at about this many bytes of inline output (frames max 8 MiB).
 const REPORTS_FRAME_BYTES: u64 = 2 << 20;
 
+/// In the data dir while `worker pause` holds the worker: the next start is paused too.
+const PAUSED_FILE: &str = "paused";
+
 /// Exponential backoff with jitter, 250 ms doubling to 30 s.
 struct Backoff {
     next: Duration,
@@ -514,7 +523,10 @@ impl Daemon {
                         socket::Request::Status => {}
                         socket::Request::Pause => {
                             if !self.held_by_command {
-                                tracing::info!("paused by `worker pause`: tasks are held where they are and no new work is taken until `worker resume` (held tasks still count against their deadlines)");
+                                tracing::info!("paused by `worker pause`: tasks are held where they are and no new work is taken until `worker resume`, also across restarts (the coordinator is told, for tasks that report progress)");
+                            }
+                            if let Err(e) = tasks::identity::write_private(&self.cfg.data_dir.join(PAUSED_FILE), b"paused by `worker pause`\n") {
+                                tracing::warn!("cannot record the pause in the data dir ({e}); a restart resumes work");
                             }
                             self.held_by_command = true;
                             self.apply_pause();
@@ -522,6 +534,10 @@ impl Daemon {
                         socket::Request::Resume => {
                             if self.held_by_command {
                                 tracing::info!("resumed by `worker resume`");
+                            }
+                            match std::fs::remove_file(self.cfg.data_dir.join(PAUSED_FILE)) {
+                                Err(e) if e.kind() != std::io::ErrorKind::NotFound => tracing::warn!("cannot remove the pause mark from the data dir ({e}); the next start would be paused"),
+                                _ => {}
                             }
                             self.held_by_command = false;
                             self.apply_pause();
