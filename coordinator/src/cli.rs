@@ -332,7 +332,10 @@ pub async fn wait_for_job(
                     ));
                 }
                 Ok(Some(_)) => {}
-                Ok(None) | Err(_) => ask_progress = false,
+                // A coordinator that does not know the request: stop asking.
+                Ok(None) => ask_progress = false,
+                // Anything else shows up on the next status request.
+                Err(_) => {}
             }
         }
         if let Some(b) = &bar {

@@ -179,24 +179,7 @@ fn a_checkpointing_task_killed_five_times_completes_with_the_uninterrupted_resul
     }
 
     // The accepted result equals an uninterrupted run's (digest without fuel), output bytes too.
-    let (_, results) = {
-        let out_dir = c.dir.path().join("results");
-        let out = c.cli(&[
-            "results",
-            &job.to_string(),
-            "--out",
-            out_dir.to_str().unwrap(),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let json: Value =
-            serde_json::from_str(&std::fs::read_to_string(out_dir.join("results.json")).unwrap())
-                .unwrap();
-        (std::fs::read(out_dir.join("0.out")).unwrap(), json)
-    };
+    let (_, results) = c.download(job);
     let t = &results["tasks"][0];
     assert_eq!(t["status"], "accepted");
     let exec = Command::new(worker_bin())

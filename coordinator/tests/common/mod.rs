@@ -337,8 +337,8 @@ impl Cluster {
         v["id"].as_u64().expect("job id")
     }
 
-    /// Download results; returns (sum of outputs as numbers, results.json).
-    pub fn results(&self, job: u64) -> (u64, Value) {
+    /// `coordinator results JOB --out DIR` (must succeed); returns (DIR, results.json).
+    pub fn download(&self, job: u64) -> (PathBuf, Value) {
         let out_dir = self.dir.path().join(format!("results-{job}"));
         let out = self.cli(&[
             "results",
@@ -354,6 +354,12 @@ impl Cluster {
         let json: Value =
             serde_json::from_str(&std::fs::read_to_string(out_dir.join("results.json")).unwrap())
                 .unwrap();
+        (out_dir, json)
+    }
+
+    /// Download results; returns (sum of outputs as numbers, results.json).
+    pub fn results(&self, job: u64) -> (u64, Value) {
+        let (out_dir, json) = self.download(job);
         let mut sum = 0;
         for t in json["tasks"].as_array().unwrap() {
             let idx = t["index"].as_u64().unwrap();
