@@ -19,7 +19,7 @@ use anyhow::Context;
 use tasks::wire::{
     JobResults, JobState, JobStatus, StatusReport, TaskFailure, TaskResult, TaskState,
 };
-use tasks::{JobId, JobSpec, Ticket};
+use tasks::{Determinism, JobId, JobSpec, Ticket};
 
 use crate::client::Client;
 
@@ -194,11 +194,14 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {
     let (job, tasks) = client.submit(&spec).await?;
     if !args.wait {
         if args.json {
-            println!("{}", serde_json::json!({ "id": job, "tasks": tasks }));
+            println!(
+                "{}",
+                serde_json::json!({ "id": job, "tasks": tasks, "determinism": spec.determinism })
+            );
         } else {
             eprintln!(
-                "submitted job {job} ({}: {tasks} tasks, quorum {})",
-                spec.name, spec.limits.quorum
+                "submitted job {job} ({}: {tasks} tasks, quorum {}, {})",
+                spec.name, spec.limits.quorum, spec.determinism
             );
             println!("{job}");
         }
@@ -206,7 +209,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {
         return Ok(0);
     }
     if !args.json {
-        eprintln!("submitted job {job} ({}: {tasks} tasks, quorum {}); waiting for results (Ctrl-C stops waiting, not the job)", spec.name, spec.limits.quorum);
+        eprintln!("submitted job {job} ({}: {tasks} tasks, quorum {}, {}); waiting for results (Ctrl-C stops waiting, not the job)", spec.name, spec.limits.quorum, spec.determinism);
     }
     let end = tokio::select! {
         r = wait_for_job(&mut client, job, !args.json) => r?,
@@ -223,6 +226,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<i32> {
             serde_json::json!({
                 "id": job, "tasks": tasks, "state": end.state, "tasks_done": end.tasks_done,
                 "tasks_failed": end.tasks_failed, "replicas_reported": end.replicas_reported,
+                "determinism": spec.determinism,
             })
         );
     } else {
@@ -369,9 +373,11 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<i32> {
         Some(job) => client.progress(job).await.ok().flatten(),
         None => None,
     };
+    let classes = job_classes(&client, args.job).await;
     client.close().await;
     if args.json {
         let mut v = serde_json::to_value(&report)?;
+        add_classes(&mut v["jobs"], &report.jobs, &classes);
         if let (Some(p), Some(job)) = (&progress, v["jobs"].get_mut(0)) {
             job["progress"] = serde_json::json!({
                 "reporting": p.reporting,
@@ -380,7 +386,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<i32> {
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        print_status(&report);
+        print_status(&report, &classes);
         if let Some(line) = progress.as_ref().and_then(progress_line) {
             println!("{line}");
         }
@@ -389,6 +395,36 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The determinism class of one job or all; empty from a coordinator older than classes
+/// (whose jobs are all portable) or on any error (the rest of the answer stands).
+async fn job_classes(
+    client: &Client,
+    job: Option<JobId>,
+) -> std::collections::HashMap<JobId, Determinism> {
+    client
+        .classes(job)
+        .await
+        .ok()
+        .flatten()
+        .map(|v| v.into_iter().collect())
+        .unwrap_or_default()
+}
+
+/// `"determinism"` into each job object of the JSON array `jobs` (made from `report`).
+fn add_classes(
+    jobs: &mut serde_json::Value,
+    report: &[JobStatus],
+    classes: &std::collections::HashMap<JobId, Determinism>,
+) {
+    if let Some(list) = jobs.as_array_mut() {
+        for (j, s) in list.iter_mut().zip(report) {
+            if let Some(d) = classes.get(&s.id) {
+                j["determinism"] = serde_json::json!(d);
+            }
+        }
+    }
 }
 
 /// "3 running tasks report progress (mean 41%): task 0 42%, task 5 10%, ..." (the first
@@ -418,17 +454,17 @@ fn progress_line(p: &tasks::wire::JobProgress) -> Option<String> {
     ))
 }
 
-fn print_status(r: &StatusReport) {
+fn print_status(r: &StatusReport, classes: &std::collections::HashMap<JobId, Determinism>) {
     if r.jobs.is_empty() {
         println!("no jobs");
     } else {
         println!(
-            "{:>6}  {:<16} {:<9} {:>8} {:>8} {:>8} {:>9}",
-            "JOB", "NAME", "STATE", "TASKS", "DONE", "FAILED", "IN FLIGHT"
+            "{:>6}  {:<16} {:<9} {:>8} {:>8} {:>8} {:>9}  {}",
+            "JOB", "NAME", "STATE", "TASKS", "DONE", "FAILED", "IN FLIGHT", "CLASS"
         );
         for j in &r.jobs {
             println!(
-                "{:>6}  {:<16} {:<9} {:>8} {:>8} {:>8} {:>9}",
+                "{:>6}  {:<16} {:<9} {:>8} {:>8} {:>8} {:>9}  {}",
                 j.id.to_string(),
                 j.name,
                 serde_json::to_value(j.state)
@@ -438,7 +474,8 @@ fn print_status(r: &StatusReport) {
                 j.tasks_total,
                 j.tasks_done,
                 j.tasks_failed,
-                j.replicas_in_flight
+                j.replicas_in_flight,
+                classes.get(&j.id).map_or("?", |d| d.as_str())
             );
         }
         let connected = r.workers.iter().filter(|w| w.connected).count();
@@ -648,8 +685,23 @@ pub async fn download_results(
             break;
         }
     }
-    json.write_all(if wrote_any { b"\n  ]\n}\n" } else { b"]\n}\n" })
+    // Asked last: a coordinator that predates classes (its jobs are all `portable`) drops
+    // the connection on a request it cannot decode.
+    let class = client
+        .classes(Some(job))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|v| v.first().map(|(_, d)| *d))
+        .unwrap_or(Determinism::Portable);
+    json.write_all(if wrote_any { b"\n  ]" } else { b"]" })
         .map_err(write_err)?;
+    write!(
+        json,
+        ",\n  \"determinism\": {}\n}}\n",
+        serde_json::json!(class)
+    )
+    .map_err(write_err)?;
     json.into_inner()
         .map_err(|e| anyhow::anyhow!("writing {}: {}", part.display(), e.error()))?
         .sync_all()
@@ -664,28 +716,33 @@ pub async fn download_results(
 pub async fn jobs(args: JobsArgs) -> anyhow::Result<i32> {
     let client = connect(&args.target).await?;
     let report = client.status(None).await?;
+    // Last: a coordinator older than classes drops the connection on the request.
+    let classes = job_classes(&client, None).await;
     client.close().await;
     if args.json {
+        let mut jobs = serde_json::to_value(&report.jobs)?;
+        add_classes(&mut jobs, &report.jobs, &classes);
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "jobs": report.jobs }))?
+            serde_json::to_string_pretty(&serde_json::json!({ "jobs": jobs }))?
         );
     } else if report.jobs.is_empty() {
         println!("no jobs");
     } else {
         println!(
-            "{:>6}  {:<16} {:<9} {:>8} {:>8} {:>8}",
-            "JOB", "NAME", "STATE", "TASKS", "DONE", "FAILED"
+            "{:>6}  {:<16} {:<9} {:>8} {:>8} {:>8}  {}",
+            "JOB", "NAME", "STATE", "TASKS", "DONE", "FAILED", "CLASS"
         );
         for j in &report.jobs {
             println!(
-                "{:>6}  {:<16} {:<9} {:>8} {:>8} {:>8}",
+                "{:>6}  {:<16} {:<9} {:>8} {:>8} {:>8}  {}",
                 j.id.to_string(),
                 j.name,
                 state_name(j.state),
                 j.tasks_total,
                 j.tasks_done,
-                j.tasks_failed
+                j.tasks_failed,
+                classes.get(&j.id).map_or("?", |d| d.as_str())
             );
         }
     }
@@ -765,14 +822,16 @@ pub struct Written {
 /// Write `DIR/<index>.out` for every accepted task whose output is at hand, and
 /// `DIR/results.json`.
 pub fn write_results(res: &JobResults, dir: &Path) -> anyhow::Result<Written> {
-    write_results_with(res, &[], dir)
+    write_results_with(res, &[], None, dir)
 }
 
 /// [`write_results`], with the stderr (and exit code or trap) of the tasks in `failed`
-/// added to their entries in `results.json`.
+/// added to their entries in `results.json`, and the job's determinism class (when known)
+/// as its last key, exactly as [`download_results`] writes the document.
 pub fn write_results_with(
     res: &JobResults,
     failed: &[tasks::wire::TaskFailure],
+    determinism: Option<Determinism>,
     dir: &Path,
 ) -> anyhow::Result<Written> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -791,9 +850,20 @@ pub fn write_results_with(
         }
     }
     failures::annotate(&mut value, failed);
+    let mut text = serde_json::to_string_pretty(&value)?;
+    if let Some(d) = determinism {
+        // Last, after `tasks` (serde_json sorts a map's keys), where the streamed writer puts
+        // it: it learns the class only after the pages.
+        if text.ends_with("\n}") {
+            text.truncate(text.len() - 2);
+            text.push_str(&format!(
+                ",\n  \"determinism\": {}\n}}",
+                serde_json::json!(d)
+            ));
+        }
+    }
     let path = dir.join("results.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&value)? + "\n")
-        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
     Ok(w)
 }
 
@@ -904,7 +974,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<i32> {
         failed,
         collecting,
         ..
-    } = write_results(&res, &args.out)?;
+    } = write_results_with(&res, &[], Some(spec.determinism), &args.out)?;
     anyhow::ensure!(
         collecting == 0,
         "{collecting} accepted outputs never reached the coordinator"

@@ -19,7 +19,7 @@ use tasks::wire::{
     SubmitRequest, SubmitResponse, TaskFailure, TaskResult, TaskState, ALPN_SUBMIT,
     MAX_FAILURES_PER_PAGE,
 };
-use tasks::{BlobId, BlobRef, JobId, JobManifest, JobSpec, NodeKey, Ticket};
+use tasks::{BlobId, BlobRef, Determinism, JobId, JobManifest, JobSpec, NodeKey, Ticket};
 
 /// Why a client call failed. Every message is one line saying what to do.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +47,8 @@ pub enum ClientError {
     },
     #[error("unexpected answer from the coordinator: {0}")]
     Unexpected(String),
+    #[error("the coordinator predates determinism classes and runs every job `portable`: upgrade it, or put `determinism = \"portable\"` in the job file")]
+    NoClasses,
     #[error(transparent)]
     Job(#[from] JobError),
     #[error("output of task {index} failed verification: {reason}")]
@@ -183,28 +185,45 @@ impl Client {
     /// Load a job file's blobs, upload those the coordinator lacks, create the job.
     pub async fn submit(&self, spec: &JobSpec) -> Result<(JobId, u32), ClientError> {
         let (manifest, blobs) = spec.load_blobs()?;
-        self.submit_manifest(manifest, &blobs).await
+        self.submit_manifest_in(manifest, &blobs, spec.determinism)
+            .await
     }
 
-    /// Upload missing blobs (from `blobs`) and create the job.
+    /// Upload missing blobs (from `blobs`) and create a `portable` job.
     pub async fn submit_manifest(
         &self,
         manifest: JobManifest,
         blobs: &BTreeMap<BlobId, Vec<u8>>,
     ) -> Result<(JobId, u32), ClientError> {
-        // Checked before uploading anything: a job too large for one request is refused with
-        // what to do, not with a frame error after its blobs went up.
-        let bytes = wire::encode(&manifest).len() + 1024;
-        if bytes > wire::MAX_FRAME {
-            let tasks = manifest.tasks.len();
+        self.submit_manifest_in(manifest, blobs, Determinism::Portable)
+            .await
+    }
+
+    /// Upload missing blobs (from `blobs`) and create the job in class `determinism`.
+    pub async fn submit_manifest_in(
+        &self,
+        manifest: JobManifest,
+        blobs: &BTreeMap<BlobId, Vec<u8>>,
+        determinism: Determinism,
+    ) -> Result<(JobId, u32), ClientError> {
+        // A manifest too large for one request (a job of a million tasks) goes up as a blob
+        // of its own. Checked before uploading anything: one too large even for that is
+        // refused with what to do, not with an error after its blobs went up.
+        let encoded = wire::encode(&manifest);
+        let manifest_tasks = manifest.tasks.len();
+        let bytes = encoded.len() as u64 + 1024;
+        if bytes > wire::MAX_MANIFEST_BLOB {
+            let tasks = manifest.tasks.len() as u64;
             return Err(ClientError::JobTooLarge {
-                tasks,
-                bytes,
-                max: wire::MAX_FRAME,
-                fits: tasks * (wire::MAX_FRAME * 9 / 10) / bytes,
+                tasks: tasks as usize,
+                bytes: bytes as usize,
+                max: wire::MAX_MANIFEST_BLOB as usize,
+                fits: (tasks * (wire::MAX_MANIFEST_BLOB * 9 / 10) / bytes) as usize,
             });
         }
-        let wanted = manifest.blobs();
+        let as_blob = (bytes > wire::MAX_FRAME as u64).then(|| (BlobRef::of(&encoded), encoded));
+        let mut wanted = manifest.blobs();
+        wanted.extend(as_blob.as_ref().map(|(b, _)| *b));
         let missing = match self
             .call(SubmitBody::MissingBlobs { blobs: wanted })
             .await?
@@ -213,9 +232,12 @@ impl Client {
             other => return Err(ClientError::Unexpected(format!("{other:?}"))),
         };
         for b in missing {
-            let bytes = blobs.get(&b.id).ok_or_else(|| {
-                ClientError::Io(format!("blob {} is referenced but was not given", b.id))
-            })?;
+            let bytes = match &as_blob {
+                Some((m, bytes)) if m.id == b.id => bytes,
+                _ => blobs.get(&b.id).ok_or_else(|| {
+                    ClientError::Io(format!("blob {} is referenced but was not given", b.id))
+                })?,
+            };
             match self
                 .call_with(SubmitBody::PutBlob { blob: b }, bytes)
                 .await?
@@ -227,7 +249,36 @@ impl Client {
                 other => return Err(ClientError::Unexpected(format!("{other:?}"))),
             }
         }
-        match self.call(SubmitBody::CreateJob { manifest }).await? {
+        // `CreateJob` is a portable job to every coordinator, old ones included.
+        let large = as_blob.is_some();
+        let body = match (as_blob, determinism) {
+            (Some((blob, _)), determinism) => SubmitBody::CreateJobFromBlob {
+                manifest: blob,
+                determinism,
+            },
+            (None, Determinism::Portable) => SubmitBody::CreateJob { manifest },
+            (None, d) => SubmitBody::CreateJobIn {
+                manifest,
+                determinism: d,
+            },
+        };
+        let answer = match self.call(body).await {
+            // An older coordinator cannot decode the request and drops the stream.
+            Err(ClientError::Frame(_)) if large => {
+                let tasks = manifest_tasks;
+                return Err(ClientError::JobTooLarge {
+                    tasks,
+                    bytes: bytes as usize,
+                    max: wire::MAX_FRAME,
+                    fits: (tasks as u64 * (wire::MAX_FRAME as u64 * 9 / 10) / bytes) as usize,
+                });
+            }
+            Err(ClientError::Frame(_)) if determinism != Determinism::Portable => {
+                return Err(ClientError::NoClasses)
+            }
+            r => r?,
+        };
+        match answer {
             SubmitResponse::JobCreated { job, tasks } => Ok((job, tasks)),
             SubmitResponse::Error { code, message } => Err(ClientError::Server { code, message }),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
@@ -244,6 +295,23 @@ impl Client {
             Ok(SubmitResponse::Progress(p)) => Ok(Some(p)),
             Ok(other) => Err(Self::not_found(job, other)),
             // An older coordinator cannot decode the request and drops the stream.
+            Err(ClientError::Frame(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The determinism class of a job, or of every job when `None`, in job id order. `None`
+    /// from a coordinator that predates classes (all its jobs are `portable`).
+    pub async fn classes(
+        &self,
+        job: Option<JobId>,
+    ) -> Result<Option<Vec<(JobId, Determinism)>>, ClientError> {
+        match self.call(SubmitBody::Classes { job }).await {
+            Ok(SubmitResponse::Classes(v)) => Ok(Some(v)),
+            Ok(other) => Err(match job {
+                Some(j) => Self::not_found(j, other),
+                None => ClientError::Unexpected(format!("{other:?}")),
+            }),
             Err(ClientError::Frame(_)) => Ok(None),
             Err(e) => Err(e),
         }

@@ -16,6 +16,7 @@
 //!
 //! [engines]
 //! allow = ["wasmtime 48.0.8"] # default: this release's engine (tasks::release::ENGINE)
+//! native_archs = ["x86_64-linux isa=x86-64-v2"] # default: the coordinator's own
 //! ```
 //!
 //! `seed` (of the partner-replica and spot-check draws) is drawn at random at every start
@@ -84,8 +85,15 @@ pub struct EnginesSection {
     /// releases' workers side by side during an upgrade.
     pub allow: Option<Vec<String>>,
     /// Accept any engine a worker claims. Colluders that invent an engine are then compared
-    /// only with each other: for closed pools and tests only.
+    /// only with each other: for closed pools and tests only. Also admits any architecture
+    /// to the native class (unless `native_archs` is set).
     pub any: Option<bool>,
+    /// Architectures (fingerprint `arch`) whose workers run `native`-class jobs; default the
+    /// coordinator's own ([`tasks::release::native_arch`]). Native results are compared only
+    /// within one architecture, so each one named is a class of its own: name another only
+    /// when enough honest workers of it join (colluders claiming a rare architecture are
+    /// compared mostly with each other). Workers of other architectures run portable jobs.
+    pub native_archs: Option<Vec<String>>,
 }
 
 /// `[scheduler]`.
@@ -276,6 +284,20 @@ impl ConfigFile {
             }
             (_, None) => Some(vec![tasks::release::ENGINE.to_string()]),
         };
+        core.native_archs = match (e.any, &e.native_archs) {
+            (_, Some(list)) => {
+                let bad = |n: &String| n.is_empty() || n.len() > tasks::limits::MAX_HELLO_TEXT;
+                if list.is_empty() || list.len() > 16 || list.iter().any(bad) {
+                    bail!(
+                        "engines.native_archs must name 1 to 16 architectures like {:?}",
+                        tasks::release::native_arch()
+                    );
+                }
+                Some(list.clone())
+            }
+            (Some(true), None) => None,
+            (_, None) => Some(vec![tasks::release::native_arch()]),
+        };
         pol.seed = match p.seed {
             Some(s) => s,
             None => rand::random(),
@@ -335,8 +357,30 @@ mod tests {
             a.core.engines,
             Some(vec![tasks::release::ENGINE.to_string()])
         );
+        assert_eq!(
+            a.core.native_archs,
+            Some(vec![tasks::release::native_arch()])
+        );
         let any = ConfigFile::parse("[engines]\nany = true\n").unwrap();
         assert_eq!(any.effective(None).unwrap().core.engines, None);
+        assert_eq!(any.effective(None).unwrap().core.native_archs, None);
+        let archs = ConfigFile::parse(
+            "[engines]\nnative_archs = [\"x86_64-linux isa=x86-64-v2\", \"aarch64-linux isa=armv8.0-a\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            archs
+                .effective(None)
+                .unwrap()
+                .core
+                .native_archs
+                .map(|v| v.len()),
+            Some(2)
+        );
+        assert!(ConfigFile::parse("[engines]\nnative_archs = []\n")
+            .unwrap()
+            .effective(None)
+            .is_err());
         let two =
             ConfigFile::parse("[engines]\nallow = [\"wasmtime 37.0.0\", \"wasmtime 38.0.4\"]\n")
                 .unwrap();

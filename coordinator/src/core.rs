@@ -27,7 +27,8 @@ use tasks::wire::{
     JobState, JobStatus, PeerAddr, ProgressUpdate, ReplicaId, StatusReport, WorkerStatus,
 };
 use tasks::{
-    BlobId, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult, TaskId,
+    BlobId, Determinism, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult,
+    TaskId,
 };
 
 use crate::store::{Decision, Mutation, ReplicaPhase, Snapshot, Verdict, WorkerRecord};
@@ -67,6 +68,12 @@ pub struct CoreConfig {
     /// an engine would be compared only with each other: `coordinator serve` accepts this
     /// release's engine ([`tasks::release::ENGINE`]) unless its config says otherwise.
     pub engines: Option<Vec<String>>,
+    /// Architectures (fingerprint `arch`: `x86_64-linux isa=x86-64-v2`) whose workers may run
+    /// `native`-class jobs; `None`: any. Native results are compared only within one
+    /// architecture, so colluders claiming an architecture few honest workers have would be
+    /// compared mostly with each other: `coordinator serve` admits its own
+    /// ([`tasks::release::native_arch`]) unless its config names others.
+    pub native_archs: Option<Vec<String>>,
     /// Tells whether a job's module imports the checkpoint API ([`tasks::module`]): such a
     /// job's results are compared without fuel and credited with the smallest fuel among
     /// the agreeing replicas (docs/guest-abi.md). Without a probe no job checkpoints.
@@ -101,6 +108,7 @@ impl Default for CoreConfig {
             central_only: false,
             policy: TrustPolicy::default(),
             engines: None,
+            native_archs: None,
             checkpoint_probe: CheckpointProbe::default(),
         }
     }
@@ -198,6 +206,8 @@ pub(crate) struct Job {
     pub reported: u32,
     /// Its module imports the checkpoint API: results compared without fuel.
     pub checkpoints: bool,
+    /// Which engines its replicas run on (and so which results are compared).
+    pub determinism: Determinism,
 }
 
 #[derive(Debug, Clone)]
@@ -228,7 +238,11 @@ pub(crate) struct Replica {
 #[derive(Debug)]
 pub(crate) struct Worker {
     pub id: NodeId,
+    /// Its engine's fingerprint for `portable` jobs (the one its hello names).
     pub fp: Option<u32>,
+    /// Its engine's fingerprint for `native` jobs (`WorkerMsg::Engines`), this session; a
+    /// worker without one gets no replica of a `native` job.
+    pub native_fp: Option<u32>,
     pub slots: u32,
     pub connected: bool,
     pub disconnected_ms: Option<u64>,
@@ -242,8 +256,8 @@ pub(crate) struct Worker {
     pub in_flight: BTreeSet<ReplicaId>,
     pub last_seen_ms: u64,
     /// Counted in `Core::anchors` (connected and trusted), and in `Core::anchors_by_fp`
-    /// under this fingerprint.
-    pub anchor: Option<u32>,
+    /// under these fingerprints (portable, native).
+    pub anchor: Option<(u32, Option<u32>)>,
     /// Its reported replicas of tasks still pending.
     pub undecided: u32,
     /// Its last request was refused only because its hand was full: the next decided vote
@@ -416,6 +430,7 @@ impl Core {
         self.workers.entry(id).or_insert_with(|| Worker {
             id,
             fp: None,
+            native_fp: None,
             slots: 1,
             connected: false,
             disconnected_ms: None,
@@ -439,23 +454,27 @@ impl Core {
         let Some(w) = self.workers.get_mut(&id) else {
             return;
         };
-        let want =
-            (w.connected && self.cfg.policy.is_trusted(&w.rep)).then_some(w.fp.unwrap_or(u32::MAX));
+        let want = (w.connected && self.cfg.policy.is_trusted(&w.rep))
+            .then_some((w.fp.unwrap_or(u32::MAX), w.native_fp));
         if want == w.anchor {
             return;
         }
-        if let Some(fp) = w.anchor.take() {
+        if let Some((fp, native)) = w.anchor.take() {
             self.anchors -= 1;
-            if let Some(n) = self.anchors_by_fp.get_mut(&fp) {
-                *n -= 1;
-                if *n == 0 {
-                    self.anchors_by_fp.remove(&fp);
+            for fp in std::iter::once(fp).chain(native) {
+                if let Some(n) = self.anchors_by_fp.get_mut(&fp) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.anchors_by_fp.remove(&fp);
+                    }
                 }
             }
         }
-        if let Some(fp) = want {
+        if let Some((fp, native)) = want {
             self.anchors += 1;
-            *self.anchors_by_fp.entry(fp).or_insert(0) += 1;
+            for fp in std::iter::once(fp).chain(native) {
+                *self.anchors_by_fp.entry(fp).or_insert(0) += 1;
+            }
         }
         w.anchor = want;
     }
@@ -473,6 +492,8 @@ impl Core {
         let fpi = self.intern_fp(fp);
         let w = self.worker_entry(worker, now);
         w.fp = Some(fpi);
+        // A new session names its native engine anew (`engines`), if it has one.
+        w.native_fp = None;
         let was = if w.connected { u64::from(w.slots) } else { 0 };
         // A claim, not a fact: clamped, and capacity follows delivered results anyway.
         w.slots = slots.clamp(1, tasks::limits::MAX_WORKER_SLOTS);
@@ -506,6 +527,52 @@ impl Core {
         if let Some(w) = self.workers.get_mut(&worker) {
             w.observed_addr = Some(addr);
         }
+    }
+
+    /// The worker also runs `native` jobs, with engine `fp` (after `hello`, this session).
+    /// The shell has checked `fp` ([`Core::admits_native`]).
+    pub fn engines(&mut self, worker: NodeId, fp: &EngineFingerprint) {
+        if !self.workers.get(&worker).is_some_and(|w| w.connected) {
+            return;
+        }
+        let fpi = self.intern_fp(fp);
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.native_fp = Some(fpi);
+        }
+        self.sync_anchor(worker);
+    }
+
+    /// Whether `native` may be the native engine of a worker whose hello named `portable`:
+    /// an engine this coordinator admits, the same engine and architecture, with this
+    /// release's settings of the `native` class. The error says why, in one line.
+    pub fn admits_native(
+        &self,
+        portable: &EngineFingerprint,
+        native: &EngineFingerprint,
+    ) -> Result<(), String> {
+        self.admits_fingerprint(native)?;
+        if native.engine != portable.engine || native.arch != portable.arch {
+            return Err(format!(
+                "the native engine ({} on {}) is not the engine of the hello ({} on {})",
+                native.engine, native.arch, portable.engine, portable.arch
+            ));
+        }
+        if native.settings != tasks::release::settings(false) {
+            return Err(format!(
+                "the native engine's settings {:?} are not this release's native settings",
+                native.settings
+            ));
+        }
+        if let Some(archs) = &self.cfg.native_archs {
+            if !archs.contains(&native.arch) {
+                return Err(format!(
+                    "this coordinator runs native-class jobs only on {} (its [engines] native_archs), not on {}: the worker still runs portable jobs",
+                    archs.join(", "),
+                    native.arch
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The shell's dial-back to the worker's observed address succeeded (or not): reachable
@@ -811,8 +878,20 @@ impl Core {
         self.reevaluate(task, now);
     }
 
-    /// Register a job; its tasks become schedulable at once.
+    /// Register a `portable` job (what every job was before determinism classes); its tasks
+    /// become schedulable at once.
     pub fn add_job(&mut self, manifest: JobManifest, now: u64) -> (JobId, u32) {
+        self.add_job_in(manifest, Determinism::Portable, now)
+    }
+
+    /// Register a job of determinism class `determinism`: its replicas go only to workers
+    /// with an engine of that class, and are compared within it.
+    pub fn add_job_in(
+        &mut self,
+        manifest: JobManifest,
+        determinism: Determinism,
+        now: u64,
+    ) -> (JobId, u32) {
         let id = JobId(self.next_job);
         self.next_job += 1;
         let manifest = Arc::new(manifest);
@@ -820,13 +899,38 @@ impl Core {
         self.mutations.push(Mutation::PutJob {
             job: id,
             manifest: manifest.clone(),
+            determinism,
             created_ms: now,
         });
-        self.insert_job(id, manifest, JobState::Running);
+        self.insert_job(id, manifest, determinism, JobState::Running);
         (id, n)
     }
 
-    fn insert_job(&mut self, id: JobId, manifest: Arc<JobManifest>, state: JobState) {
+    /// A job's determinism class.
+    pub fn job_determinism(&self, job: JobId) -> Option<Determinism> {
+        self.jobs.get(&job).map(|j| j.determinism)
+    }
+
+    /// The class of `job` (none if unknown), or of every job when `None`, in id order.
+    pub fn job_classes(&self, job: Option<JobId>) -> Vec<(JobId, Determinism)> {
+        match job {
+            Some(id) => self
+                .jobs
+                .get(&id)
+                .map(|j| (id, j.determinism))
+                .into_iter()
+                .collect(),
+            None => self.jobs.values().map(|j| (j.id, j.determinism)).collect(),
+        }
+    }
+
+    fn insert_job(
+        &mut self,
+        id: JobId,
+        manifest: Arc<JobManifest>,
+        determinism: Determinism,
+        state: JobState,
+    ) {
         let n = manifest.tasks.len();
         let checkpoints = self
             .cfg
@@ -848,6 +952,7 @@ impl Core {
                 in_flight: 0,
                 reported: 0,
                 checkpoints,
+                determinism,
             },
         );
         if state == JobState::Running {
@@ -1176,6 +1281,7 @@ impl Core {
                 Worker {
                     id: w.node,
                     fp,
+                    native_fp: None,
                     slots: 1,
                     connected: false,
                     disconnected_ms: Some(now),
@@ -1201,7 +1307,7 @@ impl Core {
             }
         }
         for j in snap.jobs {
-            core.insert_job(j.job, Arc::new(j.manifest), j.state);
+            core.insert_job(j.job, Arc::new(j.manifest), j.determinism, j.state);
         }
         let mut retried: HashMap<TaskId, ReplicaId> = HashMap::new();
         for t in snap.tasks {

@@ -42,7 +42,7 @@ use engine::{Cmd, EngineHandle, FetchJob};
 pub const AGENT: &str = concat!(
     "peergrid-coordinator/",
     env!("CARGO_PKG_VERSION"),
-    " stderr holding progress"
+    " stderr holding progress classes"
 );
 /// File names inside the data dir.
 pub const TICKET_FILE: &str = "ticket";

@@ -120,6 +120,7 @@ pub enum Mutation {
     PutJob {
         job: JobId,
         manifest: std::sync::Arc<JobManifest>,
+        determinism: tasks::Determinism,
         created_ms: u64,
     },
     JobState {
@@ -260,6 +261,7 @@ pub struct JobRow {
     pub manifest: JobManifest,
     pub state: JobState,
     pub created_ms: u64,
+    pub determinism: tasks::Determinism,
 }
 
 /// A task that has a row: decided, or with a policy quorum.

@@ -172,30 +172,40 @@ fn the_token_comes_from_the_flag_the_file_or_the_environment_and_its_absence_is_
     );
 }
 
-/// A job file of a million tasks is valid, but its manifest is over what one request may
-/// carry: `submit` says so in one line with what to do (split it), before uploading
-/// anything, and the coordinator has no job afterwards.
+/// A job file of a million tasks is valid, and its manifest (some 9 MB) is over what one
+/// request may carry: `submit` uploads it as a blob and the coordinator creates the job
+/// from it, all million tasks; `status` answers for it, and it can be cancelled.
 #[test]
-fn a_job_too_large_for_one_request_is_one_clear_line_and_creates_nothing() {
+fn a_million_task_job_too_large_for_one_request_is_created_from_an_uploaded_manifest() {
     let c = Cluster::start_trusting(0);
     let tf = token_file(&c);
     let job = primes_job(&c, "huge", 1_000_000, 1000, 2);
     let out = run(
         &c,
-        &["submit", "--token-file", &tf, job.to_str().unwrap()],
+        &[
+            "submit",
+            "--token-file",
+            &tf,
+            job.to_str().unwrap(),
+            "--json",
+        ],
         &[],
     );
-    let err = stderr(&out);
-    assert!(!out.status.success(), "a 1M-task job went through: {err}");
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(out.status.success(), "submit: {}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tasks"], 1_000_000, "{v}");
+    let id = v["id"].as_u64().unwrap();
+    let j = job_of(&c.status(), id);
+    assert_eq!(j["tasks_total"], 1_000_000, "{j}");
+    assert_eq!(j["state"], "running", "{j}");
     assert!(
-        err.contains("over the 8388608 bytes one request may carry")
-            && err.contains("split its 1000000 tasks"),
-        "{err}"
+        c.coordinator_logs()
+            .contains("job manifest uploaded as a blob"),
+        "the manifest went up as a blob"
     );
-    let j = jobs_json(&c);
-    assert_eq!(j["jobs"].as_array().map(Vec::len), Some(0), "{j}");
+    let out = run(&c, &["cancel", "--token-file", &tf, &id.to_string()], &[]);
+    assert!(out.status.success(), "cancel: {}", stderr(&out));
+    assert_eq!(job_of(&c.status(), id)["state"], "cancelled");
 }
 
 #[test]
@@ -470,8 +480,9 @@ fn out_files(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 async fn one_frame(ticket: &str, token: &str, job: u64, dir: &Path) -> anyhow::Result<()> {
     let client = Client::connect(&ticket.parse()?, token).await?;
     let res = client.collect(JobId(job), Duration::from_secs(60)).await?;
+    let class = client.classes(Some(JobId(job))).await?.map(|v| v[0].1);
     client.close().await;
-    coordinator::cli::write_results(&res, dir)?;
+    coordinator::cli::write_results_with(&res, &[], class, dir)?;
     Ok(())
 }
 

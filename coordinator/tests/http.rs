@@ -165,8 +165,13 @@ async fn http_status_api_mirrors_status_json_and_results_without_outputs() -> an
     }
 
     // /jobs/ID: that job's status object.
-    let (code, j) = get_json(http, &format!("/jobs/{job}")).await?;
+    let (code, mut j) = get_json(http, &format!("/jobs/{job}")).await?;
     assert_eq!(code, 200);
+    // ... with its determinism class (the job file names none: the default).
+    assert_eq!(
+        j.as_object_mut().and_then(|o| o.remove("determinism")),
+        Some(serde_json::json!("native"))
+    );
     assert_eq!(&j, &jobs[0]);
 
     // /jobs/ID/results needs the submit token: 401 without it or with a wrong one.

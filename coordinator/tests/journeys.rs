@@ -346,3 +346,91 @@ fn an_open_pool_short_of_workers_says_so_and_finishes_when_a_third_joins() {
     assert_eq!(sum, 216_816, "primes below 3*10^6");
     check_quorum(&results, 3);
 }
+
+/// A guest that prints the 8 bytes of `0.0 / 0.0` (an f64 NaN made at run time): on x86_64
+/// the hardware makes the negative "default" NaN, NaN canonicalization the positive one.
+const NAN_WAT: &str = r#"(module
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "_start")
+    (f64.store (i32.const 16) (f64.div (f64.load (i32.const 64)) (f64.load (i32.const 64))))
+    (i32.store (i32.const 0) (i32.const 16))
+    (i32.store (i32.const 4) (i32.const 8))
+    (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 32)))))"#;
+
+/// The scientist picks a job's determinism class in the job file, and it decides which
+/// engine every replica runs on: the same NaN-making module gives the hardware's NaN bits as
+/// a `native` job (the default) and the canonical ones as a `portable` job, each accepted
+/// by a quorum of real worker processes; `submit --json`, `status --json` and results.json
+/// name the class.
+#[test]
+fn a_job_runs_in_the_determinism_class_its_job_file_names_and_says_which() {
+    let c = Cluster::start_trusting(2);
+    let jd = c.dir.path().join("nan");
+    std::fs::create_dir_all(&jd).unwrap();
+    std::fs::write(jd.join("nan.wasm"), wat::parse_str(NAN_WAT).unwrap()).unwrap();
+    let job = |name: &str, class: Option<&str>| {
+        let path = jd.join(format!("{name}.toml"));
+        let line = class.map_or(String::new(), |c| format!("determinism = \"{c}\"\n"));
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"{name}\"\nmodule = \"nan.wasm\"\nquorum = 2\n{line}[tasks]\ncount = 3\n"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let submit = |path: &std::path::Path| -> Value {
+        let out = c.cli(&["submit", path.to_str().unwrap(), "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let native = submit(&job("default", None));
+    assert_eq!(native["determinism"], "native", "native is the default");
+    let portable = submit(&job("portable", Some("portable")));
+    assert_eq!(portable["determinism"], "portable");
+    let explicit = submit(&job("native", Some("native")));
+    let ids: Vec<u64> = [&native, &portable, &explicit]
+        .iter()
+        .map(|v| v["id"].as_u64().unwrap())
+        .collect();
+    c.wait_until("the three jobs done", Duration::from_secs(300), |s| {
+        ids.iter().all(|id| job_of(s, *id)["state"] == "done")
+    });
+    let status = c.status();
+    for (id, class) in ids.iter().zip(["native", "portable", "native"]) {
+        let j = job_of(&status, *id);
+        assert_eq!(j["determinism"], class, "{j}");
+        assert_eq!(j["tasks_done"], 3, "{j}");
+    }
+    let mut outputs = Vec::new();
+    for (id, class) in ids.iter().zip(["native", "portable", "native"]) {
+        let (dir, results) = c.download(*id);
+        assert_eq!(results["determinism"], class, "{results}");
+        check_quorum(&results, 3);
+        let out = std::fs::read(dir.join("0.out")).unwrap();
+        assert_eq!(out.len(), 8);
+        assert!(f64::from_le_bytes(out.clone().try_into().unwrap()).is_nan());
+        outputs.push(u64::from_le_bytes(out.try_into().unwrap()));
+    }
+    assert_eq!(
+        outputs[1], 0x7ff8_0000_0000_0000,
+        "portable: the canonical NaN"
+    );
+    assert_eq!(outputs[0], outputs[2], "native is one engine");
+    #[cfg(target_arch = "x86_64")]
+    assert_eq!(
+        outputs[0], 0xfff8_0000_0000_0000,
+        "native on x86_64: the hardware's default NaN, as a native build would print"
+    );
+    // The status table names the class too.
+    let out = c.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("CLASS"), "{text}");
+    assert!(text.lines().any(|l| l.contains("portable")), "{text}");
+}

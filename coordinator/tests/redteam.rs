@@ -599,6 +599,8 @@ async fn hello_text_and_invented_engine_fingerprints_are_bounded() -> anyhow::Re
         let o = Options {
             key: key.clone(),
             fingerprint: fingerprint(&format!("invented {i}")),
+            // (Its hello's engine is the claim under test; a native one would be a second.)
+            native: false,
             ..Options::default()
         };
         match SimWorker::join_with(&coord.ticket, o).await {
@@ -617,6 +619,7 @@ async fn hello_text_and_invented_engine_fingerprints_are_bounded() -> anyhow::Re
         &coord.ticket,
         Options {
             fingerprint: fingerprint("invented 0"),
+            native: false,
             ..Options::default()
         },
     )
@@ -641,7 +644,10 @@ async fn hello_text_and_invented_engine_fingerprints_are_bounded() -> anyhow::Re
 /// claiming an engine of their own would be compared only with each other. A coordinator
 /// configured as `serve` is by default (this release's engine only) refuses them with a
 /// line saying why; and a worker claiming another architecture stays in the class of this
-/// release's portable settings, so its results are still compared with everyone's.
+/// release's portable settings, so its results are still compared with everyone's, while
+/// `native` jobs (compared within one architecture) go only to workers of the
+/// architectures the coordinator names, by default its own: a rare architecture claimed by
+/// colluders is no class of their own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invented_engines_are_refused_and_another_arch_is_still_compared() -> anyhow::Result<()> {
     use tasks::release;
@@ -662,7 +668,7 @@ async fn invented_engines_are_refused_and_another_arch_is_still_compared() -> an
     let mut a = SimWorker::join_with(
         &coord.ticket,
         Options {
-            fingerprint: release_fp("x86_64-linux"),
+            fingerprint: release_fp(&release::native_arch()),
             ..Options::default()
         },
     )
@@ -676,7 +682,9 @@ async fn invented_engines_are_refused_and_another_arch_is_still_compared() -> an
     )
     .await?;
     let client = Client::connect(&coord.ticket, &coord.token).await?;
-    let (job, _) = client.submit(&job_file(jobdir.path(), 1, "")?).await?;
+    let (job, _) = client
+        .submit(&job_file(jobdir.path(), 1, "determinism = \"portable\"\n")?)
+        .await?;
     for w in [&mut a, &mut b] {
         for x in w.request(1).await? {
             w.report(&x).await?;
@@ -688,13 +696,19 @@ async fn invented_engines_are_refused_and_another_arch_is_still_compared() -> an
     })
     .await?;
     let compared = st.tasks_done == 1;
-    let met = invented_refused && compared;
+    // A native job: the riscv64 claim gets none of it, the worker of this machine's
+    // architecture does.
+    let (_, _) = client.submit(&job_file(jobdir.path(), 1, "")?).await?;
+    let to_riscv = b.request(4).await?.len();
+    let to_native_arch = a.request(4).await?.len();
+    let native_kept = to_riscv == 0 && to_native_arch == 1;
+    let met = invented_refused && compared && native_kept;
     fault(
         "worker claiming an engine of its own; worker claiming another architecture",
         &format!(
-            "invented engine refused: {invented_refused} ({why}); x86_64 and riscv64 claims of this release agreed on a task and it was accepted: {compared}"
+            "invented engine refused: {invented_refused} ({why}); x86_64 and riscv64 claims of this release agreed on a portable task and it was accepted: {compared}; replicas of a native job handed to the riscv64 claim: {to_riscv}, to the worker of the coordinator's architecture: {to_native_arch}"
         ),
-        "invented engines refused; architecture claims do not split the class",
+        "invented engines refused; architecture claims do not split the portable class and make no native class of their own",
         met,
     );
     assert!(met, "{st:?} / {why}");

@@ -55,6 +55,64 @@ impl fmt::Display for TaskId {
     }
 }
 
+/// How bit-exact a job's results must be, and so which workers may compare them: the job's
+/// *determinism class* (job file key `determinism`).
+///
+/// Results are only ever compared between workers whose engine fingerprints are equal, and
+/// the fingerprint names the architecture, its fixed ISA baseline and this setting. Every
+/// worker compiles for one fixed baseline per architecture, so the machine code of a module,
+/// and with it every NaN bit pattern it produces, is the same on every host of that
+/// architecture. NaN canonicalization therefore only buys comparison *across*
+/// architectures, at a cost of up to 4x on float-heavy loops.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Determinism {
+    /// Bit-exact among workers of one architecture (fixed ISA baseline, NaN bits as the
+    /// hardware makes them): the fast default. Replicas of a task are compared, and quorums
+    /// formed, only among workers of one architecture.
+    #[default]
+    Native,
+    /// Bit-exact across architectures (NaN canonicalization on): x86_64 and aarch64 workers
+    /// agree. What every job ran in before classes existed.
+    Portable,
+}
+
+impl Determinism {
+    /// The job file's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Determinism::Native => "native",
+            Determinism::Portable => "portable",
+        }
+    }
+
+    /// Whether the engine canonicalizes NaNs in this class.
+    pub fn nan_canonicalization(self) -> bool {
+        self == Determinism::Portable
+    }
+}
+
+impl fmt::Display for Determinism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Determinism {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "native" => Ok(Determinism::Native),
+            "portable" => Ok(Determinism::Portable),
+            _ => Err(format!(
+                "not a determinism class: {s:?} (use \"native\", bit-exact among workers of one architecture, or \"portable\", bit-exact across architectures)"
+            )),
+        }
+    }
+}
+
 /// Defaults for keys a job file may leave out.
 pub mod defaults {
     pub const QUORUM: u32 = 2;
@@ -100,6 +158,9 @@ pub struct JobFile {
     pub max_output: u64,
     #[serde(default = "d_deadline")]
     pub deadline_secs: u64,
+    /// The job's determinism class (`"native"`, the default, or `"portable"`).
+    #[serde(default)]
+    pub determinism: Determinism,
     /// Generated tasks, `i = 0..count`; `{i}` in args and input is replaced by `i`.
     #[serde(default)]
     pub tasks: Option<TaskGenerator>,
@@ -176,6 +237,8 @@ pub struct JobSpec {
     pub name: String,
     pub module: PathBuf,
     pub limits: JobLimits,
+    /// Which workers may compare its results (see [`Determinism`]).
+    pub determinism: Determinism,
     pub tasks: Vec<TaskSpec>,
 }
 
@@ -368,6 +431,7 @@ impl JobSpec {
             name: file.name,
             module,
             limits: job_limits,
+            determinism: file.determinism,
             tasks,
         })
     }
@@ -443,9 +507,11 @@ impl JobManifest {
     /// Every blob the job references, each once.
     pub fn blobs(&self) -> Vec<BlobRef> {
         let mut v = vec![self.module];
+        let mut seen = std::collections::HashSet::from([self.module.id]);
         for t in &self.tasks {
             if let Some(i) = t.input {
-                if !v.contains(&i) {
+                // (A set, not `v.contains`: a million inputs must not cost 10^12 compares.)
+                if seen.insert(i.id) {
                     v.push(i);
                 }
             }

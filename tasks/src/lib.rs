@@ -22,7 +22,7 @@ pub mod wire;
 
 pub use blob::{BlobId, BlobRef};
 pub use identity::{NodeId, NodeKey, Ticket};
-pub use job::{JobId, JobManifest, JobSpec, TaskId, TaskManifest};
+pub use job::{Determinism, JobId, JobManifest, JobSpec, TaskId, TaskManifest};
 pub use outcome::{EngineFingerprint, ResultDigest, RunResult, Status};
 #[cfg(feature = "net")]
 pub mod net;

@@ -31,6 +31,27 @@ pub fn settings(deterministic: bool) -> String {
     )
 }
 
+/// The name of the fixed ISA baseline this release's workers compile for on this build's
+/// architecture (the worker's `sandbox::engine::BASELINE`, whose tests check the two agree).
+pub const BASELINE_NAME: &str = if cfg!(target_arch = "x86_64") {
+    "x86-64-v2"
+} else if cfg!(target_arch = "aarch64") {
+    "armv8.0-a"
+} else {
+    "undefined"
+};
+
+/// The `arch` a worker built like this program names in its fingerprint: architecture, OS
+/// and ISA baseline (`x86_64-linux isa=x86-64-v2`). What `coordinator serve` admits for the
+/// `native` determinism class by default.
+pub fn native_arch() -> String {
+    format!(
+        "{}-{} isa={BASELINE_NAME}",
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    )
+}
+
 /// Whether `fp` is an engine in `engines` running with one of this release's settings.
 pub fn accepted(fp: &EngineFingerprint, engines: &[String]) -> bool {
     engines.iter().any(|e| *e == fp.engine)

@@ -122,7 +122,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::blob::{BlobId, BlobRef};
 use crate::identity::NodeId;
-use crate::job::{JobId, JobManifest, TaskManifest};
+use crate::job::{Determinism, JobId, JobManifest, TaskManifest};
 use crate::outcome::{EngineFingerprint, RunResult, Status};
 
 /// Worker ↔ coordinator sessions.
@@ -148,6 +148,10 @@ pub const CAP_STDERR: &str = "stderr";
 pub const CAP_HOLDING: &str = "holding";
 /// Capability word in `Welcome.agent`: the coordinator takes [`WorkerMsg::Progress`].
 pub const CAP_PROGRESS: &str = "progress";
+/// Capability word in `Welcome.agent`: the coordinator runs jobs of both determinism classes
+/// ([`Determinism`]): it takes [`WorkerMsg::Engines`] and answers a worker that sent it with
+/// [`CoordMsg::AssignClass`].
+pub const CAP_CLASSES: &str = "classes";
 
 /// Whether a `Welcome.agent` lists capability `cap` (a word after the version).
 pub fn has_capability(agent: &str, cap: &str) -> bool {
@@ -274,6 +278,15 @@ pub enum WorkerMsg {
     Progress {
         updates: Vec<ProgressUpdate>,
     },
+    /// The worker also runs the `native` determinism class, with this engine fingerprint
+    /// (its `Hello` fingerprint is its `portable` one). Sent once right after `Welcome`
+    /// (after `Holding`), only to a coordinator listing [`CAP_CLASSES`]; from then on the
+    /// coordinator assigns with [`CoordMsg::AssignClass`]. The fingerprint is checked like
+    /// the hello's: an engine the coordinator accepts, the same engine and architecture as
+    /// the hello's, with this release's native settings — otherwise the session is closed.
+    Engines {
+        native: EngineFingerprint,
+    },
 }
 
 /// One replica's progress in [`WorkerMsg::Progress`].
@@ -334,6 +347,20 @@ pub enum CoordMsg {
     /// a decision filled your allowance may be repeated now (sent once per such refusal,
     /// when one of those votes is decided), rather than after `retry_after_ms`.
     Room,
+    /// [`CoordMsg::Assign`] for a worker that sent [`WorkerMsg::Engines`]: each replica says
+    /// which determinism class (which of its engines) it runs in.
+    AssignClass {
+        assignments: Vec<ClassedAssignment>,
+        /// When the batch is empty: ask again after this long.
+        retry_after_ms: u64,
+    },
+}
+
+/// One replica to run, and the determinism class to run it in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassedAssignment {
+    pub assignment: Assignment,
+    pub determinism: Determinism,
 }
 
 /// One replica to run.
@@ -405,7 +432,29 @@ pub enum SubmitBody {
     Progress {
         job: JobId,
     },
+    /// [`SubmitBody::CreateJob`] in a chosen determinism class (`CreateJob` creates a
+    /// `portable` job, what every job was before classes existed).
+    CreateJobIn {
+        manifest: JobManifest,
+        determinism: Determinism,
+    },
+    /// The determinism class of one job, or of every job when `None`, answered with
+    /// [`SubmitResponse::Classes`].
+    Classes {
+        job: Option<JobId>,
+    },
+    /// [`SubmitBody::CreateJobIn`] for a manifest too large for one frame (a job of a
+    /// million tasks): its postcard encoding was uploaded with `PutBlob` as blob `manifest`
+    /// (at most [`MAX_MANIFEST_BLOB`] bytes). Answered like `CreateJob`.
+    CreateJobFromBlob {
+        manifest: BlobRef,
+        determinism: Determinism,
+    },
 }
+
+/// Largest manifest [`SubmitBody::CreateJobFromBlob`] takes: a job of
+/// [`crate::job::limits::MAX_TASKS`] tasks with short arguments fits.
+pub const MAX_MANIFEST_BLOB: u64 = 256 << 20;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum SubmitResponse {
@@ -431,6 +480,8 @@ pub enum SubmitResponse {
     ResultsPage(ResultsPage),
     Failures(FailurePage),
     Progress(JobProgress),
+    /// Jobs and their determinism class, in job id order.
+    Classes(Vec<(JobId, Determinism)>),
 }
 
 /// Most tasks one [`JobProgress`] lists.
@@ -873,7 +924,12 @@ mod tests {
                 }
             ))
             .prop_map(|updates| WorkerMsg::Progress { updates }),
+            fingerprint().prop_map(|native| WorkerMsg::Engines { native }),
         ]
+    }
+
+    fn determinism() -> impl Strategy<Value = Determinism> {
+        prop::sample::select(vec![Determinism::Native, Determinism::Portable])
     }
 
     fn task_manifest() -> impl Strategy<Value = TaskManifest> {
@@ -946,6 +1002,18 @@ mod tests {
             }),
             (node_id(), socket_addr()).prop_map(|(peer, addr)| CoordMsg::Punch { peer, addr }),
             Just(CoordMsg::Room),
+            (list((assignment(), determinism())), any::<u64>()).prop_map(
+                |(assignments, retry_after_ms)| CoordMsg::AssignClass {
+                    assignments: assignments
+                        .into_iter()
+                        .map(|(assignment, determinism)| ClassedAssignment {
+                            assignment,
+                            determinism,
+                        })
+                        .collect(),
+                    retry_after_ms,
+                }
+            ),
         ]
     }
 
@@ -998,6 +1066,19 @@ mod tests {
             (job_id(), prop::option::of(any::<u32>()), any::<u32>())
                 .prop_map(|(job, after, max)| SubmitBody::Failures { job, after, max }),
             job_id().prop_map(|job| SubmitBody::Progress { job }),
+            (job_manifest(), determinism()).prop_map(|(manifest, determinism)| {
+                SubmitBody::CreateJobIn {
+                    manifest,
+                    determinism,
+                }
+            }),
+            prop::option::of(job_id()).prop_map(|job| SubmitBody::Classes { job }),
+            (blob_ref(), determinism()).prop_map(|(manifest, determinism)| {
+                SubmitBody::CreateJobFromBlob {
+                    manifest,
+                    determinism,
+                }
+            }),
         ];
         (text(), body).prop_map(|(token, body)| SubmitRequest { token, body })
     }
@@ -1183,6 +1264,7 @@ mod tests {
                     reporting,
                 })
             ),
+            list((job_id(), determinism())).prop_map(SubmitResponse::Classes),
         ]
     }
 
@@ -1475,6 +1557,17 @@ mod tests {
             },
             "0000000c 0a 01 02 000000000000e03f 01",
         );
+        // Variant 11: the native engine's fingerprint (three strings).
+        golden(
+            WorkerMsg::Engines {
+                native: EngineFingerprint {
+                    engine: "e".into(),
+                    arch: "a".into(),
+                    settings: "s".into(),
+                },
+            },
+            "00000007 0b 0165 0161 0173",
+        );
     }
 
     #[test]
@@ -1536,6 +1629,15 @@ mod tests {
                 retry_after_ms: 0,
             },
             GOLDEN_ASSIGN,
+        );
+        // Variant 8, an empty batch: retry after 100 ms. A class is one byte, native 0 and
+        // portable 1 (see `golden_submit_messages`).
+        golden(
+            CoordMsg::AssignClass {
+                assignments: vec![],
+                retry_after_ms: 100,
+            },
+            "00000003 08 00 64",
         );
     }
 
@@ -1607,6 +1709,22 @@ mod tests {
                 body: SubmitBody::Retry { job: JobId(3) },
             },
             "00000004 0174 06 03",
+        );
+        // Variant 11: all jobs' classes; SubmitResponse variant 10: job 3 native, job 4
+        // portable.
+        golden(
+            SubmitRequest {
+                token: "t".into(),
+                body: SubmitBody::Classes { job: None },
+            },
+            "00000004 0174 0b 00",
+        );
+        golden(
+            SubmitResponse::Classes(vec![
+                (JobId(3), Determinism::Native),
+                (JobId(4), Determinism::Portable),
+            ]),
+            "00000006 0a 02 03 00 04 01",
         );
         golden(
             SubmitRequest {

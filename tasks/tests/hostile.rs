@@ -137,6 +137,13 @@ fn worker_msgs() -> Vec<WorkerMsg> {
                 paused: false,
             }],
         },
+        WorkerMsg::Engines {
+            native: tasks::EngineFingerprint {
+                engine: "wasmtime 48.0.8".into(),
+                arch: "x86_64-linux isa=x86-64-v2".into(),
+                settings: tasks::release::settings(false),
+            },
+        },
     ]
 }
 
@@ -154,7 +161,20 @@ fn coord_msgs() -> Vec<CoordMsg> {
         memory_mb: 32,
         max_output: 64,
     };
+    let classed = tasks::wire::ClassedAssignment {
+        assignment: Assignment {
+            replica: 6,
+            task: task.clone(),
+            deadline_secs: 60,
+            peers: vec![],
+        },
+        determinism: tasks::Determinism::Native,
+    };
     vec![
+        CoordMsg::AssignClass {
+            assignments: vec![classed],
+            retry_after_ms: 100,
+        },
         CoordMsg::Welcome {
             agent: "c".into(),
             observed_addr: "[::1]:7100".parse().unwrap(),
@@ -210,6 +230,15 @@ fn submit_requests() -> Vec<SubmitRequest> {
         r(SubmitBody::Results { job: JobId(1) }),
         r(SubmitBody::Cancel { job: JobId(1) }),
         r(SubmitBody::Progress { job: JobId(1) }),
+        r(SubmitBody::CreateJobIn {
+            manifest: manifest(),
+            determinism: tasks::Determinism::Native,
+        }),
+        r(SubmitBody::Classes { job: None }),
+        r(SubmitBody::CreateJobFromBlob {
+            manifest: blob(3),
+            determinism: tasks::Determinism::Portable,
+        }),
     ]
 }
 
@@ -272,6 +301,10 @@ fn submit_responses() -> Vec<SubmitResponse> {
             }],
             reporting: 1,
         }),
+        SubmitResponse::Classes(vec![
+            (JobId(1), tasks::Determinism::Native),
+            (JobId(2), tasks::Determinism::Portable),
+        ]),
     ]
 }
 

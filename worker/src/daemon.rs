@@ -34,7 +34,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tasks::wire::{self, Assignment, CoordMsg, PeerAddr, ReplicaId, Report, WorkerMsg};
+use tasks::wire::{
+    self, Assignment, ClassedAssignment, CoordMsg, PeerAddr, ReplicaId, Report, WorkerMsg,
+};
+use tasks::Determinism;
 use tasks::{BlobId, NodeKey, TaskId, Ticket};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -214,12 +217,23 @@ pub async fn run(
         }
     };
     let key = NodeKey::load_or_create(&cfg.data_dir)?;
+    // One engine per determinism class (`tasks::Determinism`): the hello names the portable
+    // one, `WorkerMsg::Engines` the native one. Their compile caches are apart (keyed by
+    // fingerprint).
     let sandbox = Sandbox::new(SandboxConfig {
         cache_dir: Some(cfg.data_dir.join("cache")),
         priority: cfg.priority,
+        deterministic: true,
         ..SandboxConfig::default()
     })
     .context("starting the sandbox")?;
+    let native = Sandbox::new(SandboxConfig {
+        cache_dir: Some(cfg.data_dir.join("cache")),
+        priority: cfg.priority,
+        deterministic: false,
+        ..SandboxConfig::default()
+    })
+    .context("starting the native-class sandbox")?;
     let store = BlobStore::open(&cfg.data_dir.join("blobs"), cfg.disk_limit_bytes)
         .context("opening the blob store")?;
     let outbox = Outbox::open(&cfg.data_dir.join("outbox")).context("opening the outbox")?;
@@ -229,7 +243,7 @@ pub async fn run(
     // power cut): resumed from their newest checkpoint before the session says what we hold.
     let resume = checkpoints.held();
     for a in &resume {
-        tracing::info!(replica = a.replica, task = %a.task.id, "resuming a replica held before the restart");
+        tracing::info!(replica = a.assignment.replica, task = %a.assignment.task.id, class = %a.determinism, "resuming a replica held before the restart");
     }
     let endpoint = tasks::net::endpoint(&key, cfg.listen, &[wire::ALPN_BLOB])
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -252,11 +266,12 @@ pub async fn run(
         tokio::spawn(control.serve(ctl_tx, conns.clone()))
     });
     let (done_tx, done_rx) = mpsc::unbounded_channel();
-    let executor = Executor::start(cfg.slots, cfg.priority, sandbox.clone(), done_tx);
+    let executor = Executor::start(cfg.slots, cfg.priority, done_tx);
     let mut daemon = Daemon {
         cfg,
         endpoint: endpoint.clone(),
         sandbox,
+        native,
         store,
         server,
         fetcher,
@@ -357,11 +372,16 @@ struct Session {
     takes_holding: bool,
     /// The coordinator takes [`WorkerMsg::Progress`] (its capability [`wire::CAP_PROGRESS`]).
     takes_progress: bool,
+    /// The coordinator runs both determinism classes (its capability [`wire::CAP_CLASSES`]):
+    /// it is told of the native engine ([`WorkerMsg::Engines`]).
+    takes_classes: bool,
 }
 
 /// A task's blobs fetched and its module loaded, ready for a slot.
 struct Prepared {
     assignment: Assignment,
+    /// The engine it runs on.
+    determinism: Determinism,
     received: Instant,
     result: anyhow::Result<(Module, Vec<u8>)>,
     from_coordinator: u64,
@@ -372,7 +392,10 @@ struct Prepared {
 struct Daemon {
     cfg: WorkerConfig,
     endpoint: quinn::Endpoint,
+    /// The `portable` class's engine (NaN canonicalization): the one the hello names.
     sandbox: Sandbox,
+    /// The `native` class's engine.
+    native: Sandbox,
     store: BlobStore,
     /// Also answers the coordinator's blob requests on the session connection.
     server: BlobServer,
@@ -381,11 +404,11 @@ struct Daemon {
     /// Guest checkpoints and the replicas that have one (`checkpoints::CheckpointDir`).
     checkpoints: CheckpointDir,
     /// Replicas held before a restart, started first thing in `run`.
-    resume: Vec<Assignment>,
+    resume: Vec<ClassedAssignment>,
     executor: Executor,
     stats: Arc<WorkerStats>,
-    /// Loaded modules by blob id (the warm path: no disk, no compile).
-    modules: HashMap<BlobId, LoadedModule>,
+    /// Loaded modules by blob id and class (the warm path: no disk, no compile).
+    modules: HashMap<(BlobId, Determinism), LoadedModule>,
     /// Replicas being prepared, queued or running, with their pause/cancel handles.
     controls: HashMap<ReplicaId, RunControl>,
     preparing: usize,
@@ -575,6 +598,7 @@ impl Daemon {
                             self.request_outstanding = false;
                             self.next_request = Instant::now();
                             self.send_holding().await;
+                            self.send_engines().await;
                             // A new session: the coordinator may have restarted and
                             // forgotten progress; say it again.
                             for entry in self.progress_of.values_mut() {
@@ -689,6 +713,23 @@ impl Daemon {
             return;
         }
         self.send(&WorkerMsg::Holding { replicas }).await;
+    }
+
+    /// After `Holding`: the native engine, to a coordinator that runs both classes.
+    async fn send_engines(&mut self) {
+        if !self.session.as_ref().is_some_and(|s| s.takes_classes) {
+            return;
+        }
+        let native = self.native.fingerprint().clone();
+        self.send(&WorkerMsg::Engines { native }).await;
+    }
+
+    /// The engine of a determinism class.
+    fn sandbox_for(&self, class: Determinism) -> &Sandbox {
+        match class {
+            Determinism::Portable => &self.sandbox,
+            Determinism::Native => &self.native,
+        }
     }
 
     /// Every few seconds (a third of the shortest deadline in hand, 1 to 10 s): the
@@ -947,6 +988,23 @@ impl Daemon {
                     self.next_request =
                         Instant::now() + Duration::from_millis(retry_after_ms.clamp(50, 30_000));
                 }
+                for assignment in assignments {
+                    let a = ClassedAssignment {
+                        assignment,
+                        determinism: Determinism::Portable,
+                    };
+                    self.start_preparing(a, prep_tx.clone());
+                }
+            }
+            CoordMsg::AssignClass {
+                assignments,
+                retry_after_ms,
+            } => {
+                self.request_outstanding = false;
+                if assignments.is_empty() {
+                    self.next_request =
+                        Instant::now() + Duration::from_millis(retry_after_ms.clamp(50, 30_000));
+                }
                 for a in assignments {
                     self.start_preparing(a, prep_tx.clone());
                 }
@@ -998,10 +1056,14 @@ impl Daemon {
         }
     }
 
-    fn start_preparing(&mut self, a: Assignment, tx: mpsc::UnboundedSender<Prepared>) {
+    fn start_preparing(&mut self, ca: ClassedAssignment, tx: mpsc::UnboundedSender<Prepared>) {
         let control = RunControl::default();
         control.set_cpu_limit(self.cfg.cpu_limit);
-        let store = self.checkpoints.replica_store(&a);
+        let store = self.checkpoints.replica_store(&ca);
+        let ClassedAssignment {
+            assignment: a,
+            determinism,
+        } = ca;
         self.progress_of
             .insert(a.replica, (store.clone(), a.deadline_secs, None));
         control.set_checkpoints(store);
@@ -1014,11 +1076,11 @@ impl Daemon {
         self.in_hand.insert(a.replica, (a.task.id, Instant::now()));
         self.preparing += 1;
         let received = Instant::now();
-        let warm = self.modules.get(&a.task.module.id).cloned();
+        let warm = self.modules.get(&(a.task.module.id, determinism)).cloned();
         let (fetcher, store, sandbox) = (
             self.fetcher.clone(),
             self.store.clone(),
-            self.sandbox.clone(),
+            self.sandbox_for(determinism).clone(),
         );
         let coordinator = self.session.as_ref().map(|s| s.coordinator.node_id);
         // (A cheap placeholder: an `anyhow::Error` would capture a backtrace when
@@ -1026,6 +1088,7 @@ impl Daemon {
         let placeholder = Ok((Module::Invalid(Arc::new(Vec::new())), Vec::new()));
         let mut p = Prepared {
             assignment: a,
+            determinism,
             received,
             result: placeholder,
             from_coordinator: 0,
@@ -1067,13 +1130,14 @@ impl Daemon {
             Ok((module, input)) => {
                 if let Module::Loaded(m) = &module {
                     self.modules
-                        .entry(p.assignment.task.module.id)
+                        .entry((p.assignment.task.module.id, p.determinism))
                         .or_insert_with(|| m.clone());
                 }
                 let spec = RunSpec::from_manifest(&p.assignment.task, input);
                 self.queued.push_back(replica);
                 self.executor.submit(Job {
                     replica,
+                    sandbox: self.sandbox_for(p.determinism).clone(),
                     module,
                     spec,
                     control,
@@ -1282,7 +1346,8 @@ async fn open_session(
         tokio::time::timeout(Duration::from_secs(10), tasks::net::read_frame(&mut recv))
             .await
             .context("no welcome from the coordinator within 10 s")??;
-    let (observed_addr, takes_stderr, takes_holding, takes_progress) = match welcome {
+    let (observed_addr, takes_stderr, takes_holding, takes_progress, takes_classes) = match welcome
+    {
         Some(CoordMsg::Welcome {
             observed_addr,
             agent,
@@ -1291,6 +1356,7 @@ async fn open_session(
             wire::has_capability(&agent, wire::CAP_STDERR),
             wire::has_capability(&agent, wire::CAP_HOLDING),
             wire::has_capability(&agent, wire::CAP_PROGRESS),
+            wire::has_capability(&agent, wire::CAP_CLASSES),
         ),
         Some(other) => anyhow::bail!("coordinator answered hello with {other:?}"),
         None => anyhow::bail!("coordinator closed the session before welcoming us"),
@@ -1328,6 +1394,7 @@ async fn open_session(
         takes_stderr,
         takes_holding,
         takes_progress,
+        takes_classes,
     })
 }
 

@@ -36,6 +36,9 @@
 //!   allow;
 //! - jobs take turns, one assignment each (round robin), so a big job cannot starve a small
 //!   one;
+//! - a job's replicas go only to workers with an engine of its determinism class
+//!   ([`tasks::Determinism`]: `portable` is every worker's hello engine, `native` the one a
+//!   worker names with `WorkerMsg::Engines`), and run on that engine;
 //! - each assignment lists up to `max_peers` connected workers that announced its blobs,
 //!   then the coordinator itself.
 
@@ -54,7 +57,10 @@ const AT_CAP_RETRY_MS: u64 = 100;
 /// The asking worker, as `pick` needs it.
 struct Me {
     id: NodeId,
+    /// Its engine for `portable` jobs.
     fp: u32,
+    /// Its engine for `native` jobs, if it has one.
+    native_fp: Option<u32>,
     trusted: bool,
     block: Option<super::trust::AddressBlock>,
     /// It has room for a fresh task. Without room (its hand full of replicas and votes
@@ -69,6 +75,8 @@ struct Me {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Work {
     pub assignments: Vec<Assignment>,
+    /// The determinism class of each assignment, in order (the engine to run it on).
+    pub classes: Vec<tasks::Determinism>,
     /// When empty: ask again after this long.
     pub retry_after_ms: u64,
 }
@@ -78,6 +86,7 @@ impl Core {
     pub fn request_work(&mut self, worker: NodeId, max: u32, now: u64) -> Work {
         let empty = Work {
             assignments: Vec::new(),
+            classes: Vec::new(),
             retry_after_ms: self.cfg.retry_after_ms,
         };
         let Some(w) = self.workers.get_mut(&worker) else {
@@ -87,6 +96,7 @@ impl Core {
         let Some(fp) = w.fp.filter(|_| w.connected) else {
             return empty;
         };
+        let native_fp = w.native_fp;
         let slots = w.slots;
         let cap = self.cfg.policy.allowance(&w.rep, slots, w.lost);
         let cap = cap.min(self.fair_share(slots));
@@ -109,25 +119,35 @@ impl Core {
         let me = Me {
             id: worker,
             fp,
+            native_fp,
             trusted: self.cfg.policy.is_trusted(&w.rep),
             block: w.block(),
             fresh_ok: room > 0,
         };
         let mut out = Vec::with_capacity(want);
+        let mut classes = Vec::with_capacity(want);
         let mut decidable = Vec::new();
         while out.len() < want && !self.running.is_empty() {
             let n = self.running.len();
             let mut picked = None;
             for k in 0..n {
                 let job = self.running[(self.rr + k) % n];
-                if let Some(index) = self.pick(job, &me, &mut decidable) {
+                // Only jobs of a class this worker has an engine for.
+                let Some(job_fp) = self.jobs.get(&job).and_then(|j| match j.determinism {
+                    tasks::Determinism::Portable => Some(me.fp),
+                    tasks::Determinism::Native => me.native_fp,
+                }) else {
+                    continue;
+                };
+                if let Some(index) = self.pick(job, &me, job_fp, &mut decidable) {
                     self.rr = (self.rr + k + 1) % n;
-                    picked = Some(TaskId { job, index });
+                    picked = Some((TaskId { job, index }, job_fp));
                     break;
                 }
             }
-            let Some(task) = picked else { break };
-            out.push(self.assign(task, worker, fp, now));
+            let Some((task, job_fp)) = picked else { break };
+            classes.push(self.jobs[&task.job].determinism);
+            out.push(self.assign(task, worker, job_fp, now));
         }
         // Open tasks that turned out to be decidable (a ban lifted, say) are decided now
         // rather than dropped from the queue.
@@ -148,6 +168,7 @@ impl Core {
         };
         Work {
             assignments: out,
+            classes,
             retry_after_ms,
         }
     }
@@ -174,10 +195,11 @@ impl Core {
             .max(slots.saturating_mul(2))
     }
 
-    /// Choose a task of `job` for this worker, or none. Open tasks found decidable are
-    /// dropped from the queue and added to `decidable`.
-    fn pick(&mut self, job: JobId, me: &Me, decidable: &mut Vec<TaskId>) -> Option<u32> {
-        let (worker, fp) = (me.id, me.fp);
+    /// Choose a task of `job` for this worker, whose engine for the job's class is `fp`, or
+    /// none. Open tasks found decidable are dropped from the queue and added to
+    /// `decidable`.
+    fn pick(&mut self, job: JobId, me: &Me, fp: u32, decidable: &mut Vec<TaskId>) -> Option<u32> {
+        let worker = me.id;
         let scan = self.cfg.open_scan_limit;
         let j = self.jobs.get(&job)?;
         if j.state != JobState::Running || (!me.fresh_ok && j.in_flight > 0) {

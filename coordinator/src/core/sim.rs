@@ -1630,3 +1630,129 @@ fn checkpointing_jobs_agree_without_fuel_and_credit_the_smallest_fuel() {
         "fuel still counts for a job that does not checkpoint"
     );
 }
+
+/// The `native` fingerprint of a simulated worker: its hello's engine and architecture with
+/// this release's native settings.
+fn native_fp(kind: Kind) -> EngineFingerprint {
+    EngineFingerprint {
+        settings: tasks::release::settings(false),
+        ..fp(kind)
+    }
+}
+
+/// A `native` job's replicas go only to workers that named a native engine, run on it (the
+/// assignment and the accepted decision carry the native fingerprint), and the job keeps
+/// its class across a restart, where a worker must name its native engine again; a
+/// `portable` job goes to every worker, on its hello engine.
+#[test]
+fn native_jobs_go_only_to_native_engines_and_are_judged_within_that_class() {
+    use crate::store::{SqliteStore, Store};
+    use tasks::Determinism;
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join(SqliteStore::FILE);
+    let mut store = SqliteStore::open(&p).unwrap();
+    let cfg = CoreConfig {
+        policy: TrustPolicy::trusting(),
+        ..CoreConfig::default()
+    };
+    let mut core = Core::new(cfg.clone());
+    let (native_job, _) = core.add_job_in(manifest("n", 4, 2, 4, 600), Determinism::Native, 0);
+    let (portable_job, _) = core.add_job(manifest("p", 4, 2, 4, 600), 0);
+    assert_eq!(core.job_determinism(native_job), Some(Determinism::Native));
+    assert_eq!(
+        core.job_classes(None),
+        vec![
+            (native_job, Determinism::Native),
+            (portable_job, Determinism::Portable)
+        ]
+    );
+    let (w1, w2, w3) = (node(1), node(2), node(3));
+    for w in [w1, w2, w3] {
+        core.hello(w, &fp(Kind::Honest), 4, None, &[], 0);
+    }
+    let native = native_fp(Kind::Honest);
+    assert!(core.admits_native(&fp(Kind::Honest), &native).is_ok());
+    assert!(
+        core.admits_native(&fp(Kind::Honest), &fp(Kind::Honest))
+            .is_err(),
+        "portable settings are no native engine"
+    );
+    assert!(
+        core.admits_native(&fp(Kind::Honest), &native_fp(Kind::OtherEngine))
+            .is_err(),
+        "another engine than the hello's"
+    );
+    core.engines(w1, &native);
+    core.engines(w2, &native);
+    store.commit(&core.take_mutations()).unwrap();
+
+    // w3 named no native engine: whatever it asks, only portable replicas.
+    let w = core.request_work(w3, 100, 1);
+    assert!(!w.assignments.is_empty());
+    assert!(w.assignments.iter().all(|a| a.task.id.job == portable_job));
+    assert!(w.classes.iter().all(|c| *c == Determinism::Portable));
+    for a in &w.assignments {
+        core.report(w3, a.replica, truth(a.task.id), 1);
+    }
+    // w1 and w2 get the native job, on their native engine.
+    let native_id = native.class_id();
+    let mut native_replicas = 0;
+    for _ in 0..100 {
+        let mut any = false;
+        for w in [w1, w2] {
+            let work = core.request_work(w, 4, 2);
+            for (a, class) in work.assignments.iter().zip(&work.classes) {
+                any = true;
+                let expect = if a.task.id.job == native_job {
+                    native_replicas += 1;
+                    Determinism::Native
+                } else {
+                    Determinism::Portable
+                };
+                assert_eq!(*class, expect);
+                core.report(w, a.replica, truth(a.task.id), 2);
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    assert_eq!(native_replicas, 8, "4 tasks at quorum 2, all on w1 and w2");
+    let muts = core.take_mutations();
+    for m in &muts {
+        match m {
+            crate::store::Mutation::Assign {
+                task, fingerprint, ..
+            } if task.job == native_job => assert_eq!(*fingerprint, native_id),
+            crate::store::Mutation::Decided {
+                task,
+                decision: crate::store::Decision::Accepted { fingerprint, .. },
+                ..
+            } if task.job == native_job => assert_eq!(*fingerprint, native_id),
+            _ => {}
+        }
+    }
+    store.commit(&muts).unwrap();
+    let s = core.status(Some(native_job)).unwrap();
+    assert_eq!(s.jobs[0].tasks_done, 4);
+
+    // A third job of each class, then a restart: the classes come back from the store.
+    let (native2, _) = core.add_job_in(manifest("n2", 2, 2, 4, 600), Determinism::Native, 3);
+    store.commit(&core.take_mutations()).unwrap();
+    drop((core, store));
+    let mut store = SqliteStore::open(&p).unwrap();
+    let mut core = Core::restore(cfg, store.load().unwrap(), 4);
+    assert_eq!(core.job_determinism(native_job), Some(Determinism::Native));
+    assert_eq!(
+        core.job_determinism(portable_job),
+        Some(Determinism::Portable)
+    );
+    assert_eq!(core.job_determinism(native2), Some(Determinism::Native));
+    // A new session without `Engines`: nothing of the native job.
+    core.hello(w1, &fp(Kind::Honest), 4, None, &[], 5);
+    assert!(core.request_work(w1, 100, 5).assignments.is_empty());
+    core.engines(w1, &native);
+    let w = core.request_work(w1, 100, 6);
+    assert!(!w.assignments.is_empty());
+    assert!(w.assignments.iter().all(|a| a.task.id.job == native2));
+}

@@ -137,11 +137,11 @@ pub(crate) enum Need {
 impl Core {
     pub(crate) fn tally(&self, task: TaskId) -> Tally {
         let mut t = Tally::default();
-        let Some(slot) = self
-            .jobs
-            .get(&task.job)
-            .and_then(|j| j.tasks.get(task.index as usize))
-        else {
+        let Some((slot, class)) = self.jobs.get(&task.job).and_then(|j| {
+            j.tasks
+                .get(task.index as usize)
+                .map(|slot| (slot, j.determinism))
+        }) else {
             return t;
         };
         let mut reporters: Vec<NodeId> = Vec::new();
@@ -154,7 +154,12 @@ impl Core {
             };
             if !holders.contains(&rep.worker) {
                 holders.push(rep.worker);
-                if let Some(fp) = self.workers.get(&rep.worker).and_then(|w| w.anchor) {
+                // An anchor counts under its engine of the job's class.
+                let anchor = self.workers.get(&rep.worker).and_then(|w| w.anchor);
+                if let Some(fp) = anchor.and_then(|(portable, native)| match class {
+                    tasks::Determinism::Portable => Some(portable),
+                    tasks::Determinism::Native => native,
+                }) {
                     match t.anchors_on_task.iter_mut().find(|(f, _)| *f == fp) {
                         Some((_, n)) => *n += 1,
                         None => t.anchors_on_task.push((fp, 1)),

@@ -118,7 +118,20 @@ pub enum Cmd {
     },
     CreateJob {
         manifest: JobManifest,
+        determinism: tasks::Determinism,
         reply: oneshot::Sender<(JobId, u32)>,
+    },
+    /// The determinism class of one job or of all (`None`), in job id order.
+    Classes {
+        job: Option<JobId>,
+        reply: oneshot::Sender<Vec<(JobId, tasks::Determinism)>>,
+    },
+    /// `worker` also runs `native` jobs on engine `native` (`WorkerMsg::Engines`):
+    /// answered with why not, if it may not.
+    Engines {
+        worker: NodeId,
+        native: tasks::EngineFingerprint,
+        reply: oneshot::Sender<Option<String>>,
     },
     Status {
         job: Option<JobId>,
@@ -599,10 +612,37 @@ impl<S: Store> Engine<S> {
                     self.core.set_reachable(worker, reachable);
                 }
             }
-            Cmd::CreateJob { manifest, reply } => {
-                let created = self.core.add_job(manifest, now);
-                tracing::info!(job = %created.0, tasks = created.1, "job created");
+            Cmd::CreateJob {
+                manifest,
+                determinism,
+                reply,
+            } => {
+                let created = self.core.add_job_in(manifest, determinism, now);
+                tracing::info!(job = %created.0, tasks = created.1, %determinism, "job created");
                 replies.push(Reply::Job(reply, created));
+            }
+            Cmd::Classes { job, reply } => {
+                let _ = reply.send(self.core.job_classes(job));
+            }
+            Cmd::Engines {
+                worker,
+                native,
+                reply,
+            } => {
+                let refusal = match self.core.worker_fingerprint(&worker).cloned() {
+                    None => Some("Engines before a hello".to_string()),
+                    Some(portable) => self.core.admits_native(&portable, &native).err(),
+                };
+                match &refusal {
+                    None => {
+                        self.core.engines(worker, &native);
+                        tracing::info!(node = %worker.short(), fingerprint = %native, "the worker also runs native-class jobs");
+                    }
+                    Some(why) => {
+                        tracing::warn!(node = %worker.short(), %why, "native engine refused: the worker gets portable jobs only")
+                    }
+                }
+                replies.push(Reply::Refusal(reply, refusal));
             }
             // Sent after the commit, so a status never shows what a crash could still undo.
             Cmd::Status { job, reply } => replies.push(Reply::Status(reply, self.status(job))),

@@ -9,7 +9,7 @@
 //! | `GET /metrics`            | Prometheus text format ([`metrics`]): tasks by state, replicas in flight, verdicts, rejected reports, contested tasks, workers by standing, blob bytes, engine queue depth, store commit latency |
 //! | `GET /status`             | the JSON of `coordinator status --json`                       |
 //! | `GET /overview`           | `{"now_ms", "jobs": [status fields + "tasks_pending", "tasks_contested"], "workers": [{"node_id", "connected", "credit", "valid", "invalid", "standing", "in_flight", "slots", "last_seen_ms", "reachable", "blob_bytes_held", "blob_bytes_from_coordinator", "blob_bytes_from_peers_estimate"}], "verdicts_valid", "verdicts_invalid", "coordinator_bytes_sent", "peer_bytes_estimate", "engine": {"queue_depth", "queue_capacity", "batches", "commands"}}` |
-//! | `GET /jobs/{id}`          | one job's status object (`{"id", "name", "state", ...}`)      |
+//! | `GET /jobs/{id}`          | one job's status object (`{"id", "name", "state", ..., "determinism"}`) |
 //! | `GET /jobs/{id}/tasks?offset=N&limit=M` | `{"job", "name", "state", "tasks_total", "offset", "tasks": [{"index", "state", "quorum", "replicas", "in_flight", "reported", "agreeing", "disagreeing", "contested", "lost", "fuel_used"}]}`, at most 1000 tasks (default 200) from `offset`; no digests |
 //! | `GET /jobs/{id}/results`  | the `results.json` shape, without output bytes; **needs the submit token** (`Authorization: Bearer TOKEN`) |
 //! | `GET /health`             | `200 ok`                                                      |
@@ -157,7 +157,21 @@ async fn job(State(ctx): State<HttpCtx>, Path(id): Path<String>) -> Response {
     };
     match report(&ctx, Some(job)).await {
         Some(Some(r)) => match r.jobs.into_iter().find(|j| j.id == job) {
-            Some(j) => Json(j).into_response(),
+            Some(j) => {
+                let mut v = serde_json::to_value(&j).unwrap_or_default();
+                let class = ctx
+                    .engine
+                    .call(|reply| Cmd::Classes {
+                        job: Some(job),
+                        reply,
+                    })
+                    .await
+                    .and_then(|c| c.first().map(|(_, d)| *d));
+                if let Some(d) = class {
+                    v["determinism"] = serde_json::json!(d);
+                }
+                Json(v).into_response()
+            }
             None => error(StatusCode::NOT_FOUND, format!("no job {job}")),
         },
         Some(None) => error(StatusCode::NOT_FOUND, format!("no job {job}")),

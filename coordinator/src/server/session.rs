@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use blobs::swarm::{BlobServer, Fetcher};
 use tasks::net::{self, FrameError};
-use tasks::wire::{CloseCode, CoordMsg, WorkerMsg};
+use tasks::wire::{ClassedAssignment, CloseCode, CoordMsg, WorkerMsg};
 use tasks::NodeId;
 
 use super::engine::{Cmd, EngineHandle, HelloInfo};
@@ -240,6 +240,9 @@ pub async fn run(
             }
         });
         let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+        // The worker named its native engine (`Engines`) and it was admitted: assignments say
+        // their class. `named`: it sent `Engines` (once per session).
+        let (mut classes, mut named) = (false, false);
         let outcome = loop {
             tokio::select! {
                 biased;
@@ -267,7 +270,24 @@ pub async fn run(
                         }
                         break Err(e.into());
                     }
-                    Some(Ok(m)) => match dispatch(&engine, worker, m).await {
+                    Some(Ok(WorkerMsg::Engines { native })) => {
+                        if named {
+                            tracing::warn!("closing worker connection: protocol violation: second Engines");
+                            net::close(&conn, CloseCode::Protocol, "second Engines");
+                            break Err(SessionError::NoHello);
+                        }
+                        let Some(refusal) = engine
+                            .call(|reply| Cmd::Engines { worker, native, reply })
+                            .await
+                        else {
+                            break Err(SessionError::EngineGone);
+                        };
+                        named = true;
+                        // Refused (logged by the engine): the worker keeps its session and
+                        // runs portable jobs, as a worker without a native engine does.
+                        classes = refusal.is_none();
+                    }
+                    Some(Ok(m)) => match dispatch(&engine, worker, m, classes).await {
                         Dispatch::Reply(p) => pending.push_back(p),
                         Dispatch::None => {}
                         Dispatch::Violation(why) => {
@@ -296,7 +316,14 @@ enum Dispatch {
     Gone,
 }
 
-async fn dispatch(engine: &EngineHandle, worker: NodeId, msg: WorkerMsg) -> Dispatch {
+/// Forward one message of the worker's to the engine. `classes`: the worker named its
+/// native engine, so its assignments go out as [`CoordMsg::AssignClass`].
+async fn dispatch(
+    engine: &EngineHandle,
+    worker: NodeId,
+    msg: WorkerMsg,
+    classes: bool,
+) -> Dispatch {
     fn reply<T: Send + 'static>(
         rx: oneshot::Receiver<T>,
         f: impl FnOnce(T) -> Vec<CoordMsg> + Send + 'static,
@@ -305,6 +332,8 @@ async fn dispatch(engine: &EngineHandle, worker: NodeId, msg: WorkerMsg) -> Disp
     }
     let sent = match msg {
         WorkerMsg::Hello { .. } => return Dispatch::Violation("second Hello"),
+        // Handled by the session loop.
+        WorkerMsg::Engines { .. } => return Dispatch::Violation("second Engines"),
         WorkerMsg::RequestWork { max } => {
             let (tx, rx) = oneshot::channel();
             if !engine
@@ -317,10 +346,25 @@ async fn dispatch(engine: &EngineHandle, worker: NodeId, msg: WorkerMsg) -> Disp
             {
                 return Dispatch::Gone;
             }
-            return reply(rx, |w| {
-                vec![CoordMsg::Assign {
-                    assignments: w.assignments,
-                    retry_after_ms: w.retry_after_ms,
+            return reply(rx, move |w| {
+                vec![if classes {
+                    CoordMsg::AssignClass {
+                        assignments: w
+                            .assignments
+                            .into_iter()
+                            .zip(w.classes)
+                            .map(|(assignment, determinism)| ClassedAssignment {
+                                assignment,
+                                determinism,
+                            })
+                            .collect(),
+                        retry_after_ms: w.retry_after_ms,
+                    }
+                } else {
+                    CoordMsg::Assign {
+                        assignments: w.assignments,
+                        retry_after_ms: w.retry_after_ms,
+                    }
                 }]
             });
         }

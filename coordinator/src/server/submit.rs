@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use tasks::job::limits;
 use tasks::net;
-use tasks::wire::{CloseCode, ErrorCode, SubmitBody, SubmitRequest, SubmitResponse};
+use tasks::wire::{self, CloseCode, ErrorCode, SubmitBody, SubmitRequest, SubmitResponse};
 use tasks::{BlobRef, JobManifest};
 
 use super::engine::{Cmd, EngineHandle};
@@ -164,27 +164,60 @@ async fn respond(
             }
         }
         SubmitBody::CreateJob { manifest } => {
-            if let Err(why) = validate(&manifest) {
-                return Ok(error(ErrorCode::BadRequest, why));
-            }
-            let missing: Vec<String> = manifest
-                .blobs()
-                .iter()
-                .filter(|b| !ctx.blobs.has(&b.id))
-                .map(|b| b.id.to_string())
-                .collect();
-            if !missing.is_empty() {
+            create_job(ctx, manifest, tasks::Determinism::Portable).await
+        }
+        SubmitBody::CreateJobIn {
+            manifest,
+            determinism,
+        } => create_job(ctx, manifest, determinism).await,
+        SubmitBody::CreateJobFromBlob {
+            manifest,
+            determinism,
+        } => {
+            if manifest.size > wire::MAX_MANIFEST_BLOB {
                 return Ok(error(
-                    ErrorCode::MissingBlob,
-                    format!("upload these blobs first (PutBlob): {}", missing.join(", ")),
+                    ErrorCode::BadRequest,
+                    format!(
+                        "a manifest of {} bytes is over the limit of {}",
+                        manifest.size,
+                        wire::MAX_MANIFEST_BLOB
+                    ),
                 ));
             }
-            match ctx
-                .engine
-                .call(|reply| Cmd::CreateJob { manifest, reply })
-                .await
-            {
-                Some((job, tasks)) => SubmitResponse::JobCreated { job, tasks },
+            // The upload verified the bytes against the id; decoding a large manifest is CPU
+            // work, off the async threads.
+            let blobs = ctx.blobs.clone();
+            let decoded = tokio::task::spawn_blocking(move || {
+                let bytes = blobs.read(&manifest.id).map_err(|e| {
+                    (
+                        ErrorCode::MissingBlob,
+                        format!("upload the manifest first (PutBlob {}): {e}", manifest.id),
+                    )
+                })?;
+                postcard::from_bytes::<JobManifest>(&bytes).map_err(|e| {
+                    (
+                        ErrorCode::BadRequest,
+                        format!("blob {} is not a job manifest: {e}", manifest.id),
+                    )
+                })
+            })
+            .await;
+            match decoded {
+                Ok(Ok(m)) => {
+                    tracing::info!(blob = %manifest.id.short(), size = manifest.size, tasks = m.tasks.len(), "job manifest uploaded as a blob");
+                    create_job(ctx, m, determinism).await
+                }
+                Ok(Err((code, why))) => error(code, why),
+                Err(e) => error(ErrorCode::Internal, e.to_string()),
+            }
+        }
+        SubmitBody::Classes { job } => {
+            match ctx.engine.call(|reply| Cmd::Classes { job, reply }).await {
+                Some(v) if v.is_empty() && job.is_some() => error(
+                    ErrorCode::NotFound,
+                    format!("no job {}", job.map(|j| j.to_string()).unwrap_or_default()),
+                ),
+                Some(v) => SubmitResponse::Classes(v),
                 None => gone(),
             }
         }
@@ -294,4 +327,39 @@ pub fn validate(m: &JobManifest) -> Result<(), String> {
         return Err("a task has too many or too long args".into());
     }
     Ok(())
+}
+
+/// Create a job (after checking its manifest and that every blob it names was uploaded).
+async fn create_job(
+    ctx: &SubmitCtx,
+    manifest: tasks::JobManifest,
+    determinism: tasks::Determinism,
+) -> SubmitResponse {
+    if let Err(why) = validate(&manifest) {
+        return error(ErrorCode::BadRequest, why);
+    }
+    let missing: Vec<String> = manifest
+        .blobs()
+        .iter()
+        .filter(|b| !ctx.blobs.has(&b.id))
+        .map(|b| b.id.to_string())
+        .collect();
+    if !missing.is_empty() {
+        return error(
+            ErrorCode::MissingBlob,
+            format!("upload these blobs first (PutBlob): {}", missing.join(", ")),
+        );
+    }
+    match ctx
+        .engine
+        .call(|reply| Cmd::CreateJob {
+            manifest,
+            determinism,
+            reply,
+        })
+        .await
+    {
+        Some((job, tasks)) => SubmitResponse::JobCreated { job, tasks },
+        None => error(ErrorCode::Internal, "coordinator is shutting down"),
+    }
 }

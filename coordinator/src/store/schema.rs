@@ -90,6 +90,11 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX replica_stderr_task ON replica_stderr (job, idx);
     "#,
+    // 5: a job's determinism class ('native' or 'portable'); jobs created before classes
+    // existed ran with NaN canonicalization, i.e. 'portable'.
+    r#"
+    ALTER TABLE jobs ADD COLUMN determinism TEXT NOT NULL DEFAULT 'portable';
+    "#,
 ];
 
 /// Bring the database up to the newest schema.

@@ -129,10 +129,11 @@ impl SqliteStore {
             Mutation::PutJob {
                 job,
                 manifest,
+                determinism,
                 created_ms,
             } => {
-                tx.prepare_cached("INSERT OR IGNORE INTO jobs (id, name, manifest, state, created_ms) VALUES (?1, ?2, ?3, 'running', ?4)")?
-                    .execute(params![job.0 as i64, manifest.name, enc(manifest.as_ref()), *created_ms as i64])?;
+                tx.prepare_cached("INSERT OR IGNORE INTO jobs (id, name, manifest, state, created_ms, determinism) VALUES (?1, ?2, ?3, 'running', ?4, ?5)")?
+                    .execute(params![job.0 as i64, manifest.name, enc(manifest.as_ref()), *created_ms as i64, determinism.as_str()])?;
             }
             Mutation::JobState { job, state } => {
                 tx.prepare_cached("UPDATE jobs SET state = ?2 WHERE id = ?1")?
@@ -357,7 +358,8 @@ impl Store for SqliteStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
         let c = &self.conn;
         let mut snap = Snapshot::default();
-        let mut st = c.prepare("SELECT id, manifest, state, created_ms FROM jobs ORDER BY id")?;
+        let mut st =
+            c.prepare("SELECT id, manifest, state, created_ms, determinism FROM jobs ORDER BY id")?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
             let manifest: JobManifest = dec(&r.get::<_, Vec<u8>>(1)?, "job manifest")?;
@@ -366,6 +368,10 @@ impl Store for SqliteStore {
                 manifest,
                 state: parse_state(&r.get::<_, String>(2)?)?,
                 created_ms: r.get::<_, i64>(3)? as u64,
+                determinism: r
+                    .get::<_, String>(4)?
+                    .parse()
+                    .map_err(|e| StoreError::Corrupt(format!("job determinism: {e}")))?,
             });
         }
         let mut st = c.prepare("SELECT short, json FROM fingerprints")?;
@@ -804,6 +810,7 @@ mod tests {
                 Mutation::PutJob {
                     job,
                     manifest: std::sync::Arc::new(manifest),
+                    determinism: tasks::Determinism::Portable,
                     created_ms: 0,
                 },
                 Mutation::Decided {

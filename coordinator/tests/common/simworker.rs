@@ -55,6 +55,10 @@ pub struct Options {
     /// 127.0.0.0/8 to the loopback interface, so a test can give each worker an address of
     /// its own.)
     pub bind: Option<SocketAddr>,
+    /// Name a native engine (`WorkerMsg::Engines`: its hello's engine and architecture with
+    /// this release's native settings) to a coordinator that runs both determinism classes,
+    /// as a real worker does; without it, it gets no replica of a `native` job.
+    pub native: bool,
 }
 
 impl Default for Options {
@@ -71,25 +75,27 @@ impl Default for Options {
             output: output_for,
             fuel: fuel_for,
             bind: None,
+            native: true,
         }
     }
 }
 
-/// This release's engine fingerprint (x86_64-linux, deterministic settings): the one
-/// `coordinator serve` admits by default (`tasks::release`).
+/// This release's engine fingerprint (this machine's architecture and baseline, portable
+/// settings): the one `coordinator serve` admits by default (`tasks::release`).
 pub fn release_fingerprint() -> EngineFingerprint {
     EngineFingerprint {
         engine: tasks::release::ENGINE.into(),
-        arch: "x86_64-linux".into(),
+        arch: tasks::release::native_arch(),
         settings: tasks::release::settings(true),
     }
 }
 
-/// An engine fingerprint with this engine name (x86_64-linux, deterministic settings).
+/// An engine fingerprint with this engine name (this machine's architecture and baseline,
+/// settings `det`).
 pub fn fingerprint(engine: &str) -> EngineFingerprint {
     EngineFingerprint {
         engine: engine.into(),
-        arch: "x86_64-linux".into(),
+        arch: tasks::release::native_arch(),
         settings: "det".into(),
     }
 }
@@ -197,7 +203,7 @@ impl SimWorker {
         let (mut send, mut recv) = conn.open_bi().await?;
         let hello = WorkerMsg::Hello {
             agent: o.agent,
-            fingerprint: o.fingerprint,
+            fingerprint: o.fingerprint.clone(),
             slots: o.slots,
             peer_addr: match o.peer {
                 Peer::Serve | Peer::Silent => Some(ep.local_addr()?),
@@ -210,10 +216,16 @@ impl SimWorker {
             .await
             .context("timed out waiting for the Welcome")??
             .context("no welcome")?;
-        anyhow::ensure!(
-            matches!(welcome, CoordMsg::Welcome { .. }),
-            "expected Welcome, got {welcome:?}"
-        );
+        let CoordMsg::Welcome { agent, .. } = welcome else {
+            anyhow::bail!("expected Welcome, got {welcome:?}");
+        };
+        if o.native && wire::has_capability(&agent, wire::CAP_CLASSES) {
+            let native = EngineFingerprint {
+                settings: tasks::release::settings(false),
+                ..o.fingerprint.clone()
+            };
+            net::write_frame(&mut send, &WorkerMsg::Engines { native }).await?;
+        }
         Ok(SimWorker {
             key: o.key,
             _ep: ep,
@@ -240,7 +252,8 @@ impl SimWorker {
 
     /// The next answer, skipping unsolicited messages (cancels are remembered in
     /// `cancels`, `Room` counted in `rooms`; news about our address and dial orders are
-    /// dropped).
+    /// dropped). An `AssignClass` comes back as an `Assign` (the class dropped: a simulated
+    /// worker runs nothing).
     pub async fn recv(&mut self) -> anyhow::Result<CoordMsg> {
         loop {
             let m: CoordMsg = tokio::time::timeout(PATIENCE, net::read_frame(&mut self.recv))
@@ -251,6 +264,15 @@ impl SimWorker {
                 CoordMsg::Cancel { replicas } => self.cancels.extend(replicas),
                 CoordMsg::Room => self.rooms += 1,
                 CoordMsg::Reachability { .. } | CoordMsg::Punch { .. } => {}
+                CoordMsg::AssignClass {
+                    assignments,
+                    retry_after_ms,
+                } => {
+                    return Ok(CoordMsg::Assign {
+                        assignments: assignments.into_iter().map(|a| a.assignment).collect(),
+                        retry_after_ms,
+                    })
+                }
                 other => return Ok(other),
             }
         }

@@ -8,7 +8,7 @@
 //!   call returns the state survives a crash. Loading verifies length and hash; a bad file is
 //!   discarded with a warning and the task starts from zero (a wrong state would make a
 //!   wrong result, which costs the volunteer trust).
-//! - `<replica>.assign`: the replica's `Assignment` (postcard), written when the worker
+//! - `<replica>.assign`: the replica's `ClassedAssignment` (postcard), written when the worker
 //!   takes the replica and removed when it ends, so a restarted worker knows what it holds.
 //!
 //! Bounds: one checkpoint per replica (a new one replaces the old by rename), each at most
@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use tasks::limits::MAX_CHECKPOINT_BYTES;
-use tasks::wire::{Assignment, ReplicaId};
+use tasks::wire::{Assignment, ClassedAssignment, ReplicaId};
 
 use crate::sandbox::{Checkpoint, CheckpointStore};
 
@@ -89,8 +89,8 @@ impl CheckpointDir {
 
     /// The store of a replica: its first checkpoint also records `a` as held (so only tasks
     /// that checkpoint cost a file and an fsync per assignment).
-    pub fn replica_store(&self, a: &Assignment) -> Arc<FileCheckpoint> {
-        let s = self.store(&a.replica.to_string());
+    pub fn replica_store(&self, a: &ClassedAssignment) -> Arc<FileCheckpoint> {
+        let s = self.store(&a.assignment.replica.to_string());
         *s.holding.lock().expect("holding lock poisoned") = Some(a.clone());
         s
     }
@@ -167,9 +167,10 @@ impl CheckpointDir {
     }
 
     /// Record that this worker holds `a` (so a restart resumes it).
-    pub fn hold(&self, a: &Assignment) -> std::io::Result<()> {
-        let path = self.inner.dir.join(format!("{}.assign", a.replica));
-        let tmp = self.inner.dir.join(format!("{}.assign.tmp", a.replica));
+    pub fn hold(&self, a: &ClassedAssignment) -> std::io::Result<()> {
+        let replica = a.assignment.replica;
+        let path = self.inner.dir.join(format!("{replica}.assign"));
+        let tmp = self.inner.dir.join(format!("{replica}.assign.tmp"));
         let bytes = postcard::to_allocvec(a).map_err(std::io::Error::other)?;
         write_durably(&tmp, &path, &bytes)
     }
@@ -186,8 +187,9 @@ impl CheckpointDir {
     }
 
     /// The assignments recorded by [`hold`](Self::hold) and not released, oldest replica
-    /// first. Unreadable ones are removed (with their checkpoints).
-    pub fn held(&self) -> Vec<Assignment> {
+    /// first. Unreadable ones are removed (with their checkpoints). A file written before
+    /// determinism classes (a bare `Assignment`) is a `portable` replica.
+    pub fn held(&self) -> Vec<ClassedAssignment> {
         let mut out = Vec::new();
         let Ok(entries) = std::fs::read_dir(&self.inner.dir) else {
             return out;
@@ -200,18 +202,26 @@ impl CheckpointDir {
             else {
                 continue;
             };
-            match std::fs::read(e.path())
-                .ok()
-                .and_then(|b| postcard::from_bytes::<Assignment>(&b).ok())
-            {
-                Some(a) if a.replica == id => out.push(a),
+            match std::fs::read(e.path()).ok().and_then(|b| {
+                postcard::from_bytes::<ClassedAssignment>(&b)
+                    .ok()
+                    .or_else(|| {
+                        postcard::from_bytes::<Assignment>(&b)
+                            .ok()
+                            .map(|assignment| ClassedAssignment {
+                                assignment,
+                                determinism: tasks::Determinism::Portable,
+                            })
+                    })
+            }) {
+                Some(a) if a.assignment.replica == id => out.push(a),
                 _ => {
                     tracing::warn!("held replica file {} is damaged: discarded", name);
                     self.release(id);
                 }
             }
         }
-        out.sort_by_key(|a| a.replica);
+        out.sort_by_key(|a| a.assignment.replica);
         out
     }
 }
@@ -222,7 +232,7 @@ pub struct FileCheckpoint {
     key: String,
     progress: Mutex<Option<f64>>,
     /// The assignment to record as held at the first save (taken then).
-    holding: Mutex<Option<Assignment>>,
+    holding: Mutex<Option<ClassedAssignment>>,
 }
 
 impl FileCheckpoint {
@@ -249,9 +259,12 @@ impl CheckpointStore for FileCheckpoint {
     fn save(&self, ckpt: &Checkpoint) -> Result<(), String> {
         let mut holding = self.holding.lock().expect("holding lock poisoned");
         if let Some(a) = holding.as_ref() {
-            self.dir
-                .hold(a)
-                .map_err(|e| format!("cannot record replica {} as held: {e}", a.replica))?;
+            self.dir.hold(a).map_err(|e| {
+                format!(
+                    "cannot record replica {} as held: {e}",
+                    a.assignment.replica
+                )
+            })?;
             *holding = None;
         }
         self.dir.save(&self.key, ckpt)

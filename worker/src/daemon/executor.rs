@@ -20,6 +20,8 @@ pub enum Module {
 
 pub struct Job {
     pub replica: ReplicaId,
+    /// The engine of the replica's determinism class (`module` was loaded on it).
+    pub sandbox: Sandbox,
     pub module: Module,
     pub spec: RunSpec,
     pub control: RunControl,
@@ -46,7 +48,6 @@ impl Executor {
     pub fn start(
         slots: usize,
         priority: Priority,
-        sandbox: Sandbox,
         done: tokio::sync::mpsc::UnboundedSender<Done>,
     ) -> Executor {
         let (tx, rx) = mpsc::channel::<Job>();
@@ -54,7 +55,6 @@ impl Executor {
         let threads = (0..slots)
             .map(|i| {
                 let rx = rx.clone();
-                let sandbox = sandbox.clone();
                 let done = done.clone();
                 std::thread::Builder::new()
                     .name(format!("slot-{i}"))
@@ -70,6 +70,7 @@ impl Executor {
                             job.control.mark_started();
                             let _span =
                                 tracing::info_span!("task", replica = job.replica).entered();
+                            let sandbox = &job.sandbox;
                             let outcome = match &job.module {
                                 Module::Loaded(m) => sandbox.run(m, &job.spec, &job.control),
                                 Module::Invalid(bytes) => {

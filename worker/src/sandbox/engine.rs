@@ -328,6 +328,9 @@ mod tests {
         const REST: &str = "relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,stack=524288,clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1,peergrid=1";
         let (_, on) = build(true).unwrap();
         let (_, off) = build(false).unwrap();
+        // What coordinators admit for the native class by default names this baseline.
+        assert_eq!(BASELINE.name, tasks::release::BASELINE_NAME);
+        assert_eq!(off.arch, tasks::release::native_arch());
         // Exactly one component differs, and it names the NaN setting each way.
         assert_eq!(on.settings, format!("nan-canon,{REST}"));
         assert_eq!(off.settings, format!("no-nan-canon,{REST}"));

@@ -124,7 +124,11 @@ impl Harness {
 
     fn create_job(&mut self, manifest: JobManifest) -> JobId {
         let (reply, mut rx) = oneshot::channel();
-        self.batch(vec![Cmd::CreateJob { manifest, reply }]);
+        self.batch(vec![Cmd::CreateJob {
+            manifest,
+            determinism: tasks::Determinism::Portable,
+            reply,
+        }]);
         rx.try_recv().expect("job created").0
     }
 
