@@ -653,13 +653,13 @@ fn every_wire_decoder_survives_arbitrary_and_mutated_bytes() {
         },
     );
     // Every sample still round-trips through its own decoder (the mutations above start from
-    // real encodings), and the variants cover 41 of them as the FAULT line says.
+    // real encodings), and the variants cover 47 of them as the FAULT line says.
     fn own<T: Serialize + DeserializeOwned>(f: &[u8]) -> Result<Vec<u8>, DecodeError> {
         let (m, used) = wire::decode_frame::<T>(f)?;
         assert_eq!(used, f.len(), "a sample frame is consumed whole");
         Ok(wire::encode_frame(&m).unwrap())
     }
-    assert_eq!(valid_frames().len(), 41);
+    assert_eq!(valid_frames().len(), 47);
     for (kind, f) in valid_frames() {
         let again = match kind {
             0 => own::<WorkerMsg>(f),
@@ -677,7 +677,7 @@ fn every_wire_decoder_survives_arbitrary_and_mutated_bytes() {
         all_frames(f);
     }
     fault_line("wire decoders (6 message types + outbox Report): arbitrary bytes (0-2 KiB) as bodies and frames", f1, ok1);
-    fault_line("wire decoders: valid frames of all 41 variants, 1-4 mutations each (flip, insert, cut, huge varint, bad prefix)", f2, ok2);
+    fault_line("wire decoders: valid frames of all 47 variants, 1-4 mutations each (flip, insert, cut, huge varint, bad prefix)", f2, ok2);
     fault_line("frame length prefix: any u32 with a short body", f3, ok3);
     assert!(
         ok1 && ok2 && ok3,
