@@ -13,6 +13,7 @@
 //! by simulated workers, with the figures they produce).
 
 pub mod adversary;
+mod replica_table;
 pub mod scheduler;
 #[cfg(test)]
 pub(crate) mod sim;
@@ -289,7 +290,7 @@ pub struct Core {
     /// Running jobs in round-robin order.
     pub(crate) running: Vec<JobId>,
     pub(crate) rr: usize,
-    pub(crate) replicas: HashMap<ReplicaId, Replica>,
+    pub(crate) replicas: replica_table::ReplicaTable,
     pub(crate) workers: HashMap<NodeId, Worker>,
     pub(crate) fingerprints: Vec<(String, EngineFingerprint)>,
     fp_index: HashMap<String, u32>,
@@ -329,7 +330,7 @@ impl Core {
             jobs: BTreeMap::new(),
             running: Vec::new(),
             rr: 0,
-            replicas: HashMap::new(),
+            replicas: replica_table::ReplicaTable::default(),
             workers: HashMap::new(),
             fingerprints: Vec::new(),
             fp_index: HashMap::new(),
@@ -988,7 +989,7 @@ impl Core {
             .replicas
             .iter()
             .filter(|(_, r)| r.task.job == job && r.phase == ReplicaPhase::InFlight)
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         self.cancel_replicas(&in_flight);
         self.notices.push(Notice::JobEnded {

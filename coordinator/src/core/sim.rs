@@ -244,13 +244,13 @@ impl Sim {
         }
         // Every issued replica is accounted for and none is in flight.
         assert_eq!(self.issued.len(), self.core.replicas.len());
-        for (id, r) in &self.core.replicas {
+        for (id, r) in self.core.replicas.iter() {
             assert_ne!(
                 r.phase,
                 ReplicaPhase::InFlight,
                 "replica {id} lost in flight"
             );
-            assert_eq!(self.issued[id], (r.task, r.worker));
+            assert_eq!(self.issued[&id], (r.task, r.worker));
         }
         // Never two replicas of one task on one worker, except after losing the first; and
         // never two verdicts for one worker and task.
@@ -261,7 +261,7 @@ impl Sim {
             let (task, worker) = self.issued[&id];
             if !seen.insert((task, worker)) {
                 let earlier_lost = self.core.replicas.iter().any(|(o, r)| {
-                    *o < id && r.task == task && r.worker == worker && r.phase == ReplicaPhase::Lost
+                    o < id && r.task == task && r.worker == worker && r.phase == ReplicaPhase::Lost
                 });
                 assert!(earlier_lost, "two replicas of {task} on one worker");
             }
@@ -1756,3 +1756,4 @@ fn native_jobs_go_only_to_native_engines_and_are_judged_within_that_class() {
     assert!(!w.assignments.is_empty());
     assert!(w.assignments.iter().all(|a| a.task.id.job == native2));
 }
+

@@ -209,13 +209,16 @@ struct PendingOutputs {
 
 /// Memory the coordinator spends on [`PendingOutputs`].
 const PENDING_OUTPUT_BYTES: usize = 64 << 20;
+/// What one kept output costs beyond its bytes (map entry, queue entry, allocation), counted
+/// in the bound: a million tiny outputs must not escape it by being small.
+const PENDING_OUTPUT_OVERHEAD: usize = 128;
 
 impl PendingOutputs {
     fn keep(&mut self, hash: BlobId, output: Vec<u8>) {
         if output.is_empty() || self.bytes.contains_key(&hash) {
             return;
         }
-        self.total += output.len();
+        self.total += output.len() + PENDING_OUTPUT_OVERHEAD;
         self.bytes.insert(hash, output);
         self.order.push_back(hash);
         while self.total > PENDING_OUTPUT_BYTES {
@@ -223,7 +226,7 @@ impl PendingOutputs {
                 break;
             };
             if let Some(b) = self.bytes.remove(&old) {
-                self.total -= b.len();
+                self.total -= b.len() + PENDING_OUTPUT_OVERHEAD;
             }
         }
     }
