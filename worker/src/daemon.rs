@@ -220,20 +220,17 @@ pub async fn run(
     // One engine per determinism class (`tasks::Determinism`): the hello names the portable
     // one, `WorkerMsg::Engines` the native one. Their compile caches are apart (keyed by
     // fingerprint).
-    let sandbox = Sandbox::new(SandboxConfig {
-        cache_dir: Some(cfg.data_dir.join("cache")),
-        priority: cfg.priority,
-        deterministic: true,
-        ..SandboxConfig::default()
-    })
-    .context("starting the sandbox")?;
-    let native = Sandbox::new(SandboxConfig {
-        cache_dir: Some(cfg.data_dir.join("cache")),
-        priority: cfg.priority,
-        deterministic: false,
-        ..SandboxConfig::default()
-    })
-    .context("starting the native-class sandbox")?;
+    let engine = |class: Determinism| {
+        Sandbox::new(SandboxConfig {
+            cache_dir: Some(cfg.data_dir.join("cache")),
+            priority: cfg.priority,
+            deterministic: class.nan_canonicalization(),
+            ..SandboxConfig::default()
+        })
+        .with_context(|| format!("starting the sandbox of the {class} class"))
+    };
+    let sandbox = engine(Determinism::Portable)?;
+    let native = engine(Determinism::Native)?;
     let store = BlobStore::open(&cfg.data_dir.join("blobs"), cfg.disk_limit_bytes)
         .context("opening the blob store")?;
     let outbox = Outbox::open(&cfg.data_dir.join("outbox")).context("opening the outbox")?;

@@ -117,11 +117,11 @@ struct ExecArgs {
     /// Cache compiled modules in this directory (default: no disk cache).
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
-    /// Determinism class to run in: `portable` (NaN canonicalization: results identical on
-    /// every architecture; what `worker join` runs today) or `native` (the architecture's
-    /// fixed ISA baseline without NaN canonicalization: identical on every host of this
-    /// architecture, and faster on float code).
-    #[arg(long, value_name = "CLASS", default_value = "portable",
+    /// Determinism class to run in, as a job's `determinism` key names it: `native` (the
+    /// architecture's fixed ISA baseline without NaN canonicalization: identical on every
+    /// host of this architecture, and faster on float code; the default, as for jobs) or
+    /// `portable` (NaN canonicalization: results identical on every architecture).
+    #[arg(long, value_name = "CLASS", default_value = "native",
           value_parser = ["portable", "native"])]
     determinism: String,
     /// Keep the task's checkpoints (docs/guest-abi.md) in this directory, so running the same
