@@ -60,7 +60,10 @@ fn main() {
     let smoke = std::env::var_os("PEERGRID_BENCH_SMOKE").is_some_and(|v| v != "0");
     let tasks: usize = env("PEERGRID_BENCH_MAKESPAN_TASKS", if smoke { 16 } else { 64 });
     let workers: usize = env("PEERGRID_BENCH_WORKERS", 4).max(1);
-    let max_secs: f64 = env("PEERGRID_BENCH_MAKESPAN_MAX_SECS", if smoke { 0.5 } else { 4.0 });
+    let max_secs: f64 = env(
+        "PEERGRID_BENCH_MAKESPAN_MAX_SECS",
+        if smoke { 0.5 } else { 4.0 },
+    );
     let runs: usize = env("PEERGRID_BENCH_RUNS", if smoke { 1 } else { 3 }).max(1);
     let mut lab = match Lab::new() {
         Ok(l) => l,
@@ -228,13 +231,21 @@ fn job(
         let mut cmd = h.command(worker_bin);
         // Normal priority, as the baseline's `worker exec` runs: at the default idle
         // priority the replicas would yield to whatever else this shared machine runs.
-        cmd.args(["join", &ticket, "--slots", "1", "--priority", "normal", "--data-dir"])
-            .arg(dir.join(format!("worker-{i}")))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(dir.join(format!("worker-{i}.log")))?);
+        cmd.args([
+            "join",
+            &ticket,
+            "--slots",
+            "1",
+            "--priority",
+            "normal",
+            "--data-dir",
+        ])
+        .arg(dir.join(format!("worker-{i}")))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(File::create(dir.join(format!("worker-{i}.log")))?);
         workers.push(Proc::spawn(&format!("worker-{i}"), &mut cmd)?);
     }
     let t = Instant::now();

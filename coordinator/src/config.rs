@@ -4,6 +4,8 @@
 //! scheduler's defaults). Unknown keys are errors, so a typo never silently keeps a default.
 //!
 //! ```toml
+//! store = "postgres://peergrid@db.example/peergrid" # or "sqlite" (the default); --store wins
+//!
 //! [policy]
 //! preset = "open"            # open (default) | trusting | hardened | fixed-quorum
 //! in_flight_per_slot = 2     # any field of core::trust::TrustPolicy overrides the preset
@@ -68,6 +70,9 @@ impl Preset {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
+    /// Where the durable state lives: `sqlite` (`DATA_DIR/coordinator.db`, the default) or a
+    /// `postgres://` URL (see [`crate::store::StoreUrl`]). `serve --store` overrides it.
+    pub store: Option<String>,
     #[serde(default)]
     pub policy: PolicySection,
     #[serde(default)]
@@ -150,6 +155,8 @@ pub struct Effective {
     pub preset: Preset,
     /// The seed was set in the file (otherwise drawn at random).
     pub fixed_seed: bool,
+    /// The file's `store` (SQLite when unset).
+    pub store: crate::store::StoreUrl,
 }
 
 impl ConfigFile {
@@ -164,6 +171,24 @@ impl ConfigFile {
         let f: ConfigFile = toml::from_str(text)
             .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end().replace('\n', " ")))?;
         Ok(f)
+    }
+
+    /// The store `serve` uses: `flag` (`--store`) wins over the file's `store`; neither means
+    /// SQLite in the data dir.
+    pub fn store(&self, flag: Option<&str>) -> anyhow::Result<crate::store::StoreUrl> {
+        match flag.or(self.store.as_deref()) {
+            None => Ok(crate::store::StoreUrl::Sqlite),
+            Some(s) => s.parse().map_err(|e: String| {
+                anyhow::anyhow!(
+                    "{}{e}",
+                    if flag.is_some() {
+                        "--store: "
+                    } else {
+                        "store: "
+                    }
+                )
+            }),
+        }
     }
 
     /// The configuration `serve` runs: `preset` (from `--policy`) wins over the file's, the
@@ -306,6 +331,7 @@ impl ConfigFile {
             core,
             preset,
             fixed_seed: p.seed.is_some(),
+            store: self.store(None)?,
         })
     }
 }
@@ -415,6 +441,30 @@ mod tests {
             e.core.policy.in_flight_per_slot,
             TrustPolicy::trusting().in_flight_per_slot
         );
+    }
+
+    #[test]
+    fn the_store_flag_wins_over_the_file_and_unknown_stores_are_one_line_errors() {
+        use crate::store::StoreUrl;
+        let none = ConfigFile::parse("").unwrap();
+        assert_eq!(none.store(None).unwrap(), StoreUrl::Sqlite);
+        let f = ConfigFile::parse("store = \"postgres://u:pw@db/grid\"\n").unwrap();
+        assert_eq!(
+            f.effective(None).unwrap().store,
+            StoreUrl::Postgres("postgres://u:pw@db/grid".into())
+        );
+        assert_eq!(f.store(Some("sqlite")).unwrap(), StoreUrl::Sqlite);
+        let e = f.store(Some("mongodb://u:pw@x/y")).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--store: unknown store") && !e.contains("pw") && !e.contains('\n'),
+            "{e}"
+        );
+        let e = ConfigFile::parse("store = \"redis://x\"\n")
+            .unwrap()
+            .effective(None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("store: unknown store"), "{e}");
     }
 
     #[test]

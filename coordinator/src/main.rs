@@ -91,6 +91,13 @@ struct ServeArgs {
     /// accepted. `trusting` is for a pool of your own machines.
     #[arg(long, value_enum, value_name = "PRESET")]
     policy: Option<config::Preset>,
+    /// Where to keep the durable state (jobs, results, credit): `sqlite` (the default:
+    /// DIR/coordinator.db) or a PostgreSQL server, `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`
+    /// (or `postgres:///DB?host=/run/postgresql` over a Unix socket). The database must exist;
+    /// the coordinator creates its tables. Overrides the config file's `store`. DIR still
+    /// holds the key, ticket, submit token and blobs.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -164,6 +171,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     };
     let eff = file.effective(a.policy)?;
     let mut cfg = ServeConfig::new(a.data_dir, a.listen);
+    cfg.store = file.store(a.store.as_deref())?;
     cfg.advertise = a.advertise;
     cfg.http = a.http;
     cfg.core = eff.core;

@@ -34,7 +34,7 @@ use tasks::wire::{CloseCode, PeerAddr, ALPN_BLOB, ALPN_COORD, ALPN_SUBMIT};
 use tasks::{BlobRef, NodeId, NodeKey, Ticket};
 
 use crate::core::{Core, CoreConfig};
-use crate::store::{Output, SqliteStore, Store};
+use crate::store::{Output, StoreUrl};
 use engine::{Cmd, EngineHandle, FetchJob};
 
 /// This coordinator's software version, sent in `Welcome`.
@@ -65,6 +65,9 @@ pub struct ServeConfig {
     /// TCP address of the read-only HTTP status API ([`http`]); `None` (the default): no
     /// HTTP server. Only results need the submit token: bind it to localhost or a trusted network.
     pub http: Option<SocketAddr>,
+    /// Where the durable state lives (`--store`): SQLite in the data dir (the default) or a
+    /// PostgreSQL server. The data dir still holds the key, token, ticket and blobs.
+    pub store: StoreUrl,
 }
 
 impl ServeConfig {
@@ -76,6 +79,7 @@ impl ServeConfig {
             core: CoreConfig::default(),
             tick: Duration::from_secs(1),
             http: None,
+            store: StoreUrl::Sqlite,
         }
     }
 }
@@ -124,7 +128,6 @@ impl Coordinator {
         let key = NodeKey::load_or_create(dir)?;
         let token = load_or_create_token(dir)?;
         let blobs = BlobStore::open(&dir.join(BLOB_DIR), None).context("opening the blob store")?;
-        let mut store = SqliteStore::open(&dir.join(SqliteStore::FILE))?;
         let endpoint = net::endpoint(&key, cfg.listen, &[ALPN_COORD, ALPN_SUBMIT, ALPN_BLOB])?;
         let addr = endpoint.local_addr().context("reading the bound address")?;
         // Bound before anything is spawned, so a bad --http fails the start cleanly.
@@ -175,11 +178,23 @@ impl Coordinator {
                 .read(id)
                 .is_ok_and(|b| tasks::module::imports_module(&b, tasks::module::CHECKPOINT_MODULE))
         })));
-        let snapshot = store.load()?;
-        let core = Core::restore(core_cfg, snapshot, engine::now_ms());
         let died = CancellationToken::new();
-        let (engine, fetches, engine_thread) =
-            engine::spawn(core, store, blobs.clone(), 4096, died.clone())?;
+        // Opening, loading and the engine's first reads block (and the PostgreSQL client runs
+        // its own runtime, which must not be entered from this one): on a blocking thread.
+        // The store never comes back here: it lives and dies on the engine's thread.
+        let (store_url, store_dir, engine_blobs, engine_died) =
+            (cfg.store.clone(), dir.clone(), blobs.clone(), died.clone());
+        let (engine, fetches, engine_thread) = tokio::task::spawn_blocking(move || {
+            let mut store = crate::store::open(&store_url, &store_dir)?;
+            let snapshot = store.load()?;
+            let core = Core::restore(core_cfg, snapshot, engine::now_ms());
+            engine::spawn(core, store, engine_blobs, 4096, engine_died)
+        })
+        .await
+        .context("opening the store")??;
+        if let StoreUrl::Postgres(_) = &cfg.store {
+            tracing::info!(store = %cfg.store, "state kept in PostgreSQL");
+        }
 
         let blob_server = BlobServer::new(
             blobs.clone(),

@@ -1,5 +1,7 @@
 //! The coordinator's durable state behind a [`Store`] trait, with SQLite as the default
-//! backend ([`SqliteStore`], `DATA_DIR/coordinator.db`).
+//! backend ([`SqliteStore`], `DATA_DIR/coordinator.db`) and PostgreSQL as the other
+//! ([`PostgresStore`], `coordinator serve --store postgres://...`). Both keep the same tables
+//! with the same meaning; [`open`] picks one from a [`StoreUrl`].
 //!
 //! The scheduling core never touches the store: it emits [`Mutation`]s, and the server's
 //! store actor commits every mutation produced by a batch of events in **one transaction**
@@ -10,8 +12,11 @@
 //! Pending tasks have no `tasks` row (a job of ten million tasks is one manifest row); a row
 //! appears when a task is decided or its replication policy changes.
 
+pub mod postgres;
 pub mod schema;
 pub mod sqlite;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 
@@ -24,6 +29,7 @@ use tasks::{
 
 use crate::core::trust::Reputation;
 
+pub use postgres::{PostgresStore, StoreUrl};
 pub use sqlite::SqliteStore;
 
 /// Why the store failed. Store failures are fatal to the coordinator: committed state stays
@@ -45,6 +51,21 @@ pub enum StoreError {
         path: String,
         source: rusqlite::Error,
     },
+    #[error("PostgreSQL store: {}", postgres::describe(.0))]
+    Postgres(#[from] ::postgres::Error),
+    /// `url` is shown without its password.
+    #[error("cannot connect to the PostgreSQL store at {url}: {reason}")]
+    Connect { url: String, reason: String },
+}
+
+/// Open the store `url` names: SQLite in `data_dir` ([`SqliteStore::FILE`]) or a
+/// PostgreSQL server. Blocks (connects, migrates): call it from a plain thread or
+/// `tokio::task::spawn_blocking`, not from an async task.
+pub fn open(url: &StoreUrl, data_dir: &std::path::Path) -> Result<Box<dyn Store>, StoreError> {
+    Ok(match url {
+        StoreUrl::Sqlite => Box::new(SqliteStore::open(&data_dir.join(SqliteStore::FILE))?),
+        StoreUrl::Postgres(u) => Box::new(PostgresStore::open(u)?),
+    })
 }
 
 /// What became of a replica.
@@ -327,4 +348,39 @@ pub trait Store: Send {
     ) -> Result<FailurePage, StoreError>;
     /// Accepted tasks whose output is neither inline nor in the blob store yet.
     fn outputs_missing(&mut self) -> Result<Vec<(TaskId, RunResult, Vec<NodeId>)>, StoreError>;
+}
+
+/// A store chosen at run time ([`open`]).
+impl Store for Box<dyn Store> {
+    fn load(&mut self) -> Result<Snapshot, StoreError> {
+        (**self).load()
+    }
+    fn commit(&mut self, batch: &[Mutation]) -> Result<(), StoreError> {
+        (**self).commit(batch)
+    }
+    fn task_results(
+        &mut self,
+        job: JobId,
+    ) -> Result<Vec<(TaskResult, Option<Output>)>, StoreError> {
+        (**self).task_results(job)
+    }
+    fn task_results_range(
+        &mut self,
+        job: JobId,
+        first: u32,
+        end: u32,
+    ) -> Result<Vec<(TaskResult, Option<Output>)>, StoreError> {
+        (**self).task_results_range(job, first, end)
+    }
+    fn task_failures(
+        &mut self,
+        job: JobId,
+        after: Option<u32>,
+        max: u32,
+    ) -> Result<FailurePage, StoreError> {
+        (**self).task_failures(job, after, max)
+    }
+    fn outputs_missing(&mut self) -> Result<Vec<(TaskId, RunResult, Vec<NodeId>)>, StoreError> {
+        (**self).outputs_missing()
+    }
 }

@@ -11,6 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{credit_figures, job_of, Cluster};
+use coordinator::store::postgres::throwaway::ThrowawayPostgres;
 use rand::{Rng, SeedableRng};
 
 fn full() -> bool {
@@ -339,9 +340,31 @@ fn job_survives_kill9_of_30_percent_of_workers_throughout_without_losing_or_doub
 
 #[test]
 fn job_survives_five_coordinator_kill9_and_restarts_without_losing_or_double_crediting() {
+    five_coordinator_kills(None);
+}
+
+/// The same with the coordinator's state in PostgreSQL (`serve --store postgres://...`, a
+/// throwaway server of this test's own): the server keeps running while the coordinator dies.
+#[test]
+fn job_survives_five_coordinator_kill9_with_the_postgres_store() {
+    let Some(pg) = ThrowawayPostgres::for_tests() else {
+        return;
+    };
+    let url = pg.fresh_database().expect("creating the test database");
+    five_coordinator_kills(Some(url));
+}
+
+/// Kill the coordinator (`kill -9`) five times during a job and restart it on the same data
+/// dir and store (`store`: `serve --store`, or SQLite in the data dir).
+fn five_coordinator_kills(store: Option<String>) {
     let s = size(4, 6);
     let mut rng = seeded_rng("coordinator");
-    let mut c = Cluster::start(s.workers);
+    let backend = if store.is_some() {
+        "PostgreSQL"
+    } else {
+        "SQLite"
+    };
+    let mut c = Cluster::start_with_store(s.workers, store);
     let job = c.primes_job_with(s.tasks, s.block, 30, 16);
     let started = Instant::now();
     let id = c.submit(&job);
@@ -421,7 +444,7 @@ fn job_survives_five_coordinator_kill9_and_restarts_without_losing_or_double_cre
     let v = Verdict::of(&c, id);
     let met = v.ok(&s) && lost == 0 && kills == 5;
     println!(
-        "FAULT|crash|kill -9 of the coordinator 5 times during a job (restart after 0.2-2 s), {} workers, {} primes tasks|{}, {}/{} accepted, sum {} {} {}, {kills} kills at {:?} accepted, accepted results lost across restarts: {lost}, {} (worker, task) pairs credited twice, {} late agreeing replicas credited once each, credit = valid fuel: {}, {:.0} s ({:.1} s down)|job completes, right answer, nothing lost, none credited twice, none stuck|{}",
+        "FAULT|crash|kill -9 of the coordinator 5 times during a job (restart after 0.2-2 s), {} workers, {} primes tasks, {backend} store|{}, {}/{} accepted, sum {} {} {}, {kills} kills at {:?} accepted, accepted results lost across restarts: {lost}, {} (worker, task) pairs credited twice, {} late agreeing replicas credited once each, credit = valid fuel: {}, {:.0} s ({:.1} s down)|job completes, right answer, nothing lost, none credited twice, none stuck|{}",
         s.workers, s.tasks, v.state, v.accepted, s.tasks, v.sum, if v.sum == s.primes { "=" } else { "!=" }, s.label,
         kill_points, v.twice, v.late_valid(), v.credit_ok(), elapsed.as_secs_f64(), down.as_secs_f64(), if met { "yes" } else { "no" }
     );
@@ -467,24 +490,36 @@ fn per_worker_credit(c: &Cluster) {
     }
 }
 
-/// Read the coordinator's store (white box; SQLite allows a reader beside the running
-/// coordinator): (worker, task) pairs with more than one valid verdict, and valid verdicts
-/// per task index of job `job`.
+/// Read the coordinator's store (white box; both SQLite and PostgreSQL allow a reader beside
+/// the running coordinator): (worker, task) pairs with more than one valid verdict, and valid
+/// verdicts per task index of job `job`.
 fn store_verdicts(c: &Cluster, job: u64) -> (u64, std::collections::HashMap<u64, u64>) {
+    const TWICE: &str = "SELECT COUNT(*) FROM (SELECT worker, idx FROM replicas WHERE job = $1 AND verdict = 1 GROUP BY worker, idx HAVING COUNT(*) > 1) AS t";
+    const PER_TASK: &str =
+        "SELECT idx, COUNT(*) FROM replicas WHERE job = $1 AND verdict = 1 GROUP BY idx";
+    if let Some(url) = &c.store {
+        let mut pg = postgres::Client::connect(url, postgres::NoTls)
+            .expect("connecting to the coordinator's PostgreSQL store");
+        let twice: i64 = pg
+            .query_one(TWICE, &[&(job as i64)])
+            .expect("reading replicas")
+            .get(0);
+        let per_task = pg
+            .query(PER_TASK, &[&(job as i64)])
+            .expect("reading replicas")
+            .iter()
+            .map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, i64>(1) as u64))
+            .collect();
+        return (twice as u64, per_task);
+    }
     let db = c.data().join("coordinator.db");
     let conn =
         rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
             .expect("opening the coordinator's store");
     let twice: i64 = conn
-        .query_row(
-            "SELECT COUNT(*) FROM (SELECT worker, idx FROM replicas WHERE job = ?1 AND verdict = 1 GROUP BY worker, idx HAVING COUNT(*) > 1)",
-            [job as i64],
-            |r| r.get(0),
-        )
+        .query_row(&TWICE.replace('$', "?"), [job as i64], |r| r.get(0))
         .expect("reading replicas");
-    let mut st = conn
-        .prepare("SELECT idx, COUNT(*) FROM replicas WHERE job = ?1 AND verdict = 1 GROUP BY idx")
-        .unwrap();
+    let mut st = conn.prepare(&PER_TASK.replace('$', "?")).unwrap();
     let per_task = st
         .query_map([job as i64], |r| {
             Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))

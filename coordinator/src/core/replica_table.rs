@@ -144,7 +144,9 @@ mod tests {
         assert!(t.get(&11).is_none() && t.get(&6).is_none() && t.get(&13).is_none());
         assert!(t.get(&u64::MAX).is_none());
         assert_eq!(
-            t.iter().map(|(id, r)| (id, r.task.index)).collect::<Vec<_>>(),
+            t.iter()
+                .map(|(id, r)| (id, r.task.index))
+                .collect::<Vec<_>>(),
             vec![(7, 7), (10, 10), (12, 12)]
         );
         assert!(t.insert(10, rep(100)).is_some(), "replaced, not added");

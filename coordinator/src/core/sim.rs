@@ -1756,4 +1756,3 @@ fn native_jobs_go_only_to_native_engines_and_are_judged_within_that_class() {
     assert!(!w.assignments.is_empty());
     assert!(w.assignments.iter().all(|a| a.task.id.job == native2));
 }
-

@@ -83,6 +83,8 @@ pub struct Cluster {
     pub spawned: usize,
     /// `serve --policy` of every (re)start; `None`: serve's default (the open-pool policy).
     pub policy: Option<&'static str>,
+    /// `serve --store URL` of every (re)start; `None`: serve's default (SQLite in the data dir).
+    pub store: Option<String>,
 }
 
 impl Drop for Cluster {
@@ -99,15 +101,20 @@ impl Cluster {
     /// open policy accepts nothing before quorum + 1 workers of one engine agree: use
     /// [`Cluster::start_trusting`] for fewer.
     pub fn start(workers: usize) -> Cluster {
-        Self::start_with(workers, None)
+        Self::start_with(workers, None, None)
+    }
+
+    /// Like [`Cluster::start`], with `serve --store store` when `store` is set.
+    pub fn start_with_store(workers: usize, store: Option<String>) -> Cluster {
+        Self::start_with(workers, None, store)
     }
 
     /// A scientist's own machines: `serve --policy trusting` (a quorum of 2 needs 2 workers).
     pub fn start_trusting(workers: usize) -> Cluster {
-        Self::start_with(workers, Some("trusting"))
+        Self::start_with(workers, Some("trusting"), None)
     }
 
-    fn start_with(workers: usize, policy: Option<&'static str>) -> Cluster {
+    fn start_with(workers: usize, policy: Option<&'static str>, store: Option<String>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let port = free_udp_port();
         let mut c = Cluster {
@@ -119,6 +126,7 @@ impl Cluster {
             token: String::new(),
             spawned: 0,
             policy,
+            store,
         };
         c.start_coordinator();
         for i in 0..workers {
@@ -141,6 +149,7 @@ impl Cluster {
             .arg(&data)
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(self.policy.map(|p| ["--policy", p]).iter().flatten())
+            .args(self.store.iter().flat_map(|s| ["--store", s.as_str()]))
             .env(
                 "RUST_LOG",
                 std::env::var("PEERGRID_TEST_LOG").unwrap_or_else(|_| "info".into()),
