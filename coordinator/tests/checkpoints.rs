@@ -27,7 +27,10 @@ const LONGRUN_WASM: &str = concat!(
 );
 const STEPS: u64 = 12_000;
 const EVERY: u64 = 100;
-const WORK: u64 = 40_000;
+/// Long enough that five kill cycles (each: one new checkpoint, then up to 400 ms of run)
+/// stay well inside the task on an idle machine too (in the `native` class, 40,000 took
+/// some 1.6 s in all, and the task once ended before the fifth kill).
+const WORK: u64 = 200_000;
 const KILLS: usize = 5;
 
 /// (step, fuel_used) of a checkpoint file of examples/longrun, if one is there and whole.
@@ -109,7 +112,7 @@ fn a_checkpointing_task_killed_five_times_completes_with_the_uninterrupted_resul
     std::fs::create_dir_all(&jd).unwrap();
     std::fs::copy(LONGRUN_WASM, jd.join("longrun.wasm")).unwrap();
     let toml = format!(
-        "name = \"longrun\"\nmodule = \"longrun.wasm\"\nquorum = 1\nmax_replicas = 2\nfuel = 200_000_000_000\nmemory_mb = 32\nmax_output = 256\ndeadline_secs = 3600\n[[task]]\nargs = [\"{STEPS}\", \"{EVERY}\", \"{WORK}\"]\n"
+        "name = \"longrun\"\nmodule = \"longrun.wasm\"\nquorum = 1\nmax_replicas = 2\nfuel = 1_000_000_000_000\nmemory_mb = 32\nmax_output = 256\ndeadline_secs = 3600\n[[task]]\nargs = [\"{STEPS}\", \"{EVERY}\", \"{WORK}\"]\n"
     );
     std::fs::write(jd.join("job.toml"), toml).unwrap();
     let job = c.submit(&jd.join("job.toml"));
@@ -189,7 +192,7 @@ fn a_checkpointing_task_killed_five_times_completes_with_the_uninterrupted_resul
             "--name",
             "longrun",
             "--fuel",
-            "200000000000",
+            "1000000000000",
             "--memory-mb",
             "32",
         ])
@@ -285,7 +288,7 @@ fn a_worker_paused_longer_than_the_deadline_keeps_its_replica_while_it_reports_p
     std::fs::create_dir_all(&jd).unwrap();
     std::fs::copy(LONGRUN_WASM, jd.join("longrun.wasm")).unwrap();
     let toml = format!(
-        "name = \"paused\"\nmodule = \"longrun.wasm\"\nquorum = 1\nmax_replicas = 2\nfuel = 200_000_000_000\nmemory_mb = 32\nmax_output = 256\ndeadline_secs = {DEADLINE}\n[[task]]\nargs = [\"{STEPS}\", \"{EVERY}\", \"{WORK}\"]\n"
+        "name = \"paused\"\nmodule = \"longrun.wasm\"\nquorum = 1\nmax_replicas = 2\nfuel = 1_000_000_000_000\nmemory_mb = 32\nmax_output = 256\ndeadline_secs = {DEADLINE}\n[[task]]\nargs = [\"{STEPS}\", \"{EVERY}\", \"{WORK}\"]\n"
     );
     std::fs::write(jd.join("job.toml"), toml).unwrap();
     let job = c.submit(&jd.join("job.toml"));
