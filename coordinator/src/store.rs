@@ -12,6 +12,7 @@
 //! Pending tasks have no `tasks` row (a job of ten million tasks is one manifest row); a row
 //! appears when a task is decided or its replication policy changes.
 
+mod codec;
 pub mod postgres;
 pub mod schema;
 pub mod sqlite;
@@ -327,8 +328,12 @@ pub trait Store: Send {
     /// Apply a batch of mutations in one transaction.
     fn commit(&mut self, batch: &[Mutation]) -> Result<(), StoreError>;
     /// The results of a job's decided tasks (pending tasks are absent), with inline outputs.
-    fn task_results(&mut self, job: JobId)
-        -> Result<Vec<(TaskResult, Option<Output>)>, StoreError>;
+    fn task_results(
+        &mut self,
+        job: JobId,
+    ) -> Result<Vec<(TaskResult, Option<Output>)>, StoreError> {
+        self.task_results_range(job, 0, u32::MAX)
+    }
     /// Like [`Store::task_results`], for the tasks with `first <= index < end` only: what a
     /// page of results reads, so no request ever loads a whole large job.
     fn task_results_range(
@@ -357,12 +362,6 @@ impl Store for Box<dyn Store> {
     }
     fn commit(&mut self, batch: &[Mutation]) -> Result<(), StoreError> {
         (**self).commit(batch)
-    }
-    fn task_results(
-        &mut self,
-        job: JobId,
-    ) -> Result<Vec<(TaskResult, Option<Output>)>, StoreError> {
-        (**self).task_results(job)
     }
     fn task_results_range(
         &mut self,

@@ -27,14 +27,16 @@ use std::time::Duration;
 
 use postgres::{Client, NoTls, Statement, Transaction};
 
-use tasks::wire::{FailurePage, JobState, TaskFailure, TaskResult, TaskState};
-use tasks::{
-    BlobId, EngineFingerprint, JobId, JobManifest, NodeId, ResultDigest, RunResult, TaskId,
-};
+use tasks::wire::{FailurePage, TaskFailure, TaskResult, TaskState};
+use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, RunResult, TaskId};
 
+use super::codec::{
+    dec, enc, id32, parse_phase, parse_state, phase_code, read_decision, read_output, state_str,
+    task_result,
+};
 use super::{
-    Decision, JobRow, Mutation, Output, ReplicaPhase, ReplicaRow, Snapshot, Store, StoreError,
-    TaskRow, Verdict, WorkerRecord,
+    Decision, JobRow, Mutation, Output, ReplicaRow, Snapshot, Store, StoreError, TaskRow, Verdict,
+    WorkerRecord,
 };
 use crate::core::trust::Reputation;
 
@@ -322,57 +324,6 @@ impl Statements {
             )?,
         })
     }
-}
-
-fn state_str(s: JobState) -> &'static str {
-    match s {
-        JobState::Running => "running",
-        JobState::Done => "done",
-        JobState::Failed => "failed",
-        JobState::Cancelled => "cancelled",
-    }
-}
-
-fn parse_state(s: &str) -> Result<JobState, StoreError> {
-    Ok(match s {
-        "running" => JobState::Running,
-        "done" => JobState::Done,
-        "failed" => JobState::Failed,
-        "cancelled" => JobState::Cancelled,
-        _ => return Err(StoreError::Corrupt(format!("job state {s:?}"))),
-    })
-}
-
-fn phase_code(p: ReplicaPhase) -> i64 {
-    match p {
-        ReplicaPhase::InFlight => 0,
-        ReplicaPhase::Reported => 1,
-        ReplicaPhase::Lost => 2,
-        ReplicaPhase::Cancelled => 3,
-    }
-}
-
-fn parse_phase(c: i64) -> Result<ReplicaPhase, StoreError> {
-    Ok(match c {
-        0 => ReplicaPhase::InFlight,
-        1 => ReplicaPhase::Reported,
-        2 => ReplicaPhase::Lost,
-        3 => ReplicaPhase::Cancelled,
-        _ => return Err(StoreError::Corrupt(format!("replica phase {c}"))),
-    })
-}
-
-fn enc<T: serde::Serialize>(v: &T) -> Vec<u8> {
-    postcard::to_stdvec(v).expect("store records serialize")
-}
-
-fn dec<T: serde::de::DeserializeOwned>(b: &[u8], what: &str) -> Result<T, StoreError> {
-    postcard::from_bytes(b).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
-}
-
-fn id32(b: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
-    b.try_into()
-        .map_err(|_| StoreError::Corrupt(format!("{what} is not 32 bytes")))
 }
 
 fn index(v: i64) -> Result<u32, StoreError> {
@@ -894,29 +845,6 @@ fn migrate(client: &mut Client, shown: &str) -> Result<(), StoreError> {
     }
 }
 
-fn read_decision(
-    state: &str,
-    digest: Option<Vec<u8>>,
-    result: Option<Vec<u8>>,
-    fingerprint: Option<String>,
-    agreeing: Option<Vec<u8>>,
-    reason: Option<String>,
-) -> Result<Option<Decision>, StoreError> {
-    Ok(match state {
-        "accepted" => Some(Decision::Accepted {
-            digest: ResultDigest(id32(digest.unwrap_or_default(), "digest")?),
-            result: dec(&result.unwrap_or_default(), "task result")?,
-            fingerprint: fingerprint.unwrap_or_default(),
-            agreeing: dec(&agreeing.unwrap_or_default(), "agreeing workers")?,
-        }),
-        "failed" => Some(Decision::Failed {
-            reason: reason.unwrap_or_default(),
-        }),
-        "pending" => None,
-        other => return Err(StoreError::Corrupt(format!("task state {other:?}"))),
-    })
-}
-
 impl Store for PostgresStore {
     fn load(&mut self) -> Result<Snapshot, StoreError> {
         let c = &mut self.client;
@@ -1026,13 +954,6 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    fn task_results(
-        &mut self,
-        job: JobId,
-    ) -> Result<Vec<(TaskResult, Option<Output>)>, StoreError> {
-        self.task_results_range(job, 0, u32::MAX)
-    }
-
     fn task_results_range(
         &mut self,
         job: JobId,
@@ -1051,39 +972,9 @@ impl Store for PostgresStore {
                 read_decision(r.get(1), r.get(2), r.get(3), r.get(4), r.get(5), r.get(6))?;
             let inline: Option<Vec<u8>> = r.get(7);
             let blob: Option<Vec<u8>> = r.get(8);
-            let output = match (inline, blob) {
-                (Some(b), _) => Some(Output::Inline(b)),
-                (None, Some(id)) => Some(Output::Blob(BlobId(id32(id, "output blob")?))),
-                _ => None,
-            };
-            let tr = match decision {
-                Some(Decision::Accepted {
-                    result, agreeing, ..
-                }) => TaskResult {
-                    index,
-                    status: TaskState::Accepted,
-                    outcome: Some(result.status),
-                    output_hash: Some(result.output_hash),
-                    output_len: Some(result.output_len),
-                    fuel_used: Some(result.fuel_used),
-                    agreeing_workers: agreeing,
-                    reason: None,
-                    output: None,
-                },
-                Some(Decision::Failed { reason }) => TaskResult {
-                    index,
-                    status: TaskState::Failed,
-                    outcome: None,
-                    output_hash: None,
-                    output_len: None,
-                    fuel_used: None,
-                    agreeing_workers: Vec::new(),
-                    reason: Some(reason),
-                    output: None,
-                },
-                None => continue,
-            };
-            out.push((tr, output));
+            if let Some(tr) = task_result(index, decision) {
+                out.push((tr, read_output(inline, blob)?));
+            }
         }
         Ok(out)
     }
@@ -1194,6 +1085,7 @@ impl Store for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::ReplicaPhase;
 
     #[test]
     fn urls_are_redacted_and_store_names_parsed() {
