@@ -1,8 +1,8 @@
 //! How both backends ([`super::SqliteStore`], [`super::PostgresStore`]) turn records into
 //! columns and back: one table layout, one encoding, so the two stores cannot drift apart.
 
-use tasks::wire::{JobState, TaskResult, TaskState};
-use tasks::{BlobId, ResultDigest};
+use tasks::wire::{JobState, TaskFailure, TaskResult, TaskState};
+use tasks::{BlobId, ResultDigest, RunResult};
 
 use super::{Decision, Output, ReplicaPhase, StoreError};
 
@@ -122,4 +122,42 @@ pub(super) fn task_result(index: u32, decision: Option<Decision>) -> Option<Task
             output: None,
         },
     })
+}
+
+/// A decided task's row (`state, result, reason` columns) as an entry of a failures page,
+/// with the accepted result's encoding (the stderr shown is one of its replicas'); `None`
+/// for a task accepted with an `ok` outcome.
+pub(super) fn task_failure(
+    index: u32,
+    state: &str,
+    result: Option<Vec<u8>>,
+    reason: Option<String>,
+) -> Result<Option<(TaskFailure, Option<Vec<u8>>)>, StoreError> {
+    if state != "accepted" {
+        let failure = TaskFailure {
+            index,
+            status: TaskState::Failed,
+            outcome: None,
+            exit_code: 0,
+            trap: String::new(),
+            reason,
+            stderr: None,
+        };
+        return Ok(Some((failure, None)));
+    }
+    let encoded = result.unwrap_or_default();
+    let result: RunResult = dec(&encoded, "task result")?;
+    if result.status == tasks::Status::Ok {
+        return Ok(None);
+    }
+    let failure = TaskFailure {
+        index,
+        status: TaskState::Accepted,
+        outcome: Some(result.status),
+        exit_code: result.exit_code,
+        trap: result.trap,
+        reason: None,
+        stderr: None,
+    };
+    Ok(Some((failure, Some(encoded))))
 }

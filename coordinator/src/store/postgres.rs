@@ -27,12 +27,12 @@ use std::time::Duration;
 
 use postgres::{Client, NoTls, Statement, Transaction};
 
-use tasks::wire::{FailurePage, TaskFailure, TaskResult, TaskState};
+use tasks::wire::{FailurePage, TaskFailure, TaskResult};
 use tasks::{BlobId, EngineFingerprint, JobId, JobManifest, NodeId, RunResult, TaskId};
 
 use super::codec::{
     dec, enc, id32, parse_phase, parse_state, phase_code, read_decision, read_output, state_str,
-    task_result,
+    task_failure, task_result,
 };
 use super::{
     Decision, JobRow, Mutation, Output, ReplicaRow, Snapshot, Store, StoreError, TaskRow, Verdict,
@@ -996,37 +996,8 @@ impl Store for PostgresStore {
         for r in rows {
             let index = index(r.get(0))?;
             let state: &str = r.get(1);
-            let failure = if state == "accepted" {
-                let encoded: Vec<u8> = r.get::<_, Option<Vec<u8>>>(2).unwrap_or_default();
-                let result: RunResult = dec(&encoded, "task result")?;
-                if result.status == tasks::Status::Ok {
-                    continue;
-                }
-                (
-                    TaskFailure {
-                        index,
-                        status: TaskState::Accepted,
-                        outcome: Some(result.status),
-                        exit_code: result.exit_code,
-                        trap: result.trap,
-                        reason: None,
-                        stderr: None,
-                    },
-                    Some(encoded),
-                )
-            } else {
-                (
-                    TaskFailure {
-                        index,
-                        status: TaskState::Failed,
-                        outcome: None,
-                        exit_code: 0,
-                        trap: String::new(),
-                        reason: r.get(3),
-                        stderr: None,
-                    },
-                    None,
-                )
+            let Some(failure) = task_failure(index, state, r.get(2), r.get(3))? else {
+                continue;
             };
             total += 1;
             if after.is_some_and(|a| index <= a) {

@@ -103,7 +103,77 @@ on_every_backend!(
     a_late_agreement_joins_the_agreeing_workers_once,
     losses_survive_a_restart,
     a_jobs_determinism_class_survives_a_restart,
+    failures_list_failed_and_non_ok_tasks_in_pages,
 );
+
+/// `task_failures`: failed tasks and tasks accepted with a non-ok outcome, in index order,
+/// paged; tasks accepted `ok` are not failures.
+fn failures_list_failed_and_non_ok_tasks_in_pages(open: Opener) {
+    let mut store = open();
+    let job = JobId(1);
+    let manifest = crate::core::sim::manifest("j", 4, 2, 6, 60);
+    let mut trapped = result(2);
+    trapped.status = Status::Trap;
+    trapped.trap = "unreachable".into();
+    let accepted = |index: u32, r: RunResult| Mutation::Decided {
+        task: TaskId { job, index },
+        decision: Decision::Accepted {
+            digest: ResultDigest([index as u8; 32]),
+            result: r,
+            fingerprint: "f".into(),
+            agreeing: vec![NodeId([1; 32])],
+        },
+        decided_ms: 1,
+        output: None,
+    };
+    store
+        .commit(&[
+            Mutation::PutJob {
+                job,
+                manifest: std::sync::Arc::new(manifest),
+                determinism: tasks::Determinism::Native,
+                created_ms: 0,
+            },
+            accepted(0, result(0)),
+            Mutation::Decided {
+                task: TaskId { job, index: 1 },
+                decision: Decision::Failed {
+                    reason: "no quorum".into(),
+                },
+                decided_ms: 1,
+                output: None,
+            },
+            accepted(2, trapped),
+        ])
+        .unwrap();
+    let page = store.task_failures(job, None, 10).unwrap();
+    assert_eq!(page.total, 2);
+    assert!(!page.more);
+    let got: Vec<_> = page
+        .failures
+        .iter()
+        .map(|f| (f.index, f.status, f.reason.clone(), f.trap.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                1,
+                TaskState::Failed,
+                Some("no quorum".to_string()),
+                String::new()
+            ),
+            (2, TaskState::Accepted, None, "unreachable".to_string()),
+        ]
+    );
+    let first = store.task_failures(job, None, 1).unwrap();
+    assert_eq!((first.failures.len(), first.more), (1, true));
+    let rest = store.task_failures(job, Some(1), 10).unwrap();
+    assert_eq!(
+        rest.failures.iter().map(|f| f.index).collect::<Vec<_>>(),
+        vec![2]
+    );
+}
 
 fn a_jobs_determinism_class_survives_a_restart(open: Opener) {
     use tasks::Determinism;
