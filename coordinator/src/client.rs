@@ -19,7 +19,9 @@ use tasks::wire::{
     SubmitRequest, SubmitResponse, TaskFailure, TaskResult, TaskState, ALPN_SUBMIT,
     MAX_FAILURES_PER_PAGE,
 };
-use tasks::{BlobId, BlobRef, Determinism, JobId, JobManifest, JobSpec, NodeKey, Ticket};
+use tasks::{
+    BlobId, BlobRef, Determinism, JobId, JobManifest, JobSpec, NodeId, NodeKey, Ticket,
+};
 
 /// Why a client call failed. Every message is one line saying what to do.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +90,9 @@ pub struct Client {
     conn: quinn::Connection,
     token: String,
     ticket: Ticket,
+    /// The coordinator of the ticket that answered (the leader, with standbys).
     addr: SocketAddr,
+    node_id: NodeId,
 }
 
 impl std::fmt::Debug for Client {
@@ -115,28 +119,33 @@ impl Client {
 
     /// Connect to the coordinator named by `ticket` (its key is pinned) and check the token.
     pub async fn connect(ticket: &Ticket, token: &str) -> Result<Client, ClientError> {
-        let addrs = ticket.resolve().await.map_err(|e| ClientError::Resolve {
-            addr: ticket.addr.clone(),
-            reason: e.to_string(),
-        })?;
-        let addr = *addrs.first().ok_or_else(|| ClientError::Resolve {
-            addr: ticket.addr.clone(),
-            reason: "no addresses".into(),
-        })?;
-        let bind: SocketAddr = if addr.is_ipv4() {
+        let targets = ticket
+            .resolve_all()
+            .await
+            .map_err(|e| ClientError::Resolve {
+                addr: ticket.addr.clone(),
+                reason: e.to_string(),
+            })?;
+        let bind: SocketAddr = if targets.iter().all(|(a, _)| a.is_ipv4()) {
             "0.0.0.0:0".parse().expect("addr")
         } else {
             "[::]:0".parse().expect("addr")
         };
         // Submitters are anonymous: a fresh key per client; the token is the credential.
-        let endpoint = net::endpoint(&NodeKey::generate(), bind, &[])?;
-        let conn = net::connect(&endpoint, addr, ticket.node_id, ALPN_SUBMIT).await?;
+        let key = NodeKey::generate();
+        let endpoint = net::endpoint(&key, bind, &[])?;
+        // Every coordinator the ticket lists is dialled at once; the one that leads answers
+        // (and a dead one is noticed within seconds: see `net::FAILOVER_IDLE_TIMEOUT`).
+        let failover = net::failover_client_config(&key)?;
+        let (conn, i) = net::connect_any(&endpoint, &targets, ALPN_SUBMIT, Some(&failover)).await?;
+        let (addr, node_id) = targets[i];
         let client = Client {
             endpoint,
             conn,
             token: token.trim().to_string(),
             ticket: ticket.clone(),
             addr,
+            node_id,
         };
         // Cheap request that checks the token now, so a wrong one fails at connect.
         match client
@@ -415,7 +424,7 @@ impl Client {
         }
         let (_, bs, fetcher) = outputs.store.as_ref().expect("created above");
         let seed = [PeerAddr {
-            node_id: self.ticket.node_id,
+            node_id: self.node_id,
             addr: self.addr,
         }];
         let blob = BlobRef {

@@ -19,6 +19,9 @@
 //! [engines]
 //! allow = ["wasmtime 48.0.8"] # default: this release's engine (tasks::release::ENGINE)
 //! native_archs = ["x86_64-linux isa=x86-64-v2"] # default: the coordinator's own
+//!
+//! [ha]                       # several coordinators on one PostgreSQL store (crate::ha)
+//! lease_secs = 4             # a leader silent this long is replaced by a standby
 //! ```
 //!
 //! `seed` (of the partner-replica and spot-check draws) is drawn at random at every start
@@ -79,6 +82,35 @@ pub struct ConfigFile {
     pub scheduler: SchedulerSection,
     #[serde(default)]
     pub engines: EnginesSection,
+    #[serde(default)]
+    pub ha: HaSection,
+}
+
+/// `[ha]`: the leader lease of coordinators sharing a PostgreSQL store ([`crate::ha`]).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaSection {
+    /// A leader that has not renewed its lease for this long (seconds, 1 to 60; default 4)
+    /// is replaced by a standby. Shorter fails over sooner; a leader stalled longer than
+    /// this (e.g. a swapping machine) loses the lead and exits.
+    pub lease_secs: Option<f64>,
+}
+
+impl HaSection {
+    /// The lease timing: renewed every quarter of the lease, checked by standbys every
+    /// sixteenth (at most every 250 ms).
+    pub fn lease(&self) -> anyhow::Result<crate::ha::LeaseConfig> {
+        let mut c = crate::ha::LeaseConfig::default();
+        if let Some(secs) = self.lease_secs {
+            if !(1.0..=60.0).contains(&secs) {
+                bail!("ha.lease_secs must be 1 to 60 seconds (got {secs})");
+            }
+            c.ttl = std::time::Duration::from_secs_f64(secs);
+            c.renew = c.ttl / 4;
+            c.poll = (c.ttl / 16).min(std::time::Duration::from_millis(250));
+        }
+        Ok(c)
+    }
 }
 
 /// `[engines]`: which workers' engines may join. Default: this release's
@@ -157,6 +189,8 @@ pub struct Effective {
     pub fixed_seed: bool,
     /// The file's `store` (SQLite when unset).
     pub store: crate::store::StoreUrl,
+    /// `[ha]`'s lease timing.
+    pub ha: crate::ha::LeaseConfig,
 }
 
 impl ConfigFile {
@@ -332,6 +366,7 @@ impl ConfigFile {
             preset,
             fixed_seed: p.seed.is_some(),
             store: self.store(None)?,
+            ha: self.ha.lease()?,
         })
     }
 }

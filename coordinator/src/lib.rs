@@ -12,10 +12,13 @@
 //! - [`client`]: the submitter library ([`client::Client`]).
 //! - [`cli`]: `submit`, `status`, `results`, `demo` subcommands.
 //! - [`config`]: `serve --config FILE` (scheduler and trust policy, TOML).
+//! - [`ha`]: several coordinators on one PostgreSQL database, one leading (lease, fencing,
+//!   the deployment's ticket, token and blobs).
 
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod ha;
 pub mod server;
 pub mod store;

@@ -96,6 +96,11 @@ struct ServeArgs {
     /// (or `postgres:///DB?host=/run/postgresql` over a Unix socket). The database must exist;
     /// the coordinator creates its tables. Overrides the config file's `store`. DIR still
     /// holds the key, ticket, submit token and blobs.
+    ///
+    /// Several coordinators may share one PostgreSQL database, each on its own machine and
+    /// data dir: one leads, the others stand by (refusing connections) and take over within
+    /// seconds when it dies. They share the submit token, and each writes a ticket listing
+    /// all of them: give workers and submitters that one. See README "Standby coordinators".
     #[arg(long, value_name = "URL")]
     store: Option<String>,
 }
@@ -172,6 +177,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let eff = file.effective(a.policy)?;
     let mut cfg = ServeConfig::new(a.data_dir, a.listen);
     cfg.store = file.store(a.store.as_deref())?;
+    cfg.ha = eff.ha;
     cfg.advertise = a.advertise;
     cfg.http = a.http;
     cfg.core = eff.core;

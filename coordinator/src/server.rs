@@ -68,6 +68,9 @@ pub struct ServeConfig {
     /// Where the durable state lives (`--store`): SQLite in the data dir (the default) or a
     /// PostgreSQL server. The data dir still holds the key, token, ticket and blobs.
     pub store: StoreUrl,
+    /// With PostgreSQL, several coordinators may share the database: one leads, the others
+    /// stand by ([`crate::ha`]). The lease's timing.
+    pub ha: crate::ha::LeaseConfig,
 }
 
 impl ServeConfig {
@@ -80,6 +83,7 @@ impl ServeConfig {
             tick: Duration::from_secs(1),
             http: None,
             store: StoreUrl::Sqlite,
+            ha: crate::ha::LeaseConfig::default(),
         }
     }
 }
@@ -102,8 +106,11 @@ pub struct RunningCoordinator {
     tasks: JoinSet<()>,
     engine: Option<EngineHandle>,
     engine_thread: Option<engine::EngineThread>,
-    /// Cancelled when the engine stopped abnormally (store error, panic).
+    /// Cancelled when the engine stopped abnormally (store error, panic) or the leader
+    /// lease was lost.
     died: CancellationToken,
+    /// With PostgreSQL: the leader lease, released after the last commit.
+    lease: Option<crate::ha::Lease>,
 }
 
 impl std::fmt::Debug for RunningCoordinator {
@@ -126,19 +133,10 @@ impl Coordinator {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating data dir {}", dir.display()))?;
         let key = NodeKey::load_or_create(dir)?;
-        let token = load_or_create_token(dir)?;
+        let mut token = load_or_create_token(dir)?;
         let blobs = BlobStore::open(&dir.join(BLOB_DIR), None).context("opening the blob store")?;
         let endpoint = net::endpoint(&key, cfg.listen, &[ALPN_COORD, ALPN_SUBMIT, ALPN_BLOB])?;
         let addr = endpoint.local_addr().context("reading the bound address")?;
-        // Bound before anything is spawned, so a bad --http fails the start cleanly.
-        let http_listener = match cfg.http {
-            Some(a) => Some(http::bind(a).await?),
-            None => None,
-        };
-        let http_addr = match &http_listener {
-            Some(l) => Some(l.local_addr().context("reading the bound HTTP address")?),
-            None => None,
-        };
         let (host, guessed) = match &cfg.advertise {
             Some(h) => (h.clone(), false),
             None if addr.ip().is_unspecified() => (
@@ -157,9 +155,71 @@ impl Coordinator {
                 false,
             ),
         };
-        let ticket = Ticket::new(key.node_id(), format!("{host}:{}", addr.port()));
-        tasks::identity::write_private(&dir.join(TICKET_FILE), format!("{ticket}\n").as_bytes())
-            .context("writing the ticket file")?;
+        let own = (key.node_id(), format!("{host}:{}", addr.port()));
+        let mut ticket = Ticket::new(own.0, own.1.clone());
+        let write_ticket = |t: &Ticket| {
+            tasks::identity::write_private(&dir.join(TICKET_FILE), format!("{t}\n").as_bytes())
+                .context("writing the ticket file")
+        };
+        // With PostgreSQL: open (and migrate) the store, join the deployment, and stand by
+        // until this coordinator holds the leader lease.
+        let (pg_store, lease, epoch, mirror) = match &cfg.store {
+            StoreUrl::Sqlite => {
+                write_ticket(&ticket)?;
+                (None, None, None, None)
+            }
+            StoreUrl::Postgres(url) => {
+                let instance = crate::ha::instance_id(dir)?;
+                let (u, local, i, o) = (url.clone(), token.clone(), instance.clone(), own.clone());
+                let (store, shared_token, deployment) = tokio::task::spawn_blocking(move || {
+                    let store = crate::store::PostgresStore::open(&u)?;
+                    let shared = crate::ha::deployment_token(&u, &local)?;
+                    let ticket = crate::ha::ticket_of(&u, &i, &o)?;
+                    anyhow::Ok((store, shared, ticket))
+                })
+                .await
+                .context("opening the store")??;
+                if shared_token != token {
+                    tracing::warn!(file = %dir.join(TOKEN_FILE).display(), "this data dir's submit token differs from the deployment's (the first coordinator's); using the deployment's and rewriting the file");
+                    tasks::identity::write_private(
+                        &dir.join(TOKEN_FILE),
+                        format!("{shared_token}\n").as_bytes(),
+                    )
+                    .context("writing the submit token file")?;
+                    token = shared_token;
+                }
+                ticket = deployment;
+                write_ticket(&ticket)?;
+                let ctx = crate::ha::LeaseCtx {
+                    url: url.clone(),
+                    instance,
+                    entry: own.clone(),
+                    ticket_file: dir.join(TICKET_FILE),
+                    blobs: blobs.clone(),
+                    config: cfg.ha,
+                };
+                let mut lease = tokio::task::spawn_blocking(move || crate::ha::Lease::start(ctx))
+                    .await
+                    .context("joining the deployment")??;
+                // Standing by: refuse every connection at once, so clients dialling the
+                // whole ticket go to the leader without waiting for a timeout.
+                let epoch = tokio::select! {
+                    e = lease.leading() => e?,
+                    _ = refuse_all(&endpoint) => anyhow::bail!("the endpoint closed while standing by"),
+                };
+                let mirror = Arc::new(crate::ha::BlobMirror::new(url));
+                (Some(store), Some(lease), Some(epoch), Some(mirror))
+            }
+        };
+        // Bound before anything is spawned, so a bad --http fails the start cleanly.
+        let http_listener = match cfg.http {
+            Some(a) => Some(http::bind(a).await?),
+            None => None,
+        };
+        let http_addr = match &http_listener {
+            Some(l) => Some(l.local_addr().context("reading the bound HTTP address")?),
+            None => None,
+        };
 
         let mut core_cfg = cfg.core.clone();
         let seed_addr = ticket
@@ -185,7 +245,13 @@ impl Coordinator {
         let (store_url, store_dir, engine_blobs, engine_died) =
             (cfg.store.clone(), dir.clone(), blobs.clone(), died.clone());
         let (engine, fetches, engine_thread) = tokio::task::spawn_blocking(move || {
-            let mut store = crate::store::open(&store_url, &store_dir)?;
+            let mut store: Box<dyn crate::store::Store> = match (pg_store, epoch) {
+                (Some(mut pg), Some(epoch)) => {
+                    pg.fence(epoch)?;
+                    Box::new(pg)
+                }
+                _ => crate::store::open(&store_url, &store_dir)?,
+            };
             let snapshot = store.load()?;
             let core = Core::restore(core_cfg, snapshot, engine::now_ms());
             engine::spawn(core, store, engine_blobs, 4096, engine_died)
@@ -223,8 +289,22 @@ impl Coordinator {
         }
         let bs = blob_server.clone();
         let bytes_sent: Arc<dyn Fn() -> u64 + Send + Sync> = Arc::new(move || bs.bytes_sent());
+        // A lost lease ends this coordinator like a dead engine.
+        if let Some(lease) = &lease {
+            let (lost, died, cancel) = (lease.lost(), died.clone(), cancel.clone());
+            tasks.spawn(async move {
+                tokio::select! {
+                    why = lost => {
+                        tracing::error!("{why}");
+                        died.cancel();
+                    }
+                    _ = cancel.cancelled() => {}
+                }
+            });
+        }
         let ctx = submit::SubmitCtx {
             engine: engine.clone(),
+            mirror: mirror.clone(),
             blobs: blobs.clone(),
             token_hash: blake3::hash(token.as_bytes()),
             bytes_sent: bytes_sent.clone(),
@@ -261,6 +341,8 @@ impl Coordinator {
         tasks.spawn(ticker(engine.clone(), cfg.tick, cancel.clone()));
         tasks.spawn(output_fetcher(
             fetcher,
+            blobs.clone(),
+            mirror,
             engine.clone(),
             fetches,
             cancel.clone(),
@@ -287,6 +369,7 @@ impl Coordinator {
             engine: Some(engine),
             engine_thread: Some(engine_thread),
             died,
+            lease,
         })
     }
 }
@@ -316,7 +399,16 @@ impl RunningCoordinator {
         while self.tasks.join_next().await.is_some() {}
         self.engine.take();
         let thread = self.engine_thread.take();
-        let stopped = tokio::task::spawn_blocking(move || thread.map(|t| t.join())).await?;
+        let lease = self.lease.take();
+        let stopped = tokio::task::spawn_blocking(move || {
+            let stopped = thread.map(|t| t.join());
+            // After the last commit: a standby takes over at once.
+            if let Some(l) = lease {
+                l.release();
+            }
+            stopped
+        })
+        .await?;
         self.endpoint.close(
             CloseCode::Shutdown.code().into(),
             b"coordinator shutting down",
@@ -366,6 +458,14 @@ pub async fn run_until(
     }
     tracing::info!("shutting down");
     running.shutdown().await
+}
+
+/// Refuse every incoming connection (a standby coordinator); returns when the endpoint
+/// closes.
+async fn refuse_all(endpoint: &quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        incoming.refuse();
+    }
 }
 
 fn load_or_create_token(dir: &Path) -> anyhow::Result<String> {
@@ -527,6 +627,8 @@ async fn ticker(engine: EngineHandle, every: Duration, cancel: CancellationToken
 /// their `output_hash`, and record them. Retries with back-off while the workers are away.
 async fn output_fetcher(
     fetcher: Fetcher,
+    blobs: BlobStore,
+    mirror: Option<Arc<crate::ha::BlobMirror>>,
     engine: EngineHandle,
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<FetchJob>,
     cancel: CancellationToken,
@@ -539,6 +641,7 @@ async fn output_fetcher(
             j = jobs.recv() => match j { Some(j) => j, None => break },
         };
         let (fetcher, engine, cancel) = (fetcher.clone(), engine.clone(), cancel.clone());
+        let (blobs, mirror) = (blobs.clone(), mirror.clone());
         running.spawn(async move {
             let blob = BlobRef {
                 id: job.result.output_hash,
@@ -556,8 +659,24 @@ async fn output_fetcher(
                         );
                         return;
                     }
-                    match fetcher.fetch(blob, &job.peers).await {
-                        Ok(_) => {
+                    let fetched = match fetcher.fetch(blob, &job.peers).await {
+                        // With standbys, the database keeps a copy before it is recorded.
+                        Ok(_) => match &mirror {
+                            Some(m) => {
+                                let (m, blobs) = (m.clone(), blobs.clone());
+                                tokio::task::spawn_blocking(move || {
+                                    m.put(&blob.id, &blobs.read(&blob.id)?)
+                                })
+                                .await
+                                .map_err(anyhow::Error::from)
+                                .and_then(|r| r)
+                            }
+                            None => Ok(()),
+                        },
+                        Err(e) => Err(e.into()),
+                    };
+                    match fetched {
+                        Ok(()) => {
                             engine
                                 .send(Cmd::OutputStored {
                                     task: job.task,
@@ -571,9 +690,9 @@ async fn output_fetcher(
                             return;
                         }
                         Err(e) if attempt == 1 || attempt % 10 == 0 => {
-                            tracing::warn!(attempt, error = %e, "cannot fetch accepted output yet; retrying")
+                            tracing::warn!(attempt, error = %format!("{e:#}"), "cannot fetch accepted output yet; retrying")
                         }
-                        Err(e) => tracing::debug!(attempt, error = %e, "cannot fetch accepted output yet"),
+                        Err(e) => tracing::debug!(attempt, error = %format!("{e:#}"), "cannot fetch accepted output yet"),
                     }
                     tokio::select! {
                         _ = cancel.cancelled() => return,

@@ -54,6 +54,9 @@ pub enum StoreError {
     },
     #[error("PostgreSQL store: {}", postgres::describe(.0))]
     Postgres(#[from] ::postgres::Error),
+    /// Another coordinator took the leader lease (`crate::ha`): this one must not commit.
+    #[error("another coordinator leads now (leader lease epoch {now:?}, ours was {ours}): this one stops committing; restarted, it stands by")]
+    Fenced { ours: i64, now: Option<i64> },
     /// `url` is shown without its password.
     #[error("cannot connect to the PostgreSQL store at {url}: {reason}")]
     Connect { url: String, reason: String },

@@ -189,11 +189,21 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Where a coordinator is and which key it presents: `peergrid1:<node-id>@<host:port>`.
+///
+/// A deployment with standby coordinators (`serve --store postgres://...` on several
+/// machines) lists them all, comma-separated, each with its own key:
+/// `peergrid1:<id-a>@<host-a:port>,<id-b>@<host-b:port>`; an entry without `<node-id>@` has
+/// the key of the entry before it. Clients try every entry at once and keep the one that
+/// answers (standbys refuse), so a ticket stays valid whichever coordinator leads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Ticket {
+    /// The first coordinator's key.
     pub node_id: NodeId,
-    /// `host:port`; the host may be a name, an IPv4 address or a bracketed IPv6 address.
+    /// The first coordinator's `host:port`; the host may be a name, an IPv4 address or a
+    /// bracketed IPv6 address.
     pub addr: String,
+    /// The other coordinators of the deployment, `(key, host:port)`, in the ticket's order.
+    pub more: Vec<(NodeId, String)>,
 }
 
 /// Why a text is not a ticket.
@@ -207,19 +217,42 @@ pub enum ParseTicketError {
     NodeId(#[from] ParseNodeIdError),
     #[error("ticket's address {0:?} is not host:port")]
     Addr(String),
+    #[error("ticket lists {0} coordinators; at most {max} are allowed", max = Ticket::MAX_ENTRIES)]
+    TooMany(usize),
 }
 
 impl Ticket {
     pub const PREFIX: &'static str = "peergrid1:";
+    /// At most this many coordinators in one ticket (each is dialled at every connection).
+    pub const MAX_ENTRIES: usize = 16;
 
     pub fn new(node_id: NodeId, addr: impl Into<String>) -> Ticket {
         Ticket {
             node_id,
             addr: addr.into(),
+            more: Vec::new(),
         }
     }
 
-    /// Resolve the address to socket addresses (may do DNS; blocks the calling thread).
+    /// A ticket listing `entries` in order (the first is [`Ticket::node_id`]/[`Ticket::addr`]);
+    /// `None` if there are none.
+    pub fn of_entries(entries: impl IntoIterator<Item = (NodeId, String)>) -> Option<Ticket> {
+        let mut it = entries.into_iter();
+        let (node_id, addr) = it.next()?;
+        Some(Ticket {
+            node_id,
+            addr,
+            more: it.collect(),
+        })
+    }
+
+    /// Every coordinator the ticket lists, `(key, host:port)`, the first one first.
+    pub fn entries(&self) -> impl Iterator<Item = (NodeId, &str)> + '_ {
+        std::iter::once((self.node_id, self.addr.as_str()))
+            .chain(self.more.iter().map(|(id, a)| (*id, a.as_str())))
+    }
+
+    /// Resolve the first address to socket addresses (may do DNS; blocks the calling thread).
     pub fn socket_addrs(&self) -> std::io::Result<Vec<std::net::SocketAddr>> {
         use std::net::ToSocketAddrs;
         Ok(self.addr.to_socket_addrs()?.collect())
@@ -231,12 +264,57 @@ impl Ticket {
     pub async fn resolve(&self) -> std::io::Result<Vec<std::net::SocketAddr>> {
         Ok(tokio::net::lookup_host(self.addr.as_str()).await?.collect())
     }
+
+    /// Every entry resolved (the first address of each name), as `(address, key)` in the
+    /// ticket's order. Entries that do not resolve are left out; the error is the first
+    /// entry's failure when none resolves.
+    #[cfg(feature = "net")]
+    pub async fn resolve_all(&self) -> std::io::Result<Vec<(std::net::SocketAddr, NodeId)>> {
+        let mut out = Vec::new();
+        let mut first_err = None;
+        for (id, addr) in self.entries() {
+            match tokio::net::lookup_host(addr).await {
+                Ok(mut a) => match a.next() {
+                    Some(a) => out.push((a, id)),
+                    None => {
+                        first_err.get_or_insert_with(|| {
+                            std::io::Error::other(format!("{addr} resolves to no address"))
+                        });
+                    }
+                },
+                Err(e) => {
+                    first_err.get_or_insert(std::io::Error::new(
+                        e.kind(),
+                        format!("resolving {addr}: {e}"),
+                    ));
+                }
+            }
+        }
+        match (out.is_empty(), first_err) {
+            (true, Some(e)) => Err(e),
+            _ => Ok(out),
+        }
+    }
 }
 
 impl fmt::Display for Ticket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}{}@{}", Self::PREFIX, self.node_id, self.addr)
+        write!(f, "{}{}@{}", Self::PREFIX, self.node_id, self.addr)?;
+        for (id, addr) in &self.more {
+            write!(f, ",{id}@{addr}")?;
+        }
+        Ok(())
     }
+}
+
+fn parse_addr(addr: &str) -> Result<String, ParseTicketError> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| ParseTicketError::Addr(addr.into()))?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(ParseTicketError::Addr(addr.into()));
+    }
+    Ok(addr.to_string())
 }
 
 impl FromStr for Ticket {
@@ -246,17 +324,29 @@ impl FromStr for Ticket {
         let rest = s
             .strip_prefix(Self::PREFIX)
             .ok_or_else(|| ParseTicketError::Prefix(s.chars().take(40).collect()))?;
-        let (id, addr) = rest.split_once('@').ok_or(ParseTicketError::MissingAddr)?;
+        let parts: Vec<&str> = rest.split(',').map(str::trim).collect();
+        if parts.len() > Self::MAX_ENTRIES {
+            return Err(ParseTicketError::TooMany(parts.len()));
+        }
+        let (id, addr) = parts[0]
+            .split_once('@')
+            .ok_or(ParseTicketError::MissingAddr)?;
         let node_id: NodeId = id.parse()?;
-        let (host, port) = addr
-            .rsplit_once(':')
-            .ok_or_else(|| ParseTicketError::Addr(addr.into()))?;
-        if host.is_empty() || port.parse::<u16>().is_err() {
-            return Err(ParseTicketError::Addr(addr.into()));
+        let addr = parse_addr(addr)?;
+        let mut last = node_id;
+        let mut more = Vec::with_capacity(parts.len() - 1);
+        for part in &parts[1..] {
+            let (id, addr) = match part.split_once('@') {
+                Some((id, addr)) => (id.parse()?, addr),
+                None => (last, *part),
+            };
+            last = id;
+            more.push((id, parse_addr(addr)?));
         }
         Ok(Ticket {
             node_id,
-            addr: addr.to_string(),
+            addr,
+            more,
         })
     }
 }
@@ -289,6 +379,47 @@ mod tests {
         assert_eq!(
             no_addr.parse::<Ticket>(),
             Err(ParseTicketError::MissingAddr)
+        );
+    }
+
+    #[test]
+    fn a_ticket_lists_several_coordinators_each_with_its_key() {
+        let (a, b) = (NodeKey::generate().node_id(), NodeKey::generate().node_id());
+        let t = Ticket::of_entries([
+            (a, "192.0.2.1:7100".to_string()),
+            (b, "[2001:db8::2]:7100".to_string()),
+            (b, "coord-c.example:7100".to_string()),
+        ])
+        .unwrap();
+        let text = t.to_string();
+        assert_eq!(text.parse::<Ticket>().unwrap(), t);
+        let entries: Vec<_> = t.entries().collect();
+        assert_eq!(entries[0], (a, "192.0.2.1:7100"));
+        assert_eq!(entries[2], (b, "coord-c.example:7100"));
+        // An entry without a key has the key of the entry before it.
+        let short = format!("peergrid1:{a}@192.0.2.1:7100, 192.0.2.2:7100,{b}@192.0.2.3:7100");
+        let t: Ticket = short.parse().unwrap();
+        assert_eq!(
+            t.more,
+            vec![
+                (a, "192.0.2.2:7100".to_string()),
+                (b, "192.0.2.3:7100".to_string())
+            ]
+        );
+        // A one-coordinator ticket prints as it always did.
+        assert_eq!(
+            Ticket::new(a, "192.0.2.1:7100").to_string(),
+            format!("peergrid1:{a}@192.0.2.1:7100")
+        );
+        let bad = format!("peergrid1:{a}@192.0.2.1:7100,nope");
+        assert!(matches!(bad.parse::<Ticket>(), Err(ParseTicketError::Addr(_))));
+        let many = format!(
+            "peergrid1:{a}@192.0.2.1:7100{}",
+            ",192.0.2.1:7100".repeat(Ticket::MAX_ENTRIES)
+        );
+        assert_eq!(
+            many.parse::<Ticket>(),
+            Err(ParseTicketError::TooMany(Ticket::MAX_ENTRIES + 1))
         );
     }
 

@@ -60,6 +60,12 @@ pub enum NetError {
         addr: SocketAddr,
         source: quinn::ConnectError,
     },
+    /// The node refused the connection: a standby coordinator (another one of its
+    /// deployment leads), or one at its connection limit.
+    #[error("node at {addr} refused the connection (a standby coordinator, or one at its connection limit)")]
+    Refused { addr: SocketAddr },
+    #[error("none of the {tried} addresses answered: {errors}")]
+    NoneAnswered { tried: usize, errors: String },
     #[error("connection to {addr} failed: {source}")]
     Connection {
         addr: SocketAddr,
@@ -83,6 +89,33 @@ pub fn transport_config() -> Arc<TransportConfig> {
     t.stream_receive_window(VarInt::from_u32(limits::STREAM_RECEIVE_WINDOW));
     t.receive_window(VarInt::from_u32(limits::CONNECTION_RECEIVE_WINDOW));
     Arc::new(t)
+}
+
+/// A dead coordinator of a deployment with standbys is noticed this soon: sessions to a
+/// ticket listing several coordinators send a keep-alive every [`FAILOVER_KEEP_ALIVE`] and
+/// call the connection dead after this long without a packet. (A coordinator killed on a
+/// host that stays up sends nothing: without it, clients would wait out [`IDLE_TIMEOUT`].)
+pub const FAILOVER_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Keep-alive interval of those sessions.
+pub const FAILOVER_KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// [`transport_config`] with the failover timeouts above.
+pub fn failover_transport_config() -> Arc<TransportConfig> {
+    let mut t = Arc::try_unwrap(transport_config()).unwrap_or_else(|_| unreachable!());
+    t.keep_alive_interval(Some(FAILOVER_KEEP_ALIVE));
+    t.max_idle_timeout(Some(
+        IdleTimeout::try_from(FAILOVER_IDLE_TIMEOUT).expect("5s fits a QUIC varint"),
+    ));
+    Arc::new(t)
+}
+
+/// A client config for `key` (pinning the server's key like the endpoint's default one)
+/// with the failover timeouts, for [`connect_any`] to a ticket listing several coordinators.
+pub fn failover_client_config(key: &NodeKey) -> Result<quinn::ClientConfig, NetError> {
+    let mut client =
+        quinn::ClientConfig::new(Arc::new(PinningClient::new(Identity::new(key)?)?));
+    client.transport_config(failover_transport_config());
+    Ok(client)
 }
 
 /// The key that makes this node's QUIC stateless resets: derived from its identity, so the
@@ -188,9 +221,24 @@ pub async fn connect_timeout(
     alpn: &[u8],
     timeout: Duration,
 ) -> Result<quinn::Connection, NetError> {
-    let connecting = ep
-        .connect(addr, &pin_name(expected, alpn))
-        .map_err(|source| NetError::Start { addr, source })?;
+    connect_with(ep, None, addr, expected, alpn, timeout).await
+}
+
+/// [`connect_timeout`] with a client config other than the endpoint's default.
+async fn connect_with(
+    ep: &quinn::Endpoint,
+    config: Option<quinn::ClientConfig>,
+    addr: SocketAddr,
+    expected: NodeId,
+    alpn: &[u8],
+    timeout: Duration,
+) -> Result<quinn::Connection, NetError> {
+    let name = pin_name(expected, alpn);
+    let connecting = match config {
+        Some(c) => ep.connect_with(c, addr, &name),
+        None => ep.connect(addr, &name),
+    }
+    .map_err(|source| NetError::Start { addr, source })?;
     let result = match tokio::time::timeout(timeout, connecting).await {
         Err(_elapsed) => Err(NetError::Unreachable {
             addr,
@@ -234,6 +282,11 @@ pub async fn connect_timeout(
                     _ => NetError::Connection { addr, source },
                 }
             }
+            ConnectionError::ConnectionClosed(c)
+                if c.error_code == quinn_proto::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                NetError::Refused { addr }
+            }
             _ => NetError::Connection { addr, source },
         }),
     };
@@ -241,6 +294,64 @@ pub async fn connect_timeout(
         tracing::debug!(%addr, node = %expected.short(), error = %e, "connect failed");
     }
     result
+}
+
+/// How soon [`connect_any`] dials a target again that refused (a standby may be taking
+/// over).
+const REDIAL_REFUSED: Duration = Duration::from_millis(500);
+
+/// Connect to whichever of `targets` (address, pinned key) accepts first, dialling all of
+/// them at once: a ticket listing a deployment's coordinators reaches the one that leads (a
+/// dead one costs no more than the others' answer). A target that refuses (a standby) is
+/// dialled again every 500 ms while others are still trying and [`CONNECT_TIMEOUT`] has
+/// not passed, so a client that lost its leader reaches the standby the moment it takes
+/// over. With several targets, connections use `config` (e.g. [`failover_client_config`])
+/// when given. Returns the connection and the index of the target it reached; when none
+/// accepts, every target's last failure in one error.
+pub async fn connect_any(
+    ep: &quinn::Endpoint,
+    targets: &[(SocketAddr, NodeId)],
+    alpn: &[u8],
+    config: Option<&quinn::ClientConfig>,
+) -> Result<(quinn::Connection, usize), NetError> {
+    if let [(addr, id)] = targets {
+        return Ok((connect(ep, *addr, *id, alpn).await?, 0));
+    }
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let mut tries = tokio::task::JoinSet::new();
+    let dial = |tries: &mut tokio::task::JoinSet<_>, i: usize, delay: Duration| {
+        let (ep, (addr, id), alpn, config) = (ep.clone(), targets[i], alpn.to_vec(), config.cloned());
+        tries.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            (i, connect_with(&ep, config, addr, id, &alpn, left).await)
+        });
+    };
+    for i in 0..targets.len() {
+        dial(&mut tries, i, Duration::ZERO);
+    }
+    let mut errors: Vec<Option<String>> = vec![None; targets.len()];
+    while let Some(done) = tries.join_next().await {
+        match done {
+            // The other attempts are aborted when `tries` drops; one that already
+            // connected closes as its last handle goes.
+            Ok((i, Ok(conn))) => return Ok((conn, i)),
+            Ok((i, Err(e))) => {
+                let again = matches!(e, NetError::Refused { .. })
+                    && tokio::time::Instant::now() + REDIAL_REFUSED < deadline
+                    && !tries.is_empty();
+                errors[i] = Some(e.to_string());
+                if again {
+                    dial(&mut tries, i, REDIAL_REFUSED);
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "connect task failed"),
+        }
+    }
+    Err(NetError::NoneAnswered {
+        tried: targets.len(),
+        errors: errors.into_iter().flatten().collect::<Vec<_>>().join("; "),
+    })
 }
 
 /// The node id the peer proved with its certificate (both sides present one).

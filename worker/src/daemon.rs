@@ -264,9 +264,12 @@ pub async fn run(
     });
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let executor = Executor::start(cfg.slots, cfg.priority, done_tx);
+    // Sessions to a deployment with standby coordinators notice a dead leader within seconds.
+    let failover = tasks::net::failover_client_config(&key)?;
     let mut daemon = Daemon {
         cfg,
         endpoint: endpoint.clone(),
+        failover,
         sandbox,
         native,
         store,
@@ -389,6 +392,8 @@ struct Prepared {
 struct Daemon {
     cfg: WorkerConfig,
     endpoint: quinn::Endpoint,
+    /// Client config for sessions when the ticket lists several coordinators.
+    failover: quinn::ClientConfig,
     /// The `portable` class's engine (NaN canonicalization): the one the hello names.
     sandbox: Sandbox,
     /// The `native` class's engine.
@@ -589,7 +594,7 @@ impl Daemon {
                         Ok(session) => {
                             backoff.reset();
                             last_error = None;
-                            tracing::info!(coordinator = %self.cfg.ticket.addr, observed_addr = %session.observed_addr, "connected to coordinator");
+                            tracing::info!(coordinator = %session.coordinator.addr, observed_addr = %session.observed_addr, "connected to coordinator");
                             self.observed_addr = Some(session.observed_addr);
                             self.session = Some(session);
                             self.request_outstanding = false;
@@ -621,9 +626,9 @@ impl Daemon {
                     let tx = conn_tx.clone();
                     let hello = self.hello();
                     let (endpoint, ticket) = (self.endpoint.clone(), self.cfg.ticket.clone());
-                    let server = self.server.clone();
+                    let (server, failover) = (self.server.clone(), self.failover.clone());
                     tokio::spawn(async move {
-                        let _ = tx.send(open_session(endpoint, ticket, hello, server).await).await;
+                        let _ = tx.send(open_session(endpoint, failover, ticket, hello, server).await).await;
                     });
                 }
                 _ = tick.tick() => {
@@ -1326,17 +1331,19 @@ async fn next_msg(session: &mut Option<Session>) -> Option<anyhow::Result<CoordM
 /// Connect, say hello, and wait for the welcome.
 async fn open_session(
     endpoint: quinn::Endpoint,
+    failover: quinn::ClientConfig,
     ticket: Ticket,
     hello: WorkerMsg,
     server: BlobServer,
 ) -> anyhow::Result<Session> {
-    let addr = *ticket
-        .resolve()
+    // Every coordinator the ticket lists is dialled at once; the one that leads answers.
+    let targets = ticket
+        .resolve_all()
         .await
-        .with_context(|| format!("resolving {}", ticket.addr))?
-        .first()
-        .with_context(|| format!("{} resolves to no address", ticket.addr))?;
-    let conn = tasks::net::connect(&endpoint, addr, ticket.node_id, wire::ALPN_COORD).await?;
+        .with_context(|| format!("resolving {}", ticket.addr))?;
+    let (conn, i) =
+        tasks::net::connect_any(&endpoint, &targets, wire::ALPN_COORD, Some(&failover)).await?;
+    let (addr, node_id) = targets[i];
     let (mut send, mut recv) = conn.open_bi().await.context("opening the session stream")?;
     tasks::net::write_frame(&mut send, &hello).await?;
     let welcome: Option<CoordMsg> =
@@ -1383,10 +1390,7 @@ async fn open_session(
         send,
         inbox,
         conn,
-        coordinator: PeerAddr {
-            node_id: ticket.node_id,
-            addr,
-        },
+        coordinator: PeerAddr { node_id, addr },
         observed_addr,
         takes_stderr,
         takes_holding,

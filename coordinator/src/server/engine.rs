@@ -346,6 +346,9 @@ pub struct Engine<S: Store = SqliteStore> {
     )>,
     /// `Failures` asked in the current batch, answered after its commit.
     failures_wanted: Vec<FailuresWanted>,
+    /// A work request was served since this engine started (logged once: after a restart
+    /// or a standby's take-over, when workers are being served again).
+    served_work: bool,
     /// Statistics: batches committed and commands applied.
     pub batches: u64,
     pub commands: u64,
@@ -375,6 +378,7 @@ impl<S: Store> Engine<S> {
             results_wanted: Vec::new(),
             pages_wanted: Vec::new(),
             failures_wanted: Vec::new(),
+            served_work: false,
             batches: 0,
             commands: 0,
             stats: Default::default(),
@@ -556,6 +560,10 @@ impl<S: Store> Engine<S> {
             Cmd::RequestWork { worker, max, reply } => {
                 let work = self.core.request_work(worker, max, now);
                 tracing::debug!(node = %worker.short(), max, given = work.assignments.len(), "work request");
+                if !self.served_work {
+                    self.served_work = true;
+                    tracing::info!(node = %worker.short(), given = work.assignments.len(), "first work request served since this coordinator started");
+                }
                 replies.push(Reply::Work(reply, work));
             }
             Cmd::Reports {

@@ -20,6 +20,9 @@ pub const MAX_PUT_BLOB: u64 = 1 << 30;
 #[derive(Clone)]
 pub struct SubmitCtx {
     pub engine: EngineHandle,
+    /// With standby coordinators: uploads are copied to the database before they are
+    /// acknowledged ([`crate::ha::BlobMirror`]).
+    pub mirror: Option<Arc<crate::ha::BlobMirror>>,
     pub blobs: blobs::BlobStore,
     pub token_hash: blake3::Hash,
     pub bytes_sent: Arc<dyn Fn() -> u64 + Send + Sync>,
@@ -150,16 +153,26 @@ async fn respond(
                     }
                 }
             }
-            let blobs = ctx.blobs.clone();
+            let (blobs, mirror) = (ctx.blobs.clone(), ctx.mirror.clone());
             // Hashing a big blob is CPU work: off the async threads.
-            let stored =
-                tokio::task::spawn_blocking(move || blobs.put_verified(blob, &bytes)).await;
+            let stored = tokio::task::spawn_blocking(move || {
+                blobs
+                    .put_verified(blob, &bytes)
+                    .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+                match mirror {
+                    Some(m) => m
+                        .put(&blob.id, &bytes)
+                        .map_err(|e| (ErrorCode::Internal, format!("{e:#}"))),
+                    None => Ok(()),
+                }
+            })
+            .await;
             match stored {
                 Ok(Ok(())) => {
                     tracing::info!(blob = %blob.id.short(), size = blob.size, addr = %conn.remote_address(), "blob uploaded");
                     SubmitResponse::Ok
                 }
-                Ok(Err(e)) => error(ErrorCode::BadRequest, e.to_string()),
+                Ok(Err((code, e))) => error(code, e),
                 Err(e) => error(ErrorCode::Internal, e.to_string()),
             }
         }

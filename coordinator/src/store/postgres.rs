@@ -118,6 +118,31 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE jobs ADD COLUMN determinism TEXT NOT NULL DEFAULT 'portable';
     "#,
+    // 3: several coordinators on one database (`crate::ha`): the leader lease (its epoch
+    // fences commits), the deployment's submit token, its coordinators' ticket entries, and
+    // the blobs a standby needs to take over.
+    r#"
+    CREATE TABLE peergrid_lease (
+        id INT PRIMARY KEY CHECK (id = 1),
+        epoch BIGINT NOT NULL,           -- +1 at every change of leader
+        holder TEXT NOT NULL,            -- the leader's instance id (its data dir's)
+        entry TEXT NOT NULL,             -- its ticket entry, <node-id>@<host:port>
+        expires_at TIMESTAMPTZ NOT NULL  -- the server's clock
+    );
+    CREATE TABLE peergrid_deployment (
+        id INT PRIMARY KEY CHECK (id = 1),
+        submit_token TEXT NOT NULL
+    );
+    CREATE TABLE peergrid_coordinators (
+        instance TEXT PRIMARY KEY,
+        entry TEXT NOT NULL,
+        seen TIMESTAMPTZ NOT NULL
+    );
+    CREATE TABLE peergrid_blobs (
+        id BYTEA PRIMARY KEY,            -- blake3 of data
+        data BYTEA NOT NULL
+    );
+    "#,
 ];
 
 /// Key of the advisory lock held while migrating, so two coordinators started at once on
@@ -224,6 +249,8 @@ pub struct PostgresStore {
     /// The URL without its password (for messages).
     shown: String,
     st: Statements,
+    /// The leader lease's epoch this store commits under ([`PostgresStore::fence`]).
+    fence: Option<(i64, Statement)>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -481,7 +508,24 @@ impl PostgresStore {
         }
         migrate(&mut client, &shown)?;
         let st = Statements::prepare(&mut client)?;
-        Ok(PostgresStore { client, shown, st })
+        Ok(PostgresStore {
+            client,
+            shown,
+            st,
+            fence: None,
+        })
+    }
+
+    /// Commit only while the leader lease (`crate::ha`) has epoch `epoch`: every commit
+    /// first reads the lease row `FOR SHARE` (a take-over, which updates it, waits for the
+    /// commit in flight) and fails with [`StoreError::Fenced`] once another coordinator
+    /// took the lease.
+    pub fn fence(&mut self, epoch: i64) -> Result<(), StoreError> {
+        let st = self
+            .client
+            .prepare("SELECT epoch FROM peergrid_lease WHERE id = 1 FOR SHARE")?;
+        self.fence = Some((epoch, st));
+        Ok(())
     }
 
     /// The schema version (for tests and diagnostics).
@@ -947,6 +991,12 @@ impl Store for PostgresStore {
         }
         let groups = plan(batch);
         let mut tx = self.client.transaction()?;
+        if let Some((ours, st)) = &self.fence {
+            let now: Option<i64> = tx.query_opt(st, &[])?.map(|r| r.get(0));
+            if now != Some(*ours) {
+                return Err(StoreError::Fenced { ours: *ours, now });
+            }
+        }
         for (kind, ms) in &groups {
             Self::run(&self.st, &mut tx, *kind, ms)?;
         }

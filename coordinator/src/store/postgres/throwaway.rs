@@ -21,6 +21,9 @@ pub struct ThrowawayPostgres {
     bin: PathBuf,
     as_postgres: bool,
     databases: AtomicU32,
+    /// Also listening on TCP at this address, inside this network namespace
+    /// ([`ThrowawayPostgres::start_in_netns`]).
+    tcp: Option<(String, std::net::IpAddr)>,
 }
 
 /// The newest installed server's `bin` directory, if any.
@@ -50,6 +53,22 @@ impl ThrowawayPostgres {
     /// `postgres` user to run it as); `Err` when one is installed but would not start.
     /// Blocks for a second or two.
     pub fn start() -> Result<Option<ThrowawayPostgres>, String> {
+        Self::start_with(None)
+    }
+
+    /// [`ThrowawayPostgres::start`] as a database host of a network lab: the server runs in
+    /// the network namespace `netns` and also listens on TCP `ip:5432` there (any client
+    /// that reaches it is trusted, as on the Unix socket), for [`Self::tcp_url_of`].
+    pub fn start_in_netns(
+        netns: &str,
+        ip: std::net::IpAddr,
+    ) -> Result<Option<ThrowawayPostgres>, String> {
+        Self::start_with(Some((netns.to_string(), ip)))
+    }
+
+    fn start_with(
+        tcp: Option<(String, std::net::IpAddr)>,
+    ) -> Result<Option<ThrowawayPostgres>, String> {
         let Some(bin) = find_bin() else {
             return Ok(None);
         };
@@ -74,6 +93,7 @@ impl ThrowawayPostgres {
             bin,
             as_postgres,
             databases: AtomicU32::new(0),
+            tcp,
         };
         if as_postgres {
             let ok = Command::new("chown")
@@ -106,6 +126,20 @@ impl ThrowawayPostgres {
             ],
         )?;
         let sock = path_str(server.dir.path())?.to_string();
+        let listen = match &server.tcp {
+            Some((_, ip)) => {
+                use std::io::Write;
+                let hba = data.join("pg_hba.conf");
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&hba)
+                    .map_err(|e| format!("opening {}: {e}", hba.display()))?;
+                writeln!(f, "host all all 0.0.0.0/0 trust")
+                    .map_err(|e| format!("writing {}: {e}", hba.display()))?;
+                ip.to_string()
+            }
+            None => String::new(),
+        };
         let log = server.dir.path().join("server.log");
         server
             .run(
@@ -119,7 +153,7 @@ impl ThrowawayPostgres {
                     "-t",
                     "120",
                     "-o",
-                    &format!("-k {sock} -c listen_addresses=''"),
+                    &format!("-k {sock} -c listen_addresses='{listen}'"),
                     "start",
                 ],
             )
@@ -159,16 +193,37 @@ impl ThrowawayPostgres {
         )
     }
 
+    /// URL of database `db` over TCP, for clients on other hosts of the lab (only after
+    /// [`Self::start_in_netns`]).
+    pub fn tcp_url_of(&self, db: &str) -> Option<String> {
+        let (_, ip) = self.tcp.as_ref()?;
+        Some(format!("postgres://postgres@{ip}:5432/{db}"))
+    }
+
     /// Create a new, empty database on this server; returns its URL. Blocks: call it from a
     /// plain thread, not an async task.
     pub fn fresh_database(&self) -> Result<String, String> {
+        Ok(self.url_of(&self.create_database()?))
+    }
+
+    /// [`Self::fresh_database`]: its URL over TCP ([`Self::tcp_url_of`], for the lab's
+    /// hosts) and over the Unix socket (for the test itself, outside the lab).
+    pub fn fresh_tcp_database(&self) -> Result<(String, String), String> {
+        let name = self.create_database()?;
+        let tcp = self
+            .tcp_url_of(&name)
+            .ok_or_else(|| "this server does not listen on TCP (start_in_netns)".to_string())?;
+        Ok((tcp, self.url_of(&name)))
+    }
+
+    fn create_database(&self) -> Result<String, String> {
         let n = self.databases.fetch_add(1, Ordering::Relaxed);
         let name = format!("peergrid_{n}");
         let mut c = postgres::Client::connect(&self.url(), postgres::NoTls)
             .map_err(|e| super::describe(&e))?;
         c.batch_execute(&format!("CREATE DATABASE {name}"))
             .map_err(|e| super::describe(&e))?;
-        Ok(self.url_of(&name))
+        Ok(name)
     }
 
     fn data(&self) -> PathBuf {
@@ -177,13 +232,21 @@ impl ThrowawayPostgres {
 
     fn run(&self, tool: &str, args: &[&str]) -> Result<(), String> {
         let exe = self.bin.join(tool);
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&exe);
-            c
-        } else {
-            Command::new(&exe)
+        let mut cmd = match &self.tcp {
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]);
+                c
+            }
+            None => Command::new(if self.as_postgres { "runuser" } else { "env" }),
         };
+        if self.tcp.is_some() && self.as_postgres {
+            cmd.arg("runuser");
+        }
+        if self.as_postgres {
+            cmd.args(["-u", "postgres", "--"]);
+        }
+        cmd.arg(&exe);
         // Run from the temporary directory: as the postgres user, the caller's directory may
         // not be readable.
         let out = cmd

@@ -1,0 +1,480 @@
+//! High availability: several `coordinator serve` processes on one PostgreSQL database,
+//! exactly one of which leads.
+//!
+//! - **The lease.** One row (`peergrid_lease`) names the leader, its lease's expiry (the
+//!   database server's clock, so the coordinators' clocks do not matter) and an **epoch**
+//!   that grows by one at every change of leader. The leader renews it every
+//!   [`LeaseConfig::renew`]; a standby takes it once it has lapsed ([`LeaseConfig::ttl`]
+//!   after the last renewal) or at once when the leader gave it up on a graceful stop. The
+//!   same coordinator restarted (same data dir, so the same instance id) takes it back at
+//!   once: a `kill -9` and restart of a lone coordinator waits for nothing.
+//! - **Fencing.** Every commit of the leader's store first reads the lease row `FOR SHARE`
+//!   and refuses to commit unless the epoch is still its own
+//!   ([`crate::store::PostgresStore::fence`]). A standby's take-over updates that row, so it
+//!   waits for the old leader's commit in flight, and every later commit of the old leader
+//!   (one that stalled past its lease and woke up) fails: nothing it does after losing the
+//!   lease is recorded. The new leader loads its state only after taking the lease, so it
+//!   sees every commit of the old one.
+//! - **What lives outside the database** is shared through it too: the submit token (one per
+//!   deployment, `peergrid_deployment`), the coordinators' ticket entries (each writes a ticket
+//!   listing all of them, `peergrid_coordinators`), and the blobs submitters upload and the
+//!   outputs the leader collects (`peergrid_blobs`, copied into a standby's own blob store
+//!   while it stands by, so a take-over does not wait for them).
+//! - **Standing by**, a coordinator listens on its address and refuses every connection at
+//!   once, so clients dialling every address of the ticket
+//!   ([`tasks::net::connect_any`]) reach the leader without waiting for a timeout.
+//!
+//! All database calls here use the synchronous `postgres` client, on the lease's own thread
+//! or on `spawn_blocking` threads (see [`crate::store::postgres`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use postgres::{Client, NoTls};
+use tokio::sync::watch;
+
+use blobs::BlobStore;
+use tasks::{BlobId, BlobRef, NodeId, Ticket};
+
+use crate::store::postgres::{describe, redact};
+
+/// A data-dir file naming this coordinator instance: the lease's holder. Two processes on
+/// one data dir are the same instance (the second takes over from the first at once).
+pub const INSTANCE_FILE: &str = "instance";
+
+/// Lease timing (`[ha]` in the config file).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LeaseConfig {
+    /// A lease not renewed for this long lapses and a standby takes over.
+    pub ttl: Duration,
+    /// How often the leader renews it.
+    pub renew: Duration,
+    /// How often a standby checks whether it lapsed.
+    pub poll: Duration,
+}
+
+impl Default for LeaseConfig {
+    /// 4 s: a dead leader is replaced within ~4.5 s (its clients notice within
+    /// [`tasks::net::FAILOVER_IDLE_TIMEOUT`]); renewing every second leaves three renewals'
+    /// slack before a busy but live leader loses its lease.
+    fn default() -> LeaseConfig {
+        LeaseConfig {
+            ttl: Duration::from_secs(4),
+            renew: Duration::from_secs(1),
+            poll: Duration::from_millis(250),
+        }
+    }
+}
+
+/// The instance id of the data dir `dir`, created on first use.
+pub fn instance_id(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join(INSTANCE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        Ok(_) => create_instance(&path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_instance(&path),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn create_instance(path: &Path) -> anyhow::Result<String> {
+    let id = hex::encode(rand::random::<[u8; 16]>());
+    tasks::identity::write_private(path, format!("{id}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(id)
+}
+
+/// Connect with the store's settings (timeout, application name) and one-line errors.
+fn connect(url: &str) -> anyhow::Result<Client> {
+    let shown = redact(url);
+    let mut config: postgres::Config = url
+        .parse()
+        .map_err(|e: postgres::Error| anyhow::anyhow!("{shown}: {}", describe(&e)))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    config.application_name("peergrid-coordinator-ha");
+    config
+        .connect(NoTls)
+        .map_err(|e| anyhow::anyhow!("cannot connect to {shown}: {}", describe(&e)))
+}
+
+/// The deployment's submit token: the one already in the database, or `local` (this data
+/// dir's) recorded as the deployment's when it is the first coordinator. Blocks.
+pub fn deployment_token(url: &str, local: &str) -> anyhow::Result<String> {
+    let mut c = connect(url)?;
+    c.execute(
+        "INSERT INTO peergrid_deployment (id, submit_token) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+        &[&local],
+    )?;
+    Ok(c.query_one("SELECT submit_token FROM peergrid_deployment WHERE id = 1", &[])?
+        .get(0))
+}
+
+/// What the lease thread reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LeaseState {
+    /// Another coordinator leads (its ticket entry, when known).
+    Standby { leader: Option<String> },
+    /// This coordinator leads with this epoch.
+    Leading { epoch: i64 },
+    /// It led and lost the lease (or could not renew it in time): it must stop.
+    Lost(String),
+}
+
+/// This coordinator's place in the deployment: a thread that stands by until it can take
+/// the lease, then renews it; it also keeps the ticket file and the blob mirror current.
+pub struct Lease {
+    state: watch::Receiver<LeaseState>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What the lease thread works with.
+pub struct LeaseCtx {
+    pub url: String,
+    pub instance: String,
+    /// This coordinator's ticket entry (its key and advertised address).
+    pub entry: (NodeId, String),
+    /// Where its ticket file is written (listing every coordinator of the deployment).
+    pub ticket_file: PathBuf,
+    /// Its blob store, filled from the database's mirror while it stands by.
+    pub blobs: BlobStore,
+    pub config: LeaseConfig,
+}
+
+impl Lease {
+    /// Register this coordinator and start the lease thread (standing by first).
+    pub fn start(ctx: LeaseCtx) -> anyhow::Result<Lease> {
+        let mut client = connect(&ctx.url)?;
+        let entry = format!("{}@{}", ctx.entry.0, ctx.entry.1);
+        client.execute(
+            "INSERT INTO peergrid_coordinators (instance, entry, seen) VALUES ($1, $2, clock_timestamp())
+             ON CONFLICT (instance) DO UPDATE SET entry = EXCLUDED.entry, seen = EXCLUDED.seen",
+            &[&ctx.instance, &entry],
+        )?;
+        let (tx, rx) = watch::channel(LeaseState::Standby { leader: None });
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("lease".into())
+            .spawn(move || lease_thread(ctx, client, tx, s))
+            .context("starting the lease thread")?;
+        Ok(Lease {
+            state: rx,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Wait until this coordinator leads; returns its epoch. Logs who leads meanwhile.
+    pub async fn leading(&mut self) -> anyhow::Result<i64> {
+        let mut said = None;
+        loop {
+            let now = self.state.borrow_and_update().clone();
+            match now {
+                LeaseState::Leading { epoch } => return Ok(epoch),
+                LeaseState::Lost(why) => anyhow::bail!("{why}"),
+                LeaseState::Standby { leader } => {
+                    if leader.is_some() && said != leader {
+                        tracing::info!(
+                            leader = leader.as_deref().unwrap_or("?"),
+                            "standing by: another coordinator of this deployment leads; taking over if its lease lapses"
+                        );
+                        said = leader;
+                    }
+                }
+            }
+            if self.state.changed().await.is_err() {
+                anyhow::bail!("the lease thread stopped");
+            }
+        }
+    }
+
+    /// Resolves when the lease is lost; says why.
+    pub fn lost(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut state = self.state.clone();
+        async move {
+            loop {
+                if let LeaseState::Lost(why) = &*state.borrow_and_update() {
+                    return why.clone();
+                }
+                if state.changed().await.is_err() {
+                    return "the lease thread stopped".into();
+                }
+            }
+        }
+    }
+
+    /// Stop renewing and give the lease up at once (after the last commit), so a standby
+    /// takes over without waiting for it to lapse. Blocks: call from a plain thread.
+    pub fn release(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Not released explicitly (e.g. the process is failing): the thread stops renewing
+        // and the lease lapses by itself.
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+const ACQUIRE: &str = "
+    INSERT INTO peergrid_lease (id, epoch, holder, entry, expires_at)
+    VALUES (1, 1, $1, $2, clock_timestamp() + make_interval(secs => $3))
+    ON CONFLICT (id) DO UPDATE SET
+        epoch = peergrid_lease.epoch + 1, holder = EXCLUDED.holder,
+        entry = EXCLUDED.entry, expires_at = EXCLUDED.expires_at
+    WHERE peergrid_lease.expires_at < clock_timestamp() OR peergrid_lease.holder = EXCLUDED.holder
+    RETURNING epoch";
+const RENEW: &str = "UPDATE peergrid_lease SET expires_at = clock_timestamp() + make_interval(secs => $2) WHERE id = 1 AND epoch = $1";
+const RELEASE: &str = "UPDATE peergrid_lease SET expires_at = clock_timestamp() - interval '1 second' WHERE id = 1 AND epoch = $1";
+const LEADER: &str =
+    "SELECT entry FROM peergrid_lease WHERE id = 1 AND expires_at >= clock_timestamp()";
+
+/// How often the ticket file and (standing by) the blob mirror are refreshed.
+const REFRESH: Duration = Duration::from_secs(2);
+
+fn lease_thread(
+    ctx: LeaseCtx,
+    mut client: Client,
+    tx: watch::Sender<LeaseState>,
+    stop: Arc<AtomicBool>,
+) {
+    let ttl = ctx.config.ttl.as_secs_f64();
+    let mut ticket_text = String::new();
+    let mut refresh = |client: &mut Client, mirror: bool| {
+        if let Err(e) = write_ticket(client, &ctx, &mut ticket_text) {
+            tracing::warn!(error = %format!("{e:#}"), "cannot refresh the ticket file");
+        }
+        if mirror {
+            if let Err(e) = copy_mirror(client, &ctx.blobs) {
+                tracing::warn!(error = %format!("{e:#}"), "cannot copy blobs from the database");
+            }
+        }
+    };
+    // Standing by.
+    let mut last_refresh: Option<Instant> = None;
+    let epoch = loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        if last_refresh.is_none_or(|t| t.elapsed() >= REFRESH) {
+            refresh(&mut client, true);
+            last_refresh = Some(Instant::now());
+        }
+        let entry = format!("{}@{}", ctx.entry.0, ctx.entry.1);
+        match client.query_opt(ACQUIRE, &[&ctx.instance, &entry, &ttl]) {
+            Ok(Some(row)) => break row.get::<_, i64>(0),
+            Ok(None) => {
+                let leader = client
+                    .query_opt(LEADER, &[])
+                    .ok()
+                    .flatten()
+                    .map(|r| r.get::<_, String>(0));
+                tx.send_if_modified(|s| {
+                    let new = LeaseState::Standby { leader };
+                    (*s != new).then(|| *s = new).is_some()
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %describe(&e), "cannot check the leader lease; retrying");
+                std::thread::sleep(ctx.config.poll.max(Duration::from_secs(1)));
+                if let Ok(c) = connect(&ctx.url) {
+                    client = c;
+                }
+                continue;
+            }
+        }
+        std::thread::sleep(ctx.config.poll);
+    };
+    // Everything the old leader stored is in the mirror: copy what is still missing before
+    // serving.
+    refresh(&mut client, true);
+    tracing::info!(epoch, "took the leader lease: this coordinator leads");
+    let _ = tx.send(LeaseState::Leading { epoch });
+    // Leading: renew until stopped or lost.
+    let mut renewed = Instant::now();
+    let mut last_refresh = Instant::now();
+    loop {
+        std::thread::sleep(ctx.config.renew);
+        if stop.load(Ordering::SeqCst) {
+            if let Err(e) = client.execute(RELEASE, &[&epoch]) {
+                tracing::warn!(error = %describe(&e), "cannot release the leader lease; it lapses by itself");
+            } else {
+                tracing::info!(epoch, "released the leader lease");
+            }
+            return;
+        }
+        match client.execute(RENEW, &[&epoch, &ttl]) {
+            Ok(1) => renewed = Instant::now(),
+            Ok(_) => {
+                let _ = tx.send(LeaseState::Lost(format!(
+                    "another coordinator took the leader lease (ours was epoch {epoch}): this one stops; restarted, it stands by"
+                )));
+                return;
+            }
+            Err(e) => {
+                if renewed.elapsed() >= ctx.config.ttl {
+                    let _ = tx.send(LeaseState::Lost(format!(
+                        "cannot renew the leader lease for {:.1} s ({}): a standby may lead now, so this one stops",
+                        renewed.elapsed().as_secs_f64(),
+                        describe(&e)
+                    )));
+                    return;
+                }
+                tracing::warn!(error = %describe(&e), "cannot renew the leader lease; retrying");
+                if let Ok(c) = connect(&ctx.url) {
+                    client = c;
+                }
+                continue;
+            }
+        }
+        if last_refresh.elapsed() >= REFRESH {
+            refresh(&mut client, false);
+            last_refresh = Instant::now();
+        }
+    }
+}
+
+/// Write the ticket file listing every coordinator of the deployment, this one first, when
+/// the list changed.
+fn write_ticket(client: &mut Client, ctx: &LeaseCtx, last: &mut String) -> anyhow::Result<()> {
+    let ticket = deployment_ticket(client, &ctx.instance, &ctx.entry)?;
+    let text = ticket.to_string();
+    if *last != text {
+        tasks::identity::write_private(&ctx.ticket_file, format!("{text}\n").as_bytes())
+            .context("writing the ticket file")?;
+        if !last.is_empty() {
+            tracing::info!(%ticket, "the deployment's coordinators changed; ticket file rewritten");
+        }
+        *last = text;
+    }
+    Ok(())
+}
+
+/// The ticket of the deployment as this coordinator sees it: itself first, then the others
+/// registered in the database (at most [`Ticket::MAX_ENTRIES`]).
+pub fn deployment_ticket(
+    client: &mut Client,
+    instance: &str,
+    own: &(NodeId, String),
+) -> anyhow::Result<Ticket> {
+    let mut entries = vec![own.clone()];
+    for row in client.query(
+        "SELECT entry FROM peergrid_coordinators WHERE instance <> $1 ORDER BY instance",
+        &[&instance],
+    )? {
+        let entry: String = row.get(0);
+        let parsed: Option<(NodeId, String)> = entry
+            .split_once('@')
+            .and_then(|(id, addr)| Some((id.parse().ok()?, addr.to_string())));
+        match parsed {
+            Some(e) if !entries.contains(&e) && entries.len() < Ticket::MAX_ENTRIES => {
+                entries.push(e)
+            }
+            Some(_) => {}
+            None => tracing::warn!(entry, "ignoring a malformed coordinator entry in the database"),
+        }
+    }
+    Ok(Ticket::of_entries(entries).expect("own entry"))
+}
+
+/// The deployment's ticket for an in-process caller: connects, reads, disconnects. Blocks.
+pub fn ticket_of(url: &str, instance: &str, own: &(NodeId, String)) -> anyhow::Result<Ticket> {
+    deployment_ticket(&mut connect(url)?, instance, own)
+}
+
+/// Copy every mirrored blob this coordinator's store lacks.
+fn copy_mirror(client: &mut Client, blobs: &BlobStore) -> anyhow::Result<()> {
+    let ids: Vec<Vec<u8>> = client
+        .query("SELECT id FROM peergrid_blobs", &[])?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for raw in ids {
+        let Ok(bytes) = <[u8; 32]>::try_from(raw.as_slice()) else {
+            continue;
+        };
+        let id = BlobId(bytes);
+        if blobs.has(&id) {
+            continue;
+        }
+        let Some(row) = client.query_opt("SELECT data FROM peergrid_blobs WHERE id = $1", &[&raw])?
+        else {
+            continue;
+        };
+        let data: Vec<u8> = row.get(0);
+        let blob = BlobRef {
+            id,
+            size: data.len() as u64,
+        };
+        blobs
+            .put_verified(blob, &data)
+            .with_context(|| format!("storing mirrored blob {}", id.short()))?;
+        tracing::debug!(blob = %id.short(), size = data.len(), "blob copied from the database");
+    }
+    Ok(())
+}
+
+/// The leader's copy of its blobs in the database: every blob a submitter uploads and every
+/// output the leader collects is written here before it is acknowledged or recorded, so a
+/// standby that takes over has them. Blocking: call from `spawn_blocking`.
+pub struct BlobMirror {
+    url: String,
+    client: Mutex<Option<Client>>,
+}
+
+impl std::fmt::Debug for BlobMirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BlobMirror({})", redact(&self.url))
+    }
+}
+
+impl BlobMirror {
+    pub fn new(url: &str) -> BlobMirror {
+        BlobMirror {
+            url: url.to_string(),
+            client: Mutex::new(None),
+        }
+    }
+
+    /// Store `data` (whose id is `id`) unless it is there already. One reconnection on
+    /// failure.
+    pub fn put(&self, id: &BlobId, data: &[u8]) -> anyhow::Result<()> {
+        let mut guard = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        for attempt in 0..2 {
+            if guard.is_none() {
+                *guard = Some(connect(&self.url)?);
+            }
+            let c = guard.as_mut().expect("connected above");
+            match c.execute(
+                "INSERT INTO peergrid_blobs (id, data) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+                &[&id.0.as_slice(), &data],
+            ) {
+                Ok(_) => return Ok(()),
+                Err(e) if attempt == 0 && c.is_closed() => {
+                    tracing::debug!(error = %describe(&e), "blob mirror connection lost; reconnecting");
+                    *guard = None;
+                }
+                Err(e) => {
+                    return Err(anyhow::anyhow!(
+                        "cannot copy blob {} to the database: {}",
+                        id.short(),
+                        describe(&e)
+                    ))
+                }
+            }
+        }
+        unreachable!("the second attempt returns")
+    }
+}
