@@ -19,9 +19,7 @@ use tasks::wire::{
     SubmitRequest, SubmitResponse, TaskFailure, TaskResult, TaskState, ALPN_SUBMIT,
     MAX_FAILURES_PER_PAGE,
 };
-use tasks::{
-    BlobId, BlobRef, Determinism, JobId, JobManifest, JobSpec, NodeId, NodeKey, Ticket,
-};
+use tasks::{BlobId, BlobRef, Determinism, JobId, JobManifest, JobSpec, NodeId, NodeKey, Ticket};
 
 /// Why a client call failed. Every message is one line saying what to do.
 #[derive(Debug, thiserror::Error)]

@@ -111,8 +111,11 @@ pub fn deployment_token(url: &str, local: &str) -> anyhow::Result<String> {
         "INSERT INTO peergrid_deployment (id, submit_token) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
         &[&local],
     )?;
-    Ok(c.query_one("SELECT submit_token FROM peergrid_deployment WHERE id = 1", &[])?
-        .get(0))
+    Ok(c.query_one(
+        "SELECT submit_token FROM peergrid_deployment WHERE id = 1",
+        &[],
+    )?
+    .get(0))
 }
 
 /// What the lease thread reports.
@@ -241,6 +244,24 @@ const RELEASE: &str = "UPDATE peergrid_lease SET expires_at = clock_timestamp() 
 const LEADER: &str =
     "SELECT entry FROM peergrid_lease WHERE id = 1 AND expires_at >= clock_timestamp()";
 
+/// Take the lease for `instance` (ticket entry `entry`) if it is free, lapsed or already
+/// ours; `Some(epoch)` when taken.
+pub fn acquire(
+    client: &mut Client,
+    instance: &str,
+    entry: &str,
+    ttl: Duration,
+) -> Result<Option<i64>, postgres::Error> {
+    Ok(client
+        .query_opt(ACQUIRE, &[&instance, &entry, &ttl.as_secs_f64()])?
+        .map(|r| r.get(0)))
+}
+
+/// Extend the lease of `epoch`; false when another coordinator has taken it since.
+pub fn renew(client: &mut Client, epoch: i64, ttl: Duration) -> Result<bool, postgres::Error> {
+    Ok(client.execute(RENEW, &[&epoch, &ttl.as_secs_f64()])? == 1)
+}
+
 /// How often the ticket file and (standing by) the blob mirror are refreshed.
 const REFRESH: Duration = Duration::from_secs(2);
 
@@ -250,7 +271,7 @@ fn lease_thread(
     tx: watch::Sender<LeaseState>,
     stop: Arc<AtomicBool>,
 ) {
-    let ttl = ctx.config.ttl.as_secs_f64();
+    let ttl = ctx.config.ttl;
     let mut ticket_text = String::new();
     let mut refresh = |client: &mut Client, mirror: bool| {
         if let Err(e) = write_ticket(client, &ctx, &mut ticket_text) {
@@ -273,8 +294,8 @@ fn lease_thread(
             last_refresh = Some(Instant::now());
         }
         let entry = format!("{}@{}", ctx.entry.0, ctx.entry.1);
-        match client.query_opt(ACQUIRE, &[&ctx.instance, &entry, &ttl]) {
-            Ok(Some(row)) => break row.get::<_, i64>(0),
+        match acquire(&mut client, &ctx.instance, &entry, ttl) {
+            Ok(Some(epoch)) => break epoch,
             Ok(None) => {
                 let leader = client
                     .query_opt(LEADER, &[])
@@ -315,9 +336,9 @@ fn lease_thread(
             }
             return;
         }
-        match client.execute(RENEW, &[&epoch, &ttl]) {
-            Ok(1) => renewed = Instant::now(),
-            Ok(_) => {
+        match renew(&mut client, epoch, ttl) {
+            Ok(true) => renewed = Instant::now(),
+            Ok(false) => {
                 let _ = tx.send(LeaseState::Lost(format!(
                     "another coordinator took the leader lease (ours was epoch {epoch}): this one stops; restarted, it stands by"
                 )));
@@ -383,7 +404,10 @@ pub fn deployment_ticket(
                 entries.push(e)
             }
             Some(_) => {}
-            None => tracing::warn!(entry, "ignoring a malformed coordinator entry in the database"),
+            None => tracing::warn!(
+                entry,
+                "ignoring a malformed coordinator entry in the database"
+            ),
         }
     }
     Ok(Ticket::of_entries(entries).expect("own entry"))
@@ -409,7 +433,8 @@ fn copy_mirror(client: &mut Client, blobs: &BlobStore) -> anyhow::Result<()> {
         if blobs.has(&id) {
             continue;
         }
-        let Some(row) = client.query_opt("SELECT data FROM peergrid_blobs WHERE id = $1", &[&raw])?
+        let Some(row) =
+            client.query_opt("SELECT data FROM peergrid_blobs WHERE id = $1", &[&raw])?
         else {
             continue;
         };
@@ -476,5 +501,110 @@ impl BlobMirror {
             }
         }
         unreachable!("the second attempt returns")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::postgres::throwaway::ThrowawayPostgres;
+    use crate::store::{Mutation, PostgresStore, Store, StoreError};
+    use tasks::wire::JobState;
+    use tasks::JobId;
+
+    fn a_commit() -> Vec<Mutation> {
+        vec![Mutation::JobState {
+            job: JobId(1),
+            state: JobState::Done,
+        }]
+    }
+
+    /// The fencing rule on a real server: a leader whose lease another coordinator took
+    /// cannot commit anything more, whatever it believes; the same instance restarted takes
+    /// its lease back at once (and fences its previous process).
+    #[test]
+    fn a_coordinator_that_lost_the_lease_can_no_longer_commit() {
+        let Some(pg) = ThrowawayPostgres::for_tests() else {
+            return;
+        };
+        let url = pg.fresh_database().unwrap();
+        let mut a = PostgresStore::open(&url).unwrap(); // creates the tables
+        let mut c = connect(&url).unwrap();
+        let short = Duration::from_millis(300);
+        let e1 = acquire(&mut c, "instance-a", "a@192.0.2.1:7100", short)
+            .unwrap()
+            .expect("a free lease is taken");
+        a.fence(e1).unwrap();
+        a.commit(&a_commit()).expect("the leader commits");
+        // Held and live: nobody else gets it.
+        assert_eq!(
+            acquire(&mut c, "instance-b", "b@192.0.2.2:7100", short).unwrap(),
+            None
+        );
+        assert!(renew(&mut c, e1, short).unwrap());
+        // A stalls past its lease; B takes over.
+        std::thread::sleep(Duration::from_millis(500));
+        let e2 = acquire(
+            &mut c,
+            "instance-b",
+            "b@192.0.2.2:7100",
+            Duration::from_secs(30),
+        )
+        .unwrap()
+        .expect("a lapsed lease is taken");
+        assert_eq!(e2, e1 + 1);
+        // A wakes up: neither its renewal nor its commit goes through.
+        assert!(!renew(&mut c, e1, short).unwrap());
+        match a.commit(&a_commit()) {
+            Err(StoreError::Fenced { ours, now }) => assert_eq!((ours, now), (e1, Some(e2))),
+            other => panic!("the old leader committed: {other:?}"),
+        }
+        let mut b = PostgresStore::open(&url).unwrap();
+        b.fence(e2).unwrap();
+        b.commit(&a_commit()).expect("the new leader commits");
+        // B restarted (same instance id): takes the live lease back at once, and B's previous
+        // process is fenced like A.
+        let e3 = acquire(
+            &mut c,
+            "instance-b",
+            "b@192.0.2.2:7100",
+            Duration::from_secs(30),
+        )
+        .unwrap()
+        .expect("the same instance takes its lease back");
+        assert_eq!(e3, e2 + 1);
+        assert!(matches!(
+            b.commit(&a_commit()),
+            Err(StoreError::Fenced { .. })
+        ));
+    }
+
+    #[test]
+    fn the_deployment_has_one_token_and_a_ticket_listing_every_coordinator() {
+        let Some(pg) = ThrowawayPostgres::for_tests() else {
+            return;
+        };
+        let url = pg.fresh_database().unwrap();
+        drop(PostgresStore::open(&url).unwrap());
+        assert_eq!(deployment_token(&url, "first").unwrap(), "first");
+        assert_eq!(deployment_token(&url, "second").unwrap(), "first");
+        let (ka, kb) = (tasks::NodeKey::generate(), tasks::NodeKey::generate());
+        let own_a = (ka.node_id(), "192.0.2.1:7100".to_string());
+        let own_b = (kb.node_id(), "192.0.2.2:7100".to_string());
+        let mut c = connect(&url).unwrap();
+        for (inst, own) in [("a", &own_a), ("b", &own_b)] {
+            c.execute(
+                "INSERT INTO peergrid_coordinators (instance, entry, seen) VALUES ($1, $2, clock_timestamp())",
+                &[&inst, &format!("{}@{}", own.0, own.1)],
+            )
+            .unwrap();
+        }
+        let t = ticket_of(&url, "b", &own_b).unwrap();
+        let entries: Vec<_> = t.entries().map(|(id, a)| (id, a.to_string())).collect();
+        assert_eq!(
+            entries,
+            vec![own_b.clone(), own_a.clone()],
+            "own entry first"
+        );
     }
 }

@@ -7,7 +7,9 @@
 //! Every process on its own host of a [`netsim`] lab (network namespaces): PostgreSQL on a
 //! database host (TCP), coordinators A and B on two more, three workers, the scientist. The
 //! killed coordinator is restarted (same host, same data dir) once the other leads, and
-//! stands by for the next kill.
+//! stands by for the next kill. The last "kill" (of two or more) is a SIGSTOP instead: the
+//! standby takes over from the stalled leader, which, resumed, must find its lease taken and
+//! exit by itself with a clear error (its commits are fenced meanwhile).
 //!
 //! Failover time, per kill: from the SIGKILL to the new leader's log line "first work request
 //! served since this coordinator started" (seen by polling its log every 20 ms). Printed,
@@ -39,10 +41,33 @@ const FAILOVER_GUARD: Duration = Duration::from_secs(120);
 /// The job must move within this (a hang guard paced by progress).
 const STALL: Duration = Duration::from_secs(300);
 
-/// 40 tasks over [0, 5·10⁹): π(5·10⁹) = 234 954 223.
-const TASKS: u64 = 40;
-const BLOCK: u64 = 125_000_000;
-const PRIMES: u64 = 234_954_223;
+/// The job: `tasks` primes tasks of `block` numbers each over [0, n), and π(n).
+struct Job {
+    tasks: u64,
+    block: u64,
+    primes: u64,
+    label: &'static str,
+}
+
+/// 40 tasks over [0, 5·10⁹) (π = 234 954 223); for more than 3 kills a job twice as long,
+/// 100 tasks over [0, 10¹⁰) (π = 455 052 511), so every kill lands while it runs.
+fn job_for(kills: usize) -> Job {
+    if kills <= 3 {
+        Job {
+            tasks: 40,
+            block: 125_000_000,
+            primes: 234_954_223,
+            label: "pi(5e9)",
+        }
+    } else {
+        Job {
+            tasks: 100,
+            block: 100_000_000,
+            primes: 455_052_511,
+            label: "pi(1e10)",
+        }
+    }
+}
 
 fn say(line: &str) {
     let line = format!("{line}\n");
@@ -147,7 +172,10 @@ fn the_standby_takes_over_from_a_killed_leader_and_the_job_loses_nothing() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let dir = tempfile::Builder::new().prefix("standby-").tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("standby-")
+        .tempdir()
+        .unwrap();
     if let Err(e) = run(&mut lab, dir.path(), kills) {
         if let Some(keep) = std::env::var_os("PEERGRID_KEEP_LOGS") {
             netgrid::keep_logs(dir.path(), Path::new(&keep));
@@ -160,6 +188,12 @@ fn the_standby_takes_over_from_a_killed_leader_and_the_job_loses_nothing() {
 }
 
 fn run(lab: &mut Lab, dir: &Path, kills: usize) -> Result<()> {
+    let Job {
+        tasks: n_tasks,
+        block,
+        primes,
+        label,
+    } = job_for(kills);
     let db = lab.public_host("db", 1)?;
     let pg = match ThrowawayPostgres::start_in_netns(&db.ns, db.ip.into()) {
         Ok(Some(pg)) => pg,
@@ -195,7 +229,9 @@ fn run(lab: &mut Lab, dir: &Path, kills: usize) -> Result<()> {
         std::fs::create_dir_all(&c.dir)?;
     }
     coords[0].start(&url)?;
-    wait_for("A takes the lead", START_GUARD, || coords[0].log_has(TOOK_LEAD))?;
+    wait_for("A takes the lead", START_GUARD, || {
+        coords[0].log_has(TOOK_LEAD)
+    })?;
     let ticket = coords[1].start(&url)?;
     // B's ticket lists both coordinators, each with its own key; both share A's token.
     let parsed: tasks::Ticket = ticket.parse()?;
@@ -239,7 +275,7 @@ fn run(lab: &mut Lab, dir: &Path, kills: usize) -> Result<()> {
     std::fs::copy(common::PRIMES_WASM, jd.join("primes.wasm"))?;
     std::fs::write(
         jd.join("job.toml"),
-        format!("name = \"primes\"\nmodule = \"primes.wasm\"\nquorum = 2\nmax_replicas = 16\nfuel = 20_000_000_000\nmemory_mb = 32\nmax_output = 64\ndeadline_secs = 60\n[tasks]\ncount = {TASKS}\nargs = [\"block\", \"{{i}}\", \"{BLOCK}\"]\n"),
+        format!("name = \"primes\"\nmodule = \"primes.wasm\"\nquorum = 2\nmax_replicas = 16\nfuel = 20_000_000_000\nmemory_mb = 32\nmax_output = 64\ndeadline_secs = 60\n[tasks]\ncount = {n_tasks}\nargs = [\"block\", \"{{i}}\", \"{block}\"]\n"),
     )?;
     let mut submit = netgrid::spawn_submit(
         &coordinator_bin(),
@@ -271,7 +307,7 @@ fn run(lab: &mut Lab, dir: &Path, kills: usize) -> Result<()> {
     let mut failovers = Vec::new();
     for k in 1..=kills as u64 {
         // Kill k once k/(kills+2) of the tasks are accepted.
-        let threshold = TASKS * k / (kills as u64 + 2);
+        let threshold = n_tasks * k / (kills as u64 + 2);
         let (mut seen, mut since) = (0u64, Instant::now());
         let before = loop {
             let st = status("status before a kill")?;
@@ -290,13 +326,17 @@ fn run(lab: &mut Lab, dir: &Path, kills: usize) -> Result<()> {
         }
         let done_before = job_of(&before)["tasks_done"].as_u64().unwrap_or(0);
         let valid_before = valid_counts(&before);
-        // Kill the leader; the other must take over by itself.
+        // Kill the leader; the other must take over by itself. The last time (of two or
+        // more) the leader is stopped (SIGSTOP) instead: a stalled leader, alive but silent.
         let standby = 1 - leader;
-        coords[leader]
-            .proc
-            .take()
-            .context("leader process")?
-            .kill();
+        let stall = kills >= 2 && k == kills as u64;
+        let pid = coords[leader].proc.as_ref().context("leader process")?.id() as i32;
+        if stall {
+            // SAFETY: kill(2) on our own child's pid.
+            anyhow::ensure!(unsafe { libc::kill(pid, libc::SIGSTOP) } == 0, "SIGSTOP");
+        } else {
+            coords[leader].proc.take().context("leader process")?.kill();
+        }
         let killed = Instant::now();
         wait_for("the standby takes the lead", FAILOVER_GUARD, || {
             coords[standby].log_has(TOOK_LEAD)
@@ -309,6 +349,30 @@ fn run(lab: &mut Lab, dir: &Path, kills: usize) -> Result<()> {
         )?;
         let failover = killed.elapsed();
         failovers.push(failover.as_secs_f64());
+        if stall {
+            // Woken up, the old leader finds its lease taken: it must end by itself with a
+            // clear error (its commits are fenced), not linger half-alive.
+            // SAFETY: kill(2) on our own child's pid.
+            anyhow::ensure!(unsafe { libc::kill(pid, libc::SIGCONT) } == 0, "SIGCONT");
+            let mut old = coords[leader].proc.take().context("stalled leader")?;
+            wait_for("the stalled leader exits once resumed", START_GUARD, || {
+                old.exited().is_some()
+            })?;
+            let code = old.exited().and_then(|s| s.code());
+            let fenced = |l: &str| {
+                l.contains("another coordinator took the leader lease")
+                    || l.contains("another coordinator leads now")
+            };
+            let log = std::fs::read_to_string(&coords[leader].log).unwrap_or_default();
+            anyhow::ensure!(
+                code == Some(1) && log.lines().any(fenced),
+                "the resumed old leader exits with a clear error (exit {code:?})"
+            );
+            say(&format!(
+                "standby: the stalled leader, resumed, exited by itself (exit {code:?}): {}",
+                log.lines().find(|l| fenced(l)).unwrap_or_default()
+            ));
+        }
         // Restart the killed one: it stands by now.
         coords[leader].start(&url)?;
         wait_for("the restarted coordinator stands by", START_GUARD, || {
@@ -358,7 +422,10 @@ fn run(lab: &mut Lab, dir: &Path, kills: usize) -> Result<()> {
     let elapsed = started.elapsed();
 
     // Results through the ticket, from whichever coordinator leads.
-    let id = last["id"].as_u64().or(last["job"].as_u64()).context("job id")?;
+    let id = last["id"]
+        .as_u64()
+        .or(last["job"].as_u64())
+        .context("job id")?;
     let out = dir.join("results");
     let mut c = netgrid::cli(&coordinator_bin(), &sci, &ticket, &token, "results");
     c.arg(id.to_string()).arg("--out").arg(&out);
@@ -408,23 +475,33 @@ fn run(lab: &mut Lab, dir: &Path, kills: usize) -> Result<()> {
     sorted.sort_by(f64::total_cmp);
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
     let max = sorted.last().copied().unwrap_or(0.0);
-    let ok = accepted == TASKS
-        && sum == PRIMES
+    let ok = accepted == n_tasks
+        && sum == primes
         && bad_quorum == 0
         && twice == 0
         && lost == 0
         && status_valid == store_valid as u64;
     say(&format!(
-        "FAULT|failover|kill -9 of the leading coordinator {kills} times during a job, a standby on another host taking over each time (PostgreSQL store on a third; 3 workers, {TASKS} primes tasks, every process on its own network-namespace host)|{accepted}/{TASKS} accepted, sum {sum} {} pi(5e9), accepted results or valid counts lost across failovers: {lost}, (worker, task) pairs credited twice: {twice}, status valid = store valid: {}, failover (SIGKILL to first work request served) median {median:.1} s, max {max:.1} s, {:.0} s in all|job completes, nothing lost, none credited twice; failover <= 10 s median|{}",
-        if sum == PRIMES { "=" } else { "!=" },
+        "FAULT|failover|kill -9 of the leading coordinator {} times and SIGSTOP once during a job, a standby on another host taking over each time (PostgreSQL store on a third; 3 workers, {n_tasks} primes tasks, every process on its own network-namespace host)|{accepted}/{n_tasks} accepted, sum {sum} {} {label}, accepted results or valid counts lost across failovers: {lost}, (worker, task) pairs credited twice: {twice}, status valid = store valid: {}, failover (SIGKILL to first work request served) median {median:.1} s, max {max:.1} s, {:.0} s in all|job completes, nothing lost, none credited twice; failover <= 10 s median|{}",
+        kills - 1,
+        if sum == primes { "=" } else { "!=" },
         status_valid == store_valid as u64,
         elapsed.as_secs_f64(),
         if ok && median <= 10.0 { "yes" } else { "no" }
     ));
-    anyhow::ensure!(accepted == TASKS, "every task accepted ({accepted}/{TASKS})");
-    anyhow::ensure!(sum == PRIMES, "the right answer: {sum} != {PRIMES}");
-    anyhow::ensure!(bad_quorum == 0, "{bad_quorum} tasks without a quorum of distinct workers");
-    anyhow::ensure!(lost == 0, "accepted results or credit lost across a failover");
+    anyhow::ensure!(
+        accepted == n_tasks,
+        "every task accepted ({accepted}/{n_tasks})"
+    );
+    anyhow::ensure!(sum == primes, "the right answer: {sum} != {primes}");
+    anyhow::ensure!(
+        bad_quorum == 0,
+        "{bad_quorum} tasks without a quorum of distinct workers"
+    );
+    anyhow::ensure!(
+        lost == 0,
+        "accepted results or credit lost across a failover"
+    );
     anyhow::ensure!(twice == 0, "{twice} (worker, task) pairs credited twice");
     anyhow::ensure!(
         status_valid == store_valid as u64,

@@ -412,7 +412,10 @@ mod tests {
             format!("peergrid1:{a}@192.0.2.1:7100")
         );
         let bad = format!("peergrid1:{a}@192.0.2.1:7100,nope");
-        assert!(matches!(bad.parse::<Ticket>(), Err(ParseTicketError::Addr(_))));
+        assert!(matches!(
+            bad.parse::<Ticket>(),
+            Err(ParseTicketError::Addr(_))
+        ));
         let many = format!(
             "peergrid1:{a}@192.0.2.1:7100{}",
             ",192.0.2.1:7100".repeat(Ticket::MAX_ENTRIES)

@@ -112,8 +112,7 @@ pub fn failover_transport_config() -> Arc<TransportConfig> {
 /// A client config for `key` (pinning the server's key like the endpoint's default one)
 /// with the failover timeouts, for [`connect_any`] to a ticket listing several coordinators.
 pub fn failover_client_config(key: &NodeKey) -> Result<quinn::ClientConfig, NetError> {
-    let mut client =
-        quinn::ClientConfig::new(Arc::new(PinningClient::new(Identity::new(key)?)?));
+    let mut client = quinn::ClientConfig::new(Arc::new(PinningClient::new(Identity::new(key)?)?));
     client.transport_config(failover_transport_config());
     Ok(client)
 }
@@ -320,7 +319,8 @@ pub async fn connect_any(
     let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
     let mut tries = tokio::task::JoinSet::new();
     let dial = |tries: &mut tokio::task::JoinSet<_>, i: usize, delay: Duration| {
-        let (ep, (addr, id), alpn, config) = (ep.clone(), targets[i], alpn.to_vec(), config.cloned());
+        let (ep, (addr, id), alpn, config) =
+            (ep.clone(), targets[i], alpn.to_vec(), config.cloned());
         tries.spawn(async move {
             tokio::time::sleep(delay).await;
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
