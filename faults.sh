@@ -38,8 +38,11 @@ mkdir -p "$LOGS"
 rm -f "$LOGS"/*.log
 if [ "$SMOKE" = 1 ]; then
     unset PEERGRID_FAULTS_FULL
+    unset PEERGRID_HA_KILLS
 else
     export PEERGRID_FAULTS_FULL=1
+    # The standby suite: 9 leader kills (SIGKILL) and a SIGSTOP instead of 2 and 1.
+    export PEERGRID_HA_KILLS=10
 fi
 
 # (package, test target, log name); a target whose file does not exist yet is skipped.
@@ -51,6 +54,7 @@ SUITES=(
     "coordinator hostile hostile-peers"
     "coordinator redteam redteam"
     "coordinator sybil sybil --include-ignored"
+    "coordinator standby failover"
 )
 present() { [ -f "$1/tests/$2.rs" ]; }
 # Package selection for a suite: the whole workspace when the test target's name is unique

@@ -496,7 +496,18 @@ fn main() {
         println!("  round {round}: SQLite {:.0} results/s", e.rate());
         on_sqlite.push(e);
         if let Some(pg) = &pg {
-            let store = PostgresStore::open(&pg.fresh_database().unwrap()).unwrap();
+            let url = pg.fresh_database().unwrap();
+            let mut store = PostgresStore::open(&url).unwrap();
+            // Fenced like a real coordinator on PostgreSQL: every commit checks the lease.
+            let epoch = coordinator::ha::acquire_at(
+                &url,
+                "ingest-bench",
+                "bench@127.0.0.1:0",
+                std::time::Duration::from_secs(3600),
+            )
+            .unwrap()
+            .expect("a fresh database's lease is free");
+            store.fence(epoch).unwrap();
             let e = engine_path(&rt, &s, store);
             assert_eq!(e.accepted, s.tasks, "every task accepted");
             println!("  round {round}: PostgreSQL {:.0} results/s", e.rate());

@@ -257,6 +257,17 @@ pub fn acquire(
         .map(|r| r.get(0)))
 }
 
+/// [`acquire`] on a connection of its own (for benchmarks and tools that commit as a
+/// leader would: fenced by the epoch returned).
+pub fn acquire_at(
+    url: &str,
+    instance: &str,
+    entry: &str,
+    ttl: Duration,
+) -> anyhow::Result<Option<i64>> {
+    Ok(acquire(&mut connect(url)?, instance, entry, ttl)?)
+}
+
 /// Extend the lease of `epoch`; false when another coordinator has taken it since.
 pub fn renew(client: &mut Client, epoch: i64, ttl: Duration) -> Result<bool, postgres::Error> {
     Ok(client.execute(RENEW, &[&epoch, &ttl.as_secs_f64()])? == 1)
