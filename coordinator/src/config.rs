@@ -168,6 +168,7 @@ pub struct PolicySection {
     pub partner_spread: Option<u32>,
     pub dispute_margin: Option<u32>,
     pub anchors_decide: Option<bool>,
+    pub anchors_decide_for_newcomers: Option<bool>,
     /// Adaptive replication: `{ min_consecutive_valid = 20, spot_check_one_in = 10 }`.
     pub adaptive: Option<AdaptiveSection>,
 }
@@ -308,6 +309,9 @@ impl ConfigFile {
         }
         if let Some(v) = p.anchors_decide {
             pol.anchors_decide = v;
+        }
+        if let Some(v) = p.anchors_decide_for_newcomers {
+            pol.anchors_decide_for_newcomers = v;
         }
         if let Some(a) = p.adaptive {
             pol.adaptive = Some(Adaptive {

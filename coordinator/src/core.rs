@@ -269,6 +269,10 @@ pub(crate) struct Worker {
     pub lost: u64,
     /// Blobs it is listed as a holder of (bounded by `limits::MAX_HAVE_BLOBS_PER_WORKER`).
     pub holding: usize,
+    /// A newcomer to an established pool: it first joined while anchors of its engine were
+    /// connected (see `TrustPolicy::anchors_decide_for_newcomers`). Workers of a cold start
+    /// are not. Persisted.
+    pub junior: bool,
 }
 
 impl Worker {
@@ -417,6 +421,7 @@ impl Core {
             reputation: w.rep,
             last_seen_ms: w.last_seen_ms,
             lost: w.lost,
+            junior: w.junior,
         }
     }
 
@@ -447,6 +452,7 @@ impl Core {
             waiting_for_room: false,
             lost: 0,
             holding: 0,
+            junior: false,
         })
     }
 
@@ -491,7 +497,11 @@ impl Core {
         now: u64,
     ) {
         let fpi = self.intern_fp(fp);
+        // An identity never seen before, joining while anchors of its engine are connected,
+        // is a newcomer to an established pool.
+        let junior = !self.workers.contains_key(&worker) && self.anchors_of(fpi) > 0;
         let w = self.worker_entry(worker, now);
+        w.junior |= junior;
         w.fp = Some(fpi);
         // A new session names its native engine anew (`engines`), if it has one.
         w.native_fp = None;
@@ -1298,6 +1308,7 @@ impl Core {
                     waiting_for_room: false,
                     lost: w.lost,
                     holding: 0,
+                    junior: w.junior,
                 },
             );
         }

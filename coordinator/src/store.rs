@@ -131,6 +131,9 @@ pub struct WorkerRecord {
     /// Replicas it lost (deadline passed, abandoned, gone) not yet made up for by valid
     /// results: each costs it capacity.
     pub lost: u64,
+    /// It first joined an established pool (anchors connected): a newcomer, whose results
+    /// anchors decide on (see `TrustPolicy::anchors_decide_for_newcomers`).
+    pub junior: bool,
 }
 
 impl WorkerRecord {

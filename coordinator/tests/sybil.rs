@@ -993,8 +993,8 @@ async fn sybil_swarm_from_many_addresses_cannot_outvote_an_established_pool_when
     many_address_swarm("anchors_decide = true").await
 }
 
-/// `serve`'s default policy, without `anchors_decide`.
-#[ignore = "target missed under the default policy: 300 colluding newcomers outvote 6 anchors (median 94% wrong); `anchors_decide = true` meets it; see issue 17 note"]
+/// `serve`'s default policy: without `anchors_decide`, but with
+/// `anchors_decide_for_newcomers` (the Sybils joined once the pool had anchors).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sybil_swarm_from_many_addresses_under_the_default_policy() -> anyhow::Result<()> {
     many_address_swarm("").await

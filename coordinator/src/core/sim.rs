@@ -1345,6 +1345,187 @@ fn newcomers_agreeing_on_a_lie_cannot_outvote_anchors_when_anchors_decide() {
     assert!(anchors.iter().all(|a| !core.is_banned(a)));
 }
 
+/// Anchors decide over newcomers (`anchors_decide_for_newcomers`, on in `serve`'s default
+/// open policy): identities that first joined once anchors were connected cannot get a lie
+/// accepted among themselves, and are banned when anchors outvote them; but workers that were
+/// there from the cold start still decide as peers (no anchor needed), and the flag survives
+/// a restart from the store.
+#[test]
+fn newcomers_to_an_established_pool_cannot_outvote_its_anchors_by_default() {
+    let policy = TrustPolicy {
+        trust_min_valid: 1,
+        partner_spread: 0,
+        distinct_address_blocks: false,
+        ..TrustPolicy::open_pool()
+    };
+    assert!(policy.anchors_decide_for_newcomers && !policy.anchors_decide);
+    let mut core = Core::new(CoreConfig {
+        policy: policy.clone(),
+        ..CoreConfig::default()
+    });
+    let founders: Vec<NodeId> = (1..=6).map(node).collect();
+    let module = [BlobId::of(b"module")];
+    for w in &founders {
+        core.hello(*w, &fp(Kind::Honest), 1, None, &module, 0);
+    }
+    // Cold start: founders 0-2 agree without any anchor (quorum 2 + untrusted_extra 1) and
+    // become anchors.
+    let (warm, _) = core.add_job(manifest("warm-up", 1, 2, 6, 600), 0);
+    for &a in &founders[..3] {
+        let got = core.request_work(a, 1, 1).assignments;
+        assert_eq!(got.len(), 1, "warm-up replica for {a:?}");
+        core.report(a, got[0].replica, truth(got[0].task.id), 2);
+    }
+    let warm_task = TaskId {
+        job: warm,
+        index: 0,
+    };
+    assert_eq!(core.task_phase(warm_task), Some(TaskPhase::Accepted));
+    assert_eq!(core.anchors_connected(), 3);
+
+    // A swarm arrives: new identities while anchors are connected are newcomers.
+    let sybils: Vec<NodeId> = (10..=14).map(node).collect();
+    for w in &sybils {
+        core.hello(*w, &fp(Kind::Honest), 1, None, &module, 3);
+    }
+    let (job, _) = core.add_job(manifest("attacked", 1, 2, 6, 600), 3);
+    let task = TaskId { job, index: 0 };
+    let lie = RunResult {
+        output_hash: BlobId::of(b"lie"),
+        ..truth(task)
+    };
+    for &s in &sybils[..2] {
+        let got = core.request_work(s, 1, 4).assignments;
+        assert_eq!(got.len(), 1);
+        core.report(s, got[0].replica, lie.clone(), 5);
+    }
+    // Two newcomers agree: a quorum, but not enough while anchors are at hand; the next
+    // replica is for anchors only (a third newcomer could otherwise make quorum + 1).
+    assert_eq!(core.task_phase(task), Some(TaskPhase::Pending));
+    for s in &sybils[2..4] {
+        assert!(
+            core.request_work(*s, 1, 6).assignments.is_empty(),
+            "a newcomer must not take the replica that anchors decide"
+        );
+    }
+    for (i, &a) in founders[..3].iter().enumerate() {
+        assert_eq!(core.task_phase(task), Some(TaskPhase::Pending));
+        let got = core.request_work(a, 1, 7 + i as u64).assignments;
+        assert_eq!(got.len(), 1, "anchor {i} gets the deciding replica");
+        core.report(a, got[0].replica, truth(task), 8 + i as u64);
+    }
+    assert_eq!(core.task_phase(task), Some(TaskPhase::Accepted));
+    for s in &sybils[..2] {
+        assert!(core.is_banned(s), "{s:?} contradicted three anchors");
+    }
+    assert!(founders.iter().all(|a| !core.is_banned(a)));
+
+    // Founders that are not anchors yet are no newcomers: three of them agreeing (quorum +
+    // untrusted_extra) are accepted as peers are, with anchors connected and no anchor
+    // among them — where three newcomers were not.
+    let (job2, _) = core.add_job(manifest("founders", 1, 2, 6, 600), 20);
+    let t2 = TaskId {
+        job: job2,
+        index: 0,
+    };
+    for (i, &f) in founders[3..].iter().enumerate() {
+        let got = core.request_work(f, 1, 21 + i as u64).assignments;
+        assert_eq!(got.len(), 1, "founder {} gets a replica", 3 + i);
+        core.report(f, got[0].replica, truth(t2), 22 + i as u64);
+    }
+    assert_eq!(
+        core.task_phase(t2),
+        Some(TaskPhase::Accepted),
+        "founders decide as peers"
+    );
+
+    // The newcomer flag is durable: restored from the store, a newcomer is still one and a
+    // founder still is not.
+    use crate::store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = crate::store::SqliteStore::open(&dir.path().join("c.db")).unwrap();
+    store.commit(&core.take_mutations()).unwrap();
+    let restored = Core::restore(
+        CoreConfig {
+            policy,
+            ..CoreConfig::default()
+        },
+        store.load().unwrap(),
+        30,
+    );
+    assert!(restored.workers[&sybils[4]].junior);
+    assert!(!restored.workers[&founders[5]].junior);
+}
+
+/// What the newcomer rule costs an honest pool: 10 founders become anchors on a warm-up job,
+/// 10 honest newcomers join, and a job of 400 tasks runs on all 20 (each asking in turn, one
+/// replica at a time). Replicas per task with the rule on and off, printed; the rule may
+/// cost newcomers' first results an anchor's replica, but every task is accepted, nobody is
+/// banned and every newcomer becomes an anchor.
+#[test]
+fn the_newcomer_rule_costs_an_honest_pool_little() {
+    let run = |rule: bool| -> (f64, usize) {
+        let mut core = Core::new(CoreConfig {
+            policy: TrustPolicy {
+                anchors_decide_for_newcomers: rule,
+                distinct_address_blocks: false,
+                ..TrustPolicy::open_pool()
+            },
+            ..CoreConfig::default()
+        });
+        let module = [BlobId::of(b"module")];
+        let founders: Vec<NodeId> = (1..=10).map(node).collect();
+        for w in &founders {
+            core.hello(*w, &fp(Kind::Honest), 1, None, &module, 0);
+        }
+        core.add_job(manifest("warm-up", 60, 2, 6, 600), 0);
+        work_until_idle(&mut core, &founders, 1, |_, t| truth(t));
+        assert_eq!(core.anchors_connected(), 10, "founders are anchors");
+        let newcomers: Vec<NodeId> = (100..110).map(node).collect();
+        for w in &newcomers {
+            core.hello(*w, &fp(Kind::Honest), 1, None, &module, 2);
+        }
+        let (job, _) = core.add_job(manifest("job", 400, 2, 6, 600), 2);
+        let all: Vec<NodeId> = founders.iter().chain(&newcomers).copied().collect();
+        let mut issued = 0usize;
+        for _ in 0..10_000 {
+            let mut any = false;
+            for w in &all {
+                for a in core.request_work(*w, 1, 3).assignments {
+                    any = true;
+                    if a.task.id.job == job {
+                        issued += 1;
+                    }
+                    core.report(*w, a.replica, truth(a.task.id), 3);
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+        let st = core.status(Some(job)).expect("job");
+        assert_eq!(
+            st.jobs[0].tasks_done, 400,
+            "every task accepted (rule {rule})"
+        );
+        assert!(all.iter().all(|w| !core.is_banned(w)), "nobody banned");
+        if rule {
+            assert!(
+                newcomers.iter().all(|w| core.workers[w].junior),
+                "they joined an established pool"
+            );
+        }
+        (issued as f64 / 400.0, core.anchors_connected())
+    };
+    let (with, anchors_with) = run(true);
+    let (without, _) = run(false);
+    println!(
+        "honest pool, 10 founders + 10 newcomers, 400 tasks: {with:.3} replicas/task with the newcomer rule, {without:.3} without ({:.2}x); anchors at the end {anchors_with}/20",
+        with / without
+    );
+    assert_eq!(anchors_with, 20, "every newcomer became an anchor");
+}
+
 /// A core for the retry tests: plain quorum, every replica due at once.
 fn retry_core() -> Core {
     Core::new(CoreConfig {

@@ -142,6 +142,17 @@ pub struct TrustPolicy {
     /// project's own machines): whoever holds the anchors decides, so colluders that became
     /// anchors in a cold start take over every result.
     pub anchors_decide: bool,
+    /// Anchors decide over newcomers: [`anchors_decide`](TrustPolicy::anchors_decide)'s
+    /// rules, applied only to results that **newcomers alone** agreed with — workers that
+    /// first joined while anchors of their engine were connected (an established pool), and
+    /// are not anchors themselves yet. A swarm of new identities, however many addresses it
+    /// comes from, cannot outvote an established pool: its results wait for an anchor's
+    /// replica, and `quorum + untrusted_extra` anchors win over it. Workers of a cold start
+    /// (there before any anchor) keep deciding as peers, so colluders that won the first
+    /// quorums of a cold start do not get to decide everything, as they would with
+    /// `anchors_decide`. Costs an honest newcomer an anchor's replica beside its own until it
+    /// is an anchor itself.
+    pub anchors_decide_for_newcomers: bool,
 }
 
 impl Default for TrustPolicy {
@@ -165,6 +176,7 @@ impl Default for TrustPolicy {
             partner_spread: 4,
             dispute_margin: 0,
             anchors_decide: false,
+            anchors_decide_for_newcomers: false,
         }
     }
 }
@@ -208,14 +220,19 @@ impl TrustPolicy {
     /// off: it stops a swarm of fresh identities from outvoting an established pool, but
     /// colluders that win the first quorums of a cold start become the anchors and then
     /// decide everything (a run over QUIC at 30% greedy colluders had 600 of 600 wrong).
+    /// [`anchors_decide_for_newcomers`] is on: anchors decide only over identities that
+    /// joined once the pool was established, which stops a swarm of them without handing a
+    /// cold start's early winners the rest.
     ///
     /// [`hardened`]: TrustPolicy::hardened
     /// [`dispute_margin`]: TrustPolicy::dispute_margin
     /// [`anchors_decide`]: TrustPolicy::anchors_decide
+    /// [`anchors_decide_for_newcomers`]: TrustPolicy::anchors_decide_for_newcomers
     pub fn open_pool() -> TrustPolicy {
         TrustPolicy {
             unproven_in_flight: Some(2),
             dispute_margin: 2,
+            anchors_decide_for_newcomers: true,
             ..TrustPolicy::hardened()
         }
     }

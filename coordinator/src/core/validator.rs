@@ -65,6 +65,9 @@ pub(crate) struct Group {
     pub anchored: bool,
     /// How many of them were reported by anchors.
     pub anchors: u32,
+    /// How many of them were reported by anchors or by workers that are not newcomers to an
+    /// established pool (see `TrustPolicy::anchors_decide_for_newcomers`).
+    pub seniors: u32,
 }
 
 /// Counts of one task's replicas, by fingerprint class. Replicas per task are few (at most
@@ -174,14 +177,12 @@ impl Core {
                         continue;
                     }
                     reporters.push(rep.worker);
-                    if self
-                        .workers
-                        .get(&rep.worker)
-                        .is_some_and(|w| policy.is_banned(&w.rep))
-                    {
+                    let worker = self.workers.get(&rep.worker);
+                    if worker.is_some_and(|w| policy.is_banned(&w.rep)) {
                         t.discounted += 1;
                         continue;
                     }
+                    let senior = rep.anchor || worker.is_some_and(|w| !w.junior);
                     t.reported += 1;
                     let (d, _) = rep
                         .result
@@ -193,12 +194,14 @@ impl Core {
                             g.replicas.push(*r);
                             g.anchored |= rep.anchor;
                             g.anchors += u32::from(rep.anchor);
+                            g.seniors += u32::from(senior);
                         }
                         None => t.groups.push(Group {
                             key,
                             replicas: vec![*r],
                             anchored: rep.anchor,
                             anchors: u32::from(rep.anchor),
+                            seniors: u32::from(senior),
                         }),
                     }
                 }
@@ -248,20 +251,26 @@ impl Core {
                 .max()
                 .unwrap_or(0)
         };
-        // The largest group that disagrees with `g` on the same engine and that an anchor
-        // agreed with.
+        let decide_all = self.cfg.policy.anchors_decide;
+        let decide_new = self.cfg.policy.anchors_decide_for_newcomers;
+        // Whether anchors decide over group `g`: any group with `anchors_decide`, else one
+        // that only newcomers agreed with.
+        let decides_over = |g: &Group| decide_all || (decide_new && g.seniors == 0);
+        // The largest group that disagrees with `g` on the same engine and that anchors do
+        // not decide over (one an anchor agreed with).
         let anchored_rival = |g: &Group| -> u32 {
             t.groups
                 .iter()
-                .filter(|o| o.key.0 == g.key.0 && o.key.1 != g.key.1 && o.anchors > 0)
+                .filter(|o| {
+                    o.key.0 == g.key.0 && o.key.1 != g.key.1 && (o.anchors > 0 || !decides_over(o))
+                })
                 .map(|o| o.replicas.len() as u32)
                 .max()
                 .unwrap_or(0)
         };
-        let decide = self.cfg.policy.anchors_decide;
-        // Anchors decide on engine `fp` while one is connected that could still take a replica
+        // Anchors can decide on engine `fp`: one is connected that could still take a replica
         // of this task, or one is computing one.
-        let gated = |fp: u32| -> bool {
+        let anchors_at_hand = |fp: u32| -> bool {
             let busy = t
                 .anchors_on_task
                 .iter()
@@ -271,7 +280,7 @@ impl Core {
                 .outstanding
                 .iter()
                 .any(|&(f, _, anchors)| f == fp && anchors > 0);
-            decide && (self.anchors_of(fp) > busy || in_flight)
+            (decide_all || decide_new) && (self.anchors_of(fp) > busy || in_flight)
         };
         // Deterministic choice when (unusually) two groups reach quorum: the larger, then the
         // smaller fingerprint index.
@@ -280,11 +289,15 @@ impl Core {
             .iter()
             .filter(|g| {
                 let n = g.replicas.len() as u32;
-                if decide && g.anchors >= q.saturating_add(extra) && anchored_rival(g) == 0 {
-                    // `quorum + untrusted_extra` anchors agree and no anchor disagrees.
+                if (decide_all || decide_new)
+                    && g.anchors >= q.saturating_add(extra)
+                    && anchored_rival(g) == 0
+                {
+                    // `quorum + untrusted_extra` anchors agree and every disagreeing group
+                    // is one anchors decide over.
                     return true;
                 }
-                if g.anchors == 0 && gated(g.key.0) {
+                if g.anchors == 0 && decides_over(g) && anchors_at_hand(g.key.0) {
                     return false;
                 }
                 let r = rival(g);
@@ -328,8 +341,18 @@ impl Core {
         // results that disagree), the next one goes to an anchor, one at a time, until
         // `quorum + untrusted_extra` anchors agree or an anchored result wins the usual way.
         let disputed = |fp: u32| t.groups.iter().filter(|g| g.key.0 == fp).count() > 1;
+        // With `anchors_decide_for_newcomers`: a result only newcomers agreed with is in play.
+        let newcomers_contest = |fp: u32| {
+            t.groups
+                .iter()
+                .any(|g| g.key.0 == fp && g.anchors == 0 && g.seniors == 0)
+        };
+        let anchors_decide_now = |fp: u32| {
+            (decide_all && (disputed(fp) || !lead_anchored))
+                || (decide_new && newcomers_contest(fp))
+        };
         if let Some(fp) =
-            lead_fp.filter(|&fp| lead >= q && gated(fp) && (disputed(fp) || !lead_anchored))
+            lead_fp.filter(|&fp| lead >= q && anchors_at_hand(fp) && anchors_decide_now(fp))
         {
             let anchor_in_flight = t
                 .outstanding

@@ -143,6 +143,10 @@ pub const MIGRATIONS: &[&str] = &[
         data BYTEA NOT NULL
     );
     "#,
+    // 4: newcomers to an established pool (SQLite's migration 6).
+    r#"
+    ALTER TABLE workers ADD COLUMN junior BOOLEAN NOT NULL DEFAULT false;
+    "#,
 ];
 
 /// Key of the advisory lock held while migrating, so two coordinators started at once on
@@ -329,11 +333,11 @@ impl Statements {
                  WHERE t.job = u.job AND t.idx = u.idx",
             )?,
             worker: c.prepare(
-                "INSERT INTO workers (node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, trust, last_seen_ms, lost)
-                 SELECT * FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::float8[], $8::bigint[], $9::bigint[])
+                "INSERT INTO workers (node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, trust, last_seen_ms, lost, junior)
+                 SELECT * FROM unnest($1::bytea[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::float8[], $8::bigint[], $9::bigint[], $10::bool[])
                  ON CONFLICT (node) DO UPDATE SET fingerprint = excluded.fingerprint, credit_fuel = excluded.credit_fuel, valid = excluded.valid,
                  invalid = excluded.invalid, consecutive_valid = excluded.consecutive_valid, trust = excluded.trust, last_seen_ms = excluded.last_seen_ms,
-                 lost = excluded.lost",
+                 lost = excluded.lost, junior = excluded.junior",
             )?,
             blob_add: c.prepare(
                 "INSERT INTO blob_locations (blob, worker) SELECT * FROM unnest($1::bytea[], $2::bytea[]) ON CONFLICT DO NOTHING",
@@ -726,7 +730,8 @@ impl PostgresStore {
                     consecutive,
                     trust,
                     seen,
-                    lost
+                    lost,
+                    junior
                 );
                 for m in ms {
                     if let Mutation::Worker(w) = m {
@@ -739,6 +744,7 @@ impl PostgresStore {
                         trust.push(w.reputation.score());
                         seen.push(w.last_seen_ms as i64);
                         lost.push(w.lost as i64);
+                        junior.push(w.junior);
                     }
                 }
                 tx.execute(
@@ -753,6 +759,7 @@ impl PostgresStore {
                         &trust,
                         &seen,
                         &lost,
+                        &junior,
                     ],
                 )?;
             }
@@ -958,7 +965,7 @@ impl Store for PostgresStore {
             });
         }
         drop(rows);
-        for r in c.query("SELECT node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, last_seen_ms, peer_addr, lost FROM workers", &[])? {
+        for r in c.query("SELECT node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, last_seen_ms, peer_addr, lost, junior FROM workers", &[])? {
             let node = NodeId(id32(r.get(0), "worker")?);
             snap.workers.push(WorkerRecord {
                 node,
@@ -971,6 +978,7 @@ impl Store for PostgresStore {
                 },
                 last_seen_ms: r.get::<_, i64>(6) as u64,
                 lost: r.get::<_, i64>(8) as u64,
+                junior: r.get(9),
             });
             if let Some(addr) = r.get::<_, Option<&str>>(7).and_then(|s| s.parse().ok()) {
                 snap.peer_addrs.push((node, addr));

@@ -95,6 +95,11 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE jobs ADD COLUMN determinism TEXT NOT NULL DEFAULT 'portable';
     "#,
+    // 6: a worker that first joined an established pool (anchors connected) is a newcomer
+    // whose results anchors decide on; workers known before were not.
+    r#"
+    ALTER TABLE workers ADD COLUMN junior INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// Bring the database up to the newest schema.

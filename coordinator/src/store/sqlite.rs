@@ -229,10 +229,10 @@ impl SqliteStore {
             }
             Mutation::Worker(w) => {
                 tx.prepare_cached(
-                    "INSERT INTO workers (node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, trust, last_seen_ms, lost) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                    "INSERT INTO workers (node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, trust, last_seen_ms, lost, junior) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
                      ON CONFLICT (node) DO UPDATE SET fingerprint = excluded.fingerprint, credit_fuel = excluded.credit_fuel, valid = excluded.valid,
                      invalid = excluded.invalid, consecutive_valid = excluded.consecutive_valid, trust = excluded.trust, last_seen_ms = excluded.last_seen_ms,
-                     lost = excluded.lost",
+                     lost = excluded.lost, junior = excluded.junior",
                 )?
                 .execute(params![
                     &w.node.0[..],
@@ -243,7 +243,8 @@ impl SqliteStore {
                     w.reputation.consecutive_valid as i64,
                     w.reputation.score(),
                     w.last_seen_ms as i64,
-                    w.lost as i64
+                    w.lost as i64,
+                    w.junior
                 ])?;
             }
             Mutation::BlobLocation {
@@ -358,7 +359,7 @@ impl Store for SqliteStore {
                 }),
             });
         }
-        let mut st = c.prepare("SELECT node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, last_seen_ms, peer_addr, lost FROM workers")?;
+        let mut st = c.prepare("SELECT node, fingerprint, credit_fuel, valid, invalid, consecutive_valid, last_seen_ms, peer_addr, lost, junior FROM workers")?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
             let node = NodeId(id32(r.get(0)?, "worker")?);
@@ -373,6 +374,7 @@ impl Store for SqliteStore {
                 },
                 last_seen_ms: r.get::<_, i64>(6)? as u64,
                 lost: r.get::<_, i64>(8)? as u64,
+                junior: r.get(9)?,
             });
             if let Some(addr) = r.get::<_, Option<String>>(7)?.and_then(|s| s.parse().ok()) {
                 snap.peer_addrs.push((node, addr));
