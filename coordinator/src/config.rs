@@ -169,6 +169,7 @@ pub struct PolicySection {
     pub dispute_margin: Option<u32>,
     pub anchors_decide: Option<bool>,
     pub anchors_decide_for_newcomers: Option<bool>,
+    pub cold_start_extra: Option<u32>,
     /// Adaptive replication: `{ min_consecutive_valid = 20, spot_check_one_in = 10 }`.
     pub adaptive: Option<AdaptiveSection>,
 }
@@ -312,6 +313,9 @@ impl ConfigFile {
         }
         if let Some(v) = p.anchors_decide_for_newcomers {
             pol.anchors_decide_for_newcomers = v;
+        }
+        if let Some(v) = p.cold_start_extra {
+            pol.cold_start_extra = range("policy.cold_start_extra", v.into(), 0, 16)? as u32;
         }
         if let Some(a) = p.adaptive {
             pol.adaptive = Some(Adaptive {

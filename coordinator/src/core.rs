@@ -309,6 +309,8 @@ pub struct Core {
     /// Slots of connected workers (each clamped as in [`Core::hello`]): the divisor of a
     /// worker's fair share of the work left (see `scheduler`).
     pub(crate) connected_slots: u64,
+    /// Workers connected now that are not banned (that may take work).
+    pub(crate) connected_workers: usize,
     /// Connected anchors per engine fingerprint (entries at zero removed).
     pub(crate) anchors_by_fp: BTreeMap<u32, usize>,
     /// Workers banned by verdicts not yet settled (see `settle_bans`).
@@ -343,6 +345,7 @@ impl Core {
             fetching: HashMap::new(),
             anchors: 0,
             connected_slots: 0,
+            connected_workers: 0,
             anchors_by_fp: BTreeMap::new(),
             newly_banned: Vec::new(),
             next_replica: 1,
@@ -506,11 +509,14 @@ impl Core {
         // A new session names its native engine anew (`engines`), if it has one.
         w.native_fp = None;
         let was = if w.connected { u64::from(w.slots) } else { 0 };
+        let newly = !w.connected;
         // A claim, not a fact: clamped, and capacity follows delivered results anyway.
         w.slots = slots.clamp(1, tasks::limits::MAX_WORKER_SLOTS);
         w.connected = true;
         let slots_now = u64::from(w.slots);
         self.connected_slots = self.connected_slots.saturating_sub(was) + slots_now;
+        let banned = self.cfg.policy.is_banned(&self.workers[&worker].rep);
+        self.connected_workers += usize::from(newly && !banned);
         let w = self.workers.get_mut(&worker).expect("just made");
         w.disconnected_ms = None;
         w.last_seen_ms = now;
@@ -705,6 +711,9 @@ impl Core {
         if let Some(w) = self.workers.get_mut(&worker) {
             if w.connected {
                 self.connected_slots = self.connected_slots.saturating_sub(u64::from(w.slots));
+                if !self.cfg.policy.is_banned(&w.rep) {
+                    self.connected_workers = self.connected_workers.saturating_sub(1);
+                }
             }
             w.connected = false;
             w.reachable = false;

@@ -83,6 +83,15 @@ fn idle_start() -> bool {
     std::env::var("PEERGRID_SYBIL_IDLE_START").is_ok_and(|v| v == "1")
 }
 
+/// How the workers started asking, for the FAULT lines.
+fn start_mode(idle: bool) -> &'static str {
+    if idle {
+        "workers idle-polling when the job arrives"
+    } else {
+        "every worker asks once the job is submitted"
+    }
+}
+
 /// A seed for this run (63 bits: TOML integers are signed).
 fn new_seed() -> u64 {
     rand::random::<u64>() >> 1
@@ -246,6 +255,9 @@ struct Shared {
     /// was told to wait while there was no work.
     go: AtomicBool,
     stop: AtomicBool,
+    /// Workers ask from the moment they join (see [`Shared::wait_go`]); set by
+    /// `PEERGRID_SYBIL_IDLE_START=1` or by the scenario.
+    idle: bool,
     /// Assignments received, per job.
     issued: Mutex<BTreeMap<JobId, u64>>,
     /// The honest output hash of every task any worker was handed.
@@ -272,20 +284,11 @@ impl Shared {
         self.go.store(true, Ordering::Relaxed);
     }
 
-    /// How the first requests of the first job are made, for the FAULT lines.
-    fn start_mode() -> &'static str {
-        if idle_start() {
-            "workers idle-polling when the job arrives"
-        } else {
-            "every worker asks once the job is submitted"
-        }
-    }
-
     /// Wait for [`Shared::go`], unless `PEERGRID_SYBIL_IDLE_START=1`: then every worker asks
     /// from the moment it joins, and idle honest workers wait out the no-work hint when the
     /// job arrives (while greedy liars poll every [`GREEDY_POLL`]).
     async fn wait_go(&self) {
-        if idle_start() {
+        if self.idle {
             return;
         }
         while !self.go.load(Ordering::Relaxed) && !self.stopped() {
@@ -607,8 +610,136 @@ async fn banned(client: &Client, policy: &TrustPolicy) -> anyhow::Result<BTreeSe
 }
 
 /// Colluders among honest workers, from a cold start (nobody has a record).
+/// What one colluder run measured.
+struct ColluderRun {
+    o: Outcome,
+    state: String,
+    coll_banned: usize,
+    n_coll: usize,
+    coll_issued: u64,
+    coll_acked: u64,
+    honest_banned: usize,
+    honest: usize,
+    errors: String,
+    seed: u64,
+    secs: f64,
+}
+
+/// Runs per colluder scenario: the target is a rate (≤ 0.1% wrong), which one run of 600
+/// tasks cannot resolve (one wrong result is 0.17%), so it is judged over the runs' total
+/// (`PEERGRID_SYBIL_RUNS`, default 5: 3,000 tasks; each run a fresh coordinator, pool and
+/// seed).
+fn colluder_runs() -> usize {
+    std::env::var("PEERGRID_SYBIL_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(5)
+}
+
 async fn colluders(fraction: f64, greedy_colluders: bool) -> anyhow::Result<()> {
+    colluders_starting(fraction, greedy_colluders, idle_start()).await
+}
+
+/// [`colluders`], with `idle`: honest workers idle-poll when the job arrives.
+async fn colluders_starting(
+    fraction: f64,
+    greedy_colluders: bool,
+    idle: bool,
+) -> anyhow::Result<()> {
     let (workers, ntasks) = if full() { (60, 2000) } else { (30, 600) };
+    let runs = colluder_runs();
+    let mut all = Vec::new();
+    for _ in 0..runs {
+        all.push(colluder_run(fraction, greedy_colluders, idle, workers, ntasks).await?);
+    }
+    let (mut wrong, mut accepted, mut failed, mut pending, mut issued) =
+        (0u32, 0u32, 0u32, 0u32, 0u64);
+    for r in &all {
+        wrong += r.o.wrong;
+        accepted += r.o.accepted;
+        failed += r.o.failed;
+        pending += r.o.pending;
+        issued += r.o.issued;
+    }
+    let total = Outcome {
+        tasks: accepted + failed + pending,
+        accepted,
+        wrong,
+        failed,
+        pending,
+        issued,
+        wrong_by: all.iter().flat_map(|r| r.o.wrong_by.clone()).collect(),
+    };
+    let errors: Vec<&str> = all
+        .iter()
+        .map(|r| r.errors.as_str())
+        .filter(|e| !e.is_empty())
+        .collect();
+    let met = total.wrong_fraction() <= 0.001
+        && total.replicas_per_task() <= 2.2
+        && pending == 0
+        && errors.is_empty();
+    let pace = if greedy_colluders {
+        "greedy (as much work as allowed, as often as possible, reported at once)"
+    } else {
+        "patient (the honest pace)"
+    };
+    let per_run: Vec<String> = all
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{} wrong, {} replicas/task, {} failed, job {}, colluders {}/{} banned (handed {} replicas, {} lies acknowledged), honest {}/{} banned, seed {:#x}, {:.1} s",
+                r.o.wrong,
+                r.o.accepted,
+                r.o.per_task(),
+                r.o.failed,
+                r.state,
+                r.coll_banned,
+                r.n_coll,
+                r.coll_issued,
+                r.coll_acked,
+                r.honest_banned,
+                r.honest,
+                r.seed,
+                r.secs
+            )
+        })
+        .collect();
+    fault(
+        &format!(
+            "colluders over QUIC, f={:.0}% {pace}, open-pool policy ({workers} workers, {ntasks} tasks, quorum 2, max_replicas 6; {}); {runs} runs, each a fresh coordinator, pool and seed",
+            fraction * 100.0,
+            start_mode(idle)
+        ),
+        &format!(
+            "wrong {wrong}/{accepted} accepted over the {runs} runs ({:.3}%), {:.2} replicas/task, {failed} failed, {pending} pending; per run: {}{}",
+            100.0 * total.wrong_fraction(),
+            total.replicas_per_task(),
+            per_run.join("; "),
+            errors.join(""),
+        ),
+        "<= 0.1% wrong at <= 2.2 replicas/task",
+        met,
+    );
+    assert!(
+        met,
+        "wrong {wrong}/{accepted} over {runs} runs, {:.3} replicas/task, {pending} pending; per run: {}",
+        total.replicas_per_task(),
+        per_run.join("; ")
+    );
+    Ok(())
+}
+
+/// One run of [`colluders`]: a fresh coordinator, `workers` workers of which `fraction`
+/// collude, one job of `ntasks`.
+async fn colluder_run(
+    fraction: f64,
+    greedy_colluders: bool,
+    idle: bool,
+    workers: usize,
+    ntasks: usize,
+) -> anyhow::Result<ColluderRun> {
     let seed = new_seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let data = tempfile::tempdir()?;
@@ -618,7 +749,10 @@ async fn colluders(fraction: f64, greedy_colluders: bool) -> anyhow::Result<()> 
     let n_coll = (workers as f64 * fraction).round() as usize;
     let mut roles: Vec<bool> = (0..workers).map(|i| i < n_coll).collect();
     roles.shuffle(&mut rng);
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        idle,
+        ..Shared::default()
+    });
     let mut handles = Vec::new();
     let mut colluding = BTreeSet::new();
     let mut honest_ids = BTreeSet::new();
@@ -672,51 +806,21 @@ async fn colluders(fraction: f64, greedy_colluders: bool) -> anyhow::Result<()> 
         .filter(|(id, _)| colluding.contains(id))
         .map(|(_, t)| t.acked)
         .sum();
-    let pace = if greedy_colluders {
-        "greedy (as much work as allowed, as often as possible, reported at once)"
-    } else {
-        "patient (the honest pace)"
-    };
-    let met = o.wrong_fraction() <= 0.001
-        && o.replicas_per_task() <= 2.2
-        && o.pending == 0
-        && stopped.errors.is_empty();
-    fault(
-        &format!(
-            "colluders over QUIC, f={:.0}% {pace}, open-pool policy ({workers} workers, {ntasks} tasks, quorum 2, max_replicas 6; {})",
-            fraction * 100.0,
-            Shared::start_mode()
-        ),
-        &format!(
-            "wrong {}/{} accepted ({:.2}%){}, {} replicas/task ({} issued / {} decided), {} failed, job {:?}{}; colluders {coll_banned}/{n_coll} banned (were handed {coll_issued} replicas, {coll_acked} lies acknowledged), honest {honest_banned}/{} banned{}; seed {seed:#x}, {secs:.1} s",
-            o.wrong,
-            o.accepted,
-            100.0 * o.wrong_fraction(),
-            o.wrong_agreement(&honest_ids),
-            o.per_task(),
-            o.issued,
-            o.accepted + o.failed,
-            o.failed,
-            st.state,
-            stalled(&st),
-            workers - n_coll,
-            stopped.errors(),
-        ),
-        "<= 0.1% wrong at <= 2.2 replicas/task",
-        met,
-    );
     client.close().await;
     coord.shutdown().await?;
-    assert!(
-        met,
-        "wrong {}/{}, {:.3} replicas/task, {} pending (seed {seed:#x}){}",
-        o.wrong,
-        o.accepted,
-        o.replicas_per_task(),
-        o.pending,
-        stopped.errors(),
-    );
-    Ok(())
+    Ok(ColluderRun {
+        state: format!("{:?}{}", st.state, stalled(&st)),
+        o,
+        coll_banned,
+        n_coll,
+        coll_issued,
+        coll_acked,
+        honest_banned,
+        honest: workers - n_coll,
+        errors: stopped.errors(),
+        seed,
+        secs,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -724,7 +828,6 @@ async fn patient_colluders_at_10_percent() -> anyhow::Result<()> {
     colluders(0.1, false).await
 }
 
-#[ignore = "target missed over real QUIC: worst run 0.50% wrong (3/599) in 2 of 10; see issue 17 note"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patient_colluders_at_30_percent() -> anyhow::Result<()> {
     colluders(0.3, false).await
@@ -735,10 +838,17 @@ async fn greedy_colluders_at_10_percent() -> anyhow::Result<()> {
     colluders(0.1, true).await
 }
 
-#[ignore = "target missed over real QUIC: worst run 0.17% wrong in 2 of 10, and a takeover when honest workers start idle; see issue 17 note"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_colluders_at_30_percent() -> anyhow::Result<()> {
     colluders(0.3, true).await
+}
+
+/// The same when honest workers idle-poll (every `retry_after_ms`) while the colluders poll
+/// without pause as the job arrives (`PEERGRID_SYBIL_IDLE_START=1` runs every scenario so).
+#[ignore = "target missed: colluders that poll fastest take a cold start's first quorums, become its anchors and then decide every result (5 runs: 2,999/2,999 wrong); see issue 17 note"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_colluders_at_30_percent_while_honest_workers_idle_poll() -> anyhow::Result<()> {
+    colluders_starting(0.3, true, true).await
 }
 
 /// Join `keys.len()` identities at once (at most 32 handshakes in flight), the i-th bound
@@ -854,7 +964,10 @@ async fn sybil_swarm_from_one_address_gets_max_connections_per_ip_and_the_honest
     let jobdir = tempfile::tempdir()?;
     let mut coord = Served::start(seed, "").await?;
     let client = Client::connect(&coord.ticket, &coord.token).await?;
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        idle: idle_start(),
+        ..Shared::default()
+    });
     let handles = honest_pool(&coord.ticket, 4, &shared, &mut rng).await?;
     let rss_before = coord.rss_mib();
     let t0 = Instant::now();
@@ -1011,7 +1124,10 @@ async fn many_address_swarm(extra: &str) -> anyhow::Result<()> {
     let jobdir2 = tempfile::tempdir()?;
     let mut coord = Served::start(seed, extra).await?;
     let client = Client::connect(&coord.ticket, &coord.token).await?;
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        idle: idle_start(),
+        ..Shared::default()
+    });
     let mut handles = honest_pool(&coord.ticket, honest_n, &shared, &mut rng).await?;
     let honest_ids: BTreeSet<NodeId> = handles.iter().map(|(id, _)| *id).collect();
     let (warmup, _) = client

@@ -1363,15 +1363,15 @@ fn newcomers_to_an_established_pool_cannot_outvote_its_anchors_by_default() {
         policy: policy.clone(),
         ..CoreConfig::default()
     });
-    let founders: Vec<NodeId> = (1..=6).map(node).collect();
+    let founders: Vec<NodeId> = (1..=7).map(node).collect();
     let module = [BlobId::of(b"module")];
     for w in &founders {
         core.hello(*w, &fp(Kind::Honest), 1, None, &module, 0);
     }
-    // Cold start: founders 0-2 agree without any anchor (quorum 2 + untrusted_extra 1) and
-    // become anchors.
+    // Cold start: founders 0-3 agree without any anchor (quorum 2 + untrusted_extra 1 +
+    // cold_start_extra 1) and become anchors.
     let (warm, _) = core.add_job(manifest("warm-up", 1, 2, 6, 600), 0);
-    for &a in &founders[..3] {
+    for &a in &founders[..4] {
         let got = core.request_work(a, 1, 1).assignments;
         assert_eq!(got.len(), 1, "warm-up replica for {a:?}");
         core.report(a, got[0].replica, truth(got[0].task.id), 2);
@@ -1381,7 +1381,7 @@ fn newcomers_to_an_established_pool_cannot_outvote_its_anchors_by_default() {
         index: 0,
     };
     assert_eq!(core.task_phase(warm_task), Some(TaskPhase::Accepted));
-    assert_eq!(core.anchors_connected(), 3);
+    assert_eq!(core.anchors_connected(), 4);
 
     // A swarm arrives: new identities while anchors are connected are newcomers.
     let sybils: Vec<NodeId> = (10..=14).map(node).collect();
@@ -1428,9 +1428,9 @@ fn newcomers_to_an_established_pool_cannot_outvote_its_anchors_by_default() {
         job: job2,
         index: 0,
     };
-    for (i, &f) in founders[3..].iter().enumerate() {
+    for (i, &f) in founders[4..].iter().enumerate() {
         let got = core.request_work(f, 1, 21 + i as u64).assignments;
-        assert_eq!(got.len(), 1, "founder {} gets a replica", 3 + i);
+        assert_eq!(got.len(), 1, "founder {} gets a replica", 4 + i);
         core.report(f, got[0].replica, truth(t2), 22 + i as u64);
     }
     assert_eq!(
@@ -1454,7 +1454,7 @@ fn newcomers_to_an_established_pool_cannot_outvote_its_anchors_by_default() {
         30,
     );
     assert!(restored.workers[&sybils[4]].junior);
-    assert!(!restored.workers[&founders[5]].junior);
+    assert!(!restored.workers[&founders[6]].junior);
 }
 
 /// What the newcomer rule costs an honest pool: 10 founders become anchors on a warm-up job,
@@ -1524,6 +1524,73 @@ fn the_newcomer_rule_costs_an_honest_pool_little() {
         with / without
     );
     assert_eq!(anchors_with, 20, "every newcomer became an anchor");
+}
+
+/// `cold_start_extra` (open policy): with no anchor yet, a result needs quorum +
+/// untrusted_extra + 1 = 4 agreeing workers when a fifth could still give a replica — but a
+/// pool that cannot give that many (4 workers, one of them a liar) still decides: every task
+/// is accepted with the honest result, none is left pending.
+#[test]
+fn a_cold_start_asks_one_more_agreement_only_where_the_pool_can_give_it() {
+    let policy = TrustPolicy {
+        partner_spread: 0,
+        distinct_address_blocks: false,
+        ..TrustPolicy::open_pool()
+    };
+    assert_eq!(policy.cold_start_extra, 1);
+    let module = [BlobId::of(b"module")];
+    // Six honest workers: the first task is accepted only once 4 agree.
+    let mut core = Core::new(CoreConfig {
+        policy: policy.clone(),
+        ..CoreConfig::default()
+    });
+    let ws: Vec<NodeId> = (1..=6).map(node).collect();
+    for w in &ws {
+        core.hello(*w, &fp(Kind::Honest), 1, None, &module, 0);
+    }
+    let (job, _) = core.add_job(manifest("cold", 1, 2, 6, 600), 0);
+    let task = TaskId { job, index: 0 };
+    for (i, w) in ws.iter().enumerate() {
+        let got = core.request_work(*w, 1, 1).assignments;
+        if got.is_empty() {
+            continue;
+        }
+        core.report(*w, got[0].replica, truth(task), 2);
+        let phase = core.task_phase(task);
+        if i < 3 {
+            assert_eq!(
+                phase,
+                Some(TaskPhase::Pending),
+                "{} agreeing are not enough",
+                i + 1
+            );
+        }
+    }
+    assert_eq!(core.task_phase(task), Some(TaskPhase::Accepted));
+    // Four workers, one lying on everything: the three honest ones still decide.
+    let mut core = Core::new(CoreConfig {
+        policy,
+        ..CoreConfig::default()
+    });
+    let ws: Vec<NodeId> = (1..=4).map(node).collect();
+    for w in &ws {
+        core.hello(*w, &fp(Kind::Honest), 1, None, &module, 0);
+    }
+    let (job, _) = core.add_job(manifest("small", 8, 2, 6, 600), 0);
+    work_until_idle(&mut core, &ws, 1, |i, t| {
+        let mut r = truth(t);
+        if i == 3 {
+            r.output_hash = BlobId::of(b"lie");
+        }
+        r
+    });
+    for index in 0..8 {
+        assert_eq!(
+            core.task_phase(TaskId { job, index }),
+            Some(TaskPhase::Accepted),
+            "task {index}"
+        );
+    }
 }
 
 /// A core for the retry tests: plain quorum, every replica due at once.

@@ -153,6 +153,13 @@ pub struct TrustPolicy {
     /// `anchors_decide`. Costs an honest newcomer an anchor's replica beside its own until it
     /// is an anchor itself.
     pub anchors_decide_for_newcomers: bool,
+    /// In a cold start — no anchor of the task's engine connected — a result no anchor
+    /// agreed with needs this many agreeing replicas more than `untrusted_extra` asks.
+    /// Nobody has a record yet then, and colluders that ask fastest hold more than their
+    /// share of the first replicas; the cost is paid only until the first anchors appear.
+    /// Not applied while fewer workers are connected than the agreement it asks for (a
+    /// small pool still starts).
+    pub cold_start_extra: u32,
 }
 
 impl Default for TrustPolicy {
@@ -177,6 +184,7 @@ impl Default for TrustPolicy {
             dispute_margin: 0,
             anchors_decide: false,
             anchors_decide_for_newcomers: false,
+            cold_start_extra: 0,
         }
     }
 }
@@ -233,6 +241,7 @@ impl TrustPolicy {
             unproven_in_flight: Some(2),
             dispute_margin: 2,
             anchors_decide_for_newcomers: true,
+            cold_start_extra: 1,
             ..TrustPolicy::hardened()
         }
     }

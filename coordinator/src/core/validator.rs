@@ -85,6 +85,8 @@ pub(crate) struct Tally {
     /// Distinct workers holding a replica of the task (any phase) that are anchors now, by
     /// fingerprint: how many of the connected anchors could not take another replica.
     pub anchors_on_task: Vec<(u32, u32)>,
+    /// Distinct workers holding a replica of the task (any phase).
+    pub holders: u32,
 }
 
 impl Tally {
@@ -222,6 +224,7 @@ impl Core {
                 ReplicaPhase::Cancelled => {}
             }
         }
+        t.holders = holders.len() as u32;
         t
     }
 
@@ -241,6 +244,23 @@ impl Core {
             .untrusted_extra
             .min(limits.max_replicas.saturating_sub(q));
         let t = self.tally(task);
+        // In a cold start (no anchor of the engine connected), one more still: nobody has a
+        // record yet, and colluders that ask fastest hold more than their share of the first
+        // replicas. Only while a connected worker could still give it (one not holding a
+        // replica of the task): a small pool, or one with a liar in it, must still decide.
+        let cold_extra = if self.connected_workers > t.holders as usize {
+            self.cfg.policy.cold_start_extra
+        } else {
+            0
+        };
+        let extra_of = |fp: Option<u32>| -> u32 {
+            let cold = fp.is_some_and(|fp| self.anchors_of(fp) == 0);
+            self.cfg
+                .policy
+                .untrusted_extra
+                .saturating_add(if cold { cold_extra } else { 0 })
+                .min(limits.max_replicas.saturating_sub(q))
+        };
         let margin = self.cfg.policy.dispute_margin;
         // The largest group that disagrees with `g` on the same engine.
         let rival = |g: &Group| -> u32 {
@@ -304,7 +324,7 @@ impl Core {
                 n >= if g.anchored {
                     q
                 } else {
-                    q.saturating_add(extra)
+                    q.saturating_add(extra_of(Some(g.key.0)))
                 } && (r == 0 || n >= r.saturating_add(margin))
             })
             .max_by_key(|g| (g.replicas.len(), std::cmp::Reverse(g.key.0), g.key.1))
@@ -373,7 +393,7 @@ impl Core {
         let base = if lead_anchored || lead < q {
             q
         } else {
-            q + extra
+            q + extra_of(lead_fp)
         };
         // A contested lead must also outnumber its largest rival by the margin.
         let contested = t
@@ -389,14 +409,17 @@ impl Core {
             return Need::Fail(format!(
                 "no trusted consensus: {} workers without an agreement record agreed (needed {} without one), and max_replicas {} is reached",
                 lead,
-                q + extra,
+                q + extra_of(lead_fp),
                 limits.max_replicas
             ));
         }
         Need::More {
             n,
             fp: lead_fp,
-            anchor_wanted: !lead_anchored && lead < q,
+            // The replicas that would complete an unanchored lead's agreement, the extra
+            // ones included, go to anchors first: colluders that hold the first replicas of
+            // a task must not also get the one that decides it.
+            anchor_wanted: !lead_anchored && lead < base,
             anchors_only: false,
         }
     }
@@ -552,8 +575,17 @@ impl Core {
                 }
                 Verdict::Invalid => w.rep.record_invalid(),
             }
-            if !was_banned && self.cfg.policy.is_banned(&w.rep) {
+            let banned = self.cfg.policy.is_banned(&w.rep);
+            if !was_banned && banned {
                 self.newly_banned.push(worker);
+            }
+            if w.connected && was_banned != banned {
+                // `connected_workers` counts the connected workers that may take work.
+                if banned {
+                    self.connected_workers = self.connected_workers.saturating_sub(1);
+                } else {
+                    self.connected_workers += 1;
+                }
             }
         }
         self.sync_anchor(worker);
