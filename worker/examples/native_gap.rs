@@ -16,7 +16,8 @@
 //! - `ours, fuel`: fuel checks only (what the sandbox compiles since fuel-based yields);
 //! - `ours, fuel+epoch`: both checks (what the sandbox compiled before);
 //! - `Sandbox::run`: the real sandbox API (its WASI world, limiter, fuel budget, yields, and
-//!   the run control), in the `native` class.
+//!   the run control), in the `native` class; also how much fuel the guest burns per second
+//!   (so how often it yields).
 //!
 //! Every rung's output is checked to equal the native build's. `NATIVE_GAP_DUMP=DIR` also
 //! writes each rung's compiled code to DIR (ELF files, for `objdump -d`).
@@ -140,6 +141,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
     let mut want: Option<Vec<u8>> = None;
+    let mut fuel_used = 0;
     for _ in 0..runs {
         // Native, as a process.
         let t = Instant::now();
@@ -194,6 +196,7 @@ fn main() -> anyhow::Result<()> {
             "Sandbox::run: output differs from the native build's"
         );
         times[names.len() - 1].push(out.wall);
+        fuel_used = out.result.fuel_used;
     }
 
     let med = |v: &[Duration]| {
@@ -206,5 +209,13 @@ fn main() -> anyhow::Result<()> {
         let m = med(t);
         println!("{path} {name:26} {m:8.3} s  {:.2}x native", m / base);
     }
+    // How fast this guest burns fuel: how often it yields (every `YIELD_FUEL`).
+    let sandbox_s = med(&times[names.len() - 1]);
+    let rate = fuel_used as f64 / sandbox_s;
+    println!(
+        "{path} fuel used {fuel_used} ({:.0} million/s in Sandbox::run: a yield every {:.1} ms)",
+        rate / 1e6,
+        engine::YIELD_FUEL as f64 / rate * 1e3
+    );
     Ok(())
 }
