@@ -17,7 +17,7 @@
 //! - `ours, fuel+epoch`: both checks (what the sandbox compiled before);
 //! - `Sandbox::run`: the real sandbox API (its WASI world, limiter, fuel budget, yields, and
 //!   the run control), in the `native` class; also how much fuel the guest burns per second
-//!   (so how often it yields).
+//!   (so how often it yields), and how soon a pause and a cancel take hold mid-run.
 //!
 //! Every rung's output is checked to equal the native build's. `NATIVE_GAP_DUMP=DIR` also
 //! writes each rung's compiled code to DIR (ELF files, for `objdump -d`).
@@ -216,6 +216,42 @@ fn main() -> anyhow::Result<()> {
         "{path} fuel used {fuel_used} ({:.0} million/s in Sandbox::run: a yield every {:.1} ms)",
         rate / 1e6,
         engine::YIELD_FUEL as f64 / rate * 1e3
+    );
+
+    // How soon a pause takes hold and a cancel ends the run, mid-run.
+    let control = RunControl::default();
+    let run = {
+        let (sandbox, loaded, spec, control) = (
+            sandbox.clone(),
+            loaded.clone(),
+            spec.clone(),
+            control.clone(),
+        );
+        std::thread::spawn(move || sandbox.run(&loaded, &spec, &control).map(|_| ()))
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        while !cond() {
+            ensure!(t.elapsed() < Duration::from_secs(60), "timed out: {what}");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        Ok(t.elapsed())
+    };
+    wait("the guest runs", &|| control.ticks() > 0)?;
+    control.pause();
+    let pause = wait("the pause takes hold", &|| control.held() == 1)?;
+    control.resume();
+    wait("the guest runs again", &|| control.held() == 0)?;
+    control.cancel();
+    let cancel = wait("the cancel ends the run", &|| run.is_finished())?;
+    ensure!(
+        run.join().expect("the run thread") == Err(worker::sandbox::Cancelled),
+        "the cancelled run says so"
+    );
+    println!(
+        "{path} pause took hold in {:.2} ms, cancel ended the run in {:.2} ms",
+        pause.as_secs_f64() * 1e3,
+        cancel.as_secs_f64() * 1e3
     );
     Ok(())
 }
