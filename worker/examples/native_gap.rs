@@ -14,6 +14,8 @@
 //! - `ours, no checks, host ISA` / `ours, no checks`: the sandbox's `engine::config` with fuel
 //!   and epoch checks off, for the detected ISA and for the baseline;
 //! - `ours, fuel`: fuel checks only (what the sandbox compiles since fuel-based yields);
+//! - `ours, fuel, coarse costs`: fuel checks with a coarser table (1 per branch and call, 0
+//!   for every other operator): what coarser accounting alone would save;
 //! - `ours, fuel+epoch`: both checks (what the sandbox compiled before);
 //! - `Sandbox::run`: the real sandbox API (its WASI world, limiter, fuel budget, yields, and
 //!   the run control), in the `native` class; also how much fuel the guest burns per second
@@ -68,6 +70,30 @@ fn ours(isa: Isa, fuel: bool, epoch: bool) -> anyhow::Result<Config> {
     Ok(c)
 }
 
+/// A coarser fuel table (a measurement only, not what the sandbox uses): 1 per branch and
+/// call, 0 for every other operator (the per-byte costs of bulk operations kept).
+fn branch_and_call_costs() -> anyhow::Result<wasmtime::OperatorCost> {
+    let mut v = serde_json::to_value(wasmtime::OperatorCost::new())?;
+    let table = v.as_object_mut().context("the cost table is a map")?;
+    for (op, cost) in table.iter_mut() {
+        if op != "variable" {
+            *cost = 0.into();
+        }
+    }
+    for op in [
+        "Br",
+        "BrIf",
+        "BrTable",
+        "Call",
+        "CallIndirect",
+        "ReturnCall",
+        "ReturnCallIndirect",
+    ] {
+        table.insert(op.into(), 1.into());
+    }
+    Ok(serde_json::from_value(v)?)
+}
+
 fn main() -> anyhow::Result<()> {
     let mut argv = std::env::args().skip(1);
     let usage = "usage: native_gap RUNS NATIVE_BIN MODULE.wasm [ARG...]";
@@ -93,6 +119,16 @@ fn main() -> anyhow::Result<()> {
             false,
         ),
         ("ours, fuel", ours(Isa::Baseline, true, false)?, true, false),
+        (
+            "ours, fuel, coarse costs",
+            {
+                let mut c = ours(Isa::Baseline, true, false)?;
+                c.operator_cost(branch_and_call_costs()?);
+                c
+            },
+            true,
+            false,
+        ),
         (
             "ours, fuel+epoch",
             ours(Isa::Baseline, true, true)?,
