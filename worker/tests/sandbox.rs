@@ -427,6 +427,34 @@ fn cancel_returns_cancelled_while_running_and_while_paused() {
     host_still_fine();
 }
 
+/// A guest that spends its time in host calls which charge fuel (each call hands wasm a
+/// fresh yield interval) still yields, so it can be paused and cancelled: `fd_write` of a
+/// few bytes to stderr in an endless loop.
+#[test]
+fn a_guest_looping_over_host_calls_can_be_paused_and_cancelled() {
+    let wasm = fixture("stdio_cost");
+    let mut input = 3u32.to_le_bytes().to_vec();
+    input.extend_from_slice(&10u32.to_le_bytes());
+    let spec = RunSpec {
+        input,
+        fuel: u64::MAX / 2,
+        ..spec()
+    };
+    let control = RunControl::default();
+    let (c, w, s) = (control.clone(), wasm.clone(), spec.clone());
+    let t = std::thread::spawn(move || sandbox().run_bytes(&w, &s, &c));
+    wait_until("the guest yields", || control.ticks() > 0);
+    control.pause();
+    wait_until("the guest is held by the pause", || control.held() == 1);
+    let ticks = control.ticks();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(control.ticks(), ticks, "a paused guest does not run");
+    control.cancel();
+    wait_until("the cancelled run returns", || t.is_finished());
+    assert_eq!(t.join().unwrap().unwrap_err(), Cancelled);
+    host_still_fine();
+}
+
 #[test]
 fn compile_cache_round_trips_and_ignores_a_corrupted_file() {
     let dir = tempfile::tempdir().unwrap();
