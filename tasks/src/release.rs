@@ -17,7 +17,9 @@ pub const ENGINE: &str = "wasmtime 48.0.8";
 pub const MAX_WASM_STACK: usize = 512 * 1024;
 
 /// The sandbox's determinism settings as a stable string; `deterministic = false` only turns
-/// NaN canonicalization off. `peergrid=1`: the guest may import the checkpoint API
+/// NaN canonicalization off. `no-epoch`: fuel is the only check compiled into the guest's
+/// code (workers of earlier builds also compiled epoch checks, which changes the machine
+/// code, so the two never compare results). `peergrid=1`: the guest may import the checkpoint API
 /// (docs/guest-abi.md); a worker without it would call such a module `invalid_module`, so
 /// the two never compare results.
 pub fn settings(deterministic: bool) -> String {
@@ -27,7 +29,7 @@ pub fn settings(deterministic: bool) -> String {
         "no-nan-canon"
     };
     format!(
-        "{nan},relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,stack={MAX_WASM_STACK},clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1,peergrid=1"
+        "{nan},relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,no-epoch,stack={MAX_WASM_STACK},clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1,peergrid=1"
     )
 }
 

@@ -16,12 +16,14 @@
 //!
 //! # Layout
 //! - [`engine`](self::engine): the wasmtime `Config` (every determinism setting), the
-//!   [`EngineFingerprint`] derived from it, and the epoch ticker thread.
+//!   [`EngineFingerprint`] derived from it.
 //! - [`cache`](self::cache): the on-disk compile cache (our own serialized modules only).
 //! - [`wasi`](self::wasi): the guest's world: capped stdout/stderr, fixed clocks, seeded
 //!   random, virtual-time `poll_oneoff`, nothing else.
-//! - [`control`](self::control): [`RunControl`]: pause, resume, cancel, CPU duty cycle.
-//! - [`run`](self::run): one run: store, limits, fuel, and the status classification.
+//! - [`control`](self::control): [`RunControl`]: pause, resume, cancel, CPU duty cycle, at
+//!   the guest's fuel yields.
+//! - [`run`](self::run): one run: store, limits, fuel, the guest's async call polled on the
+//!   run's thread, and the status classification.
 //! - [`checkpoint`](self::checkpoint): the guest checkpoint API (`peergrid.checkpoint`,
 //!   `restore`, `progress`) and the [`CheckpointStore`] a caller keeps states in.
 //!
@@ -78,7 +80,6 @@ use wasmtime::{InstancePre, Linker, Module};
 pub use checkpoint::{Checkpoint, CheckpointStore};
 pub use control::RunControl;
 
-use engine::EpochTicker;
 use run::StoreState;
 
 /// Stderr kept per run (diagnostics only; not part of the result).
@@ -266,7 +267,6 @@ struct Inner {
     compiles: AtomicU64,
     compiles_at_idle: AtomicU64,
     budget_refusals: AtomicU64,
-    ticker: EpochTicker,
 }
 
 /// One load in progress; other loads of the same module wait for its outcome.
@@ -325,7 +325,6 @@ impl Sandbox {
             Some(dir) => Some(cache::DiskCache::open(&dir, &fingerprint)?),
             None => None,
         };
-        let ticker = EpochTicker::start(&engine);
         Ok(Sandbox {
             inner: Arc::new(Inner {
                 engine,
@@ -340,7 +339,6 @@ impl Sandbox {
                 compiles: AtomicU64::new(0),
                 compiles_at_idle: AtomicU64::new(0),
                 budget_refusals: AtomicU64::new(0),
-                ticker,
             }),
         })
     }
@@ -540,7 +538,6 @@ impl Sandbox {
         spec: &RunSpec,
         control: &RunControl,
     ) -> Result<RunOutput, Cancelled> {
-        let _active = self.inner.ticker.activate();
         run::run(&self.inner.engine, module, spec, control)
     }
 

@@ -354,8 +354,8 @@ fn wait_until(what: &str, cond: impl Fn() -> bool) {
 #[test]
 fn pause_and_resume_give_the_same_digest_as_an_uninterrupted_run() {
     let wasm = fixture("busy");
-    // 300M steps take far longer than one epoch tick on any machine; the pause below is
-    // requested before the run starts, so the guest is held at its first tick.
+    // 300M steps burn hundreds of times the fuel between two yields; the pause below is
+    // requested before the run starts, so the guest is held at its first yield.
     let spec = RunSpec {
         input: busy_input(300_000_000),
         fuel: 20_000_000_000,
@@ -373,14 +373,10 @@ fn pause_and_resume_give_the_same_digest_as_an_uninterrupted_run() {
     wait_until("the guest is held by the pause", || {
         control.held() == 1 || t.is_finished()
     });
-    assert_eq!(
-        control.held(),
-        1,
-        "the run ended before its first epoch tick"
-    );
+    assert_eq!(control.held(), 1, "the run ended before its first yield");
     let ticks = control.ticks();
-    assert!(ticks >= 1, "a guest is held only at an epoch tick");
-    // Held means blocked in the epoch callback: the guest reaches no further tick and cannot
+    assert!(ticks >= 1, "a guest is held only at a yield");
+    // Held means blocked at a yield: the guest reaches no further yield and cannot
     // finish, however long we look.
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(control.held(), 1);
@@ -394,7 +390,7 @@ fn pause_and_resume_give_the_same_digest_as_an_uninterrupted_run() {
     assert_eq!(paused.output, straight.output);
 
     // The CPU duty cycle does not change the result either. The same 300M steps reach many
-    // epoch ticks, where the duty cycle sleeps.
+    // yields, where the duty cycle sleeps.
     let throttled = RunControl::default();
     throttled.set_cpu_limit(Some(50));
     let out = sandbox().run_bytes(&wasm, &spec, &throttled).unwrap();
@@ -416,7 +412,7 @@ fn cancel_returns_cancelled_while_running_and_while_paused() {
         let control = RunControl::default();
         let (c, w, s) = (control.clone(), wasm.clone(), spec.clone());
         let t = std::thread::spawn(move || sandbox().run_bytes(&w, &s, &c));
-        // The guest spins forever: once it has reached an epoch tick it is running wasm.
+        // The guest spins forever: once it has reached a yield it is running wasm.
         wait_until("the guest is running", || control.ticks() > 0);
         if pause_first {
             control.pause();
@@ -428,6 +424,34 @@ fn cancel_returns_cancelled_while_running_and_while_paused() {
         assert_eq!(t.join().unwrap().unwrap_err(), Cancelled);
         assert_eq!(control.held(), 0, "a cancelled guest is no longer held");
     }
+    host_still_fine();
+}
+
+/// A guest that spends its time in host calls which charge fuel (each call hands wasm a
+/// fresh yield interval) still yields, so it can be paused and cancelled: `fd_write` of a
+/// few bytes to stderr in an endless loop.
+#[test]
+fn a_guest_looping_over_host_calls_can_be_paused_and_cancelled() {
+    let wasm = fixture("stdio_cost");
+    let mut input = 3u32.to_le_bytes().to_vec();
+    input.extend_from_slice(&10u32.to_le_bytes());
+    let spec = RunSpec {
+        input,
+        fuel: u64::MAX / 2,
+        ..spec()
+    };
+    let control = RunControl::default();
+    let (c, w, s) = (control.clone(), wasm.clone(), spec.clone());
+    let t = std::thread::spawn(move || sandbox().run_bytes(&w, &s, &c));
+    wait_until("the guest yields", || control.ticks() > 0);
+    control.pause();
+    wait_until("the guest is held by the pause", || control.held() == 1);
+    let ticks = control.ticks();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(control.ticks(), ticks, "a paused guest does not run");
+    control.cancel();
+    wait_until("the cancelled run returns", || t.is_finished());
+    assert_eq!(t.join().unwrap().unwrap_err(), Cancelled);
     host_still_fine();
 }
 

@@ -66,7 +66,7 @@ pub struct TaskInfo {
     pub in_hand_secs: f64,
     /// Seconds since a slot began running it (pauses included).
     pub running_secs: Option<f64>,
-    /// Epoch ticks the guest reached: grows only while it executes, so two readings that
+    /// Yields the guest reached (one every `sandbox::engine::YIELD_FUEL` fuel): grows only while it executes, so two readings that
     /// agree while `held` show that a pause took hold.
     pub ticks: u64,
     /// The guest is blocked by a pause right now.

@@ -71,9 +71,10 @@ pub(crate) struct RunCheckpoints {
 
 /// Add the `peergrid` calls to `linker`.
 pub fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
-    linker.func_wrap(MODULE, "checkpoint", checkpoint)?;
-    linker.func_wrap(MODULE, "restore", restore)?;
-    linker.func_wrap(MODULE, "progress", progress)?;
+    use super::wasi::yielding;
+    yielding!(linker, MODULE, "checkpoint", checkpoint(a: i32, b: i32));
+    yielding!(linker, MODULE, "restore", restore(a: i32, b: i32));
+    yielding!(linker, MODULE, "progress", progress(a: f64));
     Ok(())
 }
 

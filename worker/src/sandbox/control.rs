@@ -1,22 +1,20 @@
 //! [`RunControl`]: pause, resume, cancel and throttle a running task from another thread.
 //!
-//! The engine's epoch advances every few milliseconds (see `engine::EpochTicker`); at each
-//! tick a running guest calls [`RunControl::on_epoch`], which blocks while paused, sleeps to
-//! keep the CPU duty cycle, or stops the guest when cancelled. None of this touches fuel,
-//! so a paused or throttled run produces exactly the result of an uninterrupted one.
+//! A running guest yields to its run's thread every `engine::YIELD_FUEL` fuel (a few
+//! milliseconds); at each yield the run calls [`RunControl::on_yield`], which blocks while
+//! paused, sleeps to keep the CPU duty cycle, or says the guest is cancelled (the run then
+//! drops it). None of this touches fuel, so a paused or throttled run produces exactly the
+//! result of an uninterrupted one.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use wasmtime::UpdateDeadline;
-
 use super::checkpoint::CheckpointStore;
 
-/// The error the epoch callback raises to stop a cancelled guest.
-#[derive(Debug, thiserror::Error)]
-#[error("cancelled by the host")]
-pub(crate) struct CancelTrap;
+/// The shortest stretch of running time the CPU duty cycle sleeps after: shorter stretches
+/// add up first, so a guest that yields often does not sleep in slivers.
+const THROTTLE_SLICE: Duration = Duration::from_millis(5);
 
 /// Shared controls of one (or several) runs. Clones control the same runs.
 #[derive(Clone, Default)]
@@ -30,7 +28,7 @@ struct Inner {
     cancelled: AtomicBool,
     /// 0 = no limit, else percent of CPU time.
     cpu_limit: AtomicU8,
-    /// Epoch ticks reached by guests run under this control.
+    /// Yields reached by guests run under this control.
     ticks: AtomicU64,
     /// Guests blocked by a pause right now.
     held: AtomicUsize,
@@ -53,7 +51,7 @@ impl std::fmt::Debug for RunControl {
 }
 
 impl RunControl {
-    /// Suspend the guest at its next epoch tick (within ~5 ms); it keeps its state.
+    /// Suspend the guest at its next yield (within a few ms); it keeps its state.
     pub fn pause(&self) {
         self.inner.paused.store(true, Ordering::SeqCst);
     }
@@ -95,9 +93,10 @@ impl RunControl {
         }
     }
 
-    /// How many epoch ticks guests run under this control have reached so far. It grows only
-    /// while a guest executes (a paused guest reaches no tick), so it shows that a run is
-    /// under way and, together with [`held`](Self::held), that a pause took hold.
+    /// How many yields (every `engine::YIELD_FUEL` fuel) guests run under this control have
+    /// reached so far. It grows only while a guest executes (a paused guest reaches no
+    /// yield), so it shows that a run is under way and, together with [`held`](Self::held),
+    /// that a pause took hold.
     pub fn ticks(&self) -> u64 {
         self.inner.ticks.load(Ordering::SeqCst)
     }
@@ -135,17 +134,26 @@ impl RunControl {
         self.inner.wake.notify_all();
     }
 
-    /// Called at every epoch tick of a run; `ran_since` is when the guest last resumed.
-    pub(crate) fn on_epoch(&self, ran_since: &mut Instant) -> wasmtime::Result<UpdateDeadline> {
+    /// Called at every yield of a running guest; `ran_since` is when the guest last resumed
+    /// after a pause or a duty-cycle sleep. Returns `false` if the run is cancelled (the
+    /// caller then stops the guest).
+    pub(crate) fn on_yield(&self, ran_since: &mut Instant) -> bool {
         self.inner.ticks.fetch_add(1, Ordering::SeqCst);
         if self.is_cancelled() {
-            return Err(CancelTrap.into());
+            return false;
         }
-        if let Some(pct) = self.cpu_limit() {
-            // Sleep so that running time is pct% of the total.
-            let ran = ran_since.elapsed();
-            let rest = ran.mul_f64((100 - pct as u32) as f64 / pct as f64);
-            self.wait_unless_woken(rest.min(Duration::from_secs(1)));
+        match self.cpu_limit() {
+            Some(pct) => {
+                let ran = ran_since.elapsed();
+                if ran >= THROTTLE_SLICE {
+                    // Sleep so that running time is pct% of the total.
+                    let rest = ran.mul_f64((100 - pct as u32) as f64 / pct as f64);
+                    self.wait_unless_woken(rest.min(Duration::from_secs(1)));
+                    *ran_since = Instant::now();
+                }
+            }
+            // Unthrottled: a limit set later counts from now.
+            None => *ran_since = Instant::now(),
         }
         if self.is_paused() {
             // Flags are checked under the lock that `resume`/`cancel` notify under: no lost wake-up.
@@ -160,12 +168,9 @@ impl RunControl {
                     .0;
             }
             self.inner.held.fetch_sub(1, Ordering::SeqCst);
+            *ran_since = Instant::now();
         }
-        if self.is_cancelled() {
-            return Err(CancelTrap.into());
-        }
-        *ran_since = Instant::now();
-        Ok(UpdateDeadline::Continue(1))
+        !self.is_cancelled()
     }
 
     fn wait_unless_woken(&self, d: Duration) {

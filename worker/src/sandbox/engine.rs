@@ -1,12 +1,7 @@
-//! The wasmtime engine configuration, the fingerprint that names it, and the epoch ticker.
+//! The wasmtime engine configuration and the fingerprint that names it.
 //!
 //! Every setting that can change a result is fixed here and listed in the fingerprint's
 //! `settings`, so two workers compare results only when they would compute them alike.
-
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use tasks::EngineFingerprint;
 use wasmtime::{Config, Engine, OptLevel};
@@ -20,8 +15,17 @@ pub use tasks::release::ENGINE;
 /// Maximum wasm stack: fixed, so where unbounded recursion overflows is deterministic.
 pub use tasks::release::MAX_WASM_STACK;
 
-/// How often the epoch advances: the latency of pause, cancel and the CPU duty cycle.
-pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Fuel a guest burns between two yields to its run's thread, where pause, cancel and the
+/// CPU duty cycle act (`RunControl`). Fuel is then the only check compiled into the guest:
+/// each loop header pays one check and one cold call, not two (the epoch check beside it
+/// added 0-8% on the C kernels of examples/kernels). 2^22 (~4.2 million): those kernels burn
+/// 7-16 billion fuel per second here (locals and constants cost fuel but no instruction), so
+/// they yield every 0.3-0.6 ms, which costs nothing measurable (a fiber switch and a few
+/// atomic loads); a guest as slow as 40 million per second (a loop of cache-missing loads)
+/// still yields every ~100 ms. Where a guest yields never changes what it computes or the
+/// fuel it is charged: the interval only splits the same budget (wasmtime refuels from the
+/// rest of it at each yield, and traps `out_of_fuel` where a single budget would).
+pub const YIELD_FUEL: u64 = 1 << 22;
 
 /// The fixed ISA baseline this worker compiles for on its architecture: what Cranelift may
 /// assume of the CPU, whatever CPU the worker runs on. With it, the machine code of a module is
@@ -165,8 +169,8 @@ pub fn build(deterministic: bool) -> Result<(Engine, EngineFingerprint), Sandbox
 /// [`build`], choosing what Cranelift compiles for. Everything that can change the machine
 /// code is fixed in [`config`] and named in the fingerprint: the wasmtime release (`engine`),
 /// the target and ISA (`arch`), and the code generation settings (`settings`: NaN
-/// canonicalization, relaxed SIMD, fuel, stack). `opt_level` is fixed at `speed`; epoch
-/// checks and wasmtime's remaining defaults are the same on every worker of a release.
+/// canonicalization, relaxed SIMD, fuel and no epoch checks, stack). `opt_level` is fixed
+/// at `speed`; wasmtime's remaining defaults are the same on every worker of a release.
 pub fn build_for(
     deterministic: bool,
     isa: Isa,
@@ -208,11 +212,15 @@ pub fn config(deterministic: bool, isa: Isa) -> Result<Config, SandboxError> {
             }
         }
     }
-    // Budget by instructions, not time: fuel is deterministic; epochs only pause/cancel.
-    // Wasmtime 48's default costs: 1 per operator, plus 1 per byte or element for
-    // `memory.fill/copy/init` and `table.fill/copy/init/grow` (38 charged those 1 each).
+    // Budget by instructions, not time: fuel is deterministic. Wasmtime 48's default costs:
+    // 1 per operator, plus 1 per byte or element for `memory.fill/copy/init` and
+    // `table.fill/copy/init/grow` (38 charged those 1 each). Fuel is also how a running
+    // guest is interrupted (it yields every `YIELD_FUEL`, see `run`): no epoch checks,
+    // which would add a second check and call on every loop header. That changes the
+    // machine code (and so, for instance, the frame sizes that decide where a recursion
+    // overflows the stack), so it is named in the fingerprint (`no-epoch`).
     c.consume_fuel(true);
-    c.epoch_interruption(true);
+    c.epoch_interruption(false);
     c.cranelift_nan_canonicalization(deterministic);
     c.wasm_relaxed_simd(true);
     c.relaxed_simd_deterministic(true);
@@ -237,95 +245,13 @@ pub fn settings(deterministic: bool) -> String {
     tasks::release::settings(deterministic)
 }
 
-/// A background thread that advances the engine's epoch every [`EPOCH_TICK`] while at least
-/// one run is active, so running guests reach the epoch callback (pause, cancel, throttle).
-/// Epoch checks never touch fuel, so they cannot change a result.
-pub struct EpochTicker {
-    shared: Arc<TickerShared>,
-    thread: Option<JoinHandle<()>>,
-}
-
-struct TickerShared {
-    active: AtomicUsize,
-    stop: AtomicBool,
-    lock: Mutex<()>,
-    wake: Condvar,
-}
-
-/// Keeps the ticker running while alive.
-pub struct ActiveRun<'a>(&'a TickerShared);
-
-impl Drop for ActiveRun<'_> {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl EpochTicker {
-    pub fn start(engine: &Engine) -> EpochTicker {
-        let shared = Arc::new(TickerShared {
-            active: AtomicUsize::new(0),
-            stop: AtomicBool::new(false),
-            lock: Mutex::new(()),
-            wake: Condvar::new(),
-        });
-        let weak = engine.weak();
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("wasm-epoch".into())
-            .spawn(move || loop {
-                if s.stop.load(Ordering::SeqCst) {
-                    return;
-                }
-                if s.active.load(Ordering::SeqCst) == 0 {
-                    // Idle: sleep until a run starts (the timeout guards a missed wake-up).
-                    let g = s.lock.lock().expect("ticker lock poisoned");
-                    let _ = s.wake.wait_timeout(g, Duration::from_millis(200));
-                    continue;
-                }
-                std::thread::sleep(EPOCH_TICK);
-                match weak.upgrade() {
-                    Some(engine) => engine.increment_epoch(),
-                    None => return,
-                }
-            })
-            .expect("spawn the epoch ticker thread");
-        EpochTicker {
-            shared,
-            thread: Some(thread),
-        }
-    }
-
-    /// Mark a run as active for the guard's lifetime.
-    pub fn activate(&self) -> ActiveRun<'_> {
-        if self.shared.active.fetch_add(1, Ordering::SeqCst) == 0 {
-            let _g = self.shared.lock.lock().expect("ticker lock poisoned");
-            self.shared.wake.notify_all();
-        }
-        ActiveRun(&self.shared)
-    }
-}
-
-impl Drop for EpochTicker {
-    fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        {
-            let _g = self.shared.lock.lock().expect("ticker lock poisoned");
-            self.shared.wake.notify_all();
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn determinism_switch_changes_the_fingerprint() {
-        const REST: &str = "relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,stack=524288,clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1,peergrid=1";
+        const REST: &str = "relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,no-epoch,stack=524288,clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1,peergrid=1";
         let (_, on) = build(true).unwrap();
         let (_, off) = build(false).unwrap();
         // What coordinators admit for the native class by default names this baseline.

@@ -1,6 +1,14 @@
 //! One run of a loaded module: a fresh store with the task's limits, fuel and WASI context,
 //! `_start`, and the classification of how it ended (see the module doc of `sandbox`).
+//!
+//! The guest runs as a wasmtime async call (on a fiber) that yields every
+//! [`YIELD_FUEL`] fuel; [`drive`] polls it on the run's own thread and, at each yield, lets
+//! the [`RunControl`] pause, throttle or cancel it. No async runtime is involved: the only
+//! thing that suspends the call is that yield, which is ready again at once.
 
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tasks::{BlobId, RunResult, Status};
@@ -9,7 +17,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::I32Exit;
 
 use super::checkpoint::RunCheckpoints;
-use super::control::CancelTrap;
+use super::engine::YIELD_FUEL;
 use super::wasi::{self, CappedPipe};
 use super::{one_line, Cancelled, LoadedModule, RunControl, RunOutput, RunSpec, STDERR_CAP};
 
@@ -26,6 +34,9 @@ pub struct StoreState {
     pub(crate) io: wasi::GuestIo,
     pub(crate) limits: Limits,
     pub(crate) ckpt: RunCheckpoints,
+    /// The store's fuel when the guest last yielded, as far as host calls know (see
+    /// `wasi::yield_if_due`).
+    pub(crate) fuel_at_yield: u64,
 }
 
 /// The memory/table limiter. Linear memory and tables share one budget, `memory_mb`: a
@@ -137,23 +148,29 @@ pub(crate) fn run(
         io: wasi::guest_io(spec, &stdout, &stderr),
         limits: Limits::new(spec.memory_mb),
         ckpt,
+        fuel_at_yield: spec.fuel - fuel_base,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);
     store
         .set_fuel(spec.fuel - fuel_base)
         .expect("fuel is enabled");
-    store.set_epoch_deadline(1);
-    let ctl = control.clone();
-    let mut ran_since = Instant::now();
-    store.epoch_deadline_callback(move |_| ctl.on_epoch(&mut ran_since));
+    store
+        .fuel_async_yield_interval(Some(YIELD_FUEL))
+        .expect("fuel is enabled");
 
     let mut instantiated = false;
-    let outcome = module.pre.instantiate(&mut store).and_then(|instance| {
+    let mut ran_since = Instant::now();
+    let guest = async {
+        let instance = module.pre.instantiate_async(&mut store).await?;
         instantiated = true;
         let f = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-        f.call(&mut store, ())
-    });
+        f.call_async(&mut store, ()).await
+    };
+    let Some(outcome) = drive(guest, || control.on_yield(&mut ran_since)) else {
+        // Cancelled at a yield: the guest's fiber was unwound when its future was dropped.
+        return Err(Cancelled);
+    };
     let remaining = store.get_fuel().unwrap_or(0);
     // The budget was `spec.fuel - fuel_base`: this counts the earlier runs' fuel too.
     let fuel_used = spec.fuel.saturating_sub(remaining);
@@ -162,12 +179,7 @@ pub(crate) fn run(
 
     let (status, exit_code, trap, error) = match outcome {
         Ok(()) => (Status::Ok, 0, String::new(), None),
-        Err(e) => {
-            if e.downcast_ref::<CancelTrap>().is_some() {
-                return Err(Cancelled);
-            }
-            classify(&e, stdout.overflowed(), memory_denied, instantiated)
-        }
+        Err(e) => classify(&e, stdout.overflowed(), memory_denied, instantiated),
     };
     let output = stdout.take();
     let result = RunResult {
@@ -187,6 +199,26 @@ pub(crate) fn run(
     })
 }
 
+/// Run `guest` to completion on this thread, calling `at_yield` each time it yields; `None`
+/// (and `guest` dropped, which unwinds a suspended wasm call) as soon as `at_yield` says
+/// stop. The guest suspends only at its fuel yields, which are ready again at once (wasmtime
+/// wakes the waker before returning `Pending`), so a no-op waker and polling again is all
+/// the executor it needs.
+fn drive<F: Future>(guest: F, mut at_yield: impl FnMut() -> bool) -> Option<F::Output> {
+    let mut guest = pin!(guest);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        match guest.as_mut().poll(&mut cx) {
+            Poll::Ready(out) => return Some(out),
+            Poll::Pending => {
+                if !at_yield() {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// Time to set up a store (limits, fuel, WASI context) and instantiate `module`, without
 /// running it. For the benchmark.
 pub(crate) fn instantiate_only(
@@ -202,12 +234,12 @@ pub(crate) fn instantiate_only(
         io: wasi::guest_io(spec, &stdout, &stderr),
         limits: Limits::new(spec.memory_mb),
         ckpt: RunCheckpoints::default(),
+        fuel_at_yield: spec.fuel,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);
     store.set_fuel(spec.fuel)?;
-    store.set_epoch_deadline(u64::MAX / 2);
-    module.pre.instantiate(&mut store)?;
+    drive(module.pre.instantiate_async(&mut store), || true).expect("never stopped")?;
     Ok(start.elapsed())
 }
 
@@ -283,5 +315,126 @@ pub(crate) fn invalid_module(reason: String, wall: Duration) -> RunOutput {
         stderr: Vec::new(),
         error: Some(reason),
         wall,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sandbox::{Sandbox, SandboxConfig};
+
+    fn wat(name: &str) -> Vec<u8> {
+        let path = format!("{}/tests/fixtures/{name}.wat", env!("CARGO_MANIFEST_DIR"));
+        wat::parse_file(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// `spec` run as [`run`] does, but with no yield interval: the whole budget in the store
+    /// at once, so the wasm code never yields (host calls still may, after every
+    /// `YIELD_FUEL`): the reference the yielding run must match.
+    fn run_without_yields(sandbox: &Sandbox, module: &LoadedModule, spec: &RunSpec) -> RunResult {
+        let stdout = CappedPipe::trapping(spec.max_output as usize);
+        let stderr = CappedPipe::truncating(STDERR_CAP);
+        let state = StoreState {
+            wasi: wasi::context(spec, &stdout, &stderr),
+            io: wasi::guest_io(spec, &stdout, &stderr),
+            limits: Limits::new(spec.memory_mb),
+            ckpt: RunCheckpoints {
+                budget: spec.fuel,
+                ..RunCheckpoints::default()
+            },
+            fuel_at_yield: spec.fuel,
+        };
+        let mut store = Store::new(sandbox.engine(), state);
+        store.limiter(|s| &mut s.limits);
+        store.set_fuel(spec.fuel).unwrap();
+        let mut instantiated = false;
+        let guest = async {
+            let instance = module.pre.instantiate_async(&mut store).await?;
+            instantiated = true;
+            let f = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+            f.call_async(&mut store, ()).await
+        };
+        let outcome = drive(guest, || true).expect("never stopped");
+        let fuel_used = spec.fuel - store.get_fuel().unwrap();
+        let memory_denied = store.data().limits.memory_denied;
+        drop(store);
+        let (status, exit_code, trap, _) = match outcome {
+            Ok(()) => (Status::Ok, 0, String::new(), None),
+            Err(e) => classify(&e, stdout.overflowed(), memory_denied, instantiated),
+        };
+        let output = stdout.take();
+        RunResult {
+            status,
+            exit_code,
+            trap,
+            fuel_used,
+            output_hash: BlobId::of(&output),
+            output_len: output.len() as u64,
+        }
+    }
+
+    /// Yielding every `YIELD_FUEL` changes neither what a guest computes nor the fuel it is
+    /// charged, on every way a run ends: finishing, running out of fuel in wasm code or in
+    /// a host call that charges per byte (budgets that are not multiples of the interval),
+    /// and overflowing the stack.
+    #[test]
+    fn fuel_yields_change_no_result_and_no_fuel() {
+        let sandbox = Sandbox::new(SandboxConfig {
+            deterministic: false,
+            ..SandboxConfig::default()
+        })
+        .unwrap();
+        let stdin = |a: u32, b: Option<u32>| {
+            let mut v = a.to_le_bytes().to_vec();
+            v.extend(b.map(u32::to_le_bytes).into_iter().flatten());
+            v
+        };
+        let cases = [
+            // ~100 yields' worth of fuel, all of it spent: `ok`.
+            (
+                "busy",
+                stdin(40_000_000, None),
+                10 * YIELD_FUEL * 100,
+                Status::Ok,
+            ),
+            // Runs out in wasm code, mid-interval.
+            (
+                "busy",
+                stdin(40_000_000, None),
+                7 * YIELD_FUEL + 12_345,
+                Status::OutOfFuel,
+            ),
+            // Runs out in `fd_write`, charged per byte, mid-interval.
+            (
+                "stdio_cost",
+                stdin(3, Some(100_000)),
+                5 * YIELD_FUEL + 777,
+                Status::OutOfFuel,
+            ),
+            ("recursion", Vec::new(), 10 * YIELD_FUEL, Status::Trap),
+        ];
+        for (name, input, fuel, status) in cases {
+            let module = sandbox.load(&wat(name)).unwrap();
+            let spec = RunSpec {
+                input,
+                fuel,
+                ..RunSpec::default()
+            };
+            let control = RunControl::default();
+            let yielding = sandbox.run(&module, &spec, &control).unwrap().result;
+            let straight = run_without_yields(&sandbox, &module, &spec);
+            assert_eq!(yielding.status, status, "{name} with {fuel} fuel");
+            assert_eq!(yielding, straight, "{name} with {fuel} fuel");
+            if status == Status::OutOfFuel {
+                assert_eq!(yielding.fuel_used, fuel, "{name}: the whole budget is used");
+            }
+            if name != "recursion" {
+                assert!(
+                    control.ticks() >= 4,
+                    "{name}: the run yielded ({} times)",
+                    control.ticks()
+                );
+            }
+        }
     }
 }

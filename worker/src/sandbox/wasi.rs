@@ -30,6 +30,7 @@ use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, Rng, WasiCtxBuilder};
 
+use super::engine::YIELD_FUEL;
 use super::run::StoreState;
 use super::RunSpec;
 
@@ -52,6 +53,54 @@ pub const HOST_CHUNK: usize = 64 * 1024;
 
 const WASI: &str = "wasi_snapshot_preview1";
 
+/// Define host call `$f` (a sync function of a `Caller` and the listed parameters) as an
+/// async host call that first yields if due (see [`yield_if_due`]).
+macro_rules! yielding {
+    ($linker:ident, $module:expr, $name:expr, $f:ident ($($a:ident: $t:ty),*)) => {
+        $linker.func_wrap_async(
+            $module,
+            $name,
+            |mut caller: Caller<'_, StoreState>, ($($a,)*): ($($t,)*)| {
+                Box::new(async move {
+                    $crate::sandbox::wasi::yield_if_due(&mut caller).await;
+                    $f(caller, $($a),*)
+                })
+            },
+        )?
+    };
+}
+pub(super) use yielding;
+
+/// Yield to the run's thread if the guest has used [`YIELD_FUEL`] or more since the last
+/// yield this knows of. Host calls that charge fuel (`charge`) set the store's fuel, which
+/// hands wasm a fresh yield interval, so a guest that calls them in a loop might never
+/// reach the yield its wasm code would; this one keeps such a guest pausable and
+/// cancellable. Where it yields changes nothing the guest sees, nor its fuel.
+pub(super) async fn yield_if_due(caller: &mut Caller<'_, StoreState>) {
+    let Ok(now) = caller.get_fuel() else { return };
+    let at_yield = &mut caller.data_mut().fuel_at_yield;
+    if at_yield.saturating_sub(now) >= YIELD_FUEL {
+        *at_yield = now;
+        YieldOnce(false).await;
+    }
+}
+
+/// A future that is pending once (waking itself) and then ready: a yield to whoever polls
+/// the guest (`run::drive`).
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
 /// The linker every module is linked against: WASI preview 1 (sync), with the calls that
 /// copy guest-sized data (and `poll_oneoff`, in virtual time) replaced by ours, and the
 /// checkpoint API ([`super::checkpoint`], import module `peergrid`).
@@ -59,13 +108,16 @@ pub fn linker(engine: &Engine) -> wasmtime::Result<Linker<StoreState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |s: &mut StoreState| &mut s.wasi)?;
     linker.allow_shadowing(true);
-    linker.func_wrap(WASI, "poll_oneoff", poll_oneoff)?;
-    linker.func_wrap(WASI, "random_get", random_get)?;
-    linker.func_wrap(WASI, "fd_write", fd_write)?;
-    linker.func_wrap(WASI, "fd_read", fd_read)?;
-    linker.func_wrap(WASI, "args_get", args_get)?;
-    linker.func_wrap(WASI, "args_sizes_get", args_sizes_get)?;
-    linker.func_wrap(WASI, "path_open", path_open)?;
+    yielding!(linker, WASI, "poll_oneoff", poll_oneoff(a: i32, b: i32, c: i32, d: i32));
+    yielding!(linker, WASI, "random_get", random_get(a: i32, b: i32));
+    yielding!(linker, WASI, "fd_write", fd_write(a: i32, b: i32, c: i32, d: i32));
+    yielding!(linker, WASI, "fd_read", fd_read(a: i32, b: i32, c: i32, d: i32));
+    yielding!(linker, WASI, "args_get", args_get(a: i32, b: i32));
+    yielding!(linker, WASI, "args_sizes_get", args_sizes_get(a: i32, b: i32));
+    #[rustfmt::skip]
+    yielding!(linker, WASI, "path_open", path_open(
+        a: i32, b: i32, c: i32, d: i32, e: i32, f: i64, g: i64, h: i32, i: i32
+    ));
     linker.allow_shadowing(false);
     super::checkpoint::add_to_linker(&mut linker)?;
     Ok(linker)
