@@ -127,7 +127,7 @@ fn worker_status_pause_and_resume_control_the_running_worker() {
     let after: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(after["paused"], true, "pause answers with the paused state");
     assert_eq!(after["pause_reasons"], serde_json::json!(["command"]));
-    // The guest stops at its next epoch tick: held, and its tick count frozen.
+    // The guest stops at its next fuel yield: held, and its tick count frozen.
     let held = wait_state(&dir, "the running task to be held", |s| {
         s["tasks"][0]["held"] == true
     });
