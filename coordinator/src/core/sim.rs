@@ -1272,6 +1272,23 @@ fn a_contested_result_needs_the_dispute_margin_over_its_rival() {
     assert_eq!(c.core.task_phase(task), Some(TaskPhase::Accepted));
 }
 
+/// A one-task job "attacked" (added at t=3) whose first replicas go to `liars`, who agree on
+/// a wrong output; returns its task.
+fn newcomers_agree_on_a_lie(core: &mut Core, liars: &[NodeId]) -> TaskId {
+    let (job, _) = core.add_job(manifest("attacked", 1, 2, 6, 600), 3);
+    let task = TaskId { job, index: 0 };
+    let lie = RunResult {
+        output_hash: BlobId::of(b"lie"),
+        ..truth(task)
+    };
+    for &s in liars {
+        let got = core.request_work(s, 1, 4).assignments;
+        assert_eq!(got.len(), 1);
+        core.report(s, got[0].replica, lie.clone(), 5);
+    }
+    task
+}
+
 /// Anchors decide (opt-in `anchors_decide`): once anchors are connected, newcomers that agree
 /// among themselves cannot get a result accepted; the task's next replica waits for an anchor
 /// (no newcomer may take it), and `quorum + untrusted_extra` agreeing anchors win over the
@@ -1315,17 +1332,7 @@ fn newcomers_agreeing_on_a_lie_cannot_outvote_anchors_when_anchors_decide() {
     );
     assert_eq!(core.anchors_connected(), 3);
 
-    let (job, _) = core.add_job(manifest("attacked", 1, 2, 6, 600), 3);
-    let task = TaskId { job, index: 0 };
-    let lie = RunResult {
-        output_hash: BlobId::of(b"lie"),
-        ..truth(task)
-    };
-    for &s in &sybils[..2] {
-        let got = core.request_work(s, 1, 4).assignments;
-        assert_eq!(got.len(), 1);
-        core.report(s, got[0].replica, lie.clone(), 5);
-    }
+    let task = newcomers_agree_on_a_lie(&mut core, &sybils[..2]);
     // Two newcomers agree: no longer enough, and the next replica is for anchors only.
     assert_eq!(core.task_phase(task), Some(TaskPhase::Pending));
     assert!(
@@ -1388,17 +1395,7 @@ fn newcomers_to_an_established_pool_cannot_outvote_its_anchors_by_default() {
     for w in &sybils {
         core.hello(*w, &fp(Kind::Honest), 1, None, &module, 3);
     }
-    let (job, _) = core.add_job(manifest("attacked", 1, 2, 6, 600), 3);
-    let task = TaskId { job, index: 0 };
-    let lie = RunResult {
-        output_hash: BlobId::of(b"lie"),
-        ..truth(task)
-    };
-    for &s in &sybils[..2] {
-        let got = core.request_work(s, 1, 4).assignments;
-        assert_eq!(got.len(), 1);
-        core.report(s, got[0].replica, lie.clone(), 5);
-    }
+    let task = newcomers_agree_on_a_lie(&mut core, &sybils[..2]);
     // Two newcomers agree: a quorum, but not enough while anchors are at hand; the next
     // replica is for anchors only (a third newcomer could otherwise make quorum + 1).
     assert_eq!(core.task_phase(task), Some(TaskPhase::Pending));
