@@ -198,6 +198,16 @@ impl Lease {
         }
     }
 
+    /// Who leads now, as far as this standby knows (its ticket entry); `None` when unknown or
+    /// when this coordinator leads.
+    pub fn leader(&self) -> Arc<dyn Fn() -> Option<String> + Send + Sync> {
+        let state = self.state.clone();
+        Arc::new(move || match &*state.borrow() {
+            LeaseState::Standby { leader } => leader.clone(),
+            _ => None,
+        })
+    }
+
     /// Resolves when the lease is lost; says why.
     pub fn lost(&self) -> impl std::future::Future<Output = String> + Send + 'static {
         let mut state = self.state.clone();

@@ -161,6 +161,17 @@ impl Coordinator {
             tasks::identity::write_private(&dir.join(TICKET_FILE), format!("{t}\n").as_bytes())
                 .context("writing the ticket file")
         };
+        // Bound before anything is spawned (or a standby waits), so a bad --http fails the
+        // start cleanly.
+        let mut http_listener = match cfg.http {
+            Some(a) => Some(http::bind(a).await?),
+            None => None,
+        };
+        let http_addr = match &http_listener {
+            Some(l) => Some(l.local_addr().context("reading the bound HTTP address")?),
+            None => None,
+        };
+
         // With PostgreSQL: open (and migrate) the store, join the deployment, and stand by
         // until this coordinator holds the leader lease.
         let (pg_store, lease, epoch, mirror) = match &cfg.store {
@@ -202,25 +213,33 @@ impl Coordinator {
                     .await
                     .context("joining the deployment")??;
                 // Standing by: refuse every connection at once, so clients dialling the
-                // whole ticket go to the leader without waiting for a timeout.
+                // whole ticket go to the leader without waiting for a timeout; HTTP answers
+                // 503 with who leads.
+                let standby_http = match http_listener.take() {
+                    Some(l) => {
+                        // Two handles on the one socket: the standby page now, the status API
+                        // once this coordinator leads.
+                        let std = l.into_std().context("HTTP listener")?;
+                        let clone = tokio::net::TcpListener::from_std(std.try_clone()?)?;
+                        http_listener = Some(tokio::net::TcpListener::from_std(std)?);
+                        let stop = CancellationToken::new();
+                        let task = tokio::spawn(http::standby(clone, lease.leader(), stop.clone()));
+                        Some((stop, task))
+                    }
+                    None => None,
+                };
                 let epoch = tokio::select! {
                     e = lease.leading() => e?,
                     _ = refuse_all(&endpoint) => anyhow::bail!("the endpoint closed while standing by"),
                 };
+                if let Some((stop, task)) = standby_http {
+                    stop.cancel();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+                }
                 let mirror = Arc::new(crate::ha::BlobMirror::new(url));
                 (Some(store), Some(lease), Some(epoch), Some(mirror))
             }
         };
-        // Bound before anything is spawned, so a bad --http fails the start cleanly.
-        let http_listener = match cfg.http {
-            Some(a) => Some(http::bind(a).await?),
-            None => None,
-        };
-        let http_addr = match &http_listener {
-            Some(l) => Some(l.local_addr().context("reading the bound HTTP address")?),
-            None => None,
-        };
-
         let mut core_cfg = cfg.core.clone();
         let seed_addr = ticket
             .socket_addrs()

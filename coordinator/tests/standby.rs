@@ -96,7 +96,7 @@ impl Coord {
             "info",
             &self.host.ip.to_string(),
             &log,
-            &["--store", url],
+            &["--store", url, "--http", "127.0.0.1:8080"],
             START_GUARD,
         )?;
         self.proc = Some(proc);
@@ -127,6 +127,24 @@ fn wait_for(what: &str, guard: Duration, mut f: impl FnMut() -> bool) -> Result<
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(t0.elapsed())
+}
+
+/// `GET http://127.0.0.1:8080PATH` on `host` (a coordinator's `--http`): status and body.
+fn http_get(host: &Host, path: &str) -> Result<(u16, String)> {
+    let script = format!(
+        "import urllib.request, urllib.error\ntry:\n    r = urllib.request.urlopen('http://127.0.0.1:8080{path}', timeout=10)\n    print(r.status); print(r.read().decode())\nexcept urllib.error.HTTPError as e:\n    print(e.code); print(e.read().decode())\n"
+    );
+    let mut c = host.command("python3");
+    c.arg("-c").arg(script);
+    let out = netsim::run_with_timeout(&mut c, CLI_GUARD)?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (code, body) = text.split_once('\n').unwrap_or((&text, ""));
+    Ok((
+        code.trim()
+            .parse()
+            .with_context(|| format!("HTTP GET {path}: {text}"))?,
+        body.trim().to_string(),
+    ))
 }
 
 fn cli_json(host: &Host, ticket: &str, token: &str, args: &[&str]) -> Result<Value> {
@@ -252,6 +270,20 @@ fn run(lab: &mut Lab, dir: &Path, kills: usize) -> Result<()> {
         "B took the lead while A was alive"
     );
     say(&format!("standby: ticket {ticket}"));
+    // Health checks tell the leader from the standby, which names the leader.
+    let (code, body) = http_get(&coords[0].host, "/health")?;
+    anyhow::ensure!(
+        code == 200 && body == "ok",
+        "leader's /health: {code} {body}"
+    );
+    let (code, body) = http_get(&coords[1].host, "/health")?;
+    let v: Value = serde_json::from_str(&body).with_context(|| body.clone())?;
+    // B's ticket lists B, then A (the leader).
+    let a_entry = format!("{}@{}", parsed.more[0].0, parsed.more[0].1);
+    anyhow::ensure!(
+        code == 503 && v["state"] == "standby" && v["leader"].as_str() == Some(&a_entry[..]),
+        "standby's /health: {code} {body}"
+    );
 
     // Three workers and the scientist, all with the two-coordinator ticket.
     let mut workers = Vec::new();
@@ -349,6 +381,8 @@ fn run(lab: &mut Lab, dir: &Path, kills: usize) -> Result<()> {
         )?;
         let failover = killed.elapsed();
         failovers.push(failover.as_secs_f64());
+        let (code, _) = http_get(&coords[standby].host, "/health")?;
+        anyhow::ensure!(code == 200, "the new leader's /health answers {code}");
         if stall {
             // Woken up, the old leader finds its lease taken: it must end by itself with a
             // clear error (its commits are fenced), not linger half-alive.

@@ -122,6 +122,33 @@ pub async fn run(listener: tokio::net::TcpListener, ctx: HttpCtx, cancel: Cancel
     }
 }
 
+/// While this coordinator stands by (`crate::ha`): every path answers `503 Service
+/// Unavailable` with `{"state": "standby", "leader": <its ticket entry or null>}`, so a
+/// health check or load balancer can tell the standby from the leader. `leader()` says who
+/// leads now. Serves `listener` until `cancel` fires.
+pub async fn standby(
+    listener: tokio::net::TcpListener,
+    leader: Arc<dyn Fn() -> Option<String> + Send + Sync>,
+    cancel: CancellationToken,
+) {
+    let app = Router::new().fallback(move || {
+        let leader = leader();
+        async move {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({ "state": "standby", "leader": leader })),
+            )
+                .into_response()
+        }
+    });
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .into_future();
+    if let Err(e) = server.await {
+        tracing::warn!(error = %e, "standby HTTP server stopped");
+    }
+}
+
 /// A JSON `{"error": ...}` answer.
 fn error(code: StatusCode, message: impl Into<String>) -> Response {
     (code, Json(serde_json::json!({ "error": message.into() }))).into_response()
