@@ -1289,6 +1289,21 @@ fn newcomers_agree_on_a_lie(core: &mut Core, liars: &[NodeId]) -> TaskId {
     task
 }
 
+/// `anchors` take the deciding replicas of `task` one by one and report the truth: the task
+/// is accepted and the `liars` who agreed on a lie are banned.
+fn anchors_outvote_liars(core: &mut Core, task: TaskId, anchors: &[NodeId], liars: &[NodeId]) {
+    for (i, &a) in anchors.iter().enumerate() {
+        assert_eq!(core.task_phase(task), Some(TaskPhase::Pending));
+        let got = core.request_work(a, 1, 7 + i as u64).assignments;
+        assert_eq!(got.len(), 1, "anchor {i} gets the deciding replica");
+        core.report(a, got[0].replica, truth(task), 8 + i as u64);
+    }
+    assert_eq!(core.task_phase(task), Some(TaskPhase::Accepted));
+    for s in liars {
+        assert!(core.is_banned(s), "{s:?} contradicted three anchors");
+    }
+}
+
 /// Anchors decide (opt-in `anchors_decide`): once anchors are connected, newcomers that agree
 /// among themselves cannot get a result accepted; the task's next replica waits for an anchor
 /// (no newcomer may take it), and `quorum + untrusted_extra` agreeing anchors win over the
@@ -1339,16 +1354,7 @@ fn newcomers_agreeing_on_a_lie_cannot_outvote_anchors_when_anchors_decide() {
         core.request_work(sybils[2], 1, 6).assignments.is_empty(),
         "a newcomer must not take the replica that anchors decide"
     );
-    for (i, &a) in anchors.iter().enumerate() {
-        assert_eq!(core.task_phase(task), Some(TaskPhase::Pending));
-        let got = core.request_work(a, 1, 7 + i as u64).assignments;
-        assert_eq!(got.len(), 1, "anchor {i} gets the deciding replica");
-        core.report(a, got[0].replica, truth(task), 8 + i as u64);
-    }
-    assert_eq!(core.task_phase(task), Some(TaskPhase::Accepted));
-    for s in &sybils[..2] {
-        assert!(core.is_banned(s), "{s:?} contradicted three anchors");
-    }
+    anchors_outvote_liars(&mut core, task, &anchors, &sybils[..2]);
     assert!(anchors.iter().all(|a| !core.is_banned(a)));
 }
 
@@ -1405,16 +1411,7 @@ fn newcomers_to_an_established_pool_cannot_outvote_its_anchors_by_default() {
             "a newcomer must not take the replica that anchors decide"
         );
     }
-    for (i, &a) in founders[..3].iter().enumerate() {
-        assert_eq!(core.task_phase(task), Some(TaskPhase::Pending));
-        let got = core.request_work(a, 1, 7 + i as u64).assignments;
-        assert_eq!(got.len(), 1, "anchor {i} gets the deciding replica");
-        core.report(a, got[0].replica, truth(task), 8 + i as u64);
-    }
-    assert_eq!(core.task_phase(task), Some(TaskPhase::Accepted));
-    for s in &sybils[..2] {
-        assert!(core.is_banned(s), "{s:?} contradicted three anchors");
-    }
+    anchors_outvote_liars(&mut core, task, &founders[..3], &sybils[..2]);
     assert!(founders.iter().all(|a| !core.is_banned(a)));
 
     // Founders that are not anchors yet are no newcomers: three of them agreeing (quorum +

@@ -177,6 +177,25 @@ pub(crate) fn run(
     let memory_denied = store.data().limits.memory_denied;
     drop(store);
 
+    let (result, output, error) = finish(outcome, &stdout, memory_denied, instantiated, fuel_used);
+    Ok(RunOutput {
+        result,
+        output,
+        stderr: stderr.take(),
+        error,
+        wall: start.elapsed(),
+    })
+}
+
+/// The run's result from how the guest ended and what it wrote: with its output and, for a
+/// run that did not end `ok`, the host's one-line reason.
+fn finish(
+    outcome: wasmtime::Result<()>,
+    stdout: &CappedPipe,
+    memory_denied: bool,
+    instantiated: bool,
+    fuel_used: u64,
+) -> (RunResult, Vec<u8>, Option<String>) {
     let (status, exit_code, trap, error) = match outcome {
         Ok(()) => (Status::Ok, 0, String::new(), None),
         Err(e) => classify(&e, stdout.overflowed(), memory_denied, instantiated),
@@ -190,13 +209,7 @@ pub(crate) fn run(
         output_hash: BlobId::of(&output),
         output_len: output.len() as u64,
     };
-    Ok(RunOutput {
-        result,
-        output,
-        stderr: stderr.take(),
-        error,
-        wall: start.elapsed(),
-    })
+    (result, output, error)
 }
 
 /// Run `guest` to completion on this thread, calling `at_yield` each time it yields; `None`
@@ -358,19 +371,7 @@ mod tests {
         let fuel_used = spec.fuel - store.get_fuel().unwrap();
         let memory_denied = store.data().limits.memory_denied;
         drop(store);
-        let (status, exit_code, trap, _) = match outcome {
-            Ok(()) => (Status::Ok, 0, String::new(), None),
-            Err(e) => classify(&e, stdout.overflowed(), memory_denied, instantiated),
-        };
-        let output = stdout.take();
-        RunResult {
-            status,
-            exit_code,
-            trap,
-            fuel_used,
-            output_hash: BlobId::of(&output),
-            output_len: output.len() as u64,
-        }
+        finish(outcome, &stdout, memory_denied, instantiated, fuel_used).0
     }
 
     /// Yielding every `YIELD_FUEL` changes neither what a guest computes nor the fuel it is
