@@ -264,11 +264,6 @@ pub(crate) struct Worker {
     /// Its last request was refused only because its hand was full: the next decided vote
     /// sends it [`Notice::Room`].
     pub waiting_for_room: bool,
-    /// Its last request found no work at all (not a full hand): when work arrives (a job is
-    /// added or tasks retried) it is told at once with [`Notice::Room`], rather than after
-    /// its retry hint. Idle honest workers then reach a new job as soon as workers that poll
-    /// without pause do, instead of leaving them a cold start's first replicas. Not persisted.
-    pub waiting_for_work: bool,
     /// Replicas it lost (deadline, abandon, disconnect) not yet made up for by valid
     /// results: each costs capacity (see `TrustPolicy::allowance`). Not persisted.
     pub lost: u64,
@@ -458,7 +453,6 @@ impl Core {
             anchor: None,
             undecided: 0,
             waiting_for_room: false,
-            waiting_for_work: false,
             lost: 0,
             holding: 0,
             junior: false,
@@ -929,17 +923,7 @@ impl Core {
             created_ms: now,
         });
         self.insert_job(id, manifest, determinism, JobState::Running);
-        self.wake_idle();
         (id, n)
-    }
-
-    /// Tell every connected worker whose last request found no work that there is some now.
-    fn wake_idle(&mut self) {
-        for w in self.workers.values_mut() {
-            if std::mem::take(&mut w.waiting_for_work) && w.connected {
-                self.notices.push(Notice::Room { worker: w.id });
-            }
-        }
     }
 
     /// A job's determinism class.
@@ -1093,9 +1077,6 @@ impl Core {
         }
         for index in &failed {
             self.reevaluate(TaskId { job, index: *index }, now);
-        }
-        if !failed.is_empty() {
-            self.wake_idle();
         }
         Ok(failed.len() as u32)
     }
@@ -1334,7 +1315,6 @@ impl Core {
                     anchor: None,
                     undecided: 0,
                     waiting_for_room: false,
-                    waiting_for_work: false,
                     lost: w.lost,
                     holding: 0,
                     junior: w.junior,

@@ -345,9 +345,7 @@ pub enum CoordMsg {
     Punch { peer: NodeId, addr: SocketAddr },
     /// Your hand has room again: a request refused because your replicas and votes awaiting
     /// a decision filled your allowance may be repeated now (sent once per such refusal,
-    /// when one of those votes is decided), rather than after `retry_after_ms`. Also sent
-    /// once after a request that found no work at all, when work arrives (a job submitted,
-    /// tasks retried).
+    /// when one of those votes is decided), rather than after `retry_after_ms`.
     Room,
     /// [`CoordMsg::Assign`] for a worker that sent [`WorkerMsg::Engines`]: each replica says
     /// which determinism class (which of its engines) it runs in.

@@ -158,11 +158,8 @@ impl Core {
         // Refused only because the worker's hand is full (its reports are on their way): it
         // may ask again soon. No work at all, or a banned worker: the full wait.
         let at_cap = out.is_empty() && room == 0 && cap > 0 && !self.running.is_empty();
-        let banned = self.is_banned(&worker);
         if let Some(w) = self.workers.get_mut(&worker) {
             w.waiting_for_room = at_cap;
-            // No work at all for a worker that may work: wake it when some arrives.
-            w.waiting_for_work = out.is_empty() && !at_cap && !banned;
         }
         let retry_after_ms = match (out.is_empty(), at_cap) {
             (false, _) => 0,

@@ -1587,50 +1587,6 @@ fn a_cold_start_asks_one_more_agreement_only_where_the_pool_can_give_it() {
     }
 }
 
-/// A worker whose request found no work is told the moment a job arrives (`Notice::Room`),
-/// once; one refused only at a full hand, or banned, or disconnected, is not.
-#[test]
-fn idle_workers_are_told_when_a_job_arrives() {
-    let mut core = Core::new(CoreConfig {
-        policy: TrustPolicy {
-            partner_spread: 0,
-            distinct_address_blocks: false,
-            ..TrustPolicy::open_pool()
-        },
-        ..CoreConfig::default()
-    });
-    let module = [BlobId::of(b"module")];
-    let (idle, gone) = (node(1), node(2));
-    for w in [idle, gone] {
-        core.hello(w, &fp(Kind::Honest), 1, None, &module, 0);
-        assert!(core.request_work(w, 1, 1).assignments.is_empty());
-    }
-    core.disconnect(gone, 2);
-    core.take_notices();
-    core.add_job(manifest("new", 4, 2, 6, 600), 3);
-    let rooms: Vec<NodeId> = core
-        .take_notices()
-        .into_iter()
-        .filter_map(|n| match n {
-            Notice::Room { worker } => Some(worker),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(
-        rooms,
-        vec![idle],
-        "the idle, connected worker is told, once"
-    );
-    core.add_job(manifest("another", 4, 2, 6, 600), 4);
-    assert!(
-        !core
-            .take_notices()
-            .iter()
-            .any(|n| matches!(n, Notice::Room { .. })),
-        "told once per refusal"
-    );
-}
-
 /// A core for the retry tests: plain quorum, every replica due at once.
 fn retry_core() -> Core {
     Core::new(CoreConfig {

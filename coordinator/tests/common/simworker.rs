@@ -278,28 +278,6 @@ impl SimWorker {
         }
     }
 
-    /// With no request outstanding: wait up to `timeout` for a `Room` (counted in `rooms`,
-    /// cancels remembered); true if one came. What a real worker does while idle: it asks
-    /// again when told, or when its retry hint runs out.
-    pub async fn wait_room(&mut self, timeout: std::time::Duration) -> anyhow::Result<bool> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let rooms = self.rooms;
-        while self.rooms == rooms {
-            // Frames are read whole or not at all: the timeout only ends a wait between them
-            // (a Room is a few bytes that arrive in one packet).
-            let m = match tokio::time::timeout_at(deadline, net::read_frame(&mut self.recv)).await {
-                Err(_elapsed) => return Ok(false),
-                Ok(m) => m?.context("stream ended")?,
-            };
-            match m {
-                CoordMsg::Cancel { replicas } => self.cancels.extend(replicas),
-                CoordMsg::Room => self.rooms += 1,
-                _ => {}
-            }
-        }
-        Ok(true)
-    }
-
     /// Ask for up to `max` assignments.
     pub async fn request(&mut self, max: u32) -> anyhow::Result<Vec<Assignment>> {
         self.send(&WorkerMsg::RequestWork { max }).await?;
