@@ -34,7 +34,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use postgres::{Client, NoTls};
+use postgres::Client;
 use tokio::sync::watch;
 
 use blobs::BlobStore;
@@ -88,19 +88,12 @@ fn create_instance(path: &Path) -> anyhow::Result<String> {
     Ok(id)
 }
 
-/// Connect with the store's settings (timeout, application name) and one-line errors.
+/// A connection of its own (lease, mirror), with the store's settings and one-line errors.
 fn connect(url: &str) -> anyhow::Result<Client> {
-    let shown = redact(url);
-    let mut config: postgres::Config = url
-        .parse()
-        .map_err(|e: postgres::Error| anyhow::anyhow!("{shown}: {}", describe(&e)))?;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(5));
-    }
-    config.application_name("peergrid-coordinator-ha");
-    config
-        .connect(NoTls)
-        .map_err(|e| anyhow::anyhow!("cannot connect to {shown}: {}", describe(&e)))
+    Ok(crate::store::postgres::connect(
+        url,
+        "peergrid-coordinator-ha",
+    )?)
 }
 
 /// The deployment's submit token: the one already in the database, or `local` (this data
@@ -154,7 +147,7 @@ impl Lease {
     /// Register this coordinator and start the lease thread (standing by first).
     pub fn start(ctx: LeaseCtx) -> anyhow::Result<Lease> {
         let mut client = connect(&ctx.url)?;
-        let entry = format!("{}@{}", ctx.entry.0, ctx.entry.1);
+        let entry = entry_text(&ctx.entry);
         client.execute(
             "INSERT INTO peergrid_coordinators (instance, entry, seen) VALUES ($1, $2, clock_timestamp())
              ON CONFLICT (instance) DO UPDATE SET entry = EXCLUDED.entry, seen = EXCLUDED.seen",
@@ -305,6 +298,7 @@ fn lease_thread(
         }
     };
     // Standing by.
+    let entry = entry_text(&ctx.entry);
     let mut last_refresh: Option<Instant> = None;
     let epoch = loop {
         if stop.load(Ordering::SeqCst) {
@@ -314,7 +308,6 @@ fn lease_thread(
             refresh(&mut client, true);
             last_refresh = Some(Instant::now());
         }
-        let entry = format!("{}@{}", ctx.entry.0, ctx.entry.1);
         match acquire(&mut client, &ctx.instance, &entry, ttl) {
             Ok(Some(epoch)) => break epoch,
             Ok(None) => {
@@ -386,6 +379,11 @@ fn lease_thread(
             last_refresh = Instant::now();
         }
     }
+}
+
+/// A coordinator's ticket entry as stored: `<node-id>@<host:port>`.
+fn entry_text((id, addr): &(NodeId, String)) -> String {
+    format!("{id}@{addr}")
 }
 
 /// Write the ticket file listing every coordinator of the deployment, this one first, when
@@ -565,14 +563,9 @@ mod tests {
         assert!(renew(&mut c, e1, short).unwrap());
         // A stalls past its lease; B takes over.
         std::thread::sleep(Duration::from_millis(500));
-        let e2 = acquire(
-            &mut c,
-            "instance-b",
-            "b@192.0.2.2:7100",
-            Duration::from_secs(30),
-        )
-        .unwrap()
-        .expect("a lapsed lease is taken");
+        let take_as_b =
+            |c: &mut Client| acquire(c, "instance-b", "b@192.0.2.2:7100", Duration::from_secs(30));
+        let e2 = take_as_b(&mut c).unwrap().expect("a lapsed lease is taken");
         assert_eq!(e2, e1 + 1);
         // A wakes up: neither its renewal nor its commit goes through.
         assert!(!renew(&mut c, e1, short).unwrap());
@@ -585,14 +578,9 @@ mod tests {
         b.commit(&a_commit()).expect("the new leader commits");
         // B restarted (same instance id): takes the live lease back at once, and B's previous
         // process is fenced like A.
-        let e3 = acquire(
-            &mut c,
-            "instance-b",
-            "b@192.0.2.2:7100",
-            Duration::from_secs(30),
-        )
-        .unwrap()
-        .expect("the same instance takes its lease back");
+        let e3 = take_as_b(&mut c)
+            .unwrap()
+            .expect("the same instance takes its lease back");
         assert_eq!(e3, e2 + 1);
         assert!(matches!(
             b.commit(&a_commit()),
@@ -616,7 +604,7 @@ mod tests {
         for (inst, own) in [("a", &own_a), ("b", &own_b)] {
             c.execute(
                 "INSERT INTO peergrid_coordinators (instance, entry, seen) VALUES ($1, $2, clock_timestamp())",
-                &[&inst, &format!("{}@{}", own.0, own.1)],
+                &[&inst, &entry_text(own)],
             )
             .unwrap();
         }

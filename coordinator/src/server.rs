@@ -174,19 +174,21 @@ impl Coordinator {
 
         // With PostgreSQL: open (and migrate) the store, join the deployment, and stand by
         // until this coordinator holds the leader lease.
-        let (pg_store, lease, epoch, mirror) = match &cfg.store {
+        let (lease, epoch, mirror) = match &cfg.store {
             StoreUrl::Sqlite => {
                 write_ticket(&ticket)?;
-                (None, None, None, None)
+                (None, None, None)
             }
             StoreUrl::Postgres(url) => {
                 let instance = crate::ha::instance_id(dir)?;
                 let (u, local, i, o) = (url.clone(), token.clone(), instance.clone(), own.clone());
-                let (store, shared_token, deployment) = tokio::task::spawn_blocking(move || {
-                    let store = crate::store::PostgresStore::open(&u)?;
+                let (shared_token, deployment) = tokio::task::spawn_blocking(move || {
+                    // Creates or migrates the tables (the lease's among them); the engine's
+                    // own connection is opened once this coordinator leads.
+                    drop(crate::store::PostgresStore::open(&u)?);
                     let shared = crate::ha::deployment_token(&u, &local)?;
                     let ticket = crate::ha::ticket_of(&u, &i, &o)?;
-                    anyhow::Ok((store, shared, ticket))
+                    anyhow::Ok((shared, ticket))
                 })
                 .await
                 .context("opening the store")??;
@@ -212,32 +214,9 @@ impl Coordinator {
                 let mut lease = tokio::task::spawn_blocking(move || crate::ha::Lease::start(ctx))
                     .await
                     .context("joining the deployment")??;
-                // Standing by: refuse every connection at once, so clients dialling the
-                // whole ticket go to the leader without waiting for a timeout; HTTP answers
-                // 503 with who leads.
-                let standby_http = match http_listener.take() {
-                    Some(l) => {
-                        // Two handles on the one socket: the standby page now, the status API
-                        // once this coordinator leads.
-                        let std = l.into_std().context("HTTP listener")?;
-                        let clone = tokio::net::TcpListener::from_std(std.try_clone()?)?;
-                        http_listener = Some(tokio::net::TcpListener::from_std(std)?);
-                        let stop = CancellationToken::new();
-                        let task = tokio::spawn(http::standby(clone, lease.leader(), stop.clone()));
-                        Some((stop, task))
-                    }
-                    None => None,
-                };
-                let epoch = tokio::select! {
-                    e = lease.leading() => e?,
-                    _ = refuse_all(&endpoint) => anyhow::bail!("the endpoint closed while standing by"),
-                };
-                if let Some((stop, task)) = standby_http {
-                    stop.cancel();
-                    let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
-                }
+                let epoch = stand_by(&mut lease, &endpoint, &mut http_listener).await?;
                 let mirror = Arc::new(crate::ha::BlobMirror::new(url));
-                (Some(store), Some(lease), Some(epoch), Some(mirror))
+                (Some(lease), Some(epoch), Some(mirror))
             }
         };
         let mut core_cfg = cfg.core.clone();
@@ -264,8 +243,9 @@ impl Coordinator {
         let (store_url, store_dir, engine_blobs, engine_died) =
             (cfg.store.clone(), dir.clone(), blobs.clone(), died.clone());
         let (engine, fetches, engine_thread) = tokio::task::spawn_blocking(move || {
-            let mut store: Box<dyn crate::store::Store> = match (pg_store, epoch) {
-                (Some(mut pg), Some(epoch)) => {
+            let mut store: Box<dyn crate::store::Store> = match (&store_url, epoch) {
+                (StoreUrl::Postgres(url), Some(epoch)) => {
+                    let mut pg = crate::store::PostgresStore::open(url)?;
                     pg.fence(epoch)?;
                     Box::new(pg)
                 }
@@ -477,6 +457,38 @@ pub async fn run_until(
     }
     tracing::info!("shutting down");
     running.shutdown().await
+}
+
+/// Stand by until this coordinator holds the leader lease; returns its epoch. Meanwhile every
+/// QUIC connection is refused at once (clients dialling the whole ticket reach the leader
+/// without waiting for a timeout) and the HTTP address, if any, answers 503 with who leads.
+async fn stand_by(
+    lease: &mut crate::ha::Lease,
+    endpoint: &quinn::Endpoint,
+    http_listener: &mut Option<tokio::net::TcpListener>,
+) -> anyhow::Result<i64> {
+    let standby_http = match http_listener.take() {
+        Some(l) => {
+            // Two handles on the one socket: the standby page now, the status API once this
+            // coordinator leads.
+            let std = l.into_std().context("HTTP listener")?;
+            let clone = tokio::net::TcpListener::from_std(std.try_clone()?)?;
+            *http_listener = Some(tokio::net::TcpListener::from_std(std)?);
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(http::standby(clone, lease.leader(), stop.clone()));
+            Some((stop, task))
+        }
+        None => None,
+    };
+    let epoch = tokio::select! {
+        e = lease.leading() => e?,
+        _ = refuse_all(endpoint) => anyhow::bail!("the endpoint closed while standing by"),
+    };
+    if let Some((stop, task)) = standby_http {
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
+    Ok(epoch)
 }
 
 /// Refuse every incoming connection (a standby coordinator); returns when the endpoint

@@ -708,7 +708,7 @@ async fn colluders_starting(
         .collect();
     fault(
         &format!(
-            "colluders over QUIC, f={:.0}% {pace}, open-pool policy ({workers} workers, {ntasks} tasks, quorum 2, max_replicas 6; {}); {runs} runs, each a fresh coordinator, pool and seed",
+            "colluders over QUIC on loopback (one machine), f={:.0}% {pace}, open-pool policy ({workers} workers, {ntasks} tasks, quorum 2, max_replicas 6; {}); {runs} runs, each a fresh coordinator, pool and seed",
             fraction * 100.0,
             start_mode(idle)
         ),

@@ -477,32 +477,40 @@ fn output_cols(o: Option<&Output>) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
     }
 }
 
+/// A client connected to `url` (10 s connect timeout unless the URL sets one; application
+/// name `app` unless it sets one), with a one-line error naming the URL without its
+/// password. Call from a plain thread, not an async task (see the module docs).
+pub fn connect(url: &str, app: &str) -> Result<Client, StoreError> {
+    let shown = redact(url);
+    let mut config: postgres::Config =
+        url.parse()
+            .map_err(|e: postgres::Error| StoreError::Connect {
+                url: shown.clone(),
+                reason: format!("{} (not a valid PostgreSQL URL)", describe(&e)),
+            })?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    if config.get_application_name().is_none() {
+        config.application_name(app);
+    }
+    config.connect(NoTls).map_err(|e| StoreError::Connect {
+        url: shown,
+        reason: if e.as_db_error().is_some() {
+            describe(&e)
+        } else {
+            format!("{} — is the server running?", describe(&e))
+        },
+    })
+}
+
 impl PostgresStore {
     /// Connect to the server at `url` (`postgres://user[:password]@host[:port]/dbname`, or
     /// `postgres:///dbname?host=/run/postgresql` for a Unix socket), then create or migrate
     /// the schema. Call from a plain thread, not an async task (see the module docs).
     pub fn open(url: &str) -> Result<PostgresStore, StoreError> {
         let shown = redact(url);
-        let mut config: postgres::Config =
-            url.parse()
-                .map_err(|e: postgres::Error| StoreError::Connect {
-                    url: shown.clone(),
-                    reason: format!("{} (not a valid PostgreSQL URL)", describe(&e)),
-                })?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(10));
-        }
-        if config.get_application_name().is_none() {
-            config.application_name("peergrid-coordinator");
-        }
-        let mut client = config.connect(NoTls).map_err(|e| StoreError::Connect {
-            url: shown.clone(),
-            reason: if e.as_db_error().is_some() {
-                describe(&e)
-            } else {
-                format!("{} — is the server running?", describe(&e))
-            },
-        })?;
+        let mut client = connect(url, "peergrid-coordinator")?;
         let sync: String = client.query_one("SHOW synchronous_commit", &[])?.get(0);
         if sync == "off" {
             return Err(StoreError::Connect {
