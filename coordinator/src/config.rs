@@ -170,6 +170,7 @@ pub struct PolicySection {
     pub anchors_decide: Option<bool>,
     pub anchors_decide_for_newcomers: Option<bool>,
     pub cold_start_extra: Option<u32>,
+    pub deal_partners: Option<bool>,
     /// Adaptive replication: `{ min_consecutive_valid = 20, spot_check_one_in = 10 }`.
     pub adaptive: Option<AdaptiveSection>,
 }
@@ -316,6 +317,9 @@ impl ConfigFile {
         }
         if let Some(v) = p.cold_start_extra {
             pol.cold_start_extra = range("policy.cold_start_extra", v.into(), 0, 16)? as u32;
+        }
+        if let Some(v) = p.deal_partners {
+            pol.deal_partners = v;
         }
         if let Some(a) = p.adaptive {
             pol.adaptive = Some(Adaptive {

@@ -13,6 +13,7 @@
 //! by simulated workers, with the figures they produce).
 
 pub mod adversary;
+mod deals;
 mod replica_table;
 pub mod scheduler;
 #[cfg(test)]
@@ -309,8 +310,12 @@ pub struct Core {
     /// Slots of connected workers (each clamped as in [`Core::hello`]): the divisor of a
     /// worker's fair share of the work left (see `scheduler`).
     pub(crate) connected_slots: u64,
-    /// Workers connected now that are not banned (that may take work).
-    pub(crate) connected_workers: usize,
+    /// Workers connected now that are not banned (that may take work), in an order that
+    /// lets the dealer draw one at random in O(1).
+    pub(crate) roster: indexmap::IndexSet<NodeId>,
+    /// Tasks whose next replica is reserved for one worker (see
+    /// `TrustPolicy::deal_partners`).
+    pub(crate) deals: deals::Deals,
     /// Connected anchors per engine fingerprint (entries at zero removed).
     pub(crate) anchors_by_fp: BTreeMap<u32, usize>,
     /// Workers banned by verdicts not yet settled (see `settle_bans`).
@@ -345,7 +350,8 @@ impl Core {
             fetching: HashMap::new(),
             anchors: 0,
             connected_slots: 0,
-            connected_workers: 0,
+            roster: indexmap::IndexSet::new(),
+            deals: deals::Deals::default(),
             anchors_by_fp: BTreeMap::new(),
             newly_banned: Vec::new(),
             next_replica: 1,
@@ -516,7 +522,9 @@ impl Core {
         let slots_now = u64::from(w.slots);
         self.connected_slots = self.connected_slots.saturating_sub(was) + slots_now;
         let banned = self.cfg.policy.is_banned(&self.workers[&worker].rep);
-        self.connected_workers += usize::from(newly && !banned);
+        if newly && !banned {
+            self.roster.insert(worker);
+        }
         let w = self.workers.get_mut(&worker).expect("just made");
         w.disconnected_ms = None;
         w.last_seen_ms = now;
@@ -711,9 +719,7 @@ impl Core {
         if let Some(w) = self.workers.get_mut(&worker) {
             if w.connected {
                 self.connected_slots = self.connected_slots.saturating_sub(u64::from(w.slots));
-                if !self.cfg.policy.is_banned(&w.rep) {
-                    self.connected_workers = self.connected_workers.saturating_sub(1);
-                }
+                self.roster.swap_remove(&worker);
             }
             w.connected = false;
             w.reachable = false;
@@ -993,6 +999,7 @@ impl Core {
         j.state = JobState::Cancelled;
         j.open.clear();
         self.running.retain(|x| *x != job);
+        self.deals.remove_job(job);
         self.mutations.push(Mutation::JobState {
             job,
             state: JobState::Cancelled,

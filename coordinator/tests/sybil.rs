@@ -1,8 +1,12 @@
 //! Red team, part 2 (issue 17, "an open pool"): colluders and Sybils against the trust
 //! policy `coordinator serve` runs by default ([`TrustPolicy::open_pool`], with a seed drawn
-//! per run), over real QUIC: an in-process coordinator for the colluder scenarios, the
-//! `coordinator serve` binary in a child process for the Sybil swarms (so its own memory can
-//! be read from `/proc/<pid>/status`, apart from the 300 simulated workers in this process).
+//! per run), over real QUIC, the coordinator always the `coordinator serve` binary in a child
+//! process. The colluder scenarios run on separate hosts: a [`netsim`] lab whose LAN holds
+//! the coordinator's host, the scientist's (this test's runtime, see [`in_lab`]) and one host
+//! per worker, each a network namespace with its own address (private: the /24 rule cannot
+//! tell colluders apart there, the hardest case for the policy). The Sybil swarms run on this
+//! machine's loopback (300 addresses of 127.0.0.0/8; `/proc/<pid>/status` gives the
+//! coordinator's own memory apart from the simulated workers in this process).
 //! Every worker is a [`SimWorker`] with its own key and connection, driven by its own tokio
 //! task at its own pace; the figures come from what the coordinator reports (`status`,
 //! `results`) and from the assignments the workers received. `core::adversary` measures the
@@ -23,10 +27,11 @@
 //! again after" hint (`retry_after_ms`, 2 s in `coordinator serve`) is set to 200 ms, and a
 //! worker refused at a full hand asks again after 10 ms (as `worker join` asks again when
 //! `CoordMsg::Room` says one of its votes was decided); the trust policy itself is
-//! `open_pool()` unchanged. Every worker starts asking when the job is submitted: where idle
-//! honest workers first wait out the no-work hint while liars poll every 5 ms, the liars get
-//! the first replicas, and the colluder figures are far worse (`PEERGRID_SYBIL_IDLE_START=1`
-//! runs that start).
+//! `open_pool()` unchanged. Every worker starts asking when the job is submitted, except in
+//! the idle-poll scenario (and every scenario with `PEERGRID_SYBIL_IDLE_START=1`): there idle
+//! honest workers first wait out the no-work hint while liars poll every 5 ms, so the liars
+//! ask first; the partners of their tasks are dealt to workers the coordinator draws
+//! (`deal_partners`), not to whoever asks next.
 
 mod common;
 
@@ -40,13 +45,13 @@ use anyhow::Context;
 use common::simworker::{output_for, release_fingerprint, Options, SimWorker, PATIENCE};
 use coordinator::client::Client;
 use coordinator::core::trust::{Reputation, Standing, TrustPolicy};
-use coordinator::server::{Coordinator, RunningCoordinator, ServeConfig};
 use futures::StreamExt;
+use netsim::Host;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tasks::wire::{self, Assignment, CoordMsg, JobState, TaskState, WorkerMsg};
-use tasks::{release, BlobId, JobId, JobSpec, NodeId, NodeKey, TaskId, Ticket};
+use tasks::{BlobId, JobId, JobSpec, NodeId, NodeKey, TaskId, Ticket};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -105,14 +110,6 @@ fn policy(seed: u64) -> TrustPolicy {
     }
 }
 
-async fn start(dir: &std::path::Path, seed: u64) -> anyhow::Result<RunningCoordinator> {
-    let mut cfg = ServeConfig::new(dir, "127.0.0.1:0".parse()?);
-    cfg.core.policy = policy(seed);
-    cfg.core.engines = Some(vec![release::ENGINE.to_string()]);
-    cfg.core.retry_after_ms = RETRY_AFTER_MS;
-    Coordinator::start(cfg).await
-}
-
 /// A job directory with a (never executed) module and `n` tasks, quorum 2 of at most 6.
 fn job_file(dir: &std::path::Path, name: &str, n: usize) -> anyhow::Result<JobSpec> {
     std::fs::write(dir.join("m.wasm"), b"\0asm\x01\0\0\0 sybil")?;
@@ -154,6 +151,12 @@ struct Served {
 impl Served {
     /// `policy`: more `[policy]` lines of the config file (besides the seed).
     async fn start(seed: u64, policy: &str) -> anyhow::Result<Served> {
+        Served::start_on(seed, policy, None).await
+    }
+
+    /// [`Served::start`] on `host` of a lab (listening on its address), or on this
+    /// machine's loopback.
+    async fn start_on(seed: u64, policy: &str, host: Option<&Host>) -> anyhow::Result<Served> {
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("coord");
         let config = dir.path().join("coordinator.toml");
@@ -166,8 +169,12 @@ impl Served {
         let bin = std::env::var_os("PEERGRID_COORDINATOR_BIN")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(common::coordinator_bin);
-        let child = std::process::Command::new(bin)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        let (mut cmd, listen) = match host {
+            Some(h) => (h.command(bin), format!("{}:0", h.ip)),
+            None => (std::process::Command::new(bin), "127.0.0.1:0".to_string()),
+        };
+        let child = cmd
+            .args(["serve", "--listen", &listen, "--data-dir"])
             .arg(&data)
             .arg("--config")
             .arg(&config)
@@ -637,8 +644,50 @@ fn colluder_runs() -> usize {
         .unwrap_or(5)
 }
 
-async fn colluders(fraction: f64, greedy_colluders: bool) -> anyhow::Result<()> {
-    colluders_starting(fraction, greedy_colluders, idle_start()).await
+async fn colluders(fraction: f64, greedy_colluders: bool, pool: Pool) -> anyhow::Result<()> {
+    colluders_starting(fraction, greedy_colluders, idle_start(), pool).await
+}
+
+/// The hosts of a colluder scenario: one LAN of network-namespace hosts (private addresses,
+/// so the /24 rule cannot tell the colluders apart: the hardest case for the trust policy),
+/// the coordinator on one, the scientist's client on another, each worker on its own.
+#[derive(Clone)]
+struct Pool {
+    coordinator: Host,
+    workers: Vec<Host>,
+}
+
+/// Run `scenario` on a lab: [`Pool`]'s hosts, this test's runtime (the scientist's client)
+/// on a host of its own. Skipped (passes, saying why) where network namespaces cannot be made.
+fn in_lab<F, Fut>(scenario: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Pool) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let Some(mut lab) = netsim::lab_or_skip() else {
+        return Ok(());
+    };
+    let workers = if full() { 60 } else { 30 };
+    let site = lab.nat_site(
+        "pool",
+        0,
+        netsim::Nat::PortPreserving,
+        [10, 77, 0],
+        2 + workers,
+    )?;
+    let pool = Pool {
+        coordinator: site.hosts[0].clone(),
+        workers: site.hosts[2..].to_vec(),
+    };
+    let result = common::netns::run_in(&site.hosts[1].ns, move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(scenario(pool))
+    });
+    drop(lab);
+    result
 }
 
 /// [`colluders`], with `idle`: honest workers idle-poll when the job arrives.
@@ -646,12 +695,14 @@ async fn colluders_starting(
     fraction: f64,
     greedy_colluders: bool,
     idle: bool,
+    pool: Pool,
 ) -> anyhow::Result<()> {
-    let (workers, ntasks) = if full() { (60, 2000) } else { (30, 600) };
+    let ntasks = if full() { 2000 } else { 600 };
+    let workers = pool.workers.len();
     let runs = colluder_runs();
     let mut all = Vec::new();
     for _ in 0..runs {
-        all.push(colluder_run(fraction, greedy_colluders, idle, workers, ntasks).await?);
+        all.push(colluder_run(fraction, greedy_colluders, idle, ntasks, &pool).await?);
     }
     let (mut wrong, mut accepted, mut failed, mut pending, mut issued) =
         (0u32, 0u32, 0u32, 0u32, 0u64);
@@ -708,7 +759,7 @@ async fn colluders_starting(
         .collect();
     fault(
         &format!(
-            "colluders over QUIC on loopback (one machine), f={:.0}% {pace}, open-pool policy ({workers} workers, {ntasks} tasks, quorum 2, max_replicas 6; {}); {runs} runs, each a fresh coordinator, pool and seed",
+            "colluders over QUIC between network-namespace hosts (one LAN, private addresses; `coordinator serve` and each worker a host of its own), f={:.0}% {pace}, open-pool policy ({workers} workers, {ntasks} tasks, quorum 2, max_replicas 6; {}); {runs} runs, each a fresh coordinator, pool and seed",
             fraction * 100.0,
             start_mode(idle)
         ),
@@ -731,20 +782,22 @@ async fn colluders_starting(
     Ok(())
 }
 
-/// One run of [`colluders`]: a fresh coordinator, `workers` workers of which `fraction`
-/// collude, one job of `ntasks`.
+/// One run of [`colluders`]: a fresh `coordinator serve` on the pool's coordinator host,
+/// a worker on each worker host, `fraction` of them colluding, one job of `ntasks`.
 async fn colluder_run(
     fraction: f64,
     greedy_colluders: bool,
     idle: bool,
-    workers: usize,
     ntasks: usize,
+    pool: &Pool,
 ) -> anyhow::Result<ColluderRun> {
     let seed = new_seed();
     let mut rng = StdRng::seed_from_u64(seed);
-    let data = tempfile::tempdir()?;
+    let workers = pool.workers.len();
     let jobdir = tempfile::tempdir()?;
-    let coord = start(data.path(), seed).await?;
+    // Extra `[policy]` lines for experiments (the figures are for the default policy).
+    let extra = std::env::var("PEERGRID_SYBIL_POLICY").unwrap_or_default();
+    let coord = Served::start_on(seed, &extra, Some(&pool.coordinator)).await?;
     let client = Client::connect(&coord.ticket, &coord.token).await?;
     let n_coll = (workers as f64 * fraction).round() as usize;
     let mut roles: Vec<bool> = (0..workers).map(|i| i < n_coll).collect();
@@ -756,11 +809,12 @@ async fn colluder_run(
     let mut handles = Vec::new();
     let mut colluding = BTreeSet::new();
     let mut honest_ids = BTreeSet::new();
-    for &colluder in &roles {
+    for (&colluder, host) in roles.iter().zip(&pool.workers) {
         let opts = Options {
             slots: SLOTS,
             fingerprint: release_fingerprint(),
             output: if colluder { collude } else { output_for },
+            netns: Some(host.ns.clone()),
             ..Options::default()
         };
         let w = SimWorker::join_with(&coord.ticket, opts).await?;
@@ -807,7 +861,11 @@ async fn colluder_run(
         .map(|(_, t)| t.acked)
         .sum();
     client.close().await;
-    coord.shutdown().await?;
+    let log = coord.log_tail();
+    anyhow::ensure!(
+        coord.stop().await,
+        "coordinator serve did not exit cleanly on Ctrl-C:\n{log}"
+    );
     Ok(ColluderRun {
         state: format!("{:?}{}", st.state, stalled(&st)),
         o,
@@ -823,32 +881,31 @@ async fn colluder_run(
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn patient_colluders_at_10_percent() -> anyhow::Result<()> {
-    colluders(0.1, false).await
+#[test]
+fn patient_colluders_at_10_percent() -> anyhow::Result<()> {
+    in_lab(|pool| colluders(0.1, false, pool))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn patient_colluders_at_30_percent() -> anyhow::Result<()> {
-    colluders(0.3, false).await
+#[test]
+fn patient_colluders_at_30_percent() -> anyhow::Result<()> {
+    in_lab(|pool| colluders(0.3, false, pool))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn greedy_colluders_at_10_percent() -> anyhow::Result<()> {
-    colluders(0.1, true).await
+#[test]
+fn greedy_colluders_at_10_percent() -> anyhow::Result<()> {
+    in_lab(|pool| colluders(0.1, true, pool))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn greedy_colluders_at_30_percent() -> anyhow::Result<()> {
-    colluders(0.3, true).await
+#[test]
+fn greedy_colluders_at_30_percent() -> anyhow::Result<()> {
+    in_lab(|pool| colluders(0.3, true, pool))
 }
 
 /// The same when honest workers idle-poll (every `retry_after_ms`) while the colluders poll
 /// without pause as the job arrives (`PEERGRID_SYBIL_IDLE_START=1` runs every scenario so).
-#[ignore = "target missed: colluders that poll fastest take a cold start's first quorums, become its anchors and then decide every result (5 runs: 2,999/2,999 wrong); see issue 17 note"]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn greedy_colluders_at_30_percent_while_honest_workers_idle_poll() -> anyhow::Result<()> {
-    colluders_starting(0.3, true, true).await
+#[test]
+fn greedy_colluders_at_30_percent_while_honest_workers_idle_poll() -> anyhow::Result<()> {
+    in_lab(|pool| colluders_starting(0.3, true, true, pool))
 }
 
 /// Join `keys.len()` identities at once (at most 32 handshakes in flight), the i-th bound

@@ -168,8 +168,20 @@ pub fn endpoint(
     bind: SocketAddr,
     server_alpns: &[&[u8]],
 ) -> Result<quinn::Endpoint, NetError> {
+    let socket =
+        std::net::UdpSocket::bind(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
+    endpoint_on_socket(key, socket, server_alpns)
+}
+
+/// [`endpoint`] on a socket the caller bound (e.g. inside another network namespace).
+///
+/// Must be called inside a tokio runtime.
+pub fn endpoint_on_socket(
+    key: &NodeKey,
+    socket: std::net::UdpSocket,
+    server_alpns: &[&[u8]],
+) -> Result<quinn::Endpoint, NetError> {
     let identity = Identity::new(key)?;
-    let bind_err = |source| NetError::Bind { addr: bind, source };
     let server = if server_alpns.is_empty() {
         None
     } else {
@@ -180,7 +192,10 @@ pub fn endpoint(
         server.transport_config(transport_config());
         Some(server)
     };
-    let socket = std::net::UdpSocket::bind(bind).map_err(bind_err)?;
+    let bind = socket
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let bind_err = |source| NetError::Bind { addr: bind, source };
     let reset = ResetKey::of(key);
     // Connection ids are checked against a key before a stateless reset is considered:
     // derive it from the identity too, or the restarted node drops the old packets unread.

@@ -24,6 +24,11 @@
 //!   [`TrustPolicy::partner_spread`](super::trust::TrustPolicy::partner_spread)) of further
 //!   assignments while other work is left, so consecutive requesters do not systematically
 //!   share tasks (one operator cannot capture quorums by asking in step with itself);
+//! - with [`TrustPolicy::deal_partners`](super::trust::TrustPolicy::deal_partners) (the open
+//!   preset), a task's further replicas are dealt, not grabbed: each is reserved for one
+//!   connected worker drawn at random among those that could take it, for
+//!   two no-work retry hints; so a task's quorum is the pool's random sample, not whoever
+//!   polls fastest (idle workers poll on their hint, colluders need not);
 //! - tasks already under way come first (they finish sooner), and among them those whose
 //!   leading fingerprint matches the worker's; a task whose replicas ran on another engine
 //!   goes to a mismatched worker only when nothing else is left in that job;
@@ -53,6 +58,10 @@ use crate::store::{Mutation, ReplicaPhase};
 
 /// Retry hint for a worker refused only because it holds its cap of replicas.
 const AT_CAP_RETRY_MS: u64 = 100;
+
+/// Random draws the dealer makes for one replica before it leaves the replica to whoever
+/// asks (a pool where few workers could take it; each draw is O(1)).
+const DEAL_DRAWS: usize = 16;
 
 /// The asking worker, as `pick` needs it.
 struct Me {
@@ -100,22 +109,48 @@ impl Core {
         let slots = w.slots;
         let cap = self.cfg.policy.allowance(&w.rep, slots, w.lost);
         let cap = cap.min(self.fair_share(slots));
-        let Some(w) = self.workers.get_mut(&worker) else {
+        let counts_undecided = self.cfg.policy.cap_counts_undecided;
+        let held = move |w: &super::Worker| {
+            (w.in_flight.len() as u32).saturating_add(if counts_undecided {
+                w.undecided
+            } else {
+                0
+            })
+        };
+        // Replicas dealt to this worker come first, even beyond its room (up to twice its
+        // cap): the coordinator chose it for them, it did not ask for more. A busy honest
+        // worker so takes its share of partners when it next asks, rather than leaving them
+        // to whoever has room — a liar, who computes nothing, always has.
+        let mut out = Vec::new();
+        let mut classes = Vec::new();
+        if self.cfg.policy.deal_partners && cap > 0 {
+            let w = &self.workers[&worker];
+            let mut budget = (2 * cap).saturating_sub(held(w)).min(max) as usize;
+            for task in self.deals.live_for(worker, now) {
+                if budget == 0 {
+                    break;
+                }
+                if let Some((job_fp, class)) = self.dealt_fits(task, worker, fp, native_fp) {
+                    classes.push(class);
+                    out.push(self.assign(task, worker, job_fp, now));
+                    budget -= 1;
+                }
+            }
+        }
+        let Some(w) = self.workers.get(&worker) else {
             return empty;
         };
         let in_flight = w.in_flight.len() as u32;
-        let held = in_flight.saturating_add(if self.cfg.policy.cap_counts_undecided {
-            w.undecided
-        } else {
-            0
-        });
+        let held = held(w);
         let room = cap.saturating_sub(held);
         let stalled = room == 0 && in_flight < cap;
-        let want = if room > 0 {
-            max.min(room)
-        } else {
-            max.min(u32::from(stalled))
-        } as usize;
+        let max = max.saturating_sub(out.len() as u32);
+        let want = out.len()
+            + if room > 0 {
+                max.min(room)
+            } else {
+                max.min(u32::from(stalled))
+            } as usize;
         let me = Me {
             id: worker,
             fp,
@@ -124,8 +159,6 @@ impl Core {
             block: w.block(),
             fresh_ok: room > 0,
         };
-        let mut out = Vec::with_capacity(want);
-        let mut classes = Vec::with_capacity(want);
         let mut decidable = Vec::new();
         while out.len() < want && !self.running.is_empty() {
             let n = self.running.len();
@@ -139,7 +172,7 @@ impl Core {
                 }) else {
                     continue;
                 };
-                if let Some(index) = self.pick(job, &me, job_fp, &mut decidable) {
+                if let Some(index) = self.pick(job, &me, job_fp, &mut decidable, now) {
                     self.rr = (self.rr + k + 1) % n;
                     picked = Some((TaskId { job, index }, job_fp));
                     break;
@@ -198,7 +231,14 @@ impl Core {
     /// Choose a task of `job` for this worker, whose engine for the job's class is `fp`, or
     /// none. Open tasks found decidable are dropped from the queue and added to
     /// `decidable`.
-    fn pick(&mut self, job: JobId, me: &Me, fp: u32, decidable: &mut Vec<TaskId>) -> Option<u32> {
+    fn pick(
+        &mut self,
+        job: JobId,
+        me: &Me,
+        fp: u32,
+        decidable: &mut Vec<TaskId>,
+        now: u64,
+    ) -> Option<u32> {
         let worker = me.id;
         let scan = self.cfg.open_scan_limit;
         let j = self.jobs.get(&job)?;
@@ -277,7 +317,13 @@ impl Core {
                 }
                 continue;
             }
-            if slot.ready_at > self.issued && !me.trusted {
+            // Dealt to a worker (and not yet past its wait): that worker's, or an anchor's.
+            let dealt_to = self.deals.holder(task, now);
+            let mine_dealt = dealt_to == Some(worker);
+            if dealt_to.is_some() && !mine_dealt && !me.trusted {
+                continue;
+            }
+            if slot.ready_at > self.issued && !me.trusted && !mine_dealt {
                 // A partner replica not yet due: not for whoever happens to ask next (an
                 // anchor, with its long agreeing record, may take it at once).
                 if held_back.is_none() {
@@ -422,6 +468,7 @@ impl Core {
         } else {
             0
         };
+        self.deals.remove(task);
         if let Need::More { n, .. } = self.need(task) {
             let job = self.jobs.get_mut(&task.job).expect("known");
             let slot = &mut job.tasks[task.index as usize];
@@ -429,6 +476,9 @@ impl Core {
             if n > 0 && !slot.queued {
                 slot.queued = true;
                 job.open.push_front(task.index);
+            }
+            if n > 0 {
+                self.deal(task, now);
             }
         }
         let mut peers: Vec<PeerAddr> = Vec::new();
@@ -470,6 +520,93 @@ impl Core {
             task: manifest,
             deadline_secs: limits.deadline_secs,
             peers,
+        }
+    }
+}
+
+impl Core {
+    /// Whether `worker` (engines `fp`, `native_fp`) may take the replica of `task` dealt to
+    /// it now: the task still needs one, not from anchors only, and the worker holds none
+    /// of it and has an engine of its class. Gives the engine to run it on, and the class.
+    fn dealt_fits(
+        &self,
+        task: TaskId,
+        worker: NodeId,
+        fp: u32,
+        native_fp: Option<u32>,
+    ) -> Option<(u32, tasks::Determinism)> {
+        let j = self.jobs.get(&task.job)?;
+        let slot = j.tasks.get(task.index as usize)?;
+        if j.state != JobState::Running || slot.phase != TaskPhase::Pending {
+            return None;
+        }
+        if slot
+            .replicas
+            .iter()
+            .any(|r| self.replicas[r].worker == worker)
+        {
+            return None;
+        }
+        let trusted = self.cfg.policy.is_trusted(&self.workers.get(&worker)?.rep);
+        match self.need(task) {
+            Need::More {
+                n, anchors_only, ..
+            } if n > 0 && (trusted || !anchors_only) => {}
+            _ => return None,
+        }
+        let engine = match j.determinism {
+            tasks::Determinism::Portable => Some(fp),
+            tasks::Determinism::Native => native_fp,
+        }?;
+        let ran_on = slot.replicas.first().map(|r| self.replicas[r].fp);
+        (ran_on.is_none() || ran_on == Some(engine)).then_some((engine, j.determinism))
+    }
+
+    /// Reserve `task`'s next replica for a worker drawn at random (seeded) from the
+    /// connected ones that could take it — an engine of the fingerprint its replicas ran
+    /// on, no replica of it yet, not of a holder's address block — until
+    /// two no-work retry hints from `now` (an idle worker asks within one). With no such
+    /// worker found in [`DEAL_DRAWS`] draws, whoever asks may take it. See
+    /// [`TrustPolicy::deal_partners`](super::trust::TrustPolicy::deal_partners).
+    pub(crate) fn deal(&mut self, task: TaskId, now: u64) {
+        self.deals.remove(task);
+        let policy = &self.cfg.policy;
+        if !policy.deal_partners || self.roster.is_empty() {
+            return;
+        }
+        let Some(j) = self.jobs.get(&task.job) else {
+            return;
+        };
+        let native = j.determinism == tasks::Determinism::Native;
+        let slot = &j.tasks[task.index as usize];
+        let Some(fp) = slot.replicas.first().map(|r| self.replicas[r].fp) else {
+            return;
+        };
+        let holders: Vec<(NodeId, Option<super::trust::AddressBlock>)> = slot
+            .replicas
+            .iter()
+            .map(|r| (self.replicas[r].worker, self.replicas[r].block))
+            .collect();
+        let until = now.saturating_add(self.cfg.retry_after_ms.saturating_mul(2));
+        for _ in 0..DEAL_DRAWS {
+            let i = rand::Rng::gen_range(&mut self.rng, 0..self.roster.len());
+            let id = self.roster[i];
+            let Some(w) = self.workers.get(&id) else {
+                continue;
+            };
+            let engine = if native { w.native_fp } else { w.fp };
+            let block = w.block().filter(|_| policy.distinct_address_blocks);
+            // Not "has room now": that would favour whoever reports fastest (a liar
+            // computes nothing). A busy worker takes its dealt replica when it next asks.
+            if engine != Some(fp)
+                || holders
+                    .iter()
+                    .any(|(h, b)| *h == id || (block.is_some() && *b == block))
+            {
+                continue;
+            }
+            self.deals.insert(task, id, until);
+            return;
         }
     }
 }

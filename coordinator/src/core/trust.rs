@@ -160,6 +160,14 @@ pub struct TrustPolicy {
     /// Not applied while fewer workers are connected than the agreement it asks for (a
     /// small pool still starts).
     pub cold_start_extra: u32,
+    /// A task's further replicas (every one after its first) are dealt, not grabbed: each
+    /// is reserved for one connected worker the coordinator draws at random (seeded) among
+    /// those that could take it (busy or not: a liar computes nothing and always has room), and only that worker gets it for the next
+    /// two no-work retry hints (then anyone may). Whoever polls fastest — a colluder asking
+    /// every few milliseconds while honest workers idle-poll on their hint as a job
+    /// arrives — can then take first replicas, never choose its partners: a task's quorum
+    /// is the pool's random sample. Anchors are exempt, as with `partner_spread`.
+    pub deal_partners: bool,
 }
 
 impl Default for TrustPolicy {
@@ -185,6 +193,7 @@ impl Default for TrustPolicy {
             anchors_decide: false,
             anchors_decide_for_newcomers: false,
             cold_start_extra: 0,
+            deal_partners: false,
         }
     }
 }
@@ -242,6 +251,7 @@ impl TrustPolicy {
             dispute_margin: 2,
             anchors_decide_for_newcomers: true,
             cold_start_extra: 1,
+            deal_partners: true,
             ..TrustPolicy::hardened()
         }
     }

@@ -248,7 +248,7 @@ impl Core {
         // record yet, and colluders that ask fastest hold more than their share of the first
         // replicas. Only while a connected worker could still give it (one not holding a
         // replica of the task): a small pool, or one with a liar in it, must still decide.
-        let cold_extra = if self.connected_workers > t.holders as usize {
+        let cold_extra = if self.roster.len() > t.holders as usize {
             self.cfg.policy.cold_start_extra
         } else {
             0
@@ -447,6 +447,7 @@ impl Core {
                 if n > 0 && !slot.queued && task.index < job.next_fresh {
                     slot.queued = true;
                     job.open.push_back(task.index);
+                    self.deal(task, now);
                 }
             }
         }
@@ -460,6 +461,7 @@ impl Core {
         agreeing: &[ReplicaId],
         now: u64,
     ) {
+        self.deals.remove(task);
         let job = self.jobs.get_mut(&task.job).expect("task's job exists");
         let slot = &mut job.tasks[task.index as usize];
         slot.phase = TaskPhase::Accepted;
@@ -580,11 +582,11 @@ impl Core {
                 self.newly_banned.push(worker);
             }
             if w.connected && was_banned != banned {
-                // `connected_workers` counts the connected workers that may take work.
+                // The roster holds the connected workers that may take work.
                 if banned {
-                    self.connected_workers = self.connected_workers.saturating_sub(1);
+                    self.roster.swap_remove(&worker);
                 } else {
-                    self.connected_workers += 1;
+                    self.roster.insert(worker);
                 }
             }
         }
@@ -653,6 +655,7 @@ impl Core {
     }
 
     fn fail(&mut self, task: TaskId, reason: String, now: u64) {
+        self.deals.remove(task);
         let job = self.jobs.get_mut(&task.job).expect("task's job exists");
         let slot = &mut job.tasks[task.index as usize];
         slot.phase = TaskPhase::Failed;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod netgrid;
+pub mod netns;
 pub mod simworker;
 
 use std::path::{Path, PathBuf};

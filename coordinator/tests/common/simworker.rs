@@ -55,6 +55,9 @@ pub struct Options {
     /// 127.0.0.0/8 to the loopback interface, so a test can give each worker an address of
     /// its own.)
     pub bind: Option<SocketAddr>,
+    /// Bind inside this network namespace (a [`netsim`] host's `ns`): the worker is then
+    /// that host, reached over the lab's network. `bind` defaults to 0.0.0.0:0 there.
+    pub netns: Option<String>,
     /// Name a native engine (`WorkerMsg::Engines`: its hello's engine and architecture with
     /// this release's native settings) to a coordinator that runs both determinism classes,
     /// as a real worker does; without it, it gets no replica of a `native` job.
@@ -75,6 +78,7 @@ impl Default for Options {
             output: output_for,
             fuel: fuel_for,
             bind: None,
+            netns: None,
             native: true,
         }
     }
@@ -177,8 +181,16 @@ impl SimWorker {
             Peer::Serve | Peer::Silent => &[ALPN_BLOB],
             Peer::None => &[],
         };
-        let bind = o.bind.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
-        let ep = net::endpoint(&o.key, bind, alpns)?;
+        let ep = match &o.netns {
+            Some(ns) => {
+                let bind = o.bind.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+                net::endpoint_on_socket(&o.key, super::netns::udp_in(ns, bind)?, alpns)?
+            }
+            None => {
+                let bind = o.bind.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+                net::endpoint(&o.key, bind, alpns)?
+            }
+        };
         let server = blobs::swarm::BlobServer::new(blobs.clone(), Default::default());
         if o.peer == Peer::Serve {
             let accept = ep.clone();
