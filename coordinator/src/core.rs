@@ -210,6 +210,22 @@ pub(crate) struct Job {
     pub checkpoints: bool,
     /// Which engines its replicas run on (and so which results are compared).
     pub determinism: Determinism,
+    /// Its cold-start hold (see `TrustPolicy::deal_partners`). Not persisted: a restarted
+    /// coordinator holds anew.
+    pub hold: ColdHold,
+}
+
+/// A job's first deal window: until it is over, a result nobody with a record agreed with
+/// and nobody contradicted is not accepted while no anchor of its engine is connected. Idle
+/// workers dealt its first replicas ask within the window; the disputes they raise ban the
+/// liars whose votes would otherwise decide the tasks those liars took first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ColdHold {
+    /// Nothing assigned yet.
+    Unstarted,
+    /// Held until then (ms).
+    Until(u64),
+    Over,
 }
 
 #[derive(Debug, Clone)]
@@ -742,8 +758,31 @@ impl Core {
             .unwrap_or_default()
     }
 
+    /// End the cold-start holds due by `now`, and decide what they held.
+    pub(crate) fn end_holds(&mut self, now: u64) {
+        let due: Vec<JobId> = self
+            .running
+            .iter()
+            .copied()
+            .filter(|j| matches!(self.jobs[j].hold, ColdHold::Until(t) if t <= now))
+            .collect();
+        for job in due {
+            let j = self.jobs.get_mut(&job).expect("running");
+            j.hold = ColdHold::Over;
+            let pending: Vec<TaskId> = (0..j.next_fresh)
+                .filter(|&i| j.tasks[i as usize].phase == TaskPhase::Pending)
+                .map(|index| TaskId { job, index })
+                .collect();
+            for t in pending {
+                self.reevaluate(t, now);
+            }
+        }
+        self.settle_bans(now);
+    }
+
     /// Deadlines and disconnect grace periods: reissue what has expired.
     pub fn tick(&mut self, now: u64) {
+        self.end_holds(now);
         let expired: Vec<ReplicaId> = self.deadlines.range(..(now, 0)).map(|&(_, r)| r).collect();
         for r in expired {
             self.lose(r, now);
@@ -979,6 +1018,11 @@ impl Core {
                 reported: 0,
                 checkpoints,
                 determinism,
+                hold: if self.cfg.policy.deal_partners {
+                    ColdHold::Unstarted
+                } else {
+                    ColdHold::Over
+                },
             },
         );
         if state == JobState::Running {

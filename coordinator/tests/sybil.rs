@@ -861,6 +861,21 @@ async fn colluder_run(
         .map(|(_, t)| t.acked)
         .sum();
     client.close().await;
+    if o.wrong > 0 {
+        if let Ok(keep) = std::env::var("PEERGRID_SYBIL_KEEP") {
+            // For a post-mortem: the coordinator's store, and who colluded.
+            let to = std::path::Path::new(&keep).join(format!("{seed:x}"));
+            std::fs::create_dir_all(&to)?;
+            let ids: Vec<String> = colluding.iter().map(|id| id.to_string()).collect();
+            std::fs::write(to.join("colluders"), ids.join("\n"))?;
+            for f in std::fs::read_dir(coord.dir.path().join("coord"))? {
+                let f = f?;
+                if f.file_type()?.is_file() {
+                    std::fs::copy(f.path(), to.join(f.file_name()))?;
+                }
+            }
+        }
+    }
     let log = coord.log_tail();
     anyhow::ensure!(
         coord.stop().await,

@@ -34,6 +34,11 @@ impl Deals {
         }
     }
 
+    /// Deals made to `worker` (lapsed ones included until it next asks).
+    pub fn count_for(&self, worker: NodeId) -> usize {
+        self.by_worker.get(&worker).map_or(0, |s| s.len())
+    }
+
     /// Forget every deal of `job` (cancelled).
     pub fn remove_job(&mut self, job: JobId) {
         let tasks: Vec<TaskId> = self

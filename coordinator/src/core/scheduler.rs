@@ -63,6 +63,10 @@ const AT_CAP_RETRY_MS: u64 = 100;
 /// asks (a pool where few workers could take it; each draw is O(1)).
 const DEAL_DRAWS: usize = 16;
 
+/// Fresh tasks one request for a fresh task may deal to other workers before the asking
+/// worker gets one (see [`Core::deal_fresh`]).
+const FRESH_DEALS: u32 = 2;
+
 /// The asking worker, as `pick` needs it.
 struct Me {
     id: NodeId,
@@ -93,6 +97,7 @@ pub struct Work {
 impl Core {
     /// Hand `worker` up to `max` replicas. An unknown or disconnected worker gets none.
     pub fn request_work(&mut self, worker: NodeId, max: u32, now: u64) -> Work {
+        self.end_holds(now);
         let empty = Work {
             assignments: Vec::new(),
             classes: Vec::new(),
@@ -367,6 +372,9 @@ impl Core {
                 let i = j.open.remove(p).expect("in range");
                 j.tasks[i as usize].queued = false;
             }
+            if self.cfg.policy.deal_partners && !me.trusted {
+                return self.deal_fresh(job, me, fp, now);
+            }
             let index = j.next_fresh;
             j.next_fresh += 1;
             return Some(index);
@@ -414,6 +422,11 @@ impl Core {
             }
         }
         let job = self.jobs.get_mut(&task.job).expect("known");
+        if job.hold == super::ColdHold::Unstarted {
+            job.hold = super::ColdHold::Until(
+                now.saturating_add(self.cfg.retry_after_ms.saturating_mul(2)),
+            );
+        }
         job.tasks[task.index as usize].replicas.push(replica);
         job.in_flight += 1;
         let manifest = job
@@ -525,6 +538,56 @@ impl Core {
 }
 
 impl Core {
+    /// `me` asks for a fresh task of `job` (its engine there `fp`): the first replicas are
+    /// dealt too, so whoever asks most often does not get most of them (a liar answers at
+    /// once and asks again; idle honest workers ask once per retry hint). Each time, a
+    /// worker is drawn at random: if it is another one that could run the task and holds
+    /// fewer dealt replicas than its cap, the task is dealt to it (queued, its for two retry
+    /// hints) and the draw repeats, at most [`FRESH_DEALS`] times; otherwise `me` gets the
+    /// next fresh task. None when no fresh task is left.
+    fn deal_fresh(&mut self, job: JobId, me: &Me, fp: u32, now: u64) -> Option<u32> {
+        let until = now.saturating_add(self.cfg.retry_after_ms.saturating_mul(2));
+        let mut dealt = 0;
+        loop {
+            let j = self.jobs.get(&job)?;
+            if j.next_fresh as usize >= j.tasks.len() {
+                return None;
+            }
+            let native = j.determinism == tasks::Determinism::Native;
+            let target = if dealt < FRESH_DEALS && !self.roster.is_empty() {
+                let i = rand::Rng::gen_range(&mut self.rng, 0..self.roster.len());
+                let id = self.roster[i];
+                self.workers
+                    .get(&id)
+                    .filter(|w| {
+                        id != me.id
+                            && (if native { w.native_fp } else { w.fp }) == Some(fp)
+                            && (self.deals.count_for(id) as u32)
+                                < self.cfg.policy.allowance(&w.rep, w.slots, w.lost)
+                    })
+                    .map(|_| id)
+            } else {
+                None
+            };
+            let j = self.jobs.get_mut(&job)?;
+            let index = j.next_fresh;
+            j.next_fresh += 1;
+            let Some(target) = target else {
+                return Some(index);
+            };
+            j.tasks[index as usize].queued = true;
+            j.open.push_back(index);
+            self.deals.insert(TaskId { job, index }, target, until);
+            dealt += 1;
+        }
+    }
+
+    /// Whether a task whose next replica `anchor_wanted` should wait for an anchor of
+    /// engine `fp`: the policy prefers anchors and one is connected.
+    fn wants_anchor(&self, anchor_wanted: bool, fp: u32) -> bool {
+        anchor_wanted && self.cfg.policy.prefer_anchors && self.anchors_of(fp) > 0
+    }
+
     /// Whether `worker` (engines `fp`, `native_fp`) may take the replica of `task` dealt to
     /// it now: the task still needs one, not from anchors only, and the worker holds none
     /// of it and has an engine of its class. Gives the engine to run it on, and the class.
@@ -548,16 +611,21 @@ impl Core {
             return None;
         }
         let trusted = self.cfg.policy.is_trusted(&self.workers.get(&worker)?.rep);
-        match self.need(task) {
-            Need::More {
-                n, anchors_only, ..
-            } if n > 0 && (trusted || !anchors_only) => {}
-            _ => return None,
-        }
         let engine = match j.determinism {
             tasks::Determinism::Portable => Some(fp),
             tasks::Determinism::Native => native_fp,
         }?;
+        match self.need(task) {
+            Need::More {
+                n,
+                anchors_only,
+                anchor_wanted,
+                ..
+            } if n > 0
+                && (trusted || !anchors_only)
+                && (trusted || !self.wants_anchor(anchor_wanted, engine)) => {}
+            _ => return None,
+        }
         let ran_on = slot.replicas.first().map(|r| self.replicas[r].fp);
         (ran_on.is_none() || ran_on == Some(engine)).then_some((engine, j.determinism))
     }
@@ -587,6 +655,12 @@ impl Core {
             .iter()
             .map(|r| (self.replicas[r].worker, self.replicas[r].block))
             .collect();
+        // The replica that would complete an unanchored lead goes to an anchor: drawn among
+        // anchors then (anchors' own rule, `prefer_anchors`).
+        let anchors_only = matches!(
+            self.need(task),
+            Need::More { anchor_wanted, .. } if self.wants_anchor(anchor_wanted, fp)
+        );
         let until = now.saturating_add(self.cfg.retry_after_ms.saturating_mul(2));
         for _ in 0..DEAL_DRAWS {
             let i = rand::Rng::gen_range(&mut self.rng, 0..self.roster.len());
@@ -602,6 +676,7 @@ impl Core {
                 || holders
                     .iter()
                     .any(|(h, b)| *h == id || (block.is_some() && *b == block))
+                || (anchors_only && !policy.is_trusted(&w.rep))
             {
                 continue;
             }

@@ -1589,14 +1589,13 @@ fn a_cold_start_asks_one_more_agreement_only_where_the_pool_can_give_it() {
     }
 }
 
-/// `deal_partners` (open policy): a task's partner replica goes to the worker the
-/// coordinator drew, not to whoever asks next. One operator's two identities asking in step
-/// (A, then B at once) while 8 honest workers idle-poll get the partner of A's task only
-/// when the draw picks B (about 1 in 9), not every time as they would otherwise; the drawn
-/// worker gets it when it next asks; one that never asks leaves it to anyone after two
-/// retry hints.
+/// `deal_partners` (open policy): a task's replicas, its first included, go to workers the
+/// coordinator draws, not to whoever asks next. One operator's two identities asking in
+/// step (A, then B at once) while 8 honest workers idle-poll would otherwise hold both
+/// replicas of every task; dealt, they rarely do. A drawn worker gets its replica when it
+/// next asks; before the deal lapses (two retry hints) nobody else does, after it anyone.
 #[test]
-fn partner_replicas_are_dealt_not_grabbed() {
+fn replicas_are_dealt_not_grabbed() {
     let module = [BlobId::of(b"module")];
     let (a, b) = (node(1), node(2));
     let idle: Vec<NodeId> = (3..=10).map(node).collect();
@@ -1616,50 +1615,48 @@ fn partner_replicas_are_dealt_not_grabbed() {
         for w in [a, b].iter().chain(&idle) {
             core.hello(*w, &fp(Kind::Honest), 1, None, &module, 0);
         }
-        // One task: B can only get its partner, or nothing.
-        core.add_job(manifest("job", 1, 2, 6, 600), 0);
-        let first = core.request_work(a, 1, 1).assignments[0].task.id;
-        if !core.request_work(b, 1, 1).assignments.is_empty() {
+        // One task of quorum 2.
+        let (job, _) = core.add_job(manifest("job", 1, 2, 6, 600), 0);
+        let task = TaskId { job, index: 0 };
+        let holders: Vec<NodeId> = [a, b]
+            .into_iter()
+            .filter(|w| !core.request_work(*w, 1, 1).assignments.is_empty())
+            .collect();
+        if holders.len() == 2 {
             return true;
         }
-        let (drawn, until) = core.deals.get(first).expect("dealt");
-        assert!(idle.contains(&drawn), "dealt to an idle worker: {drawn:?}");
+        let (drawn, until) = core.deals.get(task).expect("dealt");
+        assert!(!holders.contains(&drawn), "seed {seed}: dealt to a holder");
         assert_eq!(until, 1 + 2 * retry);
-        let other = *idle.iter().find(|w| **w != drawn).expect("8 idle");
-        // Before its wait is over, no other worker gets it.
+        let mut others = idle
+            .iter()
+            .copied()
+            .filter(|w| *w != drawn && !holders.contains(w));
+        let other = others.next().expect("idle workers left");
         let got = core.request_work(other, 1, 2).assignments;
-        assert!(got.is_empty(), "seed {seed}: taken early");
+        assert!(got.is_empty(), "seed {seed}: taken before its deal lapsed");
         let (taker, at) = if drawn_asks {
             (drawn, 3)
         } else {
-            (
-                *idle
-                    .iter()
-                    .rev()
-                    .find(|w| **w != drawn && **w != other)
-                    .expect("8 idle"),
-                until,
-            )
+            (others.next().expect("idle workers left"), until)
         };
         let got = core.request_work(taker, 1, at).assignments;
-        assert_eq!(got.len(), 1);
-        assert_eq!(
-            got[0].task.id, first,
-            "seed {seed}: the partner for {taker:?} at {at}"
-        );
+        assert_eq!(got.len(), 1, "seed {seed}: {taker:?} at {at}");
+        assert_eq!(got[0].task.id, task);
         false
     };
     let trials = 90u64;
     let grabbed = (0..trials).filter(|s| run(*s, false, true)).count();
     assert_eq!(
         grabbed as u64, trials,
-        "without dealing, B always gets A's partner"
+        "without dealing, A gets the first replica and B the partner"
     );
-    let dealt_to_b = (0..trials).filter(|s| run(*s, true, s % 2 == 0)).count();
-    // 9 candidates: ~10 expected; a fixed seed range makes this deterministic.
+    let captured = (0..trials).filter(|s| run(*s, true, s % 2 == 0)).count();
+    // Both replicas to A and B takes two lucky draws among 10 workers (about 1 in 50); a
+    // fixed seed range makes this deterministic.
     assert!(
-        (1..=25).contains(&dealt_to_b),
-        "B got A's partner {dealt_to_b}/{trials} times"
+        captured <= 9,
+        "A and B held both replicas {captured}/{trials} times"
     );
 }
 
@@ -1683,6 +1680,7 @@ fn work_until_idle(
     now: u64,
     answer: impl Fn(usize, TaskId) -> RunResult,
 ) {
+    let mut now = now;
     for _ in 0..1_000 {
         let mut any = false;
         for (i, w) in ws.iter().enumerate() {
@@ -1692,7 +1690,16 @@ fn work_until_idle(
             }
         }
         if !any {
-            return;
+            // Nothing to hand out: a job's cold-start hold may still keep results waiting.
+            let holding = core
+                .running
+                .iter()
+                .any(|j| matches!(core.jobs[j].hold, super::ColdHold::Until(_)));
+            if !holding {
+                return;
+            }
+            now += 2 * core.cfg.retry_after_ms;
+            core.end_holds(now);
         }
     }
     panic!("the core kept handing out work");

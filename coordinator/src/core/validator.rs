@@ -302,6 +302,10 @@ impl Core {
                 .any(|&(f, _, anchors)| f == fp && anchors > 0);
             (decide_all || decide_new) && (self.anchors_of(fp) > busy || in_flight)
         };
+        // The job's cold-start hold (see `ColdHold`): an unanchored, uncontradicted group
+        // waits while no anchor of its engine is connected.
+        let holding = matches!(job.hold, super::ColdHold::Until(_));
+        let mut held = None;
         // Deterministic choice when (unusually) two groups reach quorum: the larger, then the
         // smaller fingerprint index.
         if let Some(g) = t
@@ -321,11 +325,17 @@ impl Core {
                     return false;
                 }
                 let r = rival(g);
-                n >= if g.anchored {
-                    q
-                } else {
-                    q.saturating_add(extra_of(Some(g.key.0)))
-                } && (r == 0 || n >= r.saturating_add(margin))
+                let agreed =
+                    n >= if g.anchored {
+                        q
+                    } else {
+                        q.saturating_add(extra_of(Some(g.key.0)))
+                    } && (r == 0 || n >= r.saturating_add(margin));
+                if agreed && holding && !g.anchored && r == 0 && self.anchors_of(g.key.0) == 0 {
+                    held = Some(g.key.0);
+                    return false;
+                }
+                agreed
             })
             .max_by_key(|g| (g.replicas.len(), std::cmp::Reverse(g.key.0), g.key.1))
         {
@@ -335,6 +345,15 @@ impl Core {
                 fp: g.key.0,
                 digest: g.key.1,
                 agreeing,
+            };
+        }
+        if let Some(fp) = held {
+            // Agreed, but held: no more replicas, no verdict until the hold ends.
+            return Need::More {
+                n: 0,
+                fp: Some(fp),
+                anchor_wanted: false,
+                anchors_only: false,
             };
         }
         let counted = t.reported + t.in_flight;
