@@ -225,6 +225,9 @@ pub(crate) enum ColdHold {
     Unstarted,
     /// Held until then (ms).
     Until(u64),
+    /// Decided since, but a split vote still does not fail a task until then (ms): a liar
+    /// caught by the decisions at the end of the hold loses its vote meanwhile.
+    Failing(u64),
     Over,
 }
 
@@ -764,20 +767,108 @@ impl Core {
             .running
             .iter()
             .copied()
-            .filter(|j| matches!(self.jobs[j].hold, ColdHold::Until(t) if t <= now))
+            .filter(|j| {
+                matches!(self.jobs[j].hold, ColdHold::Until(t) | ColdHold::Failing(t) if t <= now)
+            })
             .collect();
+        let window = self.cfg.retry_after_ms.saturating_mul(2);
         for job in due {
             let j = self.jobs.get_mut(&job).expect("running");
-            j.hold = ColdHold::Over;
+            j.hold = match j.hold {
+                ColdHold::Until(_) => ColdHold::Failing(now.saturating_add(window)),
+                _ => ColdHold::Over,
+            };
             let pending: Vec<TaskId> = (0..j.next_fresh)
                 .filter(|&i| j.tasks[i as usize].phase == TaskPhase::Pending)
                 .map(|index| TaskId { job, index })
                 .collect();
-            for t in pending {
+            for t in self.hold_order(pending) {
                 self.reevaluate(t, now);
+                // Liars caught by this decision lose their votes before the next one.
+                self.settle_bans(now);
             }
         }
         self.settle_bans(now);
+    }
+
+    /// The order a hold's tasks are decided in: contested acceptances, then uncontested
+    /// ones, then failures; within each, first those whose leading workers were least often
+    /// outvoted on the job's other held tasks. Nobody has a record yet, but in a
+    /// pool where most workers are honest, a liar is in the minority of most disputes it is
+    /// part of: deciding its losing disputes first bans it before its votes can decide
+    /// anything. Ties by task index.
+    fn hold_order(&self, tasks: Vec<TaskId>) -> Vec<TaskId> {
+        let tallies: Vec<(TaskId, validator::Tally)> =
+            tasks.into_iter().map(|t| (t, self.tally(t))).collect();
+        let worker = |r: &tasks::wire::ReplicaId| self.replicas.get(r).map(|x| x.worker);
+        let mut record: HashMap<NodeId, (u32, u32)> = HashMap::new();
+        for (_, t) in &tallies {
+            let Some(lead) = t.groups.iter().max_by_key(|g| g.replicas.len()) else {
+                continue;
+            };
+            let rivals: Vec<&validator::Group> = t
+                .groups
+                .iter()
+                .filter(|g| g.key.0 == lead.key.0 && g.key != lead.key)
+                .collect();
+            // Undisputed, or a tie: nobody was outvoted.
+            if rivals.is_empty()
+                || rivals
+                    .iter()
+                    .any(|g| g.replicas.len() == lead.replicas.len())
+            {
+                continue;
+            }
+            for g in rivals.into_iter().chain(std::iter::once(lead)) {
+                let outvoted = g.key != lead.key;
+                for w in g.replicas.iter().filter_map(worker) {
+                    let e = record.entry(w).or_default();
+                    if outvoted {
+                        e.1 += 1;
+                    } else {
+                        e.0 += 1;
+                    }
+                }
+            }
+        }
+        let outvoted_rate = |t: &validator::Tally| -> f64 {
+            let Some(lead) = t.groups.iter().max_by_key(|g| g.replicas.len()) else {
+                return 0.0;
+            };
+            let rates: Vec<f64> = lead
+                .replicas
+                .iter()
+                .filter_map(worker)
+                .map(|w| {
+                    let (won, lost) = record.get(&w).copied().unwrap_or_default();
+                    f64::from(lost) / f64::from((won + lost).max(1))
+                })
+                .collect();
+            rates.iter().sum::<f64>() / rates.len().max(1) as f64
+        };
+        // Accepted disputes first: deciding them is what catches liars; then what nobody
+        // contradicted; failures last (a liar's vote voided meanwhile may save the task).
+        let contested = |t: &validator::Tally| {
+            t.groups.iter().any(|g| {
+                t.groups
+                    .iter()
+                    .any(|o| o.key.0 == g.key.0 && o.key.1 != g.key.1)
+            })
+        };
+        let kind = |task: TaskId, t: &validator::Tally| -> u8 {
+            match self.need(task) {
+                validator::Need::Accept { .. } if contested(t) => 0,
+                validator::Need::Accept { .. } => 1,
+                validator::Need::More { .. } => 2,
+                validator::Need::Fail(_) => 3,
+            }
+        };
+        let mut keyed: Vec<(u8, f64, TaskId)> = tallies
+            .iter()
+            .map(|(task, t)| (kind(*task, t), outvoted_rate(t), *task))
+            .collect();
+        keyed.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2)));
+        keyed.into_iter().map(|(_, _, t)| t).collect()
     }
 
     /// Deadlines and disconnect grace periods: reissue what has expired.

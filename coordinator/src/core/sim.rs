@@ -1660,6 +1660,54 @@ fn replicas_are_dealt_not_grabbed() {
     );
 }
 
+/// The cold-start hold (open policy): while no anchor is connected, an agreement nobody
+/// contradicted waits out the job's first deal window (two retry hints from its first
+/// assignment) and is accepted when it ends; without dealing there is no hold.
+#[test]
+fn a_cold_start_agreement_waits_out_the_first_deal_window() {
+    let module = [BlobId::of(b"module")];
+    let ws: Vec<NodeId> = (1..=6).map(node).collect();
+    for deal in [true, false] {
+        let mut core = Core::new(CoreConfig {
+            policy: TrustPolicy {
+                partner_spread: 0,
+                distinct_address_blocks: false,
+                deal_partners: deal,
+                ..TrustPolicy::open_pool()
+            },
+            retry_after_ms: 1_000,
+            ..CoreConfig::default()
+        });
+        for w in &ws {
+            core.hello(*w, &fp(Kind::Honest), 1, None, &module, 0);
+        }
+        let (job, _) = core.add_job(manifest("cold", 1, 2, 6, 600), 0);
+        let task = TaskId { job, index: 0 };
+        for _ in 0..10 {
+            for w in &ws {
+                for a in core.request_work(*w, 1, 10).assignments {
+                    core.report(*w, a.replica, truth(a.task.id), 10);
+                }
+            }
+        }
+        if deal {
+            assert_eq!(core.task_phase(task), Some(TaskPhase::Pending), "held");
+            core.tick(2_009);
+            assert_eq!(
+                core.task_phase(task),
+                Some(TaskPhase::Pending),
+                "still held"
+            );
+            core.tick(2_010);
+        }
+        assert_eq!(
+            core.task_phase(task),
+            Some(TaskPhase::Accepted),
+            "dealing {deal}"
+        );
+    }
+}
+
 /// A core for the retry tests: plain quorum, every replica due at once.
 fn retry_core() -> Core {
     Core::new(CoreConfig {
@@ -1691,10 +1739,12 @@ fn work_until_idle(
         }
         if !any {
             // Nothing to hand out: a job's cold-start hold may still keep results waiting.
-            let holding = core
-                .running
-                .iter()
-                .any(|j| matches!(core.jobs[j].hold, super::ColdHold::Until(_)));
+            let holding = core.running.iter().any(|j| {
+                matches!(
+                    core.jobs[j].hold,
+                    super::ColdHold::Until(_) | super::ColdHold::Failing(_)
+                )
+            });
             if !holding {
                 return;
             }

@@ -160,13 +160,21 @@ pub struct TrustPolicy {
     /// Not applied while fewer workers are connected than the agreement it asks for (a
     /// small pool still starts).
     pub cold_start_extra: u32,
-    /// A task's further replicas (every one after its first) are dealt, not grabbed: each
-    /// is reserved for one connected worker the coordinator draws at random (seeded) among
-    /// those that could take it (busy or not: a liar computes nothing and always has room), and only that worker gets it for the next
-    /// two no-work retry hints (then anyone may). Whoever polls fastest — a colluder asking
-    /// every few milliseconds while honest workers idle-poll on their hint as a job
-    /// arrives — can then take first replicas, never choose its partners: a task's quorum
-    /// is the pool's random sample. Anchors are exempt, as with `partner_spread`.
+    /// Replicas are dealt, not grabbed: each replica after a task's first is reserved for
+    /// one connected worker the coordinator draws at random (seeded) among those that could
+    /// take it (busy or not: a liar computes nothing and always has room; one that would
+    /// complete an unanchored lead is drawn among anchors), and only that worker gets it —
+    /// on its next request, even at a full hand (up to twice its cap) — for two no-work
+    /// retry hints, then anyone may. A request for a fresh task first deals up to two fresh
+    /// tasks to drawn workers (each holding fewer dealt replicas than its cap). And a job's
+    /// first deal window (two hints from its first assignment) holds agreements nobody with
+    /// a record is part of and nobody contradicted, while no anchor is connected: the idle
+    /// workers dealt replicas have asked by then, and liars caught in the disputes they
+    /// raised have lost their votes. Whoever polls fastest — a colluder asking every few
+    /// milliseconds while honest workers idle-poll on their hint as a job arrives — cannot
+    /// choose who checks its results: a task's quorum is the pool's random sample. Anchors
+    /// are exempt, as with `partner_spread`. Costs a cold start's first decisions up to two
+    /// hints of latency, and a job's last replicas may wait as long for their drawn worker.
     pub deal_partners: bool,
 }
 

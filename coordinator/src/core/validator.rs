@@ -302,8 +302,8 @@ impl Core {
                 .any(|&(f, _, anchors)| f == fp && anchors > 0);
             (decide_all || decide_new) && (self.anchors_of(fp) > busy || in_flight)
         };
-        // The job's cold-start hold (see `ColdHold`): an unanchored, uncontradicted group
-        // waits while no anchor of its engine is connected.
+        // The job's cold-start hold (see `ColdHold`): a group no anchor is part of waits
+        // while no anchor of its engine is connected.
         let holding = matches!(job.hold, super::ColdHold::Until(_));
         let mut held = None;
         // Deterministic choice when (unusually) two groups reach quorum: the larger, then the
@@ -331,7 +331,7 @@ impl Core {
                     } else {
                         q.saturating_add(extra_of(Some(g.key.0)))
                     } && (r == 0 || n >= r.saturating_add(margin));
-                if agreed && holding && !g.anchored && r == 0 && self.anchors_of(g.key.0) == 0 {
+                if agreed && holding && !g.anchored && self.anchors_of(g.key.0) == 0 {
                     held = Some(g.key.0);
                     return false;
                 }
@@ -365,7 +365,22 @@ impl Core {
                 t.lost, t.reported
             ));
         }
+        // Held too: a cold start's split vote may be a liar's that a decision on another
+        // held task will void (see `Core::hold_order`).
+        let hold_failure = matches!(
+            job.hold,
+            super::ColdHold::Until(_) | super::ColdHold::Failing(_)
+        ) && lead_fp.is_some_and(|fp| self.anchors_of(fp) == 0);
+        let waiting = Need::More {
+            n: 0,
+            fp: lead_fp,
+            anchor_wanted: false,
+            anchors_only: false,
+        };
         if lead + remaining < q {
+            if hold_failure {
+                return waiting;
+            }
             let distinct = t.groups.len();
             return Need::Fail(format!(
                 "no consensus: {} replicas reported {} different results (best agreement {} of quorum {}) and max_replicas {} is reached",
@@ -425,6 +440,9 @@ impl Core {
         let target = base.max(contested);
         let n = target.saturating_sub(lead).min(remaining);
         if n == 0 && t.in_flight == 0 {
+            if hold_failure {
+                return waiting;
+            }
             return Need::Fail(format!(
                 "no trusted consensus: {} workers without an agreement record agreed (needed {} without one), and max_replicas {} is reached",
                 lead,
