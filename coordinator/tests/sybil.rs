@@ -1,12 +1,11 @@
 //! Red team, part 2 (issue 17, "an open pool"): colluders and Sybils against the trust
 //! policy `coordinator serve` runs by default ([`TrustPolicy::open_pool`], with a seed drawn
-//! per run), over real QUIC, the coordinator always the `coordinator serve` binary in a child
-//! process. The colluder scenarios run on separate hosts: a [`netsim`] lab whose LAN holds
-//! the coordinator's host, the scientist's (this test's runtime, see [`in_lab`]) and one host
-//! per worker, each a network namespace with its own address (private: the /24 rule cannot
-//! tell colluders apart there, the hardest case for the policy). The Sybil swarms run on this
-//! machine's loopback (300 addresses of 127.0.0.0/8; `/proc/<pid>/status` gives the
-//! coordinator's own memory apart from the simulated workers in this process).
+//! per run), over real QUIC between separate hosts: a [`netsim`] lab whose LAN holds the
+//! `coordinator serve` process's host, the scientist's (this test's runtime, see [`in_lab`])
+//! and one host per worker, each a network namespace with its own address (private: the /24
+//! rule cannot tell colluders apart there, the hardest case for the policy); a swarm from
+//! many addresses comes from one botnet host answering for 300 of them.
+//! `/proc/<pid>/status` gives the coordinator's own memory.
 //! Every worker is a [`SimWorker`] with its own key and connection, driven by its own tokio
 //! task at its own pace; the figures come from what the coordinator reports (`status`,
 //! `results`) and from the assignments the workers received. `core::adversary` measures the
@@ -15,7 +14,7 @@
 //! Scenarios: (1) colluders among honest workers from a cold start, f = 10% and 30%, patient
 //! (the honest pace) and greedy (all the work they may hold, as often as they can, reported
 //! at once); (2) 300 identities from one address while honest workers run a job; (3) 300
-//! colluding identities, one loopback address each, join a pool of anchors.
+//! colluding identities, one address each, join a pool of anchors.
 //!
 //! Prints one `FAULT|redteam|<attack>|<what happened>|<target>|<met yes/no>` line per
 //! scenario for FAULTS.md, and asserts its target. Default sizes fit `cargo test` on two
@@ -149,14 +148,9 @@ struct Served {
 }
 
 impl Served {
-    /// `policy`: more `[policy]` lines of the config file (besides the seed).
-    async fn start(seed: u64, policy: &str) -> anyhow::Result<Served> {
-        Served::start_on(seed, policy, None).await
-    }
-
-    /// [`Served::start`] on `host` of a lab (listening on its address), or on this
-    /// machine's loopback.
-    async fn start_on(seed: u64, policy: &str, host: Option<&Host>) -> anyhow::Result<Served> {
+    /// `policy`: more `[policy]` lines of the config file (besides the seed); `host`: the
+    /// lab host it runs on (listening on its address).
+    async fn start(seed: u64, policy: &str, host: &Host) -> anyhow::Result<Served> {
         let dir = tempfile::tempdir()?;
         let data = dir.path().join("coord");
         let config = dir.path().join("coordinator.toml");
@@ -169,11 +163,9 @@ impl Served {
         let bin = std::env::var_os("PEERGRID_COORDINATOR_BIN")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(common::coordinator_bin);
-        let (mut cmd, listen) = match host {
-            Some(h) => (h.command(bin), format!("{}:0", h.ip)),
-            None => (std::process::Command::new(bin), "127.0.0.1:0".to_string()),
-        };
-        let child = cmd
+        let listen = format!("{}:0", host.ip);
+        let child = host
+            .command(bin)
             .args(["serve", "--listen", &listen, "--data-dir"])
             .arg(&data)
             .arg("--config")
@@ -649,6 +641,15 @@ async fn colluders(fraction: f64, greedy_colluders: bool, pool: Pool) -> anyhow:
     colluders_starting(fraction, greedy_colluders, idle_start(), pool).await
 }
 
+/// Worker hosts of a colluder scenario.
+fn colluder_hosts() -> usize {
+    if full() {
+        60
+    } else {
+        30
+    }
+}
+
 /// The hosts of a colluder scenario: one LAN of network-namespace hosts (private addresses,
 /// so the /24 rule cannot tell the colluders apart: the hardest case for the trust policy),
 /// the coordinator on one, the scientist's client on another, each worker on its own.
@@ -660,7 +661,7 @@ struct Pool {
 
 /// Run `scenario` on a lab: [`Pool`]'s hosts, this test's runtime (the scientist's client)
 /// on a host of its own. Skipped (passes, saying why) where network namespaces cannot be made.
-fn in_lab<F, Fut>(scenario: F) -> anyhow::Result<()>
+fn in_lab<F, Fut>(workers: usize, scenario: F) -> anyhow::Result<()>
 where
     F: FnOnce(Pool) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
@@ -668,7 +669,6 @@ where
     let Some(mut lab) = netsim::lab_or_skip() else {
         return Ok(());
     };
-    let workers = if full() { 60 } else { 30 };
     let site = lab.nat_site(
         "pool",
         0,
@@ -798,7 +798,7 @@ async fn colluder_run(
     let jobdir = tempfile::tempdir()?;
     // Extra `[policy]` lines for experiments (the figures are for the default policy).
     let extra = std::env::var("PEERGRID_SYBIL_POLICY").unwrap_or_default();
-    let coord = Served::start_on(seed, &extra, Some(&pool.coordinator)).await?;
+    let coord = Served::start(seed, &extra, &pool.coordinator).await?;
     let client = Client::connect(&coord.ticket, &coord.token).await?;
     let n_coll = (workers as f64 * fraction).round() as usize;
     let mut roles: Vec<bool> = (0..workers).map(|i| i < n_coll).collect();
@@ -899,36 +899,39 @@ async fn colluder_run(
 
 #[test]
 fn patient_colluders_at_10_percent() -> anyhow::Result<()> {
-    in_lab(|pool| colluders(0.1, false, pool))
+    in_lab(colluder_hosts(), |pool| colluders(0.1, false, pool))
 }
 
 #[test]
 fn patient_colluders_at_30_percent() -> anyhow::Result<()> {
-    in_lab(|pool| colluders(0.3, false, pool))
+    in_lab(colluder_hosts(), |pool| colluders(0.3, false, pool))
 }
 
 #[test]
 fn greedy_colluders_at_10_percent() -> anyhow::Result<()> {
-    in_lab(|pool| colluders(0.1, true, pool))
+    in_lab(colluder_hosts(), |pool| colluders(0.1, true, pool))
 }
 
 #[test]
 fn greedy_colluders_at_30_percent() -> anyhow::Result<()> {
-    in_lab(|pool| colluders(0.3, true, pool))
+    in_lab(colluder_hosts(), |pool| colluders(0.3, true, pool))
 }
 
 /// The same when honest workers idle-poll (every `retry_after_ms`) while the colluders poll
 /// without pause as the job arrives (`PEERGRID_SYBIL_IDLE_START=1` runs every scenario so).
 #[test]
 fn greedy_colluders_at_30_percent_while_honest_workers_idle_poll() -> anyhow::Result<()> {
-    in_lab(|pool| colluders_starting(0.3, true, true, pool))
+    in_lab(colluder_hosts(), |pool| {
+        colluders_starting(0.3, true, true, pool)
+    })
 }
 
-/// Join `keys.len()` identities at once (at most 32 handshakes in flight), the i-th bound
-/// to `bind(i)`, with `output`: the ones that got in, and the errors of the others.
+/// Join `keys.len()` identities at once (at most 32 handshakes in flight) from `host`, the
+/// i-th bound to `bind(i)`, with `output`: the ones that got in, and the errors of the others.
 async fn swarm(
     ticket: &Ticket,
     keys: &[NodeKey],
+    host: &Host,
     bind: impl Fn(usize) -> SocketAddr,
     output: fn(&Assignment) -> Vec<u8>,
 ) -> (Vec<SimWorker>, Vec<String>) {
@@ -939,6 +942,7 @@ async fn swarm(
             fingerprint: release_fingerprint(),
             output,
             bind: Some(bind(i)),
+            netns: Some(host.ns.clone()),
             ..Options::default()
         };
         let ticket = ticket.clone();
@@ -957,20 +961,21 @@ async fn swarm(
     (ok, err)
 }
 
-/// Start honest workers (the honest pace) joined from 127.0.0.1.
+/// Start honest workers (the honest pace), one on each of `hosts`.
 async fn honest_pool(
     ticket: &Ticket,
-    n: usize,
+    hosts: &[Host],
     shared: &Arc<Shared>,
     rng: &mut StdRng,
 ) -> anyhow::Result<Vec<(NodeId, JoinHandle<anyhow::Result<Tally>>)>> {
     let mut handles = Vec::new();
-    for _ in 0..n {
+    for host in hosts {
         let w = SimWorker::join_with(
             ticket,
             Options {
                 slots: SLOTS,
                 fingerprint: release_fingerprint(),
+                netns: Some(host.ns.clone()),
                 ..Options::default()
             },
         )
@@ -994,11 +999,12 @@ struct Flood {
     retries_in: usize,
 }
 
-/// All `keys` join from `ip` at once (the first wave); then, until `stop`, every refused
+/// All `keys` join from `host`'s address at once (the first wave); then, until `stop`, every refused
 /// identity tries again every 100 ms.
-async fn flood(ticket: Ticket, keys: Vec<NodeKey>, ip: Ipv4Addr, stop: Arc<AtomicBool>) -> Flood {
+async fn flood(ticket: Ticket, keys: Vec<NodeKey>, host: Host, stop: Arc<AtomicBool>) -> Flood {
     let t0 = Instant::now();
-    let (inside, refused) = swarm(&ticket, &keys, |_| (ip, 0).into(), output_for).await;
+    let ip = host.ip;
+    let (inside, refused) = swarm(&ticket, &keys, &host, |_| (ip, 0).into(), output_for).await;
     let mut f = Flood {
         first_refused: refused.len(),
         first_error: refused.first().cloned().unwrap_or_default(),
@@ -1014,7 +1020,7 @@ async fn flood(ticket: Ticket, keys: Vec<NodeKey>, ip: Ipv4Addr, stop: Arc<Atomi
             .filter(|k| !got.contains(&k.node_id()))
             .cloned()
             .collect();
-        let (more, _) = swarm(&ticket, &again, |_| (ip, 0).into(), output_for).await;
+        let (more, _) = swarm(&ticket, &again, &host, |_| (ip, 0).into(), output_for).await;
         f.retries += again.len();
         f.retries_in += more.len();
         f.inside.extend(more);
@@ -1023,25 +1029,28 @@ async fn flood(ticket: Ticket, keys: Vec<NodeKey>, ip: Ipv4Addr, stop: Arc<Atomi
     f
 }
 
-/// 2. A Sybil swarm from one address: 300 fresh identities connect from one IP while four
-/// honest workers run a job, and those refused keep trying until it ends. From 127.0.0.2,
-/// not 127.0.0.1: the coordinator's own address is exempt from the per-address limit
-/// (`server::IpSlot::take`; nobody but its own host can come from there).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sybil_swarm_from_one_address_gets_max_connections_per_ip_and_the_honest_job_completes(
+/// 2. A Sybil swarm from one address: 300 fresh identities connect from one host while four
+/// honest workers, each on its own host, run a job, and those refused keep trying until it
+/// ends.
+#[test]
+fn sybil_swarm_from_one_address_gets_max_connections_per_ip_and_the_honest_job_completes(
 ) -> anyhow::Result<()> {
+    in_lab(5, one_address_swarm)
+}
+
+async fn one_address_swarm(pool: Pool) -> anyhow::Result<()> {
     use tasks::limits::MAX_CONNECTIONS_PER_IP;
     let ntasks = if full() { 600 } else { 150 };
     let seed = new_seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let jobdir = tempfile::tempdir()?;
-    let mut coord = Served::start(seed, "").await?;
+    let mut coord = Served::start(seed, "", &pool.coordinator).await?;
     let client = Client::connect(&coord.ticket, &coord.token).await?;
     let shared = Arc::new(Shared {
         idle: idle_start(),
         ..Shared::default()
     });
-    let handles = honest_pool(&coord.ticket, 4, &shared, &mut rng).await?;
+    let handles = honest_pool(&coord.ticket, &pool.workers[..4], &shared, &mut rng).await?;
     let rss_before = coord.rss_mib();
     let t0 = Instant::now();
     let (job, _) = client
@@ -1050,12 +1059,13 @@ async fn sybil_swarm_from_one_address_gets_max_connections_per_ip_and_the_honest
     shared.go();
     let keys: Vec<NodeKey> = (0..SYBILS).map(|_| NodeKey::generate()).collect();
     let sybil_ids: BTreeSet<NodeId> = keys.iter().map(|k| k.node_id()).collect();
-    let one_ip = Ipv4Addr::new(127, 0, 0, 2);
+    let botnet = pool.workers[4].clone();
+    let one_ip = botnet.ip;
     let stop_flood = Arc::new(AtomicBool::new(false));
     let flooding = tokio::spawn(flood(
         coord.ticket.clone(),
         keys,
-        one_ip,
+        botnet.clone(),
         stop_flood.clone(),
     ));
     // Watch the coordinator while the job runs: the most Sybils it ever had connected (only
@@ -1103,7 +1113,14 @@ async fn sybil_swarm_from_one_address_gets_max_connections_per_ip_and_the_honest
     let deadline = Instant::now() + PATIENCE;
     let back_in = loop {
         let key = [NodeKey::generate()];
-        let (mut w, _) = swarm(&coord.ticket, &key, |_| (one_ip, 0).into(), output_for).await;
+        let (mut w, _) = swarm(
+            &coord.ticket,
+            &key,
+            &botnet,
+            |_| (one_ip, 0).into(),
+            output_for,
+        )
+        .await;
         if let Some(w) = w.pop() {
             close(&w);
             break true;
@@ -1117,6 +1134,7 @@ async fn sybil_swarm_from_one_address_gets_max_connections_per_ip_and_the_honest
         &coord.ticket,
         Options {
             fingerprint: release_fingerprint(),
+            netns: Some(pool.workers[0].ns.clone()),
             ..Options::default()
         },
     )
@@ -1135,7 +1153,7 @@ async fn sybil_swarm_from_one_address_gets_max_connections_per_ip_and_the_honest
         && fresh
         && alive;
     fault(
-        &format!("Sybil swarm: {SYBILS} fresh identities from one address (127.0.0.2) while 4 honest workers run a {ntasks}-task job, the refused ones retrying every 100 ms until it ends; `coordinator serve` (open policy)"),
+        &format!("Sybil swarm: {SYBILS} fresh identities from one network-namespace host ({one_ip}) while 4 honest workers, each a host of its own, run a {ntasks}-task job, the refused ones retrying every 100 ms until it ends; `coordinator serve` (open policy)"),
         &format!(
             "first wave: {} got in, {} refused (e.g. {:?}) in {:.1} s; then {} retries, {} got in; at most {most_known} Sybils connected per the coordinator's status, {still_up} of those in still up at the job's end; honest job {:?}{}, {}/{} accepted, {} wrong, {} failed, in {job_secs:.1} s{}; after the swarm left, a new identity from that address got in: {back_in}, a new worker joined: {fresh}; coordinator process up: {alive}, RSS {rss_before:.0} MiB before the swarm, at most {rss_most:.0} MiB during it, {rss_after:.0} MiB after (peak {peak:.0} MiB); seed {seed:#x}",
             inside_n - f.retries_in,
@@ -1167,27 +1185,27 @@ async fn sybil_swarm_from_one_address_gets_max_connections_per_ip_and_the_honest
     Ok(())
 }
 
-/// 3. A Sybil swarm from many addresses joins an established pool: 6 honest workers become
-/// anchors on a warm-up job, then 300 colluding identities, each from its own loopback
-/// address, join and a second job starts. Loopback addresses are exempt from the /24 rule
-/// (`trust::address_block`), so this tests the trust policy (anchors, margin, bans), not the
-/// address rule.
+/// 3. A Sybil swarm from many addresses joins an established pool: 6 honest workers, each a
+/// host of its own, become anchors on a warm-up job, then 300 colluding identities, each from
+/// its own address of a botnet host (10.78.0.1-10.78.1.50), join and a second job starts.
+/// Private addresses are exempt from the /24 rule (`trust::address_block`), so this tests the
+/// trust policy (anchors, margin, bans), not the address rule.
 /// With `anchors_decide = true` (opt-in: see the README's "Running an open pool").
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sybil_swarm_from_many_addresses_cannot_outvote_an_established_pool_when_anchors_decide(
+#[test]
+fn sybil_swarm_from_many_addresses_cannot_outvote_an_established_pool_when_anchors_decide(
 ) -> anyhow::Result<()> {
-    many_address_swarm("anchors_decide = true").await
+    in_lab(7, |pool| many_address_swarm("anchors_decide = true", pool))
 }
 
 /// `serve`'s default policy: without `anchors_decide`, but with
 /// `anchors_decide_for_newcomers` (the Sybils joined once the pool had anchors).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sybil_swarm_from_many_addresses_under_the_default_policy() -> anyhow::Result<()> {
-    many_address_swarm("").await
+#[test]
+fn sybil_swarm_from_many_addresses_under_the_default_policy() -> anyhow::Result<()> {
+    in_lab(7, |pool| many_address_swarm("", pool))
 }
 
 /// Scenario 3; `extra`: more `[policy]` lines for `coordinator serve`'s config file.
-async fn many_address_swarm(extra: &str) -> anyhow::Result<()> {
+async fn many_address_swarm(extra: &str, pool: Pool) -> anyhow::Result<()> {
     let (warmup_tasks, ntasks) = if full() { (120, 600) } else { (60, 200) };
     let honest_n = 6;
     let seed = new_seed();
@@ -1195,13 +1213,14 @@ async fn many_address_swarm(extra: &str) -> anyhow::Result<()> {
     let pol = policy(seed);
     let jobdir = tempfile::tempdir()?;
     let jobdir2 = tempfile::tempdir()?;
-    let mut coord = Served::start(seed, extra).await?;
+    let mut coord = Served::start(seed, extra, &pool.coordinator).await?;
     let client = Client::connect(&coord.ticket, &coord.token).await?;
     let shared = Arc::new(Shared {
         idle: idle_start(),
         ..Shared::default()
     });
-    let mut handles = honest_pool(&coord.ticket, honest_n, &shared, &mut rng).await?;
+    let mut handles =
+        honest_pool(&coord.ticket, &pool.workers[..honest_n], &shared, &mut rng).await?;
     let honest_ids: BTreeSet<NodeId> = handles.iter().map(|(id, _)| *id).collect();
     let (warmup, _) = client
         .submit(&job_file(jobdir.path(), "warm-up", warmup_tasks)?)
@@ -1227,18 +1246,15 @@ async fn many_address_swarm(extra: &str) -> anyhow::Result<()> {
         })
         .count();
     let rss_before = coord.rss_mib();
-    // The swarm: 127.0.1.1 .. 127.0.2.50, one address each.
+    // The swarm: 10.78.0.1 .. 10.78.1.50 on the botnet host, one address each.
+    let botnet = pool.workers[honest_n].clone();
     let keys: Vec<NodeKey> = (0..SYBILS).map(|_| NodeKey::generate()).collect();
-    let addr = |i: usize| -> SocketAddr {
-        (
-            Ipv4Addr::new(127, 0, 1 + (i / 250) as u8, (i % 250) as u8 + 1),
-            0,
-        )
-            .into()
-    };
+    let ip_of = |i: usize| Ipv4Addr::new(10, 78, (i / 250) as u8, (i % 250) as u8 + 1);
+    let addr = |i: usize| -> SocketAddr { (ip_of(i), 0).into() };
+    many_addresses(&botnet, &pool.coordinator, (0..SYBILS).map(ip_of))?;
     let addresses: BTreeSet<SocketAddr> = (0..SYBILS).map(addr).collect();
     let t0 = Instant::now();
-    let (inside, refused) = swarm(&coord.ticket, &keys, addr, collude).await;
+    let (inside, refused) = swarm(&coord.ticket, &keys, &botnet, addr, collude).await;
     let swarm_secs = t0.elapsed().as_secs_f64();
     let sybil_ids: BTreeSet<NodeId> = inside.iter().map(|w| w.id()).collect();
     for w in inside {
@@ -1288,7 +1304,7 @@ async fn many_address_swarm(extra: &str) -> anyhow::Result<()> {
         format!(" with `{extra}`")
     };
     fault(
-        &format!("Sybil swarm: {SYBILS} colluding identities, one loopback address each (127.0.1.1-127.0.2.50), join a pool of {honest_n} anchors and grab work greedily during a {ntasks}-task job, `coordinator serve` (open policy{with}; loopback is exempt from the /24 rule, so this tests the trust policy, not the address rule)"),
+        &format!("Sybil swarm: {SYBILS} colluding identities, each from its own address of one network-namespace host (10.78.0.1-10.78.1.50), join a pool of {honest_n} anchors (each a host of its own) and grab work greedily during a {ntasks}-task job, `coordinator serve` (open policy{with}; private addresses are exempt from the /24 rule, so this tests the trust policy, not the address rule)"),
         &format!(
             "{anchors}/{honest_n} honest workers anchors after a {warmup_tasks}-task warm-up; {} Sybils joined from {} addresses in {swarm_secs:.1} s ({} refused); job {:?}{} in {job_secs:.1} s: wrong {}/{} accepted{}, {} failed, {} replicas/task ({} issued: {sybil_issued} to Sybils, {honest_issued} to honest workers); Sybils whose lies were recorded: {}, of them banned {liars_banned} ({sybils_banned}/{} Sybils banned in all); honest banned {honest_banned}/{honest_n}{}; coordinator process up: {alive}, RSS {rss_before:.0} MiB before the swarm, {rss_job:.0} MiB at the job's end, {rss_after:.0} MiB after (peak {peak:.0} MiB); seed {seed:#x}",
             sybil_ids.len(),
@@ -1321,4 +1337,40 @@ async fn many_address_swarm(extra: &str) -> anyhow::Result<()> {
         "coordinator serve did not exit cleanly on Ctrl-C:\n{log}"
     );
     Ok(())
+}
+
+/// Give `host` the addresses `ips` (on its LAN interface) and route them to it from the
+/// coordinator's host: a botnet, one machine answering for many addresses.
+fn many_addresses(
+    host: &Host,
+    coordinator: &Host,
+    ips: impl Iterator<Item = Ipv4Addr>,
+) -> anyhow::Result<()> {
+    let batch = tempfile::NamedTempFile::new()?;
+    let lines: Vec<String> = ips
+        .map(|ip| format!("addr add {ip}/32 dev {}", host.dev))
+        .collect();
+    std::fs::write(batch.path(), lines.join("\n") + "\n")?;
+    let ip = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("ip").args(args).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    };
+    let path = batch.path().to_string_lossy().to_string();
+    ip(&["-n", &host.ns, "-batch", &path])?;
+    let via = host.ip.to_string();
+    ip(&[
+        "-n",
+        &coordinator.ns,
+        "route",
+        "add",
+        "10.78.0.0/23",
+        "via",
+        &via,
+    ])
 }
