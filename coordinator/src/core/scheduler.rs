@@ -25,10 +25,13 @@
 //!   assignments while other work is left, so consecutive requesters do not systematically
 //!   share tasks (one operator cannot capture quorums by asking in step with itself);
 //! - with [`TrustPolicy::deal_partners`](super::trust::TrustPolicy::deal_partners) (the open
-//!   preset), a task's further replicas are dealt, not grabbed: each is reserved for one
-//!   connected worker drawn at random among those that could take it, for
-//!   two no-work retry hints; so a task's quorum is the pool's random sample, not whoever
-//!   polls fastest (idle workers poll on their hint, colluders need not);
+//!   preset), replicas are dealt, not grabbed: each replica after a task's first is reserved
+//!   for one connected worker drawn at random among those that could take it (among anchors
+//!   when it would complete an unanchored lead), for two no-work retry hints, and that worker
+//!   gets it on its next request even at a full hand (up to twice its cap); a request for a
+//!   fresh task first deals up to [`FRESH_DEALS`] fresh tasks to drawn workers. A task's
+//!   quorum is then the pool's random sample, not whoever polls fastest (idle workers poll
+//!   on their hint, colluders need not);
 //! - tasks already under way come first (they finish sooner), and among them those whose
 //!   leading fingerprint matches the worker's; a task whose replicas ran on another engine
 //!   goes to a mismatched worker only when nothing else is left in that job;
