@@ -17,6 +17,11 @@
 //!   a replica of it: a group no anchor is part of is not accepted (the task's next replica
 //!   goes to anchors only, one at a time), and a group with `quorum + untrusted_extra`
 //!   anchors wins over rivals no anchor is part of;
+//! - with [`TrustPolicy::deal_partners`](super::trust::TrustPolicy::deal_partners), a job's
+//!   first deal window (`ColdHold`: two no-work retry hints from its first assignment) holds
+//!   every decision of a group no anchor is part of while no anchor of its engine is
+//!   connected, then makes them in `Core::hold_order` (the decisions that catch liars
+//!   first); a split vote may not fail a task until one more window has passed;
 //! - a worker that becomes banned (caught contradicting accepted results) loses its vote on
 //!   every undecided task: its reports there stop counting, its in-flight replicas are
 //!   cancelled, and those tasks are re-examined and get replacement replicas;
