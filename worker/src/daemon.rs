@@ -225,6 +225,8 @@ pub async fn run(
             cache_dir: Some(cfg.data_dir.join("cache")),
             priority: cfg.priority,
             deterministic: class.nan_canonicalization(),
+            // Each slot runs one task at a time, so a pool of `slots` runs is never short.
+            pooled_runs: cfg.slots,
             ..SandboxConfig::default()
         })
         .with_context(|| format!("starting the sandbox of the {class} class"))
