@@ -954,7 +954,7 @@ impl Daemon {
         }
         self.saving = self.unsaved.len();
         self.saving_replicas = self.unsaved.iter().map(|r| r.replica).collect();
-        let seg = self.outbox.segment(std::mem::take(&mut self.unsaved));
+        let mut seg = self.outbox.segment(std::mem::take(&mut self.unsaved));
         let tx = saved_tx.clone();
         tokio::task::spawn_blocking(move || {
             let res = seg.persist();
