@@ -28,7 +28,8 @@
 //! Address space, not memory: each slot reserves 4 GiB + 32 MiB of guard for its linear
 //! memory (what an on-demand run reserves too, for as long as it runs) and
 //! [`MAX_TABLES`] x 8 MiB for its tables, all `PROT_NONE`/untouched until used. 256 slots
-//! (the `MAX_WORKER_SLOTS` cap) reserve ~1.1 TiB of the 128 TiB a 64-bit Linux process has.
+//! (the `MAX_WORKER_SLOTS` cap) reserve ~1 TiB per sandbox, ~2 TiB for the worker's two (one
+//! per determinism class), of the 128 TiB a 64-bit Linux process has.
 //! Where the reservation is refused (a `ulimit -v`, a small address space), the sandbox runs
 //! everything on demand, with the same results. A module that fits is linked in both
 //! engines, so its machine code is held twice.
