@@ -218,7 +218,7 @@ fn worker_killed_with_sigkill_reports_results_it_finished_while_the_coordinator_
     let outbox = w0.join("outbox");
     let t0 = Instant::now();
     let saved: Vec<tasks::wire::Report> = loop {
-        // Segments appear by rename, whole: a non-empty list is a complete one.
+        // Batches are appended whole (a torn tail is not read): a non-empty list is complete.
         let saved = saved_reports(&outbox);
         if !saved.is_empty() {
             break saved;
@@ -272,27 +272,9 @@ fn worker_killed_with_sigkill_reports_results_it_finished_while_the_coordinator_
     );
 }
 
-/// The reports a worker's outbox holds: its segment files (`*.reports`, postcard
-/// `Vec<Report>`), and single-report files of older versions (`*.report`).
+/// The unacknowledged reports a worker's outbox holds, read as a restarted worker would.
 fn saved_reports(outbox: &std::path::Path) -> Vec<tasks::wire::Report> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(outbox)
-        .map(|d| d.flatten().collect::<Vec<_>>())
-        .unwrap_or_default()
-    {
-        let path = e.path();
-        match path.extension().and_then(|x| x.to_str()) {
-            Some("reports") => out.extend(
-                tasks::wire::decode::<Vec<tasks::wire::Report>>(&std::fs::read(&path).unwrap())
-                    .expect("saved segments decode"),
-            ),
-            Some("report") => out.push(
-                tasks::wire::decode(&std::fs::read(&path).unwrap()).expect("saved reports decode"),
-            ),
-            _ => {}
-        }
-    }
-    out
+    worker::daemon::outbox::saved_reports(outbox)
 }
 
 /// An open pool (serve's default policy) with fewer workers than it needs before anyone has a

@@ -225,6 +225,8 @@ pub async fn run(
             cache_dir: Some(cfg.data_dir.join("cache")),
             priority: cfg.priority,
             deterministic: class.nan_canonicalization(),
+            // Each slot runs one task at a time, so a pool of `slots` runs is never short.
+            pooled_runs: cfg.slots,
             ..SandboxConfig::default()
         })
         .with_context(|| format!("starting the sandbox of the {class} class"))
@@ -264,6 +266,8 @@ pub async fn run(
     });
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let executor = Executor::start(cfg.slots, cfg.priority, done_tx);
+    let (copy_tx, copy_rx) = mpsc::unbounded_channel();
+    let copier = tokio::spawn(copy_outputs(store.clone(), copy_rx));
     // Sessions to a deployment with standby coordinators notice a dead leader within seconds.
     let failover = tasks::net::failover_client_config(&key)?;
     let mut daemon = Daemon {
@@ -301,6 +305,7 @@ pub async fn run(
         saving: 0,
         saving_replicas: Vec::new(),
         task_secs: None,
+        copy_tx,
     };
     // `worker pause` outlives a restart (a reboot included) until `worker resume`.
     if daemon.cfg.data_dir.join(PAUSED_FILE).exists() {
@@ -321,7 +326,37 @@ pub async fn run(
     );
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     drop(daemon);
+    // The output copies still queued are written before the worker stops.
+    let _ = copier.await;
     result
+}
+
+/// Copies of small outputs kept at most this many per blocking task (then the next task).
+const COPIES_PER_BATCH: usize = 256;
+
+/// Writes the copies of small outputs ([`Daemon::on_done`]) into the blob store, one batch at
+/// a time on one blocking thread, until the daemon drops its sender. One writer, not a
+/// blocking task per output: concurrent file creations in the one blob directory contended
+/// for its lock, and each woke a thread of the blocking pool.
+async fn copy_outputs(store: BlobStore, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < COPIES_PER_BATCH {
+            match rx.try_recv() {
+                Ok(b) => batch.push(b),
+                Err(_) => break,
+            }
+        }
+        let store = store.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for bytes in batch {
+                if let Err(e) = store.put(&bytes) {
+                    tracing::warn!("cannot keep a copy of an output: {e}");
+                }
+            }
+        })
+        .await;
+    }
 }
 
 /// Punch requests waiting for the session (more are dropped: the dial goes ahead anyway).
@@ -445,6 +480,8 @@ struct Daemon {
     saving: usize,
     /// ...and their replicas.
     saving_replicas: Vec<ReplicaId>,
+    /// Small outputs to keep a copy of in the blob store ([`copy_outputs`]).
+    copy_tx: mpsc::UnboundedSender<Vec<u8>>,
     /// Moving average of task wall time, which sizes how much work to keep in hand.
     task_secs: Option<f64>,
 }
@@ -952,7 +989,7 @@ impl Daemon {
         }
         self.saving = self.unsaved.len();
         self.saving_replicas = self.unsaved.iter().map(|r| r.replica).collect();
-        let seg = self.outbox.segment(std::mem::take(&mut self.unsaved));
+        let mut seg = self.outbox.segment(std::mem::take(&mut self.unsaved));
         let tx = saved_tx.clone();
         tokio::task::spawn_blocking(move || {
             let res = seg.persist();
@@ -1200,16 +1237,11 @@ impl Daemon {
         // like any blob under --disk-limit-mb). A large one travels only that way, so it is
         // stored before it is announced. A small one travels inline in the report; the copy
         // kept here only serves a coordinator that lost it (e.g. evicted from its pending
-        // outputs), so it is written off the daemon's loop, which a tiny task must not wait on.
+        // outputs), so it is written off the daemon's loop, which a tiny task must not wait on
+        // (by `copy_outputs`, in order, one at a time).
         let output = if out.result.output_len <= wire::INLINE_OUTPUT_MAX {
             if !out.output.is_empty() {
-                let (store, bytes, replica) =
-                    (self.store.clone(), out.output.clone(), done.replica);
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = store.put(&bytes) {
-                        tracing::warn!(replica, "cannot keep a copy of an output: {e}");
-                    }
-                });
+                let _ = self.copy_tx.send(out.output.clone());
             }
             Some(out.output)
         } else {

@@ -310,6 +310,8 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let sandbox = Sandbox::new(SandboxConfig {
         cache_dir: args.cache_dir.clone(),
         deterministic: args.determinism == "portable",
+        // One run.
+        pooled_runs: 1,
         ..SandboxConfig::default()
     })
     .context("setting up the sandbox")?;

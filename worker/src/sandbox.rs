@@ -22,6 +22,8 @@
 //!   random, virtual-time `poll_oneoff`, nothing else.
 //! - [`control`](self::control): [`RunControl`]: pause, resume, cancel, CPU duty cycle, at
 //!   the guest's fuel yields.
+//! - [`pool`](self::pool): wasmtime's pooling allocator (memories, tables, fiber stacks
+//!   reused across runs), sized so no run fails or waits for a slot.
 //! - [`run`](self::run): one run: store, limits, fuel, the guest's async call polled on the
 //!   run's thread, and the status classification.
 //! - [`checkpoint`](self::checkpoint): the guest checkpoint API (`peergrid.checkpoint`,
@@ -64,6 +66,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod control;
 pub mod engine;
+pub mod pool;
 pub mod run;
 pub mod wasi;
 
@@ -108,7 +111,16 @@ pub struct SandboxConfig {
     pub compile_budget: Option<Duration>,
     /// Priority of the compiler threads ([`Priority::Idle`] by default, like the task slots).
     pub priority: Priority,
+    /// How many runs at once get a preallocated slot of wasmtime's pooling allocator
+    /// ([`pool`]): set it to the most runs the caller makes at once (the worker: its
+    /// `--slots`). Runs beyond it run on demand (same results, slower); 0 turns the pool
+    /// off. Default [`DEFAULT_POOLED_RUNS`].
+    pub pooled_runs: usize,
 }
+
+/// [`SandboxConfig::pooled_runs`] by default: a few runs at once (tools and tests; the
+/// worker sizes its pool from its slots).
+pub const DEFAULT_POOLED_RUNS: usize = 4;
 
 impl Default for SandboxConfig {
     fn default() -> Self {
@@ -117,6 +129,7 @@ impl Default for SandboxConfig {
             deterministic: true,
             compile_budget: None,
             priority: Priority::Idle,
+            pooled_runs: DEFAULT_POOLED_RUNS,
         }
     }
 }
@@ -215,7 +228,10 @@ pub struct RunOutput {
 #[derive(Clone)]
 pub struct LoadedModule {
     pub(crate) id: BlobId,
+    /// Linked in the on-demand engine: any run can use it.
     pub(crate) pre: InstancePre<StoreState>,
+    /// Linked in the pooled engine, if the sandbox has a pool and the module fits it.
+    pub(crate) pooled: Option<InstancePre<StoreState>>,
     /// Whether it came from the on-disk cache rather than the compiler.
     from_disk: bool,
 }
@@ -231,9 +247,14 @@ impl LoadedModule {
         self.from_disk
     }
 
-    /// The compiled module.
+    /// The compiled module (the on-demand engine's).
     pub fn module(&self) -> &Module {
         self.pre.module()
+    }
+
+    /// Whether runs of this module can use the sandbox's pooling allocator (see [`pool`]).
+    pub fn pooled(&self) -> bool {
+        self.pooled.is_some()
     }
 }
 
@@ -242,6 +263,7 @@ impl std::fmt::Debug for LoadedModule {
         f.debug_struct("LoadedModule")
             .field("id", &self.id)
             .field("from_disk", &self.from_disk)
+            .field("pooled", &self.pooled())
             .finish()
     }
 }
@@ -255,6 +277,8 @@ pub struct Sandbox {
 struct Inner {
     engine: wasmtime::Engine,
     linker: Linker<StoreState>,
+    /// The pooled engine (`None`: pool off, or its reservation was refused).
+    pool: Option<pool::Pool>,
     fingerprint: EngineFingerprint,
     disk: Option<cache::DiskCache>,
     memory: Mutex<HashMap<BlobId, LoadedModule>>,
@@ -321,6 +345,19 @@ impl Sandbox {
     pub fn new(cfg: SandboxConfig) -> Result<Sandbox, SandboxError> {
         let (engine, fingerprint) = engine::build(cfg.deterministic)?;
         let linker = wasi::linker(&engine).map_err(|e| SandboxError::Engine(format!("{e:#}")))?;
+        let pool_config = engine::config(cfg.deterministic, engine::Isa::Baseline)?;
+        let pool = match pool::Pool::new(pool_config, cfg.pooled_runs) {
+            Ok(p) => p,
+            Err(e) => {
+                // Address space refused (ulimit -v, a small address space): every run maps
+                // its own memory, as wasmtime does by default; results are the same.
+                tracing::warn!(
+                    runs = cfg.pooled_runs,
+                    "cannot reserve the sandbox's instance pool ({e}); runs allocate on demand (slower for tiny tasks)"
+                );
+                None
+            }
+        };
         let disk = match cfg.cache_dir {
             Some(dir) => Some(cache::DiskCache::open(&dir, &fingerprint)?),
             None => None,
@@ -329,6 +366,7 @@ impl Sandbox {
             inner: Arc::new(Inner {
                 engine,
                 linker,
+                pool,
                 fingerprint,
                 disk,
                 memory: Mutex::new(HashMap::new()),
@@ -362,9 +400,15 @@ impl Sandbox {
         }
     }
 
-    /// The shared engine (for tools and benchmarks).
+    /// The shared (on-demand) engine, the one [`LoadedModule::module`] belongs to (for tools
+    /// and benchmarks).
     pub fn engine(&self) -> &wasmtime::Engine {
         &self.inner.engine
+    }
+
+    /// How many runs at once use the pooling allocator (0: pool off).
+    pub fn pooled_runs(&self) -> usize {
+        self.inner.pool.as_ref().map_or(0, |p| p.runs())
     }
 
     /// Compile `module` (or load it from the on-disk cache, keyed by its blake3 and the
@@ -528,7 +572,38 @@ impl Sandbox {
                 reason: one_line(&e),
             }
         })?;
-        Ok(LoadedModule { id, pre, from_disk })
+        let pooled = self.inner.pool.as_ref().and_then(|p| match p.adopt(&module) {
+            Ok(pre) => Some(pre),
+            Err(reason) => {
+                tracing::debug!(module = %id, "runs on demand, outside the instance pool: {reason}");
+                None
+            }
+        });
+        Ok(LoadedModule {
+            id,
+            pre,
+            pooled,
+            from_disk,
+        })
+    }
+
+    /// The linked module a run uses: the pooled one with a pool slot when the module fits and
+    /// a slot is free, else the on-demand one (never a failure or a wait; see [`pool`]).
+    fn pick<'a>(
+        &'a self,
+        module: &'a LoadedModule,
+        spec: &RunSpec,
+    ) -> (&'a InstancePre<StoreState>, Option<pool::Permit<'a>>) {
+        // A limit beyond MAX_MEMORY_MB (only a direct caller can ask for one) could let a
+        // 64-bit memory grow past the pool's 4 GiB slot: on demand, as before.
+        if spec.memory_mb <= tasks::job::limits::MAX_MEMORY_MB {
+            if let (Some(pre), Some(pool)) = (&module.pooled, &self.inner.pool) {
+                if let Some(permit) = pool.try_acquire() {
+                    return (pre, Some(permit));
+                }
+            }
+        }
+        (&module.pre, None)
     }
 
     /// Run one task. Returns `Err(Cancelled)` only if `control.cancel()` was called.
@@ -538,7 +613,8 @@ impl Sandbox {
         spec: &RunSpec,
         control: &RunControl,
     ) -> Result<RunOutput, Cancelled> {
-        run::run(&self.inner.engine, module, spec, control)
+        let (pre, _permit) = self.pick(module, spec);
+        run::run(pre, spec, control)
     }
 
     /// Store setup + instantiation time of `module`, without running it (for benchmarks).
@@ -548,10 +624,9 @@ impl Sandbox {
         module: &LoadedModule,
         spec: &RunSpec,
     ) -> Result<Duration, SandboxError> {
-        run::instantiate_only(&self.inner.engine, module, spec).map_err(|e| {
-            SandboxError::InvalidModule {
-                reason: one_line(&e),
-            }
+        let (pre, _permit) = self.pick(module, spec);
+        run::instantiate_only(pre, spec).map_err(|e| SandboxError::InvalidModule {
+            reason: one_line(&e),
         })
     }
 

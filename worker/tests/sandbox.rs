@@ -2,7 +2,7 @@
 //! status, that the host is still fine afterwards, and that a second run gives the same digest.
 
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tasks::{BlobId, Status};
@@ -818,4 +818,224 @@ fn a_compilation_over_the_wall_budget_is_invalid_module() {
         .unwrap()
         .load(&wasm)
         .is_ok());
+}
+
+/// The same sandbox configuration with the instance pool off (`pooled_runs: 0`) or sized
+/// for `runs` runs at once.
+fn with_pool(runs: usize) -> Sandbox {
+    Sandbox::new(SandboxConfig {
+        pooled_runs: runs,
+        ..SandboxConfig::default()
+    })
+    .unwrap()
+}
+
+/// Every way a run ends gives the same result (status, exit code, trap, fuel, output) with
+/// the pooling allocator as on demand, and runs of these modules do use the pool.
+#[test]
+fn pooled_runs_give_the_same_results_as_on_demand_runs() {
+    let pooled = with_pool(2);
+    let on_demand = with_pool(0);
+    assert_eq!(pooled.pooled_runs(), 2, "the pool was reserved");
+    assert_eq!(on_demand.pooled_runs(), 0);
+    let mb = |memory_mb| RunSpec {
+        memory_mb,
+        ..spec()
+    };
+    let cases: Vec<(&str, Vec<u8>, RunSpec)> = vec![
+        (
+            "echo",
+            fixture("echo"),
+            RunSpec {
+                input: b"pooled".to_vec(),
+                ..spec()
+            },
+        ),
+        (
+            "busy",
+            fixture("busy"),
+            RunSpec {
+                input: busy_input(2_000_000),
+                ..spec()
+            },
+        ),
+        (
+            "out of fuel",
+            fixture("infinite_loop"),
+            RunSpec {
+                fuel: 50_000_000,
+                ..spec()
+            },
+        ),
+        ("memory bomb", fixture("memory_bomb"), mb(16)),
+        ("table bomb", fixture("table_bomb"), mb(4)),
+        (
+            "initial memory over the limit",
+            wat::parse_str(r#"(module (memory 512) (func (export "_start")))"#).unwrap(),
+            mb(16),
+        ),
+        (
+            "table over the budget",
+            wat::parse_str(r#"(module (table 1048576 funcref) (func (export "_start")))"#)
+                .unwrap(),
+            mb(4),
+        ),
+        (
+            "the whole 4 GiB budget",
+            wat::parse_str(
+                r#"(module (memory 1)
+                    (func (export "_start")
+                      (if (i32.eq (memory.grow (i32.const 65535)) (i32.const -1)) (then unreachable))))"#,
+            )
+            .unwrap(),
+            mb(4096),
+        ),
+        ("stack overflow", fixture("recursion"), spec()),
+        ("unreachable", fixture("unreachable"), spec()),
+        ("output limit", fixture("huge_output"), spec()),
+        ("exit code", fixture("exit_code"), spec()),
+    ];
+    for (name, wasm, spec) in &cases {
+        let module = pooled.load(wasm).unwrap();
+        assert!(module.pooled(), "{name}: runs in the pool");
+        assert!(!on_demand.load(wasm).unwrap().pooled());
+        // Twice in the pool: the second run reuses the slot the first one left.
+        for round in 0..2 {
+            let a = pooled.run(&module, spec, &RunControl::default()).unwrap();
+            let b = on_demand
+                .run_bytes(wasm, spec, &RunControl::default())
+                .unwrap();
+            assert_eq!(a.result, b.result, "{name}, round {round}");
+            assert_eq!(a.output, b.output, "{name}, round {round}");
+        }
+    }
+}
+
+/// A module the pool cannot hold (an initial table or memory larger than a pool slot, two
+/// memories) runs on demand and ends as it did before there was a pool.
+#[test]
+fn modules_too_big_for_the_pool_run_on_demand_with_the_same_result() {
+    let pooled = with_pool(2);
+    let on_demand = with_pool(0);
+    for (wat, memory_mb, status) in [
+        // 2 Mi elements: over MAX_TABLE_ELEMENTS, refused by the limiter (memory_limit).
+        (
+            r#"(module (table 2097152 funcref) (func (export "_start")))"#,
+            4096,
+            Status::MemoryLimit,
+        ),
+        // A 64-bit memory whose initial size (70,000 pages, 4.3 GiB) exceeds any budget.
+        (
+            r#"(module (memory i64 70000) (func (export "_start")))"#,
+            4096,
+            Status::MemoryLimit,
+        ),
+        // Two memories: the limiter allows one.
+        (
+            r#"(module (memory 1) (memory 1) (func (export "_start")))"#,
+            64,
+            Status::InvalidModule,
+        ),
+    ] {
+        let wasm = wat::parse_str(wat).unwrap();
+        let spec = RunSpec {
+            memory_mb,
+            ..spec()
+        };
+        let module = pooled.load(&wasm).unwrap();
+        assert!(!module.pooled(), "{wat}: does not fit the pool");
+        let a = pooled.run(&module, &spec, &RunControl::default()).unwrap();
+        let b = on_demand
+            .run_bytes(&wasm, &spec, &RunControl::default())
+            .unwrap();
+        assert_eq!(a.result.status, status, "{wat}: {:?}", a.error);
+        assert_eq!(a.result, b.result, "{wat}");
+    }
+}
+
+/// More runs at once than the pool has slots: none fails or is refused; the runs without a
+/// slot run on demand, with the same results.
+#[test]
+fn more_runs_at_once_than_pool_slots_all_succeed() {
+    let pooled = Arc::new(with_pool(1));
+    let module = pooled.load(&fixture("busy")).unwrap();
+    assert!(module.pooled());
+    let reference = with_pool(0)
+        .run_bytes(
+            &fixture("busy"),
+            &RunSpec {
+                input: busy_input(300_000),
+                ..spec()
+            },
+            &RunControl::default(),
+        )
+        .unwrap()
+        .result;
+    let threads: Vec<_> = (0..6)
+        .map(|_| {
+            let (sb, m) = (pooled.clone(), module.clone());
+            std::thread::spawn(move || {
+                (0..10)
+                    .map(|_| {
+                        sb.run(
+                            &m,
+                            &RunSpec {
+                                input: busy_input(300_000),
+                                ..spec()
+                            },
+                            &RunControl::default(),
+                        )
+                        .unwrap()
+                        .result
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for t in threads {
+        for r in t.join().unwrap() {
+            assert_eq!(r, reference);
+        }
+    }
+}
+
+/// A pool slot handed to the next run starts from the module's initial state: memory
+/// written and grown, a table entry set and a global changed by one run are not seen by the
+/// next.
+#[test]
+fn a_reused_pool_slot_starts_from_fresh_memory_tables_and_globals() {
+    // Prints mem[1000], memory.size, the table entry 0 being null (1) and the global, as
+    // digits, then changes all four.
+    let wasm = wat::parse_str(
+        r#"(module
+          (import "wasi_snapshot_preview1" "fd_write"
+            (func $fd_write (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (table 2 funcref)
+          (global $g (mut i32) (i32.const 3))
+          (func $f)
+          (elem declare func $f)
+          (func (export "_start")
+            (i32.store8 (i32.const 0) (i32.add (i32.const 48) (i32.load8_u (i32.const 1000))))
+            (i32.store8 (i32.const 1) (i32.add (i32.const 48) (memory.size)))
+            (i32.store8 (i32.const 2)
+              (i32.add (i32.const 48) (ref.is_null (table.get (i32.const 0)))))
+            (i32.store8 (i32.const 3) (i32.add (i32.const 48) (global.get $g)))
+            (i32.store (i32.const 8) (i32.const 0))
+            (i32.store (i32.const 12) (i32.const 4))
+            (drop (call $fd_write (i32.const 1) (i32.const 8) (i32.const 1) (i32.const 16)))
+            (i32.store8 (i32.const 1000) (i32.const 7))
+            (drop (memory.grow (i32.const 2)))
+            (table.set (i32.const 0) (ref.func $f))
+            (global.set $g (i32.const 9))))"#,
+    )
+    .unwrap();
+    let sb = with_pool(1);
+    let module = sb.load(&wasm).unwrap();
+    assert!(module.pooled());
+    for round in 0..3 {
+        let out = sb.run(&module, &spec(), &RunControl::default()).unwrap();
+        assert_eq!(out.result.status, Status::Ok, "{:?}", out.error);
+        assert_eq!(out.output, b"0113", "round {round}");
+    }
 }

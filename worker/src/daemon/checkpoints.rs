@@ -17,7 +17,7 @@
 //! goes on and would restart from its previous checkpoint). Both files of a replica are
 //! removed when it ends (reported, abandoned, cancelled).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -43,6 +43,10 @@ struct DirInner {
     dir: PathBuf,
     /// Bytes on disk per checkpoint file (for the total bound).
     sizes: Mutex<HashMap<String, u64>>,
+    /// Keys that may have a file here (found at open, or written since): releasing any other
+    /// key, as nearly every replica of a task that never checkpoints is, costs no syscall.
+    /// Added before a file is written, so a release never skips a file that exists.
+    files: Mutex<HashSet<String>>,
 }
 
 impl CheckpointDir {
@@ -50,6 +54,7 @@ impl CheckpointDir {
     pub fn open(dir: &Path) -> std::io::Result<CheckpointDir> {
         std::fs::create_dir_all(dir)?;
         let mut sizes = HashMap::new();
+        let mut files = HashSet::new();
         for e in std::fs::read_dir(dir)? {
             let e = e?;
             let name = e.file_name().to_string_lossy().into_owned();
@@ -57,12 +62,16 @@ impl CheckpointDir {
                 let _ = std::fs::remove_file(e.path());
             } else if let Some(key) = name.strip_suffix(".ckpt") {
                 sizes.insert(key.to_string(), e.metadata()?.len());
+                files.insert(key.to_string());
+            } else if let Some(key) = name.strip_suffix(".assign") {
+                files.insert(key.to_string());
             }
         }
         Ok(CheckpointDir {
             inner: Arc::new(DirInner {
                 dir: dir.to_path_buf(),
                 sizes: Mutex::new(sizes),
+                files: Mutex::new(files),
             }),
         })
     }
@@ -146,6 +155,7 @@ impl CheckpointDir {
         }
         let path = self.file(key);
         let tmp = self.inner.dir.join(format!("{key}.ckpt.tmp"));
+        self.note_file(key);
         write_durably(&tmp, &path, &encode(ckpt))
             .map_err(|e| format!("{}: {e}", path.display()))?;
         self.inner
@@ -172,7 +182,17 @@ impl CheckpointDir {
         let path = self.inner.dir.join(format!("{replica}.assign"));
         let tmp = self.inner.dir.join(format!("{replica}.assign.tmp"));
         let bytes = postcard::to_allocvec(a).map_err(std::io::Error::other)?;
+        self.note_file(&replica.to_string());
         write_durably(&tmp, &path, &bytes)
+    }
+
+    /// `key` may have a file here from now on.
+    fn note_file(&self, key: &str) {
+        self.inner
+            .files
+            .lock()
+            .expect("checkpoint files poisoned")
+            .insert(key.to_string());
     }
 
     /// Whether `replica` is recorded as held (it has made a checkpoint).
@@ -182,8 +202,19 @@ impl CheckpointDir {
 
     /// The replica ended: forget its assignment and checkpoint.
     pub fn release(&self, replica: ReplicaId) {
+        let key = replica.to_string();
+        let had = self
+            .inner
+            .files
+            .lock()
+            .expect("checkpoint files poisoned")
+            .remove(&key);
+        if !had {
+            // Never checkpointed nor held (nor found at open): it has no file to remove.
+            return;
+        }
         let _ = std::fs::remove_file(self.inner.dir.join(format!("{replica}.assign")));
-        self.remove(&replica.to_string());
+        self.remove(&key);
     }
 
     /// The assignments recorded by [`hold`](Self::hold) and not released, oldest replica
@@ -355,6 +386,53 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
         assert_eq!(dir.load("7"), None);
+    }
+
+    /// Releasing a replica removes its checkpoint and held-assignment files, whether they
+    /// were written by this process or found at open (a restart); a replica that never wrote
+    /// one has nothing to remove.
+    #[test]
+    fn release_removes_the_files_written_now_or_found_at_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = |replica| ClassedAssignment {
+            assignment: Assignment {
+                replica,
+                task: tasks::TaskManifest {
+                    id: tasks::TaskId {
+                        job: tasks::JobId(1),
+                        index: replica as u32,
+                    },
+                    name: "t".into(),
+                    module: tasks::BlobRef::of(b"m"),
+                    input: None,
+                    args: Vec::new(),
+                    fuel: 1,
+                    memory_mb: 1,
+                    max_output: 1,
+                },
+                deadline_secs: 60,
+                peers: Vec::new(),
+            },
+            determinism: tasks::Determinism::Portable,
+        };
+        let c = Checkpoint {
+            data: b"state".to_vec(),
+            fuel_used: 5,
+        };
+        let dir = CheckpointDir::open(tmp.path()).unwrap();
+        for replica in [1u64, 2] {
+            dir.replica_store(&a(replica)).save(&c).unwrap();
+            assert!(dir.is_held(replica));
+        }
+        dir.release(1);
+        assert!(!dir.is_held(1) && !dir.file("1").exists());
+        dir.release(3);
+        // After a restart, what the previous process left is found and released.
+        let dir = CheckpointDir::open(tmp.path()).unwrap();
+        assert_eq!(dir.held().len(), 1);
+        dir.release(2);
+        assert!(!dir.is_held(2) && !dir.file("2").exists());
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
     }
 
     #[test]

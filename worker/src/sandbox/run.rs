@@ -12,14 +12,14 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tasks::{BlobId, RunResult, Status};
-use wasmtime::{Engine, ResourceLimiter, Store, Trap};
+use wasmtime::{InstancePre, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::I32Exit;
 
 use super::checkpoint::RunCheckpoints;
 use super::engine::YIELD_FUEL;
 use super::wasi::{self, CappedPipe};
-use super::{one_line, Cancelled, LoadedModule, RunControl, RunOutput, RunSpec, STDERR_CAP};
+use super::{one_line, Cancelled, RunControl, RunOutput, RunSpec, STDERR_CAP};
 
 /// Most table elements a guest may have (per table), whatever its memory budget.
 pub const MAX_TABLE_ELEMENTS: usize = 1 << 20;
@@ -114,13 +114,12 @@ impl ResourceLimiter for Limits {
     }
 
     fn tables(&self) -> usize {
-        16
+        super::pool::MAX_TABLES as usize
     }
 }
 
 pub(crate) fn run(
-    engine: &Engine,
-    module: &LoadedModule,
+    pre: &InstancePre<StoreState>,
     spec: &RunSpec,
     control: &RunControl,
 ) -> Result<RunOutput, Cancelled> {
@@ -150,7 +149,7 @@ pub(crate) fn run(
         ckpt,
         fuel_at_yield: spec.fuel - fuel_base,
     };
-    let mut store = Store::new(engine, state);
+    let mut store = Store::new(pre.module().engine(), state);
     store.limiter(|s| &mut s.limits);
     store
         .set_fuel(spec.fuel - fuel_base)
@@ -162,7 +161,7 @@ pub(crate) fn run(
     let mut instantiated = false;
     let mut ran_since = Instant::now();
     let guest = async {
-        let instance = module.pre.instantiate_async(&mut store).await?;
+        let instance = pre.instantiate_async(&mut store).await?;
         instantiated = true;
         let f = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
         f.call_async(&mut store, ()).await
@@ -235,8 +234,7 @@ fn drive<F: Future>(guest: F, mut at_yield: impl FnMut() -> bool) -> Option<F::O
 /// Time to set up a store (limits, fuel, WASI context) and instantiate `module`, without
 /// running it. For the benchmark.
 pub(crate) fn instantiate_only(
-    engine: &Engine,
-    module: &LoadedModule,
+    pre: &InstancePre<StoreState>,
     spec: &RunSpec,
 ) -> wasmtime::Result<Duration> {
     let start = Instant::now();
@@ -249,10 +247,10 @@ pub(crate) fn instantiate_only(
         ckpt: RunCheckpoints::default(),
         fuel_at_yield: spec.fuel,
     };
-    let mut store = Store::new(engine, state);
+    let mut store = Store::new(pre.module().engine(), state);
     store.limiter(|s| &mut s.limits);
     store.set_fuel(spec.fuel)?;
-    drive(module.pre.instantiate_async(&mut store), || true).expect("never stopped")?;
+    drive(pre.instantiate_async(&mut store), || true).expect("never stopped")?;
     Ok(start.elapsed())
 }
 
@@ -334,7 +332,7 @@ pub(crate) fn invalid_module(reason: String, wall: Duration) -> RunOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::{Sandbox, SandboxConfig};
+    use crate::sandbox::{LoadedModule, Sandbox, SandboxConfig};
 
     fn wat(name: &str) -> Vec<u8> {
         let path = format!("{}/tests/fixtures/{name}.wat", env!("CARGO_MANIFEST_DIR"));
