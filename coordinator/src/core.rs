@@ -215,10 +215,12 @@ pub(crate) struct Job {
     pub hold: ColdHold,
 }
 
-/// A job's first deal window: until it is over, a result nobody with a record agreed with
-/// and nobody contradicted is not accepted while no anchor of its engine is connected. Idle
-/// workers dealt its first replicas ask within the window; the disputes they raise ban the
-/// liars whose votes would otherwise decide the tasks those liars took first.
+/// A job's first deal window: until it is over, while no anchor of its engine is connected,
+/// no decision is made for a group no anchor is part of (accepted or failed, contested or
+/// not); then the held tasks are decided in [`Core::hold_order`], and split votes wait one
+/// more window before they fail a task. Idle workers dealt its first replicas ask within
+/// the window; the disputes they raise ban the liars whose votes would otherwise decide the
+/// tasks those liars took first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ColdHold {
     /// Nothing assigned yet.
@@ -848,16 +850,9 @@ impl Core {
         };
         // Accepted disputes first: deciding them is what catches liars; then what nobody
         // contradicted; failures last (a liar's vote voided meanwhile may save the task).
-        let contested = |t: &validator::Tally| {
-            t.groups.iter().any(|g| {
-                t.groups
-                    .iter()
-                    .any(|o| o.key.0 == g.key.0 && o.key.1 != g.key.1)
-            })
-        };
         let kind = |task: TaskId, t: &validator::Tally| -> u8 {
             match self.need(task) {
-                validator::Need::Accept { .. } if contested(t) => 0,
+                validator::Need::Accept { .. } if t.contested() => 0,
                 validator::Need::Accept { .. } => 1,
                 validator::Need::More { .. } => 2,
                 validator::Need::Fail(_) => 3,

@@ -167,10 +167,11 @@ pub struct TrustPolicy {
     /// on its next request, even at a full hand (up to twice its cap) — for two no-work
     /// retry hints, then anyone may. A request for a fresh task first deals up to two fresh
     /// tasks to drawn workers (each holding fewer dealt replicas than its cap). And a job's
-    /// first deal window (two hints from its first assignment) holds agreements nobody with
-    /// a record is part of and nobody contradicted, while no anchor is connected: the idle
+    /// first deal window (two hints from its first assignment) holds every decision of a
+    /// group no anchor is part of, while no anchor is connected, then makes them in an order
+    /// that catches liars first (split votes fail a task only one window later): the idle
     /// workers dealt replicas have asked by then, and liars caught in the disputes they
-    /// raised have lost their votes. Whoever polls fastest — a colluder asking every few
+    /// raised lose their votes before those votes decide anything. Whoever polls fastest — a colluder asking every few
     /// milliseconds while honest workers idle-poll on their hint as a job arrives — cannot
     /// choose who checks its results: a task's quorum is the pool's random sample. Anchors
     /// are exempt, as with `partner_spread`. Costs a cold start's first decisions up to two

@@ -144,6 +144,17 @@ pub(crate) enum Need {
     },
 }
 
+impl Tally {
+    /// Whether reports on one engine disagree (two groups with the same fingerprint).
+    pub fn contested(&self) -> bool {
+        self.groups.iter().any(|g| {
+            self.groups
+                .iter()
+                .any(|o| o.key.0 == g.key.0 && o.key.1 != g.key.1)
+        })
+    }
+}
+
 impl Core {
     pub(crate) fn tally(&self, task: TaskId) -> Tally {
         let mut t = Tally::default();
