@@ -5,6 +5,9 @@
 #   examples/kernels/run.sh [RUNS]        (default 5 runs of each, interleaved)
 #   WORKER=path/to/worker                 the worker binary (default: $CARGO_TARGET_DIR or
 #                                         target/, release if built, else debug)
+#   BASE_WORKER=path/to/other/worker      also time another build (e.g. the previous release)
+#                                         in the `native` class, interleaved with the rest,
+#                                         and print its ratios beside WORKER's
 #
 # C kernels: built with `clang -O2 -msimd128 --target=wasm32-wasi` (Debian's wasi-libc) and
 # natively with `clang -O2`. Samples: the committed .wasm (examples/build.sh) against
@@ -45,26 +48,28 @@ for s in primes pi mandelbrot seti; do
     list+=("$s|$d/$s.wasm|$work/$s|$args|${input:+$d/$input}")
 done
 
-python3 - "$WORKER" "$RUNS" "$work" "${list[@]}" <<'PY'
+python3 - "$WORKER" "$RUNS" "$work" "${BASE_WORKER:-}" "${list[@]}" <<'PY'
 import math, os, statistics, subprocess, sys, time
-worker, runs, work = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+worker, runs, work, base = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 def timed(cmd, stdin):
     with open(stdin or os.devnull, "rb") as f:
         t = time.perf_counter()
         p = subprocess.run(cmd, stdin=f, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=True)
         return time.perf_counter() - t, p.stdout
 rows = []
-for item in sys.argv[4:]:
+for item in sys.argv[5:]:
     name, wasm, native, args, inp = item.split("|")
     args = args.split()
     cache = os.path.join(work, "cache")
-    sb = lambda cls: [worker, "exec", wasm, "--name", name, "--cache-dir", cache,
+    sb = lambda cls, w=worker: [w, "exec", wasm, "--name", name, "--cache-dir", cache + ("-base" if w != worker else ""),
                       "--determinism", cls, "--fuel", "1000000000000000", "--memory-mb", "1024",
                       "--max-output", "268435456"] + \
                      (["--input", inp] if inp else []) + [a for x in args for a in ("--arg", x)]
     cmds = {"native": [native] + args, "sb-native": sb("native"), "sb-portable": sb("portable")}
+    if base:
+        cmds["base-native"] = sb("native", base)
     want = timed(cmds["native"], inp)[1]
-    for c in ("sb-native", "sb-portable"):  # warm the compile cache, check the output
+    for c in [c for c in cmds if c != "native"]:  # warm the compile cache, check the output
         out = timed(cmds[c], inp)[1]
         if out != want:
             sys.exit(f"{name}: {c} output differs from the native build")
@@ -73,15 +78,20 @@ for item in sys.argv[4:]:
         for c in cmds:
             t[c].append(timed(cmds[c], inp)[0])
     m = {c: statistics.median(v) for c, v in t.items()}
-    rows.append((name, m["native"], m["sb-native"], m["sb-portable"]))
+    rows.append((name, m["native"], m["sb-native"], m["sb-portable"], m.get("base-native")))
     print(f"{name:10} native {m['native']:.3f} s  native class {m['sb-native']:.3f} s ({m['sb-native']/m['native']:.2f}x)"
-          f"  portable class {m['sb-portable']:.3f} s ({m['sb-portable']/m['native']:.2f}x)", flush=True)
+          f"  portable class {m['sb-portable']:.3f} s ({m['sb-portable']/m['native']:.2f}x)"
+          + (f"  BASE_WORKER native class {m['base-native']:.3f} s ({m['base-native']/m['native']:.2f}x)" if base else ""),
+          flush=True)
 g = lambda i: math.exp(sum(math.log(r[i] / r[1]) for r in rows) / len(rows))
-print(f"geo-mean over {len(rows)}: native class {g(2):.2f}x, portable class {g(3):.2f}x (target <= 1.15x for native)")
+print(f"geo-mean over {len(rows)}: native class {g(2):.2f}x, portable class {g(3):.2f}x (target <= 1.15x for native)"
+      + (f"; BASE_WORKER native class {g(4):.2f}x" if base else ""))
 print()
-print("| kernel | native | sandbox, `native` class | ratio | sandbox, `portable` class | ratio |")
-print("|---|---|---|---|---|---|")
-for n, a, b, c in rows:
-    print(f"| {n} | {a:.3f} s | {b:.3f} s | {b/a:.2f}x | {c:.3f} s | {c/a:.2f}x |")
-print(f"| **geo-mean** | | | **{g(2):.2f}x** | | **{g(3):.2f}x** |")
+extra = " BASE_WORKER, `native` class | ratio |" if base else ""
+print("| kernel | native | sandbox, `native` class | ratio | sandbox, `portable` class | ratio |" + extra)
+print("|---|---|---|---|---|---|" + ("---|---|" if base else ""))
+for n, a, b, c, d in rows:
+    print(f"| {n} | {a:.3f} s | {b:.3f} s | {b/a:.2f}x | {c:.3f} s | {c/a:.2f}x |"
+          + (f" {d:.3f} s | {d/a:.2f}x |" if base else ""))
+print(f"| **geo-mean** | | | **{g(2):.2f}x** | | **{g(3):.2f}x** |" + (f" | **{g(4):.2f}x** |" if base else ""))
 PY

@@ -19,7 +19,10 @@ pub const MAX_WASM_STACK: usize = 512 * 1024;
 /// The sandbox's determinism settings as a stable string; `deterministic = false` only turns
 /// NaN canonicalization off. `no-epoch`: fuel is the only check compiled into the guest's
 /// code (workers of earlier builds also compiled epoch checks, which changes the machine
-/// code, so the two never compare results). `peergrid=1`: the guest may import the checkpoint API
+/// code, so the two never compare results). `fuel-call=preserve-all`: the fuel check calls
+/// wasmtime's `out_of_gas` through a register-preserving trampoline (our patch of wasmtime's
+/// Cranelift integration, `third_party/README.md`), which changes the machine code of every
+/// loop. `peergrid=1`: the guest may import the checkpoint API
 /// (docs/guest-abi.md); a worker without it would call such a module `invalid_module`, so
 /// the two never compare results.
 pub fn settings(deterministic: bool) -> String {
@@ -29,7 +32,7 @@ pub fn settings(deterministic: bool) -> String {
         "no-nan-canon"
     };
     format!(
-        "{nan},relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,no-epoch,stack={MAX_WASM_STACK},clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1,peergrid=1"
+        "{nan},relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,fuel-call=preserve-all,no-epoch,stack={MAX_WASM_STACK},clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1,peergrid=1"
     )
 }
 

@@ -59,6 +59,8 @@ pub(crate) struct BuiltinFunctions {
 
     builtins: [Option<ir::FuncRef>; BuiltinFunctionIndex::len() as usize],
     breakpoint_trampoline: Option<ir::FuncRef>,
+    /// Peergrid patch: see [`BuiltinFunctions::out_of_gas_preserve_all`].
+    out_of_gas_trampoline: Option<ir::FuncRef>,
 }
 
 impl BuiltinFunctions {
@@ -67,6 +69,7 @@ impl BuiltinFunctions {
             types: BuiltinFunctionSignatures::new(compiler),
             builtins: [None; BuiltinFunctionIndex::len() as usize],
             breakpoint_trampoline: None,
+            out_of_gas_trampoline: None,
         }
     }
 
@@ -93,6 +96,35 @@ impl BuiltinFunctions {
         });
         *cache = Some(f);
         f
+    }
+
+    /// Peergrid patch: `out_of_gas` called through the register-preserving
+    /// (`CallConv::PreserveAll`) trampoline that wasmtime already compiles for builtins
+    /// called from patchable sites, instead of the SysV one. A SysV call clobbers every
+    /// vector register, so a loop with a fuel check kept its float values in stack slots
+    /// for the whole loop (a store and a reload on every iteration) only for the sake of a
+    /// call that almost never happens. Through this trampoline nothing is clobbered and the
+    /// loop keeps its registers. Same builtin, same fuel accounting, same traps and yields:
+    /// only the calling convention of the cold call changes. Not patchable (never rewritten).
+    pub(crate) fn out_of_gas_preserve_all(&mut self, func: &mut Function) -> ir::FuncRef {
+        *self.out_of_gas_trampoline.get_or_insert_with(|| {
+            let mut signature = ir::Signature::new(CallConv::PreserveAll);
+            signature
+                .params
+                .push(ir::AbiParam::new(self.types.pointer_type));
+            let signature = func.import_signature(signature);
+            let key = FuncKey::PatchableToBuiltinTrampoline(BuiltinFunctionIndex::out_of_gas());
+            let (namespace, index) = key.into_raw_parts();
+            let name = ir::ExternalName::User(
+                func.declare_imported_user_function(ir::UserExternalName { namespace, index }),
+            );
+            func.import_function(ir::ExtFuncData {
+                name,
+                signature,
+                colocated: true,
+                patchable: false,
+            })
+        })
     }
 
     pub(crate) fn patchable_breakpoint(&mut self, func: &mut Function) -> ir::FuncRef {
@@ -627,6 +659,9 @@ impl<'module_environment> FuncEnvironment<'module_environment> {
     fn fuel_check(&mut self, builder: &mut FunctionBuilder) {
         self.fuel_increment_var(builder);
         let out_of_gas_block = builder.create_block();
+        // Peergrid patch: the call runs once per yield interval at most; laid out at the end
+        // of the function, the check is a branch not taken that the loop falls through.
+        builder.set_cold_block(out_of_gas_block);
         let continuation_block = builder.create_block();
 
         // Note that our fuel is encoded as adding positive values to a
@@ -654,7 +689,11 @@ impl<'module_environment> FuncEnvironment<'module_environment> {
         // intrinsic may alter how much fuel is in the system.
         builder.switch_to_block(out_of_gas_block);
         self.fuel_save_from_var(builder);
-        let out_of_gas = self.builtin_functions.out_of_gas(builder.func);
+        // Peergrid patch: through the register-preserving trampoline (see
+        // `out_of_gas_preserve_all`).
+        let out_of_gas = self
+            .builtin_functions
+            .out_of_gas_preserve_all(builder.func);
         let vmctx = self.vmctx_val(&mut builder.cursor());
         builder.ins().call(out_of_gas, &[vmctx]);
         self.fuel_load_into_var(builder);

@@ -251,7 +251,7 @@ mod tests {
 
     #[test]
     fn determinism_switch_changes_the_fingerprint() {
-        const REST: &str = "relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,no-epoch,stack=524288,clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1,peergrid=1";
+        const REST: &str = "relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,fuel-call=preserve-all,no-epoch,stack=524288,clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1,peergrid=1";
         let (_, on) = build(true).unwrap();
         let (_, off) = build(false).unwrap();
         // What coordinators admit for the native class by default names this baseline.
@@ -274,6 +274,25 @@ mod tests {
         }
         assert_ne!(on, off);
         assert_eq!(on, build(true).unwrap().1, "the fingerprint is stable");
+    }
+
+    /// `fuel-call=preserve-all` in the settings is true of the code: the fuel check calls
+    /// `out_of_gas` through the register-preserving trampoline of our patched Cranelift
+    /// integration (third_party/README.md), never through the ordinary one. Fails if the
+    /// workspace builds against stock wasmtime (the `[patch.crates-io]` entry lost).
+    #[test]
+    fn fuel_checks_call_out_of_gas_through_the_preserving_trampoline() {
+        let (engine, _) = build(false).unwrap();
+        let wasm = wat::parse_str(
+            r#"(module (func (export "_start") (local i32)
+                (loop (local.set 0 (i32.add (local.get 0) (i32.const 1)))
+                      (br_if 0 (i32.lt_u (local.get 0) (i32.const 1000))))))"#,
+        )
+        .unwrap();
+        let code = engine.precompile_module(&wasm).unwrap();
+        let has = |name: &[u8]| code.windows(name.len()).any(|w| w == name);
+        assert!(has(b"wasmtime_patchable_builtin_out_of_gas"));
+        assert!(!has(b"wasmtime_builtin_out_of_gas"));
     }
 
     #[test]
