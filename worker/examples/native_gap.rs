@@ -18,8 +18,10 @@
 //!   for every other operator): what coarser accounting alone would save;
 //! - `ours, fuel+epoch`: both checks (what the sandbox compiled before);
 //! - `Sandbox::run`: the real sandbox API (its WASI world, limiter, fuel budget, yields, and
-//!   the run control), in the `native` class; also how much fuel the guest burns per second
-//!   (so how often it yields), and how soon a pause and a cancel take hold mid-run.
+//!   the run control), in the `native` class, on its pooling allocator (what a worker's slots
+//!   use); also how much fuel the guest burns per second (so how often it yields), and how
+//!   soon a pause and a cancel take hold mid-run;
+//! - `Sandbox::run, on demand`: the same without the pool (`pooled_runs: 0`).
 //!
 //! Every rung's output is checked to equal the native build's. `NATIVE_GAP_DUMP=DIR` also
 //! writes each rung's compiled code to DIR (ELF files, for `objdump -d`).
@@ -161,6 +163,12 @@ fn main() -> anyhow::Result<()> {
         ..SandboxConfig::default()
     })?;
     let loaded = sandbox.load(&wasm)?;
+    let on_demand = Sandbox::new(SandboxConfig {
+        deterministic: false,
+        pooled_runs: 0,
+        ..SandboxConfig::default()
+    })?;
+    let loaded_on_demand = on_demand.load(&wasm)?;
     let spec = RunSpec {
         argv: std::iter::once(path.clone())
             .chain(args.iter().cloned())
@@ -173,7 +181,7 @@ fn main() -> anyhow::Result<()> {
 
     let names: Vec<&str> = std::iter::once("native process")
         .chain(rungs.iter().map(|r| r.name))
-        .chain(std::iter::once("Sandbox::run"))
+        .chain(["Sandbox::run", "Sandbox::run, on demand"])
         .collect();
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
     let mut want: Option<Vec<u8>> = None;
@@ -218,21 +226,26 @@ fn main() -> anyhow::Result<()> {
             );
         }
 
-        let out = sandbox
-            .run(&loaded, &spec, &RunControl::default())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        ensure!(
-            out.result.status == tasks::Status::Ok,
-            "Sandbox::run: {} {:?}",
-            out.result.status,
-            out.error
-        );
-        ensure!(
-            out.output == *want,
-            "Sandbox::run: output differs from the native build's"
-        );
-        times[names.len() - 1].push(out.wall);
-        fuel_used = out.result.fuel_used;
+        for (k, (sandbox, loaded)) in [(&sandbox, &loaded), (&on_demand, &loaded_on_demand)]
+            .into_iter()
+            .enumerate()
+        {
+            let out = sandbox
+                .run(loaded, &spec, &RunControl::default())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            ensure!(
+                out.result.status == tasks::Status::Ok,
+                "Sandbox::run: {} {:?}",
+                out.result.status,
+                out.error
+            );
+            ensure!(
+                out.output == *want,
+                "Sandbox::run: output differs from the native build's"
+            );
+            times[names.len() - 2 + k].push(out.wall);
+            fuel_used = out.result.fuel_used;
+        }
     }
 
     let med = |v: &[Duration]| {
@@ -246,7 +259,7 @@ fn main() -> anyhow::Result<()> {
         println!("{path} {name:26} {m:8.3} s  {:.2}x native", m / base);
     }
     // How fast this guest burns fuel: how often it yields (every `YIELD_FUEL`).
-    let sandbox_s = med(&times[names.len() - 1]);
+    let sandbox_s = med(&times[names.len() - 2]);
     let rate = fuel_used as f64 / sandbox_s;
     println!(
         "{path} fuel used {fuel_used} ({:.0} million/s in Sandbox::run: a yield every {:.1} ms)",
