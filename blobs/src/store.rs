@@ -252,13 +252,15 @@ impl std::fmt::Debug for BlobStore {
 
 impl BlobStore {
     /// Open (creating) the store in `dir`, with an optional size cap in bytes. Reads and
-    /// verifies every pack (see the module doc): call it off the async threads.
+    /// re-hashes every pack (see the module doc), in time proportional to their size.
     pub fn open(dir: &Path, cap_bytes: Option<u64>) -> Result<BlobStore, StoreError> {
         std::fs::create_dir_all(dir.join("partial")).map_err(io_err(dir))?;
         let packs_dir = dir.join("packs");
         std::fs::create_dir_all(&packs_dir).map_err(io_err(&packs_dir))?;
-        // (last used, pack seq, offset): files first among equals, packs in write order.
-        let mut found: Vec<((std::time::SystemTime, u64, u64), BlobId, u64, Location)> = Vec::new();
+        // Sorted by (last used, pack seq, offset): files first among equals, packs in write
+        // order.
+        type Found = ((std::time::SystemTime, u64, u64), BlobId, u64, Location);
+        let mut found: Vec<Found> = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
             let entry = entry.map_err(io_err(dir))?;
             let name = entry.file_name();
