@@ -324,3 +324,32 @@ fn blob_held_as_a_file_is_only_touched_when_put_in_a_pack() {
     assert!(!store.has(&b.id));
     assert_eq!(store.read(&a.id).unwrap(), data(1000, 1));
 }
+
+#[test]
+fn blob_found_both_as_a_file_and_in_a_pack_counts_as_the_file_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = [data(300, 1), data(400, 2)];
+    let pack_len: u64 = ds.iter().map(|d| record_len(d)).sum();
+    {
+        let store = BlobStore::open(dir.path(), None).unwrap();
+        store.put_small_batch(&ds).unwrap();
+    }
+    // E.g. evicted from the index (its pack kept for others), then downloaded again.
+    std::fs::write(dir.path().join(BlobId::of(&ds[0]).to_string()), &ds[0]).unwrap();
+    // The pack older than the file, so that the file is found second and takes over.
+    let pack = dir.path().join("packs").join("0000000000000000.pack");
+    std::fs::File::options()
+        .write(true)
+        .open(&pack)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
+        .unwrap();
+    let store = BlobStore::open(dir.path(), None).unwrap();
+    assert_eq!(
+        store.total_bytes(),
+        pack_len + ds[0].len() as u64,
+        "the file counts on its own, the pack whole"
+    );
+    assert_serves(&store, &ds[0]);
+    assert_serves(&store, &ds[1]);
+}
