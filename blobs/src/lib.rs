@@ -11,8 +11,9 @@
 //!
 //! # Layout
 //! - [`store`]: the content-addressed [`BlobStore`] in a directory: complete blobs with their
-//!   outboards, partial downloads that hold verified chunks at their offsets (resumable), an
-//!   optional size cap with LRU eviction and pins for blobs in use.
+//!   outboards (small ones appended to packs, not a file each), partial downloads that hold
+//!   verified chunks at their offsets (resumable), an optional size cap with LRU eviction and
+//!   pins for blobs in use.
 //! - [`swarm`]: the protocol. [`BlobServer`] answers `Outboard`, `Have` and `Chunks` requests
 //!   from a store (also for downloads still in progress) within [`ServeLimits`] (upload slots,
 //!   streams per peer, the seed mode of the coordinator); [`Fetcher`] downloads a blob from

@@ -5,6 +5,14 @@
 //!   every byte was verified against its id;
 //! - `DIR/<hex id>.obao`: its outboard (chunk chaining values, 32 bytes each; absent for blobs
 //!   of one chunk);
+//! - `DIR/packs/<seq>.pack`: small blobs (one chunk at most, so no outboard) put together by
+//!   [`BlobStore::put_small_batch`], appended as self-verifying records (length, id, bytes)
+//!   with one `fdatasync` per batch, a new pack past 64 MiB (with a cap, past an eighth of it). Thousands of
+//!   tiny outputs a second cost one append each, not a file each (creating files was half of
+//!   a worker's time on tiny tasks). Opening the store reads every pack, re-verifies every
+//!   record, skips damaged ones and cuts a torn tail off (a crash mid-append); appends go on
+//!   in the last pack. The index in memory says where each blob is: its own file, or a pack
+//!   and an offset. Blobs of the older layout (files only) are found as before;
 //! - `DIR/partial/<hex id>` + `.obao`: a download in progress. The data file has the blob's
 //!   full size and holds verified chunks at their offsets. Nothing records which chunks are
 //!   there: on resume every chunk is checked against the (re-verified) outboard, so a chunk
@@ -12,14 +20,27 @@
 //!   correctness.
 //!
 //! # Cap and eviction
-//! With a cap, [`BlobStore::put`] and completed downloads evict least recently used complete
-//! blobs until the total fits. A blob with a live [`PinGuard`] is never evicted (blobs of
-//! tasks in progress). If pinned blobs alone exceed the cap, the store goes over it rather
-//! than lose them. Partial downloads do not count towards the cap.
+//! With a cap, [`BlobStore::put`], [`BlobStore::put_small_batch`] and completed downloads
+//! evict least recently used complete blobs until the total fits. The total counts what is
+//! on disk: each blob file's size, and each pack file's whole size (its dead records too). A
+//! packed blob is evicted from the index only, which frees nothing yet; the pack file is
+//! deleted once no record in it lives, so eviction goes on down the LRU order until whole
+//! packs free enough. Packs are written in time order, so the oldest pack usually empties
+//! first; a pack kept for a few recently used records holds its whole size until they go
+//! too. Packs are never rewritten. The pack being appended to counts too but is never
+//! deleted and its records are not evicted (freeing nothing, they were just written); with a
+//! cap a pack takes at most an eighth of it, so the rest of the store can always make room.
+//! A blob with a live [`PinGuard`] is never evicted (blobs of tasks in progress). If pinned
+//! blobs alone exceed the cap, the store goes over it rather than lose them. Partial
+//! downloads do not count towards the cap.
+//!
+//! The index has one entry per blob held (and one per pack file), so the cap bounds it too;
+//! without a cap the store, and its index, grow with every blob kept.
 
+mod pack;
 mod partial;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -78,23 +99,131 @@ pub struct BlobStore {
 struct Inner {
     dir: PathBuf,
     cap: Option<u64>,
+    /// A pack takes no more records past this size.
+    pack_limit: u64,
     state: Mutex<State>,
+    /// The pack being appended to (`None` until the first small batch, or after a failed
+    /// write). Taken before `state` when both are held.
+    writer: Mutex<Option<PackWriter>>,
 }
 
 #[derive(Default)]
 struct State {
     blobs: HashMap<BlobId, Entry>,
+    /// Bytes counted against the cap: blob files, and pack files whole.
     total: u64,
     /// Logical clock for LRU.
     tick: u64,
     pins: HashMap<BlobId, usize>,
     /// Downloads in progress, shared with the server so it serves the chunks they hold.
     partials: HashMap<BlobId, Arc<PartialBlob>>,
+    /// Pack files on disk, by sequence number.
+    packs: BTreeMap<u64, Pack>,
+    /// The pack being appended to: never deleted, its records never evicted.
+    current: Option<u64>,
+    /// Sequence number of the next new pack.
+    next_seq: u64,
 }
 
 struct Entry {
     size: u64,
     last_used: u64,
+    at: Location,
+}
+
+/// Where a complete blob's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Location {
+    /// `DIR/<hex id>`.
+    File,
+    /// In pack `seq`, its bytes starting at `offset`.
+    Pack { seq: u64, offset: u64 },
+}
+
+/// A pack file on disk.
+struct Pack {
+    /// File length (all counted against the cap).
+    len: u64,
+    /// Records of it in the index; at 0 the file goes (unless it is the current pack).
+    live: u64,
+}
+
+/// What eviction leaves to delete on disk.
+enum Garbage {
+    File(BlobId),
+    Pack(u64),
+}
+
+struct PackWriter {
+    seq: u64,
+    file: File,
+    /// Bytes written and synced.
+    len: u64,
+}
+
+impl State {
+    /// Index a blob held at `at` as the most recently used. One already indexed is only
+    /// touched (a second copy adds nothing), except that a blob file found beside a packed
+    /// copy (opening a store that holds both) takes over: files count on their own.
+    fn add(&mut self, id: BlobId, size: u64, at: Location) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(e) = self.blobs.get_mut(&id) {
+            e.last_used = tick;
+            if let (Location::File, Location::Pack { seq, .. }) = (at, e.at) {
+                e.at = Location::File;
+                self.total += size;
+                if let Some(p) = self.packs.get_mut(&seq) {
+                    p.live -= 1;
+                }
+            }
+            return;
+        }
+        match at {
+            Location::File => self.total += size,
+            Location::Pack { seq, .. } => {
+                self.packs
+                    .get_mut(&seq)
+                    .expect("a pack is registered before its records")
+                    .live += 1
+            }
+        }
+        self.blobs.insert(
+            id,
+            Entry {
+                size,
+                last_used: tick,
+                at,
+            },
+        );
+    }
+
+    /// Drop `id` from the index; what to delete on disk: its file, or its pack once no
+    /// record in it lives (never the current pack).
+    fn remove(&mut self, id: &BlobId) -> Option<Garbage> {
+        let e = self.blobs.remove(id)?;
+        match e.at {
+            Location::File => {
+                self.total -= e.size;
+                Some(Garbage::File(*id))
+            }
+            Location::Pack { seq, .. } => {
+                self.packs.get_mut(&seq)?.live -= 1;
+                self.drop_pack_if_dead(seq)
+            }
+        }
+    }
+
+    /// Forget pack `seq` if no record in it lives and it is not the current one.
+    fn drop_pack_if_dead(&mut self, seq: u64) -> Option<Garbage> {
+        let pack = self.packs.get(&seq)?;
+        if pack.live > 0 || self.current == Some(seq) {
+            return None;
+        }
+        self.total -= pack.len;
+        self.packs.remove(&seq);
+        Some(Garbage::Pack(seq))
+    }
 }
 
 /// Keeps a blob from eviction while it lives.
@@ -122,10 +251,16 @@ impl std::fmt::Debug for BlobStore {
 }
 
 impl BlobStore {
-    /// Open (creating) the store in `dir`, with an optional size cap in bytes.
+    /// Open (creating) the store in `dir`, with an optional size cap in bytes. Reads and
+    /// re-hashes every pack (see the module doc), in time proportional to their size.
     pub fn open(dir: &Path, cap_bytes: Option<u64>) -> Result<BlobStore, StoreError> {
         std::fs::create_dir_all(dir.join("partial")).map_err(io_err(dir))?;
-        let mut found: Vec<(std::time::SystemTime, BlobId, u64)> = Vec::new();
+        let packs_dir = dir.join("packs");
+        std::fs::create_dir_all(&packs_dir).map_err(io_err(&packs_dir))?;
+        // Sorted by (last used, pack seq, offset): files first among equals, packs in write
+        // order.
+        type Found = ((std::time::SystemTime, u64, u64), BlobId, u64, Location);
+        let mut found: Vec<Found> = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
             let entry = entry.map_err(io_err(dir))?;
             let name = entry.file_name();
@@ -146,29 +281,76 @@ impl BlobStore {
                 .accessed()
                 .or_else(|_| meta.modified())
                 .unwrap_or(std::time::UNIX_EPOCH);
-            found.push((used, id, meta.len()));
+            found.push(((used, 0, 0), id, meta.len(), Location::File));
         }
-        // Oldest first, so their ticks are smallest.
-        found.sort();
         let mut st = State::default();
-        for (_, id, size) in found {
-            st.tick += 1;
-            st.total += size;
-            st.blobs.insert(
-                id,
-                Entry {
-                    size,
-                    last_used: st.tick,
+        for entry in std::fs::read_dir(&packs_dir).map_err(io_err(&packs_dir))? {
+            let entry = entry.map_err(io_err(&packs_dir))?;
+            let Some(seq) = entry.file_name().to_str().and_then(pack::parse_name) else {
+                continue;
+            };
+            let path = entry.path();
+            let used = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            let scanned = pack::scan(&path)?;
+            st.total += scanned.len;
+            st.next_seq = st.next_seq.max(seq + 1);
+            st.packs.insert(
+                seq,
+                Pack {
+                    len: scanned.len,
+                    live: 0,
                 },
             );
+            for r in scanned.records {
+                let at = Location::Pack {
+                    seq,
+                    offset: r.offset,
+                };
+                found.push(((used, seq, r.offset), r.id, r.size, at));
+            }
         }
+        // Oldest first, so their ticks are smallest.
+        found.sort_by_key(|f| f.0);
+        for (_, id, size, at) in found {
+            st.add(id, size, at);
+        }
+        let pack_limit = cap_bytes.map_or(pack::PACK_MAX, |cap| (cap / 8).min(pack::PACK_MAX));
+        // Appends go on in the last pack while it has room.
+        let mut writer = None;
+        if let Some((&seq, p)) = st.packs.last_key_value() {
+            if p.len < pack_limit {
+                let path = pack::path(&packs_dir, seq);
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err(&path))?;
+                writer = Some(PackWriter {
+                    seq,
+                    file,
+                    len: p.len,
+                });
+                st.current = Some(seq);
+            }
+        }
+        // Packs with nothing left in them (every record damaged, or a copy of a blob file).
+        let seqs: Vec<u64> = st.packs.keys().copied().collect();
+        let dead: Vec<Garbage> = seqs
+            .into_iter()
+            .filter_map(|seq| st.drop_pack_if_dead(seq))
+            .collect();
         let store = BlobStore {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 cap: cap_bytes,
+                pack_limit,
                 state: Mutex::new(st),
+                writer: Mutex::new(writer),
             }),
         };
+        store.delete(dead);
         store.evict(None);
         Ok(store)
     }
@@ -187,6 +369,10 @@ impl BlobStore {
 
     fn partial_path(&self, id: &BlobId) -> PathBuf {
         self.inner.dir.join("partial").join(id.to_string())
+    }
+
+    fn pack_path(&self, seq: u64) -> PathBuf {
+        pack::path(&self.inner.dir.join("packs"), seq)
     }
 
     /// Whether the complete blob is here.
@@ -220,31 +406,64 @@ impl BlobStore {
         v
     }
 
-    /// Bytes of complete blobs held.
+    /// Bytes counted against the cap: complete blob files, and pack files whole (see the
+    /// module doc).
     pub fn total_bytes(&self) -> u64 {
         self.inner.state.lock().unwrap().total
     }
 
-    fn touch(&self, id: &BlobId) -> Option<u64> {
+    /// Mark `id` used now; its size and where it is.
+    fn touch(&self, id: &BlobId) -> Option<(u64, Location)> {
         let mut st = self.inner.state.lock().unwrap();
         st.tick += 1;
         let tick = st.tick;
         st.blobs.get_mut(id).map(|e| {
             e.last_used = tick;
-            e.size
+            (e.size, e.at)
         })
     }
 
     /// The whole blob (its bytes were verified when they were written).
     pub fn read(&self, id: &BlobId) -> Result<Vec<u8>, StoreError> {
-        if self.touch(id).is_none() {
-            return Err(StoreError::NotFound(*id));
+        match self.touch(id) {
+            None => Err(StoreError::NotFound(*id)),
+            Some((_, Location::File)) => {
+                let path = self.path(id);
+                std::fs::read(&path).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => StoreError::NotFound(*id),
+                    _ => StoreError::Io { path, source: e },
+                })
+            }
+            Some((size, at)) => {
+                let mut buf = vec![0u8; size as usize];
+                self.read_at(id, at, 0, &mut buf)?;
+                Ok(buf)
+            }
         }
-        let path = self.path(id);
-        std::fs::read(&path).map_err(|e| match e.kind() {
+    }
+
+    /// Bytes of a complete blob from byte `from` on, into `buf`. A blob evicted meanwhile (its
+    /// file or pack deleted) is not found.
+    fn read_at(
+        &self,
+        id: &BlobId,
+        at: Location,
+        from: u64,
+        buf: &mut [u8],
+    ) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
+        let (path, offset) = match at {
+            Location::File => (self.path(id), from),
+            Location::Pack { seq, offset } => (self.pack_path(seq), offset + from),
+        };
+        let f = File::open(&path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => StoreError::NotFound(*id),
-            _ => StoreError::Io { path, source: e },
-        })
+            _ => StoreError::Io {
+                path: path.clone(),
+                source: e,
+            },
+        })?;
+        f.read_exact_at(buf, offset).map_err(io_err(&path))
     }
 
     /// Hash and store `data`; idempotent.
@@ -267,6 +486,138 @@ impl BlobStore {
             });
         }
         self.put_inner(&outboard, data)
+    }
+
+    /// Hash and store many small blobs at once, in the current pack: one append and one
+    /// `fdatasync` for the batch, no file per blob (see the module doc). Blobs already held
+    /// are only touched. A blob over one chunk ([`CHUNK_SIZE`]) is stored by [`Self::put`]
+    /// instead (packs hold no outboards). Blocking: call it off the async threads.
+    pub fn put_small_batch<B: AsRef<[u8]>>(&self, items: &[B]) -> Result<Vec<BlobRef>, StoreError> {
+        let refs: Vec<BlobRef> = items.iter().map(|b| BlobRef::of(b.as_ref())).collect();
+        let mut fresh: Vec<(BlobId, &[u8])> = Vec::new();
+        let mut big = Vec::new();
+        {
+            let mut st = self.inner.state.lock().unwrap();
+            let mut seen = HashSet::new();
+            for (blob, item) in refs.iter().zip(items) {
+                if item.as_ref().len() > CHUNK_SIZE {
+                    big.push(item.as_ref());
+                    continue;
+                }
+                st.tick += 1;
+                let tick = st.tick;
+                match st.blobs.get_mut(&blob.id) {
+                    Some(e) => e.last_used = tick,
+                    None if seen.insert(blob.id) => fresh.push((blob.id, item.as_ref())),
+                    None => {}
+                }
+            }
+        }
+        for data in big {
+            self.put(data)?;
+        }
+        if !fresh.is_empty() {
+            self.append(&fresh)?;
+            self.evict(None);
+        }
+        Ok(refs)
+    }
+
+    /// Append records to the current pack (starting a new pack past the limit), sync, then
+    /// index them.
+    fn append(&self, blobs: &[(BlobId, &[u8])]) -> Result<(), StoreError> {
+        let mut writer = self.inner.writer.lock().unwrap();
+        let mut buf = Vec::new();
+        let mut placed = Vec::new();
+        for (id, data) in blobs {
+            let len = pack::HEADER + data.len() as u64;
+            let full = writer.as_ref().is_none_or(|w| {
+                let used = w.len + buf.len() as u64;
+                used > 0 && used + len > self.inner.pack_limit
+            });
+            if full {
+                self.flush(&mut writer, &mut buf, &mut placed)?;
+                *writer = Some(self.start_pack()?);
+            }
+            let w = writer.as_ref().expect("a pack was just started");
+            placed.push((
+                *id,
+                data.len() as u64,
+                w.len + buf.len() as u64 + pack::HEADER,
+            ));
+            pack::encode(&mut buf, id, data);
+        }
+        self.flush(&mut writer, &mut buf, &mut placed)
+    }
+
+    /// Write and sync `buf` (the records `placed`) to the current pack, then index them. On a
+    /// write error the pack is cut back to its synced length and left: the next batch starts
+    /// a new one.
+    fn flush(
+        &self,
+        writer: &mut Option<PackWriter>,
+        buf: &mut Vec<u8>,
+        placed: &mut Vec<(BlobId, u64, u64)>,
+    ) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
+        let Some(w) = writer.as_mut() else {
+            return Ok(());
+        };
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let res = w
+            .file
+            .write_all_at(buf, w.len)
+            .and_then(|_| w.file.sync_data());
+        if let Err(e) = res {
+            let _ = w.file.set_len(w.len);
+            let seq = w.seq;
+            *writer = None;
+            buf.clear();
+            placed.clear();
+            let mut st = self.inner.state.lock().unwrap();
+            st.current = None;
+            let dead = st.drop_pack_if_dead(seq);
+            drop(st);
+            self.delete(dead.into_iter().collect());
+            return Err(StoreError::Io {
+                path: self.pack_path(seq),
+                source: e,
+            });
+        }
+        w.len += buf.len() as u64;
+        let mut st = self.inner.state.lock().unwrap();
+        st.total += buf.len() as u64;
+        st.packs
+            .get_mut(&w.seq)
+            .expect("the current pack is registered")
+            .len = w.len;
+        for (id, size, offset) in placed.drain(..) {
+            st.add(id, size, Location::Pack { seq: w.seq, offset });
+        }
+        buf.clear();
+        Ok(())
+    }
+
+    /// Create the next pack and make it the current one; the previous one goes if nothing in
+    /// it lives.
+    fn start_pack(&self) -> Result<PackWriter, StoreError> {
+        let seq = self.inner.state.lock().unwrap().next_seq;
+        let path = self.pack_path(seq);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let mut st = self.inner.state.lock().unwrap();
+        st.next_seq = seq + 1;
+        st.packs.insert(seq, Pack { len: 0, live: 0 });
+        let previous = st.current.replace(seq);
+        let dead = previous.and_then(|p| st.drop_pack_if_dead(p));
+        drop(st);
+        self.delete(dead.into_iter().collect());
+        Ok(PackWriter { seq, file, len: 0 })
     }
 
     fn put_inner(&self, outboard: &Outboard, data: &[u8]) -> Result<(), StoreError> {
@@ -333,50 +684,42 @@ impl BlobStore {
     }
 
     fn insert(&self, id: BlobId, size: u64) {
-        {
-            let mut st = self.inner.state.lock().unwrap();
-            st.tick += 1;
-            let tick = st.tick;
-            if st
-                .blobs
-                .insert(
-                    id,
-                    Entry {
-                        size,
-                        last_used: tick,
-                    },
-                )
-                .is_none()
-            {
-                st.total += size;
-            }
-        }
+        self.inner
+            .state
+            .lock()
+            .unwrap()
+            .add(id, size, Location::File);
         self.evict(Some(id));
     }
 
-    /// Evict least recently used unpinned blobs (never `keep`) until under the cap.
+    /// Evict least recently used unpinned blobs (never `keep`, nor records of the current
+    /// pack) until under the cap.
     fn evict(&self, keep: Option<BlobId>) {
         let Some(cap) = self.inner.cap else { return };
-        let victims = {
+        let garbage = {
             let mut st = self.inner.state.lock().unwrap();
             if st.total <= cap {
                 return;
             }
-            let mut order: Vec<(u64, BlobId, u64)> = st
+            let current = st.current;
+            let mut order: Vec<(u64, BlobId)> = st
                 .blobs
                 .iter()
-                .filter(|(id, _)| Some(**id) != keep && !st.pins.contains_key(id))
-                .map(|(id, e)| (e.last_used, *id, e.size))
+                .filter(|(id, e)| {
+                    Some(**id) != keep
+                        && !st.pins.contains_key(id)
+                        && !matches!(e.at, Location::Pack { seq, .. } if Some(seq) == current)
+                })
+                .map(|(id, e)| (e.last_used, *id))
                 .collect();
             order.sort();
-            let mut victims = Vec::new();
-            for (_, id, size) in order {
+            let mut garbage = Vec::new();
+            for (_, id) in order {
                 if st.total <= cap {
                     break;
                 }
-                st.blobs.remove(&id);
-                st.total -= size;
-                victims.push(id);
+                tracing::debug!(blob = %id.short(), "evicting blob");
+                garbage.extend(st.remove(&id));
             }
             if st.total > cap {
                 tracing::warn!(
@@ -385,12 +728,23 @@ impl BlobStore {
                     "blob store over its cap: the rest is pinned or just written"
                 );
             }
-            victims
+            garbage
         };
-        for id in victims {
-            tracing::debug!(blob = %id.short(), "evicting blob");
-            let _ = std::fs::remove_file(self.path(&id));
-            let _ = std::fs::remove_file(self.outboard_path(&id));
+        self.delete(garbage);
+    }
+
+    fn delete(&self, garbage: Vec<Garbage>) {
+        for g in garbage {
+            match g {
+                Garbage::File(id) => {
+                    let _ = std::fs::remove_file(self.path(&id));
+                    let _ = std::fs::remove_file(self.outboard_path(&id));
+                }
+                Garbage::Pack(seq) => {
+                    tracing::debug!(pack = seq, "deleting a pack whose records are all evicted");
+                    let _ = std::fs::remove_file(self.pack_path(seq));
+                }
+            }
         }
     }
 
@@ -439,10 +793,14 @@ impl BlobStore {
     /// Bytes of chunks `start .. start + count` of a complete blob, or of a partial download
     /// that holds all of them.
     pub fn read_chunks(&self, id: &BlobId, start: u64, count: u32) -> Result<Vec<u8>, StoreError> {
-        let (size, partial) = match self.touch(id) {
-            Some(size) => (size, None),
+        enum Source {
+            Complete(Location),
+            Partial(Arc<PartialBlob>),
+        }
+        let (size, source) = match self.touch(id) {
+            Some((size, at)) => (size, Source::Complete(at)),
             None => match self.partial_of(id) {
-                Some(p) => (p.blob().size, Some(p)),
+                Some(p) => (p.blob().size, Source::Partial(p)),
                 None => return Err(StoreError::NotFound(*id)),
             },
         };
@@ -459,20 +817,9 @@ impl BlobStore {
         let from = start * CHUNK_SIZE as u64;
         let to = (end * CHUNK_SIZE as u64).min(size);
         let mut buf = vec![0u8; (to - from) as usize];
-        match partial {
-            Some(p) => p.read_at(start, end, from, &mut buf)?,
-            None => {
-                use std::os::unix::fs::FileExt;
-                let path = self.path(id);
-                let f = File::open(&path).map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => StoreError::NotFound(*id),
-                    _ => StoreError::Io {
-                        path: path.clone(),
-                        source: e,
-                    },
-                })?;
-                f.read_exact_at(&mut buf, from).map_err(io_err(&path))?;
-            }
+        match source {
+            Source::Complete(at) => self.read_at(id, at, from, &mut buf)?,
+            Source::Partial(p) => p.read_at(start, end, from, &mut buf)?,
         }
         Ok(buf)
     }

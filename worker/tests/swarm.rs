@@ -113,6 +113,27 @@ async fn eight_workers_get_the_blob_mostly_from_each_other_and_the_seed_sends_un
     Ok(())
 }
 
+/// A worker keeps small outputs in a pack of its blob store, not a file each; a coordinator
+/// that lost them fetches them by hash from that worker as it would any blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_blobs_kept_in_a_pack_are_served_by_hash_like_any_blob() -> anyhow::Result<()> {
+    let holder = node(ServeLimits::default())?;
+    let outputs: Vec<Vec<u8>> = vec![blob_data(100, 1), blob_data(CHUNK_SIZE, 2)];
+    let blobs = holder.store.put_small_batch(&outputs)?;
+    assert!(
+        !holder.store.dir().join(blobs[0].id.to_string()).exists(),
+        "a small blob is packed, not a file of its own"
+    );
+    let asker = node(ServeLimits::default())?;
+    for (blob, data) in blobs.iter().zip(&outputs) {
+        let report = asker.fetcher.fetch(*blob, &[holder.peer.clone()]).await?;
+        assert!(report.bad_peers.is_empty());
+        assert_eq!(&asker.store.read(&blob.id)?, data);
+    }
+    assert!(holder.server.bytes_sent() >= (CHUNK_SIZE + 100) as u64);
+    Ok(())
+}
+
 /// Overwrite one byte in every chunk of a stored blob: the node now serves corrupt chunks
 /// (stores trust what they verified when writing).
 fn corrupt_on_disk(n: &Node, blob: BlobRef) -> anyhow::Result<()> {
