@@ -2131,3 +2131,64 @@ fn native_jobs_go_only_to_native_engines_and_are_judged_within_that_class() {
     assert!(!w.assignments.is_empty());
     assert!(w.assignments.iter().all(|a| a.task.id.job == native2));
 }
+
+/// A small honest pool under `serve`'s default open policy finishes its job: 3 and 4 one-slot
+/// workers, with every worker in a /24 of its own and with two of four in one /24 (who may
+/// not check each other), as a scientist's own few machines are. Requests run in rounds of
+/// the retry hint the core answers, so cold-start holds and deal windows run out.
+#[test]
+fn a_small_honest_pool_finishes_its_job_under_the_open_policy() {
+    for addrs in [
+        &["192.0.2.11:1", "198.51.100.11:1", "203.0.113.11:1"][..],
+        &[
+            "192.0.2.11:1",
+            "198.51.100.11:1",
+            "203.0.113.11:1",
+            "192.0.2.12:1",
+        ][..],
+        &[
+            "192.0.2.11:1",
+            "198.51.100.11:1",
+            "203.0.113.11:1",
+            "203.0.113.200:1",
+        ][..],
+    ] {
+        let mut core = Core::new(CoreConfig {
+            policy: TrustPolicy::open_pool(),
+            ..CoreConfig::default()
+        });
+        let ws: Vec<NodeId> = (1..=addrs.len() as u32).map(node).collect();
+        for (w, addr) in ws.iter().zip(addrs) {
+            core.hello(*w, &fp(Kind::Honest), 1, None, &[], 0);
+            core.observed_address(*w, addr.parse().unwrap());
+        }
+        let (job, _) = core.add_job(manifest("small", 64, 2, 4, 600), 0);
+        let mut now = 0;
+        for _ in 0..5_000 {
+            if core.running.is_empty() {
+                break;
+            }
+            let mut hint = u64::MAX;
+            for w in &ws {
+                let work = core.request_work(*w, 1, now);
+                if work.assignments.is_empty() {
+                    hint = hint.min(work.retry_after_ms);
+                }
+                for a in work.assignments {
+                    core.report(*w, a.replica, truth(a.task.id), now);
+                    hint = 0;
+                }
+            }
+            now += hint.clamp(1, 2_000);
+            core.tick(now);
+        }
+        let st = core.status(Some(job)).expect("job");
+        assert_eq!(
+            (st.jobs[0].tasks_done, st.jobs[0].tasks_failed),
+            (64, 0),
+            "{} workers at {addrs:?}: every task accepted ({:?})",
+            ws.len(),
+            st.jobs[0]
+        );
+    }
+}

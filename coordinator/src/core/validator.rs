@@ -92,6 +92,8 @@ pub(crate) struct Tally {
     pub anchors_on_task: Vec<(u32, u32)>,
     /// Distinct workers holding a replica of the task (any phase).
     pub holders: u32,
+    /// Those workers.
+    pub holder_ids: Vec<NodeId>,
 }
 
 impl Tally {
@@ -154,6 +156,9 @@ impl Tally {
         })
     }
 }
+
+/// Workers [`Core::another_could_take`] looks at before it assumes one could.
+const COULD_TAKE_SCAN: usize = 256;
 
 impl Core {
     pub(crate) fn tally(&self, task: TaskId) -> Tally {
@@ -241,7 +246,41 @@ impl Core {
             }
         }
         t.holders = holders.len() as u32;
+        t.holder_ids = holders;
         t
+    }
+
+    /// Whether some connected worker could still be given a replica of the task `t` tallies:
+    /// one that may take work, holds none of it, and (with `distinct_address_blocks`) is
+    /// outside every holder's address block. Looks at most [`COULD_TAKE_SCAN`] workers, then
+    /// assumes one could (in a pool that large, almost any can).
+    fn another_could_take(&self, t: &Tally) -> bool {
+        if self.roster.len() <= t.holder_ids.len() {
+            return false;
+        }
+        let blocks: Vec<_> = if self.cfg.policy.distinct_address_blocks {
+            t.holder_ids
+                .iter()
+                .filter_map(|w| self.workers.get(w)?.block())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for (i, w) in self.roster.iter().enumerate() {
+            if i >= COULD_TAKE_SCAN {
+                return true;
+            }
+            if t.holder_ids.contains(w) {
+                continue;
+            }
+            match self.workers.get(w) {
+                Some(worker) if !worker.block().is_some_and(|b| blocks.contains(&b)) => {
+                    return true
+                }
+                _ => {}
+            }
+        }
+        false
     }
 
     pub(crate) fn need(&self, task: TaskId) -> Need {
@@ -263,8 +302,9 @@ impl Core {
         // In a cold start (no anchor of the engine connected), one more still: nobody has a
         // record yet, and colluders that ask fastest hold more than their share of the first
         // replicas. Only while a connected worker could still give it (one not holding a
-        // replica of the task): a small pool, or one with a liar in it, must still decide.
-        let cold_extra = if self.roster.len() > t.holders as usize {
+        // replica of the task, nor sharing a holder's address block where blocks must
+        // differ): a small pool, or one with a liar in it, must still decide.
+        let cold_extra = if self.another_could_take(&t) {
             self.cfg.policy.cold_start_extra
         } else {
             0
