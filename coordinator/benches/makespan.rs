@@ -22,7 +22,8 @@
 //! Ratio = makespan / ideal, per run; target ≤ 1.2 (issue 18). `PEERGRID_BENCH_RUNS` jobs
 //! (default 3) with a fresh coordinator each; the median of the runs' ratios. Env: `PEERGRID_BENCH_SMOKE=1` (16 tasks, 4
 //! workers, 1 run), `PEERGRID_BENCH_MAKESPAN_TASKS`, `PEERGRID_BENCH_WORKERS`,
-//! `PEERGRID_BENCH_POLICY` (`serve --policy`, default `trusting`; `open` is `serve`'s default),
+//! `PEERGRID_BENCH_POLICY` (`serve --policy`, default `trusting`; `open` is `serve`'s default;
+//! a comma-separated list runs one job per policy in each run, beside the same baseline),
 //! `PEERGRID_BENCH_MAKESPAN_MAX_SECS` (default 4). Needs root: otherwise one
 //! `makespan: skipped: <reason>` line.
 
@@ -174,61 +175,75 @@ fn bench(
         "makespan: {tasks} primes tasks (~20 ms to ~{max_secs} s each alone), quorum 2, policy {policy}, {n_workers} workers of 1 slot on their own hosts, {cores} cores; {runs} run(s)"
     );
 
-    let (mut spans, mut ideals, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    let mut run_ratios = Vec::new();
+    // Per policy: each run's makespan, ideal, ratio and ratio at the replicas run.
+    let policies: Vec<&str> = policy.split(',').map(str::trim).collect();
+    let mut per: Vec<[Vec<f64>; 4]> = vec![Default::default(); policies.len()];
     for r in 0..runs {
-        // The baseline first on even runs, after on odd ones.
+        // The baseline first on even runs, after on odd ones; the policies' jobs in between,
+        // in turn (first to last on even runs, last to first on odd ones).
         let mut ideal = None;
         if r % 2 == 0 {
             ideal = Some(alone(&worker_bin, &cache, &sizes)?);
         }
-        let (span, reported) = job(&bin, &worker_bin, &coord_host, &sci, &hosts, &jd, r, policy)?;
+        let mut order: Vec<usize> = (0..policies.len()).collect();
+        if r % 2 == 1 {
+            order.reverse();
+        }
+        let mut jobs = vec![(0.0, 0); policies.len()];
+        for &k in &order {
+            jobs[k] = job(&bin, &worker_bin, &coord_host, &sci, &hosts, &jd, r, policies[k])?;
+        }
         if ideal.is_none() {
             ideal = Some(alone(&worker_bin, &cache, &sizes)?);
         }
         let (sum, longest) = ideal.expect("measured");
         let ideal = (2.0 * sum / parallel).max(longest);
-        let per_task = reported as f64 / tasks as f64;
-        let ideal_run = (per_task * sum / parallel).max(longest);
-        println!(
-            "makespan: run {}/{runs}: job {span:.2} s, ideal {ideal:.2} s (runs alone: sum {sum:.2} s, longest {longest:.2} s), ratio {:.2}x; {per_task:.2} replicas/task reported, ideal at that {ideal_run:.2} s, ratio {:.2}x",
-            r + 1,
-            span / ideal,
-            span / ideal_run
-        );
-        run_ratios.push(span / ideal_run);
-        spans.push(span);
-        ideals.push(ideal);
-        ratios.push(span / ideal);
+        for (k, &(span, reported)) in jobs.iter().enumerate() {
+            let per_task = reported as f64 / tasks as f64;
+            let ideal_run = (per_task * sum / parallel).max(longest);
+            println!(
+                "makespan: run {}/{runs}, policy {}: job {span:.2} s, ideal {ideal:.2} s (runs alone: sum {sum:.2} s, longest {longest:.2} s), ratio {:.2}x; {per_task:.2} replicas/task reported, ideal at that {ideal_run:.2} s, ratio {:.2}x",
+                r + 1,
+                policies[k],
+                span / ideal,
+                span / ideal_run
+            );
+            for (v, x) in per[k].iter_mut().zip([span, ideal, span / ideal, span / ideal_run]) {
+                v.push(x);
+            }
+        }
     }
     // The ratio of each run (its job beside the baseline measured next to it), then their
     // median: on a shared machine the load differs between runs more than within one.
-    let (span, ideal, ratio) = (median(spans), median(ideals), median(ratios.clone()));
-    println!(
-        "makespan: per-run ratios {}",
-        ratios
-            .iter()
+    let list = |v: &[f64]| {
+        v.iter()
             .map(|r| format!("{r:.2}x"))
             .collect::<Vec<_>>()
             .join(", ")
-    );
-    println!(
-        "makespan: per-run ratios to the ideal at the replicas run {}",
-        run_ratios
-            .iter()
-            .map(|r| format!("{r:.2}x"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let run_ratio = median(run_ratios);
-    println!(
-        "\n| what | median | ideal (median) | ratio | target |\n|---|---|---|---|---|\n| makespan, {tasks} tasks, {n_workers} workers | {span:.2} s | {ideal:.2} s | {ratio:.2}x | <= {TARGET}x |"
-    );
-    println!("| makespan / ideal at the replicas run (policy {policy}) | | | {run_ratio:.2}x | - |");
-    println!(
-        "BENCH|job makespan: {tasks} tasks of ~20 ms to ~{max_secs} s, quorum 2, policy {policy}, {n_workers} one-slot workers on {cores} cores|{span:.2} s|{ideal:.2} s (ideal)|{ratio:.2}x|<= {TARGET}x|{}",
-        if ratio <= TARGET { "yes" } else { "no" }
-    );
+    };
+    println!("\n| policy | makespan (median) | ideal (median) | ratio, per run | ratio (median) | ratio at the replicas run, per run | target |\n|---|---|---|---|---|---|---|");
+    let mut bench = Vec::new();
+    for (k, [spans, ideals, ratios, run_ratios]) in per.into_iter().enumerate() {
+        let (span, ideal, ratio) = (
+            median(spans),
+            median(ideals),
+            median(ratios.clone()),
+        );
+        println!(
+            "| {} | {span:.2} s | {ideal:.2} s | {} | {ratio:.2}x | {} | <= {TARGET}x |",
+            policies[k],
+            list(&ratios),
+            list(&run_ratios)
+        );
+        bench.push(format!(
+            "BENCH|job makespan: {tasks} tasks of ~20 ms to ~{max_secs} s, quorum 2, policy {}, {n_workers} one-slot workers on {cores} cores|{span:.2} s|{ideal:.2} s (ideal)|{ratio:.2}x|<= {TARGET}x|{}",
+            policies[k],
+            if ratio <= TARGET { "yes" } else { "no" }
+        ));
+    }
+    for line in bench {
+        println!("{line}");
+    }
     Ok(())
 }
 
