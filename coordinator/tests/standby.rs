@@ -49,23 +49,15 @@ struct Job {
     label: &'static str,
 }
 
-/// 40 tasks over [0, 5·10⁹) (π = 234 954 223); for more than 3 kills a job twice as long,
-/// 100 tasks over [0, 10¹⁰) (π = 455 052 511), so every kill lands while it runs.
-fn job_for(kills: usize) -> Job {
-    if kills <= 3 {
-        Job {
-            tasks: 40,
-            block: 125_000_000,
-            primes: 234_954_223,
-            label: "pi(5e9)",
-        }
-    } else {
-        Job {
-            tasks: 100,
-            block: 100_000_000,
-            primes: 455_052_511,
-            label: "pi(1e10)",
-        }
+/// 100 tasks over [0, 10¹⁰) (π = 455 052 511), whatever the number of kills, so every kill
+/// lands while it runs. (The 40-task job over [0, 5·10⁹) this used for up to 3 kills ended
+/// before the third once the sandbox got faster.)
+fn job_for(_kills: usize) -> Job {
+    Job {
+        tasks: 100,
+        block: 100_000_000,
+        primes: 455_052_511,
+        label: "pi(1e10)",
     }
 }
 
