@@ -547,7 +547,9 @@ impl Core {
     /// worker is drawn at random: if it is another one that could run the task and holds
     /// fewer dealt replicas than its cap, the task is dealt to it (queued, its for two retry
     /// hints) and the draw repeats, at most [`FRESH_DEALS`] times; otherwise `me` gets the
-    /// next fresh task. None when no fresh task is left.
+    /// next fresh task. The last fresh task is never dealt away: a request for one that finds
+    /// some gets one (it would get exactly one either way, so this costs the dealing
+    /// nothing). None when no fresh task is left.
     fn deal_fresh(&mut self, job: JobId, me: &Me, fp: u32, now: u64) -> Option<u32> {
         let until = now.saturating_add(self.cfg.retry_after_ms.saturating_mul(2));
         let mut dealt = 0;
@@ -557,7 +559,8 @@ impl Core {
                 return None;
             }
             let native = j.determinism == tasks::Determinism::Native;
-            let target = if dealt < FRESH_DEALS && !self.roster.is_empty() {
+            let last = j.next_fresh as usize + 1 == j.tasks.len();
+            let target = if dealt < FRESH_DEALS && !last && !self.roster.is_empty() {
                 let i = rand::Rng::gen_range(&mut self.rng, 0..self.roster.len());
                 let id = self.roster[i];
                 self.workers

@@ -2192,3 +2192,29 @@ fn a_small_honest_pool_finishes_its_job_under_the_open_policy() {
         );
     }
 }
+
+/// A request for a fresh task that finds one gets one, even when dealing would hand the last
+/// ones to other workers first (a 2-task job, 2 workers: seeded draws that pick the other
+/// worker for both used to leave the asker with nothing).
+#[test]
+fn the_last_fresh_task_is_never_dealt_away_from_its_asker() {
+    for seed in 0..32u64 {
+        let mut core = Core::new(CoreConfig {
+            policy: TrustPolicy {
+                seed,
+                ..TrustPolicy::open_pool()
+            },
+            ..CoreConfig::default()
+        });
+        let (owner, other) = (node(1), node(2));
+        for w in [owner, other] {
+            core.hello(w, &fp(Kind::Honest), 1, None, &[], 0);
+        }
+        core.add_job(manifest("two", 2, 2, 6, 600), 0);
+        assert_eq!(
+            core.request_work(owner, 1, 0).assignments.len(),
+            1,
+            "seed {seed}: the asker gets a task"
+        );
+    }
+}
