@@ -181,6 +181,18 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        // On a PostgreSQL store the ticket is written before the coordinator takes the
+        // leader lease, and until it leads it refuses every connection (as a standby does):
+        // wait until it answers.
+        if self.store.is_some() {
+            while self.try_status().is_none() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(120),
+                    "coordinator did not start leading within 120 s"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
     }
 
     /// The coordinator's log files (stderr of every `coordinator serve` started), concatenated.
