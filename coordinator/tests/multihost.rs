@@ -688,6 +688,10 @@ fn run_primes_measured(g: &mut Grid, count: u32, block: u64) -> Measured {
 
 /// π(n - 1): primes below n.
 fn primes_below(n: u64) -> u64 {
+    // π(10⁹) is well known; sieving a billion bytes in a debug build is not quick.
+    if n == 1_000_000_000 {
+        return 50_847_534;
+    }
     let n = n as usize;
     let mut sieve = vec![true; n.max(2)];
     sieve[0] = false;
@@ -846,10 +850,11 @@ fn coordinator_moves() {
         idx.push(g.start_worker(h));
     }
     g.wait_connected(&idx);
-    // 16 tasks of ~0.5 s each (idle 2-core host) on 4 workers with quorum 2: the move lands
-    // after 2 are accepted, with 14 still to do (seconds of work, against status polls 0.3 s
-    // apart).
-    let (count, block) = (16u32, 30_000_000u64);
+    // 20 tasks of 5·10⁷ numbers each (~0.4 s on an idle 2-core host since the sandbox got
+    // faster) on 4 workers with quorum 2: the move lands after 2 are accepted, with 18 still
+    // to do (seconds of work, against status polls 0.3 s apart). 16 tasks of 3·10⁷ once
+    // finished between two polls.
+    let (count, block) = (20u32, 50_000_000u64);
     let (job, _) = primes_job(&g, count, block, 600);
     // `submit --wait` rides out the move: it reconnects through the name.
     let mut sub = g.submit(&job);
