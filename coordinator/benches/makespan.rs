@@ -191,7 +191,16 @@ fn bench(
         }
         let mut jobs = vec![(0.0, 0); policies.len()];
         for &k in &order {
-            jobs[k] = job(&bin, &worker_bin, &coord_host, &sci, &hosts, &jd, r, policies[k])?;
+            jobs[k] = job(
+                &bin,
+                &worker_bin,
+                &coord_host,
+                &sci,
+                &hosts,
+                &jd,
+                r,
+                policies[k],
+            )?;
         }
         if ideal.is_none() {
             ideal = Some(alone(&worker_bin, &cache, &sizes)?);
@@ -208,7 +217,10 @@ fn bench(
                 span / ideal,
                 span / ideal_run
             );
-            for (v, x) in per[k].iter_mut().zip([span, ideal, span / ideal, span / ideal_run]) {
+            for (v, x) in per[k]
+                .iter_mut()
+                .zip([span, ideal, span / ideal, span / ideal_run])
+            {
                 v.push(x);
             }
         }
@@ -224,11 +236,7 @@ fn bench(
     println!("\n| policy | makespan (median) | ideal (median) | ratio, per run | ratio (median) | ratio at the replicas run, per run | target |\n|---|---|---|---|---|---|---|");
     let mut bench = Vec::new();
     for (k, [spans, ideals, ratios, run_ratios]) in per.into_iter().enumerate() {
-        let (span, ideal, ratio) = (
-            median(spans),
-            median(ideals),
-            median(ratios.clone()),
-        );
+        let (span, ideal, ratio) = (median(spans), median(ideals), median(ratios.clone()));
         println!(
             "| {} | {span:.2} s | {ideal:.2} s | {} | {ratio:.2}x | {} | <= {TARGET}x |",
             policies[k],
@@ -336,6 +344,8 @@ fn job(
             keep.display()
         );
     }
-    let reported = v["replicas_reported"].as_u64().context("replicas_reported")?;
+    let reported = v["replicas_reported"]
+        .as_u64()
+        .context("replicas_reported")?;
     Ok((span, reported))
 }
