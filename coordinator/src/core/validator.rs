@@ -91,8 +91,6 @@ pub(crate) struct Tally {
     /// fingerprint: how many of the connected anchors could not take another replica.
     pub anchors_on_task: Vec<(u32, u32)>,
     /// Distinct workers holding a replica of the task (any phase).
-    pub holders: u32,
-    /// Those workers.
     pub holder_ids: Vec<NodeId>,
 }
 
@@ -245,7 +243,6 @@ impl Core {
                 ReplicaPhase::Cancelled => {}
             }
         }
-        t.holders = holders.len() as u32;
         t.holder_ids = holders;
         t
     }
