@@ -24,8 +24,10 @@
 //! workers, 1 run), `PEERGRID_BENCH_MAKESPAN_TASKS`, `PEERGRID_BENCH_WORKERS`,
 //! `PEERGRID_BENCH_POLICY` (`serve --policy`, default `trusting`; `open` is `serve`'s default;
 //! a comma-separated list runs one job per policy in each run, beside the same baseline),
-//! `PEERGRID_BENCH_MAKESPAN_MAX_SECS` (default 4). Needs root: otherwise one
-//! `makespan: skipped: <reason>` line.
+//! `PEERGRID_BENCH_MAKESPAN_MAX_SECS` (default 4), `PEERGRID_BENCH_KEEP=DIR` (keep each job's
+//! coordinator data dir and logs in `DIR/run<R>-<policy>/`, for profiling: the store's
+//! `replicas` table has every replica's worker, assignment and report times). Needs root:
+//! otherwise one `makespan: skipped: <reason>` line.
 
 #[path = "../tests/common/netgrid.rs"]
 mod netgrid;
@@ -347,5 +349,22 @@ fn job(
     let reported = v["replicas_reported"]
         .as_u64()
         .context("replicas_reported")?;
+    if let Some(keep) = std::env::var_os("PEERGRID_BENCH_KEEP") {
+        drop(workers);
+        drop(_coord);
+        let keep = PathBuf::from(keep).join(format!("run{r}-{policy}"));
+        netgrid::keep_logs(dir, &keep);
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(dir.join("coord"))
+            .arg(&keep)
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "cp -a {} {}",
+            dir.display(),
+            keep.display()
+        );
+    }
     Ok((span, reported))
 }

@@ -141,7 +141,8 @@ pub enum Notice {
         state: JobState,
     },
     /// This worker was refused work because its hand (replicas and undecided votes) was
-    /// full, and a vote of it was just decided: tell it to ask again now.
+    /// full, and a vote of it was just decided; or it found no work and a replica was just
+    /// dealt to it or left to anyone: tell it to ask again now.
     Room {
         worker: NodeId,
     },
@@ -286,6 +287,9 @@ pub(crate) struct Worker {
     /// Its last request was refused only because its hand was full: the next decided vote
     /// sends it [`Notice::Room`].
     pub waiting_for_room: bool,
+    /// Its last request found no work it could take (told to wait the full retry hint):
+    /// a replica dealt to it, or one left to anyone, sends it [`Notice::Room`] at once.
+    pub waiting_for_work: bool,
     /// Replicas it lost (deadline, abandon, disconnect) not yet made up for by valid
     /// results: each costs capacity (see `TrustPolicy::allowance`). Not persisted.
     pub lost: u64,
@@ -352,6 +356,8 @@ pub struct Core {
     pub(crate) accusations: BTreeMap<(BlobId, NodeId), BTreeSet<NodeId>>,
     pub(crate) mutations: Vec<Mutation>,
     pub(crate) notices: Vec<Notice>,
+    /// When [`Core::tick`] last ran (deals lapsed up to then were seen).
+    last_tick_ms: u64,
 }
 
 impl Core {
@@ -381,6 +387,7 @@ impl Core {
             accusations: BTreeMap::new(),
             mutations: Vec::new(),
             notices: Vec::new(),
+            last_tick_ms: 0,
         }
     }
 
@@ -480,6 +487,7 @@ impl Core {
             anchor: None,
             undecided: 0,
             waiting_for_room: false,
+            waiting_for_work: false,
             lost: 0,
             holding: 0,
             junior: false,
@@ -869,6 +877,11 @@ impl Core {
     /// Deadlines and disconnect grace periods: reissue what has expired.
     pub fn tick(&mut self, now: u64) {
         self.end_holds(now);
+        // A deal that lapsed since the last tick left its replica to anyone: wake the idle.
+        if self.deals.lapses_between(self.last_tick_ms, now) {
+            self.wake_idle();
+        }
+        self.last_tick_ms = self.last_tick_ms.max(now);
         let expired: Vec<ReplicaId> = self.deadlines.range(..(now, 0)).map(|&(_, r)| r).collect();
         for r in expired {
             self.lose(r, now);
@@ -1452,6 +1465,7 @@ impl Core {
                     anchor: None,
                     undecided: 0,
                     waiting_for_room: false,
+                    waiting_for_work: false,
                     lost: w.lost,
                     holding: 0,
                     junior: w.junior,

@@ -10,8 +10,10 @@
 #                                         and print its ratios beside WORKER's
 #
 # C kernels: built with `clang -O2 -msimd128 --target=wasm32-wasi` (Debian's wasi-libc) and
-# natively with `clang -O2`. Samples: the committed .wasm (examples/build.sh) against
-# `rustc -O -C codegen-units=1` natively, with examples/<name>/bench.args. Both sides are
+# natively with `clang -O2`. Samples: the committed .wasm (examples/build.sh: Debian's
+# /usr/bin/rustc, -O -C codegen-units=1) against the same compiler's native build
+# (`$NATIVE_RUSTC -O -C codegen-units=1`, default /usr/bin/rustc, so both sides come from one
+# LLVM), with examples/<name>/bench.args. Both sides are
 # timed the same way: the wall time of the whole process (native binary, or `worker exec`
 # with a warm --cache-dir, so compilation is not counted), medians of interleaved runs. Each
 # sandboxed output is checked byte-for-byte against the native one.
@@ -20,6 +22,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 RUNS=${1:-5}
 CLANG=${CLANG:-$(command -v clang || command -v clang-14 || true)}
+NATIVE_RUSTC=${NATIVE_RUSTC:-/usr/bin/rustc}
+[ -x "$NATIVE_RUSTC" ] || { echo "run.sh: needs $NATIVE_RUSTC, the compiler of the samples' .wasm (apt-get install rustc libstd-rust-dev-wasm32 lld)" >&2; exit 2; }
 [ -n "$CLANG" ] || { echo "run.sh: needs clang (apt-get install clang lld wasi-libc)" >&2; exit 2; }
 if [ -z "${WORKER:-}" ]; then
     t=${CARGO_TARGET_DIR:-$root/target}
@@ -44,7 +48,7 @@ for s in primes pi mandelbrot seti; do
         echo "SKIP $s: no $d/$input (examples/build.sh generates it)" >&2
         continue
     fi
-    rustc -O -C codegen-units=1 "$d/$s.rs" -o "$work/$s" 2>/dev/null
+    "$NATIVE_RUSTC" -O -C codegen-units=1 "$d/$s.rs" -o "$work/$s" 2>/dev/null
     list+=("$s|$d/$s.wasm|$work/$s|$args|${input:+$d/$input}")
 done
 

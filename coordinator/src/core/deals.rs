@@ -3,7 +3,7 @@
 //! per task, indexed both ways so a worker's own are found without a scan. Not persisted:
 //! after a restart, tasks are dealt anew as they are queued.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tasks::{JobId, NodeId, TaskId};
 
@@ -12,6 +12,8 @@ pub(crate) struct Deals {
     /// Task → (the worker it is dealt to, until when, in ms).
     by_task: HashMap<TaskId, (NodeId, u64)>,
     by_worker: HashMap<NodeId, BTreeSet<TaskId>>,
+    /// How many deals lapse at each time: which lapse when, without a scan.
+    by_until: BTreeMap<u64, usize>,
 }
 
 impl Deals {
@@ -20,11 +22,18 @@ impl Deals {
         self.remove(task);
         self.by_task.insert(task, (worker, until));
         self.by_worker.entry(worker).or_default().insert(task);
+        *self.by_until.entry(until).or_default() += 1;
     }
 
     /// The task is no longer dealt (a replica was assigned, it was decided, or re-dealt).
     pub fn remove(&mut self, task: TaskId) {
-        if let Some((w, _)) = self.by_task.remove(&task) {
+        if let Some((w, until)) = self.by_task.remove(&task) {
+            if let Some(n) = self.by_until.get_mut(&until) {
+                *n -= 1;
+                if *n == 0 {
+                    self.by_until.remove(&until);
+                }
+            }
             if let Some(set) = self.by_worker.get_mut(&w) {
                 set.remove(&task);
                 if set.is_empty() {
@@ -50,6 +59,11 @@ impl Deals {
         for t in tasks {
             self.remove(t);
         }
+    }
+
+    /// Whether a deal lapses in `(after, upto]` (its replica is then anyone's).
+    pub fn lapses_between(&self, after: u64, upto: u64) -> bool {
+        after < upto && self.by_until.range(after + 1..=upto).next().is_some()
     }
 
     /// Who `task` is dealt to, while its deal lasts (at `now`).

@@ -56,7 +56,7 @@ use tasks::wire::{Assignment, JobState, PeerAddr};
 use tasks::{BlobId, JobId, NodeId, TaskId};
 
 use super::validator::Need;
-use super::{Core, TaskPhase};
+use super::{Core, Notice, TaskPhase};
 use crate::store::{Mutation, ReplicaPhase};
 
 /// Retry hint for a worker refused only because it holds its cap of replicas.
@@ -201,6 +201,7 @@ impl Core {
         let at_cap = out.is_empty() && room == 0 && cap > 0 && !self.running.is_empty();
         if let Some(w) = self.workers.get_mut(&worker) {
             w.waiting_for_room = at_cap;
+            w.waiting_for_work = out.is_empty() && !at_cap && cap > 0;
         }
         let retry_after_ms = match (out.is_empty(), at_cap) {
             (false, _) => 0,
@@ -583,7 +584,7 @@ impl Core {
             };
             j.tasks[index as usize].queued = true;
             j.open.push_back(index);
-            self.deals.insert(TaskId { job, index }, target, until);
+            self.deal_to(TaskId { job, index }, target, until);
             dealt += 1;
         }
     }
@@ -646,6 +647,7 @@ impl Core {
         self.deals.remove(task);
         let policy = &self.cfg.policy;
         if !policy.deal_partners || self.roster.is_empty() {
+            self.wake_idle();
             return;
         }
         let Some(j) = self.jobs.get(&task.job) else {
@@ -668,6 +670,7 @@ impl Core {
             Need::More { anchor_wanted, .. } if self.wants_anchor(anchor_wanted, fp)
         );
         let until = now.saturating_add(self.cfg.retry_after_ms.saturating_mul(2));
+        let mut dealt = None;
         for _ in 0..DEAL_DRAWS {
             let i = rand::Rng::gen_range(&mut self.rng, 0..self.roster.len());
             let id = self.roster[i];
@@ -686,8 +689,37 @@ impl Core {
             {
                 continue;
             }
-            self.deals.insert(task, id, until);
-            return;
+            dealt = Some(id);
+            break;
+        }
+        match dealt {
+            Some(id) => self.deal_to(task, id, until),
+            None => self.wake_idle(),
+        }
+    }
+
+    /// Deal `task` to `worker` until `until`; if its last request found no work, tell it
+    /// to ask now rather than after its retry hint (who gets the replica is the draw's
+    /// choice either way: this only saves the wait).
+    fn deal_to(&mut self, task: TaskId, worker: NodeId, until: u64) {
+        self.deals.insert(task, worker, until);
+        if let Some(w) = self.workers.get_mut(&worker) {
+            if std::mem::take(&mut w.waiting_for_work) && w.connected {
+                self.notices.push(Notice::Room { worker });
+            }
+        }
+    }
+
+    /// A replica was queued for whoever asks: every connected worker whose last request
+    /// found no work is told to ask now (one notice per such request, so bounded by the
+    /// connected workers).
+    pub(crate) fn wake_idle(&mut self) {
+        for id in &self.roster {
+            if let Some(w) = self.workers.get_mut(id) {
+                if std::mem::take(&mut w.waiting_for_work) && w.connected {
+                    self.notices.push(Notice::Room { worker: *id });
+                }
+            }
         }
     }
 }

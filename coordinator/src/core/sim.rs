@@ -2218,3 +2218,89 @@ fn the_last_fresh_task_is_never_dealt_away_from_its_asker() {
         );
     }
 }
+
+/// A worker whose request found no work is told (`Notice::Room`) the moment a replica is
+/// dealt to it, instead of idling out its retry hint; one left to anyone (no dealing) wakes
+/// every such worker, and so does a deal that lapses. Who gets the replica does not change:
+/// only the wait.
+#[test]
+fn an_idle_worker_is_woken_when_a_replica_is_dealt_to_it() {
+    let module = [BlobId::of(b"module")];
+    let a = node(1);
+    let idle: Vec<NodeId> = (2..=6).map(node).collect();
+    let woken = |deal: bool| {
+        let mut core = Core::new(CoreConfig {
+            policy: TrustPolicy {
+                seed: 7,
+                partner_spread: 0,
+                distinct_address_blocks: false,
+                deal_partners: deal,
+                ..TrustPolicy::open_pool()
+            },
+            retry_after_ms: 2_000,
+            ..CoreConfig::default()
+        });
+        for w in std::iter::once(&a).chain(&idle) {
+            core.hello(*w, &fp(Kind::Honest), 1, None, &module, 0);
+        }
+        // Nothing to do yet: every idle worker is told to wait the full hint.
+        for w in &idle {
+            let got = core.request_work(*w, 1, 1);
+            assert!(got.assignments.is_empty());
+            assert_eq!(got.retry_after_ms, 2_000);
+        }
+        assert!(core.take_notices().is_empty());
+        // One task of quorum 2: A takes the first replica (the last fresh task is never
+        // dealt away), the partner replica is dealt or left to anyone.
+        let (job, _) = core.add_job(manifest("job", 1, 2, 6, 600), 2);
+        assert_eq!(core.request_work(a, 1, 3).assignments.len(), 1);
+        let woken: Vec<NodeId> = core
+            .take_notices()
+            .into_iter()
+            .filter_map(|n| match n {
+                Notice::Room { worker } => Some(worker),
+                _ => None,
+            })
+            .collect();
+        let deal = core.deals.get(TaskId { job, index: 0 });
+        if let Some((drawn, until)) = deal {
+            // The others ask again meanwhile and find nothing; the drawn worker stays busy.
+            // When the deal lapses (the engine's tick), the replica is anyone's: they are
+            // woken.
+            let mut others: Vec<NodeId> = idle.iter().copied().filter(|w| *w != drawn).collect();
+            others.sort();
+            for w in &others {
+                assert!(core.request_work(*w, 1, 4).assignments.is_empty());
+            }
+            core.tick(until - 1);
+            assert!(
+                core.take_notices().is_empty(),
+                "woken before the deal lapsed"
+            );
+            core.tick(until);
+            let mut lapsed: Vec<NodeId> = core
+                .take_notices()
+                .into_iter()
+                .filter_map(|n| match n {
+                    Notice::Room { worker } => Some(worker),
+                    _ => None,
+                })
+                .collect();
+            lapsed.sort();
+            assert_eq!(lapsed, others, "the deal lapsed: the idle are woken");
+        }
+        (deal, woken)
+    };
+    let (deal, woken_dealt) = woken(true);
+    let (drawn, _) = deal.expect("the partner replica is dealt");
+    assert_eq!(woken_dealt, vec![drawn], "only the drawn worker is woken");
+    let (deal, mut woken_all) = woken(false);
+    assert!(deal.is_none());
+    woken_all.sort();
+    let mut want = idle.clone();
+    want.sort();
+    assert_eq!(
+        woken_all, want,
+        "without dealing, every idle worker is woken"
+    );
+}
