@@ -656,6 +656,8 @@ impl Core {
         let native = j.determinism == tasks::Determinism::Native;
         let slot = &j.tasks[task.index as usize];
         let Some(fp) = slot.replicas.first().map(|r| self.replicas[r].fp) else {
+            // No replica ran yet (its only one was lost): anyone's, of any engine.
+            self.wake_idle();
             return;
         };
         let holders: Vec<(NodeId, Option<super::trust::AddressBlock>)> = slot
@@ -703,22 +705,23 @@ impl Core {
     /// choice either way: this only saves the wait).
     fn deal_to(&mut self, task: TaskId, worker: NodeId, until: u64) {
         self.deals.insert(task, worker, until);
-        if let Some(w) = self.workers.get_mut(&worker) {
-            if std::mem::take(&mut w.waiting_for_work) && w.connected {
-                self.notices.push(Notice::Room { worker });
-            }
-        }
+        self.wake(worker);
     }
 
     /// A replica was queued for whoever asks: every connected worker whose last request
     /// found no work is told to ask now (one notice per such request, so bounded by the
     /// connected workers).
     pub(crate) fn wake_idle(&mut self) {
-        for id in &self.roster {
-            if let Some(w) = self.workers.get_mut(id) {
-                if std::mem::take(&mut w.waiting_for_work) && w.connected {
-                    self.notices.push(Notice::Room { worker: *id });
-                }
+        for i in 0..self.roster.len() {
+            self.wake(self.roster[i]);
+        }
+    }
+
+    /// [`Notice::Room`] to `worker` if its last request found no work (once per request).
+    fn wake(&mut self, worker: NodeId) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            if std::mem::take(&mut w.waiting_for_work) && w.connected {
+                self.notices.push(Notice::Room { worker });
             }
         }
     }

@@ -1601,17 +1601,7 @@ fn replicas_are_dealt_not_grabbed() {
     let idle: Vec<NodeId> = (3..=10).map(node).collect();
     let retry = 1_000;
     let run = |seed: u64, deal: bool, drawn_asks: bool| {
-        let mut core = Core::new(CoreConfig {
-            policy: TrustPolicy {
-                seed,
-                partner_spread: 0,
-                distinct_address_blocks: false,
-                deal_partners: deal,
-                ..TrustPolicy::open_pool()
-            },
-            retry_after_ms: retry,
-            ..CoreConfig::default()
-        });
+        let mut core = dealing_core(seed, deal, retry);
         for w in [a, b].iter().chain(&idle) {
             core.hello(*w, &fp(Kind::Honest), 1, None, &module, 0);
         }
@@ -1668,16 +1658,7 @@ fn a_cold_start_agreement_waits_out_the_first_deal_window() {
     let module = [BlobId::of(b"module")];
     let ws: Vec<NodeId> = (1..=6).map(node).collect();
     for deal in [true, false] {
-        let mut core = Core::new(CoreConfig {
-            policy: TrustPolicy {
-                partner_spread: 0,
-                distinct_address_blocks: false,
-                deal_partners: deal,
-                ..TrustPolicy::open_pool()
-            },
-            retry_after_ms: 1_000,
-            ..CoreConfig::default()
-        });
+        let mut core = dealing_core(TrustPolicy::open_pool().seed, deal, 1_000);
         for w in &ws {
             core.hello(*w, &fp(Kind::Honest), 1, None, &module, 0);
         }
@@ -2229,17 +2210,7 @@ fn an_idle_worker_is_woken_when_a_replica_is_dealt_to_it() {
     let a = node(1);
     let idle: Vec<NodeId> = (2..=6).map(node).collect();
     let woken = |deal: bool| {
-        let mut core = Core::new(CoreConfig {
-            policy: TrustPolicy {
-                seed: 7,
-                partner_spread: 0,
-                distinct_address_blocks: false,
-                deal_partners: deal,
-                ..TrustPolicy::open_pool()
-            },
-            retry_after_ms: 2_000,
-            ..CoreConfig::default()
-        });
+        let mut core = dealing_core(7, deal, 2_000);
         for w in std::iter::once(&a).chain(&idle) {
             core.hello(*w, &fp(Kind::Honest), 1, None, &module, 0);
         }
@@ -2254,14 +2225,7 @@ fn an_idle_worker_is_woken_when_a_replica_is_dealt_to_it() {
         // dealt away), the partner replica is dealt or left to anyone.
         let (job, _) = core.add_job(manifest("job", 1, 2, 6, 600), 2);
         assert_eq!(core.request_work(a, 1, 3).assignments.len(), 1);
-        let woken: Vec<NodeId> = core
-            .take_notices()
-            .into_iter()
-            .filter_map(|n| match n {
-                Notice::Room { worker } => Some(worker),
-                _ => None,
-            })
-            .collect();
+        let woken = rooms(&mut core);
         let deal = core.deals.get(TaskId { job, index: 0 });
         if let Some((drawn, until)) = deal {
             // The others ask again meanwhile and find nothing; the drawn worker stays busy.
@@ -2278,15 +2242,7 @@ fn an_idle_worker_is_woken_when_a_replica_is_dealt_to_it() {
                 "woken before the deal lapsed"
             );
             core.tick(until);
-            let mut lapsed: Vec<NodeId> = core
-                .take_notices()
-                .into_iter()
-                .filter_map(|n| match n {
-                    Notice::Room { worker } => Some(worker),
-                    _ => None,
-                })
-                .collect();
-            lapsed.sort();
+            let lapsed = rooms(&mut core);
             assert_eq!(lapsed, others, "the deal lapsed: the idle are woken");
         }
         (deal, woken)
@@ -2294,13 +2250,42 @@ fn an_idle_worker_is_woken_when_a_replica_is_dealt_to_it() {
     let (deal, woken_dealt) = woken(true);
     let (drawn, _) = deal.expect("the partner replica is dealt");
     assert_eq!(woken_dealt, vec![drawn], "only the drawn worker is woken");
-    let (deal, mut woken_all) = woken(false);
+    let (deal, woken_all) = woken(false);
     assert!(deal.is_none());
-    woken_all.sort();
     let mut want = idle.clone();
     want.sort();
     assert_eq!(
         woken_all, want,
         "without dealing, every idle worker is woken"
     );
+}
+
+/// An open-pool core for the dealing tests: no partner spread, address blocks ignored,
+/// dealing on or off, this seed and retry hint.
+fn dealing_core(seed: u64, deal: bool, retry_after_ms: u64) -> Core {
+    Core::new(CoreConfig {
+        policy: TrustPolicy {
+            seed,
+            partner_spread: 0,
+            distinct_address_blocks: false,
+            deal_partners: deal,
+            ..TrustPolicy::open_pool()
+        },
+        retry_after_ms,
+        ..CoreConfig::default()
+    })
+}
+
+/// The workers told `Notice::Room` since the last call, sorted.
+fn rooms(core: &mut Core) -> Vec<NodeId> {
+    let mut v: Vec<NodeId> = core
+        .take_notices()
+        .into_iter()
+        .filter_map(|n| match n {
+            Notice::Room { worker } => Some(worker),
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v
 }
