@@ -45,6 +45,14 @@ pub struct ServeLimits {
     pub seed_window: Option<Duration>,
 }
 
+/// Seed mode: a node held out of a blob for this long is served all the same. It may know
+/// no other holder: the first requesters of a new blob are told only of the seed and of
+/// the requesters before them, so the one whose chunk went to a later requester would
+/// otherwise wait out the whole window (3 s; seen as a stalled start of a tiny-task job).
+/// A node that does know a holder sees its chunks within a `Have` interval (250 ms plus
+/// jitter) and has them before this.
+pub const SEED_PATIENCE: Duration = Duration::from_millis(500);
+
 impl Default for ServeLimits {
     fn default() -> Self {
         ServeLimits {
@@ -85,6 +93,9 @@ struct ServerInner {
     busy_answers: AtomicU64,
     /// Seed mode: who got each chunk last, and when.
     recent: Mutex<HashMap<(BlobId, u64), (NodeId, Instant)>>,
+    /// Seed mode: when each node was first and last held out of each blob, in its current
+    /// run of refusals (see [`SEED_PATIENCE`]).
+    held_out: Mutex<HashMap<(NodeId, BlobId), (Instant, Instant)>>,
     /// Seed mode: directly reachable nodes (super-peers), served before the others.
     super_peers: Mutex<std::collections::HashSet<NodeId>>,
     /// Seed mode: per blob, when super-peers began and last took a chunk of it.
@@ -111,6 +122,7 @@ impl BlobServer {
                 sent_to: Mutex::new(HashMap::new()),
                 busy_answers: AtomicU64::new(0),
                 recent: Mutex::new(HashMap::new()),
+                held_out: Mutex::new(HashMap::new()),
                 super_peers: Mutex::new(Default::default()),
                 super_fetch: Mutex::new(HashMap::new()),
             }),
@@ -354,7 +366,7 @@ impl BlobServer {
                 .get(&(id, i))
                 .is_some_and(|(who, at)| *who != peer && now.duration_since(*at) < window)
         });
-        if taken {
+        if taken && !self.waited_enough(peer, id, now, window) {
             return false;
         }
         if recent.len() > 100_000 {
@@ -368,6 +380,24 @@ impl BlobServer {
 }
 
 impl BlobServer {
+    /// Seed mode: whether `peer`, refused chunks of `id` because another node took them,
+    /// has been held out of it for [`SEED_PATIENCE`]: asking again and again (gaps under a
+    /// second) since its first refusal. A node that stopped asking (it found the chunks
+    /// elsewhere) starts over.
+    fn waited_enough(&self, peer: NodeId, id: BlobId, now: Instant, window: Duration) -> bool {
+        const GAP: Duration = Duration::from_secs(1);
+        let mut held = self.inner.held_out.lock().unwrap();
+        if held.len() > 100_000 {
+            held.retain(|_, (_, last)| now.duration_since(*last) < window);
+        }
+        let (first, last) = held.entry((peer, id)).or_insert((now, now));
+        if now.duration_since(*last) >= GAP {
+            *first = now;
+        }
+        *last = now;
+        now.duration_since(*first) >= SEED_PATIENCE
+    }
+
     /// Seed mode: whether `peer` may take chunks of `id` now as far as super-peers go:
     /// super-peers always; others unless a super-peer took a chunk of it within `window`
     /// (and super-peers began on it less than [`SUPER_PRIORITY_MAX`] ago).

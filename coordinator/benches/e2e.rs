@@ -394,9 +394,22 @@ async fn end_to_end(s: &Sizes, module: &[u8], policy: TrustPolicy) -> anyhow::Re
         .submit_manifest(manifest("tiny", module, s.tasks), &blobs)
         .await?;
     anyhow::ensure!(n == s.tasks, "job has {n} tasks, expected {}", s.tasks);
-    let end = wait(&client, job, start + s.limit, Duration::from_millis(20)).await?;
+    let submitted = start.elapsed();
+    let mut progress = Vec::new();
+    let end = wait_tracked(
+        &client,
+        job,
+        start + s.limit,
+        Duration::from_millis(20),
+        &mut progress,
+    )
+    .await?;
     let elapsed = start.elapsed();
+    print_progress(start, submitted, &progress, s.tasks);
     let finished = end.state != JobState::Running;
+    if !finished && std::env::var_os("PEERGRID_BENCH_E2E_TAIL").is_some() {
+        dump_unfinished(&tmp.path().join("coordinator"), job);
+    }
     let outputs_ok = if finished {
         check_outputs(&client, job).await?
     } else {
@@ -457,6 +470,17 @@ async fn wait(
     deadline: Instant,
     every: Duration,
 ) -> anyhow::Result<JobStatus> {
+    wait_tracked(client, job, deadline, every, &mut Vec::new()).await
+}
+
+/// [`wait`], recording when each poll saw how many tasks done.
+async fn wait_tracked(
+    client: &Client,
+    job: JobId,
+    deadline: Instant,
+    every: Duration,
+    progress: &mut Vec<(Instant, u32)>,
+) -> anyhow::Result<JobStatus> {
     loop {
         let st = client.status(Some(job)).await?;
         let j = st
@@ -464,10 +488,88 @@ async fn wait(
             .into_iter()
             .find(|j| j.id == job)
             .context("job vanished")?;
+        progress.push((Instant::now(), j.tasks_done + j.tasks_failed));
         if j.state != JobState::Running || Instant::now() >= deadline {
             return Ok(j);
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+/// One line: when the first task was done and when 10%, 50%, 90% and all were, so the
+/// job's ramp-up and tail show apart from its steady rate.
+fn print_progress(start: Instant, submitted: Duration, progress: &[(Instant, u32)], tasks: u32) {
+    let at = |n: u32| {
+        progress
+            .iter()
+            .find(|(_, d)| *d >= n.max(1))
+            .map(|(t, _)| format!("{:.2} s", (*t - start).as_secs_f64()))
+            .unwrap_or_else(|| "-".into())
+    };
+    let steady = |a: u32, b: u32| -> Option<f64> {
+        let ta = progress.iter().find(|(_, d)| *d >= a)?.0;
+        let (tb, db) = progress.iter().find(|(_, d)| *d >= b)?;
+        let (_, da) = progress.iter().find(|(_, d)| *d >= a)?;
+        Some((db - da) as f64 / (*tb - ta).as_secs_f64().max(1e-9))
+    };
+    println!(
+        "  progress: submitted {:.2} s, first done {}, 10% {}, 50% {}, 90% {}, 99% {}, all {}; rate between 10% and 90%: {}",
+        submitted.as_secs_f64(),
+        at(1),
+        at(tasks / 10),
+        at(tasks / 2),
+        at(tasks * 9 / 10),
+        at(tasks * 99 / 100),
+        at(tasks),
+        steady(tasks / 10, tasks * 9 / 10)
+            .map(|r| format!("{r:.0} tasks/s"))
+            .unwrap_or_else(|| "-".into())
+    );
+    if std::env::var_os("PEERGRID_BENCH_E2E_TAIL").is_some() {
+        let tail: Vec<String> = progress
+            .iter()
+            .filter(|(_, d)| *d >= tasks * 99 / 100)
+            .map(|(t, d)| format!("{:.2}:{}", (*t - start).as_secs_f64(), tasks - d))
+            .collect();
+        println!("  tail (s:tasks left): {}", tail.join(" "));
+    }
+}
+
+/// For profiling a stuck tail: every replica of the job's pending tasks, from the store.
+fn dump_unfinished(dir: &Path, job: JobId) {
+    let rows = (|| -> rusqlite::Result<Vec<String>> {
+        let db = std::fs::read_dir(dir)
+            .ok()
+            .and_then(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .find(|p| p.extension().is_some_and(|x| x == "db" || x == "sqlite"))
+            })
+            .unwrap_or_else(|| dir.join("coordinator.db"));
+        let c =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let mut st = c.prepare(
+            "SELECT r.idx, hex(substr(r.worker, 1, 4)), r.assigned_ms, r.phase, r.reported_ms FROM replicas r WHERE r.job = ?1 AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job = r.job AND t.idx = r.idx AND t.state != 'pending') ORDER BY r.idx, r.id",
+        )?;
+        let rows = st.query_map([job.0 as i64], |r| {
+            Ok(format!(
+                "task {} worker {} assigned {} phase {} reported {:?}",
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<i64>>(4)?
+            ))
+        })?;
+        rows.collect()
+    })();
+    match rows {
+        Ok(rows) => {
+            for r in rows {
+                println!("  unfinished: {r}");
+            }
+        }
+        Err(e) => println!("  (cannot read the store: {e})"),
     }
 }
 

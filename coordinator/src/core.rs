@@ -1067,6 +1067,9 @@ impl Core {
             created_ms: now,
         });
         self.insert_job(id, manifest, determinism, JobState::Running);
+        // Workers whose last request found nothing would otherwise wait out their retry
+        // hint (seconds) before they see the new tasks.
+        self.wake_idle();
         (id, n)
     }
 

@@ -113,6 +113,41 @@ async fn eight_workers_get_the_blob_mostly_from_each_other_and_the_seed_sends_un
     Ok(())
 }
 
+/// The seed holds a node out of chunks another node took within its window, so that it
+/// takes them from that node; but a node that knows no other holder (the first requesters
+/// of a new blob are told only of the seed) is served after `SEED_PATIENCE`, not left to
+/// wait out the window. The window here is a minute: without the patience the second
+/// fetch would stall out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_serves_a_node_that_knows_no_other_holder_after_its_patience() -> anyhow::Result<()> {
+    let data = blob_data(100_000, 2);
+    let seed = node(ServeLimits {
+        seed_window: Some(Duration::from_secs(60)),
+        ..ServeLimits::seed()
+    })?;
+    let blob = seed.store.put(&data)?;
+    let first = node(ServeLimits::default())?;
+    let second = node(ServeLimits::default())?;
+    first.fetcher.fetch(blob, &[seed.peer.clone()]).await?;
+    assert_eq!(seed.server.busy_answers(), 0);
+    let report = tokio::time::timeout(
+        Duration::from_secs(30),
+        second.fetcher.fetch(blob, &[seed.peer.clone()]),
+    )
+    .await
+    .context("the second fetch waited out the seed's window")??;
+    assert!(
+        seed.server.busy_answers() > 0,
+        "the second node was held out first"
+    );
+    assert_eq!(
+        report.bytes_by_peer.get(&seed.peer.node_id),
+        Some(&(data.len() as u64))
+    );
+    assert_eq!(second.store.read(&blob.id)?, data);
+    Ok(())
+}
+
 /// A worker keeps small outputs in a pack of its blob store, not a file each; a coordinator
 /// that lost them fetches them by hash from that worker as it would any blob.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
