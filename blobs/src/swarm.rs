@@ -50,8 +50,15 @@ pub struct ServeLimits {
 /// the requesters before them, so the one whose chunk went to a later requester would
 /// otherwise wait out the whole window (3 s; seen as a stalled start of a tiny-task job).
 /// A node that does know a holder sees its chunks within a `Have` interval (250 ms plus
-/// jitter) and has them before this.
+/// jitter) and has them before this. Only for blobs of at most [`SEED_PATIENCE_MAX_CHUNKS`]:
+/// on a big blob a crowd starting at once is held out far longer than this while it passes
+/// chunks around, and serving it would undo the window (an 8 MiB module went from 1.00 to
+/// 2.5-5.4 copies in `cargo bench --bench netswarm`).
 pub const SEED_PATIENCE: Duration = Duration::from_millis(500);
+
+/// The largest blob, in chunks, that [`SEED_PATIENCE`] applies to (1 MiB: a typical module
+/// of small tasks). Each node held out of it costs the seed at most this much.
+pub const SEED_PATIENCE_MAX_CHUNKS: u64 = 4;
 
 impl Default for ServeLimits {
     fn default() -> Self {
@@ -283,7 +290,7 @@ impl BlobServer {
             return Ok(send.finish()?);
         }
         let upload = match self.inner.uploads.clone().try_acquire_owned() {
-            Ok(permit) if self.seed_claim(peer, id, start..end) => Some(permit),
+            Ok(permit) if self.seed_claim(peer, id, chunks, start..end) => Some(permit),
             _ => None,
         };
         let Some(_upload) = upload else {
@@ -350,9 +357,16 @@ impl Drop for SentTo<'_> {
 }
 
 impl BlobServer {
-    /// Seed mode: claim chunks `run` of `id` for `peer`, unless another node got one of them
-    /// within the window.
-    fn seed_claim(&self, peer: Option<NodeId>, id: BlobId, run: std::ops::Range<u64>) -> bool {
+    /// Seed mode: claim chunks `run` of `id` (`chunks` in all) for `peer`, unless another
+    /// node got one of them within the window (and `peer` has not waited out
+    /// [`SEED_PATIENCE`]).
+    fn seed_claim(
+        &self,
+        peer: Option<NodeId>,
+        id: BlobId,
+        chunks: u64,
+        run: std::ops::Range<u64>,
+    ) -> bool {
         let (Some(window), Some(peer)) = (self.inner.limits.seed_window, peer) else {
             return true;
         };
@@ -366,7 +380,8 @@ impl BlobServer {
                 .get(&(id, i))
                 .is_some_and(|(who, at)| *who != peer && now.duration_since(*at) < window)
         });
-        if taken && !self.waited_enough(peer, id, now, window) {
+        let small = chunks <= SEED_PATIENCE_MAX_CHUNKS;
+        if taken && !(small && self.waited_enough(peer, id, now, window)) {
             return false;
         }
         if recent.len() > 100_000 {

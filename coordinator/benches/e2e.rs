@@ -10,6 +10,13 @@
 //!     guest start, mean) over a second job of the same module (after the first finished, or
 //!     was cancelled at the time limit). Baseline: a bare
 //!     `Sandbox::run` of the same task (instantiate + run), median.
+//! (d) **Tiny tasks on separate hosts**, the way users run them: real `coordinator serve
+//!     --policy trusting` and `W` real `worker join --slots S` processes, each on its own
+//!     host of a [`netsim`] lab (network namespaces, a router between the public
+//!     documentation /24s), and the scientist's `coordinator submit --wait` on another; the
+//!     same `N` tiny tasks, timed from the start of `submit` until the coordinator's store
+//!     records the last task decided. Same baseline as (a). Needs root: otherwise one
+//!     `skipped` line. `PEERGRID_BENCH_E2E_HOSTS=0` skips it; not run in smoke mode.
 //! (c) **Idle worker memory**: the real `worker join` binary (`target/<profile>/worker`)
 //!     against an in-process coordinator, idle for 3 s, `VmRSS` from `/proc`. Baseline: the
 //!     RSS of `sleep`.
@@ -19,6 +26,9 @@
 //! `PEERGRID_BENCH_E2E_SECS` (time limit of the throughput job; what was reached is printed).
 //!
 //! The logic is `run(smoke)`, so `coordinator/tests/bench_smoke.rs` runs it in `cargo test`.
+
+#[path = "../tests/common/netgrid.rs"]
+mod netgrid;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -227,6 +237,17 @@ pub fn run(smoke: bool) -> anyhow::Result<Report> {
     let o = rt.block_on(end_to_end(&s, &module, TrustPolicy::open_pool()))?;
     let open_tps = o.accepted as f64 / o.elapsed.as_secs_f64();
     show("end to end, quorum 2, open policy (default)", &o, open_tps);
+    let hosts = if smoke || std::env::var_os("PEERGRID_BENCH_E2E_HOSTS").is_some_and(|v| v == "0") {
+        None
+    } else {
+        match on_hosts(&s, &module) {
+            Ok(h) => h,
+            Err(e) => {
+                println!("end to end on separate hosts: FAILED: {e:#}");
+                None
+            }
+        }
+    };
     match e.latency_mean_us {
         Some(l) => println!(
             "{:<44} {:>10.1} µs mean over {} replicas (WorkerStats)",
@@ -267,6 +288,25 @@ pub fn run(smoke: bool) -> anyhow::Result<Report> {
         target: ">= 10000 tasks/s".into(),
         met: Some(tps >= 10_000.0),
     }];
+    if let Some(h) = &hosts {
+        rows.push(Row {
+            what: format!(
+                "e2e tiny tasks/s, quorum 2, separate hosts ({} `worker join` x {} slots, network namespaces, {} tasks)",
+                s.workers, s.slots, s.tasks
+            ),
+            result: h.tasks_per_s,
+            unit: "tasks/s",
+            baseline: Some((
+                baseline_tps,
+                format!(
+                    "{} tasks/s (sandbox only, 1 thread x2)",
+                    fmt_num(baseline_tps, "")
+                ),
+            )),
+            target: ">= 10000 tasks/s".into(),
+            met: Some(h.tasks_per_s >= 10_000.0),
+        });
+    }
     rows.push(Row {
         what: format!(
             "e2e tiny tasks/s under serve's default open policy ({} workers x {} slots)",
@@ -461,6 +501,161 @@ async fn end_to_end(s: &Sizes, module: &[u8], policy: TrustPolicy) -> anyhow::Re
         latency_mean_us,
         latency_count,
     })
+}
+
+/// What (d) measured.
+struct Hosts {
+    tasks_per_s: f64,
+}
+
+/// (d): the tiny job on separate hosts, real processes (see the module doc). `None` when
+/// this machine cannot build a network lab (not root, say).
+fn on_hosts(s: &Sizes, module: &[u8]) -> anyhow::Result<Option<Hosts>> {
+    use std::process::Stdio;
+    let mut lab = match netsim::Lab::new() {
+        Ok(l) => l,
+        Err(e) => {
+            println!(
+                "end to end on separate hosts: skipped: {}",
+                format!("{e:#}").replace('\n', " ")
+            );
+            return Ok(None);
+        }
+    };
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_coordinator"));
+    let worker_bin = netsim::workspace_bin(&bin, "worker", |l| println!("e2e: {l}"))?;
+    let coord_host = lab.public_host("coord", 0)?;
+    let sci = lab.public_host("sci", 2)?;
+    let hosts: Vec<netsim::Host> = (0..s.workers)
+        .map(|i| lab.public_host(&format!("w{i}"), i % 3))
+        .collect::<anyhow::Result<_>>()?;
+    let dir = tempfile::Builder::new()
+        .prefix("peergrid-e2e-hosts-")
+        .tempdir()?;
+    let dir = dir.path();
+    let jd = dir.join("job");
+    std::fs::create_dir_all(&jd)?;
+    std::fs::write(jd.join("tiny.wasm"), module)?;
+    let l = limits();
+    let mut toml = format!(
+        "name = \"tiny\"\nmodule = \"tiny.wasm\"\nquorum = {}\nmax_replicas = {}\nfuel = {}\nmemory_mb = {}\nmax_output = {}\ndeadline_secs = {}\n",
+        l.quorum, l.max_replicas, l.fuel, l.memory_mb, l.max_output, l.deadline_secs
+    );
+    for i in 0..s.tasks {
+        toml.push_str(&format!("[[task]]\nargs = [\"{i}\"]\n"));
+    }
+    std::fs::write(jd.join("job.toml"), toml)?;
+    let (_coord, ticket, token) = netgrid::start_coordinator(
+        &bin,
+        &coord_host,
+        dir,
+        "info",
+        &["--policy", "trusting"],
+        Duration::from_secs(120),
+    )?;
+    let mut workers = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let mut cmd = h.command(&worker_bin);
+        cmd.args([
+            "join",
+            &ticket,
+            "--slots",
+            &s.slots.to_string(),
+            "--data-dir",
+        ])
+        .arg(dir.join(format!("worker-{i}")))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("worker-{i}.log")))?);
+        workers.push(netsim::Proc::spawn(&format!("worker-{i}"), &mut cmd)?);
+    }
+    let t = Instant::now();
+    loop {
+        let mut c = netgrid::cli(&bin, &sci, &ticket, &token, "status");
+        c.arg("--json");
+        let on = netsim::run_with_timeout(&mut c, Duration::from_secs(60))
+            .ok()
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .and_then(|v| v["workers"].as_array().cloned())
+            .map(|w| w.iter().filter(|w| w["connected"] == true).count())
+            .unwrap_or(0);
+        if on >= hosts.len() {
+            break;
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(120),
+            "only {on} of {} workers connected",
+            hosts.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (out, err) = (dir.join("submit.out.log"), dir.join("submit.log"));
+    let start_ms = coordinator::server::engine::now_ms();
+    let mut sub = netgrid::spawn_submit(
+        &bin,
+        &sci,
+        &ticket,
+        &token,
+        &jd.join("job.toml"),
+        &out,
+        &err,
+    )?;
+    let t = Instant::now();
+    let code = loop {
+        if let Some(code) = sub.exited() {
+            break code;
+        }
+        anyhow::ensure!(
+            t.elapsed() < s.limit * 4,
+            "job not done within {:?}",
+            s.limit * 4
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let end =
+        netgrid::last_json(&std::fs::read_to_string(&out).unwrap_or_default()).unwrap_or_default();
+    anyhow::ensure!(
+        code.success() && end["state"] == "done",
+        "the job did not complete ({code}): {end}; see {}",
+        err.display()
+    );
+    // When the last task was decided, from the store (the CLI polls, so its exit is late).
+    let db = rusqlite::Connection::open_with_flags(
+        dir.join("coord").join("coordinator.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    let (accepted, first_ms, last_ms): (u32, i64, i64) = db.query_row(
+        "SELECT count(*), min(decided_ms), max(decided_ms) FROM tasks WHERE state = 'accepted'",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    let created_ms: i64 = db.query_row("SELECT min(created_ms) FROM jobs", [], |r| r.get(0))?;
+    let since = |ms: i64| (ms as u64).saturating_sub(start_ms) as f64 / 1000.0;
+    println!(
+        "  on hosts: job created {:.2} s after submit started, first task decided {:.2} s, last {:.2} s",
+        since(created_ms),
+        since(first_ms),
+        since(last_ms)
+    );
+    anyhow::ensure!(
+        accepted == s.tasks,
+        "{accepted} of {} tasks accepted",
+        s.tasks
+    );
+    let secs = (last_ms as u64).saturating_sub(start_ms) as f64 / 1000.0;
+    let tps = accepted as f64 / secs.max(1e-3);
+    println!(
+        "{:<44} {:>10.0} tasks/s  ({accepted}/{} accepted in {secs:.2} s; {} `worker join` x {} slots on their own hosts, `serve --policy trusting`)",
+        "end to end on separate hosts, quorum 2",
+        tps,
+        s.tasks,
+        s.workers,
+        s.slots
+    );
+    drop(workers);
+    Ok(Some(Hosts { tasks_per_s: tps }))
 }
 
 /// Poll until the job ends or `deadline` passes; returns the last status.

@@ -330,6 +330,9 @@ pub struct Core {
     /// Workers recently handed a task whose blob they did not hold (they are fetching it,
     /// and serve the chunks they have), newest last, with when. Not persisted: a hint.
     pub(crate) fetching: HashMap<BlobId, VecDeque<(NodeId, u64)>>,
+    /// A new job woke only the idle super-peers (see [`Core::wake_for_new_job`]): the
+    /// first of them handed a replica wakes the other idle workers.
+    pub(crate) wake_rest_on_assign: bool,
     /// Connected anchors (trusted workers).
     pub(crate) anchors: usize,
     /// Slots of connected workers (each clamped as in [`Core::hello`]): the divisor of a
@@ -375,6 +378,7 @@ impl Core {
             deadlines: BTreeSet::new(),
             holders: HashMap::new(),
             fetching: HashMap::new(),
+            wake_rest_on_assign: false,
             anchors: 0,
             connected_slots: 0,
             roster: indexmap::IndexSet::new(),
@@ -878,7 +882,11 @@ impl Core {
     pub fn tick(&mut self, now: u64) {
         self.end_holds(now);
         // A deal that lapsed since the last tick left its replica to anyone: wake the idle.
-        if self.deals.lapses_between(self.last_tick_ms, now) {
+        // So does a new job whose super-peers took nothing within a tick (another engine
+        // class, say): the rest are not left to their retry hint.
+        if self.deals.lapses_between(self.last_tick_ms, now)
+            || std::mem::take(&mut self.wake_rest_on_assign)
+        {
             self.wake_idle();
         }
         self.last_tick_ms = self.last_tick_ms.max(now);
@@ -1066,10 +1074,9 @@ impl Core {
             determinism,
             created_ms: now,
         });
+        let module = manifest.module.id;
         self.insert_job(id, manifest, determinism, JobState::Running);
-        // Workers whose last request found nothing would otherwise wait out their retry
-        // hint (seconds) before they see the new tasks.
-        self.wake_idle();
+        self.wake_for_new_job(module, now);
         (id, n)
     }
 

@@ -56,7 +56,7 @@ use tasks::wire::{Assignment, JobState, PeerAddr};
 use tasks::{BlobId, JobId, NodeId, TaskId};
 
 use super::validator::Need;
-use super::{Core, Notice, TaskPhase};
+use super::{Core, Notice, TaskPhase, Worker};
 use crate::store::{Mutation, ReplicaPhase};
 
 /// Retry hint for a worker refused only because it holds its cap of replicas.
@@ -118,7 +118,7 @@ impl Core {
         let cap = self.cfg.policy.allowance(&w.rep, slots, w.lost);
         let cap = cap.min(self.fair_share(slots));
         let counts_undecided = self.cfg.policy.cap_counts_undecided;
-        let held = move |w: &super::Worker| {
+        let held = move |w: &Worker| {
             (w.in_flight.len() as u32).saturating_add(if counts_undecided {
                 w.undecided
             } else {
@@ -524,6 +524,10 @@ impl Core {
         for b in blobs {
             self.note_fetching(b, worker, now);
         }
+        if self.wake_rest_on_assign && self.workers.get(&worker).is_some_and(|w| w.reachable) {
+            self.wake_rest_on_assign = false;
+            self.wake_idle();
+        }
         // Workers behind the requester's own NAT (the same public address) cannot be reached
         // through it (few NATs hairpin): listing them would only cost connect timeouts.
         let me = self.workers.get(&worker).and_then(|w| w.peer_addr);
@@ -714,6 +718,45 @@ impl Core {
     pub(crate) fn wake_idle(&mut self) {
         for i in 0..self.roster.len() {
             self.wake(self.roster[i]);
+        }
+    }
+
+    /// A job was added: idle workers would otherwise wait out their retry hint (seconds)
+    /// before they see its tasks. Directly reachable ones (super-peers) are woken first;
+    /// the others when the first super-peer is handed a replica (see [`Self::assign`]), so
+    /// that their assignments list super-peers fetching the module. With no idle
+    /// super-peer, everyone is woken at once.
+    ///
+    /// Each woken worker is also noted as fetching `module` (it is about to): the first to
+    /// be handed a replica is then pointed at the others, not at the seed alone. Woken all
+    /// at once, the first requesters knew only the seed, which held them out of the chunks
+    /// it had just sent the others (netswarm, NAT topology: 2 of 4 runs took 9 s to
+    /// distribute the module and the seed sent 3 copies, against 1.3-1.5 s and 1 copy).
+    pub(crate) fn wake_for_new_job(&mut self, module: BlobId, now: u64) {
+        let idle = |w: &Worker| w.waiting_for_work && w.connected;
+        let supers: Vec<NodeId> = self
+            .roster
+            .iter()
+            .filter(|id| {
+                self.workers
+                    .get(*id)
+                    .is_some_and(|w| idle(w) && w.reachable)
+            })
+            .copied()
+            .collect();
+        let woken = if supers.is_empty() {
+            self.roster
+                .iter()
+                .filter(|id| self.workers.get(*id).is_some_and(idle))
+                .copied()
+                .collect()
+        } else {
+            self.wake_rest_on_assign = true;
+            supers
+        };
+        for w in woken {
+            self.note_fetching(module, w, now);
+            self.wake(w);
         }
     }
 

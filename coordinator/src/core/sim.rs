@@ -2224,6 +2224,14 @@ fn an_idle_worker_is_woken_when_a_replica_is_dealt_to_it() {
         // One task of quorum 2: A takes the first replica (the last fresh task is never
         // dealt away), the partner replica is dealt or left to anyone.
         let (job, _) = core.add_job(manifest("job", 1, 2, 6, 600), 2);
+        // The new job wakes every idle worker (none is a super-peer here). Say their next
+        // requests, each finding nothing, came in just before A's.
+        let mut all = idle.clone();
+        all.sort();
+        assert_eq!(rooms(&mut core), all, "a new job wakes the idle");
+        for w in &idle {
+            core.workers.get_mut(w).unwrap().waiting_for_work = true;
+        }
         assert_eq!(core.request_work(a, 1, 3).assignments.len(), 1);
         let woken = rooms(&mut core);
         let deal = core.deals.get(TaskId { job, index: 0 });
@@ -2288,4 +2296,66 @@ fn rooms(core: &mut Core) -> Vec<NodeId> {
         .collect();
     v.sort();
     v
+}
+
+/// A new job wakes idle workers at once rather than after their retry hint: directly
+/// reachable ones (super-peers) first, and the others once a super-peer has been handed a
+/// replica, so their assignment lists it as a peer fetching the module (a worker behind a
+/// NAT that knew only the seed would wait while super-peers fetch). The woken count as
+/// fetching the module, so even the first one handed it knows the others. Without an idle
+/// super-peer, everyone is woken at once.
+#[test]
+fn a_new_job_wakes_idle_super_peers_first_then_the_rest() {
+    let addr = |i: u8| -> Option<std::net::SocketAddr> {
+        Some(format!("198.51.100.{i}:7000").parse().unwrap())
+    };
+    let public: Vec<NodeId> = (1..=2).map(node).collect();
+    let natted: Vec<NodeId> = (3..=4).map(node).collect();
+    for reachable_exists in [true, false] {
+        let mut core = dealing_core(3, false, 2_000);
+        for (i, w) in public.iter().chain(&natted).enumerate() {
+            core.hello(*w, &fp(Kind::Honest), 1, addr(i as u8 + 1), &[], 0);
+            assert!(core.request_work(*w, 1, 1).assignments.is_empty());
+        }
+        if reachable_exists {
+            for w in &public {
+                core.set_reachable(*w, true);
+            }
+        }
+        assert!(rooms(&mut core).is_empty());
+        core.add_job(manifest("job", 8, 2, 6, 600), 2);
+        let mut everyone: Vec<NodeId> = public.iter().chain(&natted).copied().collect();
+        everyone.sort();
+        if !reachable_exists {
+            assert_eq!(
+                rooms(&mut core),
+                everyone,
+                "no super-peer: all woken at once"
+            );
+            continue;
+        }
+        let mut supers = public.clone();
+        supers.sort();
+        assert_eq!(rooms(&mut core), supers, "super-peers are woken first");
+        let got = core.request_work(public[0], 1, 3);
+        assert_eq!(got.assignments.len(), 1);
+        let peers: Vec<NodeId> = got.assignments[0].peers.iter().map(|p| p.node_id).collect();
+        assert!(
+            peers.contains(&public[1]),
+            "the first one handed the module is pointed at the other woken super-peer: {peers:?}"
+        );
+        let mut rest = natted.clone();
+        rest.sort();
+        assert_eq!(
+            rooms(&mut core),
+            rest,
+            "a super-peer handed a replica wakes the rest"
+        );
+        let got = core.request_work(natted[0], 1, 4);
+        let peers: Vec<NodeId> = got.assignments[0].peers.iter().map(|p| p.node_id).collect();
+        assert!(
+            peers.contains(&public[0]),
+            "the NATed worker is pointed at the super-peer fetching the module: {peers:?}"
+        );
+    }
 }
