@@ -633,10 +633,19 @@ fn on_hosts(s: &Sizes, module: &[u8]) -> anyhow::Result<Option<Hosts>> {
     )?;
     let created_ms: i64 = db.query_row("SELECT min(created_ms) FROM jobs", [], |r| r.get(0))?;
     let since = |ms: i64| (ms as u64).saturating_sub(start_ms) as f64 / 1000.0;
+    let decided: Vec<i64> = db
+        .prepare("SELECT decided_ms FROM tasks WHERE state = 'accepted' ORDER BY decided_ms")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let at = |q: f64| since(decided[((decided.len() - 1) as f64 * q) as usize]);
     println!(
-        "  on hosts: job created {:.2} s after submit started, first task decided {:.2} s, last {:.2} s",
+        "  on hosts: job created {:.2} s after submit started, first task decided {:.2} s, 10% {:.2} s, 50% {:.2} s, 90% {:.2} s, 99% {:.2} s, last {:.2} s",
         since(created_ms),
         since(first_ms),
+        at(0.1),
+        at(0.5),
+        at(0.9),
+        at(0.99),
         since(last_ms)
     );
     anyhow::ensure!(
