@@ -38,13 +38,12 @@
 #[path = "../tests/common/netgrid.rs"]
 mod netgrid;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use netsim::{Host, Lab, Proc};
+use netsim::{Host, Lab};
 use serde_json::Value;
 
 const START_GUARD: Duration = Duration::from_secs(120);
@@ -293,46 +292,19 @@ fn job(
         &["--policy", policy],
         START_GUARD,
     )?;
-    let mut workers: Vec<Proc> = Vec::new();
-    for (i, h) in hosts.iter().enumerate() {
-        let mut cmd = h.command(worker_bin);
-        // Normal priority, as the baseline's `worker exec` runs: at the default idle
-        // priority the replicas would yield to whatever else this shared machine runs.
-        cmd.args([
-            "join",
-            &ticket,
-            "--slots",
-            "1",
-            "--priority",
-            "normal",
-            "--data-dir",
-        ])
-        .arg(dir.join(format!("worker-{i}")))
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(File::create(dir.join(format!("worker-{i}.log")))?);
-        workers.push(Proc::spawn(&format!("worker-{i}"), &mut cmd)?);
-    }
-    let t = Instant::now();
-    loop {
-        let mut c = netgrid::cli(bin, sci, &ticket, &token, "status");
-        c.arg("--json");
-        let on = netsim::run_with_timeout(&mut c, Duration::from_secs(60))
-            .ok()
-            .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
-            .and_then(|s| s["workers"].as_array().cloned())
-            .map(|w| w.iter().filter(|w| w["connected"] == true).count())
-            .unwrap_or(0);
-        if on >= hosts.len() {
-            break;
-        }
-        if t.elapsed() > START_GUARD {
-            bail!("only {on} of {} workers connected", hosts.len());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // Normal priority, as the baseline's `worker exec` runs: at the default idle priority
+    // the replicas would yield to whatever else this shared machine runs.
+    let workers = netgrid::start_workers(
+        bin,
+        worker_bin,
+        sci,
+        hosts,
+        &ticket,
+        &token,
+        &["--slots", "1", "--priority", "normal"],
+        dir,
+        START_GUARD,
+    )?;
     let (out, err) = (dir.join("submit.out.log"), dir.join("submit.log"));
     let t = Instant::now();
     let mut sub =

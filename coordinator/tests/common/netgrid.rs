@@ -146,6 +146,55 @@ pub fn spawn_worker(
     Proc::spawn(name, &mut cmd)
 }
 
+/// `worker join TICKET` with `args` (say `--slots 2`) and `--data-dir DIR/worker-<i>` on
+/// each of `hosts`, `RUST_LOG=info`, stderr to `DIR/worker-<i>.log`; then wait (through the
+/// submitter CLI on `sci`, `status --json`) until all are connected, at most `guard`.
+#[allow(clippy::too_many_arguments)]
+pub fn start_workers(
+    bin: &Path,
+    worker_bin: &Path,
+    sci: &Host,
+    hosts: &[Host],
+    ticket: &str,
+    token: &str,
+    args: &[&str],
+    dir: &Path,
+    guard: Duration,
+) -> Result<Vec<Proc>> {
+    let mut workers = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        let mut cmd = h.command(worker_bin);
+        cmd.args(["join", ticket])
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.join(format!("worker-{i}")))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(dir.join(format!("worker-{i}.log")))?);
+        workers.push(Proc::spawn(&format!("worker-{i}"), &mut cmd)?);
+    }
+    let t = Instant::now();
+    loop {
+        let mut c = cli(bin, sci, ticket, token, "status");
+        c.arg("--json");
+        let on = netsim::run_with_timeout(&mut c, Duration::from_secs(60))
+            .ok()
+            .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+            .and_then(|s| s["workers"].as_array().cloned())
+            .map(|w| w.iter().filter(|w| w["connected"] == true).count())
+            .unwrap_or(0);
+        if on >= hosts.len() {
+            return Ok(workers);
+        }
+        if t.elapsed() > guard {
+            bail!("only {on} of {} workers connected", hosts.len());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The submitter CLI on `host`: `coordinator CMD --to TICKET --token TOKEN` (`bin`: the
 /// coordinator binary) with `RUST_LOG=warn`, for the caller to add arguments and run.
 pub fn cli(bin: &Path, host: &Host, ticket: &str, token: &str, cmd: &str) -> Command {
