@@ -10,6 +10,9 @@
 //!     guest start, mean) over a second job of the same module (after the first finished, or
 //!     was cancelled at the time limit). Baseline: a bare
 //!     `Sandbox::run` of the same task (instantiate + run), median.
+//! (c) **Idle worker memory**: the real `worker join` binary (`target/<profile>/worker`)
+//!     against an in-process coordinator, idle for 3 s, `VmRSS` from `/proc`. Baseline: the
+//!     RSS of `sleep`.
 //! (d) **Tiny tasks on separate hosts**, the way users run them: real `coordinator serve
 //!     --policy trusting` and `W` real `worker join --slots S` processes, each on its own
 //!     host of a [`netsim`] lab (network namespaces, a router between the public
@@ -17,13 +20,12 @@
 //!     same `N` tiny tasks, timed from the start of `submit` until the coordinator's store
 //!     records the last task decided. Same baseline as (a). Needs root: otherwise one
 //!     `skipped` line. `PEERGRID_BENCH_E2E_HOSTS=0` skips it; not run in smoke mode.
-//! (c) **Idle worker memory**: the real `worker join` binary (`target/<profile>/worker`)
-//!     against an in-process coordinator, idle for 3 s, `VmRSS` from `/proc`. Baseline: the
-//!     RSS of `sleep`.
 //!
 //! Prints a human table and, for `bench.sh`, one `BENCH|what|result|baseline|ratio|target|met`
 //! line per row. Env: `PEERGRID_BENCH_SMOKE=1` (tiny sizes), `PEERGRID_BENCH_E2E_TASKS`,
-//! `PEERGRID_BENCH_E2E_SECS` (time limit of the throughput job; what was reached is printed).
+//! `PEERGRID_BENCH_E2E_SECS` (time limit of the throughput job; what was reached is printed),
+//! `PEERGRID_BENCH_E2E_TAIL=1` (print the in-process job's last 1% as it went, and, if it
+//! stopped at the time limit, every replica of its pending tasks from the store).
 //!
 //! The logic is `run(smoke)`, so `coordinator/tests/bench_smoke.rs` runs it in `cargo test`.
 
