@@ -493,7 +493,7 @@ struct Daemon {
 /// tasks do not wait for a round trip to the coordinator...
 const PREFETCH_COVER: Duration = Duration::from_millis(250);
 /// ...within these bounds per slot.
-const PREFETCH_PER_SLOT: (usize, usize) = (2, 64);
+const PREFETCH_PER_SLOT: (usize, usize) = (2, 128);
 /// A `Reports` frame is cut at about this many bytes of inline output (frames max 8 MiB).
 const REPORTS_FRAME_BYTES: u64 = 2 << 20;
 

@@ -185,7 +185,7 @@ impl Default for TrustPolicy {
             ban_min_invalid: 3,
             ban_score: 0.5,
             probation_score: 0.8,
-            in_flight_per_slot: 64,
+            in_flight_per_slot: 128,
             trust_min_valid: 10,
             prefer_anchors: true,
             untrusted_extra: 0,
@@ -433,7 +433,7 @@ mod tests {
             0,
             "banned after repeated wrong answers"
         );
-        for _ in 0..200 {
+        for _ in 0..1000 {
             r.record_valid();
         }
         assert_eq!(
