@@ -733,30 +733,21 @@ impl Core {
     /// it had just sent the others (netswarm, NAT topology: 2 of 4 runs took 9 s to
     /// distribute the module and the seed sent 3 copies, against 1.3-1.5 s and 1 copy).
     pub(crate) fn wake_for_new_job(&mut self, module: BlobId, now: u64) {
-        let idle = |w: &Worker| w.waiting_for_work && w.connected;
-        let supers: Vec<NodeId> = self
+        let idle: Vec<(NodeId, bool)> = self
             .roster
             .iter()
-            .filter(|id| {
-                self.workers
-                    .get(*id)
-                    .is_some_and(|w| idle(w) && w.reachable)
+            .filter_map(|id| {
+                let w = self.workers.get(id)?;
+                (w.waiting_for_work && w.connected).then_some((*id, w.reachable))
             })
-            .copied()
             .collect();
-        let woken = if supers.is_empty() {
-            self.roster
-                .iter()
-                .filter(|id| self.workers.get(*id).is_some_and(idle))
-                .copied()
-                .collect()
-        } else {
-            self.wake_rest_on_assign = true;
-            supers
-        };
-        for w in woken {
-            self.note_fetching(module, w, now);
-            self.wake(w);
+        let supers_first = idle.iter().any(|&(_, reachable)| reachable);
+        self.wake_rest_on_assign |= supers_first;
+        for (w, reachable) in idle {
+            if reachable || !supers_first {
+                self.note_fetching(module, w, now);
+                self.wake(w);
+            }
         }
     }
 

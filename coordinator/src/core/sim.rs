@@ -2311,7 +2311,8 @@ fn a_new_job_wakes_idle_super_peers_first_then_the_rest() {
     };
     let public: Vec<NodeId> = (1..=2).map(node).collect();
     let natted: Vec<NodeId> = (3..=4).map(node).collect();
-    for reachable_exists in [true, false] {
+    for case in ["supers take work", "supers take nothing", "no super-peer"] {
+        let reachable_exists = case != "no super-peer";
         let mut core = dealing_core(3, false, 2_000);
         for (i, w) in public.iter().chain(&natted).enumerate() {
             core.hello(*w, &fp(Kind::Honest), 1, addr(i as u8 + 1), &[], 0);
@@ -2337,6 +2338,17 @@ fn a_new_job_wakes_idle_super_peers_first_then_the_rest() {
         let mut supers = public.clone();
         supers.sort();
         assert_eq!(rooms(&mut core), supers, "super-peers are woken first");
+        let mut rest = natted.clone();
+        rest.sort();
+        if case == "supers take nothing" {
+            core.tick(1_000);
+            assert_eq!(
+                rooms(&mut core),
+                rest,
+                "the rest are woken at the next tick when no super-peer took a replica"
+            );
+            continue;
+        }
         let got = core.request_work(public[0], 1, 3);
         assert_eq!(got.assignments.len(), 1);
         let peers: Vec<NodeId> = got.assignments[0].peers.iter().map(|p| p.node_id).collect();
@@ -2344,8 +2356,6 @@ fn a_new_job_wakes_idle_super_peers_first_then_the_rest() {
             peers.contains(&public[1]),
             "the first one handed the module is pointed at the other woken super-peer: {peers:?}"
         );
-        let mut rest = natted.clone();
-        rest.sort();
         assert_eq!(
             rooms(&mut core),
             rest,

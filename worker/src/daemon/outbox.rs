@@ -57,8 +57,8 @@ pub struct Segment {
     pub reports: Vec<Report>,
     /// Bytes appended by [`Segment::persist`]; `None` until it succeeded.
     written: Option<u64>,
-    /// The log's handle (`None` for a file read back at open, never written).
-    file: Option<LogFile>,
+    /// The log's handle, opened by the first `persist` (files read back at open never are).
+    file: LogFile,
 }
 
 impl Segment {
@@ -82,23 +82,14 @@ impl Segment {
             }
             opts.open(&self.path)
         };
-        match &self.file {
-            Some(shared) => {
-                // One batch writes at a time (the lock), each record whole and in order.
-                let mut guard = shared.lock().unwrap_or_else(|e| e.into_inner());
-                if guard.is_none() {
-                    *guard = Some(open()?);
-                }
-                let f = guard.as_mut().expect("opened above");
-                f.write_all(&record)?;
-                f.sync_data()?;
-            }
-            None => {
-                let mut f = open()?;
-                f.write_all(&record)?;
-                f.sync_data()?;
-            }
+        // One batch writes at a time (the lock), each record whole and in order.
+        let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            *guard = Some(open()?);
         }
+        let f = guard.as_mut().expect("opened above");
+        f.write_all(&record)?;
+        f.sync_data()?;
         self.written = Some(record.len() as u64);
         Ok(())
     }
@@ -237,7 +228,7 @@ impl Outbox {
                     path,
                     reports,
                     written: None,
-                    file: None,
+                    file: LogFile::default(),
                 }),
                 Some(Err(e)) => {
                     tracing::warn!(file = %path.display(), "unreadable saved results ({e}); moving them aside");
@@ -272,7 +263,7 @@ impl Outbox {
             path,
             reports,
             written: None,
-            file: Some(file),
+            file,
         }
     }
 
