@@ -493,6 +493,25 @@ impl BlobStore {
     /// are only touched. A blob over one chunk ([`CHUNK_SIZE`]) is stored by [`Self::put`]
     /// instead (packs hold no outboards). Blocking: call it off the async threads.
     pub fn put_small_batch<B: AsRef<[u8]>>(&self, items: &[B]) -> Result<Vec<BlobRef>, StoreError> {
+        self.put_small(items, true)
+    }
+
+    /// [`Self::put_small_batch`] without the `fdatasync`: the batch is written (a killed
+    /// process loses nothing) but a crash of the machine can lose it, or tear the pack's last
+    /// records, which opening the store drops. For copies that are not the only one (a
+    /// worker's copies of outputs it already reported inline).
+    pub fn put_small_batch_unsynced<B: AsRef<[u8]>>(
+        &self,
+        items: &[B],
+    ) -> Result<Vec<BlobRef>, StoreError> {
+        self.put_small(items, false)
+    }
+
+    fn put_small<B: AsRef<[u8]>>(
+        &self,
+        items: &[B],
+        sync: bool,
+    ) -> Result<Vec<BlobRef>, StoreError> {
         let refs: Vec<BlobRef> = items.iter().map(|b| BlobRef::of(b.as_ref())).collect();
         let mut fresh: Vec<(BlobId, &[u8])> = Vec::new();
         let mut big = Vec::new();
@@ -517,15 +536,15 @@ impl BlobStore {
             self.put(data)?;
         }
         if !fresh.is_empty() {
-            self.append(&fresh)?;
+            self.append(&fresh, sync)?;
             self.evict(None);
         }
         Ok(refs)
     }
 
-    /// Append records to the current pack (starting a new pack past the limit), sync, then
-    /// index them.
-    fn append(&self, blobs: &[(BlobId, &[u8])]) -> Result<(), StoreError> {
+    /// Append records to the current pack (starting a new pack past the limit), sync (if
+    /// `sync`), then index them.
+    fn append(&self, blobs: &[(BlobId, &[u8])], sync: bool) -> Result<(), StoreError> {
         let mut writer = self.inner.writer.lock().unwrap();
         let mut buf = Vec::new();
         let mut placed = Vec::new();
@@ -536,7 +555,7 @@ impl BlobStore {
                 used > 0 && used + len > self.inner.pack_limit
             });
             if full {
-                self.flush(&mut writer, &mut buf, &mut placed)?;
+                self.flush(&mut writer, &mut buf, &mut placed, sync)?;
                 *writer = Some(self.start_pack()?);
             }
             let w = writer.as_ref().expect("a pack was just started");
@@ -547,17 +566,18 @@ impl BlobStore {
             ));
             pack::encode(&mut buf, id, data);
         }
-        self.flush(&mut writer, &mut buf, &mut placed)
+        self.flush(&mut writer, &mut buf, &mut placed, sync)
     }
 
-    /// Write and sync `buf` (the records `placed`) to the current pack, then index them. On a
-    /// write error the pack is cut back to its synced length and left: the next batch starts
-    /// a new one.
+    /// Write and sync (if `sync`) `buf` (the records `placed`) to the current pack, then
+    /// index them. On a write error the pack is cut back to its last good length and left:
+    /// the next batch starts a new one.
     fn flush(
         &self,
         writer: &mut Option<PackWriter>,
         buf: &mut Vec<u8>,
         placed: &mut Vec<(BlobId, u64, u64)>,
+        sync: bool,
     ) -> Result<(), StoreError> {
         use std::os::unix::fs::FileExt;
         let Some(w) = writer.as_mut() else {
@@ -566,10 +586,13 @@ impl BlobStore {
         if buf.is_empty() {
             return Ok(());
         }
-        let res = w
-            .file
-            .write_all_at(buf, w.len)
-            .and_then(|_| w.file.sync_data());
+        let res = w.file.write_all_at(buf, w.len).and_then(|_| {
+            if sync {
+                w.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
         if let Err(e) = res {
             let _ = w.file.set_len(w.len);
             let seq = w.seq;

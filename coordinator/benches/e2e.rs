@@ -24,6 +24,7 @@
 //! Prints a human table and, for `bench.sh`, one `BENCH|what|result|baseline|ratio|target|met`
 //! line per row. Env: `PEERGRID_BENCH_SMOKE=1` (tiny sizes), `PEERGRID_BENCH_E2E_TASKS`,
 //! `PEERGRID_BENCH_E2E_SECS` (time limit of the throughput job; what was reached is printed),
+//! `PEERGRID_BENCH_E2E_ONLY=hosts` (run part (d) alone: its lines, no table),
 //! `PEERGRID_BENCH_E2E_TAIL=1` (print the in-process job's last 1% as it went, and, if it
 //! stopped at the time limit, every replica of its pending tasks from the store).
 //!
@@ -178,8 +179,8 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// Run the whole benchmark once.
-pub fn run(smoke: bool) -> anyhow::Result<Report> {
-    let s = if smoke {
+fn sizes(smoke: bool) -> Sizes {
+    if smoke {
         Sizes {
             tasks: 200,
             latency_tasks: 40,
@@ -195,7 +196,11 @@ pub fn run(smoke: bool) -> anyhow::Result<Report> {
             slots: 2,
             limit: Duration::from_secs(env_num("PEERGRID_BENCH_E2E_SECS").unwrap_or(60)),
         }
-    };
+    }
+}
+
+pub fn run(smoke: bool) -> anyhow::Result<Report> {
+    let s = sizes(smoke);
     let module = tiny_module()?;
     println!(
         "e2e benchmark{}: {} tiny tasks x quorum 2, {} in-process workers x {} slots, one in-process coordinator, loopback QUIC, {} cores",
@@ -869,6 +874,12 @@ fn ratio_str(r: f64) -> String {
 #[allow(dead_code)]
 fn main() {
     let smoke = std::env::var_os("PEERGRID_BENCH_SMOKE").is_some_and(|v| v != "0");
+    if std::env::var_os("PEERGRID_BENCH_E2E_ONLY").is_some_and(|v| v == "hosts") {
+        // Part (d) alone (for A/B runs of two builds): its lines, no table.
+        let module = tiny_module().expect("the tiny module");
+        on_hosts(&sizes(false), &module).expect("e2e on separate hosts");
+        return;
+    }
     let report = run(smoke).expect("e2e benchmark");
     println!();
     for r in &report.rows {

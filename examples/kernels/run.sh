@@ -8,6 +8,17 @@
 #   BASE_WORKER=path/to/other/worker      also time another build (e.g. the previous release)
 #                                         in the `native` class, interleaved with the rest,
 #                                         and print its ratios beside WORKER's
+#   POLYBENCH=path/to/PolyBenchC-4.2.1    also run the external suite: the 30 kernels of
+#                                         PolyBench/C 4.2.1 (utilities/benchmark_list), not
+#                                         shipped here (download it from its authors)
+#   POLYBENCH_DATASET=LARGE               its dataset size (MINI, SMALL, MEDIUM, LARGE,
+#                                         EXTRALARGE)
+#   ONLY=name,name                        run only these kernels (e.g. ONLY=gemm,2mm)
+#
+# PolyBench kernels are built the same way (`-D<SIZE>_DATASET`, its utilities/polybench.c,
+# -lm; wasm also with wasi-libc's emulated process clocks, which its timer code includes).
+# The timed builds print nothing; a second build of each with POLYBENCH_DUMP_ARRAYS (its
+# arrays printed to stdout) is run once per side to check the outputs are byte-identical.
 #
 # C kernels: built with `clang -O2 -msimd128 --target=wasm32-wasi` (Debian's wasi-libc) and
 # natively with `clang -O2`. Samples: the committed .wasm (examples/build.sh: Debian's
@@ -38,8 +49,33 @@ for k in gemm 2mm heat-3d doitgen jacobi-2d; do
     "$CLANG" -O2 -msimd128 --target=wasm32-wasi --sysroot=/usr -isystem /usr/include/wasm32-wasi \
         -L/usr/lib/wasm32-wasi "$here/$k.c" -o "$work/$k.wasm"
     "$CLANG" -O2 "$here/$k.c" -o "$work/$k"
-    list+=("$k|$work/$k.wasm|$work/$k||")
+    list+=("own|$k|$work/$k.wasm|$work/$k||||")
 done
+if [ -n "${POLYBENCH:-}" ]; then
+    pb=$(cd "$POLYBENCH" && pwd)
+    [ -f "$pb/utilities/benchmark_list" ] || { echo "run.sh: POLYBENCH=$POLYBENCH has no utilities/benchmark_list (a PolyBench/C 4.2.1 tree?)" >&2; exit 2; }
+    size=${POLYBENCH_DATASET:-LARGE}
+    # The dump goes to stderr in PolyBench; the check builds send it to stdout, which is what
+    # `worker exec` captures as the task's output.
+    mkdir -p "$work/pbcheck"
+    sed 's/^#define POLYBENCH_DUMP_TARGET stderr/#define POLYBENCH_DUMP_TARGET stdout/' \
+        "$pb/utilities/polybench.h" > "$work/pbcheck/polybench.h"
+    while read -r src; do
+        k=$(basename "$src" .c)
+        d=$(dirname "$pb/$src")
+        for v in time check; do
+            inc=(-I "$pb/utilities" -I "$d")
+            extra=()
+            if [ $v = check ]; then inc=(-I "$work/pbcheck" "${inc[@]}"); extra=(-DPOLYBENCH_DUMP_ARRAYS); fi
+            "$CLANG" -O2 -msimd128 --target=wasm32-wasi --sysroot=/usr -isystem /usr/include/wasm32-wasi \
+                -L/usr/lib/wasm32-wasi -D_WASI_EMULATED_PROCESS_CLOCKS "${inc[@]}" "-D${size}_DATASET" "${extra[@]}" \
+                "$pb/utilities/polybench.c" "$pb/$src" -o "$work/pb-$k-$v.wasm" -lm -lwasi-emulated-process-clocks
+            "$CLANG" -O2 "${inc[@]}" "-D${size}_DATASET" "${extra[@]}" \
+                "$pb/utilities/polybench.c" "$pb/$src" -o "$work/pb-$k-$v" -lm
+        done
+        list+=("polybench|pb/$k|$work/pb-$k-time.wasm|$work/pb-$k-time|||$work/pb-$k-check.wasm|$work/pb-$k-check")
+    done < "$pb/utilities/benchmark_list"
+fi
 for s in primes pi mandelbrot seti; do
     d=$root/examples/$s
     args=$(sed -n 1p "$d/bench.args")
@@ -49,23 +85,26 @@ for s in primes pi mandelbrot seti; do
         continue
     fi
     "$NATIVE_RUSTC" -O -C codegen-units=1 "$d/$s.rs" -o "$work/$s" 2>/dev/null
-    list+=("$s|$d/$s.wasm|$work/$s|$args|${input:+$d/$input}")
+    list+=("sample|$s|$d/$s.wasm|$work/$s|$args|${input:+$d/$input}||")
 done
 
-python3 - "$WORKER" "$RUNS" "$work" "${BASE_WORKER:-}" "${list[@]}" <<'PY'
+python3 - "$WORKER" "$RUNS" "$work" "${BASE_WORKER:-}" "${ONLY:-}" "${list[@]}" <<'PY'
 import math, os, statistics, subprocess, sys, time
 worker, runs, work, base = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+only = set(x for x in sys.argv[5].split(",") if x)
 def timed(cmd, stdin):
     with open(stdin or os.devnull, "rb") as f:
         t = time.perf_counter()
         p = subprocess.run(cmd, stdin=f, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=True)
         return time.perf_counter() - t, p.stdout
 rows = []
-for item in sys.argv[5:]:
-    name, wasm, native, args, inp = item.split("|")
+for item in sys.argv[6:]:
+    suite, name, wasm, native, args, inp, check_wasm, check_native = item.split("|")
+    if only and name not in only:
+        continue
     args = args.split()
     cache = os.path.join(work, "cache")
-    sb = lambda cls, w=worker: [w, "exec", wasm, "--name", name, "--cache-dir", cache + ("-base" if w != worker else ""),
+    sb = lambda cls, w=worker, wasm=wasm: [w, "exec", wasm, "--name", name, "--cache-dir", cache + ("-base" if w != worker else ""),
                       "--determinism", cls, "--fuel", "1000000000000000", "--memory-mb", "1024",
                       "--max-output", "268435456"] + \
                      (["--input", inp] if inp else []) + [a for x in args for a in ("--arg", x)]
@@ -77,24 +116,39 @@ for item in sys.argv[5:]:
         out = timed(cmds[c], inp)[1]
         if out != want:
             sys.exit(f"{name}: {c} output differs from the native build")
+    if check_wasm:  # the timed builds print nothing: compare the dumps of the check builds
+        want = timed([check_native], inp)[1]
+        for cls in ("native", "portable"):
+            out = timed(sb(cls, wasm=check_wasm), inp)[1]
+            if out != want:
+                sys.exit(f"{name}: the `{cls}` class's array dump differs from the native build's")
+        if not want:
+            sys.exit(f"{name}: the check build printed nothing")
     t = {c: [] for c in cmds}
     for _ in range(runs):
         for c in cmds:
             t[c].append(timed(cmds[c], inp)[0])
     m = {c: statistics.median(v) for c, v in t.items()}
-    rows.append((name, m["native"], m["sb-native"], m["sb-portable"], m.get("base-native")))
+    rows.append((name, m["native"], m["sb-native"], m["sb-portable"], m.get("base-native"), suite))
     print(f"{name:10} native {m['native']:.3f} s  native class {m['sb-native']:.3f} s ({m['sb-native']/m['native']:.2f}x)"
           f"  portable class {m['sb-portable']:.3f} s ({m['sb-portable']/m['native']:.2f}x)"
           + (f"  BASE_WORKER native class {m['base-native']:.3f} s ({m['base-native']/m['native']:.2f}x)" if base else ""),
           flush=True)
-g = lambda i: math.exp(sum(math.log(r[i] / r[1]) for r in rows) / len(rows))
+if not rows:
+    sys.exit("run.sh: no kernel selected")
+g = lambda i, rs=rows: math.exp(sum(math.log(r[i] / r[1]) for r in rs) / len(rs))
+for label, rs in [("own kernels and samples", [r for r in rows if r[5] != "polybench"]),
+                  ("PolyBench/C", [r for r in rows if r[5] == "polybench"])]:
+    if rs and len(rs) < len(rows):
+        print(f"geo-mean over {len(rs)} ({label}): native class {g(2, rs):.2f}x, portable class {g(3, rs):.2f}x"
+              + (f"; BASE_WORKER native class {g(4, rs):.2f}x" if base else ""))
 print(f"geo-mean over {len(rows)}: native class {g(2):.2f}x, portable class {g(3):.2f}x (target <= 1.15x for native)"
       + (f"; BASE_WORKER native class {g(4):.2f}x" if base else ""))
 print()
 extra = " BASE_WORKER, `native` class | ratio |" if base else ""
 print("| kernel | native | sandbox, `native` class | ratio | sandbox, `portable` class | ratio |" + extra)
 print("|---|---|---|---|---|---|" + ("---|---|" if base else ""))
-for n, a, b, c, d in rows:
+for n, a, b, c, d, _ in rows:
     print(f"| {n} | {a:.3f} s | {b:.3f} s | {b/a:.2f}x | {c:.3f} s | {c/a:.2f}x |"
           + (f" {d:.3f} s | {d/a:.2f}x |" if base else ""))
 print(f"| **geo-mean** | | | **{g(2):.2f}x** | | **{g(3):.2f}x** |" + (f" | **{g(4):.2f}x** |" if base else ""))

@@ -305,6 +305,7 @@ pub async fn run(
         saving: 0,
         saving_replicas: Vec::new(),
         task_secs: None,
+        sync_budget: outbox::SyncBudget::default(),
         copy_tx,
     };
     // `worker pause` outlives a restart (a reboot included) until `worker resume`.
@@ -338,8 +339,10 @@ const COPIES_PER_BATCH: usize = 256;
 /// a time on one blocking thread, until the daemon drops its sender. One writer, not a
 /// blocking task per output: concurrent file creations in the one blob directory contended
 /// for its lock, and each woke a thread of the blocking pool. A batch is one append to the
-/// store's current pack and one `fdatasync` ([`BlobStore::put_small_batch`]): a file per
-/// output was half of the worker's time on tiny tasks (ext4 allocating inodes).
+/// store's current pack ([`BlobStore::put_small_batch_unsynced`]): a file per output was half
+/// of the worker's time on tiny tasks (ext4 allocating inodes). Not fsynced: these copies
+/// only back up outputs the coordinator already received inline, and a crash of the machine
+/// that loses them would also have to lose the coordinator's copy to matter.
 async fn copy_outputs(store: BlobStore, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -351,7 +354,7 @@ async fn copy_outputs(store: BlobStore, mut rx: mpsc::UnboundedReceiver<Vec<u8>>
         }
         let store = store.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            if let Err(e) = store.put_small_batch(&batch) {
+            if let Err(e) = store.put_small_batch_unsynced(&batch) {
                 tracing::warn!(
                     outputs = batch.len(),
                     "cannot keep a copy of small outputs ({e}): a coordinator that lost them cannot fetch them from this worker (check the data dir's disk)"
@@ -487,6 +490,8 @@ struct Daemon {
     copy_tx: mpsc::UnboundedSender<Vec<u8>>,
     /// Moving average of task wall time, which sizes how much work to keep in hand.
     task_secs: Option<f64>,
+    /// Which outbox batches are fsynced.
+    sync_budget: outbox::SyncBudget,
 }
 
 /// How much work in hand per slot: enough to cover this long of recent task times, so tiny
@@ -993,6 +998,7 @@ impl Daemon {
         self.saving = self.unsaved.len();
         self.saving_replicas = self.unsaved.iter().map(|r| r.replica).collect();
         let mut seg = self.outbox.segment(std::mem::take(&mut self.unsaved));
+        seg.sync = self.sync_budget.sync_batch(&seg.reports);
         let tx = saved_tx.clone();
         tokio::task::spawn_blocking(move || {
             let res = seg.persist();

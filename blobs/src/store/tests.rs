@@ -159,6 +159,27 @@ fn assert_serves(store: &BlobStore, d: &[u8]) {
     assert_eq!(store.have(&id), Some((d.len() as u64, vec![true])));
 }
 
+/// The unsynced variant writes the same records to the same pack (only the `fdatasync` is
+/// left out), so a reopened store (a restarted process) finds them.
+#[test]
+fn an_unsynced_small_batch_is_in_the_pack_and_found_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(dir.path(), None).unwrap();
+    let small = [data(100, 1), data(5000, 3)];
+    store.put_small_batch_unsynced(&small).unwrap();
+    store.put_small_batch(&[data(10, 5)]).unwrap();
+    let pack_len: u64 = small.iter().map(|d| record_len(d)).sum::<u64>() + record_len(&data(10, 5));
+    assert_eq!(
+        packs(dir.path()),
+        vec![("0000000000000000.pack".into(), pack_len)]
+    );
+    drop(store);
+    let store = BlobStore::open(dir.path(), None).unwrap();
+    for d in small.iter().chain([&data(10, 5)]) {
+        assert_serves(&store, d);
+    }
+}
+
 #[test]
 fn small_batch_round_trips_through_one_pack_and_reopen_finds_it() {
     let dir = tempfile::tempdir().unwrap();

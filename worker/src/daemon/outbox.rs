@@ -4,11 +4,13 @@
 //! Results are written in batches (group commit): every result that finished while the
 //! previous batch was being written is one record appended to the current log file,
 //! `<data-dir>/outbox/<first-replica>-<seq>.log`, and the log is fsynced (`fdatasync`) before
-//! any of the batch's reports is sent. A record is `u32` little-endian payload length, the
+//! any of the batch's reports is sent (unless the batch is cheap to redo, below). A record is `u32` little-endian payload length, the
 //! payload's blake3 (32 bytes), then the payload (postcard `Vec<Report>`), so a record torn
 //! by a crash (which was never sent) ends the log when it is read back. The disk work runs on
 //! a blocking thread ([`Segment::persist`] is a plain function), so the daemon's loop never
-//! waits on fsync.
+//! waits on fsync. Batches of cheap results are written without the fsync ([`SyncBudget`]):
+//! they survive `kill -9` all the same, and only a crash of the machine can cost them, which
+//! the coordinator recovers from by reissuing them.
 //!
 //! One file per batch, as before, made the file system the bottleneck of tiny tasks: ext4
 //! spent most of the worker's CPU time looking for a free inode among recently deleted ones
@@ -36,6 +38,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tasks::wire::{self, ReplicaId, Report};
 
@@ -57,13 +60,15 @@ pub struct Segment {
     pub reports: Vec<Report>,
     /// Bytes appended by [`Segment::persist`]; `None` until it succeeded.
     written: Option<u64>,
+    /// Whether [`Segment::persist`] ends with `fdatasync` (the default); see [`SyncBudget`].
+    pub sync: bool,
     /// The log's handle, opened by the first `persist` (files read back at open never are).
     file: LogFile,
 }
 
 impl Segment {
-    /// Append the batch to its log durably (one write, then `fdatasync`). Runs on a blocking
-    /// thread.
+    /// Append the batch to its log (one write, then `fdatasync` unless [`Segment::sync`] was
+    /// cleared). Runs on a blocking thread.
     pub fn persist(&mut self) -> std::io::Result<()> {
         let payload = wire::encode(&self.reports);
         let len = u32::try_from(payload.len())
@@ -89,9 +94,43 @@ impl Segment {
         }
         let f = guard.as_mut().expect("opened above");
         f.write_all(&record)?;
-        f.sync_data()?;
+        if self.sync {
+            f.sync_data()?;
+        }
         self.written = Some(record.len() as u64);
         Ok(())
+    }
+}
+
+/// Which batches are worth an `fdatasync`: the outbox is synced once the results written
+/// since its last sync took [`SYNC_COMPUTE`] of guest time to compute; batches of cheaper
+/// results are only written. A written result survives a killed worker (the kernel holds
+/// it); only a crash of the whole machine can lose it (or tear the log's last records, which
+/// reading drops), and then the coordinator takes those replicas back when the worker
+/// reconnects (its `Holding` does not name them) and reissues them: at most about
+/// `SYNC_COMPUTE` of computing is redone. Tiny tasks finish hundreds of batches a second,
+/// and one `fdatasync` per batch was what they waited on.
+#[derive(Debug, Default)]
+pub struct SyncBudget {
+    unsynced: Duration,
+}
+
+/// See [`SyncBudget`].
+pub const SYNC_COMPUTE: Duration = Duration::from_secs(1);
+
+impl SyncBudget {
+    /// Count a batch's results (their `wall_ms`: this worker's own measure) and say whether
+    /// its write must be synced.
+    pub fn sync_batch(&mut self, reports: &[Report]) -> bool {
+        self.unsynced += reports
+            .iter()
+            .map(|r| Duration::from_millis(r.wall_ms))
+            .sum::<Duration>();
+        let sync = self.unsynced >= SYNC_COMPUTE;
+        if sync {
+            self.unsynced = Duration::ZERO;
+        }
+        sync
     }
 }
 
@@ -228,6 +267,7 @@ impl Outbox {
                     path,
                     reports,
                     written: None,
+                    sync: true,
                     file: LogFile::default(),
                 }),
                 Some(Err(e)) => {
@@ -263,6 +303,7 @@ impl Outbox {
             path,
             reports,
             written: None,
+            sync: true,
             file,
         }
     }
@@ -491,6 +532,45 @@ mod tests {
             .into_iter()
             .filter(|f| f.ends_with(".log"))
             .collect()
+    }
+
+    /// Cheap results are written without `fdatasync` until a second of guest time is at
+    /// stake; the batch that reaches it is synced and the count starts over.
+    #[test]
+    fn batches_are_synced_once_a_second_of_compute_is_at_stake() {
+        let timed = |ms: u64| Report {
+            wall_ms: ms,
+            ..report(1)
+        };
+        let mut budget = SyncBudget::default();
+        // Tiny tasks (0 ms each): never synced for their own sake.
+        assert!(!budget.sync_batch(&vec![timed(0); 500]));
+        assert!(!budget.sync_batch(&[timed(400), timed(500)]));
+        assert!(
+            budget.sync_batch(&[timed(100)]),
+            "900 + 100 ms reaches SYNC_COMPUTE"
+        );
+        assert!(!budget.sync_batch(&[timed(999)]), "the count started over");
+        // One long result is synced on its own.
+        assert!(SyncBudget::default().sync_batch(&[timed(SYNC_COMPUTE.as_millis() as u64)]));
+    }
+
+    /// A batch written without `fdatasync` is in the log all the same: a worker killed (not
+    /// its machine) finds it at the next start.
+    #[test]
+    fn an_unsynced_batch_is_read_back_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path()).unwrap();
+        let mut seg = ob.segment(vec![report(1), report(2)]);
+        seg.sync = false;
+        seg.persist().unwrap();
+        ob.adopt(seg);
+        drop(ob);
+        let ob = Outbox::open(dir.path()).unwrap();
+        assert_eq!(
+            ob.pending().map(|r| r.replica).collect::<Vec<_>>(),
+            vec![1, 2]
+        );
     }
 
     /// Batches are records appended to one log (no file per batch); a log that reached the
