@@ -13,7 +13,12 @@
 #                                         shipped here (download it from its authors)
 #   POLYBENCH_DATASET=LARGE               its dataset size (MINI, SMALL, MEDIUM, LARGE,
 #                                         EXTRALARGE)
-#   ONLY=name,name                        run only these kernels (e.g. ONLY=gemm,2mm)
+#   ONLY=name,name                        run only these kernels (e.g. ONLY=gemm,pb/lu)
+#   NATIVE_CPU=x86-64-v2                  the CPU the native builds target (`-march` for clang,
+#                                         `-C target-cpu` for rustc); default: the sandbox's
+#                                         ISA baseline on x86_64 (x86-64-v2), the compilers'
+#                                         default elsewhere. The same baseline both ways:
+#                                         SSE4 is what the sandbox's code may use too.
 #
 # PolyBench kernels are built the same way (`-D<SIZE>_DATASET`, its utilities/polybench.c,
 # -lm; wasm also with wasi-libc's emulated process clocks, which its timer code includes).
@@ -21,7 +26,7 @@
 # arrays printed to stdout) is run once per side to check the outputs are byte-identical.
 #
 # C kernels: built with `clang -O2 -msimd128 --target=wasm32-wasi` (Debian's wasi-libc) and
-# natively with `clang -O2`. Samples: the committed .wasm (examples/build.sh: Debian's
+# natively with `clang -O2 -march=$NATIVE_CPU`. Samples: the committed .wasm (examples/build.sh: Debian's
 # /usr/bin/rustc, -O -C codegen-units=1) against the same compiler's native build
 # (`$NATIVE_RUSTC -O -C codegen-units=1`, default /usr/bin/rustc, so both sides come from one
 # LLVM), with examples/<name>/bench.args. Both sides are
@@ -35,6 +40,10 @@ RUNS=${1:-5}
 CLANG=${CLANG:-$(command -v clang || command -v clang-14 || true)}
 NATIVE_RUSTC=${NATIVE_RUSTC:-/usr/bin/rustc}
 [ -x "$NATIVE_RUSTC" ] || { echo "run.sh: needs $NATIVE_RUSTC, the compiler of the samples' .wasm (apt-get install rustc libstd-rust-dev-wasm32 lld)" >&2; exit 2; }
+if [ -z "${NATIVE_CPU+set}" ] && [ "$(uname -m)" = x86_64 ]; then NATIVE_CPU=x86-64-v2; fi
+NATIVE_CPU=${NATIVE_CPU:-}
+cflags_cpu=(); rustc_cpu=()
+if [ -n "$NATIVE_CPU" ]; then cflags_cpu=("-march=$NATIVE_CPU"); rustc_cpu=(-C "target-cpu=$NATIVE_CPU"); fi
 [ -n "$CLANG" ] || { echo "run.sh: needs clang (apt-get install clang lld wasi-libc)" >&2; exit 2; }
 if [ -z "${WORKER:-}" ]; then
     t=${CARGO_TARGET_DIR:-$root/target}
@@ -48,7 +57,7 @@ list=()
 for k in gemm 2mm heat-3d doitgen jacobi-2d; do
     "$CLANG" -O2 -msimd128 --target=wasm32-wasi --sysroot=/usr -isystem /usr/include/wasm32-wasi \
         -L/usr/lib/wasm32-wasi "$here/$k.c" -o "$work/$k.wasm"
-    "$CLANG" -O2 "$here/$k.c" -o "$work/$k"
+    "$CLANG" -O2 "${cflags_cpu[@]}" "$here/$k.c" -o "$work/$k"
     list+=("own|$k|$work/$k.wasm|$work/$k||||")
 done
 if [ -n "${POLYBENCH:-}" ]; then
@@ -70,7 +79,7 @@ if [ -n "${POLYBENCH:-}" ]; then
             "$CLANG" -O2 -msimd128 --target=wasm32-wasi --sysroot=/usr -isystem /usr/include/wasm32-wasi \
                 -L/usr/lib/wasm32-wasi -D_WASI_EMULATED_PROCESS_CLOCKS "${inc[@]}" "-D${size}_DATASET" "${extra[@]}" \
                 "$pb/utilities/polybench.c" "$pb/$src" -o "$work/pb-$k-$v.wasm" -lm -lwasi-emulated-process-clocks
-            "$CLANG" -O2 "${inc[@]}" "-D${size}_DATASET" "${extra[@]}" \
+            "$CLANG" -O2 "${cflags_cpu[@]}" "${inc[@]}" "-D${size}_DATASET" "${extra[@]}" \
                 "$pb/utilities/polybench.c" "$pb/$src" -o "$work/pb-$k-$v" -lm
         done
         list+=("polybench|pb/$k|$work/pb-$k-time.wasm|$work/pb-$k-time|||$work/pb-$k-check.wasm|$work/pb-$k-check")
@@ -84,10 +93,11 @@ for s in primes pi mandelbrot seti; do
         echo "SKIP $s: no $d/$input (examples/build.sh generates it)" >&2
         continue
     fi
-    "$NATIVE_RUSTC" -O -C codegen-units=1 "$d/$s.rs" -o "$work/$s" 2>/dev/null
+    "$NATIVE_RUSTC" -O -C codegen-units=1 "${rustc_cpu[@]}" "$d/$s.rs" -o "$work/$s" 2>/dev/null
     list+=("sample|$s|$d/$s.wasm|$work/$s|$args|${input:+$d/$input}||")
 done
 
+echo "native builds: -march / target-cpu ${NATIVE_CPU:-(compiler default)}; sandbox: $WORKER"
 python3 - "$WORKER" "$RUNS" "$work" "${BASE_WORKER:-}" "${ONLY:-}" "${list[@]}" <<'PY'
 import math, os, statistics, subprocess, sys, time
 worker, runs, work, base = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]

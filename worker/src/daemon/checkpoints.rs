@@ -207,6 +207,16 @@ impl CheckpointDir {
             .insert(key.to_string());
     }
 
+    /// Whether `replica` has, or may have, files here (an assignment held, a checkpoint):
+    /// the in-memory index, no file system call.
+    pub fn has_files(&self, replica: ReplicaId) -> bool {
+        self.inner
+            .files
+            .lock()
+            .expect("checkpoint files poisoned")
+            .contains(&replica.to_string())
+    }
+
     /// Whether `replica` is recorded as held (it has made a checkpoint).
     pub fn is_held(&self, replica: ReplicaId) -> bool {
         self.inner.dir.join(format!("{replica}.assign")).exists()

@@ -108,8 +108,10 @@ impl Segment {
 /// it); only a crash of the whole machine can lose it (or tear the log's last records, which
 /// reading drops), and then the coordinator takes those replicas back when the worker
 /// reconnects (its `Holding` does not name them) and reissues them: at most about
-/// `SYNC_COMPUTE` of computing is redone. Tiny tasks finish hundreds of batches a second,
-/// and one `fdatasync` per batch was what they waited on.
+/// `SYNC_COMPUTE` of computing is redone. A batch holding the result of a task that made
+/// checkpoints is always synced (its checkpoints are deleted once the result is in the
+/// outbox). Tiny tasks finish hundreds of batches a second, and one `fdatasync` per batch
+/// was what they waited on.
 #[derive(Debug, Default)]
 pub struct SyncBudget {
     unsynced: Duration,
@@ -120,13 +122,15 @@ pub const SYNC_COMPUTE: Duration = Duration::from_secs(1);
 
 impl SyncBudget {
     /// Count a batch's results (their `wall_ms`: this worker's own measure) and say whether
-    /// its write must be synced.
-    pub fn sync_batch(&mut self, reports: &[Report]) -> bool {
+    /// its write must be synced. `checkpointed`: the batch holds the result of a task that
+    /// made checkpoints. Always synced: its `wall_ms` counts only the run since the last
+    /// resume, and its checkpoint is deleted once the result is in the outbox.
+    pub fn sync_batch(&mut self, reports: &[Report], checkpointed: bool) -> bool {
         self.unsynced += reports
             .iter()
             .map(|r| Duration::from_millis(r.wall_ms))
             .sum::<Duration>();
-        let sync = self.unsynced >= SYNC_COMPUTE;
+        let sync = checkpointed || self.unsynced >= SYNC_COMPUTE;
         if sync {
             self.unsynced = Duration::ZERO;
         }
@@ -535,7 +539,8 @@ mod tests {
     }
 
     /// Cheap results are written without `fdatasync` until a second of guest time is at
-    /// stake; the batch that reaches it is synced and the count starts over.
+    /// stake; the batch that reaches it is synced and the count starts over. The result of a
+    /// task that made checkpoints is always synced.
     #[test]
     fn batches_are_synced_once_a_second_of_compute_is_at_stake() {
         let timed = |ms: u64| Report {
@@ -544,15 +549,21 @@ mod tests {
         };
         let mut budget = SyncBudget::default();
         // Tiny tasks (0 ms each): never synced for their own sake.
-        assert!(!budget.sync_batch(&vec![timed(0); 500]));
-        assert!(!budget.sync_batch(&[timed(400), timed(500)]));
+        assert!(!budget.sync_batch(&vec![timed(0); 500], false));
+        assert!(!budget.sync_batch(&[timed(400), timed(500)], false));
         assert!(
-            budget.sync_batch(&[timed(100)]),
+            budget.sync_batch(&[timed(100)], false),
             "900 + 100 ms reaches SYNC_COMPUTE"
         );
-        assert!(!budget.sync_batch(&[timed(999)]), "the count started over");
-        // One long result is synced on its own.
-        assert!(SyncBudget::default().sync_batch(&[timed(SYNC_COMPUTE.as_millis() as u64)]));
+        assert!(
+            !budget.sync_batch(&[timed(999)], false),
+            "the count started over"
+        );
+        // One long result is synced on its own, and so is a cheap one of a task that made
+        // checkpoints (they are deleted once it is in the outbox).
+        let long = timed(SYNC_COMPUTE.as_millis() as u64);
+        assert!(SyncBudget::default().sync_batch(&[long], false));
+        assert!(SyncBudget::default().sync_batch(&[timed(0)], true));
     }
 
     /// A batch written without `fdatasync` is in the log all the same: a worker killed (not
