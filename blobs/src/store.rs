@@ -406,6 +406,30 @@ impl BlobStore {
         v
     }
 
+    /// At most `max` held blobs, the ones worth announcing first: blob files (modules,
+    /// inputs, large outputs: what peers fetch) before small blobs in packs (copies of small
+    /// outputs, which only the coordinator asks for, from the worker that reported them),
+    /// each most recently used first. A worker that ran a million tiny tasks holds a million
+    /// packed copies: listing them all made a message too large to send.
+    pub fn list_to_announce(&self, max: usize) -> Vec<BlobId> {
+        let st = self.inner.state.lock().unwrap();
+        let mut v: Vec<(bool, std::cmp::Reverse<u64>, BlobId)> = st
+            .blobs
+            .iter()
+            .map(|(id, e)| {
+                let packed = matches!(e.at, Location::Pack { .. });
+                (packed, std::cmp::Reverse(e.last_used), *id)
+            })
+            .collect();
+        drop(st);
+        if v.len() > max {
+            v.select_nth_unstable(max);
+            v.truncate(max);
+        }
+        v.sort_unstable();
+        v.into_iter().map(|(_, _, id)| id).collect()
+    }
+
     /// Bytes counted against the cap: complete blob files, and pack files whole (see the
     /// module doc).
     pub fn total_bytes(&self) -> u64 {

@@ -1375,6 +1375,30 @@ mod tests {
         }
     }
 
+    /// A Hello naming as many blobs as a coordinator takes is far inside a frame, and one
+    /// naming every blob of a worker that ran a million tiny tasks (a copy of each output)
+    /// is not: why workers announce at most `MAX_HAVE_BLOBS_PER_MSG`.
+    #[test]
+    fn a_hello_of_the_announced_blobs_fits_a_frame() {
+        let hello = |n: usize| WorkerMsg::Hello {
+            agent: "peergrid-worker/0".into(),
+            fingerprint: EngineFingerprint {
+                engine: "e".repeat(64),
+                arch: "a".repeat(64),
+                settings: "s".repeat(512),
+            },
+            slots: 64,
+            peer_addr: Some("[2001:db8::1]:4433".parse().unwrap()),
+            blobs: vec![BlobId([0xab; 32]); n],
+        };
+        let frame = encode_frame(&hello(crate::limits::MAX_HAVE_BLOBS_PER_MSG)).unwrap();
+        assert!(frame.len() < MAX_FRAME / 32, "{} bytes", frame.len());
+        assert!(matches!(
+            encode_frame(&hello(1_000_000)),
+            Err(DecodeError::FrameTooLarge { .. })
+        ));
+    }
+
     #[test]
     fn oversized_frames_are_refused_before_the_body() {
         let prefix = ((MAX_FRAME + 1) as u32).to_be_bytes();

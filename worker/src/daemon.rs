@@ -735,7 +735,11 @@ impl Daemon {
             fingerprint: self.sandbox.fingerprint().clone(),
             slots: self.cfg.slots as u32,
             peer_addr: self.endpoint.local_addr().ok(),
-            blobs: self.store.list(),
+            // The coordinator takes this many at most: a longer list is only a larger frame
+            // (and one over `MAX_FRAME` could never be sent).
+            blobs: self
+                .store
+                .list_to_announce(tasks::limits::MAX_HAVE_BLOBS_PER_MSG),
         }
     }
 

@@ -374,3 +374,23 @@ fn blob_found_both_as_a_file_and_in_a_pack_counts_as_the_file_on_open() {
     assert_serves(&store, &ds[0]);
     assert_serves(&store, &ds[1]);
 }
+
+/// What a worker announces: blob files before packed small blobs, each most recently used
+/// first, and never more than asked for, however many are held.
+#[test]
+fn blobs_to_announce_are_files_first_then_packed_newest_first_and_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(dir.path(), None).unwrap();
+    let f1 = data(10, 1);
+    let f2 = data(CHUNK_SIZE + 1, 2);
+    store.put(&f1).unwrap();
+    let packed: Vec<Vec<u8>> = (0..5).map(|i| data(20, 10 + i)).collect();
+    store.put_small_batch(&packed).unwrap();
+    store.put(&f2).unwrap();
+    let id = |d: &Vec<u8>| BlobId::of(d);
+    let mut want = vec![id(&f2), id(&f1)];
+    want.extend(packed.iter().rev().map(id));
+    assert_eq!(store.list_to_announce(100), want);
+    assert_eq!(store.list_to_announce(3), want[..3].to_vec());
+    assert_eq!(store.list_to_announce(0), Vec::<BlobId>::new());
+}
