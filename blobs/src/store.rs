@@ -34,8 +34,15 @@
 //! blobs alone exceed the cap, the store goes over it rather than lose them. Partial
 //! downloads do not count towards the cap.
 //!
-//! The index has one entry per blob held (and one per pack file), so the cap bounds it too;
-//! without a cap the store, and its index, grow with every blob kept.
+//! The index has one entry per blob held (and one per pack file). The cap bounds it in
+//! bytes, which for tiny blobs is no bound (a 4 GiB cap holds tens of millions of 10-byte
+//! outputs, and their index would take gigabytes of memory), so the packed blobs are also
+//! bounded in number: past [`MAX_PACKED_BLOBS`] (and an eighth, so the scan that picks them
+//! is rare) the least recently used packed blobs leave the index, whatever the bytes.
+//! Without a cap blob files, and their index, grow with every blob kept.
+
+/// At most this many small blobs are kept in packs (see the module doc).
+pub const MAX_PACKED_BLOBS: usize = 1 << 16;
 
 mod pack;
 mod partial;
@@ -352,6 +359,7 @@ impl BlobStore {
         };
         store.delete(dead);
         store.evict(None);
+        store.trim_packed(MAX_PACKED_BLOBS);
         Ok(store)
     }
 
@@ -562,6 +570,7 @@ impl BlobStore {
         if !fresh.is_empty() {
             self.append(&fresh, sync)?;
             self.evict(None);
+            self.trim_packed(MAX_PACKED_BLOBS);
         }
         Ok(refs)
     }
@@ -774,6 +783,42 @@ impl BlobStore {
                     cap,
                     "blob store over its cap: the rest is pinned or just written"
                 );
+            }
+            garbage
+        };
+        self.delete(garbage);
+    }
+
+    /// Past `max` packed blobs and an eighth, drop the least recently used of them from the
+    /// index until `max` are left (pinned ones stay); their packs go once nothing in them
+    /// lives, as with eviction.
+    fn trim_packed(&self, max: usize) {
+        let garbage = {
+            let mut st = self.inner.state.lock().unwrap();
+            let packed: u64 = st.packs.values().map(|p| p.live).sum();
+            if packed as usize <= max + max / 8 {
+                return;
+            }
+            let mut order: Vec<(u64, BlobId)> = st
+                .blobs
+                .iter()
+                .filter(|(id, e)| {
+                    matches!(e.at, Location::Pack { .. }) && !st.pins.contains_key(id)
+                })
+                .map(|(id, e)| (e.last_used, *id))
+                .collect();
+            let excess = (packed as usize - max).min(order.len());
+            if excess < order.len() {
+                order.select_nth_unstable(excess);
+            }
+            tracing::debug!(
+                packed,
+                dropped = excess,
+                "keeping at most {max} small blobs: the least recently used go"
+            );
+            let mut garbage = Vec::new();
+            for (_, id) in &order[..excess] {
+                garbage.extend(st.remove(id));
             }
             garbage
         };

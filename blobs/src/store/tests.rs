@@ -394,3 +394,30 @@ fn blobs_to_announce_are_files_first_then_packed_newest_first_and_capped() {
     assert_eq!(store.list_to_announce(3), want[..3].to_vec());
     assert_eq!(store.list_to_announce(0), Vec::<BlobId>::new());
 }
+
+/// Tiny blobs are bounded in number, not only in bytes: past `MAX_PACKED_BLOBS` (and an
+/// eighth) the least recently used leave the index, and the newest stay served.
+#[test]
+fn packed_blobs_are_bounded_in_number_keeping_the_newest() {
+    use super::MAX_PACKED_BLOBS;
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(dir.path(), Some(4 << 30)).unwrap();
+    let blob = |i: u32| i.to_le_bytes().to_vec();
+    let n = (MAX_PACKED_BLOBS + MAX_PACKED_BLOBS / 4) as u32;
+    for start in (0..n).step_by(4096) {
+        let batch: Vec<Vec<u8>> = (start..(start + 4096).min(n)).map(blob).collect();
+        store.put_small_batch_unsynced(&batch).unwrap();
+    }
+    let held = store.list().len();
+    assert!(
+        (MAX_PACKED_BLOBS..=MAX_PACKED_BLOBS + MAX_PACKED_BLOBS / 8).contains(&held),
+        "{held} packed blobs held"
+    );
+    assert!(!store.has(&BlobId::of(&blob(0))), "the oldest went");
+    assert_serves(&store, &blob(n - 1));
+    // A reopened store is bounded the same way.
+    drop(store);
+    let store = BlobStore::open(dir.path(), Some(4 << 30)).unwrap();
+    assert!(store.list().len() <= MAX_PACKED_BLOBS + MAX_PACKED_BLOBS / 8);
+    assert_serves(&store, &blob(n - 1));
+}
