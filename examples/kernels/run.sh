@@ -26,10 +26,10 @@
 # arrays printed to stdout) is run once per side to check the outputs are byte-identical.
 #
 # C kernels: built with `clang -O2 -msimd128 --target=wasm32-wasi` (Debian's wasi-libc) and
-# natively with `clang -O2 -march=$NATIVE_CPU`. Samples: the committed .wasm (examples/build.sh: Debian's
-# /usr/bin/rustc, -O -C codegen-units=1) against the same compiler's native build
-# (`$NATIVE_RUSTC -O -C codegen-units=1`, default /usr/bin/rustc, so both sides come from one
-# LLVM), with examples/<name>/bench.args. Both sides are
+# natively with `clang -O2 -march=$NATIVE_CPU`. Samples: the committed .wasm
+# (examples/build.sh: Debian's /usr/bin/rustc, -O -C codegen-units=1) against the same
+# compiler's native build (`$NATIVE_RUSTC -O -C codegen-units=1 -C target-cpu=$NATIVE_CPU`,
+# default /usr/bin/rustc, so both sides come from one LLVM), with examples/<name>/bench.args. Both sides are
 # timed the same way: the wall time of the whole process (native binary, or `worker exec`
 # with a warm --cache-dir, so compilation is not counted), medians of interleaved runs. Each
 # sandboxed output is checked byte-for-byte against the native one.
