@@ -7,8 +7,9 @@
 //!   of one chunk);
 //! - `DIR/packs/<seq>.pack`: small blobs (one chunk at most, so no outboard) put together by
 //!   [`BlobStore::put_small_batch`], appended as self-verifying records (length, id, bytes)
-//!   with one `fdatasync` per batch, a new pack past 64 MiB (with a cap, past an eighth of it). Thousands of
-//!   tiny outputs a second cost one append each, not a file each (creating files was half of
+//!   with one `fdatasync` per batch (none for [`BlobStore::put_small_batch_unsynced`]), a
+//!   new pack past 64 MiB (with a cap, past an eighth of it). Thousands of tiny outputs a
+//!   second cost one append each, not a file each (creating files was half of
 //!   a worker's time on tiny tasks). Opening the store reads every pack, re-verifies every
 //!   record, skips damaged ones and cuts a torn tail off (a crash mid-append); appends go on
 //!   in the last pack. The index in memory says where each blob is: its own file, or a pack

@@ -613,6 +613,11 @@ fn on_hosts(s: &Sizes, module: &[u8]) -> anyhow::Result<Option<Hosts>> {
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
     let created_ms: i64 = db.query_row("SELECT min(created_ms) FROM jobs", [], |r| r.get(0))?;
+    anyhow::ensure!(
+        accepted == s.tasks,
+        "{accepted} of {} tasks accepted",
+        s.tasks
+    );
     let since = |ms: i64| (ms as u64).saturating_sub(start_ms) as f64 / 1000.0;
     let decided: Vec<i64> = db
         .prepare("SELECT decided_ms FROM tasks WHERE state = 'accepted' ORDER BY decided_ms")?
@@ -628,11 +633,6 @@ fn on_hosts(s: &Sizes, module: &[u8]) -> anyhow::Result<Option<Hosts>> {
         at(0.9),
         at(0.99),
         since(last_ms)
-    );
-    anyhow::ensure!(
-        accepted == s.tasks,
-        "{accepted} of {} tasks accepted",
-        s.tasks
     );
     let secs = (last_ms as u64).saturating_sub(start_ms) as f64 / 1000.0;
     let tps = accepted as f64 / secs.max(1e-3);

@@ -884,9 +884,8 @@ impl Core {
         // A deal that lapsed since the last tick left its replica to anyone: wake the idle.
         // So does a new job whose super-peers took nothing within a tick (another engine
         // class, say): the rest are not left to their retry hint.
-        if self.deals.lapses_between(self.last_tick_ms, now)
-            || std::mem::take(&mut self.wake_rest_on_assign)
-        {
+        let new_job_unserved = std::mem::take(&mut self.wake_rest_on_assign);
+        if new_job_unserved || self.deals.lapses_between(self.last_tick_ms, now) {
             self.wake_idle();
         }
         self.last_tick_ms = self.last_tick_ms.max(now);

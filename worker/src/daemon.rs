@@ -1002,10 +1002,9 @@ impl Daemon {
         self.saving = self.unsaved.len();
         self.saving_replicas = self.unsaved.iter().map(|r| r.replica).collect();
         let mut seg = self.outbox.segment(std::mem::take(&mut self.unsaved));
-        let checkpointed = seg
-            .reports
-            .iter()
-            .any(|r| self.checkpoints.has_files(r.replica));
+        let checkpointed = self
+            .checkpoints
+            .any_has_files(seg.reports.iter().map(|r| r.replica));
         seg.sync = self.sync_budget.sync_batch(&seg.reports, checkpointed);
         let tx = saved_tx.clone();
         tokio::task::spawn_blocking(move || {

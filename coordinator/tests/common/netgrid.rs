@@ -135,6 +135,21 @@ pub fn spawn_worker(
     log: File,
     name: &str,
 ) -> Result<Proc> {
+    Proc::spawn(
+        name,
+        &mut worker_command(bin, host, ticket, dir, rust_log, log),
+    )
+}
+
+/// The command [`spawn_worker`] runs, for callers that add arguments.
+fn worker_command(
+    bin: &Path,
+    host: &Host,
+    ticket: &str,
+    dir: &Path,
+    rust_log: &str,
+    log: File,
+) -> Command {
     let mut cmd = host.command(bin);
     cmd.args(["join", ticket, "--data-dir"])
         .arg(dir)
@@ -143,7 +158,7 @@ pub fn spawn_worker(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log);
-    Proc::spawn(name, &mut cmd)
+    cmd
 }
 
 /// `worker join TICKET` with `args` (say `--slots 2`) and `--data-dir DIR/worker-<i>` on
@@ -163,16 +178,10 @@ pub fn start_workers(
 ) -> Result<Vec<Proc>> {
     let mut workers = Vec::new();
     for (i, h) in hosts.iter().enumerate() {
-        let mut cmd = h.command(worker_bin);
-        cmd.args(["join", ticket])
-            .args(args)
-            .arg("--data-dir")
-            .arg(dir.join(format!("worker-{i}")))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(dir.join(format!("worker-{i}.log")))?);
+        let log = File::create(dir.join(format!("worker-{i}.log")))?;
+        let data = dir.join(format!("worker-{i}"));
+        let mut cmd = worker_command(worker_bin, h, ticket, &data, "info", log);
+        cmd.args(args);
         workers.push(Proc::spawn(&format!("worker-{i}"), &mut cmd)?);
     }
     let t = Instant::now();
