@@ -332,7 +332,7 @@ impl JobSpec {
     /// Read, parse and validate a job file. Does not read the module or inputs; see
     /// [`JobSpec::load_blobs`].
     pub fn from_file(path: &Path) -> Result<JobSpec, JobError> {
-        let shown = path.display().to_string();
+        let shown = show_path(path);
         let text = std::fs::read_to_string(path).map_err(|source| JobError::Read {
             path: shown.clone(),
             source,
@@ -343,10 +343,10 @@ impl JobSpec {
 
     /// Parse and validate job file text; relative paths resolve against `base`.
     pub fn parse(text: &str, base: &Path, path: &Path) -> Result<JobSpec, JobError> {
-        let shown = path.display().to_string();
+        let shown = show_path(path);
         let file: JobFile = toml::from_str(text).map_err(|e| JobError::Syntax {
             path: shown.clone(),
-            message: e.message().trim().replace('\n', ": ") + &span_hint(text, e.span()),
+            message: one_line(&e.message().trim().replace('\n', ": ")) + &span_hint(text, e.span()),
         })?;
         let invalid = |message: String| JobError::Invalid {
             path: shown.clone(),
@@ -368,7 +368,7 @@ impl JobSpec {
         if !module.is_file() {
             return Err(invalid(format!(
                 "module {} does not exist (paths are relative to the job file)",
-                module.display()
+                show_path(&module)
             )));
         }
         let mut tasks = Vec::new();
@@ -421,7 +421,7 @@ impl JobSpec {
                 if !p.is_file() {
                     return Err(invalid(format!(
                         "task {i}: input {} does not exist (paths are relative to the job file)",
-                        p.display()
+                        show_path(p)
                     )));
                 }
             }
@@ -439,13 +439,13 @@ impl JobSpec {
     /// Read the module and inputs, hash them, and build the manifest plus the blobs it
     /// references (each distinct blob once).
     pub fn load_blobs(&self) -> Result<(JobManifest, BTreeMap<BlobId, Vec<u8>>), JobError> {
-        let shown = self.path.display().to_string();
+        let shown = show_path(&self.path);
         let mut blobs = BTreeMap::new();
         let mut read = |what: &'static str, p: &Path| -> Result<BlobRef, JobError> {
             let bytes = std::fs::read(p).map_err(|source| JobError::File {
                 path: shown.clone(),
                 what,
-                file: p.display().to_string(),
+                file: show_path(p),
                 source,
             })?;
             let r = BlobRef::of(&bytes);
@@ -482,6 +482,28 @@ impl JobSpec {
             blobs,
         ))
     }
+}
+
+/// A path as error messages show it: control characters escaped, so a hostile job file
+/// (an input named `x\n`) cannot break the one-line error.
+fn show_path(p: &Path) -> String {
+    one_line(&p.display().to_string())
+}
+
+/// `s` with its control characters escaped (`\n`, `\u{1b}`); the rest as is.
+fn one_line(s: &str) -> String {
+    if !s.contains(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
@@ -636,11 +658,17 @@ mod tests {
             ("name = \"x\"\nmodule = \"m.wasm\"\nmemory_mb = 4294967295\n[tasks]\ncount = 1", "between 1 and 4096"),
             ("name = \"x\"\nmodule = \"m.wasm\"\nmax_output = 9223372036854775807\n[tasks]\ncount = 1", "at most 268435456"),
             ("name = \"x\"\nmodule = \"m.wasm\"\n[tasks]\ncount = 9223372036854775807", "above the limit of 10000000"),
+            // Control characters in a path come back escaped, not as a second line.
+            ("name = \"x\"\nmodule = \"m.wasm\"\n[[task]]\ninput = \"inputs/x.b\\n\"", "inputs/x.b\\n does not exist"),
+            ("name = \"x\"\nmodule = \"m\\r\\u001b[2J.wasm\"\n[tasks]\ncount = 1", "m\\r\\u{1b}[2J.wasm does not exist"),
         ];
         for (text, want) in cases {
             let err = parse(&d, text).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}: {err}");
-            assert!(!err.contains('\n'), "error should be one line: {err:?}");
+            assert!(
+                !err.contains(char::is_control),
+                "error should be one line: {err:?}"
+            );
         }
     }
 
