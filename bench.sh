@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Peergrid benchmark in release mode and writes BENCHMARKS.md: one table of medians
-# over several runs, each result beside the baseline measured in the same run.
+# over several runs, each result beside the baseline measured in the same run. The hand-written
+# sections below the table (profiles, dated A/B runs) are kept as they are in the file.
 #
 #   bash bench.sh            # full sizes (~20-30 min on 2 cores, after the build)
 #   bash bench.sh --smoke    # tiny sizes, one run each: checks the script and the benches
@@ -187,92 +188,22 @@ def parse_ingest(text):
             rows.append(f"BENCH|validated-result ingest: {name}|{rate:.0f} results/s|{base}|{ratio(rate, raw) if raw else '-'}|{target}|{met}")
     return rows
 
-# Hand-written from profiling the misses (bench.sh owner: update when the numbers move).
-PROFILE_NOTES = """
-### What limits the biggest misses (profiled 2026-12-01)
+# BENCHMARKS.md is the generated part above MARK and the hand-written sections (profiles,
+# dated A/B measurements) below it. The script rewrites only the first and keeps the second
+# exactly as it is in the file it overwrites.
+MARK = "<!-- bench.sh writes everything above this line and keeps everything below it as it is. -->"
+HAND_START = "### What limits the biggest misses"  # where they began before MARK existed
 
-- **End-to-end tiny tasks/s (~3,300/s vs 10,000/s) — the biggest gap.** Was ~40/s: the
-  worker asked for more work as soon as one replica finished, while the coordinator still
-  counted its unacknowledged results as in flight, so the request was refused at the cap and
-  the worker waited the full 2 s retry hint. The worker now counts as the coordinator does
-  (finished, unacknowledged results hold a place), tops up in batches of a quarter hand, and
-  a refusal at the cap retries in 100 ms; hands are 64 replicas per slot for tiny tasks.
-  `perf record` of the bench now: the process uses ~80% of the 2 cores; kernel time of the
-  tokio threads (UDP send/receive, futex wake-ups, ext4 create/unlink of the outbox's
-  group-commit files) is the largest share, then the slot threads' kernel time for mapping
-  and unmapping each run's linear memory (`unmap_page_range`, TLB shoot-downs), then malloc.
-  Next steps: wasmtime's pooling allocator (memories reused, not remapped), an outbox that
-  appends to one log file instead of creating a file per batch, and more replicas per QUIC
-  frame. Reaching 10,000/s means 20,000 sandbox runs/s plus QUIC and the store on 2 cores
-  shared by the coordinator and 4 workers; the bare sandbox alone does ~20,000 tasks/s on one
-  thread.
-- **Sandbox vs native (1.2x-5x vs 1.15x).** The settings table shows where it goes: plain
-  wasmtime, with none of our settings, is already 2x native on primes and 5x on fmc (the
-  wasm code itself: 32-bit wasm, no native vector units, software libm), and about 1x on
-  pi and mandelbrot. NaN canonicalization, which determinism requires, costs 4.7x on the
-  float-heavy mandelbrot inner loop (a compare and select after every float op); fuel and
-  epoch checks cost 1.0-1.6x each and overlap (both sit on loop headers). Epoch interruption
-  could give way to fuel-based async yields for pause/cancel (one check instead of two);
-  NaN canonicalization and fuel stay, so 1.15x is out of reach for float-heavy kernels on
-  wasmtime 38.
-- **Verified peer transfer (0.68x of raw quinn).** Not profiled this session. Each 256 KiB
-  chunk is read, verified and written to the partial file on the blocking pool, one request
-  (run of chunks) at a time per peer connection; the raw baseline is one stream copied into
-  memory.
-- **Connected simulated workers: now met (100,000).** With keep-alives every 5 s the ramp
-  stopped at 84k-90k in 150 s and the p50 at that level was 9.7 s in one run: the
-  coordinator's keep-alives for ~90k sessions (18k pings/s plus acks) and the bench's own
-  handshakes saturated the 2 cores. At 10 s (still three pings per 30 s idle timeout) the
-  ramp reaches 100k with p99 ~2.5 ms. The bench's clients (an ed25519 identity + TLS
-  handshake each) share the cores with the coordinator, so this is a lower bound on what the
-  coordinator holds. Memory: ~62 KiB per session, 100k sessions ~6 GiB.
+def kept_sections(path):
+    try:
+        old = open(path, encoding="utf-8").read()
+    except FileNotFoundError:
+        return ""
+    if MARK in old:
+        return old.split(MARK, 1)[1].strip("\n")
+    i = old.find("\n" + HAND_START)
+    return old[i + 1:].strip("\n") if i >= 0 else ""
 
-### Determinism classes: sandbox vs native on C kernels and the samples (2026-12-03)
-
-`WORKER=$CARGO_TARGET_DIR/debug/worker examples/kernels/run.sh 3` (one run, medians of 3
-interleaved runs; whole processes timed the same way on both sides, `worker exec` with a
-warm `--cache-dir`; every sandboxed output byte-identical to the native build's). C kernels:
-`clang-14 -O2 -msimd128 --target=wasm32-wasi` vs `clang-14 -O2`; samples: committed `.wasm`
-(no SIMD) vs `rustc -O -C codegen-units=1`; seti skipped (its 8 MiB bench input is not
-generated in this tree). The `native` class is the x86-64-v2 baseline without NaN
-canonicalization, `portable` is NaN canonicalization on (what `worker join` runs today).
-Measured on the shared 2-core machine **while other builds ran** (load 4-5): the native
-medians moved 2-4x between two runs, so the ratios are indicative only. The runtime code is
-what Cranelift emits, the same in a debug or release worker.
-
-| kernel | native | sandbox, `native` class | ratio | sandbox, `portable` class | ratio |
-|---|---|---|---|---|---|
-| gemm | 0.158 s | 0.409 s | 2.60x | 0.599 s | 3.80x |
-| 2mm | 0.724 s | 2.012 s | 2.78x | 3.211 s | 4.44x |
-| heat-3d | 1.278 s | 1.871 s | 1.46x | 3.408 s | 2.67x |
-| doitgen | 0.828 s | 1.704 s | 2.06x | 3.316 s | 4.01x |
-| jacobi-2d | 0.498 s | 0.976 s | 1.96x | 1.634 s | 3.28x |
-| primes | 0.694 s | 2.539 s | 3.66x | 3.175 s | 4.57x |
-| pi | 2.917 s | 3.603 s | 1.23x | 3.220 s | 1.10x |
-| mandelbrot | 3.730 s | 7.024 s | 1.88x | 11.674 s | 3.13x |
-| **geo-mean** | | | **2.09x** | | **3.13x** |
-
-Target ≤ 1.15x for `native`: **not met**. Dropping NaN canonicalization (the `native`
-class) removes a third to a half of the time on the float kernels (portable/native 1.5-2x on
-2mm, heat-3d, doitgen, mandelbrot). What limits it next is the interruption checks: `cargo run -p worker
---example fuel_share -- K.wasm 3` runs each kernel in-process in the `native` class's engine
-with fuel and epoch checks on or off (same machine, same load; ratios to "neither"):
-
-| kernel | fuel + epoch (sandbox) | fuel only | epoch only |
-|---|---|---|---|
-| gemm | 1.56x | 1.41x | 1.37x |
-| 2mm | 1.16x | 1.51x | 2.00x |
-| heat-3d | 1.60x | 1.46x | 1.20x |
-| doitgen | 1.47x | 1.45x | 1.43x |
-| jacobi-2d | 1.62x | 1.46x | 1.25x |
-
-Each check alone costs 1.2-1.5x on these loop nests (a load, compare and branch on every
-loop header, which also blocks Cranelift from keeping the counter in a register across the
-inner loop); together ~1.5-1.6x. Removing one of the two (fuel-based async yields for
-pause/cancel, as the issue proposes) and coarser fuel accounting are the next steps, outside
-this piece. An earlier, quieter run (that crashed on mandelbrot's >1 MiB output, since fixed) gave gemm 2.26x / 2mm 2.35x / heat-3d 1.79x / doitgen
-1.68x / jacobi-2d 1.83x / primes 2.79x / pi 1.22x (`native` class), geo-mean over those seven 1.93x.
-"""
 
 parsers = {"sandbox": parse_sandbox, "swarm": parse_swarm, "ingest": parse_ingest}
 order = ["sandbox", "swarm", "ingest", "e2e", "netswarm", "scale"]
@@ -395,10 +326,14 @@ if ns_logs:
         out.append("")
         out.extend(f"    {l}" for l in per_run)
     out.append("")
-out.append(PROFILE_NOTES.strip())
+kept = kept_sections(os.environ["BENCH_OUT"])
+out.append(MARK)
 out.append("")
+if kept:
+    out.append(kept)
+    out.append("")
 open(os.environ["BENCH_OUT"], "w").write("\n".join(out) + "\n")
-print("\n".join(out))
+print("\n".join(out[:out.index(MARK)]))
 PY
 echo "== wrote $OUT in $((SECONDS - T0)) s of benchmarking"
 [ ${#FAILED[@]} -eq 0 ]
