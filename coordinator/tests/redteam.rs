@@ -85,8 +85,9 @@ where
     }
 }
 
-/// 1a. A job with absurd numbers (`deadline_secs = i64::MAX` and friends) is refused at
-/// submission with a one-line error naming the key and its limit; the coordinator keeps
+/// 1a. A job with absurd numbers (`deadline_secs = i64::MAX` and friends) or an absurd name
+/// (a control character, 100 KB) is refused at submission with a one-line error naming the
+/// key and its limit; the coordinator keeps
 /// serving (it used to accept it, then its engine overflowed on the first work request and
 /// the process lingered answering "coordinator is shutting down").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,18 +133,40 @@ async fn absurd_job_numbers_are_refused_at_submit_and_the_coordinator_keeps_serv
             other => anyhow::bail!("{key} = absurd: {other:?}"),
         }
     }
+    // Names: argv[0] of every task and a column of `status`. A newline would forge a log or
+    // status line; 100 KB would ride along with every task.
+    let names = [
+        (
+            "control character",
+            "redteam\n2026-12-04T00:00:00Z INFO forged".to_string(),
+        ),
+        ("above the limit", "n".repeat(100_000)),
+    ];
+    for (why, name) in names {
+        let mut m = manifest.clone();
+        m.name = name;
+        match client.submit_manifest(m, &blobs).await {
+            Err(ClientError::Server {
+                code: ErrorCode::BadRequest,
+                message,
+            }) if message.contains("name") && message.contains(why) && !message.contains('\n') => {
+                refused += 1
+            }
+            other => anyhow::bail!("name with a {why}: {other:?}"),
+        }
+    }
     // Still alive: a worker gets work from a sane job, the submitter gets status.
     let (job, _) = client.submit(&spec).await?;
     let mut w = join(&coord.ticket, 1).await?;
     let got = w.request(1).await?;
     let alive = got.len() == 1 && client.status(Some(job)).await.is_ok();
     fault(
-        "absurd job numbers (deadline_secs=i64::MAX, fuel, max_output, memory_mb)",
-        &format!("{refused}/4 refused at submit with a one-line error; coordinator still serving: {alive}"),
+        "absurd job numbers (deadline_secs=i64::MAX, fuel, max_output, memory_mb) and names (a newline, 100 KB)",
+        &format!("{refused}/6 refused at submit with a one-line error; coordinator still serving: {alive}"),
         "all refused, engine alive",
-        refused == 4 && alive,
+        refused == 6 && alive,
     );
-    assert_eq!(refused, 4);
+    assert_eq!(refused, 6);
     assert!(alive);
     client.close().await;
     coord.shutdown().await?;

@@ -133,11 +133,35 @@ pub mod limits {
     pub const MAX_REPLICAS: u32 = 64;
     pub const MAX_ARGS: usize = 256;
     pub const MAX_ARG_LEN: usize = 4096;
+    /// A job's name is argv[0] of every task and a column of `status`: a line, not a file.
+    pub const MAX_NAME_LEN: usize = 256;
     /// 10^15 instructions: days of CPU per replica, far beyond any sane task, and small
     /// enough that credit sums (fuel × replicas × tasks) stay meaningful in a u64.
     pub const MAX_FUEL: u64 = 1_000_000_000_000_000;
     /// 30 days: a replica not reported within a month is lost anyway.
     pub const MAX_DEADLINE_SECS: u64 = 30 * 24 * 3600;
+}
+
+/// Check a job's name (job file and network manifest alike): not blank, at most
+/// [`limits::MAX_NAME_LEN`] bytes, and no control characters (it is printed by `status`, in
+/// logs and as argv[0]; a newline or an escape sequence would forge lines there).
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.trim().is_empty() {
+        return Err("`name` is empty; give the job a name".into());
+    }
+    if name.len() > limits::MAX_NAME_LEN {
+        return Err(format!(
+            "`name` is {} bytes, above the limit of {}; use a shorter name",
+            name.len(),
+            limits::MAX_NAME_LEN
+        ));
+    }
+    if name.contains(char::is_control) {
+        return Err(format!(
+            "`name` {name:?} contains a control character; use printable characters only"
+        ));
+    }
+    Ok(())
 }
 
 /// The job file as written (every key: docs/job-file.md).
@@ -352,9 +376,7 @@ impl JobSpec {
             path: shown.clone(),
             message,
         };
-        if file.name.trim().is_empty() {
-            return Err(invalid("`name` is empty; give the job a name".into()));
-        }
+        check_name(&file.name).map_err(invalid)?;
         let job_limits = JobLimits {
             quorum: file.quorum,
             max_replicas: file.max_replicas,
@@ -645,6 +667,10 @@ mod tests {
     #[test]
     fn bad_job_files_get_one_line_errors_naming_the_problem() {
         let d = dir_with_module();
+        let long_name = format!(
+            "name = \"{}\"\nmodule = \"m.wasm\"\n[tasks]\ncount = 1",
+            "x".repeat(257)
+        );
         let cases = [
             ("name = \"x\"\nmodule = \"nope.wasm\"\n[tasks]\ncount = 1", "does not exist"),
             ("name = \"x\"\nmodule = \"m.wasm\"\nquorum = 5\nmax_replicas = 3\n[tasks]\ncount = 1", "larger than `max_replicas`"),
@@ -658,6 +684,9 @@ mod tests {
             ("name = \"x\"\nmodule = \"m.wasm\"\nmemory_mb = 4294967295\n[tasks]\ncount = 1", "between 1 and 4096"),
             ("name = \"x\"\nmodule = \"m.wasm\"\nmax_output = 9223372036854775807\n[tasks]\ncount = 1", "at most 268435456"),
             ("name = \"x\"\nmodule = \"m.wasm\"\n[tasks]\ncount = 9223372036854775807", "above the limit of 10000000"),
+            ("name = \"a\\u001b[31mb\"\nmodule = \"m.wasm\"\n[tasks]\ncount = 1", "contains a control character"),
+            ("name = \"a\\nb\"\nmodule = \"m.wasm\"\n[tasks]\ncount = 1", "contains a control character"),
+            (long_name.as_str(), "above the limit of 256"),
             // Control characters in a path come back escaped, not as a second line.
             ("name = \"x\"\nmodule = \"m.wasm\"\n[[task]]\ninput = \"inputs/x.b\\n\"", "inputs/x.b\\n does not exist"),
             ("name = \"x\"\nmodule = \"m\\r\\u001b[2J.wasm\"\n[tasks]\ncount = 1", "m\\r\\u{1b}[2J.wasm does not exist"),

@@ -11,8 +11,8 @@
 //! each setting the sandbox needs.
 //!
 //! Kernels: every `benches/kernels/<name>.rs` (std-only Rust; `<name>.args` holds its
-//! arguments), and every sample `examples/<name>/` that has `<name>.wasm` and a source
-//! (`<name>.rs` or `src/main.rs`). An example's `bench.args` gives the benchmark run: first
+//! arguments), and every sample `examples/<name>/` that has `<name>.wasm`, a source
+//! (`<name>.rs` or `src/main.rs`) and a `bench.args`. That file gives the benchmark run: first
 //! line = the guest's arguments (whitespace-separated; argv[0] is the name), optional second
 //! line = a file (relative to the example dir) fed to stdin; `#` lines are comments.
 //! Native builds use `/usr/bin/rustc -O`; kernel wasm builds `/usr/bin/rustc -O --target
@@ -201,7 +201,12 @@ fn collect_kernels(manifest: &Path, work: &Path, smoke: bool) -> Vec<Kernel> {
             println!("SKIP examples/{name}: native build failed: {e}");
             continue;
         }
-        let text = std::fs::read_to_string(dir.join("bench.args")).unwrap_or_default();
+        // A sample is a benchmark when it says how to run one (longrun, a checkpointing
+        // demo that needs a worker's checkpoint store, does not).
+        let Ok(text) = std::fs::read_to_string(dir.join("bench.args")) else {
+            println!("SKIP examples/{name}: no bench.args (not a benchmark sample)");
+            continue;
+        };
         let mut lines = text
             .lines()
             .map(str::trim)

@@ -105,12 +105,44 @@ struct FetcherInner {
     store: BlobStore,
     server: Option<BlobServer>,
     opts: FetchOptions,
-    conns: Mutex<HashMap<NodeId, quinn::Connection>>,
+    conns: Mutex<Conns>,
     /// One download per blob at a time; others wait for it.
     active: Mutex<HashMap<BlobId, Arc<tokio::sync::Mutex<()>>>>,
     /// Told the node id of every peer we are about to dial (the daemon forwards it to the
     /// coordinator as [`tasks::wire::WorkerMsg::Punch`]): bounded, dropped when full.
     rendezvous: Mutex<Option<tokio::sync::mpsc::Sender<NodeId>>>,
+}
+
+/// The connections requests use, one per peer. Closed ones are swept out once the map has
+/// doubled since the last sweep: amortized O(1) per adoption, and at most about twice the
+/// live set. (A sweep on every adoption cost the coordinator, which lends every worker's
+/// session here, a lock per connected worker per Hello: half its CPU at 40,000 workers.)
+#[derive(Default)]
+struct Conns {
+    map: HashMap<NodeId, quinn::Connection>,
+    /// Sweep when the map grows past this.
+    sweep_at: usize,
+    /// Sweeps so far (for tests).
+    sweeps: u64,
+}
+
+impl Conns {
+    /// Below this many entries the map is never swept.
+    const MIN_SWEEP: usize = 64;
+
+    fn adopt(&mut self, node: NodeId, conn: quinn::Connection) {
+        match self.map.get(&node) {
+            Some(c) if c.close_reason().is_none() => {}
+            _ => {
+                self.map.insert(node, conn);
+            }
+        }
+        if self.map.len() > self.sweep_at.max(Self::MIN_SWEEP) {
+            self.map.retain(|_, c| c.close_reason().is_none());
+            self.sweep_at = 2 * self.map.len();
+            self.sweeps += 1;
+        }
+    }
 }
 
 impl Fetcher {
@@ -132,7 +164,7 @@ impl Fetcher {
                 store,
                 server,
                 opts,
-                conns: Mutex::new(HashMap::new()),
+                conns: Mutex::new(Conns::default()),
                 active: Mutex::new(HashMap::new()),
                 rendezvous: Mutex::new(None),
             }),
@@ -194,17 +226,7 @@ impl Fetcher {
     /// connection to it is already in use. Requests may go both ways on a blob connection;
     /// the coordinator also lends its session connections here to collect outputs.
     pub fn adopt(&self, node: NodeId, conn: quinn::Connection) {
-        let mut conns = self.inner.conns.lock().unwrap();
-        match conns.get(&node) {
-            Some(c) if c.close_reason().is_none() => {}
-            _ => {
-                conns.insert(node, conn);
-            }
-        }
-        // Closed connections of other peers go too: the map stays as big as the live set.
-        if conns.len() > 64 {
-            conns.retain(|_, c| c.close_reason().is_none());
-        }
+        self.inner.conns.lock().unwrap().adopt(node, conn);
     }
 
     /// Dial `peer` at `addr` because the coordinator asked (it is dialling us at the same
@@ -240,6 +262,7 @@ impl Fetcher {
     fn live(&self, node: &NodeId) -> Option<quinn::Connection> {
         let conns = self.inner.conns.lock().unwrap();
         conns
+            .map
             .get(node)
             .filter(|c| c.close_reason().is_none())
             .cloned()
@@ -823,5 +846,84 @@ fn settle(
         Ok(Err(StoreError::Verify(_, e))) => Err(Failure::Bad(e.to_string())),
         Ok(Err(e)) => Err(Failure::Transient(e.to_string())),
         Err(e) => Err(Failure::Transient(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tasks::wire::ALPN_BLOB;
+    use tasks::NodeKey;
+
+    /// `n` live connections from one endpoint to another on loopback (the server keeps them).
+    async fn connections(n: usize) -> (quinn::Endpoint, quinn::Endpoint, Vec<quinn::Connection>) {
+        let server_key = NodeKey::generate();
+        let server =
+            net::endpoint(&server_key, "127.0.0.1:0".parse().unwrap(), &[ALPN_BLOB]).unwrap();
+        let accepting = server.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(incoming) = accepting.accept().await {
+                if let Ok(c) = incoming.await {
+                    held.push(c);
+                }
+            }
+        });
+        let client =
+            net::endpoint(&NodeKey::generate(), "127.0.0.1:0".parse().unwrap(), &[]).unwrap();
+        let addr = server.local_addr().unwrap();
+        let mut conns = Vec::new();
+        for _ in 0..n {
+            conns.push(
+                net::connect(&client, addr, server_key.node_id(), ALPN_BLOB)
+                    .await
+                    .unwrap(),
+            );
+        }
+        (server, client, conns)
+    }
+
+    /// A coordinator lends every worker's session connection: adopting the n-th must not
+    /// look at the other n-1 (that was a lock per connected worker per Hello), and closed
+    /// connections still go.
+    #[tokio::test]
+    async fn adopting_sweeps_closed_connections_amortized() {
+        let (_server, _client, real) = connections(4).await;
+        let mut conns = Conns::default();
+        let peers: Vec<NodeId> = (0..1000).map(|_| NodeKey::generate().node_id()).collect();
+        for (i, p) in peers.iter().enumerate() {
+            conns.adopt(*p, real[i % 4].clone());
+        }
+        assert_eq!(conns.map.len(), 1000, "all live: none swept");
+        // Sweeps at 65, 131, 263 and 527 entries: a handful, not one per adoption.
+        assert!(
+            conns.sweeps <= 5,
+            "{} sweeps for 1000 adoptions",
+            conns.sweeps
+        );
+        // Half the peers' connections close; later adoptions sweep them out.
+        real[0].close(0u32.into(), b"gone");
+        real[1].close(0u32.into(), b"gone");
+        let more: Vec<NodeId> = (0..1100).map(|_| NodeKey::generate().node_id()).collect();
+        for p in &more {
+            conns.adopt(*p, real[2].clone());
+        }
+        let closed = conns
+            .map
+            .values()
+            .filter(|c| c.close_reason().is_some())
+            .count();
+        assert!(
+            closed < 500,
+            "{closed} closed connections still held after a sweep"
+        );
+        assert!(
+            conns.map.len() <= 2 * (500 + 1100) + 1,
+            "{} entries",
+            conns.map.len()
+        );
+        // A peer whose connection closed gets the new one.
+        conns.adopt(peers[0], real[3].clone());
+        assert_eq!(conns.map[&peers[0]].stable_id(), real[3].stable_id());
     }
 }

@@ -327,9 +327,7 @@ async fn respond(
 /// reaches the scheduling core.
 pub fn validate(m: &JobManifest) -> Result<(), String> {
     let l = &m.limits;
-    if m.name.trim().is_empty() {
-        return Err("job name is empty".into());
-    }
+    tasks::job::check_name(&m.name).map_err(|e| format!("job name: {e}"))?;
     l.check()?;
     if m.tasks.is_empty() || m.tasks.len() as u64 > limits::MAX_TASKS {
         return Err(format!("a job needs 1..={} tasks", limits::MAX_TASKS));
