@@ -22,7 +22,8 @@
 //! Env: `PEERGRID_BENCH_SMOKE=1` (tiny sizes), `PEERGRID_BENCH_SCALE_MAX` (default 100000),
 //! `PEERGRID_BENCH_SCALE_SECS` (time limit for ramping beyond 10k, default 240),
 //! `PEERGRID_BENCH_SCALE_TASKS` (queued tasks, default 1000000), `PEERGRID_BENCH_SCALE_LEVELS`
-//! (default `1,1000,10000`; the first level is the baseline).
+//! (default `1,1000,10000`; the first level is the baseline), `PEERGRID_BENCH_SCALE_SETTLE`
+//! (seconds between reaching a level and measuring it, default 2).
 //! Prints a human table and `BENCH|what|result|baseline|ratio|target|met` lines.
 
 use std::collections::BTreeMap;
@@ -140,6 +141,8 @@ struct Sizes {
     tasks_per_job: u64,
     samples: usize,
     rate: f64,
+    /// Wait after reaching a level, before measuring its latency.
+    settle: Duration,
 }
 
 fn env_num(name: &str) -> Option<u64> {
@@ -201,6 +204,7 @@ pub fn run(smoke: bool) -> anyhow::Result<Report> {
             tasks_per_job: 10_000,
             samples: 100,
             rate: 200.0,
+            settle: Duration::from_secs(2),
         }
     } else {
         Sizes {
@@ -214,6 +218,7 @@ pub fn run(smoke: bool) -> anyhow::Result<Report> {
             tasks_per_job: 250_000,
             samples: 3_000,
             rate: 1_000.0,
+            settle: Duration::from_secs(env_num("PEERGRID_BENCH_SCALE_SETTLE").unwrap_or(2)),
         }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -601,7 +606,7 @@ async fn bench(s: &Sizes) -> anyhow::Result<Report> {
                 t.elapsed().as_secs_f64()
             );
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(s.settle).await;
         let coord_rss = rss_kib(Some(pid));
         let client_rss = rss_kib(None);
         let samples = if swarm.len() == 1 {

@@ -173,6 +173,37 @@ pub fn endpoint(
     endpoint_on_socket(key, socket, server_alpns)
 }
 
+/// Kernel buffer asked for on every QUIC socket, each way. One socket carries every
+/// connection of a node: a coordinator's, the keep-alives and requests of 100,000 workers
+/// (~60,000 packets/s). With Linux's default (208 KiB, ~100 packets) a pause of a few
+/// milliseconds overflowed it; a third of the packets were dropped and QUIC's backed-off
+/// retransmissions made work requests wait ~20 s (the scale bench). The kernel caps it at
+/// `net.core.rmem_max` / `wmem_max` (docs/operations.md); memory is used only while packets
+/// wait.
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Ask for [`SOCKET_BUFFER`] each way on `socket`; says so (debug) when the kernel grants
+/// less. Never fails: a smaller buffer still works, only less well under load.
+pub fn size_socket_buffers(socket: &std::net::UdpSocket) -> (usize, usize) {
+    let s = socket2::SockRef::from(socket);
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    let got = (
+        s.recv_buffer_size().unwrap_or(0),
+        s.send_buffer_size().unwrap_or(0),
+    );
+    // Linux reports twice what it grants (the other half is its bookkeeping).
+    if got.0 < SOCKET_BUFFER || got.1 < SOCKET_BUFFER {
+        tracing::debug!(
+            recv = got.0,
+            send = got.1,
+            wanted = SOCKET_BUFFER,
+            "UDP socket buffers capped by the kernel (raise net.core.rmem_max / wmem_max)"
+        );
+    }
+    got
+}
+
 /// [`endpoint`] on a socket the caller bound (e.g. inside another network namespace).
 ///
 /// Must be called inside a tokio runtime.
@@ -196,6 +227,7 @@ pub fn endpoint_on_socket(
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let bind_err = |source| NetError::Bind { addr: bind, source };
+    size_socket_buffers(&socket);
     let reset = ResetKey::of(key);
     // Connection ids are checked against a key before a stateless reset is considered:
     // derive it from the identity too, or the restarted node drops the old packets unread.
@@ -559,6 +591,32 @@ impl quinn::crypto::ClientConfig for PinningClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Sockets get the big buffers (as far as the kernel's cap allows), not its default.
+    #[test]
+    fn quic_sockets_get_big_kernel_buffers() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let before = socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+        let (recv, send) = size_socket_buffers(&socket);
+        let cap = |f: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/core/{f}"))
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        };
+        if let (Some(rmem), Some(wmem)) = (cap("rmem_max"), cap("wmem_max")) {
+            assert!(
+                recv >= SOCKET_BUFFER.min(rmem),
+                "recv buffer {recv} (cap {rmem})"
+            );
+            assert!(
+                send >= SOCKET_BUFFER.min(wmem),
+                "send buffer {send} (cap {wmem})"
+            );
+            if rmem > before {
+                assert!(recv > before, "recv buffer still the default {before}");
+            }
+        }
+    }
 
     #[test]
     fn pin_name_round_trips() {
