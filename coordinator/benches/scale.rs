@@ -23,7 +23,9 @@
 //! `PEERGRID_BENCH_SCALE_SECS` (time limit for ramping beyond 10k, default 240),
 //! `PEERGRID_BENCH_SCALE_TASKS` (queued tasks, default 1000000), `PEERGRID_BENCH_SCALE_LEVELS`
 //! (default `1,1000,10000`; the first level is the baseline), `PEERGRID_BENCH_SCALE_SETTLE`
-//! (seconds between reaching a level and measuring it, default 2).
+//! (seconds between reaching a level and measuring it, default 2),
+//! `PEERGRID_BENCH_SCALE_RUST_LOG` (the coordinator's `RUST_LOG`, default `warn`; its log is
+//! copied to `PEERGRID_BENCH_SCALE_LOG` when that names a file).
 //! Prints a human table and `BENCH|what|result|baseline|ratio|target|met` lines.
 
 use std::collections::BTreeMap;
@@ -264,7 +266,10 @@ async fn start_coordinator() -> anyhow::Result<CoordProc> {
             "--data-dir",
         ])
         .arg(&data)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("PEERGRID_BENCH_SCALE_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()
@@ -431,6 +436,14 @@ impl Swarm {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let mut waits = Vec::with_capacity(samples);
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        println!(
+            "  measuring {} sessions from unix time {:.3}",
+            self.sessions.len(),
+            epoch.as_secs_f64()
+        );
         for _ in 0..samples {
             tick.tick().await;
             for _ in 0..16 {
@@ -662,6 +675,9 @@ async fn bench(s: &Sizes) -> anyhow::Result<Report> {
     );
     let log =
         std::fs::read_to_string(coord._dir.path().join("coordinator.log")).unwrap_or_default();
+    if let Ok(keep) = std::env::var("PEERGRID_BENCH_SCALE_LOG") {
+        let _ = std::fs::copy(coord._dir.path().join("coordinator.log"), keep);
+    }
     let warnings = log
         .lines()
         .filter(|l| l.contains("WARN") || l.contains("ERROR"))

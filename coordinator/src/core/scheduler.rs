@@ -202,6 +202,11 @@ impl Core {
         if let Some(w) = self.workers.get_mut(&worker) {
             w.waiting_for_room = at_cap;
             w.waiting_for_work = out.is_empty() && !at_cap && cap > 0;
+            if w.waiting_for_work {
+                self.idle.insert(worker);
+            } else {
+                self.idle.remove(&worker);
+            }
         }
         let retry_after_ms = match (out.is_empty(), at_cap) {
             (false, _) => 0,
@@ -716,9 +721,24 @@ impl Core {
     /// found no work is told to ask now (one notice per such request, so bounded by the
     /// connected workers).
     pub(crate) fn wake_idle(&mut self) {
-        for i in 0..self.roster.len() {
-            self.wake(self.roster[i]);
+        for id in self.idle_in_roster_order() {
+            self.wake(id);
         }
+    }
+
+    /// The idle workers ([`Core::idle`]) that are in the roster, in its order: the order in
+    /// which waking them used to visit the whole roster. O(idle), not O(workers).
+    fn idle_in_roster_order(&self) -> Vec<NodeId> {
+        if self.idle.is_empty() {
+            return Vec::new();
+        }
+        let mut idle: Vec<(usize, NodeId)> = self
+            .idle
+            .iter()
+            .filter_map(|id| self.roster.get_index_of(id).map(|i| (i, *id)))
+            .collect();
+        idle.sort_unstable();
+        idle.into_iter().map(|(_, id)| id).collect()
     }
 
     /// A job was added: idle workers would otherwise wait out their retry hint (seconds)
@@ -734,11 +754,11 @@ impl Core {
     /// distribute the module and the seed sent 3 copies, against 1.3-1.5 s and 1 copy).
     pub(crate) fn wake_for_new_job(&mut self, module: BlobId, now: u64) {
         let idle: Vec<(NodeId, bool)> = self
-            .roster
-            .iter()
+            .idle_in_roster_order()
+            .into_iter()
             .filter_map(|id| {
-                let w = self.workers.get(id)?;
-                (w.waiting_for_work && w.connected).then_some((*id, w.reachable))
+                let w = self.workers.get(&id)?;
+                (w.waiting_for_work && w.connected).then_some((id, w.reachable))
             })
             .collect();
         let supers_first = idle.iter().any(|&(_, reachable)| reachable);
@@ -754,6 +774,7 @@ impl Core {
     /// [`Notice::Room`] to `worker` if its last request found no work (once per request).
     fn wake(&mut self, worker: NodeId) {
         if let Some(w) = self.workers.get_mut(&worker) {
+            self.idle.remove(&worker);
             if std::mem::take(&mut w.waiting_for_work) && w.connected {
                 self.notices.push(Notice::Room { worker });
             }

@@ -217,6 +217,15 @@ impl Sim {
 
     /// The invariants every run must keep.
     fn check(&self) {
+        // The idle set is exactly the workers whose last request found no work.
+        let flagged: HashSet<NodeId> = self
+            .core
+            .workers
+            .iter()
+            .filter(|(_, w)| w.waiting_for_work)
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(self.core.idle, flagged, "Core::idle out of step");
         // Every task ended accepted or failed; no replica left in flight.
         for job in self.core.jobs.values() {
             assert_ne!(job.state, JobState::Running);
@@ -2231,6 +2240,7 @@ fn an_idle_worker_is_woken_when_a_replica_is_dealt_to_it() {
         assert_eq!(rooms(&mut core), all, "a new job wakes the idle");
         for w in &idle {
             core.workers.get_mut(w).unwrap().waiting_for_work = true;
+            core.idle.insert(*w);
         }
         assert_eq!(core.request_work(a, 1, 3).assignments.len(), 1);
         let woken = rooms(&mut core);
