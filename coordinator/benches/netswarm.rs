@@ -32,7 +32,7 @@
 //! namespaces, iptables): otherwise prints one `netswarm: skipped: <reason>` line and exits 0.
 //! Env: `PEERGRID_BENCH_SMOKE=1` (6 public workers / 3+2+2, 1 run), `PEERGRID_BENCH_RUNS`,
 //! `PEERGRID_BENCH_KEEP_LOGS=DIR` (keep every run's logs), `PEERGRID_BENCH_ONLY=public|nat`
-//! (one topology).
+//! (one topology), `PEERGRID_BENCH_RUST_LOG` (the processes' `RUST_LOG`, default `info`).
 //!
 //! The processes are started as in `tests/multihost.rs`, by the same code: `netgrid` (shared
 //! with it) and netsim.
@@ -152,11 +152,12 @@ fn run_in(b: &Bench, hosts: &[Host], mode: Mode, dir: &Path) -> Result<Run> {
         Mode::Central => &["--central-only", "--policy", "trusting"],
         Mode::Swarm => &["--policy", "trusting"],
     };
+    let rust_log = std::env::var("PEERGRID_BENCH_RUST_LOG").unwrap_or_else(|_| "info".into());
     let (mut coord, ticket, token) = netgrid::start_coordinator(
         &coordinator_bin(),
         &b.coord_host,
         dir,
-        "info",
+        &rust_log,
         extra,
         START_GUARD,
     )?;
@@ -166,7 +167,7 @@ fn run_in(b: &Bench, hosts: &[Host], mode: Mode, dir: &Path) -> Result<Run> {
         let wdir = dir.join(format!("worker-{i}"));
         let log = log(&format!("worker-{i}-{}.log", h.name))?;
         let name = format!("worker-{i}");
-        let p = netgrid::spawn_worker(&b.worker, h, &ticket, &wdir, "info", log, &name)?;
+        let p = netgrid::spawn_worker(&b.worker, h, &ticket, &wdir, &rust_log, log, &name)?;
         workers.push((p, wdir));
     }
     let t1 = Instant::now();
