@@ -192,17 +192,18 @@ def parse_ingest(text):
 # dated A/B measurements) below it. The script rewrites only the first and keeps the second
 # exactly as it is in the file it overwrites.
 MARK = "<!-- bench.sh writes everything above this line and keeps everything below it as it is. -->"
-HAND_START = "### What limits the biggest misses"  # where they began before MARK existed
 
 def kept_sections(path):
+    """The hand-written part of `path` (nothing for a new file). A file without the marker
+    is refused: overwriting it would lose whatever was written by hand."""
     try:
         old = open(path, encoding="utf-8").read()
     except FileNotFoundError:
         return ""
-    if MARK in old:
-        return old.split(MARK, 1)[1].strip("\n")
-    i = old.find("\n" + HAND_START)
-    return old[i + 1:].strip("\n") if i >= 0 else ""
+    if MARK not in old:
+        raise SystemExit(f"bench.sh: {path} has no line {MARK!r}; add it above the hand-written "
+                         "sections (or write to a new file with --out) so they are kept")
+    return old.split(MARK, 1)[1].strip("\n")
 
 
 parsers = {"sandbox": parse_sandbox, "swarm": parse_swarm, "ingest": parse_ingest}
