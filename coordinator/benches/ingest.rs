@@ -507,7 +507,9 @@ fn main() {
             )
             .unwrap()
             .expect("a fresh database's lease is free");
-            store.fence(epoch).unwrap();
+            store
+                .fence(epoch, coordinator::ha::LeaseConfig::default().ttl)
+                .unwrap();
             let e = engine_path(&rt, &s, store);
             assert_eq!(e.accepted, s.tasks, "every task accepted");
             println!("  round {round}: PostgreSQL {:.0} results/s", e.rate());

@@ -14,7 +14,11 @@
 //!   waits for the old leader's commit in flight, and every later commit of the old leader
 //!   (one that stalled past its lease and woke up) fails: nothing it does after losing the
 //!   lease is recorded. The new leader loads its state only after taking the lease, so it
-//!   sees every commit of the old one.
+//!   sees every commit of the old one. A leader that stalls *mid-commit* (stopped, frozen)
+//!   would hold that row lock for as long as it stalls: the server ends its session once the
+//!   transaction has been left open for the lease's time to live
+//!   (`idle_in_transaction_session_timeout`), which releases the lock, and the resumed
+//!   process finds its commit fenced.
 //! - **What lives outside the database** is shared through it too: the submit token (one per
 //!   deployment, `peergrid_deployment`), the coordinators' ticket entries (each writes a ticket
 //!   listing all of them, `peergrid_coordinators`), and the blobs submitters upload and the
@@ -88,12 +92,23 @@ fn create_instance(path: &Path) -> anyhow::Result<String> {
     Ok(id)
 }
 
-/// A connection of its own (lease, mirror), with the store's settings and one-line errors.
+/// How long a lease statement waits for a row lock before giving up and retrying: a
+/// standby keeps polling (and stops when asked) while the leader's commit in flight holds
+/// the lease row.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+
+/// A connection of its own (lease, mirror), with the store's settings and one-line errors;
+/// its statements wait at most [`LOCK_WAIT`] for a lock.
 fn connect(url: &str) -> anyhow::Result<Client> {
-    Ok(crate::store::postgres::connect(
-        url,
-        "peergrid-coordinator-ha",
-    )?)
+    let mut c = crate::store::postgres::connect(url, "peergrid-coordinator-ha")?;
+    c.batch_execute(&format!("SET lock_timeout = {}", LOCK_WAIT.as_millis()))?;
+    Ok(c)
+}
+
+/// The lease row was locked longer than [`LOCK_WAIT`] (a commit in flight, or the session of
+/// a leader that stalled mid-commit, which the server ends after the lease's time to live).
+fn lock_busy(e: &postgres::Error) -> bool {
+    e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE)
 }
 
 /// The deployment's submit token: the one already in the database, or `local` (this data
@@ -321,6 +336,10 @@ fn lease_thread(
                     (*s != new).then(|| *s = new).is_some()
                 });
             }
+            Err(e) if lock_busy(&e) => {
+                tracing::debug!("the leader lease row is locked (a commit in flight); retrying");
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %describe(&e), "cannot check the leader lease; retrying");
                 std::thread::sleep(ctx.config.poll.max(Duration::from_secs(1)));
@@ -368,8 +387,10 @@ fn lease_thread(
                     return;
                 }
                 tracing::warn!(error = %describe(&e), "cannot renew the leader lease; retrying");
-                if let Ok(c) = connect(&ctx.url) {
-                    client = c;
+                if !lock_busy(&e) {
+                    if let Ok(c) = connect(&ctx.url) {
+                        client = c;
+                    }
                 }
                 continue;
             }
@@ -553,7 +574,7 @@ mod tests {
         let e1 = acquire(&mut c, "instance-a", "a@192.0.2.1:7100", short)
             .unwrap()
             .expect("a free lease is taken");
-        a.fence(e1).unwrap();
+        a.fence(e1, Duration::from_secs(30)).unwrap();
         a.commit(&a_commit()).expect("the leader commits");
         // Held and live: nobody else gets it.
         assert_eq!(
@@ -574,7 +595,7 @@ mod tests {
             other => panic!("the old leader committed: {other:?}"),
         }
         let mut b = PostgresStore::open(&url).unwrap();
-        b.fence(e2).unwrap();
+        b.fence(e2, Duration::from_secs(30)).unwrap();
         b.commit(&a_commit()).expect("the new leader commits");
         // B restarted (same instance id): takes the live lease back at once, and B's previous
         // process is fenced like A.
@@ -586,6 +607,89 @@ mod tests {
             b.commit(&a_commit()),
             Err(StoreError::Fenced { .. })
         ));
+    }
+
+    /// A leader stopped between its commit's fence read (the lease row `FOR SHARE`) and its
+    /// `COMMIT` holds that row's lock while it is stopped; the take-over must not wait for it
+    /// to resume (CI saw a standby wait past 120 s for a SIGSTOPped leader): the server ends
+    /// the stalled session after the lease's time to live, and the standby takes over.
+    #[test]
+    fn a_leader_stalled_mid_commit_does_not_keep_the_standby_out() {
+        let Some(pg) = ThrowawayPostgres::for_tests() else {
+            return;
+        };
+        let url = pg.fresh_database().unwrap();
+        drop(PostgresStore::open(&url).unwrap());
+        let mut c = connect(&url).unwrap();
+        let ttl = Duration::from_millis(500);
+        let e1 = acquire(&mut c, "instance-a", "a@192.0.2.1:7100", ttl)
+            .unwrap()
+            .expect("a free lease is taken");
+        // A's store connection, as `PostgresStore::fence` sets it up, stalled mid-commit.
+        let mut a = crate::store::postgres::connect(&url, "stalled-leader").unwrap();
+        crate::store::postgres::limit_open_transactions(&mut a, ttl).unwrap();
+        let mut tx = a.transaction().unwrap();
+        tx.query_one(
+            "SELECT epoch FROM peergrid_lease WHERE id = 1 FOR SHARE",
+            &[],
+        )
+        .unwrap();
+        // B polls as a standby does.
+        let t0 = Instant::now();
+        let e2 = loop {
+            match acquire(&mut c, "instance-b", "b@192.0.2.2:7100", ttl) {
+                Ok(Some(e)) => break e,
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) if lock_busy(&e) => {}
+                Err(e) => panic!("acquire: {}", describe(&e)),
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "the standby never took over from a leader stalled mid-commit"
+            );
+        };
+        assert_eq!(e2, e1 + 1);
+        // A resumes: the server ended its transaction, nothing of it commits.
+        assert!(tx.commit().is_err(), "the stalled commit went through");
+    }
+
+    /// A leader whose connection broke while it was fenced out (its stalled session ended
+    /// by the server) says another coordinator leads, not just that the connection broke.
+    #[test]
+    fn a_fenced_leader_whose_connection_was_ended_is_told_another_leads() {
+        let Some(pg) = ThrowawayPostgres::for_tests() else {
+            return;
+        };
+        let url = pg.fresh_database().unwrap();
+        let mut a = PostgresStore::open(&url).unwrap();
+        let mut c = connect(&url).unwrap();
+        let short = Duration::from_millis(300);
+        let e1 = acquire(&mut c, "instance-a", "a@192.0.2.1:7100", short)
+            .unwrap()
+            .expect("a free lease is taken");
+        a.fence(e1, Duration::from_secs(30)).unwrap();
+        a.commit(&a_commit()).expect("the leader commits");
+        std::thread::sleep(Duration::from_millis(500));
+        let e2 = acquire(
+            &mut c,
+            "instance-b",
+            "b@192.0.2.2:7100",
+            Duration::from_secs(30),
+        )
+        .unwrap()
+        .expect("a lapsed lease is taken");
+        let ended: i64 = c
+            .query_one(
+                "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'peergrid-coordinator') AS t",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(ended, 1, "the leader's store connection");
+        match a.commit(&a_commit()) {
+            Err(StoreError::Fenced { ours, now }) => assert_eq!((ours, now), (e1, Some(e2))),
+            other => panic!("not told another coordinator leads: {other:?}"),
+        }
     }
 
     #[test]

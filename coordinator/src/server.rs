@@ -240,13 +240,18 @@ impl Coordinator {
         // Opening, loading and the engine's first reads block (and the PostgreSQL client runs
         // its own runtime, which must not be entered from this one): on a blocking thread.
         // The store never comes back here: it lives and dies on the engine's thread.
-        let (store_url, store_dir, engine_blobs, engine_died) =
-            (cfg.store.clone(), dir.clone(), blobs.clone(), died.clone());
+        let (store_url, store_dir, engine_blobs, engine_died, hold) = (
+            cfg.store.clone(),
+            dir.clone(),
+            blobs.clone(),
+            died.clone(),
+            cfg.ha.ttl,
+        );
         let (engine, fetches, engine_thread) = tokio::task::spawn_blocking(move || {
             let mut store: Box<dyn crate::store::Store> = match (&store_url, epoch) {
                 (StoreUrl::Postgres(url), Some(epoch)) => {
                     let mut pg = crate::store::PostgresStore::open(url)?;
-                    pg.fence(epoch)?;
+                    pg.fence(epoch, hold)?;
                     Box::new(pg)
                 }
                 _ => crate::store::open(&store_url, &store_dir)?,

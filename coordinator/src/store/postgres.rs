@@ -250,6 +250,8 @@ pub fn describe(e: &postgres::Error) -> String {
 /// The store on a PostgreSQL server.
 pub struct PostgresStore {
     client: Client,
+    /// The URL as given (to ask who leads when this connection fails while fenced).
+    url: String,
     /// The URL without its password (for messages).
     shown: String,
     st: Statements,
@@ -504,6 +506,16 @@ pub fn connect(url: &str, app: &str) -> Result<Client, StoreError> {
     })
 }
 
+/// Have the server end this session when it leaves a transaction open, idle, longer than
+/// `hold`: a client that stalls mid-transaction then holds its row locks for at most that
+/// long (PostgreSQL's `idle_in_transaction_session_timeout`).
+pub fn limit_open_transactions(client: &mut Client, hold: Duration) -> Result<(), postgres::Error> {
+    client.batch_execute(&format!(
+        "SET idle_in_transaction_session_timeout = {}",
+        hold.as_millis().clamp(1, i32::MAX as u128)
+    ))
+}
+
 impl PostgresStore {
     /// Connect to the server at `url` (`postgres://user[:password]@host[:port]/dbname`, or
     /// `postgres:///dbname?host=/run/postgresql` for a Unix socket), then create or migrate
@@ -522,6 +534,7 @@ impl PostgresStore {
         let st = Statements::prepare(&mut client)?;
         Ok(PostgresStore {
             client,
+            url: url.to_string(),
             shown,
             st,
             fence: None,
@@ -532,12 +545,57 @@ impl PostgresStore {
     /// first reads the lease row `FOR SHARE` (a take-over, which updates it, waits for the
     /// commit in flight) and fails with [`StoreError::Fenced`] once another coordinator
     /// took the lease.
-    pub fn fence(&mut self, epoch: i64) -> Result<(), StoreError> {
+    ///
+    /// A commit left open longer than `hold` (the process stalled mid-commit: stopped,
+    /// swapped out, frozen in a VM) is ended by the server ([`limit_open_transactions`]),
+    /// so its lock on the lease row cannot keep a standby from taking over; pass the lease's
+    /// time to live. A commit that fails that way, or on any broken connection, reports
+    /// [`StoreError::Fenced`] when a fresh connection shows another coordinator leads.
+    pub fn fence(&mut self, epoch: i64, hold: Duration) -> Result<(), StoreError> {
+        limit_open_transactions(&mut self.client, hold)?;
         let st = self
             .client
             .prepare("SELECT epoch FROM peergrid_lease WHERE id = 1 FOR SHARE")?;
         self.fence = Some((epoch, st));
         Ok(())
+    }
+
+    /// One transaction for the batch (fenced: first checks the lease is still ours).
+    fn commit_batch(&mut self, batch: &[Mutation]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let groups = plan(batch);
+        let mut tx = self.client.transaction()?;
+        if let Some((ours, st)) = &self.fence {
+            let now: Option<i64> = tx.query_opt(st, &[])?.map(|r| r.get(0));
+            if now != Some(*ours) {
+                return Err(StoreError::Fenced { ours: *ours, now });
+            }
+        }
+        for (kind, ms) in &groups {
+            Self::run(&self.st, &mut tx, *kind, ms)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// `e` stopped a fenced commit: [`StoreError::Fenced`] if the lease moved on meanwhile
+    /// (asked on a fresh connection: this one may be gone), else `e`.
+    fn fenced_or(&self, e: postgres::Error) -> StoreError {
+        let Some((ours, _)) = &self.fence else {
+            return StoreError::Postgres(e);
+        };
+        let now = connect(&self.url, "peergrid-coordinator").and_then(|mut c| {
+            Ok(
+                c.query_opt("SELECT epoch FROM peergrid_lease WHERE id = 1", &[])?
+                    .map(|r| r.get::<_, i64>(0)),
+            )
+        });
+        match now {
+            Ok(now) if now != Some(*ours) => StoreError::Fenced { ours: *ours, now },
+            _ => StoreError::Postgres(e),
+        }
     }
 
     /// The schema version (for tests and diagnostics).
@@ -1002,22 +1060,10 @@ impl Store for PostgresStore {
     }
 
     fn commit(&mut self, batch: &[Mutation]) -> Result<(), StoreError> {
-        if batch.is_empty() {
-            return Ok(());
+        match self.commit_batch(batch) {
+            Err(StoreError::Postgres(e)) => Err(self.fenced_or(e)),
+            r => r,
         }
-        let groups = plan(batch);
-        let mut tx = self.client.transaction()?;
-        if let Some((ours, st)) = &self.fence {
-            let now: Option<i64> = tx.query_opt(st, &[])?.map(|r| r.get(0));
-            if now != Some(*ours) {
-                return Err(StoreError::Fenced { ours: *ours, now });
-            }
-        }
-        for (kind, ms) in &groups {
-            Self::run(&self.st, &mut tx, *kind, ms)?;
-        }
-        tx.commit()?;
-        Ok(())
     }
 
     fn task_results_range(
