@@ -107,6 +107,40 @@ struct ServerInner {
     super_peers: Mutex<std::collections::HashSet<NodeId>>,
     /// Seed mode: per blob, when super-peers began and last took a chunk of it.
     super_fetch: Mutex<HashMap<BlobId, (Instant, Instant)>>,
+    /// This node's downloads in progress, told of the nodes asking it for the same blob
+    /// ([`BlobServer::learn`]). Only local downloads add entries.
+    learners: Mutex<HashMap<BlobId, Learner>>,
+}
+
+/// A download in progress, listening for other nodes that ask this node for its blob.
+struct Learner {
+    /// Tells the download; it adds the node as a source.
+    tx: tokio::sync::mpsc::Sender<(NodeId, quinn::Connection)>,
+    /// The nodes told so far (at most [`MAX_LEARNED_PEERS`]).
+    told: std::collections::HashSet<NodeId>,
+    /// Which registration this is (a later download of the same blob replaces it).
+    serial: u64,
+}
+
+/// Most requesters one download learns as sources (node ids are free to make).
+pub const MAX_LEARNED_PEERS: usize = 16;
+
+/// A download's registration with [`BlobServer::learn`]: receives the nodes that ask this
+/// node for the blob; unregisters when dropped.
+pub struct Learning {
+    server: BlobServer,
+    id: BlobId,
+    serial: u64,
+    pub rx: tokio::sync::mpsc::Receiver<(NodeId, quinn::Connection)>,
+}
+
+impl Drop for Learning {
+    fn drop(&mut self) {
+        let mut map = self.server.inner.learners.lock().unwrap();
+        if map.get(&self.id).is_some_and(|l| l.serial == self.serial) {
+            map.remove(&self.id);
+        }
+    }
 }
 
 /// Seed mode: how long super-peers fetching a blob keep the others waiting for them, at most
@@ -132,7 +166,44 @@ impl BlobServer {
                 held_out: Mutex::new(HashMap::new()),
                 super_peers: Mutex::new(Default::default()),
                 super_fetch: Mutex::new(HashMap::new()),
+                learners: Mutex::new(HashMap::new()),
             }),
+        }
+    }
+
+    /// While the returned registration lives, every node that asks this node for `id` (a
+    /// `Have`, `Outboard` or `Chunks` request: it is fetching the blob too) is passed on
+    /// once, with the connection it asked on, up to [`MAX_LEARNED_PEERS`] nodes. A download
+    /// adds them as sources: the coordinator tells each worker only of the fetchers *before*
+    /// it, so without this the earlier ones never hear of the later ones, and chunks the
+    /// seed handed to a late fetcher reach nobody until the seed hands them out again
+    /// (BitTorrent's peers likewise learn of each other from incoming connections).
+    pub fn learn(&self, id: BlobId) -> Learning {
+        static SERIAL: AtomicU64 = AtomicU64::new(0);
+        let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::mpsc::channel(MAX_LEARNED_PEERS);
+        self.inner.learners.lock().unwrap().insert(
+            id,
+            Learner {
+                tx,
+                told: Default::default(),
+                serial,
+            },
+        );
+        Learning {
+            server: self.clone(),
+            id,
+            serial,
+            rx,
+        }
+    }
+
+    /// `peer` asked for `id` on `conn`: tell the download of `id` in progress here, if any.
+    fn heard_from(&self, peer: NodeId, id: BlobId, conn: &quinn::Connection) {
+        let mut map = self.inner.learners.lock().unwrap();
+        let Some(l) = map.get_mut(&id) else { return };
+        if l.told.len() < MAX_LEARNED_PEERS && l.told.insert(peer) {
+            let _ = l.tx.try_send((peer, conn.clone()));
         }
     }
 
@@ -227,6 +298,12 @@ impl BlobServer {
                 return;
             }
         };
+        if let Some(peer) = peer {
+            let (BlobRequest::Outboard { id }
+            | BlobRequest::Have { id }
+            | BlobRequest::Chunks { id, .. }) = &req;
+            self.heard_from(peer, *id, conn);
+        }
         if let Err(e) = self.answer(&mut send, peer, req).await {
             tracing::debug!(error = %e, "blob request failed");
         }

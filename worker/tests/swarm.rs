@@ -148,6 +148,52 @@ async fn seed_serves_a_node_that_knows_no_other_holder_after_its_patience() -> a
     Ok(())
 }
 
+/// The coordinator tells each worker only of the fetchers that started *before* it (up to
+/// four, newest first) and of itself, last. The seed hands each chunk out once within its
+/// window, so chunks a later fetcher took must reach the earlier ones through it: they learn
+/// of it when it asks them for the blob. The fetches start last-told first, so the seed's
+/// first chunks go to fetchers that nobody was told of. The window here is a minute, so a
+/// chunk that did not travel that way would stall its fetch (and the seed would send more
+/// than one copy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn earlier_fetchers_learn_of_later_ones_and_the_seed_sends_one_copy() -> anyhow::Result<()> {
+    let data = blob_data(64 * CHUNK_SIZE, 3);
+    let seed = node(ServeLimits {
+        seed_window: Some(Duration::from_secs(60)),
+        ..ServeLimits::seed()
+    })?;
+    let blob = seed.store.put(&data)?;
+    let workers: Vec<Node> = (0..6)
+        .map(|_| node(ServeLimits::default()))
+        .collect::<Result<_, _>>()?;
+    let mut fetches = tokio::task::JoinSet::new();
+    for (i, w) in workers.iter().enumerate().rev() {
+        let mut peers: Vec<PeerAddr> = workers[i.saturating_sub(4)..i]
+            .iter()
+            .rev()
+            .map(|o| o.peer.clone())
+            .collect();
+        peers.push(seed.peer.clone());
+        let f = w.fetcher.clone();
+        fetches.spawn(async move { f.fetch(blob, &peers).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while let Some(r) = fetches.join_next().await {
+        let report =
+            r?.context("a fetch failed: a chunk only a later fetcher held never reached it")?;
+        assert!(report.bad_peers.is_empty());
+    }
+    for w in &workers {
+        assert_eq!(w.store.read(&blob.id)?, data);
+    }
+    assert_eq!(
+        seed.server.bytes_sent(),
+        data.len() as u64,
+        "the seed uploads each chunk once"
+    );
+    Ok(())
+}
+
 /// A worker keeps small outputs in a pack of its blob store, not a file each; a coordinator
 /// that lost them fetches them by hash from that worker as it would any blob.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -330,17 +330,22 @@ enum Failure {
 struct Download {
     f: Fetcher,
     blob: BlobRef,
+    /// The sources: those given, then those learnt (the seed stays at the index it had).
     peers: Vec<PeerAddr>,
     report: FetchReport,
+    /// Nodes asking our server for this blob meanwhile ([`BlobServer::learn`]).
+    learning: Option<super::Learning>,
 }
 
 impl Download {
     fn new(f: Fetcher, blob: BlobRef, peers: Vec<PeerAddr>) -> Download {
+        let learning = f.inner.server.as_ref().map(|s| s.learn(blob.id));
         Download {
             f,
             blob,
             peers,
             report: FetchReport::default(),
+            learning,
         }
     }
 
@@ -465,9 +470,21 @@ impl Download {
                 })?
                 .map_err(|e| self.store_err(e))?
         };
+        let started = Instant::now();
         let result = self.chunks(&partial, states).await;
         match result {
             Ok(()) => {
+                tracing::debug!(
+                    ms = started.elapsed().as_millis() as u64,
+                    from = %self
+                        .report
+                        .bytes_by_peer
+                        .iter()
+                        .map(|(n, b)| format!("{}:{}", n.short(), b))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    "downloaded"
+                );
                 let store2 = store.clone();
                 let p2 = partial.clone();
                 let done = tokio::task::spawn_blocking(move || store2.finish(&p2)).await;
@@ -512,6 +529,22 @@ impl Download {
         let mut have_at: Vec<Option<Instant>> = vec![None; self.peers.len()];
         while sched.remaining() > 0 {
             let now = Instant::now();
+            // Nodes that asked us for this blob are fetching it too: sources from now on.
+            while let Some(Ok((node, conn))) = self.learning.as_mut().map(|l| l.rx.try_recv()) {
+                if self.peers.iter().any(|p| p.node_id == node) {
+                    continue;
+                }
+                tracing::debug!(peer = %node.short(), addr = %conn.remote_address(), "learnt a source");
+                self.f.adopt(node, conn.clone());
+                self.peers.push(PeerAddr {
+                    node_id: node,
+                    addr: conn.remote_address(),
+                });
+                sched.add_peer();
+                have_inflight.push(false);
+                next_have.push(now);
+                have_at.push(None);
+            }
             // Ask peers what they hold.
             for p in 0..self.peers.len() {
                 let complete = sched.peers[p]
@@ -651,7 +684,10 @@ impl Download {
                     }
                     match outcome {
                         Ok(Reply::Done) => sched.succeeded(p),
-                        Ok(Reply::Busy(d)) => sched.busy(p, now, d),
+                        Ok(Reply::Busy(d)) => {
+                            tracing::debug!(peer = %self.peers[p].node_id.short(), ?run, seed = Some(p) == seed, "busy");
+                            sched.busy(p, now, d)
+                        }
                         Ok(Reply::NotHeld) => sched.not_held(p, run),
                         Err(Failure::Transient(e)) => {
                             tracing::debug!(peer = %self.peers[p].node_id.short(), error = %e, "chunk request failed");

@@ -89,24 +89,20 @@ impl Sched {
     pub fn new(held: Vec<bool>, peers: usize, limits: SchedLimits) -> Sched {
         let remaining = held.iter().filter(|h| !**h).count() as u64;
         let n = held.len();
-        Sched {
+        let mut s = Sched {
             done: held,
             owners: vec![Vec::new(); n],
             remaining,
-            peers: (0..peers)
-                .map(|_| PeerSlot {
-                    state: PeerState::Live,
-                    have: None,
-                    inflight: 0,
-                    busy_until: None,
-                    failures: 0,
-                })
-                .collect(),
+            peers: Vec::new(),
             seed: (peers > 1).then(|| peers - 1),
             limits,
             inflight_total: 0,
             seed_cursor: None,
+        };
+        for _ in 0..peers {
+            s.add_peer();
         }
+        s
     }
 
     pub fn remaining(&self) -> u64 {
@@ -127,7 +123,24 @@ impl Sched {
 
     /// Peers in the order to offer them work: everyone before the seed.
     pub fn order(&self) -> impl Iterator<Item = usize> {
-        0..self.peers.len()
+        let seed = self.seed;
+        (0..self.peers.len())
+            .filter(move |p| Some(*p) != seed)
+            .chain(seed)
+    }
+
+    /// A source learnt during the download (it asked us for the blob): a live peer whose
+    /// holdings are unknown until its first `Have`. Returns its index. The seed stays the
+    /// seed.
+    pub fn add_peer(&mut self) -> usize {
+        self.peers.push(PeerSlot {
+            state: PeerState::Live,
+            have: None,
+            inflight: 0,
+            busy_until: None,
+            failures: 0,
+        });
+        self.peers.len() - 1
     }
 
     fn has(&self, p: usize, i: usize) -> bool {
