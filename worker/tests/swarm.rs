@@ -339,6 +339,74 @@ async fn vanishing_peer(
     Ok((peer, task))
 }
 
+/// A liar that claims every chunk (`Have`: all of them) and answers every `Chunks` request
+/// with `Busy`, forever. Counts the `Busy` answers it gave.
+async fn busy_liar(blob: BlobRef) -> anyhow::Result<(PeerAddr, Arc<std::sync::atomic::AtomicU64>)> {
+    let key = NodeKey::generate();
+    let ep = net::endpoint(&key, "127.0.0.1:0".parse()?, &[ALPN_BLOB])?;
+    let peer = PeerAddr {
+        node_id: key.node_id(),
+        addr: ep.local_addr()?,
+    };
+    let busy = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = busy.clone();
+    tokio::spawn(async move {
+        while let Some(incoming) = ep.accept().await {
+            let Ok(conn) = incoming.await else { continue };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    let Ok(Some(req)) = net::read_frame::<BlobRequest>(&mut recv).await else {
+                        return;
+                    };
+                    let resp = match req {
+                        BlobRequest::Outboard { .. } => BlobResponse::NotFound,
+                        BlobRequest::Have { .. } => BlobResponse::Have {
+                            size: blob.size,
+                            chunks: vec![true; blob.chunk_count() as usize],
+                        },
+                        BlobRequest::Chunks { .. } => {
+                            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            BlobResponse::Busy { retry_after_ms: 10 }
+                        }
+                    };
+                    let _ = net::write_frame(&mut send, &resp).await;
+                    let _ = send.finish();
+                }
+            });
+        }
+    });
+    Ok((peer, busy))
+}
+
+/// A peer that claims to hold everything and answers `Busy` forever must not hold a
+/// download hostage: while it looks like a source, the seed is never asked (it is asked only
+/// for chunks no other peer holds) and the stall timer never runs. After
+/// `SchedLimits::busy_patience` (10 s) of nothing but `Busy` it is given up and the blob comes
+/// from the seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_claims_everything_and_is_always_busy_does_not_hold_the_download_hostage(
+) -> anyhow::Result<()> {
+    let data = blob_data(2 << 20, 4);
+    let seed = node(ServeLimits::seed())?;
+    let blob = seed.store.put(&data)?;
+    let (liar, busy) = busy_liar(blob).await?;
+    let me = node(ServeLimits::default())?;
+    let report = tokio::time::timeout(
+        Duration::from_secs(60),
+        me.fetcher.fetch(blob, &[liar.clone(), seed.peer.clone()]),
+    )
+    .await
+    .context("the download was held hostage by an always-busy peer")??;
+    assert!(
+        busy.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the liar was asked"
+    );
+    assert_eq!(report.bytes_by_peer.get(&liar.node_id), None);
+    assert_eq!(me.store.read(&blob.id)?, data);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_vanishing_mid_transfer_costs_nothing_but_time_the_blob_comes_from_others(
 ) -> anyhow::Result<()> {

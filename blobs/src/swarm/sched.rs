@@ -35,6 +35,10 @@ pub struct SchedLimits {
     pub max_failures: u32,
     /// In the end game, a chunk in flight this long may be raced by another peer.
     pub race_after: Duration,
+    /// A peer (not the seed) that has answered nothing but `Busy` for this long is given
+    /// up: one that claims every chunk and is always busy would otherwise keep the seed
+    /// from being asked and the download from ever stalling out.
+    pub busy_patience: Duration,
 }
 
 impl Default for SchedLimits {
@@ -46,6 +50,7 @@ impl Default for SchedLimits {
             seed_run: 2,
             max_failures: 3,
             race_after: Duration::from_millis(1500),
+            busy_patience: Duration::from_secs(10),
         }
     }
 }
@@ -66,6 +71,8 @@ pub struct PeerSlot {
     pub have: Option<Vec<bool>>,
     pub inflight: usize,
     pub busy_until: Option<Instant>,
+    /// The first of its `Busy` answers since it last delivered a run.
+    pub busy_since: Option<Instant>,
     pub failures: u32,
 }
 
@@ -138,6 +145,7 @@ impl Sched {
             have: None,
             inflight: 0,
             busy_until: None,
+            busy_since: None,
             failures: 0,
         });
         self.peers.len() - 1
@@ -295,8 +303,20 @@ impl Sched {
         self.done[i as usize]
     }
 
+    /// The peer answered `Busy`: it rests until `now + retry_after`; a peer other than the
+    /// seed that has been busy for [`SchedLimits::busy_patience`] since it last delivered
+    /// anything is given up.
     pub fn busy(&mut self, p: usize, now: Instant, retry_after: Duration) {
-        self.peers[p].busy_until = Some(now + retry_after);
+        let seed = self.seed == Some(p);
+        let slot = &mut self.peers[p];
+        slot.busy_until = Some(now + retry_after);
+        let since = *slot.busy_since.get_or_insert(now);
+        if !seed
+            && slot.state == PeerState::Live
+            && now.duration_since(since) >= self.limits.busy_patience
+        {
+            slot.state = PeerState::Gone;
+        }
     }
 
     /// The peer does not hold chunks it was asked for: forget them until its next `Have`.
@@ -319,6 +339,7 @@ impl Sched {
 
     pub fn succeeded(&mut self, p: usize) {
         self.peers[p].failures = 0;
+        self.peers[p].busy_since = None;
     }
 
     /// A timeout or broken stream; gives the peer up after too many in a row.
@@ -423,5 +444,31 @@ mod tests {
             s.failed(0);
         }
         assert!(!s.any_live());
+    }
+
+    #[test]
+    fn a_peer_busy_for_its_whole_patience_is_given_up_but_never_the_seed() {
+        let t0 = Instant::now();
+        let limits = SchedLimits::default();
+        let patience = limits.busy_patience;
+        let mut s = Sched::new(vec![false; 4], 2, limits);
+        for p in 0..2 {
+            s.set_have(p, vec![true; 4]);
+        }
+        let rest = Duration::from_millis(50);
+        s.busy(0, t0, rest);
+        s.busy(0, t0 + patience / 2, rest);
+        assert!(s.is_live(0), "busy for a while is not given up");
+        // A delivered run starts the patience over.
+        s.succeeded(0);
+        s.busy(0, t0 + patience, rest);
+        s.busy(0, t0 + patience + patience / 2, rest);
+        assert!(s.is_live(0));
+        s.busy(0, t0 + patience * 2, rest);
+        assert!(!s.is_live(0), "nothing but Busy for its patience: given up");
+        // The seed (the last of two) is the last resort: never given up for being busy.
+        s.busy(1, t0, rest);
+        s.busy(1, t0 + patience * 10, rest);
+        assert!(s.is_live(1));
     }
 }
