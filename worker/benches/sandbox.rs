@@ -1,7 +1,9 @@
 //! Sandbox benchmark (not a test): `cargo bench -p worker --bench sandbox`.
 //!
-//! For each kernel: native vs sandbox wall time (median of N runs), with determinism on and
-//! off, and the ratios. Then cold compile vs compile-cache load for a ~100 KB module, and
+//! For each kernel: native vs sandbox wall time (median of N runs), in the engines of both
+//! determinism classes (`tasks::Determinism`): `det` is the `portable` class (NaN
+//! canonicalization on), `no-det` the `native` class (the default; the x86-64 baseline ISA
+//! without NaN canonicalization), and the ratios. Then cold compile vs compile-cache load for a ~100 KB module, and
 //! instantiation time.
 //!
 //! Then, per kernel, **what each determinism setting costs**: the same module on plain
