@@ -552,6 +552,14 @@ mod tests {
     use tasks::wire::JobState;
     use tasks::JobId;
 
+    /// A fresh database on a throwaway server (kept alive by the first field); `None`
+    /// (the test skips) without PostgreSQL.
+    fn fresh_database() -> Option<(ThrowawayPostgres, String)> {
+        let pg = ThrowawayPostgres::for_tests()?;
+        let url = pg.fresh_database().unwrap();
+        Some((pg, url))
+    }
+
     fn a_commit() -> Vec<Mutation> {
         vec![Mutation::JobState {
             job: JobId(1),
@@ -564,10 +572,9 @@ mod tests {
     /// its lease back at once (and fences its previous process).
     #[test]
     fn a_coordinator_that_lost_the_lease_can_no_longer_commit() {
-        let Some(pg) = ThrowawayPostgres::for_tests() else {
+        let Some((_pg, url)) = fresh_database() else {
             return;
         };
-        let url = pg.fresh_database().unwrap();
         let mut a = PostgresStore::open(&url).unwrap(); // creates the tables
         let mut c = connect(&url).unwrap();
         let short = Duration::from_millis(300);
@@ -615,10 +622,9 @@ mod tests {
     /// the stalled session after the lease's time to live, and the standby takes over.
     #[test]
     fn a_leader_stalled_mid_commit_does_not_keep_the_standby_out() {
-        let Some(pg) = ThrowawayPostgres::for_tests() else {
+        let Some((_pg, url)) = fresh_database() else {
             return;
         };
-        let url = pg.fresh_database().unwrap();
         drop(PostgresStore::open(&url).unwrap());
         let mut c = connect(&url).unwrap();
         let ttl = Duration::from_millis(500);
@@ -657,10 +663,9 @@ mod tests {
     /// by the server) says another coordinator leads, not just that the connection broke.
     #[test]
     fn a_fenced_leader_whose_connection_was_ended_is_told_another_leads() {
-        let Some(pg) = ThrowawayPostgres::for_tests() else {
+        let Some((_pg, url)) = fresh_database() else {
             return;
         };
-        let url = pg.fresh_database().unwrap();
         let mut a = PostgresStore::open(&url).unwrap();
         let mut c = connect(&url).unwrap();
         let short = Duration::from_millis(300);
@@ -694,10 +699,9 @@ mod tests {
 
     #[test]
     fn the_deployment_has_one_token_and_a_ticket_listing_every_coordinator() {
-        let Some(pg) = ThrowawayPostgres::for_tests() else {
+        let Some((_pg, url)) = fresh_database() else {
             return;
         };
-        let url = pg.fresh_database().unwrap();
         drop(PostgresStore::open(&url).unwrap());
         assert_eq!(deployment_token(&url, "first").unwrap(), "first");
         assert_eq!(deployment_token(&url, "second").unwrap(), "first");
