@@ -59,6 +59,6 @@ pub fn native_arch() -> String {
 
 /// Whether `fp` is an engine in `engines` running with one of this release's settings.
 pub fn accepted(fp: &EngineFingerprint, engines: &[String]) -> bool {
-    engines.iter().any(|e| *e == fp.engine)
+    engines.contains(&fp.engine)
         && (fp.settings == settings(true) || fp.settings == settings(false))
 }

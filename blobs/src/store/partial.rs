@@ -23,9 +23,37 @@ pub struct PartialBlob {
     unsynced: AtomicU64,
 }
 
-/// Flush written chunks to disk every this many bytes, so the flush before the final rename
-/// is short (the writes run on the blocking pool, beside the network).
+/// Where [`start_writeback`] is not available: flush written chunks to disk every this many
+/// bytes, so the flush before the final rename is short.
 const SYNC_EVERY: u64 = 16 << 20;
+
+/// Start writing `len` bytes at `offset` back to disk without waiting for them (Linux's
+/// `sync_file_range(SYNC_FILE_RANGE_WRITE)`), so the disk works beside the network and the
+/// flush before the final rename waits only for the last chunks. The final flush is what
+/// makes the blob durable; this only moves the I/O earlier. Blocking every 16 MiB on a flush
+/// instead stalled each download's pipeline of chunk writes (`cargo bench -p worker --bench
+/// swarm`, (b): verified fetch / raw quinn 0.75x with that, 0.80x with this, medians of 4
+/// interleaved runs). `false` where not available.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range(2) on a descriptor this blob owns; it touches no memory of
+    // ours. A failure only leaves more for the final flush.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+    true
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _offset: u64, _len: u64) -> bool {
+    false
+}
 
 impl std::fmt::Debug for PartialBlob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -141,16 +169,11 @@ impl PartialBlob {
         self.file
             .write_all_at(data, offset)
             .map_err(io_err(&self.path))?;
-        let unsynced = self
-            .unsynced
-            .fetch_add(data.len() as u64, Ordering::Relaxed)
-            + data.len() as u64;
-        if unsynced >= SYNC_EVERY
-            && self
-                .unsynced
-                .compare_exchange(unsynced, 0, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+        let len = data.len() as u64;
+        if !start_writeback(&self.file, offset, len)
+            && self.unsynced.fetch_add(len, Ordering::Relaxed) + len >= SYNC_EVERY
         {
+            self.unsynced.store(0, Ordering::Relaxed);
             self.file.sync_data().map_err(io_err(&self.path))?;
         }
         let mut have = self.have.lock().unwrap();

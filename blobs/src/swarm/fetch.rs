@@ -676,9 +676,9 @@ impl Download {
                     if Some(p) == seed {
                         last_seed_done = now;
                         // Look again at what the crowd holds before going back to the seed.
-                        for q in 0..self.peers.len() {
+                        for (q, next) in next_have.iter_mut().enumerate() {
                             if q != p {
-                                next_have[q] = now;
+                                *next = now;
                             }
                         }
                     }
