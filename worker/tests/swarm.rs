@@ -128,11 +128,14 @@ async fn seed_serves_a_node_that_knows_no_other_holder_after_its_patience() -> a
     let blob = seed.store.put(&data)?;
     let first = node(ServeLimits::default())?;
     let second = node(ServeLimits::default())?;
-    first.fetcher.fetch(blob, &[seed.peer.clone()]).await?;
+    first
+        .fetcher
+        .fetch(blob, std::slice::from_ref(&seed.peer))
+        .await?;
     assert_eq!(seed.server.busy_answers(), 0);
     let report = tokio::time::timeout(
         Duration::from_secs(30),
-        second.fetcher.fetch(blob, &[seed.peer.clone()]),
+        second.fetcher.fetch(blob, std::slice::from_ref(&seed.peer)),
     )
     .await
     .context("the second fetch waited out the seed's window")??;
@@ -207,7 +210,10 @@ async fn small_blobs_kept_in_a_pack_are_served_by_hash_like_any_blob() -> anyhow
     );
     let asker = node(ServeLimits::default())?;
     for (blob, data) in blobs.iter().zip(&outputs) {
-        let report = asker.fetcher.fetch(*blob, &[holder.peer.clone()]).await?;
+        let report = asker
+            .fetcher
+            .fetch(*blob, std::slice::from_ref(&holder.peer))
+            .await?;
         assert!(report.bad_peers.is_empty());
         assert_eq!(&asker.store.read(&blob.id)?, data);
     }

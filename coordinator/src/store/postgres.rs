@@ -250,8 +250,9 @@ pub fn describe(e: &postgres::Error) -> String {
 /// The store on a PostgreSQL server.
 pub struct PostgresStore {
     client: Client,
-    /// The URL as given (to ask who leads when this connection fails while fenced).
-    url: String,
+    /// The URL as given, password included (to ask who leads when this connection fails
+    /// while fenced).
+    connect_url: String,
     /// The URL without its password (for messages).
     shown: String,
     st: Statements,
@@ -534,7 +535,7 @@ impl PostgresStore {
         let st = Statements::prepare(&mut client)?;
         Ok(PostgresStore {
             client,
-            url: url.to_string(),
+            connect_url: url.to_string(),
             shown,
             st,
             fence: None,
@@ -586,7 +587,7 @@ impl PostgresStore {
         let Some((ours, _)) = &self.fence else {
             return StoreError::Postgres(e);
         };
-        let now = connect(&self.url, "peergrid-coordinator").and_then(|mut c| {
+        let now = connect(&self.connect_url, "peergrid-coordinator").and_then(|mut c| {
             Ok(
                 c.query_opt("SELECT epoch FROM peergrid_lease WHERE id = 1", &[])?
                     .map(|r| r.get::<_, i64>(0)),
