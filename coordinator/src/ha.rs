@@ -697,6 +697,52 @@ mod tests {
         }
     }
 
+    /// The other side of ending stalled sessions: a leader whose connection broke before a
+    /// batch's `COMMIT` was sent (nothing of it committed) while the lease is still its own
+    /// (a lone coordinator frozen for a few seconds) reconnects and commits the batch.
+    #[test]
+    fn a_leader_whose_connection_broke_before_commit_reconnects_and_commits() {
+        let Some((_pg, url)) = fresh_database() else {
+            return;
+        };
+        let mut a = PostgresStore::open(&url).unwrap();
+        let mut c = connect(&url).unwrap();
+        let e1 = acquire(
+            &mut c,
+            "instance-a",
+            "a@192.0.2.1:7100",
+            Duration::from_secs(30),
+        )
+        .unwrap()
+        .expect("a free lease is taken");
+        a.fence(e1, Duration::from_secs(30)).unwrap();
+        a.commit(&a_commit()).expect("the leader commits");
+        let sessions = |c: &mut Client| -> i64 {
+            c.query_one(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'peergrid-coordinator'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+        };
+        let ended: i64 = c
+            .query_one(
+                "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'peergrid-coordinator') AS t",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(ended, 1, "the leader's store connection");
+        let t0 = Instant::now();
+        while sessions(&mut c) > 0 && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        a.commit(&a_commit())
+            .expect("the batch is committed on a new connection");
+        assert_eq!(sessions(&mut c), 1, "one store connection again");
+        a.commit(&a_commit()).expect("and the next one too");
+    }
+
     #[test]
     fn the_deployment_has_one_token_and_a_ticket_listing_every_coordinator() {
         let Some((_pg, url)) = fresh_database() else {

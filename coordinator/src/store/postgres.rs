@@ -258,6 +258,11 @@ pub struct PostgresStore {
     st: Statements,
     /// The leader lease's epoch this store commits under ([`PostgresStore::fence`]).
     fence: Option<(i64, Statement)>,
+    /// How long the server lets a transaction of a fenced store sit open.
+    hold: Duration,
+    /// Whether the batch being committed got as far as sending `COMMIT` (after which a
+    /// broken connection leaves it unknown whether it committed).
+    commit_sent: bool,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -507,6 +512,14 @@ pub fn connect(url: &str, app: &str) -> Result<Client, StoreError> {
     })
 }
 
+/// Whether `e` means the connection is gone (closed, broken, or ended by the server with a
+/// `FATAL` error) rather than that a statement failed on a live one.
+fn connection_lost(e: &postgres::Error) -> bool {
+    e.is_closed()
+        || e.as_db_error()
+            .is_none_or(|db| db.severity() == "FATAL" || db.severity() == "PANIC")
+}
+
 /// Have the server end this session when it leaves a transaction open, idle, longer than
 /// `hold`: a client that stalls mid-transaction then holds its row locks for at most that
 /// long (PostgreSQL's `idle_in_transaction_session_timeout`).
@@ -539,6 +552,8 @@ impl PostgresStore {
             shown,
             st,
             fence: None,
+            hold: Duration::ZERO,
+            commit_sent: false,
         })
     }
 
@@ -552,8 +567,13 @@ impl PostgresStore {
     /// so its lock on the lease row cannot keep a standby from taking over; pass the lease's
     /// time to live. A commit that fails that way, or on any broken connection, reports
     /// [`StoreError::Fenced`] when a fresh connection shows another coordinator leads.
+    ///
+    /// A fenced store whose connection breaks *before* a batch's `COMMIT` was sent (nothing
+    /// of that batch committed) reconnects and runs the batch once more while the lease is
+    /// still its own: a lone coordinator frozen for a few seconds mid-commit carries on.
     pub fn fence(&mut self, epoch: i64, hold: Duration) -> Result<(), StoreError> {
         limit_open_transactions(&mut self.client, hold)?;
+        self.hold = hold;
         let st = self
             .client
             .prepare("SELECT epoch FROM peergrid_lease WHERE id = 1 FOR SHARE")?;
@@ -567,6 +587,7 @@ impl PostgresStore {
             return Ok(());
         }
         let groups = plan(batch);
+        self.commit_sent = false;
         let mut tx = self.client.transaction()?;
         if let Some((ours, st)) = &self.fence {
             let now: Option<i64> = tx.query_opt(st, &[])?.map(|r| r.get(0));
@@ -577,7 +598,19 @@ impl PostgresStore {
         for (kind, ms) in &groups {
             Self::run(&self.st, &mut tx, *kind, ms)?;
         }
+        self.commit_sent = true;
         tx.commit()?;
+        Ok(())
+    }
+
+    /// A fresh connection in place of a broken one, set up as this one was.
+    fn reconnect(&mut self) -> Result<(), StoreError> {
+        let mut client = connect(&self.connect_url, "peergrid-coordinator")?;
+        self.st = Statements::prepare(&mut client)?;
+        self.client = client;
+        if let Some((epoch, _)) = self.fence.take() {
+            self.fence(epoch, self.hold)?;
+        }
         Ok(())
     }
 
@@ -1061,6 +1094,22 @@ impl Store for PostgresStore {
     }
 
     fn commit(&mut self, batch: &[Mutation]) -> Result<(), StoreError> {
+        let e = match self.commit_batch(batch) {
+            Err(StoreError::Postgres(e)) => e,
+            r => return r,
+        };
+        let e = match self.fenced_or(e) {
+            StoreError::Postgres(e) => e,
+            fenced => return Err(fenced),
+        };
+        // Still the leader. A connection lost before `COMMIT` was sent committed nothing of
+        // the batch: a fenced store (whose server ends transactions left open too long)
+        // reconnects and runs it once more.
+        if self.fence.is_none() || self.commit_sent || !connection_lost(&e) {
+            return Err(StoreError::Postgres(e));
+        }
+        tracing::warn!(error = %describe(&e), "lost the PostgreSQL connection mid-commit; reconnecting and committing the batch again");
+        self.reconnect()?;
         match self.commit_batch(batch) {
             Err(StoreError::Postgres(e)) => Err(self.fenced_or(e)),
             r => r,
