@@ -560,6 +560,28 @@ mod tests {
         Some((pg, url))
     }
 
+    /// The coordinator stores' sessions on `c`'s database (`PostgresStore` connects as
+    /// application `peergrid-coordinator`).
+    const STORE_SESSIONS: &str = "FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'peergrid-coordinator'";
+
+    fn store_sessions(c: &mut Client) -> i64 {
+        c.query_one(&format!("SELECT COUNT(*) {STORE_SESSIONS}"), &[])
+            .unwrap()
+            .get(0)
+    }
+
+    /// End those sessions, as the server ends a stalled one; returns how many.
+    fn end_store_sessions(c: &mut Client) -> i64 {
+        c.query_one(
+            &format!(
+                "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) {STORE_SESSIONS}) AS t"
+            ),
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    }
+
     fn a_commit() -> Vec<Mutation> {
         vec![Mutation::JobState {
             job: JobId(1),
@@ -683,14 +705,11 @@ mod tests {
         )
         .unwrap()
         .expect("a lapsed lease is taken");
-        let ended: i64 = c
-            .query_one(
-                "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'peergrid-coordinator') AS t",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        assert_eq!(ended, 1, "the leader's store connection");
+        assert_eq!(
+            end_store_sessions(&mut c),
+            1,
+            "the leader's store connection"
+        );
         match a.commit(&a_commit()) {
             Err(StoreError::Fenced { ours, now }) => assert_eq!((ours, now), (e1, Some(e2))),
             other => panic!("not told another coordinator leads: {other:?}"),
@@ -717,29 +736,18 @@ mod tests {
         .expect("a free lease is taken");
         a.fence(e1, Duration::from_secs(30)).unwrap();
         a.commit(&a_commit()).expect("the leader commits");
-        let sessions = |c: &mut Client| -> i64 {
-            c.query_one(
-                "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'peergrid-coordinator'",
-                &[],
-            )
-            .unwrap()
-            .get(0)
-        };
-        let ended: i64 = c
-            .query_one(
-                "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'peergrid-coordinator') AS t",
-                &[],
-            )
-            .unwrap()
-            .get(0);
-        assert_eq!(ended, 1, "the leader's store connection");
+        assert_eq!(
+            end_store_sessions(&mut c),
+            1,
+            "the leader's store connection"
+        );
         let t0 = Instant::now();
-        while sessions(&mut c) > 0 && t0.elapsed() < Duration::from_secs(10) {
+        while store_sessions(&mut c) > 0 && t0.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(20));
         }
         a.commit(&a_commit())
             .expect("the batch is committed on a new connection");
-        assert_eq!(sessions(&mut c), 1, "one store connection again");
+        assert_eq!(store_sessions(&mut c), 1, "one store connection again");
         a.commit(&a_commit()).expect("and the next one too");
     }
 
