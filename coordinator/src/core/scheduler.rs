@@ -201,13 +201,8 @@ impl Core {
         let at_cap = out.is_empty() && room == 0 && cap > 0 && !self.running.is_empty();
         if let Some(w) = self.workers.get_mut(&worker) {
             w.waiting_for_room = at_cap;
-            w.waiting_for_work = out.is_empty() && !at_cap && cap > 0;
-            if w.waiting_for_work {
-                self.idle.insert(worker);
-            } else {
-                self.idle.remove(&worker);
-            }
         }
+        self.set_waiting_for_work(worker, out.is_empty() && !at_cap && cap > 0);
         let retry_after_ms = match (out.is_empty(), at_cap) {
             (false, _) => 0,
             (true, true) => self.cfg.retry_after_ms.min(AT_CAP_RETRY_MS),
@@ -758,7 +753,7 @@ impl Core {
             .into_iter()
             .filter_map(|id| {
                 let w = self.workers.get(&id)?;
-                (w.waiting_for_work && w.connected).then_some((id, w.reachable))
+                w.connected.then_some((id, w.reachable))
             })
             .collect();
         let supers_first = idle.iter().any(|&(_, reachable)| reachable);
@@ -773,12 +768,25 @@ impl Core {
 
     /// [`Notice::Room`] to `worker` if its last request found no work (once per request).
     fn wake(&mut self, worker: NodeId) {
-        if let Some(w) = self.workers.get_mut(&worker) {
-            self.idle.remove(&worker);
-            if std::mem::take(&mut w.waiting_for_work) && w.connected {
-                self.notices.push(Notice::Room { worker });
-            }
+        if self.set_waiting_for_work(worker, false)
+            && self.workers.get(&worker).is_some_and(|w| w.connected)
+        {
+            self.notices.push(Notice::Room { worker });
         }
+    }
+
+    /// Set `worker`'s `waiting_for_work` and keep [`Core::idle`] in step (the only place
+    /// either changes); returns what the flag was.
+    pub(crate) fn set_waiting_for_work(&mut self, worker: NodeId, waiting: bool) -> bool {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return false;
+        };
+        if waiting {
+            self.idle.insert(worker);
+        } else {
+            self.idle.remove(&worker);
+        }
+        std::mem::replace(&mut w.waiting_for_work, waiting)
     }
 }
 

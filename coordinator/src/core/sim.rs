@@ -2239,8 +2239,7 @@ fn an_idle_worker_is_woken_when_a_replica_is_dealt_to_it() {
         all.sort();
         assert_eq!(rooms(&mut core), all, "a new job wakes the idle");
         for w in &idle {
-            core.workers.get_mut(w).unwrap().waiting_for_work = true;
-            core.idle.insert(*w);
+            core.set_waiting_for_work(*w, true);
         }
         assert_eq!(core.request_work(a, 1, 3).assignments.len(), 1);
         let woken = rooms(&mut core);
