@@ -17,6 +17,9 @@
 //! - `ours, fuel, coarse costs`: fuel checks with a coarser table (1 per branch and call, 0
 //!   for every other operator): what coarser accounting alone would save;
 //! - `ours, fuel+epoch`: both checks (what the sandbox compiled before);
+//! - `ours, fuel, on a fiber` / `ours, fuel, fiber, yields`: the `ours, fuel` engine and
+//!   module run as the sandbox runs them, on a fiber (`call_async`), without and with a yield
+//!   every `engine::YIELD_FUEL` fuel (what the sandbox's pause, cancel and throttle need);
 //! - `Sandbox::run`: the real sandbox API (its WASI world, limiter, fuel budget, yields, and
 //!   the run control), in the `native` class, on its pooling allocator (what a worker's slots
 //!   use); also how much fuel the guest burns per second (so how often it yields), and how
@@ -96,6 +99,20 @@ fn branch_and_call_costs() -> anyhow::Result<wasmtime::OperatorCost> {
     Ok(serde_json::from_value(v)?)
 }
 
+/// Index of the "ours, fuel" rung in `configs`: the engine the fiber rungs reuse.
+const FUEL_RUNG: usize = 4;
+
+/// Poll `fut` to completion on this thread. A guest on a fiber returns `Pending` only at its
+/// fuel yields, and is ready to go on at once.
+fn poll_to_end<F: std::future::Future>(mut fut: std::pin::Pin<&mut F>) -> F::Output {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return out;
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let mut argv = std::env::args().skip(1);
     let usage = "usage: native_gap RUNS NATIVE_BIN MODULE.wasm [ARG...]";
@@ -158,6 +175,9 @@ fn main() -> anyhow::Result<()> {
             epoch,
         });
     }
+    ensure!(rungs[FUEL_RUNG].name == "ours, fuel" && rungs[FUEL_RUNG].fuel);
+    let mut async_linker: Linker<WasiP1Ctx> = Linker::new(&rungs[FUEL_RUNG].engine);
+    wasmtime_wasi::p1::add_to_linker_async(&mut async_linker, |t| t)?;
     let sandbox = Sandbox::new(SandboxConfig {
         deterministic: false,
         ..SandboxConfig::default()
@@ -181,8 +201,16 @@ fn main() -> anyhow::Result<()> {
 
     let names: Vec<&str> = std::iter::once("native process")
         .chain(rungs.iter().map(|r| r.name))
-        .chain(["Sandbox::run", "Sandbox::run, on demand"])
+        .chain([
+            "ours, fuel, on a fiber",
+            "ours, fuel, fiber, yields",
+            "Sandbox::run",
+            "Sandbox::run, on demand",
+        ])
         .collect();
+    // The two fiber rungs come after the native process and the in-process rungs.
+    const ASYNC_RUNGS: usize = 1 + 7;
+    ensure!(names[ASYNC_RUNGS] == "ours, fuel, on a fiber");
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); names.len()];
     let mut want: Option<Vec<u8>> = None;
     let mut fuel_used = 0;
@@ -223,6 +251,35 @@ fn main() -> anyhow::Result<()> {
                 *pipe.contents() == **want,
                 "{}: output differs from the native build's",
                 r.name
+            );
+        }
+
+        // The "ours, fuel" rung's engine and module driven as the sandbox drives them: on a
+        // fiber (`call_async`), without and with a yield every `YIELD_FUEL`.
+        for (k, yields) in [None, Some(engine::YIELD_FUEL)].into_iter().enumerate() {
+            let (r, linker) = (&rungs[FUEL_RUNG], &async_linker);
+            let pipe = MemoryOutputPipe::new(1 << 28);
+            let mut b = WasiCtxBuilder::new();
+            b.stdout(pipe.clone()).arg(&path).args(&args);
+            let mut store = Store::new(&r.engine, b.build_p1());
+            store.set_fuel(u64::MAX / 4)?;
+            store.fuel_async_yield_interval(yields)?;
+            let t = Instant::now();
+            let guest = std::pin::pin!(async {
+                let inst = linker.instantiate_async(&mut store, &r.module).await?;
+                let start = inst.get_typed_func::<(), ()>(&mut store, "_start")?;
+                start.call_async(&mut store, ()).await
+            });
+            if let Err(e) = poll_to_end(guest) {
+                if e.downcast_ref::<wasmtime_wasi::I32Exit>().map(|x| x.0) != Some(0) {
+                    bail!("{}: {e:#}", names[ASYNC_RUNGS + k]);
+                }
+            }
+            times[ASYNC_RUNGS + k].push(t.elapsed());
+            ensure!(
+                *pipe.contents() == **want,
+                "{}: output differs from the native build's",
+                names[ASYNC_RUNGS + k]
             );
         }
 

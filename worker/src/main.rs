@@ -310,8 +310,9 @@ fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let sandbox = Sandbox::new(SandboxConfig {
         cache_dir: args.cache_dir.clone(),
         deterministic: args.determinism == "portable",
-        // One run.
-        pooled_runs: 1,
+        // One run: no instance pool. Building the pool's engine and reserving its slots
+        // costs ~0.5 ms of process start (of ~2 ms) and saves nothing for a single run.
+        pooled_runs: 0,
         ..SandboxConfig::default()
     })
     .context("setting up the sandbox")?;
