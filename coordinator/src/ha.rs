@@ -560,6 +560,20 @@ mod tests {
         Some((pg, url))
     }
 
+    /// Instance `a` leads: a store on `url` (which creates the tables), a lease connection,
+    /// the lease taken for `ttl`, the store fenced with it and one batch committed. Returns
+    /// the store, the connection and the lease's epoch.
+    fn a_leads(url: &str, ttl: Duration) -> (PostgresStore, Client, i64) {
+        let mut a = PostgresStore::open(url).unwrap();
+        let mut c = connect(url).unwrap();
+        let e1 = acquire(&mut c, "instance-a", "a@192.0.2.1:7100", ttl)
+            .unwrap()
+            .expect("a free lease is taken");
+        a.fence(e1, Duration::from_secs(30)).unwrap();
+        a.commit(&a_commit()).expect("the leader commits");
+        (a, c, e1)
+    }
+
     /// The coordinator stores' sessions on `c`'s database (`PostgresStore` connects as
     /// application `peergrid-coordinator`).
     const STORE_SESSIONS: &str = "FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'peergrid-coordinator'";
@@ -597,14 +611,8 @@ mod tests {
         let Some((_pg, url)) = fresh_database() else {
             return;
         };
-        let mut a = PostgresStore::open(&url).unwrap(); // creates the tables
-        let mut c = connect(&url).unwrap();
         let short = Duration::from_millis(300);
-        let e1 = acquire(&mut c, "instance-a", "a@192.0.2.1:7100", short)
-            .unwrap()
-            .expect("a free lease is taken");
-        a.fence(e1, Duration::from_secs(30)).unwrap();
-        a.commit(&a_commit()).expect("the leader commits");
+        let (mut a, mut c, e1) = a_leads(&url, short);
         // Held and live: nobody else gets it.
         assert_eq!(
             acquire(&mut c, "instance-b", "b@192.0.2.2:7100", short).unwrap(),
@@ -688,14 +696,8 @@ mod tests {
         let Some((_pg, url)) = fresh_database() else {
             return;
         };
-        let mut a = PostgresStore::open(&url).unwrap();
-        let mut c = connect(&url).unwrap();
         let short = Duration::from_millis(300);
-        let e1 = acquire(&mut c, "instance-a", "a@192.0.2.1:7100", short)
-            .unwrap()
-            .expect("a free lease is taken");
-        a.fence(e1, Duration::from_secs(30)).unwrap();
-        a.commit(&a_commit()).expect("the leader commits");
+        let (mut a, mut c, e1) = a_leads(&url, short);
         std::thread::sleep(Duration::from_millis(500));
         let e2 = acquire(
             &mut c,
@@ -724,18 +726,7 @@ mod tests {
         let Some((_pg, url)) = fresh_database() else {
             return;
         };
-        let mut a = PostgresStore::open(&url).unwrap();
-        let mut c = connect(&url).unwrap();
-        let e1 = acquire(
-            &mut c,
-            "instance-a",
-            "a@192.0.2.1:7100",
-            Duration::from_secs(30),
-        )
-        .unwrap()
-        .expect("a free lease is taken");
-        a.fence(e1, Duration::from_secs(30)).unwrap();
-        a.commit(&a_commit()).expect("the leader commits");
+        let (mut a, mut c, _) = a_leads(&url, Duration::from_secs(30));
         assert_eq!(
             end_store_sessions(&mut c),
             1,
