@@ -608,7 +608,10 @@ impl PostgresStore {
         let mut client = connect(&self.connect_url, "peergrid-coordinator")?;
         self.st = Statements::prepare(&mut client)?;
         self.client = client;
-        if let Some((epoch, _)) = self.fence.take() {
+        // Re-fence on the new connection. Should that fail, the old fence stays (its
+        // statement belongs to the dead connection, so every commit fails): the store never
+        // commits unfenced.
+        if let Some(&(epoch, _)) = self.fence.as_ref() {
             self.fence(epoch, self.hold)?;
         }
         Ok(())
