@@ -14,7 +14,7 @@
 //! (row-major, 8-bit gray: 0 for points in the set, else 255*(n/MAX_ITER)^(1/4) after n
 //! escape iterations, so the set is black on a background that brightens towards its edge). All arithmetic is plain IEEE f64 (+, -, *, /, sqrt): deterministic.
 //! `mandel-png` (examples/tools) assembles the tiles of a job into one PNG.
-//! Build: /usr/bin/rustc -O --target wasm32-wasi -C strip=symbols mandelbrot.rs -o mandelbrot.wasm
+//! Build: /usr/bin/rustc -O --target wasm32-wasi -C strip=symbols -C target-feature=+simd128 mandelbrot.rs -o mandelbrot.wasm
 
 use std::io::Write;
 use std::process::exit;

@@ -8,7 +8,7 @@
 //! points with x^2 + y^2 < 2^64 (inside the quarter circle). HITS / SAMPLES estimates pi/4.
 //! The result depends only on the args: every replica, and a native build, prints the same.
 //! Combine the outputs of many tasks with `pi-combine` (examples/tools).
-//! Build: /usr/bin/rustc -O --target wasm32-wasi -C strip=symbols pi.rs -o pi.wasm
+//! Build: /usr/bin/rustc -O --target wasm32-wasi -C strip=symbols -C target-feature=+simd128 pi.rs -o pi.wasm
 
 use std::io::Write;
 use std::process::exit;

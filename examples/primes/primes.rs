@@ -9,7 +9,7 @@
 //!
 //! TO may be at most 10^14 (the base sieve up to sqrt(TO) stays under 5 MiB). The segment
 //! sieve uses a fixed 256 KiB buffer (odd numbers only), so memory stays small.
-//! Build: /usr/bin/rustc -O --target wasm32-wasi -C strip=symbols primes.rs -o primes.wasm
+//! Build: /usr/bin/rustc -O --target wasm32-wasi -C strip=symbols -C target-feature=+simd128 primes.rs -o primes.wasm
 
 use std::io::Write;
 use std::process::exit;

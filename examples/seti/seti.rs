@@ -24,7 +24,7 @@
 //! FREQ_BIN = k (0..fft, bin of window 0; bins >= fft/2 are negative frequencies),
 //! DRIFT = D (integer bins from the first to the last window), POWER = the line's summed
 //! normalised power (3 decimals), SNR (2 decimals). No candidates: empty output.
-//! Build: /usr/bin/rustc -O --target wasm32-wasi -C strip=symbols seti.rs -o seti.wasm
+//! Build: /usr/bin/rustc -O --target wasm32-wasi -C strip=symbols -C target-feature=+simd128 seti.rs -o seti.wasm
 
 use std::cmp::Ordering;
 use std::io::{Read, Write};
