@@ -27,7 +27,7 @@
 #
 # C kernels: built with `clang -O2 -msimd128 --target=wasm32-wasi` (Debian's wasi-libc) and
 # natively with `clang -O2 -march=$NATIVE_CPU`. Samples: the committed .wasm
-# (examples/build.sh: Debian's /usr/bin/rustc, -O -C codegen-units=1) against the same
+# (examples/build.sh: Debian's /usr/bin/rustc, -O -C codegen-units=1, wasm SIMD) against the same
 # compiler's native build (`$NATIVE_RUSTC -O -C codegen-units=1 -C target-cpu=$NATIVE_CPU`,
 # default /usr/bin/rustc, so both sides come from one LLVM), with examples/<name>/bench.args. Both sides are
 # timed the same two ways, in the same runs, medians of interleaved runs:
@@ -129,13 +129,12 @@ worker, runs, work, base = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[
 only = set(x for x in sys.argv[5].split(",") if x)
 timer = os.path.join(work, "inproc.time")
 def timed(cmd, stdin, inproc_timer=False):
-    """(whole-process seconds, in-process seconds, stdout). With inproc_timer, a native
-    command runs with the preloaded timer (which itself costs ~0.1-0.3 ms of process start,
-    so whole-process times come from runs without it); `worker exec --json` reports its own
+    """(whole-process seconds, in-process seconds, stdout). inproc_timer: run a native
+    command with the preloaded timer (it costs ~0.1-0.3 ms of process start itself, so
+    whole-process times come from runs without it); `worker exec --json` reports its own
     `wall_ms`."""
     env = os.environ.copy()
-    native = inproc_timer and cmd[0] != worker and cmd[0] != base
-    if native:
+    if inproc_timer:
         env["LD_PRELOAD"] = os.path.join(work, "inproc.so")
         env["INPROC_TIME_FILE"] = timer
         if os.path.exists(timer):
@@ -144,7 +143,10 @@ def timed(cmd, stdin, inproc_timer=False):
         t = time.perf_counter()
         p = subprocess.run(cmd, stdin=f, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=True, env=env)
         whole = time.perf_counter() - t
-    if native:
+    if inproc_timer:
+        if not os.path.exists(timer):
+            sys.exit(f"run.sh: {cmd[0]} left no in-process time (it ended without running its "
+                     "exit handlers, e.g. through _exit)")
         with open(timer) as f:
             inproc = float(f.read())
     elif "--json" in cmd:
