@@ -219,6 +219,10 @@ pub struct FuncEnvironment<'module_environment> {
     /// in `*const VMStoreContext`
     fuel_var: cranelift_frontend::Variable,
 
+    /// Peergrid patch: a stack slot holding `vmctx`, stored at function entry, from which
+    /// the fuel check's cold path reloads it (see `fuel_check`).
+    fuel_vmctx_slot: Option<ir::StackSlot>,
+
     /// A cached epoch deadline value, when performing epoch-based
     /// interruption. Loaded from `VMStoreContext` and reloaded after
     /// any yield.
@@ -320,6 +324,7 @@ impl<'module_environment> FuncEnvironment<'module_environment> {
             offsets,
             tunables,
             fuel_var: Variable::reserved_value(),
+            fuel_vmctx_slot: None,
             epoch_deadline_var: Variable::reserved_value(),
             epoch_ptr_var: Variable::reserved_value(),
 
@@ -506,6 +511,18 @@ impl<'module_environment> FuncEnvironment<'module_environment> {
         // `VMStoreContext` later.
         debug_assert!(self.fuel_var.is_reserved_value());
         self.fuel_var = builder.declare_var(ir::types::I64);
+        // Peergrid patch: see `fuel_check`.
+        let ptr_ty = self.pointer_type();
+        let slot = builder.func.create_sized_stack_slot(ir::StackSlotData::new(
+            ir::StackSlotKind::ExplicitSlot,
+            ptr_ty.bytes(),
+            u8::try_from(ptr_ty.bytes().trailing_zeros()).unwrap(),
+        ));
+        let vmctx = self.vmctx_val(&mut builder.cursor());
+        let address = builder.ins().stack_addr(ptr_ty, slot, 0);
+        let flags = self.fuel_vmctx_slot_flags(builder.func, slot);
+        builder.ins().store(flags, vmctx, address, 0);
+        self.fuel_vmctx_slot = Some(slot);
         self.fuel_load_into_var(builder);
         self.fuel_check(builder);
     }
@@ -633,6 +650,16 @@ impl<'module_environment> FuncEnvironment<'module_environment> {
         builder.def_var(self.fuel_var, fuel);
     }
 
+    /// Peergrid patch: how `fuel_vmctx_slot` is accessed (its own alias region).
+    fn fuel_vmctx_slot_flags(
+        &mut self,
+        func: &mut ir::Function,
+        slot: ir::StackSlot,
+    ) -> MemFlagsData {
+        let region = self.alias_regions.stack_slot_region(func, slot);
+        MemFlagsData::trusted().with_alias_region(Some(region))
+    }
+
     /// Loads the fuel consumption value from `VMStoreContext` into `self.fuel_var`
     fn fuel_load_into_var(&mut self, builder: &mut FunctionBuilder<'_>) {
         let vmstore_ctx = self.get_vmstore_context_ptr(builder);
@@ -688,15 +715,41 @@ impl<'module_environment> FuncEnvironment<'module_environment> {
         // Note that we save/reload fuel around this since the out-of-gas
         // intrinsic may alter how much fuel is in the system.
         builder.switch_to_block(out_of_gas_block);
-        self.fuel_save_from_var(builder);
+        // Peergrid patch: the cold path takes `vmctx` from its stack slot, not from the
+        // function's `vmctx` value. Used here, `vmctx` and the `VMStoreContext` pointer
+        // loaded from it would be live, with uses, in every loop with a check, and the
+        // register allocator would keep them in registers through the loop (it does not
+        // weigh a cold block's uses less), leaving one fewer for the loop's own values: in
+        // pi's loop that moved a xoshiro state word to a stack slot. From the slot, neither
+        // needs a register while the loop runs.
+        let ptr_ty = self.pointer_type();
+        let vmctx = match self.fuel_vmctx_slot {
+            Some(slot) => {
+                let address = builder.ins().stack_addr(ptr_ty, slot, 0);
+                let flags = self.fuel_vmctx_slot_flags(builder.func, slot);
+                builder.ins().load(ptr_ty, flags, address, 0)
+            }
+            None => self.vmctx_val(&mut builder.cursor()),
+        };
+        let vmstore_ctx = self
+            .alias_regions
+            .vmctx_store_context(&mut builder.cursor(), vmctx);
+        let fuel = builder.use_var(self.fuel_var);
+        self.alias_regions.store_vmstore_context_fuel_consumed(
+            &mut builder.cursor(),
+            vmstore_ctx,
+            fuel,
+        );
         // Peergrid patch: through the register-preserving trampoline (see
         // `out_of_gas_preserve_all`).
         let out_of_gas = self
             .builtin_functions
             .out_of_gas_preserve_all(builder.func);
-        let vmctx = self.vmctx_val(&mut builder.cursor());
         builder.ins().call(out_of_gas, &[vmctx]);
-        self.fuel_load_into_var(builder);
+        let fuel = self
+            .alias_regions
+            .vmstore_context_fuel_consumed(&mut builder.cursor(), vmstore_ctx);
+        builder.def_var(self.fuel_var, fuel);
         builder.ins().jump(continuation_block, &[]);
         builder.seal_block(continuation_block);
 
