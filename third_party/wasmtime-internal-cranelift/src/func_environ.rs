@@ -663,6 +663,11 @@ impl<'module_environment> FuncEnvironment<'module_environment> {
     /// Loads the fuel consumption value from `VMStoreContext` into `self.fuel_var`
     fn fuel_load_into_var(&mut self, builder: &mut FunctionBuilder<'_>) {
         let vmstore_ctx = self.get_vmstore_context_ptr(builder);
+        self.fuel_load_from(builder, vmstore_ctx);
+    }
+
+    /// Peergrid patch: `fuel_load_into_var` through a given `VMStoreContext` pointer.
+    fn fuel_load_from(&mut self, builder: &mut FunctionBuilder<'_>, vmstore_ctx: ir::Value) {
         let fuel = self
             .alias_regions
             .vmstore_context_fuel_consumed(&mut builder.cursor(), vmstore_ctx);
@@ -673,6 +678,11 @@ impl<'module_environment> FuncEnvironment<'module_environment> {
     /// `VMStoreContext`.
     fn fuel_save_from_var(&mut self, builder: &mut FunctionBuilder<'_>) {
         let vmstore_ctx = self.get_vmstore_context_ptr(builder);
+        self.fuel_save_to(builder, vmstore_ctx);
+    }
+
+    /// Peergrid patch: `fuel_save_from_var` through a given `VMStoreContext` pointer.
+    fn fuel_save_to(&mut self, builder: &mut FunctionBuilder<'_>, vmstore_ctx: ir::Value) {
         let fuel_consumed = builder.use_var(self.fuel_var);
         self.alias_regions.store_vmstore_context_fuel_consumed(
             &mut builder.cursor(),
@@ -734,22 +744,14 @@ impl<'module_environment> FuncEnvironment<'module_environment> {
         let vmstore_ctx = self
             .alias_regions
             .vmctx_store_context(&mut builder.cursor(), vmctx);
-        let fuel = builder.use_var(self.fuel_var);
-        self.alias_regions.store_vmstore_context_fuel_consumed(
-            &mut builder.cursor(),
-            vmstore_ctx,
-            fuel,
-        );
+        self.fuel_save_to(builder, vmstore_ctx);
         // Peergrid patch: through the register-preserving trampoline (see
         // `out_of_gas_preserve_all`).
         let out_of_gas = self
             .builtin_functions
             .out_of_gas_preserve_all(builder.func);
         builder.ins().call(out_of_gas, &[vmctx]);
-        let fuel = self
-            .alias_regions
-            .vmstore_context_fuel_consumed(&mut builder.cursor(), vmstore_ctx);
-        builder.def_var(self.fuel_var, fuel);
+        self.fuel_load_from(builder, vmstore_ctx);
         builder.ins().jump(continuation_block, &[]);
         builder.seal_block(continuation_block);
 
