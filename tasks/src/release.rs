@@ -23,7 +23,10 @@ pub const MAX_WASM_STACK: usize = 512 * 1024;
 /// wasmtime's `out_of_gas` through a register-preserving trampoline (our patch of wasmtime's
 /// Cranelift integration, `third_party/README.md`), which changes the machine code of every
 /// loop. `fuel-vmctx=slot`: that call's cold path takes `vmctx` from a stack slot (the same
-/// patch), so no register is held for it through a loop. `peergrid=1`: the guest may import the checkpoint API
+/// patch), so no register is held for it through a loop. `latch-counters=rebased`: after
+/// Cranelift's mid-end, a loop counter's compare and exit values are rewritten in terms of
+/// its incremented value (a third patch, `third_party/README.md`), which changes the machine
+/// code of loop latches. `peergrid=1`: the guest may import the checkpoint API
 /// (docs/guest-abi.md); a worker without it would call such a module `invalid_module`, so
 /// the two never compare results.
 pub fn settings(deterministic: bool) -> String {
@@ -33,7 +36,7 @@ pub fn settings(deterministic: bool) -> String {
         "no-nan-canon"
     };
     format!(
-        "{nan},relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,fuel-call=preserve-all,fuel-vmctx=slot,no-epoch,stack={MAX_WASM_STACK},clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1,peergrid=1"
+        "{nan},relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,fuel-call=preserve-all,fuel-vmctx=slot,latch-counters=rebased,no-epoch,stack={MAX_WASM_STACK},clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1,peergrid=1"
     )
 }
 

@@ -18,10 +18,12 @@ use cranelift_codegen::isa::{
     unwind::{UnwindInfo, UnwindInfoKind},
 };
 use cranelift_codegen::print_errors::pretty_error;
+use cranelift_codegen::settings::OptLevel; // Peergrid patch: see `compile_uncached`
 use cranelift_codegen::{
     CompiledCode, Context, FinalizedMachCallSite, MachBufferDebugTagList, MachBufferFrameLayout,
     MachDebugTagPos,
 };
+use cranelift_control::ControlPlane; // Peergrid patch: see `compile_uncached`
 use cranelift_entity::PrimaryMap;
 use cranelift_frontend::FunctionBuilder;
 use object::write::{Object, StandardSegment, SymbolId};
@@ -50,6 +52,9 @@ use wasmtime_unwinder::ExceptionTableBuilder;
 pub(crate) mod component;
 
 struct IncrementalCacheContext {
+    // Peergrid patch: unread, since `compile_maybe_cached` refuses the incremental cache
+    // (its `CraneliftCacheStore` adapter removed).
+    #[allow(dead_code)]
     cache_store: Arc<dyn CacheStore>,
     num_hits: usize,
     num_cached: usize,
@@ -59,6 +64,9 @@ struct CompilerContext {
     func_translator: FuncTranslator,
     codegen_context: Context,
     incremental_cache_ctx: Option<IncrementalCacheContext>,
+    /// Peergrid patch: the register allocator's reused state (`Context` keeps its own
+    /// private; see `compile_uncached`).
+    regalloc_ctx: regalloc2::Ctx,
     validator_allocations: FuncValidatorAllocations,
     debug_slot_descriptor: Option<FrameStateSlotBuilder>,
     abi: Option<Abi>,
@@ -70,6 +78,7 @@ impl Default for CompilerContext {
             func_translator: FuncTranslator::new(),
             codegen_context: Context::new(),
             incremental_cache_ctx: None,
+            regalloc_ctx: Default::default(),
             validator_allocations: Default::default(),
             debug_slot_descriptor: None,
             abi: None,
@@ -1080,49 +1089,57 @@ impl InliningCompiler for Compiler {
     }
 }
 
-struct CraneliftCacheStore(Arc<dyn CacheStore>);
-
-impl cranelift_codegen::incremental_cache::CacheKvStore for CraneliftCacheStore {
-    fn get(&self, key: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
-        self.0.get(key)
-    }
-    fn insert(&mut self, key: &[u8], val: Vec<u8>) {
-        self.0.insert(key, val);
-    }
-}
-
+/// Peergrid patch: every function compiles through [`compile_uncached`], which runs
+/// [`crate::latch`] between Cranelift's mid-end and lowering. `Context::compile_with_cache`
+/// would rerun the mid-end after it (and cache code without it), so incremental compilation
+/// (`Config::enable_incremental_compilation`, which Peergrid never enables) is refused with a
+/// clear error rather than compiling different machine code for the same settings.
 fn compile_maybe_cached<'a>(
     context: &'a mut Context,
+    regalloc_ctx: &mut regalloc2::Ctx,
     isa: &dyn TargetIsa,
     cache_ctx: Option<&mut IncrementalCacheContext>,
 ) -> Result<CompiledCode, CompileError> {
-    let cache_ctx = match cache_ctx {
-        Some(ctx) => ctx,
-        None => return compile_uncached(context, isa),
-    };
-
-    let mut cache_store = CraneliftCacheStore(cache_ctx.cache_store.clone());
-    let (_compiled_code, from_cache) = context
-        .compile_with_cache(isa, &mut cache_store, &mut Default::default())
-        .map_err(|error| CompileError::Codegen(pretty_error(&error.func, error.inner)))?;
-
-    if from_cache {
-        cache_ctx.num_hits += 1;
-    } else {
-        cache_ctx.num_cached += 1;
+    if cache_ctx.is_some() {
+        return Err(CompileError::Codegen(
+            "incremental compilation is not supported by this patched Cranelift integration (Peergrid's third_party/wasmtime-internal-cranelift): leave Config::enable_incremental_compilation off".into(),
+        ));
     }
-
-    Ok(context.take_compiled_code().unwrap())
+    compile_uncached(context, regalloc_ctx, isa)
 }
 
+/// Peergrid patch: `Context::compile` split in two (as `Context::compile_stencil` does
+/// it), with [`crate::latch::shorten_counter_live_ranges`] run on the optimized function
+/// before lowering and register allocation.
 fn compile_uncached<'a>(
     context: &'a mut Context,
+    regalloc_ctx: &mut regalloc2::Ctx,
     isa: &dyn TargetIsa,
 ) -> Result<CompiledCode, CompileError> {
+    let mut ctrl_plane = ControlPlane::default();
+    let codegen = |func: &ir::Function, e| CompileError::Codegen(pretty_error(func, e));
     context
-        .compile(isa, &mut Default::default())
-        .map_err(|error| CompileError::Codegen(pretty_error(&error.func, error.inner)))?;
-    Ok(context.take_compiled_code().unwrap())
+        .verify_if(isa)
+        .map_err(|e| codegen(&context.func, e))?;
+    context
+        .optimize(isa, &mut ctrl_plane)
+        .map_err(|e| codegen(&context.func, e))?;
+    if isa.flags().opt_level() != OptLevel::None {
+        crate::latch::shorten_counter_live_ranges(&mut context.func, &context.domtree);
+        context
+            .verify_if(isa)
+            .map_err(|e| codegen(&context.func, e))?;
+    }
+    let stencil = isa
+        .compile_function(
+            &context.func,
+            &context.domtree,
+            regalloc_ctx,
+            context.want_disasm,
+            &mut ctrl_plane,
+        )
+        .map_err(|e| codegen(&context.func, e))?;
+    Ok(stencil.apply_params(&context.func.params))
 }
 
 impl Compiler {
@@ -1630,7 +1647,12 @@ impl FunctionCompiler<'_> {
         // finishes to optionally emit CLIF and then after that's done actually
         // propagate the error if one happened.
         let compilation_result =
-            compile_maybe_cached(context, isa, self.cx.incremental_cache_ctx.as_mut());
+            compile_maybe_cached(
+            context,
+            &mut self.cx.regalloc_ctx,
+            isa,
+            self.cx.incremental_cache_ctx.as_mut(),
+        );
 
         if let Some(path) = &self.compiler.clif_dir {
             use std::io::Write;

@@ -43,6 +43,7 @@ mod builder;
 mod compiler;
 mod debug;
 mod func_environ;
+mod latch; // Peergrid patch: see its documentation
 mod translate;
 mod trap;
 
