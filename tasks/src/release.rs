@@ -26,7 +26,9 @@ pub const MAX_WASM_STACK: usize = 512 * 1024;
 /// patch), so no register is held for it through a loop. `latch-counters=rebased`: after
 /// Cranelift's mid-end, a loop counter's compare and exit values are rewritten in terms of
 /// its incremented value (a third patch, `third_party/README.md`), which changes the machine
-/// code of loop latches. `peergrid=1`: the guest may import the checkpoint API
+/// code of loop latches. `latch-carried=first`: commutative operations on a loop-carried
+/// value (a reduction's accumulator) take it as their first operand (the same patch), so the
+/// result stays in its register. `peergrid=1`: the guest may import the checkpoint API
 /// (docs/guest-abi.md); a worker without it would call such a module `invalid_module`, so
 /// the two never compare results.
 pub fn settings(deterministic: bool) -> String {
@@ -36,7 +38,7 @@ pub fn settings(deterministic: bool) -> String {
         "no-nan-canon"
     };
     format!(
-        "{nan},relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,fuel-call=preserve-all,fuel-vmctx=slot,latch-counters=rebased,no-epoch,stack={MAX_WASM_STACK},clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1,peergrid=1"
+        "{nan},relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,fuel-call=preserve-all,fuel-vmctx=slot,latch-counters=rebased,latch-carried=first,no-epoch,stack={MAX_WASM_STACK},clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1,peergrid=1"
     )
 }
 

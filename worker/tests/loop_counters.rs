@@ -1,10 +1,12 @@
-//! The latch pass of our Cranelift patch (`latch-counters=rebased`, third_party/README.md
-//! "3."): after the mid-end, a loop counter's compare and the values its exit computes from
-//! it are rewritten in terms of the incremented counter. These tests check that it fires on
-//! the loop shape it is for, that the IR it leaves passes Cranelift's verifier, and that it
-//! changes no result: counters that wrap around (i32 and i64, up and down, `eq` and `ne`
-//! exits, nested loops) give what a Rust reference computes, in both determinism classes, and
-//! the same as the code compiled without the mid-end (where the pass does not run).
+//! The latch passes of our Cranelift patch (third_party/README.md "3."): after the mid-end,
+//! a loop counter's compare and the values its exit computes from it are rewritten in terms
+//! of the incremented counter (`latch-counters=rebased`), and commutative operations on a
+//! loop-carried value take it as their first operand (`latch-carried=first`). These tests
+//! check that both fire on the loop shapes they are for, that the IR they leave passes
+//! Cranelift's verifier, and that they change no result: counters that wrap around (i32 and
+//! i64, up and down, `eq` and `ne` exits, nested loops) and integer and float reductions
+//! give what a Rust reference computes, in both determinism classes, and the same as the code
+//! compiled without the mid-end (where the passes do not run).
 
 use wasmtime::{Config, Engine, Instance, Module, OptLevel, Store};
 use worker::sandbox::engine::{self, Isa};
@@ -42,6 +44,27 @@ const WAT: &str = r#"(module
       (local.set $acc (i32.add (local.get $acc) (i32.add (local.get $j) (i32.const -60))))
       (br_if $outer (i32.ne (local.tee $i (i32.add (local.get $i) (i32.const 1))) (local.get $n))))
     (local.get $acc))
+  ;; a dot product unrolled twice, the product first (acc = x*y + acc, as LLVM orders it)
+  (func $dot (export "dot") (param $n i32) (result f64)
+    (local $i i32) (local $acc f64) (local $x f64)
+    (loop $l
+      (local.set $x (f64.convert_i32_u (local.get $i)))
+      (local.set $acc (f64.add (f64.mul (local.get $x) (f64.const 0.1)) (local.get $acc)))
+      (local.set $acc (f64.add (f64.mul (local.get $x) (local.get $x)) (local.get $acc)))
+      (br_if $l (i32.ne (local.tee $i (i32.add (local.get $i) (i32.const 1))) (local.get $n))))
+    (local.get $acc))
+  ;; integer reductions, the carried value second: xor, add, mul
+  (func $mix (export "mix") (param $n i32) (result i64)
+    (local $i i32) (local $a i64) (local $m i64)
+    (local.set $m (i64.const 1))
+    (loop $l
+      (local.set $a (i64.xor (i64.mul (i64.extend_i32_u (local.get $i))
+                                      (i64.const 0x9e3779b97f4a7c15)) (local.get $a)))
+      (local.set $a (i64.add (i64.rotl (local.get $a) (i64.const 7)) (local.get $a)))
+      (local.set $m (i64.mul (i64.or (i64.extend_i32_u (local.get $i)) (i64.const 1))
+                             (local.get $m)))
+      (br_if $l (i32.ne (local.tee $i (i32.add (local.get $i) (i32.const 1))) (local.get $n))))
+    (i64.xor (local.get $a) (local.get $m)))
 )"#;
 
 fn up32(s: u32) -> u64 {
@@ -88,6 +111,36 @@ fn nested(n: u32) -> u32 {
     acc
 }
 
+fn dot(n: u32) -> f64 {
+    let (mut i, mut acc) = (0u32, 0f64);
+    loop {
+        let x = f64::from(i);
+        acc = x * 0.1 + acc;
+        acc = x * x + acc;
+        i = i.wrapping_add(1);
+        if i == n {
+            break;
+        }
+    }
+    acc
+}
+
+fn mix(n: u32) -> u64 {
+    let (mut i, mut a, mut m) = (0u32, 0u64, 1u64);
+    loop {
+        a ^= u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        a = a.rotate_left(7).wrapping_add(a);
+        m = (u64::from(i) | 1).wrapping_mul(m);
+        i = i.wrapping_add(1);
+        if i == n {
+            break;
+        }
+    }
+    a ^ m
+}
+
+const REDUCTION_ARGS: [u32; 3] = [1, 7, 1000];
+
 /// Arguments: each loop crosses zero (the counters wrap) or runs a few thousand times.
 fn up32_args() -> Vec<u32> {
     [1u32, 2, 3, 1000, 4321]
@@ -124,6 +177,12 @@ fn results(c: &Config) -> Vec<i64> {
     for n in NESTED_ARGS {
         out.push(i64::from(fnest.call(&mut store, n as i32).unwrap()));
     }
+    let fdot = inst.get_typed_func::<i32, f64>(&mut store, "dot").unwrap();
+    let fmix = inst.get_typed_func::<i32, i64>(&mut store, "mix").unwrap();
+    for n in REDUCTION_ARGS {
+        out.push(fdot.call(&mut store, n as i32).unwrap().to_bits() as i64);
+        out.push(fmix.call(&mut store, n as i32).unwrap());
+    }
     out
 }
 
@@ -131,7 +190,27 @@ fn reference() -> Vec<i64> {
     let mut out: Vec<i64> = up32_args().into_iter().map(|s| up32(s) as i64).collect();
     out.extend(down64_args().into_iter().map(down64));
     out.extend(NESTED_ARGS.iter().map(|&n| i64::from(nested(n) as i32)));
+    for n in REDUCTION_ARGS {
+        out.push(dot(n).to_bits() as i64);
+        out.push(mix(n) as i64);
+    }
     out
+}
+
+/// The CLIF the sandbox's engine compiled for function `name` of [`WAT`] (after the passes).
+fn compiled_clif(name: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = sandbox_config(false);
+    c.emit_clif(dir.path());
+    let engine = Engine::new(&c).unwrap();
+    Module::new(&engine, WAT).unwrap();
+    let file = format!("--{name}.clif");
+    std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(&file))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .unwrap_or_else(|| panic!("{name}'s CLIF"))
 }
 
 fn sandbox_config(deterministic: bool) -> Config {
@@ -167,17 +246,7 @@ fn rebased_counters_change_no_result_in_either_class() {
 /// folds into `old + 107`) is computed from a parameter of the exit block as `+ 100`.
 #[test]
 fn latch_compares_the_incremented_counter() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut c = sandbox_config(false);
-    c.emit_clif(dir.path());
-    let engine = Engine::new(&c).unwrap();
-    Module::new(&engine, WAT).unwrap();
-    let clif = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.to_string_lossy().contains("up32"))
-        .map(|p| std::fs::read_to_string(p).unwrap())
-        .expect("up32's CLIF");
+    let clif = compiled_clif("up32");
     let consts: Vec<&str> = clif
         .lines()
         .filter(|l| l.contains("icmp") && l.contains("ne "))
@@ -194,4 +263,44 @@ fn latch_compares_the_incremented_counter() {
         !clif.contains("= 107"),
         "the exit computes from the incremented counter (+ 100), not the old one (+ 107):\n{clif}"
     );
+}
+
+/// The carried operand goes first: in the dot product every `fadd` takes the accumulator
+/// (the loop header's parameter, or the previous `fadd` of the chain) as its first operand,
+/// where the wasm has the product first.
+#[test]
+fn reductions_take_the_accumulator_first() {
+    let clif = compiled_clif("dot");
+    // Values defined as f64 block parameters, and as results of `fadd`.
+    let mut carried: Vec<String> = Vec::new();
+    for line in clif.lines() {
+        let line = line.trim();
+        if line.starts_with("block") {
+            for param in line.split(['(', ',', ')']) {
+                if let Some((v, ty)) = param.trim().split_once(':') {
+                    if ty.trim() == "f64" {
+                        carried.push(v.trim().to_string());
+                    }
+                }
+            }
+        }
+    }
+    let fadds: Vec<(String, String)> = clif
+        .lines()
+        .filter_map(|l| {
+            // `v9 = fadd v1, v2` or `v9 = fadd.f64 v1, v2`
+            let (def, rest) = l.split_once(" = fadd")?;
+            let (_, operands) = rest.split_once(' ')?;
+            let first = operands.split(',').next()?.trim().to_string();
+            Some((def.split_whitespace().last()?.to_string(), first))
+        })
+        .collect();
+    assert!(fadds.len() >= 2, "two fadds in the loop:\n{clif}");
+    carried.extend(fadds.iter().map(|(def, _)| def.clone()));
+    for (def, first) in &fadds {
+        assert!(
+            carried.contains(first),
+            "{def} = fadd {first}, ...: the first operand is not the accumulator:\n{clif}"
+        );
+    }
 }

@@ -1109,8 +1109,9 @@ fn compile_maybe_cached<'a>(
 }
 
 /// Peergrid patch: `Context::compile` split in two (as `Context::compile_stencil` does
-/// it), with [`crate::latch::shorten_counter_live_ranges`] run on the optimized function
-/// before lowering and register allocation.
+/// it), with [`crate::latch::shorten_counter_live_ranges`] and
+/// [`crate::latch::carried_operands_first`] run on the optimized function before lowering
+/// and register allocation.
 fn compile_uncached<'a>(
     context: &'a mut Context,
     regalloc_ctx: &mut regalloc2::Ctx,
@@ -1126,6 +1127,7 @@ fn compile_uncached<'a>(
         .map_err(|e| codegen(&context.func, e))?;
     if isa.flags().opt_level() != OptLevel::None {
         crate::latch::shorten_counter_live_ranges(&mut context.func, &context.domtree);
+        crate::latch::carried_operands_first(&mut context.func, &context.domtree);
         context
             .verify_if(isa)
             .map_err(|e| codegen(&context.func, e))?;

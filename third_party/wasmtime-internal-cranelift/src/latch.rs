@@ -231,3 +231,116 @@ pub fn shorten_counter_live_ranges(func: &mut Function, domtree: &DominatorTree)
     }
     rewritten
 }
+
+/// Commutative operations whose x86-64 lowering (SSE, without AVX: the sandbox's baseline)
+/// ties the result to the first operand's register.
+fn commutative(op: Opcode) -> bool {
+    matches!(
+        op,
+        Opcode::Fadd
+            | Opcode::Fmul
+            | Opcode::Iadd
+            | Opcode::Imul
+            | Opcode::Band
+            | Opcode::Bor
+            | Opcode::Bxor
+    )
+}
+
+/// Whether `v` is `p`, or a commutative operation with an operand that is (up to `depth`
+/// operations deep).
+fn carries(func: &Function, v: Value, p: Value, depth: u32) -> bool {
+    if v == p {
+        return true;
+    }
+    if depth == 0 {
+        return false;
+    }
+    let ValueDef::Result(inst, 0) = func.dfg.value_def(v) else {
+        return false;
+    };
+    match func.dfg.insts[inst] {
+        InstructionData::Binary { opcode, args } if commutative(opcode) => {
+            carries(func, args[0], p, depth - 1) || carries(func, args[1], p, depth - 1)
+        }
+        _ => false,
+    }
+}
+
+/// How deep a chain of operations from a loop's parameter to what its back edge passes is
+/// followed (an unrolled reduction is one operation per unrolled step).
+const CHAIN_DEPTH: u32 = 16;
+
+/// Peergrid patch: puts the loop-carried operand first in commutative operations on the way
+/// from a loop header's parameter to the value its back edge passes in that parameter's
+/// place (a reduction's accumulator, `acc = x + acc`, as LLVM's wasm usually orders it).
+///
+/// x86-64's two-operand instructions (`addsd`, `mulpd`, `add`, ...) overwrite their first
+/// operand, so Cranelift's lowering ties the result to the first operand's register. With
+/// the product first, the new accumulator lands in the product's register, not the
+/// parameter's, and regalloc2 copies it back on every back edge (a `movdqa` and a taken
+/// jump in 2mm's dot product). With the accumulator first, the chain stays in one register.
+///
+/// Exact for the integer operations. For `fadd`/`fmul`, IEEE 754 makes `a + b` and `b + a`
+/// equal except for which NaN's payload an operation on two NaNs returns; the `native`
+/// class does not canonicalize NaNs, so that payload can change, but identically on every
+/// worker with these settings (`latch-carried=first` names the pass), and wasm leaves it
+/// unspecified. The `portable` class canonicalizes every NaN result. Returns how many
+/// operations were swapped.
+pub fn carried_operands_first(func: &mut Function, domtree: &DominatorTree) -> usize {
+    let mut swapped = 0;
+    let blocks: Vec<Block> = func.layout.blocks().collect();
+    for block in blocks {
+        let Some(term) = func.layout.last_inst(block) else {
+            continue;
+        };
+        if !matches!(func.dfg.insts[term].opcode(), Opcode::Brif | Opcode::Jump) {
+            continue;
+        }
+        let dests = func.dfg.insts[term]
+            .branch_destination(&func.dfg.jump_tables, &func.dfg.exception_tables)
+            .to_vec();
+        for dest in dests {
+            let header = dest.block(&func.dfg.value_lists);
+            // A back edge: the header dominates the block that branches to it.
+            if !domtree.block_dominates(header, block) {
+                continue;
+            }
+            let passed: Vec<Option<Value>> = dest
+                .args(&func.dfg.value_lists)
+                .map(|a| a.as_value())
+                .collect();
+            for (i, arg) in passed.into_iter().enumerate() {
+                let (Some(mut v), Some(&p)) = (arg, func.dfg.block_params(header).get(i)) else {
+                    continue;
+                };
+                for _ in 0..CHAIN_DEPTH {
+                    let ValueDef::Result(inst, 0) = func.dfg.value_def(v) else {
+                        break;
+                    };
+                    let InstructionData::Binary { opcode, args } = func.dfg.insts[inst] else {
+                        break;
+                    };
+                    if !commutative(opcode) {
+                        break;
+                    }
+                    let first = carries(func, args[0], p, CHAIN_DEPTH);
+                    let second = carries(func, args[1], p, CHAIN_DEPTH);
+                    v = match (first, second) {
+                        (true, false) => args[0],
+                        (false, true) => {
+                            if let InstructionData::Binary { args, .. } = &mut func.dfg.insts[inst]
+                            {
+                                args.swap(0, 1);
+                            }
+                            swapped += 1;
+                            args[1]
+                        }
+                        _ => break,
+                    };
+                }
+            }
+        }
+    }
+    swapped
+}

@@ -251,7 +251,7 @@ mod tests {
 
     #[test]
     fn determinism_switch_changes_the_fingerprint() {
-        const REST: &str = "relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,fuel-call=preserve-all,fuel-vmctx=slot,latch-counters=rebased,no-epoch,stack=524288,clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1,peergrid=1";
+        const REST: &str = "relaxed-simd-det,no-threads,no-gc,no-exceptions,no-function-refs,fuel,fuel-call=preserve-all,fuel-vmctx=slot,latch-counters=rebased,latch-carried=first,no-epoch,stack=524288,clock=fixed,random=blake3-xof2,hostcall-fuel=1,poll=virtual,abi=wasip1,peergrid=1";
         let (_, on) = build(true).unwrap();
         let (_, off) = build(false).unwrap();
         // What coordinators admit for the native class by default names this baseline.
