@@ -37,9 +37,10 @@ pub const MAX_CONNECTIONS_PER_IP: usize = 32;
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bytes of a `Hello`'s `agent` and of each engine fingerprint field (engine, arch,
-/// settings). Real ones are a few dozen; the coordinator keeps them (in memory and in its
-/// store), so a longer one is refused rather than stored.
-pub const MAX_HELLO_TEXT: usize = 256;
+/// settings). Real ones are a few dozen, and this release's settings string about 270
+/// (`tasks::release::settings`; a test keeps it under half of this); the coordinator keeps
+/// them (in memory and in its store), so a longer one is refused rather than stored.
+pub const MAX_HELLO_TEXT: usize = 1024;
 
 /// Distinct engine fingerprints the coordinator keeps. Results are compared only within one
 /// fingerprint, and every fingerprint ever seen is kept, so a client inventing one per

@@ -68,3 +68,27 @@ pub fn accepted(fp: &EngineFingerprint, engines: &[String]) -> bool {
     engines.contains(&fp.engine)
         && (fp.settings == settings(true) || fp.settings == settings(false))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::MAX_HELLO_TEXT;
+
+    /// Coordinators refuse a Hello whose fingerprint fields are longer than `MAX_HELLO_TEXT`:
+    /// this release's own must fit, with room left for the settings later releases add.
+    #[test]
+    fn own_fingerprint_fits_in_a_hello_with_room_to_grow() {
+        for text in [
+            settings(true),
+            settings(false),
+            ENGINE.to_string(),
+            native_arch(),
+        ] {
+            assert!(
+                text.len() <= MAX_HELLO_TEXT / 2,
+                "{} bytes, more than half of MAX_HELLO_TEXT ({MAX_HELLO_TEXT}): {text}",
+                text.len()
+            );
+        }
+    }
+}

@@ -139,10 +139,13 @@ pub async fn run(
                 || long(&fingerprint.arch)
                 || long(&fingerprint.settings)
             {
-                const WHY: &str = "agent or engine fingerprint longer than 256 bytes";
-                tracing::warn!(remote = %conn.remote_address(), "closing worker connection: {WHY}");
-                net::close(&conn, CloseCode::Rejected, WHY);
-                return Err(SessionError::HelloRefused(WHY.into()));
+                let why = format!(
+                    "agent or engine fingerprint longer than {} bytes",
+                    tasks::limits::MAX_HELLO_TEXT
+                );
+                tracing::warn!(remote = %conn.remote_address(), "closing worker connection: {why}");
+                net::close(&conn, CloseCode::Rejected, &why);
+                return Err(SessionError::HelloRefused(why));
             }
             let observed_addr = canonical(conn.remote_address());
             tracing::info!(%agent, fingerprint = %fingerprint, slots, %observed_addr, announced = ?peer_addr, "worker joined");
