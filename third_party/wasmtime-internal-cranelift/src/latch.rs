@@ -41,6 +41,28 @@ use cranelift_codegen::ir::{
 use cranelift_entity::SecondaryMap;
 use std::collections::HashMap;
 
+/// How much work a pass may do on one function: a few steps per instruction. The passes
+/// only improve code, so when a (hostile) function's shape would make them superlinear they
+/// stop where the budget runs out and the code stays correct.
+struct Budget(u64);
+
+impl Budget {
+    fn for_function(func: &Function) -> Self {
+        Budget(16 * func.dfg.num_insts() as u64 + 4096)
+    }
+
+    /// Spends `n` steps; false once the budget is spent.
+    fn spend(&mut self, n: u64) -> bool {
+        if self.0 < n {
+            self.0 = 0;
+            false
+        } else {
+            self.0 -= n;
+            true
+        }
+    }
+}
+
 /// The value of `v` if an `iconst` defines it.
 fn iconst(func: &Function, v: Value) -> Option<u64> {
     let ValueDef::Result(inst, 0) = func.dfg.value_def(v) else {
@@ -90,6 +112,7 @@ fn imm(ty: Type, v: u64) -> Imm64 {
 /// Rewrites as described in the module's documentation. `domtree` must be `func`'s (the
 /// pass changes no control flow, so it stays valid). Returns how many uses were rewritten.
 pub fn shorten_counter_live_ranges(func: &mut Function, domtree: &DominatorTree) -> usize {
+    let mut budget = Budget::for_function(func);
     let cfg = ControlFlowGraph::with_function(func);
     // How often each value is used, and every `iadd x, K` by its `x`.
     let mut uses: SecondaryMap<Value, u32> = SecondaryMap::with_capacity(func.dfg.num_values());
@@ -127,6 +150,9 @@ pub fn shorten_counter_live_ranges(func: &mut Function, domtree: &DominatorTree)
                 };
                 if func.layout.inst_block(def) != Some(block) {
                     continue;
+                }
+                if !budget.spend(incs.len() as u64 + 1) {
+                    return rewritten;
                 }
                 if let Some((x, k)) = add_const(func, def) {
                     if x != y && !incs.iter().any(|&(_, yy, _)| yy == y) {
@@ -248,12 +274,12 @@ fn commutative(op: Opcode) -> bool {
 }
 
 /// Whether `v` is `p`, or a commutative operation with an operand that is (up to `depth`
-/// operations deep).
-fn carries(func: &Function, v: Value, p: Value, depth: u32) -> bool {
+/// operations deep, visiting at most what `budget` allows).
+fn carries(func: &Function, v: Value, p: Value, depth: u32, budget: &mut Budget) -> bool {
     if v == p {
         return true;
     }
-    if depth == 0 {
+    if depth == 0 || !budget.spend(1) {
         return false;
     }
     let ValueDef::Result(inst, 0) = func.dfg.value_def(v) else {
@@ -261,7 +287,8 @@ fn carries(func: &Function, v: Value, p: Value, depth: u32) -> bool {
     };
     match func.dfg.insts[inst] {
         InstructionData::Binary { opcode, args } if commutative(opcode) => {
-            carries(func, args[0], p, depth - 1) || carries(func, args[1], p, depth - 1)
+            carries(func, args[0], p, depth - 1, budget)
+                || carries(func, args[1], p, depth - 1, budget)
         }
         _ => false,
     }
@@ -270,6 +297,9 @@ fn carries(func: &Function, v: Value, p: Value, depth: u32) -> bool {
 /// How deep a chain of operations from a loop's parameter to what its back edge passes is
 /// followed (an unrolled reduction is one operation per unrolled step).
 const CHAIN_DEPTH: u32 = 16;
+
+/// Operations looked at to decide whether one operand carries the loop's value.
+const QUERY_STEPS: u64 = 64;
 
 /// Peergrid patch: puts the loop-carried operand first in commutative operations on the way
 /// from a loop header's parameter to the value its back edge passes in that parameter's
@@ -288,6 +318,7 @@ const CHAIN_DEPTH: u32 = 16;
 /// unspecified. The `portable` class canonicalizes every NaN result. Returns how many
 /// operations were swapped.
 pub fn carried_operands_first(func: &mut Function, domtree: &DominatorTree) -> usize {
+    let mut budget = Budget::for_function(func);
     let mut swapped = 0;
     let blocks: Vec<Block> = func.layout.blocks().collect();
     for block in blocks {
@@ -324,8 +355,14 @@ pub fn carried_operands_first(func: &mut Function, domtree: &DominatorTree) -> u
                     if !commutative(opcode) {
                         break;
                     }
-                    let first = carries(func, args[0], p, CHAIN_DEPTH);
-                    let second = carries(func, args[1], p, CHAIN_DEPTH);
+                    // At most `QUERY_STEPS` operations looked at per operand.
+                    let mut query = Budget(QUERY_STEPS);
+                    let first = carries(func, args[0], p, CHAIN_DEPTH, &mut query);
+                    let mut query = Budget(QUERY_STEPS);
+                    let second = carries(func, args[1], p, CHAIN_DEPTH, &mut query);
+                    if !budget.spend(2 * QUERY_STEPS) {
+                        return swapped;
+                    }
                     v = match (first, second) {
                         (true, false) => args[0],
                         (false, true) => {
