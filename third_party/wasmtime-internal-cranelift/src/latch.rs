@@ -142,6 +142,12 @@ pub fn shorten_counter_live_ranges(func: &mut Function, domtree: &DominatorTree)
         let dests = func.dfg.insts[term]
             .branch_destination(&func.dfg.jump_tables, &func.dfg.exception_tables)
             .to_vec();
+        // The successors, read once: appending an argument below may move a block call's
+        // value list, and a copied `BlockCall` would then read a stale one.
+        let succs: Vec<Block> = dests
+            .iter()
+            .map(|d| d.block(&func.dfg.value_lists))
+            .collect();
         for dest in dests {
             for arg in dest.args(&func.dfg.value_lists) {
                 let Some(y) = arg.as_value() else { continue };
@@ -209,17 +215,9 @@ pub fn shorten_counter_live_ranges(func: &mut Function, domtree: &DominatorTree)
         if !matches!(func.dfg.insts[term].opcode(), Opcode::Brif | Opcode::Jump) {
             continue;
         }
-        let dests_now = func.dfg.insts[term]
-            .branch_destination(&func.dfg.jump_tables, &func.dfg.exception_tables)
-            .to_vec();
-        for (di, dest) in dests_now.iter().enumerate() {
-            let succ = dest.block(&func.dfg.value_lists);
+        for (di, &succ) in succs.iter().enumerate() {
             let only_pred = cfg.pred_iter(succ).count() == 1
-                && dests_now
-                    .iter()
-                    .filter(|d| d.block(&func.dfg.value_lists) == succ)
-                    .count()
-                    == 1;
+                && succs.iter().filter(|&&s| s == succ).count() == 1;
             if !only_pred {
                 continue;
             }
@@ -227,6 +225,9 @@ pub fn shorten_counter_live_ranges(func: &mut Function, domtree: &DominatorTree)
                 let Some(adds) = adds_of.get(&x) else {
                     continue;
                 };
+                if !budget.spend(adds.len() as u64) {
+                    return rewritten;
+                }
                 let targets: Vec<(Inst, u64)> = adds
                     .iter()
                     .filter_map(|&add| {
